@@ -1,0 +1,212 @@
+//! The Tether node agent: attests processes, holds their keys and SVIDs,
+//! and serves the SPIFFE Workload API.
+//!
+//! Threads and tasks (see docs/ARCHITECTURE.md): one OS thread reads kernel
+//! process events; tokio tasks run the tracker loop, the server watch
+//! stream, node SVID renewal, the Workload API, the admin API and metrics.
+
+mod admin;
+mod metrics;
+mod node;
+mod registry;
+mod tracker;
+mod workload_api;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tether_proto::tether::WatchRequest;
+use tether_spiffe::{Bundle, TrustDomain};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use metrics::Metrics;
+pub use node::NodeConn;
+pub use registry::Registry;
+pub use tracker::Tracker;
+
+pub struct AgentConfig {
+    /// host:port of the server's node API.
+    pub server: String,
+    pub trust_domain: TrustDomain,
+    /// Trust for the first connection to the server (before attestation).
+    pub bootstrap_bundle: Option<Bundle>,
+    pub join_token: Option<String>,
+    pub node_name: String,
+    pub data_dir: PathBuf,
+    pub workload_socket: PathBuf,
+    pub admin_socket: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    pub rescan_interval: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(server: String, trust_domain: TrustDomain, node_name: String, data_dir: PathBuf) -> Self {
+        AgentConfig {
+            server,
+            trust_domain,
+            bootstrap_bundle: None,
+            join_token: None,
+            node_name,
+            data_dir,
+            workload_socket: PathBuf::from("/run/tether/workload.sock"),
+            admin_socket: PathBuf::from("/run/tether/agent.sock"),
+            metrics: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            rescan_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct RunningAgent {
+    pub tracker: Arc<Tracker>,
+    pub metrics: Arc<Metrics>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub node: Arc<NodeConn>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Makes the agent process non-dumpable: no core dumps with keys in them,
+/// and other same-uid processes cannot ptrace it or read its memory.
+pub fn harden_process() {
+    // SAFETY: prctl(PR_SET_DUMPABLE) takes integer arguments only.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not make the agent non-dumpable");
+    }
+}
+
+/// Attests the node (or reuses its persisted SVID), waits for the first
+/// registry snapshot, and starts every agent service.
+pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
+    let node = NodeConn::establish(
+        &cfg.server,
+        &cfg.trust_domain,
+        cfg.bootstrap_bundle.clone(),
+        cfg.join_token.as_deref(),
+        &cfg.node_name,
+        &cfg.data_dir,
+    )
+    .await?;
+    let metrics = Metrics::new();
+
+    // First snapshot before serving, so the first Workload API caller is
+    // judged against the real registry rather than an empty one.
+    let mut stream = node
+        .client()
+        .watch(WatchRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("watching the registry: {}", s.message()))?
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("watching the registry: {}", s.message()))?
+        .context("server closed the watch stream")?;
+    let reg = Registry::from_state(&cfg.trust_domain, &first)?;
+    node.set_bundle(reg.bundle.clone())?;
+    let (reg_tx, reg_rx) = watch::channel(Arc::new(reg));
+    let tracker = Tracker::new(reg_rx, node.clone(), metrics.clone());
+
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(watch_registry(node.clone(), cfg.trust_domain.clone(), reg_tx, Some(stream))));
+    tasks.push(tokio::spawn(renew_node_svid(node.clone())));
+
+    let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(4096);
+    tracker::spawn_event_reader(ev_tx)?;
+    tracker.rescan().await;
+    tasks.push(tokio::spawn(tracker::run(tracker.clone(), ev_rx, cfg.rescan_interval)));
+
+    tasks.push(workload_api::serve(tracker.clone(), metrics.clone(), &cfg.workload_socket)?);
+    tasks.push(admin::serve(tracker.clone(), cfg.node_name.clone(), &cfg.admin_socket)?);
+    let metrics_addr = match cfg.metrics {
+        Some(addr) => {
+            let (bound, t) = metrics::serve(metrics.clone(), addr).await?;
+            tasks.push(t);
+            Some(bound)
+        }
+        None => None,
+    };
+    tracing::info!(
+        node = %cfg.node_name,
+        workload_api = %cfg.workload_socket.display(),
+        admin = %cfg.admin_socket.display(),
+        metrics = ?metrics_addr,
+        "agent started"
+    );
+    Ok(RunningAgent { tracker, metrics, metrics_addr, node, tasks })
+}
+
+/// Follows the server's watch stream, reconnecting with backoff. While the
+/// server is unreachable the agent keeps its last registry and SVIDs.
+async fn watch_registry(
+    node: Arc<NodeConn>,
+    td: TrustDomain,
+    tx: watch::Sender<Arc<Registry>>,
+    mut stream: Option<tonic::Streaming<tether_proto::tether::NodeState>>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let mut s = match stream.take() {
+            Some(s) => s,
+            None => match node.client().watch(WatchRequest {}).await {
+                Ok(r) => r.into_inner(),
+                Err(e) => {
+                    tracing::warn!(error = %e.message(), "registry watch failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            },
+        };
+        loop {
+            match s.message().await {
+                Ok(Some(state)) => {
+                    backoff = Duration::from_millis(200);
+                    match Registry::from_state(&td, &state) {
+                        Ok(reg) => {
+                            let bundle_changed = tx.borrow().bundle != reg.bundle;
+                            if bundle_changed && let Err(e) = node.set_bundle(reg.bundle.clone()) {
+                                tracing::warn!(error = %e, "could not persist bundle");
+                            }
+                            tracing::info!(revision = reg.revision, identities = reg.identities.len(), "registry updated");
+                            tx.send_replace(Arc::new(reg));
+                        }
+                        Err(e) => tracing::error!(error = %e, "bad registry snapshot from server; keeping the previous one"),
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e.message(), "registry watch interrupted");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Renews the node SVID at half its lifetime, retrying on failure.
+async fn renew_node_svid(node: Arc<NodeConn>) {
+    loop {
+        let id = node.identity();
+        let now = tracker::now();
+        let at = id.issued_at + (id.expires_at - id.issued_at) / 2;
+        let wait = (at - now).max(1) as u64;
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        if let Err(e) = node.renew().await {
+            tracing::warn!(error = %e, "node SVID renewal failed; retrying in 5s");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Prometheus metrics, served over HTTP at /metrics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    method: String,
+    code: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub tracked_processes: Gauge,
+    pub process_svids: Gauge,
+    pub svids_issued: Counter,
+    pub svids_rotated: Counter,
+    pub svids_destroyed: Counter,
+    pub attestation_errors: Counter,
+    api: Family<ApiLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("tether_agent");
+        let m = Metrics {
+            tracked_processes: Gauge::default(),
+            process_svids: Gauge::default(),
+            svids_issued: Counter::default(),
+            svids_rotated: Counter::default(),
+            svids_destroyed: Counter::default(),
+            attestation_errors: Counter::default(),
+            api: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("tracked_processes", "Live processes the agent has attested", m.tracked_processes.clone());
+        registry.register("process_svids", "X.509-SVIDs currently held for live processes", m.process_svids.clone());
+        registry.register("svids_issued", "Per-process X.509-SVIDs issued", m.svids_issued.clone());
+        registry.register("svids_rotated", "Per-process X.509-SVIDs replaced at half-life", m.svids_rotated.clone());
+        registry.register("svids_destroyed", "Per-process SVIDs and keys destroyed (process exit or identity removed)", m.svids_destroyed.clone());
+        registry.register("attestation_errors", "Processes that could not be attested", m.attestation_errors.clone());
+        registry.register("workload_api_requests", "SPIFFE Workload API calls by method and result", m.api.clone());
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    pub fn workload_api_requests(&self, method: &str, code: &str) {
+        self.api.get_or_create(&ApiLabels { method: method.to_string(), code: code.to_string() }).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves GET /metrics. Anything else gets 404; malformed requests are
+/// dropped by hyper without affecting other connections.
+pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding metrics on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    Ok((
+        bound,
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                };
+                let m = metrics.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let m = m.clone();
+                        async move {
+                            let resp = if req.uri().path() == "/metrics" {
+                                Response::builder()
+                                    .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                                    .body(Full::new(Bytes::from(m.encode())))
+                            } else {
+                                Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
+                            };
+                            Ok::<_, std::convert::Infallible>(resp.unwrap_or_default())
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(30),
+                        hyper::server::conn::http1::Builder::new().serve_connection(io, svc),
+                    )
+                    .await;
+                });
+            }
+        }),
+    ))
+}

@@ -1,0 +1,502 @@
+//! Per-process identity: which processes are alive, who they are, and the
+//! keys and X.509-SVIDs each matching process holds.
+//!
+//! Kernel process events (proc connector) drive it: exec and fork attest
+//! the process and issue SVIDs; exit drops them at once (the key's memory is
+//! cleansed on drop). A periodic rescan repairs anything missed, e.g. after
+//! the event socket overflowed. Each process instance gets its own key,
+//! generated here; the server only ever sees a CSR.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tether_attest::{Attestor, PidFd, ProcEvent, ProcessInfo};
+use tether_ca::PrivateKey;
+use tether_proto::tether::{SignX509SvidsRequest, SvidCsr};
+use tether_spiffe::SpiffeId;
+use tokio::sync::{mpsc, watch};
+
+use crate::metrics::Metrics;
+use crate::node::NodeConn;
+use crate::registry::{AgentIdentity, Registry};
+
+/// One X.509-SVID held for one process instance.
+pub struct ProcSvid {
+    pub identity: String,
+    pub spiffe_id: SpiffeId,
+    pub key: Arc<PrivateKey>,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<Vec<u8>>,
+    pub issued_at: i64,
+    pub expires_at: i64,
+    pub workload_api: bool,
+}
+
+pub struct Tracked {
+    pub pidfd: Arc<PidFd>,
+    pub info: ProcessInfo,
+    /// The registry revision these SVIDs were evaluated against.
+    pub evaluated_rev: i64,
+    pub svids: Vec<Arc<ProcSvid>>,
+    /// An exit watcher is polling this instance's pidfd.
+    pub watched: bool,
+}
+
+pub struct Tracker {
+    pub attestor: Attestor,
+    procs: Mutex<HashMap<i32, Tracked>>,
+    /// Serializes evaluation per pid so the event path and a Workload API
+    /// call for the same process do not both issue.
+    pid_locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
+    pub registry: watch::Receiver<Arc<Registry>>,
+    node: Arc<NodeConn>,
+    /// Pids with a rotation in flight, so the 1 s rotation tick does not
+    /// start a second one.
+    rotating: Mutex<std::collections::HashSet<i32>>,
+    /// Bumped whenever any process's SVIDs change; Workload API streams
+    /// follow it.
+    pub changes: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl Tracker {
+    pub fn new(registry: watch::Receiver<Arc<Registry>>, node: Arc<NodeConn>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Tracker {
+            attestor: Attestor::new(),
+            procs: Mutex::new(HashMap::new()),
+            pid_locks: Mutex::new(HashMap::new()),
+            registry,
+            node,
+            rotating: Mutex::new(Default::default()),
+            changes: watch::channel(0).0,
+            metrics,
+        })
+    }
+
+    fn procs(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Tracked>> {
+        self.procs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pid_lock(&self, pid: i32) -> Arc<tokio::sync::Mutex<()>> {
+        self.pid_locks.lock().unwrap_or_else(|p| p.into_inner()).entry(pid).or_default().clone()
+    }
+
+    fn update_gauges(&self) {
+        let procs = self.procs();
+        self.metrics.tracked_processes.set(procs.len() as i64);
+        self.metrics.process_svids.set(procs.values().map(|t| t.svids.len() as i64).sum());
+    }
+
+    /// SVIDs currently held for the process behind `pidfd`, if it is the
+    /// tracked instance (same start time).
+    pub fn svids_of(&self, pid: i32, start_time: u64) -> Option<Vec<Arc<ProcSvid>>> {
+        let procs = self.procs();
+        let t = procs.get(&pid)?;
+        (t.info.start_time == start_time).then(|| t.svids.clone())
+    }
+
+    pub fn snapshot(&self) -> Vec<(ProcessInfo, Vec<Arc<ProcSvid>>)> {
+        let procs = self.procs();
+        let mut v: Vec<_> = procs.values().filter(|t| !t.svids.is_empty()).map(|t| (t.info.clone(), t.svids.clone())).collect();
+        v.sort_by_key(|(i, _)| i.pid);
+        v
+    }
+
+    /// Exit detection for processes holding keys: the pidfd becomes
+    /// readable when the whole process has exited. (The proc connector's
+    /// exit event also fires when only the main thread exits.)
+    fn watch_exit(self: &Arc<Self>, pid: i32, start_time: u64, pidfd: Arc<PidFd>) {
+        struct Fd(Arc<PidFd>);
+        impl std::os::fd::AsRawFd for Fd {
+            fn as_raw_fd(&self) -> std::os::fd::RawFd {
+                use std::os::fd::AsFd as _;
+                self.0.as_fd().as_raw_fd()
+            }
+        }
+        let t = self.clone();
+        tokio::spawn(async move {
+            // SAFETY: `Fd` owns an Arc of the PidFd, so the descriptor stays
+            // open and unchanged for as long as the AsyncFd exists.
+            let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(Fd(pidfd.clone()), tokio::io::Interest::READABLE) };
+            match registered {
+                Ok(afd) => {
+                    let _ = afd.readable().await;
+                }
+                Err(e) => {
+                    tracing::warn!(pid, error = %e.cause, "cannot poll pidfd; falling back to checking every 200ms");
+                    while pidfd.is_alive() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+            let same = t.procs().get(&pid).is_some_and(|tr| tr.info.start_time == start_time);
+            if same {
+                t.remove(pid);
+            }
+        });
+    }
+
+    /// The kernel reported an exit: forget the process unless it holds keys
+    /// (its exit watcher decides then, see `watch_exit`).
+    pub fn exited(&self, pid: i32) {
+        let holds_keys = self.procs().get(&pid).is_some_and(|t| t.watched);
+        if !holds_keys {
+            self.remove(pid);
+        }
+    }
+
+    /// Forgets a process and destroys its keys.
+    pub fn remove(&self, pid: i32) {
+        let removed = self.procs().remove(&pid);
+        self.pid_locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&pid);
+        if let Some(t) = removed {
+            let n = t.svids.len();
+            drop(t); // keys are cleansed as the last Arc goes
+            if n > 0 {
+                self.metrics.svids_destroyed.inc_by(n as u64);
+                tracing::info!(pid, svids = n, "process exited; keys destroyed");
+                self.changes.send_modify(|v| *v += 1);
+            }
+            self.update_gauges();
+        }
+    }
+
+    /// Attests the process and makes sure it holds exactly the SVIDs its
+    /// matching identities call for. Returns its info and SVIDs.
+    pub async fn ensure(self: &Arc<Self>, pidfd: Arc<PidFd>) -> Result<(ProcessInfo, Vec<Arc<ProcSvid>>), EnsureError> {
+        let pid = pidfd.pid();
+        let lock = self.pid_lock(pid);
+        let _guard = lock.lock().await;
+        let reg = self.registry.borrow().clone();
+        let me = self.clone();
+        let pfd = pidfd.clone();
+        let info = tokio::task::spawn_blocking(move || me.attestor.attest(&pfd))
+            .await
+            .map_err(|e| EnsureError::Internal(e.to_string()))?
+            .map_err(|e| {
+                self.metrics.attestation_errors.inc();
+                EnsureError::Attest(e.to_string())
+            })?;
+        // Already current for this instance and registry revision?
+        {
+            let procs = self.procs();
+            if let Some(t) = procs.get(&pid)
+                && t.info.start_time == info.start_time
+                && t.info.sha256 == info.sha256
+                && t.info.uid == info.uid
+                && t.info.gid == info.gid
+                && t.info.exe_path == info.exe_path
+                && t.evaluated_rev == reg.revision
+            {
+                return Ok((t.info.clone(), t.svids.clone()));
+            }
+        }
+        let wanted: Vec<AgentIdentity> = reg.matching(&info).into_iter().cloned().collect();
+        // Keep SVIDs that still apply to the same instance; issue the rest.
+        let mut keep: Vec<Arc<ProcSvid>> = Vec::new();
+        {
+            let procs = self.procs();
+            if let Some(t) = procs.get(&pid)
+                && t.info.start_time == info.start_time
+                && t.info.sha256 == info.sha256
+                && t.info.uid == info.uid
+                && t.info.gid == info.gid
+            {
+                keep = t
+                    .svids
+                    .iter()
+                    .filter(|s| wanted.iter().any(|w| w.name == s.identity && w.spiffe_id == s.spiffe_id && w.workload_api == s.workload_api))
+                    .cloned()
+                    .collect();
+            }
+        }
+        let missing: Vec<&AgentIdentity> = wanted.iter().filter(|w| !keep.iter().any(|k| k.identity == w.name)).collect();
+        let mut issued = if missing.is_empty() { Vec::new() } else { self.issue(&missing).await? };
+        if !pidfd.is_alive() {
+            // It exited while we were issuing: nothing to keep.
+            self.remove(pid);
+            return Err(EnsureError::Attest(format!("process {pid} exited")));
+        }
+        let changed = !issued.is_empty() || {
+            let procs = self.procs();
+            procs.get(&pid).map(|t| t.svids.len()).unwrap_or(0) != keep.len()
+        };
+        keep.append(&mut issued);
+        keep.sort_by(|a, b| a.identity.cmp(&b.identity));
+        let watched = {
+            let procs = self.procs();
+            procs.get(&pid).is_some_and(|t| t.watched && t.info.start_time == info.start_time)
+        };
+        let watch_now = !keep.is_empty() && !watched;
+        let replaced = self.procs().insert(
+            pid,
+            Tracked {
+                pidfd: pidfd.clone(),
+                info: info.clone(),
+                evaluated_rev: reg.revision,
+                svids: keep.clone(),
+                watched: watched || watch_now,
+            },
+        );
+        if watch_now {
+            self.watch_exit(pid, info.start_time, pidfd);
+        }
+        if let Some(old) = replaced {
+            let dropped = old.svids.iter().filter(|o| !keep.iter().any(|k| Arc::ptr_eq(k, o))).count();
+            if dropped > 0 {
+                self.metrics.svids_destroyed.inc_by(dropped as u64);
+            }
+        }
+        if changed {
+            self.changes.send_modify(|v| *v += 1);
+        }
+        self.update_gauges();
+        Ok((info, keep))
+    }
+
+    /// Generates a key per identity and has the server sign them in one call.
+    async fn issue(&self, ids: &[&AgentIdentity]) -> Result<Vec<Arc<ProcSvid>>, EnsureError> {
+        let mut keys = Vec::with_capacity(ids.len());
+        let mut csrs = Vec::with_capacity(ids.len());
+        for i in ids {
+            let key = PrivateKey::generate().map_err(|e| EnsureError::Internal(e.to_string()))?;
+            let csr = tether_ca::build_csr(&key, &i.spiffe_id).map_err(|e| EnsureError::Internal(e.to_string()))?;
+            csrs.push(SvidCsr { spiffe_id: i.spiffe_id.to_string(), csr, ttl_secs: i.x509_ttl_secs });
+            keys.push(key);
+        }
+        let resp = self
+            .node
+            .client()
+            .sign_x509_svids(SignX509SvidsRequest { csrs })
+            .await
+            .map_err(|s| EnsureError::Server(s.message().to_string()))?
+            .into_inner();
+        if resp.svids.len() != ids.len() {
+            return Err(EnsureError::Server(format!("asked for {} SVIDs, got {}", ids.len(), resp.svids.len())));
+        }
+        let issued_at = now();
+        let mut out = Vec::new();
+        for ((i, key), s) in ids.iter().zip(keys).zip(resp.svids) {
+            if !s.error.is_empty() || s.chain.is_empty() {
+                tracing::warn!(identity = %i.name, error = %s.error, "server refused SVID");
+                continue;
+            }
+            self.metrics.svids_issued.inc();
+            out.push(Arc::new(ProcSvid {
+                identity: i.name.clone(),
+                spiffe_id: i.spiffe_id.clone(),
+                key: Arc::new(key),
+                chain: s.chain,
+                issued_at,
+                expires_at: s.expires_at,
+                workload_api: i.workload_api,
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Has the server mint a JWT-SVID for `id` (entitlement is checked
+    /// there too).
+    pub async fn mint_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<String, String> {
+        self.node
+            .client()
+            .mint_jwt_svid(tether_proto::tether::MintJwtSvidRequest { spiffe_id: id.to_string(), audience: audience.to_vec() })
+            .await
+            .map(|r| r.into_inner().token)
+            .map_err(|s| s.message().to_string())
+    }
+
+    /// Pids whose SVIDs passed half their lifetime.
+    fn due_for_rotation(&self, now: i64) -> Vec<(i32, Arc<PidFd>)> {
+        let mut rotating = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
+        let due: Vec<_> = self
+            .procs()
+            .iter()
+            .filter(|(pid, _)| !rotating.contains(pid))
+            .filter(|(_, t)| t.svids.iter().any(|s| now >= s.issued_at + (s.expires_at - s.issued_at) / 2))
+            .map(|(pid, t)| (*pid, t.pidfd.clone()))
+            .collect();
+        rotating.extend(due.iter().map(|(p, _)| *p));
+        due
+    }
+
+    fn rotation_done(&self, pid: i32) {
+        self.rotating.lock().unwrap_or_else(|p| p.into_inner()).remove(&pid);
+    }
+
+    /// Rotates one process's SVIDs: new keys, new certificates.
+    async fn rotate(self: &Arc<Self>, pid: i32, pidfd: Arc<PidFd>) {
+        let lock = self.pid_lock(pid);
+        let guard = lock.lock().await;
+        let now_s = now();
+        let due: Vec<AgentIdentity> = {
+            let reg = self.registry.borrow().clone();
+            let procs = self.procs();
+            let Some(t) = procs.get(&pid) else { return };
+            t.svids
+                .iter()
+                .filter(|s| now_s >= s.issued_at + (s.expires_at - s.issued_at) / 2)
+                .filter_map(|s| reg.identities.iter().find(|i| i.name == s.identity).cloned())
+                .collect()
+        };
+        drop(guard);
+        if due.is_empty() {
+            // Its identity went away: re-evaluate, which drops the SVID.
+            if let Some(t) = self.procs().get_mut(&pid) {
+                t.evaluated_rev = -2;
+            }
+            let _ = self.ensure(pidfd).await;
+            return;
+        }
+        let refs: Vec<&AgentIdentity> = due.iter().collect();
+        match self.issue(&refs).await {
+            Ok(fresh) => {
+                let _g = lock.lock().await;
+                let mut procs = self.procs();
+                if let Some(t) = procs.get_mut(&pid) {
+                    for f in fresh {
+                        if let Some(slot) = t.svids.iter_mut().find(|s| s.identity == f.identity) {
+                            *slot = f;
+                            self.metrics.svids_rotated.inc();
+                        }
+                    }
+                }
+                drop(procs);
+                tracing::info!(pid, "SVIDs rotated");
+                self.changes.send_modify(|v| *v += 1);
+            }
+            Err(e) => tracing::warn!(pid, error = %e, "SVID rotation failed; will retry"),
+        }
+    }
+
+    /// Attests every process not yet known and forgets dead ones.
+    pub async fn rescan(self: &Arc<Self>) {
+        let pids = tokio::task::spawn_blocking(tether_attest::list_pids).await.unwrap_or_default();
+        let dead: Vec<i32> = self.procs().iter().filter(|(_, t)| !t.pidfd.is_alive()).map(|(p, _)| *p).collect();
+        for pid in dead {
+            self.remove(pid);
+        }
+        let me = std::process::id() as i32;
+        for pid in pids {
+            let known = self.procs().contains_key(&pid);
+            if known || pid == me {
+                continue;
+            }
+            if let Ok(fd) = PidFd::open(pid) {
+                let _ = self.ensure(Arc::new(fd)).await;
+            }
+        }
+    }
+
+    /// Re-evaluates every tracked process against a new registry.
+    pub async fn reevaluate_all(self: &Arc<Self>) {
+        let all: Vec<Arc<PidFd>> = self.procs().values().map(|t| t.pidfd.clone()).collect();
+        for fd in all {
+            if let Err(e) = self.ensure(fd).await {
+                tracing::debug!(error = %e, "re-evaluation failed");
+            }
+        }
+        // Bundle changes reach Workload API streams too.
+        self.changes.send_modify(|v| *v += 1);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnsureError {
+    #[error("attestation failed: {0}")]
+    Attest(String),
+    #[error("server refused: {0}")]
+    Server(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Reads proc connector events on a dedicated thread (the socket is
+/// blocking) and forwards them; when the queue is full events are dropped
+/// and a rescan is requested instead, so a fork storm cannot block the
+/// kernel socket reader or grow memory without bound.
+pub fn spawn_event_reader(tx: mpsc::Sender<ProcEvent>) -> anyhow::Result<()> {
+    let mut conn = tether_attest::ProcConnector::open()
+        .map_err(|e| anyhow::anyhow!("opening the kernel proc connector (needs CAP_NET_ADMIN): {e}"))?;
+    std::thread::Builder::new().name("proc-events".into()).spawn(move || {
+        let mut buf = Vec::with_capacity(64);
+        loop {
+            buf.clear();
+            if let Err(e) = conn.recv(&mut buf) {
+                if e.raw_os_error() == Some(libc::ENOBUFS) {
+                    buf.push(ProcEvent::Overrun);
+                } else {
+                    tracing::error!(error = %e, "proc connector read failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            }
+            for ev in buf.drain(..) {
+                match tx.try_send(ev) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        let _ = tx.try_send(ProcEvent::Overrun);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// The tracker's main loop: events, periodic rescans, rotation, and
+/// registry changes.
+pub async fn run(tracker: Arc<Tracker>, mut events: mpsc::Receiver<ProcEvent>, rescan_every: Duration) {
+    let mut registry = tracker.registry.clone();
+    let mut rescan = tokio::time::interval(rescan_every);
+    let mut rotation = tokio::time::interval(Duration::from_secs(1));
+    let me = std::process::id() as i32;
+    loop {
+        tokio::select! {
+            ev = events.recv() => {
+                let Some(ev) = ev else { return };
+                match ev {
+                    ProcEvent::Exit { pid } => tracker.exited(pid),
+                    ProcEvent::Exec { pid } | ProcEvent::Fork { child: pid, .. } | ProcEvent::Uid { pid } => {
+                        if pid == me { continue; }
+                        if let Ok(fd) = PidFd::open(pid) {
+                            let t = tracker.clone();
+                            // Attest concurrently so one slow hash does not delay
+                            // every other process.
+                            tokio::spawn(async move {
+                                if let Err(e) = t.ensure(Arc::new(fd)).await {
+                                    tracing::debug!(pid, error = %e, "attestation after event failed");
+                                }
+                            });
+                        }
+                    }
+                    ProcEvent::Overrun => {
+                        tracing::warn!("process events were lost; rescanning");
+                        tracker.rescan().await;
+                    }
+                }
+            }
+            _ = rescan.tick() => tracker.rescan().await,
+            _ = rotation.tick() => {
+                for (pid, fd) in tracker.due_for_rotation(now()) {
+                    let t = tracker.clone();
+                    tokio::spawn(async move {
+                        t.rotate(pid, fd).await;
+                        t.rotation_done(pid);
+                    });
+                }
+            }
+            r = registry.changed() => {
+                if r.is_err() { return; }
+                registry.mark_unchanged();
+                tracker.reevaluate_all().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! `tether`: the single binary for the server, the agent, both at once
+//! (`up`), and the admin verbs.
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use tether_proto::tether::admin_client::AdminClient;
+use tether_proto::tether::agent_admin_client::AgentAdminClient;
+use tether_proto::tether::{
+    ApplyRequest, CreateJoinTokenRequest, DeleteRequest, GetRequest, ListSvidsRequest, RotateCaRequest, WhoAmIRequest,
+};
+use tether_spiffe::{Bundle, TrustDomain};
+
+#[derive(Parser)]
+#[command(name = "tether", version, about = "Process-level workload identity for Linux")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Log format for daemons.
+    #[arg(long, global = true, default_value = "json", value_parser = ["json", "text"])]
+    log_format: String,
+}
+
+#[derive(Args, Clone)]
+struct AdminSock {
+    /// The server's admin socket.
+    #[arg(long, env = "TETHER_ADMIN_SOCKET", default_value = "/run/tether/admin.sock")]
+    admin_socket: PathBuf,
+}
+
+#[derive(Args, Clone)]
+struct AgentSock {
+    /// The agent's admin socket.
+    #[arg(long, env = "TETHER_AGENT_SOCKET", default_value = "/run/tether/agent.sock")]
+    agent_socket: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Server and agent in one process on this machine: embedded SQLite,
+    /// self-signed CA, local sockets. The way to start.
+    Up(UpArgs),
+    /// The control plane.
+    Server(ServerArgs),
+    /// The node agent.
+    Agent(AgentArgs),
+    /// Create or update resources from a YAML file ("-" for stdin).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+        #[command(flatten)]
+        sock: AdminSock,
+    },
+    /// Show resources: workloadidentity (wi), node, bundle.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[command(flatten)]
+        sock: AdminSock,
+    },
+    /// Delete a resource.
+    Delete {
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        sock: AdminSock,
+    },
+    /// Join tokens for node attestation.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// CA operations.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+    /// Every selector of a process and which identity it matches, or why none.
+    Whoami {
+        #[arg(long)]
+        pid: i32,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        sock: AgentSock,
+    },
+    /// Per-process SVIDs the agent holds now.
+    Svids {
+        #[command(flatten)]
+        sock: AgentSock,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a single-use join token.
+    Create {
+        /// Lifetime, e.g. 10m, 1h.
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+        /// Bind the token to this node name.
+        #[arg(long)]
+        node: Option<String>,
+        #[command(flatten)]
+        sock: AdminSock,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Rotate the X.509 CA and JWT key: "prepare" publishes the next key in
+    /// the bundle; "activate" makes it sign.
+    Rotate {
+        #[arg(value_parser = ["prepare", "activate"])]
+        step: String,
+        #[command(flatten)]
+        sock: AdminSock,
+    },
+}
+
+#[derive(Args)]
+struct ServerOpts {
+    #[arg(long, default_value = "example.org")]
+    trust_domain: String,
+    /// Node API address (TLS).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// Operator CA certificate (PEM) to chain to, instead of a self-signed root.
+    #[arg(long, requires = "upstream_ca_key")]
+    upstream_ca_cert: Option<PathBuf>,
+    /// Key (PEM) of --upstream-ca-cert.
+    #[arg(long, requires = "upstream_ca_cert")]
+    upstream_ca_key: Option<PathBuf>,
+    /// Lifetime of each signing CA, e.g. 7d.
+    #[arg(long, default_value = "7d")]
+    ca_ttl: String,
+    /// Lifetime of node SVIDs.
+    #[arg(long, default_value = "1h")]
+    node_svid_ttl: String,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    #[command(flatten)]
+    opts: ServerOpts,
+    #[arg(long, default_value = "/var/lib/tether/server")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "/run/tether/admin.sock")]
+    admin_socket: PathBuf,
+}
+
+#[derive(Args)]
+struct AgentOpts {
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Prometheus metrics address; "off" to disable.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics: String,
+    /// Full /proc rescan interval (repairs missed process events).
+    #[arg(long, default_value = "30s")]
+    rescan: String,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    opts: AgentOpts,
+    /// Server node API, host:port.
+    #[arg(long)]
+    server: String,
+    #[arg(long, default_value = "example.org")]
+    trust_domain: String,
+    /// SPIFFE bundle (JSON) used to verify the server at first attestation.
+    #[arg(long)]
+    trust_bundle: Option<PathBuf>,
+    /// Join token (only needed for the first attestation).
+    #[arg(long, env = "TETHER_JOIN_TOKEN")]
+    join_token: Option<String>,
+    #[arg(long, default_value = "/var/lib/tether/agent")]
+    data_dir: PathBuf,
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET_PATH", default_value = "/run/tether/workload.sock")]
+    workload_socket: PathBuf,
+    #[arg(long, default_value = "/run/tether/agent.sock")]
+    admin_socket: PathBuf,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    #[command(flatten)]
+    server: ServerOpts,
+    #[command(flatten)]
+    agent: AgentOpts,
+    /// State: the database (with CA keys) and the agent's node SVID.
+    #[arg(long, default_value = "/var/lib/tether")]
+    data_dir: PathBuf,
+    /// Sockets: workload.sock, admin.sock, agent.sock.
+    #[arg(long, default_value = "/run/tether")]
+    run_dir: PathBuf,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let daemon = matches!(cli.cmd, Cmd::Up(_) | Cmd::Server(_) | Cmd::Agent(_));
+    if daemon {
+        init_logging(&cli.log_format);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli.cmd)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().flatten_event(true).init();
+    } else {
+        b.init();
+    }
+}
+
+fn duration(what: &str, s: &str) -> anyhow::Result<i64> {
+    tether_manifest::parse_duration(s).map_err(|e| anyhow!("{what}: {e}"))
+}
+
+fn server_config(o: &ServerOpts, data_dir: PathBuf, admin_socket: PathBuf) -> anyhow::Result<tether_server::ServerConfig> {
+    let td = TrustDomain::new(&o.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
+    let mut cfg = tether_server::ServerConfig::new(td, data_dir);
+    cfg.listen = o.listen;
+    cfg.admin_socket = admin_socket;
+    cfg.upstream = o.upstream_ca_cert.clone().zip(o.upstream_ca_key.clone());
+    cfg.ca_ttl_secs = duration("--ca-ttl", &o.ca_ttl)?;
+    cfg.node_svid_ttl_secs = duration("--node-svid-ttl", &o.node_svid_ttl)?;
+    Ok(cfg)
+}
+
+fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .collect();
+    let name = name.trim_matches(|c: char| !c.is_ascii_alphanumeric()).to_string();
+    if name.is_empty() { "node".into() } else { name }
+}
+
+fn agent_config(o: &AgentOpts, server: String, td: TrustDomain, data_dir: PathBuf) -> anyhow::Result<tether_agent::AgentConfig> {
+    let node = o.node_name.clone().unwrap_or_else(host_name);
+    tether_manifest::validate_name(&node).map_err(|e| anyhow!("--node-name: {e}"))?;
+    let mut cfg = tether_agent::AgentConfig::new(server, td, node, data_dir);
+    cfg.metrics = if o.metrics == "off" {
+        None
+    } else {
+        Some(o.metrics.parse().map_err(|e| anyhow!("--metrics {:?}: {e}", o.metrics))?)
+    };
+    cfg.rescan_interval = Duration::from_secs(duration("--rescan", &o.rescan)?.max(1) as u64);
+    Ok(cfg)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+    tracing::info!("shutting down");
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Up(a) => {
+            tether_agent::harden_process();
+            let cfg = server_config(&a.server, a.data_dir.join("server"), a.run_dir.join("admin.sock"))?;
+            let td = cfg.trust_domain.clone();
+            let server = tether_server::start(cfg).await?;
+            let mut acfg = agent_config(&a.agent, server.node_addr.to_string(), td, a.data_dir.join("agent"))?;
+            // The in-process agent attests over the real node API with a
+            // token bound to its name, exactly as a remote agent would.
+            let (token, _) = server.state.create_join_token(300, Some(&acfg.node_name))?;
+            acfg.join_token = Some(token);
+            acfg.bootstrap_bundle = Some(server.state.current_bundle());
+            acfg.workload_socket = a.run_dir.join("workload.sock");
+            acfg.admin_socket = a.run_dir.join("agent.sock");
+            let agent = tether_agent::start(acfg).await?;
+            tracing::info!("tether is up");
+            shutdown_signal().await;
+            drop(agent);
+            drop(server);
+            Ok(())
+        }
+        Cmd::Server(a) => {
+            let cfg = server_config(&a.opts, a.data_dir, a.admin_socket)?;
+            let _server = tether_server::start(cfg).await?;
+            shutdown_signal().await;
+            Ok(())
+        }
+        Cmd::Agent(a) => {
+            tether_agent::harden_process();
+            let td = TrustDomain::new(&a.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
+            let mut cfg = agent_config(&a.opts, a.server, td.clone(), a.data_dir)?;
+            if let Some(p) = &a.trust_bundle {
+                let json = std::fs::read(p).with_context(|| format!("reading --trust-bundle {}", p.display()))?;
+                cfg.bootstrap_bundle = Some(Bundle::from_json(td, &json).with_context(|| format!("--trust-bundle {}", p.display()))?);
+            }
+            cfg.join_token = a.join_token;
+            cfg.workload_socket = a.workload_socket;
+            cfg.admin_socket = a.admin_socket;
+            let _agent = tether_agent::start(cfg).await?;
+            shutdown_signal().await;
+            Ok(())
+        }
+        Cmd::Apply { file, sock } => {
+            let (source, bytes) = if file == "-" {
+                let mut b = Vec::new();
+                std::io::stdin().read_to_end(&mut b).context("reading stdin")?;
+                ("<stdin>".to_string(), b)
+            } else {
+                (file.clone(), std::fs::read(&file).with_context(|| format!("reading {file}"))?)
+            };
+            let resp = admin(&sock.admin_socket)?
+                .apply(ApplyRequest { source, manifest: bytes })
+                .await
+                .map_err(status)?
+                .into_inner();
+            for c in resp.changes {
+                println!("{c}");
+            }
+            Ok(())
+        }
+        Cmd::Get { kind, name, sock } => {
+            let resp = admin(&sock.admin_socket)?
+                .get(GetRequest { kind, name: name.unwrap_or_default() })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{}", resp.text.trim_end());
+            Ok(())
+        }
+        Cmd::Delete { kind, name, sock } => {
+            let resp = admin(&sock.admin_socket)?
+                .delete(DeleteRequest { kind: kind.clone(), name: name.clone() })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if !resp.existed {
+                bail!("{kind} {name:?} not found");
+            }
+            println!("{kind}/{name} deleted");
+            Ok(())
+        }
+        Cmd::Token { cmd: TokenCmd::Create { ttl, node, sock } } => {
+            let resp = admin(&sock.admin_socket)?
+                .create_join_token(CreateJoinTokenRequest { ttl_secs: duration("--ttl", &ttl)?, node_name: node.unwrap_or_default() })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{}", resp.token);
+            Ok(())
+        }
+        Cmd::Ca { cmd: CaCmd::Rotate { step, sock } } => {
+            let resp = admin(&sock.admin_socket)?.rotate_ca(RotateCaRequest { step }).await.map_err(status)?.into_inner();
+            println!("{}", resp.text);
+            Ok(())
+        }
+        Cmd::Whoami { pid, json, sock } => {
+            let resp = agent_admin(&sock.agent_socket)?.who_am_i(WhoAmIRequest { pid }).await.map_err(status)?.into_inner();
+            if json {
+                println!("{}", resp.json);
+            } else {
+                print_whoami(&resp.json)?;
+            }
+            Ok(())
+        }
+        Cmd::Svids { sock } => {
+            let resp = agent_admin(&sock.agent_socket)?.list_svids(ListSvidsRequest {}).await.map_err(status)?.into_inner();
+            println!("{}", resp.json);
+            Ok(())
+        }
+    }
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unavailable => anyhow!("cannot reach tether ({}); is `tether up` running?", s.message()),
+        _ => anyhow!("{}", s.message()),
+    }
+}
+
+fn check_socket(p: &Path) -> anyhow::Result<()> {
+    if !p.exists() {
+        bail!("{} does not exist; is tether running? (set the socket with --admin-socket/--agent-socket)", p.display());
+    }
+    Ok(())
+}
+
+fn admin(p: &Path) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+    check_socket(p)?;
+    Ok(AdminClient::new(tether_proto::uds::channel(p)))
+}
+
+fn agent_admin(p: &Path) -> anyhow::Result<AgentAdminClient<tonic::transport::Channel>> {
+    check_socket(p)?;
+    Ok(AgentAdminClient::new(tether_proto::uds::channel(p)))
+}
+
+fn print_whoami(json: &str) -> anyhow::Result<()> {
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    let p = &v["process"];
+    println!("pid {} ({}) uid {} on node {}", v["pid"], p["exe_path"].as_str().unwrap_or("?"), p["uid"], v["node"].as_str().unwrap_or("?"));
+    println!("selectors:");
+    for s in v["selectors"].as_array().into_iter().flatten() {
+        println!("  {}", s.as_str().unwrap_or_default());
+    }
+    let matched = v["matched"].as_array().cloned().unwrap_or_default();
+    if matched.is_empty() {
+        println!("no identity matches this process:");
+    } else {
+        for m in &matched {
+            println!("MATCHES {} ({})", m["identity"].as_str().unwrap_or("?"), m["spiffeId"].as_str().unwrap_or("?"));
+        }
+    }
+    for m in v["notMatched"].as_array().into_iter().flatten() {
+        println!("  not {} ({}):", m["identity"].as_str().unwrap_or("?"), m["spiffeId"].as_str().unwrap_or("?"));
+        for (i, set) in m["selectorSets"].as_array().into_iter().flatten().enumerate() {
+            let failed: Vec<&str> = set["failed"].as_array().into_iter().flatten().filter_map(|f| f.as_str()).collect();
+            println!("    selector set {} fails on: {}", i + 1, failed.join(", "));
+        }
+    }
+    Ok(())
+}

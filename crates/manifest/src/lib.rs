@@ -1,0 +1,470 @@
+//! Tether's resource manifests: Kubernetes-style YAML documents
+//! (apiVersion, kind, metadata, spec).
+//!
+//! Parsing is two-stage on purpose: documents are first read into plain
+//! serde structs, then validated field by field so every error names the
+//! file, the document, the resource and the field path, and says what is
+//! wrong. Nothing is applied unless every document in the file is valid.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use tether_attest::Selector;
+use tether_spiffe::SpiffeId;
+
+pub const API_VERSION: &str = "tether.dev/v1alpha1";
+
+/// Kinds the registry stores.
+pub const KINDS: &[&str] = &["WorkloadIdentity"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    pub source: String,
+    /// 1-based document index within the file.
+    pub document: usize,
+    pub resource: Option<String>,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.source, self.document)?;
+        if let Some(r) = &self.resource {
+            write!(f, " ({r})")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+/// A validated WorkloadIdentity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadIdentitySpec {
+    pub spiffe_id: String,
+    /// Selector sets: selectors within a set are ANDed, sets are ORed.
+    pub selectors: Vec<Vec<String>>,
+    pub x509_ttl_secs: i64,
+    pub jwt_ttl_secs: i64,
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    /// Node names this identity applies to; empty means every node.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Whether the key may be handed to the process via the Workload API.
+    pub workload_api: bool,
+}
+
+impl WorkloadIdentitySpec {
+    pub fn spiffe_id(&self) -> Result<SpiffeId, tether_spiffe::IdError> {
+        SpiffeId::parse(&self.spiffe_id)
+    }
+
+    /// Parsed selector sets. Specs in the store were validated on apply, so
+    /// an unparsable selector there means corruption: such a set is dropped
+    /// (it can then match nothing) rather than widening access.
+    pub fn selector_sets(&self) -> Vec<Vec<Selector>> {
+        self.selectors
+            .iter()
+            .filter_map(|set| set.iter().map(|s| Selector::parse(s).ok()).collect::<Option<Vec<_>>>())
+            .filter(|set| !set.is_empty())
+            .collect()
+    }
+
+    pub fn applies_to_node(&self, node: &str) -> bool {
+        self.nodes.is_empty() || self.nodes.iter().any(|n| n == "*" || n == node)
+    }
+}
+
+/// A validated resource, ready for the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resource {
+    WorkloadIdentity { name: String, spec: WorkloadIdentitySpec },
+}
+
+impl Resource {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Resource::WorkloadIdentity { .. } => "WorkloadIdentity",
+        }
+    }
+    pub fn name(&self) -> &str {
+        match self {
+            Resource::WorkloadIdentity { name, .. } => name,
+        }
+    }
+    /// Canonical JSON of the spec: equal specs give equal strings, which is
+    /// what makes apply idempotent.
+    pub fn spec_json(&self) -> String {
+        match self {
+            Resource::WorkloadIdentity { spec, .. } => serde_json::to_string(spec).unwrap_or_default(),
+        }
+    }
+    /// The resource as a YAML manifest again (for `tether get`).
+    pub fn to_yaml(&self) -> String {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct OutSpec<'a> {
+            spiffe_id: &'a str,
+            selectors: &'a Vec<Vec<String>>,
+            x509_ttl: String,
+            jwt_ttl: String,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            dns_names: &'a Vec<String>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            nodes: &'a Vec<String>,
+            workload_api: bool,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Out<'a> {
+            api_version: &'a str,
+            kind: &'a str,
+            metadata: Meta<'a>,
+            spec: OutSpec<'a>,
+        }
+        #[derive(Serialize)]
+        struct Meta<'a> {
+            name: &'a str,
+        }
+        match self {
+            Resource::WorkloadIdentity { name, spec } => serde_norway::to_string(&Out {
+                api_version: API_VERSION,
+                kind: "WorkloadIdentity",
+                metadata: Meta { name },
+                spec: OutSpec {
+                    spiffe_id: &spec.spiffe_id,
+                    selectors: &spec.selectors,
+                    x509_ttl: format_duration(spec.x509_ttl_secs),
+                    jwt_ttl: format_duration(spec.jwt_ttl_secs),
+                    dns_names: &spec.dns_names,
+                    nodes: &spec.nodes,
+                    workload_api: spec.workload_api,
+                },
+            })
+            .unwrap_or_default(),
+        }
+    }
+
+    pub fn from_stored(kind: &str, name: &str, spec_json: &str) -> Option<Resource> {
+        match kind {
+            "WorkloadIdentity" => serde_json::from_str(spec_json)
+                .ok()
+                .map(|spec| Resource::WorkloadIdentity { name: name.to_string(), spec }),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawDoc {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<RawMeta>,
+    spec: Option<serde_norway::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeta {
+    name: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawIdentity {
+    spiffe_id: Option<String>,
+    selectors: Option<Vec<Vec<String>>>,
+    x509_ttl: Option<serde_norway::Value>,
+    jwt_ttl: Option<serde_norway::Value>,
+    #[serde(default)]
+    dns_names: Vec<String>,
+    #[serde(default)]
+    nodes: Vec<String>,
+    workload_api: Option<bool>,
+}
+
+pub const DEFAULT_X509_TTL_SECS: i64 = 3600;
+pub const DEFAULT_JWT_TTL_SECS: i64 = 300;
+const MIN_TTL_SECS: i64 = 10;
+const MAX_X509_TTL_SECS: i64 = 30 * 86400;
+
+/// Manifests larger than this are refused outright.
+pub const MAX_MANIFEST_LEN: usize = 4 * 1024 * 1024;
+
+/// Parses and validates every document in `text`. `source` names the file
+/// in errors.
+pub fn parse(source: &str, text: &[u8]) -> Result<Vec<Resource>, ManifestError> {
+    let err = |doc: usize, resource: Option<String>, field: &str, message: String| ManifestError {
+        source: source.to_string(),
+        document: doc,
+        resource,
+        field: field.to_string(),
+        message,
+    };
+    if text.len() > MAX_MANIFEST_LEN {
+        return Err(err(0, None, "", format!("file is {} bytes, limit {MAX_MANIFEST_LEN}", text.len())));
+    }
+    let text = std::str::from_utf8(text).map_err(|e| err(0, None, "", format!("not UTF-8: {e}")))?;
+    let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let doc = i + 1;
+        let value = serde_norway::Value::deserialize(de).map_err(|e| err(doc, None, "", format!("invalid YAML: {e}")))?;
+        if value.is_null() {
+            continue; // empty document, e.g. a trailing `---`
+        }
+        let raw: RawDoc = serde_norway::from_value(value).map_err(|e| err(doc, None, "", e.to_string()))?;
+        match raw.api_version.as_deref() {
+            Some(API_VERSION) => {}
+            Some(other) => return Err(err(doc, None, "apiVersion", format!("{other:?} is not supported; use {API_VERSION:?}"))),
+            None => return Err(err(doc, None, "apiVersion", format!("missing; use {API_VERSION:?}"))),
+        }
+        let kind = raw.kind.ok_or_else(|| err(doc, None, "kind", format!("missing; one of {KINDS:?}")))?;
+        let name = raw
+            .metadata
+            .and_then(|m| m.name)
+            .ok_or_else(|| err(doc, None, "metadata.name", "missing".into()))?;
+        validate_name(&name).map_err(|m| err(doc, None, "metadata.name", m))?;
+        let label = Some(format!("{kind} {name:?}"));
+        if !seen.insert((kind.clone(), name.clone())) {
+            return Err(err(doc, label, "metadata.name", "defined twice in this file".into()));
+        }
+        let spec = raw.spec.ok_or_else(|| err(doc, label.clone(), "spec", "missing".into()))?;
+        let res = match kind.as_str() {
+            "WorkloadIdentity" => {
+                let raw: RawIdentity =
+                    serde_norway::from_value(spec).map_err(|e| err(doc, label.clone(), "spec", e.to_string()))?;
+                let spec = validate_identity(raw).map_err(|(f, m)| err(doc, label.clone(), &f, m))?;
+                Resource::WorkloadIdentity { name, spec }
+            }
+            other => return Err(err(doc, None, "kind", format!("unknown kind {other:?}; one of {KINDS:?}"))),
+        };
+        out.push(res);
+    }
+    if out.is_empty() {
+        return Err(err(0, None, "", "no resources in file".into()));
+    }
+    Ok(out)
+}
+
+/// Resource and node names: DNS-label-like, so they are safe in URLs,
+/// SPIFFE ID paths and logs.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 253 {
+        return Err(format!("{name:?} must be 1 to 253 characters"));
+    }
+    if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.') {
+        return Err(format!("{name:?} may contain only a-z, 0-9, '-' and '.'"));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) || !name.ends_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(format!("{name:?} must start and end with a letter or digit"));
+    }
+    Ok(())
+}
+
+fn validate_identity(raw: RawIdentity) -> Result<WorkloadIdentitySpec, (String, String)> {
+    let id = raw.spiffe_id.ok_or_else(|| ("spec.spiffeId".to_string(), "missing".to_string()))?;
+    let id = SpiffeId::parse(&id).map_err(|e| ("spec.spiffeId".to_string(), e.to_string()))?;
+    let sets = raw.selectors.ok_or_else(|| {
+        ("spec.selectors".to_string(), "missing; give at least one set, e.g. [[\"unix:uid:1000\"]]".to_string())
+    })?;
+    if sets.is_empty() {
+        return Err(("spec.selectors".into(), "empty: an identity with no selector sets would match nothing".into()));
+    }
+    let mut selectors = Vec::with_capacity(sets.len());
+    for (i, set) in sets.iter().enumerate() {
+        if set.is_empty() {
+            return Err((format!("spec.selectors[{i}]"), "empty set".into()));
+        }
+        let mut canon = Vec::with_capacity(set.len());
+        for (j, s) in set.iter().enumerate() {
+            let sel = Selector::parse(s).map_err(|e| (format!("spec.selectors[{i}][{j}]"), e.to_string()))?;
+            canon.push(sel.to_string());
+        }
+        canon.sort();
+        canon.dedup();
+        selectors.push(canon);
+    }
+    let x509 = ttl(raw.x509_ttl, DEFAULT_X509_TTL_SECS, MAX_X509_TTL_SECS).map_err(|m| ("spec.x509Ttl".to_string(), m))?;
+    let jwt = ttl(raw.jwt_ttl, DEFAULT_JWT_TTL_SECS, 86400).map_err(|m| ("spec.jwtTtl".to_string(), m))?;
+    for (i, d) in raw.dns_names.iter().enumerate() {
+        validate_dns(d).map_err(|m| (format!("spec.dnsNames[{i}]"), m))?;
+    }
+    for (i, n) in raw.nodes.iter().enumerate() {
+        if n != "*" {
+            validate_name(n).map_err(|m| (format!("spec.nodes[{i}]"), m))?;
+        }
+    }
+    Ok(WorkloadIdentitySpec {
+        spiffe_id: id.to_string(),
+        selectors,
+        x509_ttl_secs: x509,
+        jwt_ttl_secs: jwt,
+        dns_names: raw.dns_names,
+        nodes: raw.nodes,
+        workload_api: raw.workload_api.unwrap_or(true),
+    })
+}
+
+fn ttl(v: Option<serde_norway::Value>, default: i64, max: i64) -> Result<i64, String> {
+    let secs = match v {
+        None => return Ok(default),
+        Some(serde_norway::Value::Number(n)) => n.as_i64().ok_or_else(|| format!("{n} is not a whole number of seconds"))?,
+        Some(serde_norway::Value::String(s)) => parse_duration(&s)?,
+        Some(other) => return Err(format!("{other:?} is not a duration; use e.g. \"1h\", \"5m\", \"30s\"")),
+    };
+    if secs < MIN_TTL_SECS || secs > max {
+        return Err(format!("{secs}s is out of range ({MIN_TTL_SECS}s to {max}s)"));
+    }
+    Ok(secs)
+}
+
+/// "90", "90s", "5m", "1h", "2d", or combinations such as "1h30m".
+pub fn parse_duration(s: &str) -> Result<i64, String> {
+    let bad = || format!("{s:?} is not a duration; use e.g. \"1h\", \"5m\", \"30s\"");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    let mut total: i64 = 0;
+    let mut num = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(bad()),
+        };
+        let n: i64 = num.parse().map_err(|_| bad())?;
+        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
+        num.clear();
+    }
+    if !num.is_empty() {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
+fn format_duration(secs: i64) -> String {
+    if secs % 3600 == 0 {
+        format!("{}h", secs / 3600)
+    } else if secs % 60 == 0 {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+fn validate_dns(d: &str) -> Result<(), String> {
+    let ok = !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '*')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if ok { Ok(()) } else { Err(format!("{d:?} is not a valid DNS name")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata:
+  name: web
+spec:
+  spiffeId: spiffe://example.org/web
+  selectors:
+    - ["unix:uid:1000", "process:path:/usr/bin/python3"]
+    - ["process:sha256:ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789"]
+  x509Ttl: 30m
+  dnsNames: [web.local]
+---
+apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {name: db}
+spec:
+  spiffeId: spiffe://example.org/db
+  selectors: [["unix:user:postgres"]]
+  workloadApi: false
+---
+"#;
+
+    #[test]
+    fn parses_multi_document_file() {
+        let r = parse("good.yaml", GOOD.as_bytes()).unwrap();
+        assert_eq!(r.len(), 2);
+        let Resource::WorkloadIdentity { name, spec } = &r[0];
+        assert_eq!(name, "web");
+        assert_eq!(spec.x509_ttl_secs, 1800);
+        assert_eq!(spec.jwt_ttl_secs, DEFAULT_JWT_TTL_SECS);
+        assert!(spec.workload_api);
+        assert!(spec.selectors[1][0].ends_with("abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"));
+        let Resource::WorkloadIdentity { spec, .. } = &r[1];
+        assert!(!spec.workload_api);
+        // Round trip through get's YAML output.
+        let again = parse("again", r[0].to_yaml().as_bytes()).unwrap();
+        assert_eq!(again[0], r[0]);
+    }
+
+    fn error_of(yaml: &str) -> String {
+        parse("bad.yaml", yaml.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_document_field() {
+        let base = |spec: &str| format!("apiVersion: tether.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {{name: w}}\nspec:\n{spec}");
+        let e = error_of(&base("  spiffeId: spiffe://Example.org/w\n  selectors: [[\"unix:uid:1\"]]\n"));
+        assert!(e.starts_with("bad.yaml: document 1 (WorkloadIdentity \"w\"): spec.spiffeId:"), "{e}");
+        let e = error_of(&base("  spiffeId: spiffe://example.org/w\n  selectors: [[\"unix:uid:1\", \"proc:path:/x\"]]\n"));
+        assert!(e.contains("spec.selectors[0][1]"), "{e}");
+        let e = error_of(&base("  spiffeId: spiffe://example.org/w\n  selectors: [[\"unix:uid:abc\"]]\n"));
+        assert!(e.contains("spec.selectors[0][0]"), "{e}");
+        let e = error_of(&base("  spiffeId: spiffe://example.org/w\n  selectors: [[\"unix:uid:1\"]]\n  x509Ttl: forever\n"));
+        assert!(e.contains("spec.x509Ttl"), "{e}");
+        let e = error_of(&base("  spiffeId: spiffe://example.org/w\n  selectors: [[\"unix:uid:1\"]]\n  colour: red\n"));
+        assert!(e.contains("colour"), "{e}");
+        let e = error_of(&base("  spiffeId: spiffe://example.org/w\n  selectors: []\n"));
+        assert!(e.contains("spec.selectors"), "{e}");
+        let e = error_of("apiVersion: v1\nkind: WorkloadIdentity\nmetadata: {name: w}\nspec: {}\n");
+        assert!(e.contains("apiVersion"), "{e}");
+        let e = error_of("apiVersion: tether.dev/v1alpha1\nkind: Thing\nmetadata: {name: w}\nspec: {}\n");
+        assert!(e.contains("unknown kind"), "{e}");
+        let e = error_of(&format!("{}---\n{}", GOOD.trim_end_matches("---\n"), "apiVersion: tether.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {name: Bad_Name}\nspec: {}\n"));
+        assert!(e.contains("document 3") && e.contains("metadata.name"), "{e}");
+        let e = error_of("key: [unclosed");
+        assert!(e.contains("invalid YAML"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1h30m").unwrap(), 5400);
+        assert_eq!(parse_duration("45").unwrap(), 45);
+        for bad in ["", "h", "1x", "1h5", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

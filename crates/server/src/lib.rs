@@ -1,0 +1,265 @@
+//! The Tether server (control plane): CA, registry, node attestation,
+//! CSR signing, JWT minting and watch streams for agents.
+//!
+//! Listeners: the node API (gRPC over TLS 1.3; node SVIDs as client
+//! certificates) on a TCP port, and the admin API (gRPC) on a root-only
+//! Unix socket. See docs/ARCHITECTURE.md.
+
+mod admin_api;
+mod keys;
+mod listen;
+mod node_api;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tether_ca::Upstream;
+use tether_spiffe::{Bundle, SpiffeId, TrustDomain};
+use tether_store::Store;
+use tether_tls::{SharedBundle, SwappableCert};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use keys::server_id;
+use keys::{ActiveKeys, KeyManager};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("store: {0}")]
+    Store(#[from] tether_store::StoreError),
+    #[error("CA: {0}")]
+    Ca(#[from] tether_ca::CaError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<ServerError> for tonic::Status {
+    fn from(e: ServerError) -> Self {
+        match e {
+            ServerError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            ServerError::PermissionDenied(m) => tonic::Status::permission_denied(m),
+            ServerError::NotFound(m) => tonic::Status::not_found(m),
+            ServerError::Ca(tether_ca::CaError::MalformedCsr(m)) => tonic::Status::invalid_argument(format!("malformed CSR: {m}")),
+            ServerError::Ca(tether_ca::CaError::CsrRejected(m)) => tonic::Status::invalid_argument(format!("CSR rejected: {m}")),
+            other => {
+                tracing::error!(error = %other, "internal error");
+                tonic::Status::internal(other.to_string())
+            }
+        }
+    }
+}
+
+/// A clock the tests can move.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    })
+}
+
+pub struct ServerConfig {
+    pub trust_domain: TrustDomain,
+    /// Holds the SQLite database (which contains CA keys: owner-only).
+    pub data_dir: PathBuf,
+    /// Node API listen address (TLS).
+    pub listen: SocketAddr,
+    pub admin_socket: PathBuf,
+    /// Operator CA (certificate PEM, key PEM) to chain Tether's CAs to.
+    pub upstream: Option<(PathBuf, PathBuf)>,
+    pub ca_ttl_secs: i64,
+    pub node_svid_ttl_secs: i64,
+    /// How often due CA/JWT key rotation steps are checked.
+    pub rotation_check: Duration,
+    pub clock: Clock,
+}
+
+impl ServerConfig {
+    pub fn new(trust_domain: TrustDomain, data_dir: PathBuf) -> Self {
+        ServerConfig {
+            trust_domain,
+            data_dir,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            admin_socket: PathBuf::from("/run/tether/admin.sock"),
+            upstream: None,
+            ca_ttl_secs: 7 * 86400,
+            node_svid_ttl_secs: 3600,
+            rotation_check: Duration::from_secs(30),
+            clock: system_clock(),
+        }
+    }
+}
+
+/// Shared server state used by every API.
+pub struct State {
+    pub td: TrustDomain,
+    pub store: Store,
+    keys: RwLock<Arc<ActiveKeys>>,
+    key_manager: KeyManager,
+    pub bundle: SharedBundle,
+    server_cert: Arc<SwappableCert>,
+    server_cert_expiry: RwLock<(i64, i64)>,
+    /// Bumped on every registry or bundle change; watch streams follow it.
+    pub updates: watch::Sender<u64>,
+    pub node_svid_ttl_secs: i64,
+    pub clock: Clock,
+}
+
+impl State {
+    pub fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    pub fn keys(&self) -> Arc<ActiveKeys> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn current_bundle(&self) -> Bundle {
+        self.bundle.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn notify(&self) {
+        self.updates.send_modify(|v| *v += 1);
+    }
+
+    /// Runs key reconciliation (creation, due rotation steps, or a forced
+    /// step) and publishes the result.
+    pub fn reconcile_keys(&self, force: Option<&str>) -> Result<(), ServerError> {
+        let now = self.now();
+        let (keys, changed) = self.key_manager.reconcile(&self.store, now, force)?;
+        let signer_changed = self.keys().signer_id != keys.signer_id;
+        *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = keys.bundle.clone();
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+        let (issued, expiry) = *self.server_cert_expiry.read().unwrap_or_else(|p| p.into_inner());
+        if signer_changed || now >= issued + (expiry - issued) / 2 {
+            self.renew_server_svid(now)?;
+        }
+        if changed {
+            tracing::info!(sequence = self.current_bundle().sequence, "trust bundle changed");
+            self.notify();
+        }
+        Ok(())
+    }
+
+    fn renew_server_svid(&self, now: i64) -> Result<(), ServerError> {
+        let (chain, key, not_after) = keys::issue_server_svid(&self.keys(), &self.td, now)?;
+        let ck = tether_tls::certified_key(&chain, key.pkcs8_der()).map_err(|e| ServerError::Internal(e.to_string()))?;
+        self.server_cert.set(ck);
+        *self.server_cert_expiry.write().unwrap_or_else(|p| p.into_inner()) = (now, not_after);
+        Ok(())
+    }
+
+    /// Creates a join token; only its hash is stored.
+    pub fn create_join_token(&self, ttl_secs: i64, node_name: Option<&str>) -> Result<(String, i64), ServerError> {
+        if !(1..=30 * 86400).contains(&ttl_secs) {
+            return Err(ServerError::InvalidArgument(format!("join token TTL {ttl_secs}s out of range (1s to 30d)")));
+        }
+        if let Some(n) = node_name {
+            tether_manifest::validate_name(n).map_err(|m| ServerError::InvalidArgument(format!("node name: {m}")))?;
+        }
+        let token = hex::encode(rand::random::<[u8; 24]>());
+        let now = self.now();
+        self.store.create_join_token(&token_hash(&token), now, now + ttl_secs, node_name)?;
+        Ok((token, now + ttl_secs))
+    }
+
+    pub fn node_id(&self, name: &str) -> Result<SpiffeId, ServerError> {
+        SpiffeId::new(&self.td, &format!("/tether/node/{name}")).map_err(|e| ServerError::InvalidArgument(e.to_string()))
+    }
+}
+
+pub(crate) fn token_hash(token: &str) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()))
+}
+
+/// A started server: its bound address and tasks.
+pub struct RunningServer {
+    pub state: Arc<State>,
+    pub node_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    pub fn abort(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// Opens the store, makes sure keys exist, binds both listeners and starts
+/// serving. Returns once the listeners are bound.
+pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    restrict_dir(&cfg.data_dir);
+    let db = cfg.data_dir.join("server.db");
+    let store = Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
+    let upstream = match &cfg.upstream {
+        Some((cert, key)) => {
+            let c = std::fs::read_to_string(cert).with_context(|| format!("reading upstream CA certificate {}", cert.display()))?;
+            let k = std::fs::read_to_string(key).with_context(|| format!("reading upstream CA key {}", key.display()))?;
+            Some(Upstream::from_pem(&c, &k).context("upstream CA")?)
+        }
+        None => None,
+    };
+    let km = KeyManager { td: cfg.trust_domain.clone(), ttl_secs: cfg.ca_ttl_secs, upstream };
+    let now = (cfg.clock)();
+    let (keys, _) = km.reconcile(&store, now, None).context("initialising CA and JWT keys")?;
+    let (chain, key, not_after) = keys::issue_server_svid(&keys, &cfg.trust_domain, now)?;
+    let ck = tether_tls::certified_key(&chain, key.pkcs8_der()).map_err(|e| anyhow::anyhow!("server SVID: {e}"))?;
+    let (updates, _) = watch::channel(0u64);
+    let state = Arc::new(State {
+        td: cfg.trust_domain.clone(),
+        store,
+        bundle: Arc::new(RwLock::new(keys.bundle.clone())),
+        keys: RwLock::new(Arc::new(keys)),
+        key_manager: km,
+        server_cert: SwappableCert::new(ck),
+        server_cert_expiry: RwLock::new((now, not_after)),
+        updates,
+        node_svid_ttl_secs: cfg.node_svid_ttl_secs,
+        clock: cfg.clock.clone(),
+    });
+
+    let mut tasks = Vec::new();
+    let (node_addr, t) = listen::serve_node_api(state.clone(), cfg.listen, state.server_cert.clone()).await?;
+    tasks.push(t);
+    tasks.push(listen::serve_admin_api(state.clone(), &cfg.admin_socket)?);
+    let st = state.clone();
+    let every = cfg.rotation_check;
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = st.reconcile_keys(None) {
+                tracing::error!(error = %e, "key rotation check failed; will retry");
+            }
+        }
+    }));
+    tracing::info!(trust_domain = %cfg.trust_domain, node_api = %node_addr, admin = %cfg.admin_socket.display(), "server started");
+    Ok(RunningServer { state, node_addr, tasks })
+}
+
+fn restrict_dir(p: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700));
+}

@@ -1,0 +1,224 @@
+//! The node API: what agents call, authenticated by their node SVIDs.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tether_manifest::{Resource, WorkloadIdentitySpec};
+use tether_proto::tether::node_server::Node;
+use tether_proto::tether::{
+    AttestRequest, Identity, MintJwtSvidRequest, MintJwtSvidResponse, NodeState, NodeSvid, RenewNodeRequest, SelectorSet,
+    SignX509SvidsRequest, SignX509SvidsResponse, SignedSvid, WatchRequest,
+};
+use tether_spiffe::SpiffeId;
+use tether_store::NodeRow;
+use tonic::{Request, Response, Status};
+
+use crate::listen::NodePeer;
+use crate::{ServerError, State, token_hash};
+
+/// Limits on what one call may ask for.
+const MAX_CSRS_PER_CALL: usize = 512;
+const MAX_AUDIENCES: usize = 16;
+const MAX_AUDIENCE_LEN: usize = 256;
+
+pub struct NodeApi {
+    pub state: Arc<State>,
+}
+
+/// Identities (name, spec) that apply to `node`.
+pub fn identities_for_node(state: &State, node: &str) -> Result<Vec<(String, WorkloadIdentitySpec)>, ServerError> {
+    let mut out = Vec::new();
+    for row in state.store.list("WorkloadIdentity")? {
+        if let Some(Resource::WorkloadIdentity { name, spec }) = Resource::from_stored(&row.kind, &row.name, &row.spec)
+            && spec.applies_to_node(node)
+        {
+            out.push((name, spec));
+        }
+    }
+    Ok(out)
+}
+
+impl NodeApi {
+    /// The calling node's name, from its verified node SVID; the node must
+    /// still be registered (deleting a node cuts it off).
+    fn node<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let peer = req
+            .extensions()
+            .get::<NodePeer>()
+            .ok_or_else(|| Status::unauthenticated("no connection information"))?;
+        let id = peer
+            .id
+            .as_ref()
+            .ok_or_else(|| Status::unauthenticated("this call needs a node SVID; attest with a join token first"))?;
+        let name = id
+            .path()
+            .strip_prefix("/tether/node/")
+            .ok_or_else(|| Status::permission_denied(format!("{id} is not a node identity")))?
+            .to_string();
+        match self.state.store.node(&name).map_err(ServerError::from)? {
+            Some(_) => Ok(name),
+            None => Err(Status::permission_denied(format!("node {name:?} is not registered (evicted?)"))),
+        }
+    }
+
+    fn sign_node_svid(&self, name: &str, csr: &[u8], attested_at: Option<i64>) -> Result<NodeSvid, Status> {
+        let st = &self.state;
+        let now = st.now();
+        let id = st.node_id(name)?;
+        let cert = st
+            .keys()
+            .signer
+            .sign_svid(csr, &id, &[], st.node_svid_ttl_secs, now)
+            .map_err(ServerError::from)?;
+        let prev = st.store.node(name).map_err(ServerError::from)?;
+        st.store
+            .upsert_node(&NodeRow {
+                name: name.to_string(),
+                spiffe_id: id.to_string(),
+                attested_at: attested_at.or(prev.map(|p| p.attested_at)).unwrap_or(now),
+                svid_serial: cert.serial_hex.clone(),
+                svid_expires_at: cert.not_after,
+                last_seen: now,
+            })
+            .map_err(ServerError::from)?;
+        Ok(NodeSvid {
+            spiffe_id: id.to_string(),
+            node_name: name.to_string(),
+            chain: cert.chain,
+            bundle_json: st.current_bundle().to_json().map_err(|e| Status::internal(e.to_string()))?,
+            expires_at: cert.not_after,
+        })
+    }
+
+    fn entitled(&self, node: &str, id: &SpiffeId) -> Result<Vec<WorkloadIdentitySpec>, Status> {
+        let specs: Vec<_> = identities_for_node(&self.state, node)?
+            .into_iter()
+            .map(|(_, s)| s)
+            .filter(|s| s.spiffe_id == id.as_str())
+            .collect();
+        if specs.is_empty() {
+            return Err(Status::permission_denied(format!(
+                "node {node:?} is not entitled to {id}: no WorkloadIdentity with that SPIFFE ID applies to it"
+            )));
+        }
+        Ok(specs)
+    }
+}
+
+fn to_proto(name: String, s: WorkloadIdentitySpec) -> Identity {
+    Identity {
+        name,
+        spiffe_id: s.spiffe_id,
+        selector_sets: s.selectors.into_iter().map(|selectors| SelectorSet { selectors }).collect(),
+        x509_ttl_secs: s.x509_ttl_secs,
+        jwt_ttl_secs: s.jwt_ttl_secs,
+        dns_names: s.dns_names,
+        workload_api: s.workload_api,
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeApi {
+    async fn attest(&self, req: Request<AttestRequest>) -> Result<Response<NodeSvid>, Status> {
+        let peer = req.extensions().get::<NodePeer>().map(|p| p.addr.to_string()).unwrap_or_default();
+        let r = req.into_inner();
+        tether_manifest::validate_name(&r.node_name).map_err(|m| Status::invalid_argument(format!("node_name: {m}")))?;
+        if r.join_token.is_empty() || r.join_token.len() > 256 {
+            return Err(Status::invalid_argument("join_token: missing or too long"));
+        }
+        // Check the CSR before burning the token, so a client bug does not
+        // cost the operator a token.
+        tether_ca::parse_csr(&r.csr).map_err(ServerError::from)?;
+        let now = self.state.now();
+        if let Err(why) = self.state.store.consume_join_token(&token_hash(&r.join_token), &r.node_name, now).map_err(ServerError::from)? {
+            tracing::warn!(node = %r.node_name, %peer, reason = why, "node attestation refused");
+            return Err(Status::permission_denied(format!("node attestation refused: {why}")));
+        }
+        let svid = self.sign_node_svid(&r.node_name, &r.csr, Some(now))?;
+        tracing::info!(node = %r.node_name, %peer, "node attested");
+        Ok(Response::new(svid))
+    }
+
+    async fn renew_node(&self, req: Request<RenewNodeRequest>) -> Result<Response<NodeSvid>, Status> {
+        let node = self.node(&req)?;
+        let svid = self.sign_node_svid(&node, &req.into_inner().csr, None)?;
+        tracing::info!(%node, "node SVID renewed");
+        Ok(Response::new(svid))
+    }
+
+    async fn sign_x509_svids(&self, req: Request<SignX509SvidsRequest>) -> Result<Response<SignX509SvidsResponse>, Status> {
+        let node = self.node(&req)?;
+        let r = req.into_inner();
+        if r.csrs.len() > MAX_CSRS_PER_CALL {
+            return Err(Status::invalid_argument(format!("{} CSRs in one call; limit {MAX_CSRS_PER_CALL}", r.csrs.len())));
+        }
+        let keys = self.state.keys();
+        let now = self.state.now();
+        let mut out = Vec::with_capacity(r.csrs.len());
+        for c in r.csrs {
+            let result: Result<SignedSvid, Status> = (|| {
+                let id = SpiffeId::parse(&c.spiffe_id).map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
+                let specs = self.entitled(&node, &id)?;
+                let max_ttl = specs.iter().map(|s| s.x509_ttl_secs).min().unwrap_or(0);
+                let ttl = if c.ttl_secs > 0 { c.ttl_secs.min(max_ttl) } else { max_ttl };
+                let mut dns: Vec<String> = specs.iter().flat_map(|s| s.dns_names.iter().cloned()).collect();
+                dns.sort();
+                dns.dedup();
+                let cert = keys.signer.sign_svid(&c.csr, &id, &dns, ttl, now).map_err(ServerError::from)?;
+                Ok(SignedSvid { spiffe_id: id.to_string(), chain: cert.chain, expires_at: cert.not_after, error: String::new() })
+            })();
+            out.push(result.unwrap_or_else(|status| {
+                tracing::warn!(%node, spiffe_id = %c.spiffe_id, error = %status.message(), "workload CSR refused");
+                SignedSvid { spiffe_id: c.spiffe_id, chain: vec![], expires_at: 0, error: status.message().to_string() }
+            }));
+        }
+        Ok(Response::new(SignX509SvidsResponse { svids: out }))
+    }
+
+    async fn mint_jwt_svid(&self, req: Request<MintJwtSvidRequest>) -> Result<Response<MintJwtSvidResponse>, Status> {
+        let node = self.node(&req)?;
+        let r = req.into_inner();
+        let id = SpiffeId::parse(&r.spiffe_id).map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
+        if r.audience.is_empty() || r.audience.len() > MAX_AUDIENCES {
+            return Err(Status::invalid_argument(format!("audience: give 1 to {MAX_AUDIENCES} values")));
+        }
+        if r.audience.iter().any(|a| a.is_empty() || a.len() > MAX_AUDIENCE_LEN) {
+            return Err(Status::invalid_argument(format!("audience: each value must be 1 to {MAX_AUDIENCE_LEN} bytes")));
+        }
+        let specs = self.entitled(&node, &id)?;
+        let ttl = specs.iter().map(|s| s.jwt_ttl_secs).min().unwrap_or(300);
+        let now = self.state.now();
+        let token = tether_spiffe::jwt::sign(&self.state.keys().jwt, &id, &r.audience, now, now + ttl)
+            .map_err(|e| Status::internal(format!("signing JWT-SVID: {e}")))?;
+        Ok(Response::new(MintJwtSvidResponse { token, expires_at: now + ttl }))
+    }
+
+    type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<NodeState, Status>> + Send + 'static>>;
+
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let node = self.node(&req)?;
+        let state = self.state.clone();
+        let mut updates = state.updates.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                updates.mark_unchanged();
+                let snapshot = (|| -> Result<NodeState, Status> {
+                    let identities = identities_for_node(&state, &node)?.into_iter().map(|(n, s)| to_proto(n, s)).collect();
+                    Ok(NodeState {
+                        revision: state.store.revision().map_err(ServerError::from)?,
+                        identities,
+                        bundle_json: state.current_bundle().to_json().map_err(|e| Status::internal(e.to_string()))?,
+                    })
+                })();
+                if tx.send(snapshot).await.is_err() {
+                    return; // agent went away
+                }
+                if updates.changed().await.is_err() {
+                    return; // server shutting down
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
