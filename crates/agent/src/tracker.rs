@@ -128,7 +128,7 @@ impl Tracker {
                     let _ = afd.readable().await;
                 }
                 Err(e) => {
-                    tracing::warn!(pid, error = %e.error(), "cannot poll pidfd; falling back to checking every 200ms");
+                    tracing::warn!(pid, error = %e, "cannot poll pidfd; falling back to checking every 200ms");
                     while pidfd.is_alive() {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
