@@ -179,7 +179,10 @@ impl Tracker {
             .await
             .map_err(|e| EnsureError::Internal(e.to_string()))?
             .map_err(|e| {
-                self.metrics.attestation_errors.inc();
+                // A process that exited before we looked is not an error.
+                if !matches!(e, tether_attest::AttestError::Exited { .. }) {
+                    self.metrics.attestation_errors.inc();
+                }
                 EnsureError::Attest(e.to_string())
             })?;
         // Already current for this instance and registry revision?

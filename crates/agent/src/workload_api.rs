@@ -34,7 +34,7 @@ pub struct Caller {
 }
 
 pub struct CallerConn {
-    inner: UnixStream,
+    inner: crate::h2_authority::Rewritten<UnixStream>,
     caller: Caller,
 }
 
@@ -373,7 +373,8 @@ pub fn serve(tracker: Arc<Tracker>, metrics: Arc<Metrics>, path: &Path) -> anyho
                             None
                         }
                     };
-                    if tx.send(Ok(CallerConn { inner: s, caller: Caller { pidfd } })).await.is_err() {
+                    let inner = crate::h2_authority::Rewritten::new(s);
+                    if tx.send(Ok(CallerConn { inner, caller: Caller { pidfd } })).await.is_err() {
                         return;
                     }
                 }
