@@ -142,7 +142,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         node = %cfg.node_name,
         workload_api = %cfg.workload_socket.display(),
         admin = %cfg.admin_socket.display(),
-        metrics = ?metrics_addr,
+        metrics = %metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         "agent started"
     );
     Ok(RunningAgent { tracker, metrics, metrics_addr, node, tasks })

@@ -1,0 +1,322 @@
+//! Test harness: runs the real `tether` binary (`tether up`) on private
+//! sockets and ports in a temporary directory, and a copy of the test binary
+//! as a stand-in workload process. Everything is removed on drop, also when
+//! a test fails.
+
+#![allow(dead_code)]
+
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TETHER: &str = env!("CARGO_BIN_EXE_tether");
+
+pub struct Up {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub run: PathBuf,
+    pub node_api: String,
+    pub metrics: String,
+    pub log: PathBuf,
+}
+
+/// A world-traversable temp dir, so workloads running as other uids can
+/// reach the sockets in it.
+pub fn open_tempdir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new().prefix("tether-test-").tempdir().expect("tempdir");
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    d
+}
+
+fn field(line: &str, key: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v.get(key)?.as_str().map(str::to_string)
+}
+
+impl Up {
+    pub fn start() -> Up {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Up {
+        let dir = open_tempdir();
+        let run = dir.path().join("run");
+        let log = dir.path().join("tether.log");
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(TETHER)
+            .args(["up", "--log-format", "json", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--rescan", "5s"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--run-dir")
+            .arg(&run)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn tether up");
+        let mut up = Up { dir, child: Some(child), run, node_api: String::new(), metrics: String::new(), log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let logs = up.logs();
+            for line in logs.lines() {
+                if let Some(a) = field(line, "node_api") {
+                    up.node_api = a;
+                }
+                if field(line, "message").as_deref() == Some("agent started") {
+                    up.metrics = field(line, "metrics").unwrap_or_default();
+                }
+            }
+            if logs.contains("tether is up") {
+                return up;
+            }
+            if let Some(c) = up.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("tether up exited with {status}:\n{logs}");
+            }
+            assert!(Instant::now() < deadline, "tether up did not start in 60s:\n{logs}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn workload_socket(&self) -> PathBuf {
+        self.run.join("workload.sock")
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.run.join("admin.sock")
+    }
+
+    pub fn agent_socket(&self) -> PathBuf {
+        self.run.join("agent.sock")
+    }
+
+    /// Runs the CLI against this instance's sockets.
+    pub fn tether(&self, args: &[&str]) -> Output {
+        Command::new(TETHER)
+            .args(args)
+            .env("TETHER_ADMIN_SOCKET", self.admin_socket())
+            .env("TETHER_AGENT_SOCKET", self.agent_socket())
+            .output()
+            .expect("run tether")
+    }
+
+    /// Runs the CLI and insists that it succeeds; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.tether(args);
+        assert!(o.status.success(), "tether {args:?} failed: {}\n{}", String::from_utf8_lossy(&o.stderr), self.logs());
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn apply(&self, yaml: &str) -> Output {
+        let f = self.dir.path().join(format!("manifest-{}.yaml", rand_suffix()));
+        std::fs::write(&f, yaml).expect("write manifest");
+        self.tether(&["apply", "-f", f.to_str().expect("utf8 path")])
+    }
+
+    pub fn apply_ok(&self, yaml: &str) -> String {
+        let o = self.apply(yaml);
+        assert!(o.status.success(), "apply failed: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn metrics_text(&self) -> String {
+        http_get(&self.metrics, "/metrics")
+    }
+
+    /// A metric's value (first sample with that exact name).
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("metric {name} not found"))
+    }
+
+    /// SIGKILLs the instance (a crash, not a clean stop).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            // SIGTERM first so sockets are closed cleanly, then make sure.
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill();
+    }
+}
+
+pub fn rand_suffix() -> String {
+    format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0))
+}
+
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    let o = Command::new("sha256sum").arg(p).output().expect("sha256sum");
+    String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or_default().to_string()
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A copy of the running test binary in a world-readable directory, to run
+/// as a workload (as any uid). `name` becomes its file name.
+pub fn workload_binary(dir: &Path, name: &str) -> PathBuf {
+    let me = std::env::current_exe().expect("current_exe");
+    let wdir = dir.join("bin");
+    std::fs::create_dir_all(&wdir).expect("mkdir bin");
+    std::fs::set_permissions(&wdir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dst = wdir.join(name);
+    std::fs::copy(&me, &dst).expect("copy test binary");
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dst
+}
+
+/// Runs `exe` (a copy of this test binary) as a workload: it executes only
+/// the `child_entry` test, which does `mode` and writes results to `out`.
+pub fn workload_command(exe: &Path, uid: u32, socket: &Path, out: &Path, mode: &str) -> Command {
+    std::fs::create_dir_all(out).expect("mkdir out");
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o777)).expect("chmod out");
+    let mut c = Command::new(exe);
+    c.args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
+        .env("TETHER_TEST_CHILD", mode)
+        .env("TETHER_TEST_OUT", out)
+        .env("SPIFFE_ENDPOINT_SOCKET", format!("unix://{}", socket.display()))
+        .current_dir(out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if uid != 0 {
+        // std clears supplementary groups when root switches uid.
+        c.uid(uid).gid(uid);
+    }
+    c
+}
+
+/// What a workload child wrote: its SPIFFE ID and PEM files, or an error.
+pub struct ChildResult {
+    pub output: Output,
+    pub out: PathBuf,
+}
+
+impl ChildResult {
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.out.join(name)).unwrap_or_default()
+    }
+    pub fn spiffe_id(&self) -> String {
+        self.read("spiffe_id").trim().to_string()
+    }
+    pub fn error(&self) -> String {
+        self.read("error")
+    }
+    pub fn describe(&self) -> String {
+        format!(
+            "status {}, stdout: {}, stderr: {}, error file: {}",
+            self.output.status,
+            String::from_utf8_lossy(&self.output.stdout),
+            String::from_utf8_lossy(&self.output.stderr),
+            self.error()
+        )
+    }
+}
+
+pub fn run_workload(exe: &Path, uid: u32, socket: &Path, out: &Path, mode: &str) -> ChildResult {
+    let output = workload_command(exe, uid, socket, out, mode).output().expect("run workload");
+    ChildResult { output, out: out.to_path_buf() }
+}
+
+pub fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut s = format!("-----BEGIN {label}-----\n");
+    for c in b.as_bytes().chunks(64) {
+        s.push_str(std::str::from_utf8(c).unwrap_or_default());
+        s.push('\n');
+    }
+    s.push_str(&format!("-----END {label}-----\n"));
+    s
+}
+
+/// The workload side, run inside the copied test binary. Modes:
+/// "fetch": fetch X.509-SVID, bundle and a JWT-SVID, write them out, exit;
+/// "hold": fetch, write, then wait to be killed;
+/// "sleep": only wait to be killed.
+pub fn child_main(mode: &str, out: &Path) {
+    if mode == "sleep" {
+        // Just be a live process to attest.
+        std::thread::sleep(Duration::from_secs(600));
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let res: Result<(), String> = rt.block_on(async {
+        let ep = std::env::var("SPIFFE_ENDPOINT_SOCKET").map_err(|e| e.to_string())?;
+        let client = spiffe::WorkloadApiClient::connect_to(&ep).await.map_err(|e| format!("connect: {e}"))?;
+        let svid = client.fetch_x509_svid().await.map_err(|e| format!("fetch_x509_svid: {e}"))?;
+        std::fs::write(out.join("spiffe_id"), svid.spiffe_id().to_string()).map_err(|e| e.to_string())?;
+        let chain = svid.cert_chain();
+        let leaf = chain.first().ok_or("empty chain")?;
+        std::fs::write(out.join("svid.pem"), pem("CERTIFICATE", leaf.as_bytes())).map_err(|e| e.to_string())?;
+        let inter: String = chain[1..].iter().map(|c| pem("CERTIFICATE", c.as_bytes())).collect();
+        std::fs::write(out.join("chain.pem"), inter).map_err(|e| e.to_string())?;
+        std::fs::write(out.join("key.pem"), pem("PRIVATE KEY", svid.private_key().as_bytes())).map_err(|e| e.to_string())?;
+        let bundles = client.fetch_x509_bundles().await.map_err(|e| format!("fetch_x509_bundles: {e}"))?;
+        let td = svid.spiffe_id().trust_domain().clone();
+        let b = bundles.get(&td).ok_or("no bundle for own trust domain")?;
+        let roots: String = b.authorities().iter().map(|c| pem("CERTIFICATE", c.as_bytes())).collect();
+        std::fs::write(out.join("bundle.pem"), roots).map_err(|e| e.to_string())?;
+        let jwt = client.fetch_jwt_svid(["tether-test"], None).await.map_err(|e| format!("fetch_jwt_svid: {e}"))?;
+        std::fs::write(out.join("jwt"), jwt.token()).map_err(|e| e.to_string())?;
+        let v = client.validate_jwt_token("tether-test", jwt.token()).await.map_err(|e| format!("validate: {e}"))?;
+        std::fs::write(out.join("jwt_validated_sub"), v.spiffe_id().to_string()).map_err(|e| e.to_string())?;
+        std::fs::write(out.join("pid"), std::process::id().to_string()).map_err(|e| e.to_string())?;
+        if mode == "hold" {
+            std::fs::write(out.join("ready"), "").map_err(|e| e.to_string())?;
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        }
+        Ok(())
+    });
+    if let Err(e) = res {
+        let _ = std::fs::write(out.join("error"), &e);
+    }
+}
