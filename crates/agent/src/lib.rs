@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use metrics::Metrics;
-pub use node::NodeConn;
+pub use node::{NodeConn, NodeIdentity, channel as server_channel};
 pub use registry::Registry;
 pub use tracker::Tracker;
 

@@ -61,7 +61,7 @@ fn server_policy(td: &TrustDomain) -> tether_tls::IdPolicy {
 
 /// A lazily connecting gRPC channel over TLS 1.3 to `server`, verifying the
 /// server's SVID and presenting `client` if given.
-fn channel(server: &str, td: &TrustDomain, bundle: &SharedBundle, client: Option<&NodeIdentity>) -> anyhow::Result<Channel> {
+pub fn channel(server: &str, td: &TrustDomain, bundle: &SharedBundle, client: Option<&NodeIdentity>) -> anyhow::Result<Channel> {
     let ck = match client {
         Some(c) => Some(tether_tls::certified_key(&c.chain, c.key.pkcs8_der()).map_err(|e| anyhow!("node SVID: {e}"))?),
         None => None,
