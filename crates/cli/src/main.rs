@@ -89,6 +89,19 @@ enum Cmd {
         #[command(flatten)]
         sock: AgentSock,
     },
+    /// Fetch this process's X.509-SVID from the Workload API (a plain SPIFFE
+    /// client, like any workload would use).
+    Fetch {
+        /// Workload API socket.
+        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = "/run/tether/workload.sock")]
+        socket: String,
+        /// Write svid.pem, key.pem and bundle.pem into this directory.
+        #[arg(long)]
+        write: Option<PathBuf>,
+        /// Keep the stream open and print every update (rotations).
+        #[arg(long)]
+        watch: bool,
+    },
     /// Per-process SVIDs the agent holds now.
     Svids {
         #[command(flatten)]
@@ -225,7 +238,8 @@ fn main() {
 
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if format == "json" {
         b.json().flatten_event(true).init();
     } else {
@@ -387,6 +401,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Fetch { socket, write, watch } => fetch(&socket, write.as_deref(), watch).await,
         Cmd::Svids { sock } => {
             let resp = agent_admin(&sock.agent_socket)?.list_svids(ListSvidsRequest {}).await.map_err(status)?.into_inner();
             println!("{}", resp.json);
@@ -443,4 +458,69 @@ fn print_whoami(json: &str) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Splits concatenated DER certificates (as the Workload API sends them).
+fn split_der(mut b: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while b.len() >= 2 && b[0] == 0x30 {
+        let (len, hdr) = match b[1] {
+            n if n < 0x80 => (usize::from(n), 2),
+            0x81 if b.len() >= 3 => (usize::from(b[2]), 3),
+            0x82 if b.len() >= 4 => ((usize::from(b[2]) << 8) | usize::from(b[3]), 4),
+            _ => break,
+        };
+        let end = hdr + len;
+        if end > b.len() {
+            break;
+        }
+        out.push(b[..end].to_vec());
+        b = &b[end..];
+    }
+    out
+}
+
+async fn fetch(socket: &str, write: Option<&Path>, watch: bool) -> anyhow::Result<()> {
+    use tether_proto::workload::X509svidRequest;
+    use tether_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let path = socket.strip_prefix("unix://").or_else(|| socket.strip_prefix("unix:")).unwrap_or(socket);
+    check_socket(Path::new(path))?;
+    let mut client = SpiffeWorkloadApiClient::new(tether_proto::uds::channel(Path::new(path)));
+    let mut req = tonic::Request::new(X509svidRequest {});
+    req.metadata_mut().insert(tether_proto::WORKLOAD_METADATA_KEY, tonic::metadata::MetadataValue::from_static("true"));
+    let mut stream = client.fetch_x509svid(req).await.map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
+    loop {
+    let resp = match stream.message().await.map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))? {
+        Some(r) => r,
+        None if watch => return Ok(()),
+        None => bail!("the Workload API closed the stream without an SVID"),
+    };
+    for svid in &resp.svids {
+        let chain = split_der(&svid.x509_svid);
+        let expires = chain
+            .first()
+            .and_then(|c| x509_expiry(c))
+            .map(|t| format!("expires at unix time {t}"))
+            .unwrap_or_default();
+        println!("{}  ({} certificate(s), {expires})", svid.spiffe_id, chain.len());
+        if let Some(dir) = write {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::create_dir_all(dir)?;
+            let certs: String = chain.iter().map(|c| tether_ca::pem_encode("CERTIFICATE", c)).collect();
+            std::fs::write(dir.join("svid.pem"), certs)?;
+            let roots: String = split_der(&svid.bundle).iter().map(|c| tether_ca::pem_encode("CERTIFICATE", c)).collect();
+            std::fs::write(dir.join("bundle.pem"), roots)?;
+            let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(dir.join("key.pem"))?;
+            std::io::Write::write_all(&mut f, tether_ca::pem_encode("PRIVATE KEY", &svid.x509_svid_key).as_bytes())?;
+            println!("wrote svid.pem, key.pem, bundle.pem to {}", dir.display());
+        }
+    }
+    if !watch {
+        return Ok(());
+    }
+    }
+}
+
+fn x509_expiry(der: &[u8]) -> Option<i64> {
+    tether_spiffe::x509::not_after(der)
 }

@@ -333,3 +333,8 @@ pub fn verify_x509_svid(
         .map_err(SvidError::Verify)?;
     Ok(id)
 }
+
+/// The certificate's notAfter as Unix time, if it parses.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    x509_parser::parse_x509_certificate(der).ok().map(|(_, c)| c.validity().not_after.timestamp())
+}

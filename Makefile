@@ -1,0 +1,39 @@
+# `make demo` and `make test` do all set-up on a fresh Debian machine (root).
+CARGO ?= cargo
+APT_PACKAGES := build-essential pkg-config protobuf-compiler openssl curl util-linux python3-pip
+PY_SPIFFE := spiffe==0.3.2
+
+.PHONY: demo test bench deps test-deps build build-release fuzz-check clean
+
+# Installs only what is missing; apt-get update runs only when needed.
+deps:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v python3 >/dev/null || missing="$$missing python3"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found (Rust 1.95 via rustup is required)"; exit 1; }
+
+test-deps: deps
+	@python3 -c "import spiffe" 2>/dev/null || python3 -m pip install -q "$(PY_SPIFFE)"
+
+build: deps
+	$(CARGO) build --locked -p tether
+
+build-release: deps
+	$(CARGO) build --locked --release -p tether
+
+demo: build
+	./scripts/demo.sh
+
+test: test-deps
+	$(CARGO) test --locked --workspace -- --test-threads=2
+
+bench: build-release test-deps
+	./scripts/bench.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf /var/tmp/tether-demo
