@@ -37,3 +37,7 @@ bench: build-release test-deps
 clean:
 	$(CARGO) clean
 	rm -rf /var/tmp/tether-demo
+
+# Compiles every fuzz target on stable (running them needs cargo-fuzz).
+fuzz-check:
+	cd fuzz && $(CARGO) check --bins

@@ -100,6 +100,11 @@ impl Tracker {
         (t.info.start_time == start_time).then(|| t.svids.clone())
     }
 
+    /// How many SVIDs the process with this pid holds (any instance).
+    pub fn svid_count(&self, pid: i32) -> usize {
+        self.procs().get(&pid).map_or(0, |t| t.svids.len())
+    }
+
     pub fn snapshot(&self) -> Vec<(ProcessInfo, Vec<Arc<ProcSvid>>)> {
         let procs = self.procs();
         let mut v: Vec<_> = procs.values().filter(|t| !t.svids.is_empty()).map(|t| (t.info.clone(), t.svids.clone())).collect();
@@ -188,13 +193,12 @@ impl Tracker {
         // Already current for this instance and registry revision?
         {
             let procs = self.procs();
+            // Every attribute a selector can test must be unchanged (a
+            // process may change uid, cgroup or image under the same pid).
             if let Some(t) = procs.get(&pid)
                 && t.info.start_time == info.start_time
-                && t.info.sha256 == info.sha256
-                && t.info.uid == info.uid
-                && t.info.gid == info.gid
-                && t.info.exe_path == info.exe_path
                 && t.evaluated_rev == reg.revision
+                && t.info.selectors() == info.selectors()
             {
                 return Ok((t.info.clone(), t.svids.clone()));
             }

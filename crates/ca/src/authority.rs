@@ -56,11 +56,11 @@ impl Upstream {
     }
 }
 
-fn ca_params(td: &TrustDomain, not_before: i64, not_after: i64) -> Result<CertificateParams, CaError> {
+fn ca_params(td: &TrustDomain, cn: &str, not_before: i64, not_after: i64) -> Result<CertificateParams, CaError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Tether");
-    dn.push(DnType::CommonName, format!("Tether CA {}", td.as_str()));
+    dn.push(DnType::CommonName, format!("{cn} {}", td.as_str()));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -77,7 +77,7 @@ fn ca_params(td: &TrustDomain, not_before: i64, not_after: i64) -> Result<Certif
 /// A new self-signed root for `td`, valid for `ttl_secs` from `now`.
 pub fn new_self_signed_ca(td: &TrustDomain, ttl_secs: i64, now: i64) -> Result<CaMaterial, CaError> {
     let key = PrivateKey::generate()?;
-    let mut params = ca_params(td, now, now + ttl_secs)?;
+    let mut params = ca_params(td, "Tether CA", now, now + ttl_secs)?;
     params.use_authority_key_identifier_extension = false;
     let cert = params.self_signed(&key)?;
     Ok(CaMaterial {
@@ -97,7 +97,7 @@ pub fn new_intermediate_ca(td: &TrustDomain, upstream: &Upstream, ttl_secs: i64,
         return Err(CaError::Expired { not_after: upstream.not_after, now });
     }
     let key = PrivateKey::generate()?;
-    let params = ca_params(td, now, not_after)?;
+    let params = ca_params(td, "Tether intermediate CA", now, not_after)?;
     let first = upstream.chain.first().ok_or_else(|| CaError::Upstream("empty chain".into()))?;
     let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(first.as_slice()), &upstream.key)?;
     let cert = params.signed_by(&key, &issuer)?;
@@ -133,8 +133,9 @@ pub struct SignedCert {
 /// A CA ready to sign.
 pub struct Signer {
     issuer: Issuer<'static, PrivateKey>,
-    cert_der: Vec<u8>,
-    chain: Vec<Vec<u8>>,
+    /// Certificates sent after the leaf: this CA unless it is itself the
+    /// trust anchor, then its chain up to (not including) the anchor.
+    intermediates: Vec<Vec<u8>>,
     not_after: i64,
 }
 
@@ -142,7 +143,14 @@ impl Signer {
     pub fn new(m: &CaMaterial) -> Result<Self, CaError> {
         let key = PrivateKey::from_pkcs8(&m.key_pkcs8)?;
         let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(m.cert_der.as_slice()), key)?;
-        Ok(Signer { issuer, cert_der: m.cert_der.clone(), chain: m.chain.clone(), not_after: m.not_after })
+        let mut intermediates = Vec::new();
+        // Decided by the anchors, not by comparing names: an intermediate
+        // may carry the same DN as its issuer.
+        if !m.anchors.contains(&m.cert_der) {
+            intermediates.push(m.cert_der.clone());
+            intermediates.extend(m.chain.iter().cloned());
+        }
+        Ok(Signer { issuer, intermediates, not_after: m.not_after })
     }
 
     pub fn not_after(&self) -> i64 {
@@ -199,13 +207,9 @@ impl Signer {
         params.serial_number = Some(serial);
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
-        let mut chain = Vec::with_capacity(2 + self.chain.len());
+        let mut chain = Vec::with_capacity(1 + self.intermediates.len());
         chain.push(cert.der().to_vec());
-        // Self-signed CAs are anchors themselves and are not sent.
-        if !self.chain.is_empty() || !is_self_signed(&self.cert_der) {
-            chain.push(self.cert_der.clone());
-            chain.extend(self.chain.iter().cloned());
-        }
+        chain.extend(self.intermediates.iter().cloned());
         Ok(SignedCert { chain, not_after, serial_hex })
     }
 }
@@ -214,12 +218,6 @@ fn hex_string(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn is_self_signed(der: &[u8]) -> bool {
-    match x509_parser::parse_x509_certificate(der) {
-        Ok((_, c)) => c.subject().as_raw() == c.issuer().as_raw(),
-        Err(_) => false,
-    }
-}
 
 #[cfg(test)]
 mod tests {

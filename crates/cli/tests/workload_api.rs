@@ -269,3 +269,49 @@ async fn workload_api_requires_metadata_and_an_identity() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     assert!(up.metrics_text().contains("code=\"invalidargument\""));
 }
+
+#[tokio::test]
+async fn svids_rotate_at_half_life_and_the_stream_pushes_them() {
+    use futures_util::StreamExt as _;
+    let up = Up::start();
+    let me = std::fs::canonicalize(std::env::current_exe().expect("exe")).expect("canonical");
+    // This test process is the workload; 10 s TTL rotates at 5 s.
+    up.apply_ok(&(identity("self", &[&format!("process:path:{}", me.display()), "unix:uid:0"]).replace(
+        "selectors:",
+        "x509Ttl: 10s\n  selectors:",
+    )));
+    let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", up.workload_socket().display())).await.expect("connect");
+    let mut stream = client.stream_x509_svids().await.expect("stream");
+    let mut serials = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while serials.len() < 2 {
+        let next = tokio::time::timeout_at(deadline, stream.next()).await.expect("no rotation pushed within 20 s");
+        let svid = next.expect("stream ended").expect("stream error");
+        assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/self");
+        let leaf = svid.cert_chain()[0].as_bytes().to_vec();
+        let key = svid.private_key().as_bytes().to_vec();
+        if !serials.iter().any(|(l, _)| l == &leaf) {
+            serials.push((leaf, key));
+        }
+    }
+    assert_ne!(serials[0].1, serials[1].1, "rotation must also replace the key");
+    assert!(up.metric("tether_agent_svids_rotated_total") >= 1.0);
+}
+
+#[test]
+fn identity_without_workload_api_delivery_is_held_but_not_handed_out() {
+    let up = Up::start();
+    let exe = workload_binary(up.dir.path(), "workload");
+    up.apply_ok(&(identity("sealed", &[&format!("process:sha256:{}", sha256_file(&exe)), "unix:uid:0"]) + "  workloadApi: false\n"));
+    let r = run_workload(&exe, 0, &up.workload_socket(), &up.dir.path().join("o"), "fetch");
+    assert!(r.spiffe_id().is_empty(), "key handed out despite workloadApi: false: {}", r.describe());
+    assert!(r.error().contains("PermissionDenied") || r.error().contains("no identity"), "{}", r.describe());
+    // The agent still holds an SVID for it (for the in-agent mesh later).
+    let out = up.dir.path().join("s");
+    let mut child = workload_command(&exe, 0, &up.workload_socket(), &out, "sleep").spawn().expect("spawn");
+    let pid = child.id();
+    let held = wait_until(Duration::from_secs(10), || up.ok(&["svids"]).contains(&format!("\"pid\": {pid},")));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(held, "agent did not hold the sealed identity's SVID");
+}
