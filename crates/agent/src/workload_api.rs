@@ -9,7 +9,6 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use tether_attest::PidFd;
 use tether_proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
@@ -17,11 +16,9 @@ use tether_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
     ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 use tokio_stream::Stream;
-use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
@@ -33,35 +30,7 @@ pub struct Caller {
     pub pidfd: Option<Arc<PidFd>>,
 }
 
-pub struct CallerConn {
-    inner: crate::h2_authority::Rewritten<UnixStream>,
-    caller: Caller,
-}
-
-impl Connected for CallerConn {
-    type ConnectInfo = Caller;
-    fn connect_info(&self) -> Caller {
-        self.caller.clone()
-    }
-}
-
-impl AsyncRead for CallerConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for CallerConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+type CallerConn = tether_proto::uds::Tagged<crate::h2_authority::Rewritten<UnixStream>, Caller>;
 
 pub struct WorkloadApi {
     tracker: Arc<Tracker>,
@@ -225,23 +194,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        check_header(&req).inspect_err(|s| self.count("FetchX509Bundles", &Err(s)))?;
-        let pidfd = self.caller(&req)?;
-        let r = self.deliverable(pidfd).await.map(|_| ());
-        self.count("FetchX509Bundles", &r.as_ref().map(|_| ()));
-        r?;
-        let tracker = self.tracker.clone();
-        let mut last_seq = None;
-        Ok(Response::new(follow(tracker.clone(), move || {
-            let b = tracker.registry.borrow().bundle.clone();
-            if last_seq == Some(b.sequence) {
-                return None;
-            }
-            last_seq = Some(b.sequence);
+        self.bundle_stream(req, "FetchX509Bundles", |b| {
             let mut bundles = HashMap::new();
             bundles.insert(b.trust_domain.id_string(), b.x509_authorities_der_concat());
-            Some(Ok(X509BundlesResponse { crl: vec![], bundles }))
-        })))
+            Ok(X509BundlesResponse { crl: vec![], bundles })
+        })
+        .await
     }
 
     async fn fetch_jwtsvid(&self, req: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
@@ -256,27 +214,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        check_header(&req).inspect_err(|s| self.count("FetchJWTBundles", &Err(s)))?;
-        let pidfd = self.caller(&req)?;
-        let r = self.deliverable(pidfd).await.map(|_| ());
-        self.count("FetchJWTBundles", &r.as_ref().map(|_| ()));
-        r?;
-        let tracker = self.tracker.clone();
-        let mut last_seq = None;
-        Ok(Response::new(follow(tracker.clone(), move || {
-            let b = tracker.registry.borrow().bundle.clone();
-            if last_seq == Some(b.sequence) {
-                return None;
-            }
-            last_seq = Some(b.sequence);
-            let jwks = match b.jwks_json() {
-                Ok(j) => j,
-                Err(e) => return Some(Err(Status::internal(e.to_string()))),
-            };
+        self.bundle_stream(req, "FetchJWTBundles", |b| {
+            let jwks = b.jwks_json().map_err(|e| Status::internal(e.to_string()))?;
             let mut bundles = HashMap::new();
             bundles.insert(b.trust_domain.id_string(), jwks);
-            Some(Ok(JwtBundlesResponse { bundles }))
-        })))
+            Ok(JwtBundlesResponse { bundles })
+        })
+        .await
     }
 
     async fn validate_jwtsvid(
@@ -304,6 +248,34 @@ impl SpiffeWorkloadApi for WorkloadApi {
 }
 
 impl WorkloadApi {
+    /// A bundle stream for a caller that holds an identity: one message now
+    /// and one per bundle change.
+    async fn bundle_stream<R: Send + 'static, T>(
+        &self,
+        req: Request<R>,
+        method: &str,
+        make: impl Fn(&tether_spiffe::Bundle) -> Result<T, Status> + Send + 'static,
+    ) -> Result<Response<RpcStream<T>>, Status>
+    where
+        T: Send + 'static,
+    {
+        check_header(&req).inspect_err(|s| self.count(method, &Err(s)))?;
+        let pidfd = self.caller(&req)?;
+        let r = self.deliverable(pidfd).await.map(|_| ());
+        self.count(method, &r.as_ref().map(|_| ()));
+        r?;
+        let tracker = self.tracker.clone();
+        let mut last_seq = None;
+        Ok(Response::new(follow(tracker.clone(), move || {
+            let b = tracker.registry.borrow().bundle.clone();
+            if last_seq == Some(b.sequence) {
+                return None;
+            }
+            last_seq = Some(b.sequence);
+            Some(make(&b))
+        })))
+    }
+
     async fn fetch_jwt_inner(&self, req: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&req)?;
         let pidfd = self.caller(&req)?;
@@ -373,8 +345,8 @@ pub fn serve(tracker: Arc<Tracker>, metrics: Arc<Metrics>, path: &Path) -> anyho
                             None
                         }
                     };
-                    let inner = crate::h2_authority::Rewritten::new(s);
-                    if tx.send(Ok(CallerConn { inner, caller: Caller { pidfd } })).await.is_err() {
+                    let conn = CallerConn::new(crate::h2_authority::Rewritten::new(s), Caller { pidfd });
+                    if tx.send(Ok(conn)).await.is_err() {
                         return;
                     }
                 }

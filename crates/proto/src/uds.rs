@@ -53,3 +53,53 @@ pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
+
+/// A connection tagged with what the accept loop learned about its peer
+/// (verified SPIFFE ID, pidfd, ...), handed to tonic handlers through
+/// `Request::extensions()`.
+pub struct Tagged<S, I> {
+    inner: S,
+    info: I,
+}
+
+impl<S, I> Tagged<S, I> {
+    pub fn new(inner: S, info: I) -> Self {
+        Tagged { inner, info }
+    }
+}
+
+impl<S, I: Clone + Send + Sync + 'static> tonic::transport::server::Connected for Tagged<S, I> {
+    type ConnectInfo = I;
+    fn connect_info(&self) -> I {
+        self.info.clone()
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin, I: Unpin> tokio::io::AsyncRead for Tagged<S, I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin, I: Unpin> tokio::io::AsyncWrite for Tagged<S, I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

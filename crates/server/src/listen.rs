@@ -3,20 +3,16 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tether_proto::tether::admin_server::AdminServer;
 use tether_proto::tether::node_server::NodeServer;
 use tether_spiffe::SpiffeId;
 use tether_tls::SwappableCert;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
 
 use crate::State;
 use crate::admin_api::AdminApi;
@@ -36,35 +32,7 @@ pub struct NodePeer {
     pub id: Option<SpiffeId>,
 }
 
-pub struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
-    peer: NodePeer,
-}
-
-impl Connected for TlsConn {
-    type ConnectInfo = NodePeer;
-    fn connect_info(&self) -> NodePeer {
-        self.peer.clone()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+pub type TlsConn = tether_proto::uds::Tagged<tokio_rustls::server::TlsStream<TcpStream>, NodePeer>;
 
 pub async fn serve_node_api(
     state: Arc<State>,
@@ -103,7 +71,7 @@ pub async fn serve_node_api(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let id = tether_tls::peer_id(tls.get_ref().1.peer_certificates());
-                        let _ = tx.send(Ok(TlsConn { inner: tls, peer: NodePeer { addr: peer_addr, id } })).await;
+                        let _ = tx.send(Ok(TlsConn::new(tls, NodePeer { addr: peer_addr, id }))).await;
                     }
                     Ok(Err(e)) => tracing::info!(peer = %peer_addr, error = %e, "node API TLS handshake failed"),
                     Err(_) => tracing::info!(peer = %peer_addr, "node API TLS handshake timed out"),

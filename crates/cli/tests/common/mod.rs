@@ -267,15 +267,7 @@ pub fn run_workload(exe: &Path, uid: u32, socket: &Path, out: &Path, mode: &str)
 }
 
 pub fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut s = format!("-----BEGIN {label}-----\n");
-    for c in b.as_bytes().chunks(64) {
-        s.push_str(std::str::from_utf8(c).unwrap_or_default());
-        s.push('\n');
-    }
-    s.push_str(&format!("-----END {label}-----\n"));
-    s
+    tether_ca::pem_encode(label, der)
 }
 
 /// The workload side, run inside the copied test binary. Modes:
