@@ -115,17 +115,12 @@ fn follow<T: Send + 'static>(
     tokio::spawn(async move {
         loop {
             changes.mark_unchanged();
-            match next() {
-                Some(Ok(msg)) => {
-                    if tx.send(Ok(msg)).await.is_err() {
-                        return;
-                    }
-                }
-                Some(Err(status)) => {
-                    let _ = tx.send(Err(status)).await;
+            if let Some(item) = next() {
+                let last = item.is_err();
+                // An error ends the stream after it is delivered.
+                if tx.send(item).await.is_err() || last {
                     return;
                 }
-                None => {}
             }
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },

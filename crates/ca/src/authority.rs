@@ -43,11 +43,34 @@ impl Upstream {
             .map_err(|e| CaError::Upstream(format!("certificate PEM: {e}")))?;
         let first = chain.first().ok_or_else(|| CaError::Upstream("no certificate in PEM".into()))?;
         let key = PrivateKey::from_pem(key_pem)?;
+        // Tether adds one intermediate below the upstream CA, so every CA in
+        // the supplied chain must allow one more CA below it than the chain
+        // already has, and must be allowed to sign certificates. Otherwise
+        // relying parties (OpenSSL, browsers) would reject every SVID.
+        for (i, der) in chain.iter().enumerate() {
+            let (_, c) = x509_parser::parse_x509_certificate(der)
+                .map_err(|e| CaError::Upstream(format!("certificate {} of the chain: {e}", i + 1)))?;
+            let which = if i == 0 { "certificate".to_string() } else { format!("chain certificate {}", i + 1) };
+            if !c.is_ca() {
+                return Err(CaError::Upstream(format!("{which} is not a CA (basicConstraints cA is not true)")));
+            }
+            if let Ok(Some(bc)) = c.basic_constraints()
+                && let Some(len) = bc.value.path_len_constraint
+                && (len as usize) < i + 1
+            {
+                return Err(CaError::Upstream(format!(
+                    "{which} has pathLenConstraint {len}, which leaves no room for Tether's intermediate CA (needs at least {})",
+                    i + 1
+                )));
+            }
+            if let Ok(Some(ku)) = c.key_usage()
+                && !ku.value.key_cert_sign()
+            {
+                return Err(CaError::Upstream(format!("{which} has a keyUsage without keyCertSign; it cannot sign CAs")));
+            }
+        }
         let (_, cert) = x509_parser::parse_x509_certificate(first)
             .map_err(|e| CaError::Upstream(format!("certificate: {e}")))?;
-        if !cert.is_ca() {
-            return Err(CaError::Upstream("certificate is not a CA (basicConstraints cA is not true)".into()));
-        }
         if cert.public_key().raw != key.spki_der().as_slice() {
             return Err(CaError::Upstream("private key does not match the certificate".into()));
         }
@@ -287,6 +310,27 @@ mod tests {
         assert!(matches!(err, CaError::CsrRejected(_) | CaError::MalformedCsr(_)), "{err}");
     }
     const MAX: usize = crate::csr::MAX_CSR_LEN;
+
+    fn operator_root(bc: BasicConstraints, ku: Vec<KeyUsagePurpose>) -> (String, String) {
+        let key = PrivateKey::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(bc);
+        p.key_usages = ku;
+        let cert = p.self_signed(&key).unwrap();
+        (crate::key::pem_encode("CERTIFICATE", cert.der()), key.to_pem().to_string())
+    }
+
+    #[test]
+    fn upstream_that_cannot_hold_an_intermediate_is_refused() {
+        let (c, k) = operator_root(BasicConstraints::Constrained(0), vec![KeyUsagePurpose::KeyCertSign]);
+        let e = Upstream::from_pem(&c, &k).err().unwrap().to_string();
+        assert!(e.contains("pathLenConstraint 0"), "{e}");
+        let (c, k) = operator_root(BasicConstraints::Unconstrained, vec![KeyUsagePurpose::DigitalSignature]);
+        let e = Upstream::from_pem(&c, &k).err().unwrap().to_string();
+        assert!(e.contains("keyCertSign"), "{e}");
+        let (c, k) = operator_root(BasicConstraints::Constrained(1), vec![KeyUsagePurpose::KeyCertSign]);
+        assert!(Upstream::from_pem(&c, &k).is_ok());
+    }
 
     #[test]
     fn intermediate_chains_to_upstream() {

@@ -256,14 +256,14 @@ async fn workload_api_requires_metadata_and_an_identity() {
     let up = Up::start();
     let mut client = SpiffeWorkloadApiClient::new(tether_proto::uds::channel(&up.workload_socket()));
     // No `workload.spiffe.io: true` metadata: InvalidArgument.
-    let err = client.fetch_x509svid(X509svidRequest {}).await.err().expect("must fail");
+    let Err(err) = client.fetch_x509svid(X509svidRequest {}).await else { panic!("call without metadata succeeded") };
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("workload.spiffe.io"), "{err:?}");
     // With it, but this test process matches no identity: PermissionDenied.
     let mut req = tonic::Request::new(X509svidRequest {});
     req.metadata_mut().insert("workload.spiffe.io", "true".parse().expect("ascii"));
     let err = match client.fetch_x509svid(req).await {
-        Ok(mut s) => s.get_mut().message().await.err().expect("must fail"),
+        Ok(mut s) => s.get_mut().message().await.expect_err("caller without identity got an SVID"),
         Err(e) => e,
     };
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
