@@ -1,6 +1,6 @@
 # `make demo` and `make test` do all set-up on a fresh Debian machine (root).
 CARGO ?= cargo
-APT_PACKAGES := build-essential pkg-config protobuf-compiler openssl curl util-linux python3-pip
+APT_PACKAGES := build-essential pkg-config protobuf-compiler openssl curl util-linux python3-pip clang libbpf-dev
 PY_SPIFFE := spiffe==0.3.2
 
 .PHONY: demo test bench deps test-deps build build-release fuzz-check clean

@@ -23,24 +23,69 @@ impl AgentIdentity {
     }
 }
 
+/// A protected Service as the agent enforces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentService {
+    pub name: String,
+    pub spec: tether_manifest::ServiceSpec,
+}
+
+/// An AccessPolicy with its condition parsed.
+#[derive(Debug, Clone)]
+pub struct AgentPolicy {
+    pub name: String,
+    pub spec: tether_manifest::AccessPolicySpec,
+    pub condition: Option<tether_policy::Condition>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Registry {
     pub revision: i64,
     pub identities: Vec<AgentIdentity>,
     pub bundle: Bundle,
+    pub services: Vec<AgentService>,
+    pub policies: Vec<AgentPolicy>,
 }
 
 impl Registry {
     pub fn empty(bundle: Bundle) -> Self {
-        Registry { revision: -1, identities: Vec::new(), bundle }
+        Registry { revision: -1, identities: Vec::new(), bundle, services: Vec::new(), policies: Vec::new() }
     }
 
     /// Converts the server's snapshot. Entries the agent cannot parse are
     /// skipped with a warning: they then match nothing, which fails closed.
     pub fn from_state(td: &TrustDomain, s: &NodeState) -> anyhow::Result<Self> {
         let bundle = Bundle::from_json(td.clone(), s.bundle_json.as_bytes())?;
-        let identities = s.identities.iter().filter_map(|i| convert(i).map_err(|e| tracing::warn!(identity = %i.name, error = %e, "skipping identity")).ok()).collect();
-        Ok(Registry { revision: s.revision, identities, bundle })
+        let identities = s
+            .identities
+            .iter()
+            .filter_map(|i| convert(i).map_err(|e| tracing::warn!(identity = %i.name, error = %e, "skipping identity")).ok())
+            .collect();
+        let mut services = Vec::new();
+        let mut policies = Vec::new();
+        for r in &s.resources {
+            match tether_manifest::Resource::from_stored(&r.kind, &r.name, &r.spec_json) {
+                Some(tether_manifest::Resource::Service { name, spec }) => services.push(AgentService { name, spec }),
+                Some(tether_manifest::Resource::AccessPolicy { name, spec }) => {
+                    // A condition that does not parse can never allow.
+                    let condition = match &spec.when {
+                        Some(w) => match tether_policy::Condition::parse(&name, w) {
+                            Ok(c) => Some(c),
+                            Err(e) => {
+                                tracing::warn!(policy = %name, error = %e, "skipping policy");
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
+                    policies.push(AgentPolicy { name, spec, condition });
+                }
+                _ => tracing::warn!(kind = %r.kind, name = %r.name, "skipping unreadable resource"),
+            }
+        }
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Registry { revision: s.revision, identities, bundle, services, policies })
     }
 
     pub fn matching(&self, p: &ProcessInfo) -> Vec<&AgentIdentity> {

@@ -16,7 +16,7 @@ use tether_spiffe::SpiffeId;
 pub const API_VERSION: &str = "tether.dev/v1alpha1";
 
 /// Kinds the registry stores.
-pub const KINDS: &[&str] = &["WorkloadIdentity"];
+pub const KINDS: &[&str] = &["WorkloadIdentity", "Service", "AccessPolicy"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestError {
@@ -82,21 +82,78 @@ impl WorkloadIdentitySpec {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Both,
+}
+
+/// One address block of a Service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAddress {
+    /// Canonical "ip/prefix".
+    pub cidr: String,
+    /// Empty means every port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    pub protocol: Protocol,
+}
+
+impl ServiceAddress {
+    pub fn network(&self) -> Option<(std::net::IpAddr, u8)> {
+        parse_cidr(&self.cidr).ok()
+    }
+}
+
+/// A protected destination: connections to it are denied unless an
+/// AccessPolicy allows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    pub addresses: Vec<ServiceAddress>,
+    /// Resolved by the agent (and refreshed) into more addresses, using the
+    /// ports and protocol given here.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub host_ports: Vec<u16>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Who may reach which Services, optionally under a Cedar condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicySpec {
+    pub services: Vec<String>,
+    /// WorkloadIdentity names.
+    pub identities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
+}
+
 /// A validated resource, ready for the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resource {
     WorkloadIdentity { name: String, spec: WorkloadIdentitySpec },
+    Service { name: String, spec: ServiceSpec },
+    AccessPolicy { name: String, spec: AccessPolicySpec },
 }
 
 impl Resource {
     pub fn kind(&self) -> &'static str {
         match self {
             Resource::WorkloadIdentity { .. } => "WorkloadIdentity",
+            Resource::Service { .. } => "Service",
+            Resource::AccessPolicy { .. } => "AccessPolicy",
         }
     }
     pub fn name(&self) -> &str {
         match self {
-            Resource::WorkloadIdentity { name, .. } => name,
+            Resource::WorkloadIdentity { name, .. } | Resource::Service { name, .. } | Resource::AccessPolicy { name, .. } => name,
         }
     }
     /// Canonical JSON of the spec: equal specs give equal strings, which is
@@ -104,6 +161,8 @@ impl Resource {
     pub fn spec_json(&self) -> String {
         match self {
             Resource::WorkloadIdentity { spec, .. } => serde_json::to_string(spec).unwrap_or_default(),
+            Resource::Service { spec, .. } => serde_json::to_string(spec).unwrap_or_default(),
+            Resource::AccessPolicy { spec, .. } => serde_json::to_string(spec).unwrap_or_default(),
         }
     }
     /// The resource as a YAML manifest again (for `tether get`).
@@ -149,6 +208,8 @@ impl Resource {
                 },
             })
             .unwrap_or_default(),
+            Resource::Service { name, spec } => generic_yaml("Service", name, spec),
+            Resource::AccessPolicy { name, spec } => generic_yaml("AccessPolicy", name, spec),
         }
     }
 
@@ -157,6 +218,10 @@ impl Resource {
             "WorkloadIdentity" => serde_json::from_str(spec_json)
                 .ok()
                 .map(|spec| Resource::WorkloadIdentity { name: name.to_string(), spec }),
+            "Service" => serde_json::from_str(spec_json).ok().map(|spec| Resource::Service { name: name.to_string(), spec }),
+            "AccessPolicy" => {
+                serde_json::from_str(spec_json).ok().map(|spec| Resource::AccessPolicy { name: name.to_string(), spec })
+            }
             _ => None,
         }
     }
@@ -192,6 +257,38 @@ struct RawIdentity {
     #[serde(default)]
     nodes: Vec<String>,
     workload_api: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAddress {
+    cidr: Option<String>,
+    #[serde(default)]
+    ports: Vec<i64>,
+    protocol: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawService {
+    #[serde(default)]
+    addresses: Vec<RawAddress>,
+    #[serde(default)]
+    hostnames: Vec<String>,
+    #[serde(default)]
+    host_ports: Vec<i64>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPolicy {
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default)]
+    identities: Vec<String>,
+    when: Option<String>,
 }
 
 pub const DEFAULT_X509_TTL_SECS: i64 = 3600;
@@ -247,6 +344,18 @@ pub fn parse(source: &str, text: &[u8]) -> Result<Vec<Resource>, ManifestError> 
                     serde_norway::from_value(spec).map_err(|e| err(doc, label.clone(), "spec", e.to_string()))?;
                 let spec = validate_identity(raw).map_err(|(f, m)| err(doc, label.clone(), &f, m))?;
                 Resource::WorkloadIdentity { name, spec }
+            }
+            "Service" => {
+                let raw: RawService =
+                    serde_norway::from_value(spec).map_err(|e| err(doc, label.clone(), "spec", e.to_string()))?;
+                let spec = validate_service(raw).map_err(|(f, m)| err(doc, label.clone(), &f, m))?;
+                Resource::Service { name, spec }
+            }
+            "AccessPolicy" => {
+                let raw: RawPolicy =
+                    serde_norway::from_value(spec).map_err(|e| err(doc, label.clone(), "spec", e.to_string()))?;
+                let spec = validate_policy(&name, raw).map_err(|(f, m)| err(doc, label.clone(), &f, m))?;
+                Resource::AccessPolicy { name, spec }
             }
             other => return Err(err(doc, None, "kind", format!("unknown kind {other:?}; one of {KINDS:?}"))),
         };
@@ -315,6 +424,92 @@ fn validate_identity(raw: RawIdentity) -> Result<WorkloadIdentitySpec, (String, 
         nodes: raw.nodes,
         workload_api: raw.workload_api.unwrap_or(true),
     })
+}
+
+/// "10.0.0.0/8", "::1/128", or a bare address (a single host).
+pub fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (s, None),
+    };
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| format!("{s:?}: prefix length must be 0 to {max}"))?,
+        None => max,
+    };
+    Ok((ip, len))
+}
+
+fn ports(raw: &[i64], field: &str) -> Result<Vec<u16>, (String, String)> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (j, p) in raw.iter().enumerate() {
+        let port = u16::try_from(*p).ok().filter(|p| *p > 0).ok_or_else(|| (format!("{field}[{j}]"), format!("{p} is not a port (1 to 65535)")))?;
+        out.push(port);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+fn validate_service(raw: RawService) -> Result<ServiceSpec, (String, String)> {
+    if raw.addresses.is_empty() && raw.hostnames.is_empty() {
+        return Err(("spec.addresses".into(), "give at least one address or hostname".into()));
+    }
+    let mut addresses = Vec::new();
+    for (i, a) in raw.addresses.iter().enumerate() {
+        let cidr = a.cidr.as_deref().ok_or_else(|| (format!("spec.addresses[{i}].cidr"), "missing".to_string()))?;
+        let (ip, len) = parse_cidr(cidr).map_err(|m| (format!("spec.addresses[{i}].cidr"), m))?;
+        let protocol = match a.protocol.as_deref().unwrap_or("tcp") {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            "both" => Protocol::Both,
+            other => return Err((format!("spec.addresses[{i}].protocol"), format!("{other:?}: use tcp, udp or both"))),
+        };
+        addresses.push(ServiceAddress {
+            cidr: format!("{ip}/{len}"),
+            ports: ports(&a.ports, &format!("spec.addresses[{i}].ports"))?,
+            protocol,
+        });
+    }
+    for (i, h) in raw.hostnames.iter().enumerate() {
+        validate_dns(h).map_err(|m| (format!("spec.hostnames[{i}]"), m))?;
+    }
+    let host_ports = ports(&raw.host_ports, "spec.hostPorts")?;
+    Ok(ServiceSpec { addresses, hostnames: raw.hostnames, host_ports, labels: raw.labels })
+}
+
+fn validate_policy(name: &str, raw: RawPolicy) -> Result<AccessPolicySpec, (String, String)> {
+    if raw.services.is_empty() {
+        return Err(("spec.services".into(), "name at least one Service".into()));
+    }
+    if raw.identities.is_empty() {
+        return Err(("spec.identities".into(), "name at least one WorkloadIdentity".into()));
+    }
+    for (i, s) in raw.services.iter().enumerate() {
+        validate_name(s).map_err(|m| (format!("spec.services[{i}]"), m))?;
+    }
+    for (i, s) in raw.identities.iter().enumerate() {
+        validate_name(s).map_err(|m| (format!("spec.identities[{i}]"), m))?;
+    }
+    if let Some(w) = &raw.when {
+        tether_policy::Condition::parse(name, w).map_err(|e| ("spec.when".to_string(), e.to_string()))?;
+    }
+    Ok(AccessPolicySpec { services: raw.services, identities: raw.identities, when: raw.when })
+}
+
+fn generic_yaml<T: Serialize>(kind: &str, name: &str, spec: &T) -> String {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Out<'a, T> {
+        api_version: &'a str,
+        kind: &'a str,
+        metadata: std::collections::BTreeMap<&'a str, &'a str>,
+        spec: &'a T,
+    }
+    let mut metadata = std::collections::BTreeMap::new();
+    metadata.insert("name", name);
+    serde_norway::to_string(&Out { api_version: API_VERSION, kind, metadata, spec }).unwrap_or_default()
 }
 
 fn ttl(v: Option<serde_norway::Value>, default: i64, max: i64) -> Result<i64, String> {
@@ -417,13 +612,13 @@ spec:
     fn parses_multi_document_file() {
         let r = parse("good.yaml", GOOD.as_bytes()).unwrap();
         assert_eq!(r.len(), 2);
-        let Resource::WorkloadIdentity { name, spec } = &r[0];
+        let Resource::WorkloadIdentity { name, spec } = &r[0] else { panic!("not an identity") };
         assert_eq!(name, "web");
         assert_eq!(spec.x509_ttl_secs, 1800);
         assert_eq!(spec.jwt_ttl_secs, DEFAULT_JWT_TTL_SECS);
         assert!(spec.workload_api);
         assert!(spec.selectors[1][0].ends_with("abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"));
-        let Resource::WorkloadIdentity { spec, .. } = &r[1];
+        let Resource::WorkloadIdentity { spec, .. } = &r[1] else { panic!("not an identity") };
         assert!(!spec.workload_api);
         // Round trip through get's YAML output.
         let again = parse("again", r[0].to_yaml().as_bytes()).unwrap();
@@ -457,6 +652,41 @@ spec:
         assert!(e.contains("document 3") && e.contains("metadata.name"), "{e}");
         let e = error_of("key: [unclosed");
         assert!(e.contains("invalid YAML"), "{e}");
+    }
+
+    #[test]
+    fn services_and_policies() {
+        let y = r#"
+apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {name: redis}
+spec:
+  addresses:
+    - {cidr: 127.0.0.1, ports: [6379]}
+    - {cidr: "::1/128", ports: [6379, 6380], protocol: both}
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: redis-clients}
+spec:
+  services: [redis]
+  identities: [redis-cli]
+  when: context.time.hour >= 8
+"#;
+        let r = parse("s.yaml", y.as_bytes()).unwrap();
+        let Resource::Service { spec, .. } = &r[0] else { panic!() };
+        assert_eq!(spec.addresses[0].cidr, "127.0.0.1/32");
+        assert_eq!(spec.addresses[1].protocol, Protocol::Both);
+        let again = parse("again", r[1].to_yaml().as_bytes()).unwrap();
+        assert_eq!(again[0], r[1]);
+        let again = parse("again", r[0].to_yaml().as_bytes()).unwrap();
+        assert_eq!(again[0], r[0]);
+        let bad = y.replace("context.time.hour >= 8", "context.time.hour >=");
+        assert!(error_of(&bad).contains("spec.when"), "{}", error_of(&bad));
+        let bad = y.replace("127.0.0.1, ports: [6379]", "127.0.0.1/33, ports: [6379]");
+        assert!(error_of(&bad).contains("spec.addresses[0].cidr"));
+        let bad = y.replace("ports: [6379]}", "ports: [70000]}");
+        assert!(error_of(&bad).contains("spec.addresses[0].ports[0]"));
     }
 
     #[test]

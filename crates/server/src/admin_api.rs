@@ -22,13 +22,15 @@ pub struct AdminApi {
 fn canonical_kind(kind: &str) -> Option<&'static str> {
     match kind.to_ascii_lowercase().as_str() {
         "workloadidentity" | "workloadidentities" | "wi" | "identity" | "identities" => Some("WorkloadIdentity"),
+        "service" | "services" | "svc" => Some("Service"),
+        "accesspolicy" | "accesspolicies" | "policy" | "policies" | "ap" => Some("AccessPolicy"),
         "node" | "nodes" => Some("Node"),
         "bundle" => Some("Bundle"),
         _ => None,
     }
 }
 
-const KNOWN: &str = "WorkloadIdentity (wi), Node, Bundle";
+const KNOWN: &str = "WorkloadIdentity (wi), Service (svc), AccessPolicy (ap), Node, Bundle";
 
 #[tonic::async_trait]
 impl Admin for AdminApi {
@@ -38,7 +40,7 @@ impl Admin for AdminApi {
         let resources = tether_manifest::parse(&source, &r.manifest).map_err(|e| Status::invalid_argument(e.to_string()))?;
         // Identities outside this server's trust domain could never be issued.
         for (i, res) in resources.iter().enumerate() {
-            let Resource::WorkloadIdentity { name, spec } = res;
+            let Resource::WorkloadIdentity { name, spec } = res else { continue };
             let id = spec.spiffe_id().map_err(|e| Status::invalid_argument(e.to_string()))?;
             if id.trust_domain() != &self.state.td {
                 return Err(Status::invalid_argument(format!(

@@ -7,7 +7,7 @@ use tether_manifest::{Resource, WorkloadIdentitySpec};
 use tether_proto::tether::node_server::Node;
 use tether_proto::tether::{
     AttestRequest, Identity, MintJwtSvidRequest, MintJwtSvidResponse, NodeState, NodeSvid, RenewNodeRequest, SelectorSet,
-    SignX509SvidsRequest, SignX509SvidsResponse, SignedSvid, WatchRequest,
+    SignX509SvidsRequest, SignX509SvidsResponse, SignedSvid, StoredResource, WatchRequest,
 };
 use tether_spiffe::SpiffeId;
 use tether_store::NodeRow;
@@ -205,10 +205,17 @@ impl Node for NodeApi {
                 updates.mark_unchanged();
                 let snapshot = (|| -> Result<NodeState, Status> {
                     let identities = identities_for_node(&state, &node)?.into_iter().map(|(n, s)| to_proto(n, s)).collect();
+                    let mut resources = Vec::new();
+                    for kind in ["Service", "AccessPolicy"] {
+                        for row in state.store.list(kind).map_err(ServerError::from)? {
+                            resources.push(StoredResource { kind: row.kind, name: row.name, spec_json: row.spec });
+                        }
+                    }
                     Ok(NodeState {
                         revision: state.store.revision().map_err(ServerError::from)?,
                         identities,
                         bundle_json: state.current_bundle().to_json().map_err(|e| Status::internal(e.to_string()))?,
+                        resources,
                     })
                 })();
                 if tx.send(snapshot).await.is_err() {

@@ -112,6 +112,17 @@ pub struct Identity {
     #[prost(bool, tag = "7")]
     pub workload_api: bool,
 }
+/// Any other registry resource, as its validated spec in JSON.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StoredResource {
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub spec_json: ::prost::alloc::string::String,
+}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct NodeState {
@@ -121,6 +132,9 @@ pub struct NodeState {
     pub identities: ::prost::alloc::vec::Vec<Identity>,
     #[prost(string, tag = "3")]
     pub bundle_json: ::prost::alloc::string::String,
+    /// Services and AccessPolicies (every node enforces all of them).
+    #[prost(message, repeated, tag = "4")]
+    pub resources: ::prost::alloc::vec::Vec<StoredResource>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
