@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tether_proto::tether::agent_admin_server::{AgentAdmin, AgentAdminServer};
-use tether_proto::tether::{JsonResponse, ListSvidsRequest, WhoAmIRequest};
+use tether_proto::tether::{EventsRequest, JsonResponse, ListSvidsRequest, PolicyCheckRequest, WhoAmIRequest};
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
@@ -76,6 +76,94 @@ impl AgentAdmin for AdminApi {
         Ok(Response::new(JsonResponse { json: serde_json::to_string_pretty(&out).unwrap_or_default() }))
     }
 
+    async fn policy_check(&self, req: Request<PolicyCheckRequest>) -> Result<Response<JsonResponse>, Status> {
+        let r = req.into_inner();
+        let e = self
+            .tracker
+            .enforcement
+            .get()
+            .ok_or_else(|| Status::failed_precondition("kernel enforcement is not enabled on this agent (--enforce-cgroup)"))?;
+        let dst = resolve(&r.destination)?;
+        let proto = match r.protocol.as_str() {
+            "" | "tcp" => tether_kernel::Proto::Tcp,
+            "udp" => tether_kernel::Proto::Udp,
+            other => return Err(Status::invalid_argument(format!("protocol {other:?}: use tcp or udp"))),
+        };
+        let reg = self.tracker.registry.borrow().clone();
+        let out = if r.pid > 0 {
+            let fd = tether_attest::PidFd::open(r.pid).map_err(|e| Status::not_found(format!("pid {}: {e}", r.pid)))?;
+            let t = self.tracker.clone();
+            let info = tokio::task::spawn_blocking(move || t.attestor.attest(&fd))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::not_found(e.to_string()))?;
+            let m = reg.matching(&info);
+            let names: Vec<String> = m.iter().map(|i| i.name.clone()).collect();
+            let ids: Vec<String> = m.iter().map(|i| i.spiffe_id.to_string()).collect();
+            let mut v = e.check(Some(&info), &names, &ids, dst, proto);
+            v["pid"] = serde_json::json!(r.pid);
+            v["exe"] = serde_json::json!(info.exe_path);
+            v
+        } else if !r.identity.is_empty() {
+            let ident = reg
+                .identities
+                .iter()
+                .find(|i| i.name == r.identity)
+                .ok_or_else(|| Status::not_found(format!("WorkloadIdentity {:?} not known to this agent", r.identity)))?;
+            e.check(None, std::slice::from_ref(&ident.name), &[ident.spiffe_id.to_string()], dst, proto)
+        } else {
+            return Err(Status::invalid_argument("give a pid or an identity"));
+        };
+        let mut out = out;
+        out["destination"] = serde_json::json!(dst.to_string());
+        Ok(Response::new(JsonResponse { json: serde_json::to_string_pretty(&out).unwrap_or_default() }))
+    }
+
+    type EventsStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<JsonResponse, Status>> + Send + 'static>>;
+
+    async fn events(&self, req: Request<EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
+        let follow = req.into_inner().follow;
+        let e = self
+            .tracker
+            .enforcement
+            .get()
+            .ok_or_else(|| Status::failed_precondition("kernel enforcement is not enabled on this agent (--enforce-cgroup)"))?
+            .clone();
+        // Subscribe before reading the backlog so nothing falls in between.
+        let mut live = e.audit.subscribe();
+        let backlog = e.recent_events();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            for json in backlog {
+                if tx.send(Ok(JsonResponse { json })).await.is_err() {
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            loop {
+                match live.recv().await {
+                    Ok(json) => {
+                        if tx.send(Ok(JsonResponse { json })).await.is_err() {
+                            return;
+                        }
+                    }
+                    // A slow reader misses events rather than slowing the
+                    // agent; it is told how many.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let json = serde_json::json!({ "lagged": n }).to_string();
+                        if tx.send(Ok(JsonResponse { json })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
     async fn list_svids(&self, _req: Request<ListSvidsRequest>) -> Result<Response<JsonResponse>, Status> {
         let rows: Vec<serde_json::Value> = self
             .tracker
@@ -112,4 +200,12 @@ pub fn serve(tracker: Arc<Tracker>, node: String, path: &Path) -> anyhow::Result
             tracing::error!(error = %e, "agent admin API stopped");
         }
     }))
+}
+
+fn resolve(dst: &str) -> Result<std::net::SocketAddr, Status> {
+    use std::net::ToSocketAddrs as _;
+    dst.to_socket_addrs()
+        .map_err(|e| Status::invalid_argument(format!("destination {dst:?}: {e} (use host:port)")))?
+        .next()
+        .ok_or_else(|| Status::invalid_argument(format!("destination {dst:?} resolves to nothing")))
 }

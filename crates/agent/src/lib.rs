@@ -6,6 +6,7 @@
 //! stream, node SVID renewal, the Workload API, the admin API and metrics.
 
 mod admin;
+mod enforce;
 mod h2_authority;
 mod metrics;
 mod node;
@@ -42,6 +43,32 @@ pub struct AgentConfig {
     pub admin_socket: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub rescan_interval: Duration,
+    /// Kernel enforcement at connect(); None leaves connections untouched.
+    pub enforce: Option<EnforceConfig>,
+    /// Time source for policy conditions (injectable for tests).
+    pub clock: enforce::Clock,
+}
+
+pub struct EnforceConfig {
+    /// cgroup v2 directory whose processes are enforced (the root cgroup
+    /// in production; a test's own cgroup in tests).
+    pub cgroup: PathBuf,
+    /// bpffs directory for pinned programs and maps (fail closed while the
+    /// agent is down; adopted on restart).
+    pub pin_dir: Option<PathBuf>,
+    pub audit_log: Option<PathBuf>,
+}
+
+pub fn system_clock() -> enforce::Clock {
+    std::sync::Arc::new(tracker::now)
+}
+
+/// A clock that reads Unix time from a file (tests move time by writing
+/// it), falling back to the system clock.
+pub fn file_clock(path: PathBuf) -> enforce::Clock {
+    std::sync::Arc::new(move || {
+        std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or_else(tracker::now)
+    })
 }
 
 impl AgentConfig {
@@ -57,6 +84,8 @@ impl AgentConfig {
             admin_socket: PathBuf::from("/run/tether/agent.sock"),
             metrics: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             rescan_interval: Duration::from_secs(30),
+            enforce: None,
+            clock: system_clock(),
         }
     }
 }
@@ -118,6 +147,19 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
     node.set_bundle(reg.bundle.clone())?;
     let (reg_tx, reg_rx) = watch::channel(Arc::new(reg));
     let tracker = Tracker::new(reg_rx, node.clone(), metrics.clone());
+    if let Some(ec) = &cfg.enforce {
+        let kernel = tether_kernel::Enforcer::load(&tether_kernel::EnforcerConfig {
+            cgroup: ec.cgroup.clone(),
+            pin_dir: ec.pin_dir.clone(),
+        })
+        .map_err(|e| anyhow::anyhow!("loading kernel enforcement for {}: {e}", ec.cgroup.display()))?;
+        let reg = tracker.registry.borrow().clone();
+        let enforcement =
+            enforce::Enforcement::new(kernel, cfg.node_name.clone(), cfg.clock.clone(), ec.audit_log.clone(), metrics.clone(), reg)?;
+        enforcement.spawn_event_pump();
+        let _ = tracker.enforcement.set(enforcement);
+        tracing::info!(cgroup = %ec.cgroup.display(), "kernel enforcement active");
+    }
 
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(watch_registry(node.clone(), cfg.trust_domain.clone(), reg_tx, Some(stream))));

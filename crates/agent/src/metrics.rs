@@ -14,6 +14,13 @@ use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    verdict: String,
+    identity: String,
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
     method: String,
     code: String,
@@ -28,6 +35,7 @@ pub struct Metrics {
     pub svids_destroyed: Counter,
     pub attestation_errors: Counter,
     api: Family<ApiLabels, Counter>,
+    decisions: Family<DecisionLabels, Counter>,
 }
 
 impl Metrics {
@@ -41,6 +49,7 @@ impl Metrics {
             svids_destroyed: Counter::default(),
             attestation_errors: Counter::default(),
             api: Family::default(),
+            decisions: Family::default(),
             registry: Registry::default(),
         };
         registry.register("tracked_processes", "Live processes the agent has attested", m.tracked_processes.clone());
@@ -50,11 +59,22 @@ impl Metrics {
         registry.register("svids_destroyed", "Per-process SVIDs and keys destroyed (process exit or identity removed)", m.svids_destroyed.clone());
         registry.register("attestation_errors", "Processes that could not be attested", m.attestation_errors.clone());
         registry.register("workload_api_requests", "SPIFFE Workload API calls by method and result", m.api.clone());
+        registry.register(
+            "connect_decisions",
+            "Kernel decisions on protected destinations by verdict, identity and service",
+            m.decisions.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
     pub fn workload_api_requests(&self, method: &str, code: &str) {
         self.api.get_or_create(&ApiLabels { method: method.to_string(), code: code.to_string() }).inc();
+    }
+
+    pub fn connect_decision(&self, verdict: &str, identity: &str, service: &str) {
+        self.decisions
+            .get_or_create(&DecisionLabels { verdict: verdict.into(), identity: identity.into(), service: service.into() })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

@@ -41,6 +41,8 @@ pub struct Tracked {
     pub svids: Vec<Arc<ProcSvid>>,
     /// An exit watcher is polling this instance's pidfd.
     pub watched: bool,
+    /// The kernel exec id the verdicts were written for.
+    pub exec_id: Option<tether_kernel::ExecId>,
 }
 
 pub struct Tracker {
@@ -51,6 +53,8 @@ pub struct Tracker {
     pid_locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
     pub registry: watch::Receiver<Arc<Registry>>,
     node: Arc<NodeConn>,
+    /// Kernel enforcement, when configured: told about every attestation.
+    pub enforcement: std::sync::OnceLock<Arc<crate::enforce::Enforcement>>,
     /// Pids with a rotation in flight, so the 1 s rotation tick does not
     /// start a second one.
     rotating: Mutex<std::collections::HashSet<i32>>,
@@ -73,6 +77,7 @@ impl Tracker {
             registry,
             node,
             rotating: Mutex::new(Default::default()),
+            enforcement: std::sync::OnceLock::new(),
             changes: watch::channel(0).0,
             metrics,
         })
@@ -159,6 +164,9 @@ impl Tracker {
     pub fn remove(&self, pid: i32) {
         let removed = self.procs().remove(&pid);
         self.pid_locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&pid);
+        if let Some(e) = self.enforcement.get() {
+            e.process_removed(pid);
+        }
         if let Some(t) = removed {
             let n = t.svids.len();
             drop(t); // keys are cleansed as the last Arc goes
@@ -178,18 +186,34 @@ impl Tracker {
         let lock = self.pid_lock(pid);
         let _guard = lock.lock().await;
         let reg = self.registry.borrow().clone();
-        let me = self.clone();
-        let pfd = pidfd.clone();
-        let info = tokio::task::spawn_blocking(move || me.attestor.attest(&pfd))
-            .await
-            .map_err(|e| EnsureError::Internal(e.to_string()))?
-            .map_err(|e| {
-                // A process that exited before we looked is not an error.
-                if !matches!(e, tether_attest::AttestError::Exited { .. }) {
-                    self.metrics.attestation_errors.inc();
-                }
-                EnsureError::Attest(e.to_string())
-            })?;
+        // Read the kernel's exec id before attesting and again after: if the
+        // process exec'd in between, what we read may be either image, so
+        // attest again. Verdicts are keyed to the exec id, so the kernel
+        // ignores any written for an image that is gone.
+        let read_exec = || self.enforcement.get().and_then(|e| e.kernel().exec_id(pid as u32).ok());
+        let mut exec_id = read_exec();
+        let mut tries = 0;
+        let info = loop {
+            let me = self.clone();
+            let pfd = pidfd.clone();
+            let info = tokio::task::spawn_blocking(move || me.attestor.attest(&pfd))
+                .await
+                .map_err(|e| EnsureError::Internal(e.to_string()))?
+                .map_err(|e| {
+                    // A process that exited before we looked is not an error.
+                    if !matches!(e, tether_attest::AttestError::Exited { .. }) {
+                        self.metrics.attestation_errors.inc();
+                    }
+                    EnsureError::Attest(e.to_string())
+                })?;
+            let after = read_exec();
+            tries += 1;
+            if after == exec_id || tries >= 3 {
+                exec_id = after;
+                break info;
+            }
+            exec_id = after;
+        };
         // Already current for this instance and registry revision?
         {
             let procs = self.procs();
@@ -198,6 +222,7 @@ impl Tracker {
             if let Some(t) = procs.get(&pid)
                 && t.info.start_time == info.start_time
                 && t.evaluated_rev == reg.revision
+                && t.exec_id == exec_id
                 && t.info.selectors() == info.selectors()
             {
                 return Ok((t.info.clone(), t.svids.clone()));
@@ -235,6 +260,15 @@ impl Tracker {
         };
         keep.append(&mut issued);
         keep.sort_by(|a, b| a.identity.cmp(&b.identity));
+        // Kernel verdicts first: once the process shows up as attested
+        // (SVIDs listed, Workload API answers), its verdicts are in place.
+        if let (Some(e), Some(exec_id)) = (self.enforcement.get(), exec_id) {
+            // Verdicts follow the identities the process matches, whether or
+            // not their SVIDs could be issued.
+            let names = wanted.iter().map(|w| w.name.clone()).collect();
+            let ids = wanted.iter().map(|w| w.spiffe_id.to_string()).collect();
+            e.process_updated(&info, exec_id, names, ids);
+        }
         let watched = {
             let procs = self.procs();
             procs.get(&pid).is_some_and(|t| t.watched && t.info.start_time == info.start_time)
@@ -248,6 +282,7 @@ impl Tracker {
                 evaluated_rev: reg.revision,
                 svids: keep.clone(),
                 watched: watched || watch_now,
+                exec_id,
             },
         );
         if watch_now {
@@ -463,6 +498,7 @@ pub async fn run(tracker: Arc<Tracker>, mut events: mpsc::Receiver<ProcEvent>, r
     let mut registry = tracker.registry.clone();
     let mut rescan = tokio::time::interval(rescan_every);
     let mut rotation = tokio::time::interval(Duration::from_secs(1));
+    let mut conditions = tokio::time::interval(Duration::from_millis(500));
     let me = std::process::id() as i32;
     loop {
         tokio::select! {
@@ -502,7 +538,18 @@ pub async fn run(tracker: Arc<Tracker>, mut events: mpsc::Receiver<ProcEvent>, r
             r = registry.changed() => {
                 if r.is_err() { return; }
                 registry.mark_unchanged();
+                if let Some(e) = tracker.enforcement.get() {
+                    e.sync_registry(registry.borrow().clone());
+                }
                 tracker.reevaluate_all().await;
+            }
+            _ = conditions.tick() => {
+                // Time-window conditions change verdicts without any event.
+                if let Some(e) = tracker.enforcement.get()
+                    && e.has_conditions()
+                {
+                    e.recompile_all();
+                }
             }
         }
     }

@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use tether_proto::tether::admin_client::AdminClient;
 use tether_proto::tether::agent_admin_client::AgentAdminClient;
 use tether_proto::tether::{
-    ApplyRequest, CreateJoinTokenRequest, DeleteRequest, GetRequest, ListSvidsRequest, RotateCaRequest, WhoAmIRequest,
+    ApplyRequest, CreateJoinTokenRequest, DeleteRequest, EventsRequest, GetRequest, ListSvidsRequest, PolicyCheckRequest,
+    RotateCaRequest, WhoAmIRequest,
 };
 use tether_spiffe::{Bundle, TrustDomain};
 
@@ -102,6 +103,29 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Audit events of connection decisions.
+    Events {
+        /// Keep streaming new events.
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        sock: AgentSock,
+    },
+    /// Remove every program, link and map the agent attached (works while
+    /// the agent is stopped).
+    Detach {
+        /// The cgroup the agent enforced.
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// The agent's bpffs pin directory.
+        #[arg(long)]
+        pin_dir: PathBuf,
+    },
     /// Per-process SVIDs the agent holds now.
     Svids {
         #[command(flatten)]
@@ -121,6 +145,26 @@ enum TokenCmd {
         node: Option<String>,
         #[command(flatten)]
         sock: AdminSock,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Explain the verdict for a process or identity and a destination.
+    Check {
+        /// A live process...
+        #[arg(long, conflicts_with = "identity")]
+        pid: Option<i32>,
+        /// ...or a WorkloadIdentity name.
+        #[arg(long)]
+        identity: Option<String>,
+        /// Destination host:port.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        udp: bool,
+        #[command(flatten)]
+        sock: AgentSock,
     },
 }
 
@@ -178,6 +222,21 @@ struct AgentOpts {
     /// Full /proc rescan interval (repairs missed process events).
     #[arg(long, default_value = "30s")]
     rescan: String,
+    /// Enforce connections of processes in this cgroup v2 directory (the
+    /// cgroup2 mount point for the whole node).
+    #[arg(long)]
+    enforce_cgroup: Option<PathBuf>,
+    /// bpffs directory to pin programs and maps in, so protected
+    /// destinations stay closed while the agent is down.
+    #[arg(long, requires = "enforce_cgroup")]
+    bpf_pin_dir: Option<PathBuf>,
+    /// Audit log (JSON lines) of connection decisions.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// Testing only: read the current Unix time for policy conditions from
+    /// this file.
+    #[arg(long, hide = true)]
+    clock_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -284,6 +343,16 @@ fn agent_config(o: &AgentOpts, server: String, td: TrustDomain, data_dir: PathBu
         Some(o.metrics.parse().map_err(|e| anyhow!("--metrics {:?}: {e}", o.metrics))?)
     };
     cfg.rescan_interval = Duration::from_secs(duration("--rescan", &o.rescan)?.max(1) as u64);
+    if let Some(cg) = &o.enforce_cgroup {
+        cfg.enforce = Some(tether_agent::EnforceConfig {
+            cgroup: cg.clone(),
+            pin_dir: o.bpf_pin_dir.clone(),
+            audit_log: o.audit_log.clone(),
+        });
+    }
+    if let Some(f) = &o.clock_file {
+        cfg.clock = tether_agent::file_clock(f.clone());
+    }
     Ok(cfg)
 }
 
@@ -399,6 +468,32 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             } else {
                 print_whoami(&resp.json)?;
             }
+            Ok(())
+        }
+        Cmd::Policy { cmd: PolicyCmd::Check { pid, identity, to, udp, sock } } => {
+            let resp = agent_admin(&sock.agent_socket)?
+                .policy_check(PolicyCheckRequest {
+                    pid: pid.unwrap_or(0),
+                    identity: identity.unwrap_or_default(),
+                    destination: to,
+                    protocol: if udp { "udp".into() } else { "tcp".into() },
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{}", resp.json);
+            Ok(())
+        }
+        Cmd::Events { follow, sock } => {
+            let mut stream = agent_admin(&sock.agent_socket)?.events(EventsRequest { follow }).await.map_err(status)?.into_inner();
+            while let Some(ev) = stream.message().await.map_err(status)? {
+                println!("{}", ev.json);
+            }
+            Ok(())
+        }
+        Cmd::Detach { cgroup, pin_dir } => {
+            tether_kernel::Enforcer::detach_all(&pin_dir, &cgroup).map_err(|e| anyhow!("detaching: {e}"))?;
+            println!("removed Tether's programs, links and maps from {} and {}", cgroup.display(), pin_dir.display());
             Ok(())
         }
         Cmd::Fetch { socket, write, watch } => fetch(&socket, write.as_deref(), watch).await,

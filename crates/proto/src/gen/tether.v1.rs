@@ -212,6 +212,28 @@ pub struct RotateCaResponse {
     pub text: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicyCheckRequest {
+    /// Either a live process...
+    #[prost(int32, tag = "1")]
+    pub pid: i32,
+    /// ...or a WorkloadIdentity name.
+    #[prost(string, tag = "2")]
+    pub identity: ::prost::alloc::string::String,
+    /// host:port or \[v6\]:port.
+    #[prost(string, tag = "3")]
+    pub destination: ::prost::alloc::string::String,
+    /// "tcp" (default) or "udp".
+    #[prost(string, tag = "4")]
+    pub protocol: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EventsRequest {
+    #[prost(bool, tag = "1")]
+    pub follow: bool,
+}
+#[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WhoAmIRequest {
     #[prost(int32, tag = "1")]
@@ -1516,6 +1538,53 @@ pub mod agent_admin_client {
                 .insert(GrpcMethod::new("tether.v1.AgentAdmin", "ListSvids"));
             self.inner.unary(req, path, codec).await
         }
+        /// Explains the verdict for a process (or identity) and a destination.
+        pub async fn policy_check(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PolicyCheckRequest>,
+        ) -> std::result::Result<tonic::Response<super::JsonResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tether.v1.AgentAdmin/PolicyCheck",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tether.v1.AgentAdmin", "PolicyCheck"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Audit events: recent ones, then (with follow) every new one.
+        pub async fn events(
+            &mut self,
+            request: impl tonic::IntoRequest<super::EventsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::JsonResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tether.v1.AgentAdmin/Events",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tether.v1.AgentAdmin", "Events"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1539,6 +1608,22 @@ pub mod agent_admin_server {
             &self,
             request: tonic::Request<super::ListSvidsRequest>,
         ) -> std::result::Result<tonic::Response<super::JsonResponse>, tonic::Status>;
+        /// Explains the verdict for a process (or identity) and a destination.
+        async fn policy_check(
+            &self,
+            request: tonic::Request<super::PolicyCheckRequest>,
+        ) -> std::result::Result<tonic::Response<super::JsonResponse>, tonic::Status>;
+        /// Server streaming response type for the Events method.
+        type EventsStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::JsonResponse, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Audit events: recent ones, then (with follow) every new one.
+        async fn events(
+            &self,
+            request: tonic::Request<super::EventsRequest>,
+        ) -> std::result::Result<tonic::Response<Self::EventsStream>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AgentAdminServer<T> {
@@ -1700,6 +1785,97 @@ pub mod agent_admin_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tether.v1.AgentAdmin/PolicyCheck" => {
+                    #[allow(non_camel_case_types)]
+                    struct PolicyCheckSvc<T: AgentAdmin>(pub Arc<T>);
+                    impl<
+                        T: AgentAdmin,
+                    > tonic::server::UnaryService<super::PolicyCheckRequest>
+                    for PolicyCheckSvc<T> {
+                        type Response = super::JsonResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PolicyCheckRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AgentAdmin>::policy_check(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PolicyCheckSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tether.v1.AgentAdmin/Events" => {
+                    #[allow(non_camel_case_types)]
+                    struct EventsSvc<T: AgentAdmin>(pub Arc<T>);
+                    impl<
+                        T: AgentAdmin,
+                    > tonic::server::ServerStreamingService<super::EventsRequest>
+                    for EventsSvc<T> {
+                        type Response = super::JsonResponse;
+                        type ResponseStream = T::EventsStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::EventsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AgentAdmin>::events(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = EventsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

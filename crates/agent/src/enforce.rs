@@ -1,0 +1,490 @@
+//! Connection-time enforcement: compiles the registry (Services,
+//! AccessPolicies) and each attested process's identities into the kernel's
+//! verdict maps, re-evaluates Cedar conditions as time passes, and turns
+//! kernel decision events into audit records.
+//!
+//! Every attested process gets a *subject*: a number unique to that process
+//! instance and registry view. The kernel looks up (subject, service) on
+//! connect; no entry means deny. Verdicts are written before the process's
+//! subject, so a process never runs with half its verdicts.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tether_attest::ProcessInfo;
+use tether_kernel::{Decision, DstPrefix, Enforcer, ExecId, Proto};
+use tether_manifest::Protocol;
+use tokio::sync::broadcast;
+
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// Rule id 0 is the default: a protected Service with no allowing policy.
+pub const DEFAULT_DENY: &str = "default-deny";
+
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+struct ProcEntry {
+    start_time: u64,
+    exec_id: ExecId,
+    subject: u32,
+    info: ProcessInfo,
+    identities: Vec<String>,
+    spiffe_ids: Vec<String>,
+    /// service id -> rule id, as written to the kernel.
+    allowed: BTreeMap<u32, u32>,
+}
+
+#[derive(Default)]
+struct Compiled {
+    services: HashMap<String, u32>,
+    service_names: HashMap<u32, String>,
+    rules: HashMap<String, u32>,
+    rule_names: HashMap<u32, String>,
+    installed: HashSet<DstPrefix>,
+}
+
+pub struct Enforcement {
+    kernel: Enforcer,
+    node: String,
+    clock: Clock,
+    next_subject: AtomicU32,
+    procs: Mutex<HashMap<i32, ProcEntry>>,
+    /// Recently replaced or exited subjects, so audit records of decisions
+    /// read after the process changed still name who decided (bounded).
+    retired: Mutex<std::collections::VecDeque<(u32, ProcessInfo, Vec<String>)>>,
+    compiled: Mutex<Compiled>,
+    registry: Mutex<Arc<Registry>>,
+    pub audit: broadcast::Sender<String>,
+    recent: Mutex<std::collections::VecDeque<String>>,
+    audit_file: Option<Mutex<std::fs::File>>,
+    metrics: Arc<Metrics>,
+}
+
+const RECENT: usize = 1000;
+const RETIRED: usize = 4096;
+
+fn protos(p: Protocol) -> &'static [Proto] {
+    match p {
+        Protocol::Tcp => &[Proto::Tcp],
+        Protocol::Udp => &[Proto::Udp],
+        Protocol::Both => &[Proto::Tcp, Proto::Udp],
+    }
+}
+
+/// Every kernel key for a Service, hostnames resolved now.
+fn prefixes(spec: &tether_manifest::ServiceSpec) -> Vec<DstPrefix> {
+    let mut out = Vec::new();
+    let mut push = |net: IpAddr, prefix_len: u8, ports: &[u16], protocol: Protocol| {
+        for proto in protos(protocol) {
+            if ports.is_empty() {
+                out.push(DstPrefix { net, prefix_len, port: 0, proto: *proto });
+            }
+            for port in ports {
+                out.push(DstPrefix { net, prefix_len, port: *port, proto: *proto });
+            }
+        }
+    };
+    for a in &spec.addresses {
+        if let Some((ip, len)) = a.network() {
+            push(ip, len, &a.ports, a.protocol);
+        }
+    }
+    for h in &spec.hostnames {
+        match std::net::ToSocketAddrs::to_socket_addrs(&(h.as_str(), 0)) {
+            Ok(addrs) => {
+                for a in addrs {
+                    let len = if a.ip().is_ipv4() { 32 } else { 128 };
+                    push(a.ip(), len, &spec.host_ports, Protocol::Both);
+                }
+            }
+            Err(e) => tracing::warn!(hostname = %h, error = %e, "cannot resolve Service hostname; retrying later"),
+        }
+    }
+    out
+}
+
+impl Enforcement {
+    pub fn new(
+        kernel: Enforcer,
+        node: String,
+        clock: Clock,
+        audit_path: Option<PathBuf>,
+        metrics: Arc<Metrics>,
+        registry: Arc<Registry>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let audit_file = match audit_path {
+            Some(p) => {
+                if let Some(d) = p.parent() {
+                    std::fs::create_dir_all(d)?;
+                }
+                use std::os::unix::fs::OpenOptionsExt as _;
+                Some(Mutex::new(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .mode(0o600)
+                        .open(&p)
+                        .map_err(|e| anyhow::anyhow!("opening audit log {}: {e}", p.display()))?,
+                ))
+            }
+            None => None,
+        };
+        let e = Arc::new(Enforcement {
+            kernel,
+            node,
+            clock,
+            next_subject: AtomicU32::new(1),
+            procs: Mutex::new(HashMap::new()),
+            retired: Mutex::new(Default::default()),
+            compiled: Mutex::new(Compiled::default()),
+            registry: Mutex::new(registry.clone()),
+            audit: broadcast::channel(4096).0,
+            recent: Mutex::new(Default::default()),
+            audit_file,
+            metrics,
+        });
+        e.sync_registry(registry);
+        Ok(e)
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn kernel(&self) -> &Enforcer {
+        &self.kernel
+    }
+
+    /// Installs the registry's Services in the kernel (adding new keys
+    /// before removing old ones, so no protected address is ever open) and
+    /// recompiles every process.
+    pub fn sync_registry(&self, reg: Arc<Registry>) {
+        *Self::lock(&self.registry) = reg.clone();
+        let mut c = Self::lock(&self.compiled);
+        for s in &reg.services {
+            let next = c.services.len() as u32 + 1;
+            let id = *c.services.entry(s.name.clone()).or_insert(next);
+            c.service_names.insert(id, s.name.clone());
+        }
+        for p in &reg.policies {
+            let next = c.rules.len() as u32 + 1;
+            let id = *c.rules.entry(p.name.clone()).or_insert(next);
+            c.rule_names.insert(id, p.name.clone());
+        }
+        let mut wanted: HashMap<DstPrefix, u32> = HashMap::new();
+        for s in &reg.services {
+            let id = c.services[&s.name];
+            for p in prefixes(&s.spec) {
+                wanted.insert(p, id);
+            }
+        }
+        for (k, id) in &wanted {
+            if let Err(e) = self.kernel.set_service(*k, *id) {
+                tracing::error!(error = %e, "installing Service in the kernel failed");
+            }
+        }
+        let stale: Vec<DstPrefix> = c.installed.iter().filter(|k| !wanted.contains_key(k)).copied().collect();
+        for k in stale {
+            let _ = self.kernel.remove_service(k);
+        }
+        c.installed = wanted.into_keys().collect();
+        drop(c);
+        self.recompile_all();
+    }
+
+    /// The verdicts a process gets now: service id -> allowing rule id.
+    fn evaluate(&self, reg: &Registry, info: Option<&ProcessInfo>, identities: &[String], spiffe_ids: &[String]) -> BTreeMap<u32, u32> {
+        let c = Self::lock(&self.compiled);
+        let process = match info {
+            Some(info) => serde_json::json!({
+                "pid": info.pid, "uid": info.uid, "gid": info.gid,
+                "user": info.user.clone().unwrap_or_default(), "group": info.group.clone().unwrap_or_default(),
+                "path": info.exe_path, "sha256": info.sha256, "name": info.name,
+                "cgroup": info.cgroup, "identities": identities, "spiffeIds": spiffe_ids,
+            }),
+            // `policy check --identity`: only what the identity implies.
+            None => serde_json::json!({ "identities": identities, "spiffeIds": spiffe_ids }),
+        };
+        let ctx = serde_json::json!({
+            "time": tether_policy::time_context((self.clock)()),
+            "node": self.node,
+            "process": process,
+        });
+        let mut out = BTreeMap::new();
+        for p in &reg.policies {
+            if !p.spec.identities.iter().any(|i| identities.contains(i)) {
+                continue;
+            }
+            let holds = match &p.condition {
+                None => true,
+                Some(cond) => match cond.holds(&ctx) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::debug!(policy = %p.name, error = %e, "condition did not evaluate; not allowing");
+                        false
+                    }
+                },
+            };
+            if !holds {
+                continue;
+            }
+            let rule = c.rules.get(&p.name).copied().unwrap_or(0);
+            for s in &p.spec.services {
+                if let Some(id) = c.services.get(s) {
+                    out.entry(*id).or_insert(rule);
+                }
+            }
+        }
+        out
+    }
+
+    /// A process was attested (again): give it a subject and verdicts.
+    /// `exec_id` must have been read before the attestation.
+    pub fn process_updated(&self, info: &ProcessInfo, exec_id: ExecId, identities: Vec<String>, spiffe_ids: Vec<String>) {
+        let reg = Self::lock(&self.registry).clone();
+        let allowed = self.evaluate(&reg, Some(info), &identities, &spiffe_ids);
+        let mut procs = Self::lock(&self.procs);
+        let same = procs.get(&info.pid).is_some_and(|p| {
+            p.start_time == info.start_time
+                && p.exec_id == exec_id
+                && p.identities == identities
+                && p.info.selectors() == info.selectors()
+        });
+        if same && procs.get(&info.pid).is_some_and(|p| p.allowed == allowed) {
+            return;
+        }
+        // A new subject for every change, so verdicts of the old view can
+        // never apply to the new one.
+        let subject = self.next_subject.fetch_add(1, Ordering::Relaxed);
+        for (svc, rule) in &allowed {
+            if let Err(e) = self.kernel.set_verdict(subject, *svc, true, *rule) {
+                tracing::error!(error = %e, "writing verdict failed");
+            }
+        }
+        if let Err(e) = self.kernel.set_process(info.pid as u32, subject, exec_id) {
+            tracing::error!(error = %e, pid = info.pid, "writing process subject failed");
+        }
+        if let Some(old) = procs.insert(
+            info.pid,
+            ProcEntry { start_time: info.start_time, exec_id, subject, info: info.clone(), identities, spiffe_ids, allowed },
+        ) {
+            for svc in old.allowed.keys() {
+                let _ = self.kernel.remove_verdict(old.subject, *svc);
+            }
+            self.retire(old);
+        }
+    }
+
+    fn retire(&self, old: ProcEntry) {
+        let mut r = Self::lock(&self.retired);
+        if r.len() >= RETIRED {
+            r.pop_front();
+        }
+        r.push_back((old.subject, old.info, old.spiffe_ids));
+    }
+
+    pub fn process_removed(&self, pid: i32) {
+        if let Some(old) = Self::lock(&self.procs).remove(&pid) {
+            let _ = self.kernel.remove_process(pid as u32);
+            for svc in old.allowed.keys() {
+                let _ = self.kernel.remove_verdict(old.subject, *svc);
+            }
+            self.retire(old);
+        }
+    }
+
+    /// Re-evaluates every process (registry change, or time passing for
+    /// conditional policies).
+    pub fn recompile_all(&self) {
+        let snapshot: Vec<(ProcessInfo, ExecId, Vec<String>, Vec<String>)> = Self::lock(&self.procs)
+            .values()
+            .map(|p| (p.info.clone(), p.exec_id, p.identities.clone(), p.spiffe_ids.clone()))
+            .collect();
+        for (info, exec_id, ids, sids) in snapshot {
+            self.process_updated(&info, exec_id, ids, sids);
+        }
+    }
+
+    pub fn has_conditions(&self) -> bool {
+        Self::lock(&self.registry).policies.iter().any(|p| p.condition.is_some())
+    }
+
+    /// Explains the verdict for a process or identity and a destination.
+    pub fn check(
+        &self,
+        info: Option<&ProcessInfo>,
+        identities: &[String],
+        spiffe_ids: &[String],
+        dst: std::net::SocketAddr,
+        proto: Proto,
+    ) -> serde_json::Value {
+        let reg = Self::lock(&self.registry).clone();
+        let service = reg.services.iter().find(|s| {
+            prefixes(&s.spec).iter().any(|p| p.proto == proto && (p.port == 0 || p.port == dst.port()) && contains(p, dst.ip()))
+        });
+        let Some(service) = service else {
+            return serde_json::json!({ "verdict": "untouched", "reason": "no Service covers this destination" });
+        };
+        let allowed = self.evaluate(&reg, info, identities, spiffe_ids);
+        let c = Self::lock(&self.compiled);
+        let sid = c.services.get(&service.name).copied().unwrap_or(0);
+        match allowed.get(&sid) {
+            Some(rule) => serde_json::json!({
+                "verdict": "allow", "service": service.name,
+                "rule": c.rule_names.get(rule).cloned().unwrap_or_default(), "identities": identities,
+            }),
+            None => {
+                // Name the policies that mention this service and why they
+                // did not allow.
+                let near: Vec<serde_json::Value> = reg
+                    .policies
+                    .iter()
+                    .filter(|p| p.spec.services.contains(&service.name))
+                    .map(|p| {
+                        let why = if !p.spec.identities.iter().any(|i| identities.contains(i)) {
+                            format!("allows identities {:?}, caller has {:?}", p.spec.identities, identities)
+                        } else {
+                            format!("condition `{}` does not hold now", p.spec.when.clone().unwrap_or_default())
+                        };
+                        serde_json::json!({ "policy": p.name, "why": why })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "verdict": "deny", "service": service.name, "rule": DEFAULT_DENY,
+                    "identities": identities, "policies": near,
+                })
+            }
+        }
+    }
+
+    /// Reads kernel decision events and writes audit records; runs on its
+    /// own thread so a burst cannot delay the async runtime.
+    pub fn spawn_event_pump(self: &Arc<Self>) {
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name("audit-events".into()).spawn(move || {
+            let mut reader = match me.kernel.events() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read kernel events; no audit records");
+                    return;
+                }
+            };
+            loop {
+                let batch = reader.wait(std::time::Duration::from_millis(200)).and_then(|_| reader.drain());
+                match batch {
+                    Ok(b) => {
+                        for ev in b {
+                            me.audit_event(&ev);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading kernel events failed");
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the audit event thread");
+        }
+    }
+
+    /// Who made the decision: the process entry whose subject the kernel
+    /// used (never a later view of the same pid, which may be another image).
+    fn decided_by(&self, ev: &tether_kernel::Event) -> Option<(ProcessInfo, Vec<String>)> {
+        if ev.subject == 0 {
+            return None;
+        }
+        let current = Self::lock(&self.procs)
+            .get(&(ev.tgid as i32))
+            .filter(|p| p.subject == ev.subject)
+            .map(|p| (p.info.clone(), p.spiffe_ids.clone()));
+        current.or_else(|| {
+            Self::lock(&self.retired)
+                .iter()
+                .rev()
+                .find(|(s, _, _)| *s == ev.subject)
+                .map(|(_, i, ids)| (i.clone(), ids.clone()))
+        })
+    }
+
+    fn audit_event(&self, ev: &tether_kernel::Event) {
+        let c = Self::lock(&self.compiled);
+        let service = c.service_names.get(&ev.service_id).cloned().unwrap_or_default();
+        let rule = match ev.decision {
+            Decision::Allow => c.rule_names.get(&ev.rule).cloned().unwrap_or_default(),
+            Decision::Unattested => "unattested".to_string(),
+            Decision::Deny => DEFAULT_DENY.to_string(),
+        };
+        drop(c);
+        let proc = self.decided_by(ev);
+        let (exe, sha, cgroup, spiffe) = match &proc {
+            Some((i, ids)) => (i.exe_path.clone(), i.sha256.clone(), i.cgroup.clone(), serde_json::json!(ids)),
+            // Unattested: what /proc says now, best effort and unverified.
+            None => (
+                std::fs::read_link(format!("/proc/{}/exe", ev.tgid)).map(|p| p.display().to_string()).unwrap_or_default(),
+                String::new(),
+                String::new(),
+                serde_json::json!("unattested"),
+            ),
+        };
+        let verdict = match ev.decision {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::Unattested => "deny-unattested",
+        };
+        let time = (self.clock)();
+        let rec = serde_json::json!({
+            "time": time, "node": self.node, "pid": ev.tgid, "tid": ev.pid, "comm": ev.comm,
+            "exe": exe, "sha256": sha, "uid": ev.uid, "gid": ev.gid, "cgroup": cgroup,
+            "spiffeId": spiffe, "destination": std::net::SocketAddr::new(ev.addr, ev.port).to_string(),
+            "protocol": if ev.proto == Proto::Udp { "udp" } else { "tcp" },
+            "hook": format!("{:?}", ev.hook).to_lowercase(), "service": service, "verdict": verdict, "rule": rule,
+        });
+        let line = rec.to_string();
+        let ident = proc.as_ref().and_then(|(_, ids)| ids.first().cloned()).unwrap_or_else(|| "unattested".into());
+        self.metrics.connect_decision(verdict, &ident, &service);
+        if let Some(f) = &self.audit_file {
+            let mut f = Self::lock(f);
+            let _ = writeln!(f, "{line}");
+        }
+        {
+            let mut r = Self::lock(&self.recent);
+            if r.len() >= RECENT {
+                r.pop_front();
+            }
+            r.push_back(line.clone());
+        }
+        let _ = self.audit.send(line);
+    }
+
+    pub fn recent_events(&self) -> Vec<String> {
+        Self::lock(&self.recent).iter().cloned().collect()
+    }
+}
+
+/// Whether `ip` falls in the prefix (IPv4-mapped IPv6 counts as IPv4).
+fn contains(p: &DstPrefix, ip: IpAddr) -> bool {
+    let norm = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    match (norm(p.net), norm(ip)) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let bits = u32::from(p.prefix_len.min(32));
+            let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+            (u32::from(n) & mask) == (u32::from(a) & mask)
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let bits = u32::from(p.prefix_len.min(128));
+            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+            (u128::from(n) & mask) == (u128::from(a) & mask)
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,353 @@
+//! Connection-time enforcement end to end: `tether up` with kernel
+//! enforcement on a cgroup this test creates, Services and AccessPolicies
+//! applied with `tether apply`, and real processes in that cgroup trying to
+//! connect. Only loopback traffic; every cgroup is removed even on failure.
+
+mod common;
+
+use std::net::{TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn child_entry() {
+    if let (Ok(mode), Ok(out)) = (std::env::var("TETHER_TEST_CHILD"), std::env::var("TETHER_TEST_OUT")) {
+        if mode == "connect" {
+            connect_main(Path::new(&out));
+        } else {
+            child_main(&mode, Path::new(&out));
+        }
+    }
+}
+
+/// Workload side: after an optional delay, try every target in
+/// TETHER_TEST_TARGETS ("tcp|udp ADDR" separated by ';') and write one
+/// result line per target: "ok" or the error ("EPERM" for denials).
+fn connect_main(out: &Path) {
+    // With TETHER_TEST_WAIT, wait for the test to say "go" (it does once
+    // the agent holds this process's SVID, i.e. has attested it).
+    if std::env::var_os("TETHER_TEST_WAIT").is_some() {
+        let _ = std::fs::write(out.join("pid"), std::process::id().to_string());
+        for _ in 0..1000 {
+            if out.join("go").exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let delay = std::env::var("TETHER_TEST_DELAY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(delay));
+    let targets = std::env::var("TETHER_TEST_TARGETS").unwrap_or_default();
+    let mut lines = Vec::new();
+    for t in targets.split(';').filter(|t| !t.is_empty()) {
+        let (proto, addr) = t.split_once(' ').unwrap_or(("tcp", t));
+        let addr: std::net::SocketAddr = addr.parse().expect("target address");
+        let res = if proto == "udp" {
+            let bind = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            UdpSocket::bind(bind).and_then(|s| s.send_to(b"x", addr)).map(|_| ())
+        } else {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map(|_| ())
+        };
+        let r = match res {
+            Ok(()) => "ok".to_string(),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => "EPERM".to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        lines.push(format!("{t} => {r}"));
+    }
+    let _ = std::fs::write(out.join("results"), lines.join("\n"));
+    // Then, if asked, become a shell: the new image must not keep this
+    // process's authority.
+    if let Ok(script) = std::env::var("TETHER_TEST_EXEC") {
+        let err = Command::new("/bin/bash").args(["-c", &script]).exec();
+        let _ = std::fs::write(out.join("exec-error"), err.to_string());
+    }
+}
+
+/// A cgroup of this test's own, removed (after killing what is left in it)
+/// on drop.
+struct Cgroup(PathBuf);
+
+impl Cgroup {
+    fn new(tag: &str) -> Cgroup {
+        let mnt = tether_kernel::cgroup2_mount().expect("cgroup2 mount");
+        let p = mnt.join(format!("tether-cli-test-{}-{tag}", std::process::id()));
+        std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        Cgroup(p)
+    }
+
+    /// Makes `cmd` join this cgroup before it execs (while still root).
+    fn enter(&self, cmd: &mut Command) {
+        let procs = self.0.join("cgroup.procs");
+        // SAFETY: the closure only writes a file, which is async-signal-safe
+        // enough for pre_exec (no allocation-dependent locking in our use).
+        unsafe {
+            cmd.pre_exec(move || std::fs::write(&procs, "0"));
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..300 {
+            let procs = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                break;
+            }
+            for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on processes this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+struct Fixture {
+    up: Up,
+    cg: Cgroup,
+    port: u16,
+    udp_port: u16,
+    exe: PathBuf,
+    _tcp4: TcpListener,
+    _tcp6: Option<TcpListener>,
+    _udp: UdpSocket,
+}
+
+fn accept_forever(l: TcpListener) {
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            drop(s);
+        }
+    });
+}
+
+impl Fixture {
+    fn new(tag: &str, policy_when: Option<&str>, extra: &[&str]) -> Fixture {
+        let cg = Cgroup::new(tag);
+        let clock = std::env::temp_dir().join(format!("tether-clock-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_file(&clock);
+        let mut args = vec!["--enforce-cgroup".to_string(), cg.0.display().to_string(), "--clock-file".into(), clock.display().to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let up = Up::start_with(&a);
+        let tcp4 = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let port = tcp4.local_addr().expect("addr").port();
+        let tcp6 = TcpListener::bind(("::1", port)).ok();
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let udp_port = udp.local_addr().expect("addr").port();
+        accept_forever(tcp4.try_clone().expect("clone"));
+        if let Some(l) = &tcp6 {
+            accept_forever(l.try_clone().expect("clone"));
+        }
+        let exe = workload_binary(up.dir.path(), "client");
+        let sha = sha256_file(&exe);
+        let when = policy_when.map(|w| format!("  when: '{w}'\n")).unwrap_or_default();
+        up.apply_ok(&format!(
+            "apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {{name: client}}
+spec:
+  spiffeId: spiffe://example.org/client
+  selectors: [[\"process:sha256:{sha}\", \"process:path:{}\", \"unix:uid:0\"]]
+---
+apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {{name: db}}
+spec:
+  addresses:
+    - {{cidr: 127.0.0.1/32, ports: [{port}]}}
+    - {{cidr: \"::1/128\", ports: [{port}]}}
+    - {{cidr: 127.0.0.1/32, ports: [{udp_port}], protocol: udp}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: db-clients}}
+spec:
+  services: [db]
+  identities: [client]
+{when}",
+            exe.display()
+        ));
+        std::thread::sleep(Duration::from_millis(300)); // registry reaches the agent
+        Fixture { up, cg, port, udp_port, exe, _tcp4: tcp4, _tcp6: tcp6, _udp: udp }
+    }
+
+    fn targets(&self) -> String {
+        format!(
+            "tcp 127.0.0.1:{p};tcp [::1]:{p};tcp [::ffff:127.0.0.1]:{p};udp 127.0.0.1:{u}",
+            p = self.port,
+            u = self.udp_port
+        )
+    }
+
+    /// Runs `exe` in the enforced cgroup as a connecting workload. With
+    /// `attested`, it connects only once the agent holds its SVID (the
+    /// agent's hold path for brand-new processes is not built yet);
+    /// otherwise after `delay_ms`.
+    fn run(&self, exe: &Path, uid: Option<u32>, name: &str, delay_ms: u32) -> String {
+        self.run_opts(exe, uid, name, delay_ms, false)
+    }
+
+    fn run_attested(&self, exe: &Path, name: &str) -> String {
+        self.run_opts(exe, None, name, 0, true)
+    }
+
+    fn run_opts(&self, exe: &Path, uid: Option<u32>, name: &str, delay_ms: u32, attested: bool) -> String {
+        let out = self.up.dir.path().join(format!("out-{name}"));
+        std::fs::create_dir_all(&out).expect("mkdir");
+        std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+        let mut cmd = match uid {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args([format!("--reuid={u}"), format!("--regid={u}"), "--clear-groups".into()]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        cmd.args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
+            .env("TETHER_TEST_CHILD", "connect")
+            .env("TETHER_TEST_OUT", &out)
+            .env("TETHER_TEST_TARGETS", self.targets())
+            .env("TETHER_TEST_DELAY_MS", delay_ms.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if attested {
+            cmd.env("TETHER_TEST_WAIT", "1");
+        }
+        self.cg.enter(&mut cmd);
+        let mut child = cmd.spawn().expect("run client");
+        if attested {
+            self.release_when_attested(&out, child.id());
+        }
+        let st = child.wait().expect("wait client");
+        let res = std::fs::read_to_string(out.join("results")).unwrap_or_default();
+        assert!(st.success() || !res.is_empty(), "client {name} failed: {st}");
+        res
+    }
+
+    /// Tells a waiting client to go once `tether svids` lists `pid`.
+    fn release_when_attested(&self, out: &Path, pid: u32) {
+        let seen = wait_until(Duration::from_secs(20), || self.up.ok(&["svids"]).contains(&format!("\"pid\": {pid},")));
+        assert!(seen, "agent never attested the client {pid}:\n{}", self.up.logs());
+        std::fs::write(out.join("go"), "").expect("go");
+    }
+
+    /// Runs a shell command in the enforced cgroup; returns stderr.
+    fn shell(&self, script: &str) -> String {
+        let mut cmd = Command::new("bash");
+        cmd.args(["-c", script]).stdout(Stdio::piped()).stderr(Stdio::piped());
+        self.cg.enter(&mut cmd);
+        let o = cmd.output().expect("bash");
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    }
+}
+
+fn all(res: &str, want: &str) -> bool {
+    !res.is_empty() && res.lines().all(|l| l.ends_with(&format!("=> {want}")))
+}
+
+#[test]
+fn only_the_authorized_process_connects_and_every_decision_is_audited() {
+    let f = Fixture::new("contain", None, &[]);
+    // The authorized client (attested before it connects: the agent's hold
+    // path for brand-new processes is not built yet).
+    let ok = f.run_attested(&f.exe, "authorized");
+    assert!(all(&ok, "ok"), "authorized client refused:\n{ok}\n{}", f.up.logs());
+
+    // Same bytes at another path.
+    let copy = f.exe.with_file_name("client-copy");
+    std::fs::copy(&f.exe, &copy).expect("copy");
+    let r = f.run(&copy, None, "copy", 400);
+    assert!(all(&r, "EPERM"), "copy at another path:\n{r}");
+    // Same binary, another uid.
+    let r = f.run(&f.exe, Some(1001), "other-uid", 400);
+    assert!(all(&r, "EPERM"), "other uid:\n{r}");
+    // bash /dev/tcp and a python socket, with the "password" at hand.
+    let r = f.shell(&format!("export REDISCLI_AUTH=secret; sleep 0.3; echo hi > /dev/tcp/127.0.0.1/{}", f.port));
+    assert!(r.contains("Operation not permitted"), "bash /dev/tcp: {r}");
+    let py = format!(
+        "sleep 0.3; python3 -c 'import socket,errno\ntry:\n socket.create_connection((\"::1\",{}))\n print(\"connected\")\nexcept OSError as e:\n print(errno.errorcode[e.errno])'",
+        f.port
+    );
+    let r = f.shell(&py);
+    assert!(r.contains("EPERM"), "python over IPv6: {r}");
+    let r = f.shell(&format!("sleep 0.3; python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b\"x\", (\"127.0.0.1\", {}))' 2>&1", f.udp_port));
+    assert!(r.contains("Operation not permitted"), "unconnected UDP: {r}");
+    // An unprotected port is untouched.
+    let other = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let r = f.shell(&format!("sleep 0.3; echo hi > /dev/tcp/127.0.0.1/{} && echo connected", other.local_addr().expect("a").port()));
+    assert!(r.contains("connected"), "unprotected destination blocked: {r}");
+
+    // Audit: the stream names the denied executable, verdict and rule.
+    let events = f.up.ok(&["events"]);
+    let lines: Vec<serde_json::Value> = events.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(lines.iter().any(|e| e["verdict"] == "allow" && e["rule"] == "db-clients" && e["service"] == "db"), "{events}");
+    assert!(lines.iter().any(|e| e["verdict"] == "deny" && e["exe"] == "/usr/bin/bash" && e["rule"] == "default-deny"), "{events}");
+    assert!(lines.iter().any(|e| e["verdict"] == "deny" && e["protocol"] == "udp"), "{events}");
+    assert!(f.up.metrics_text().contains("tether_agent_connect_decisions_total{verdict=\"deny\""));
+
+    // policy check names the rule.
+    let c = f.up.ok(&["policy", "check", "--identity", "client", "--to", &format!("127.0.0.1:{}", f.port)]);
+    assert!(c.contains("\"allow\"") && c.contains("db-clients"), "{c}");
+    let c = f.up.ok(&["policy", "check", "--pid", &std::process::id().to_string(), "--to", &format!("127.0.0.1:{}", f.port)]);
+    assert!(c.contains("\"deny\"") && c.contains("default-deny"), "{c}");
+}
+
+#[test]
+fn exec_of_a_shell_loses_the_verdicts() {
+    let f = Fixture::new("exec", None, &[]);
+    // The authorized client connects (allowed), then execs bash, which
+    // connects to the same destination: refused.
+    let out = f.up.dir.path().join("exec-out");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    let script = format!("{{ echo hi > /dev/tcp/127.0.0.1/{}; }} 2>{}/err; echo $? > {}/rc", f.port, out.display(), out.display());
+    let mut cmd = Command::new(&f.exe);
+    cmd.args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
+        .env("TETHER_TEST_CHILD", "connect")
+        .env("TETHER_TEST_OUT", &out)
+        .env("TETHER_TEST_TARGETS", format!("tcp 127.0.0.1:{}", f.port))
+        .env("TETHER_TEST_WAIT", "1")
+        .env("TETHER_TEST_EXEC", &script)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    f.cg.enter(&mut cmd);
+    let mut child = cmd.spawn().expect("client");
+    f.release_when_attested(&out, child.id());
+    let _ = child.wait();
+    let r = std::fs::read_to_string(out.join("results")).unwrap_or_default();
+    assert!(all(&r, "ok"), "authorized client before exec: {r}");
+    let err = std::fs::read_to_string(out.join("err")).unwrap_or_default();
+    assert!(err.contains("Operation not permitted"), "exec'd shell was not refused: {err:?} {:?}", std::fs::read_to_string(out.join("exec-error")));
+    let events = f.up.ok(&["events"]);
+    assert!(
+        // An unattested process that already exited is named by the
+        // kernel's comm only.
+        events.lines().any(|l| l.contains("\"comm\":\"bash\"") && l.contains("\"verdict\":\"deny")),
+        "no deny event for the exec'd shell: {events}"
+    );
+}
+
+#[test]
+fn time_window_condition_allows_inside_and_denies_outside() {
+    let f = Fixture::new("time", Some("context.time.hour >= 8 && context.time.hour < 18"), &[]);
+    let clock = std::env::temp_dir().join(format!("tether-clock-{}-time", std::process::id()));
+    // 2026-11-23 10:00 UTC: inside the window.
+    std::fs::write(&clock, "1795428000").expect("clock");
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = f.run_attested(&f.exe, "inside");
+    assert!(all(&r, "ok"), "inside the window:\n{r}");
+    // 20:00 UTC: outside; takes effect within a second.
+    std::fs::write(&clock, "1795464000").expect("clock");
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = f.run_attested(&f.exe, "outside");
+    assert!(all(&r, "EPERM"), "outside the window:\n{r}");
+    let c = f.up.ok(&["policy", "check", "--identity", "client", "--to", &format!("127.0.0.1:{}", f.port)]);
+    assert!(c.contains("does not hold"), "{c}");
+    let _ = std::fs::remove_file(&clock);
+}

@@ -1,0 +1,362 @@
+//! Map keys, values and the event record, laid out exactly as in
+//! `bpf/tether.bpf.c`. Keep the two in step; `tests` below pin the sizes the
+//! C side `_Static_assert`s.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use crate::KernelError;
+
+/// Transport protocol of a protected destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    /// TCP (MPTCP is treated as TCP by the hooks).
+    Tcp,
+    /// UDP (UDP-Lite is treated as UDP by the hooks).
+    Udp,
+}
+
+impl Proto {
+    pub(crate) const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => libc::IPPROTO_TCP as u8,
+            Self::Udp => libc::IPPROTO_UDP as u8,
+        }
+    }
+
+    pub(crate) const fn from_number(n: u8) -> Option<Self> {
+        match n as i32 {
+            libc::IPPROTO_TCP => Some(Self::Tcp),
+            libc::IPPROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// A protected destination: an address prefix, a port (0 = every port) and
+/// a protocol. IPv4 prefixes are stored IPv4-mapped, so an IPv6 socket
+/// connecting to `::ffff:a.b.c.d` hits the same entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DstPrefix {
+    pub net: IpAddr,
+    pub prefix_len: u8,
+    /// Host byte order; 0 matches every port. A rule for the exact port
+    /// takes precedence over an any-port rule.
+    pub port: u16,
+    pub proto: Proto,
+}
+
+/// Bytes of `dst_key` after `prefixlen`: proto, pad, port (BE), addr[16].
+pub(crate) type DstKeyData = [u8; 20];
+
+/// Bits of proto + pad + port that precede the address in the LPM key.
+const KEY_HEADER_BITS: u32 = 32;
+
+impl DstPrefix {
+    /// A single address and port.
+    pub fn host(addr: IpAddr, port: u16, proto: Proto) -> Self {
+        let prefix_len = if addr.is_ipv4() { 32 } else { 128 };
+        Self {
+            net: addr,
+            prefix_len,
+            port,
+            proto,
+        }
+    }
+
+    /// The LPM key: (prefix length in bits, data). Host bits past the prefix
+    /// are cleared so equal prefixes always make equal keys.
+    pub(crate) fn to_key(self) -> Result<(u32, DstKeyData), KernelError> {
+        let (mut addr, addr_bits) = match self.net {
+            IpAddr::V4(v4) => {
+                if self.prefix_len > 32 {
+                    return Err(KernelError::InvalidPrefix(format!(
+                        "{}/{}: an IPv4 prefix is at most 32 bits",
+                        self.net, self.prefix_len
+                    )));
+                }
+                (
+                    v4.to_ipv6_mapped().octets(),
+                    96 + u32::from(self.prefix_len),
+                )
+            }
+            IpAddr::V6(v6) => {
+                if self.prefix_len > 128 {
+                    return Err(KernelError::InvalidPrefix(format!(
+                        "{}/{}: an IPv6 prefix is at most 128 bits",
+                        self.net, self.prefix_len
+                    )));
+                }
+                (v6.octets(), u32::from(self.prefix_len))
+            }
+        };
+        let mask = u128::MAX.checked_shl(128 - addr_bits).unwrap_or(0);
+        addr = (u128::from_be_bytes(addr) & mask).to_be_bytes();
+
+        let mut data = [0u8; 20];
+        data[0] = self.proto.number();
+        data[2..4].copy_from_slice(&self.port.to_be_bytes());
+        data[4..20].copy_from_slice(&addr);
+        Ok((KEY_HEADER_BITS + addr_bits, data))
+    }
+
+    /// Inverse of [`to_key`](Self::to_key); IPv4-mapped prefixes of at least
+    /// 96 bits come back as IPv4.
+    pub(crate) fn from_key(prefixlen: u32, data: &DstKeyData) -> Option<Self> {
+        let proto = Proto::from_number(data[0])?;
+        let port = u16::from_be_bytes([data[2], data[3]]);
+        let addr_bits = prefixlen
+            .checked_sub(KEY_HEADER_BITS)
+            .filter(|b| *b <= 128)?;
+        let mut octets = [0u8; 16];
+        octets.copy_from_slice(&data[4..20]);
+        let v6 = Ipv6Addr::from(octets);
+        let (net, prefix_len) = match v6.to_ipv4_mapped() {
+            Some(v4) if addr_bits >= 96 => (IpAddr::V4(v4), addr_bits - 96),
+            _ => (IpAddr::V6(v6), addr_bits),
+        };
+        Some(Self {
+            net,
+            prefix_len: u8::try_from(prefix_len).ok()?,
+            port,
+            proto,
+        })
+    }
+}
+
+/// `struct proc_state`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProcState {
+    pub(crate) subject: u32,
+    pub(crate) flags: u32,
+    pub(crate) exec_id: u64,
+}
+
+/// `struct policy_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct PolicyKey {
+    pub(crate) subject: u32,
+    pub(crate) service_id: u32,
+}
+
+/// `struct verdict`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct VerdictValue {
+    pub(crate) allow: u32,
+    pub(crate) rule: u32,
+}
+
+// SAFETY: plain `repr(C)` integers without padding (16, 8 and 8 bytes), so
+// every bit pattern is valid and no uninitialised bytes reach the kernel.
+unsafe impl aya::Pod for ProcState {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PolicyKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for VerdictValue {}
+
+/// Indexes of the `stats` per-CPU array.
+pub(crate) const STAT_ALLOW: u32 = 0;
+pub(crate) const STAT_DENY: u32 = 1;
+pub(crate) const STAT_UNATTESTED: u32 = 2;
+pub(crate) const STAT_DROPPED_EVENTS: u32 = 3;
+
+/// The decision recorded in an [`Event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Decision {
+    /// Policy denied (explicitly, or no rule: protected means deny).
+    Deny,
+    Allow,
+    /// The process had no identity in the kernel (never attested, or it
+    /// exec'd since). Denied until the agent's hold path exists.
+    Unattested,
+}
+
+/// Which hook made the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Connect4,
+    Connect6,
+    Sendmsg4,
+    Sendmsg6,
+}
+
+/// One decision on a protected destination, as read from the ring buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_BOOTTIME nanoseconds at the decision.
+    pub ts_boot_ns: u64,
+    /// Socket cookie (stable per socket; joins with later socket events).
+    pub socket_cookie: u64,
+    pub tgid: u32,
+    /// Thread id of the caller.
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Subject id from `procs`, 0 when unattested.
+    pub subject: u32,
+    pub service_id: u32,
+    /// Rule id from `policy`, 0 when no rule matched.
+    pub rule: u32,
+    pub decision: Decision,
+    pub proto: Proto,
+    /// IPv4-mapped destinations are shown as IPv4.
+    pub addr: IpAddr,
+    /// Host byte order.
+    pub port: u16,
+    pub hook: Hook,
+    /// The task's comm (untrusted: set by the process itself).
+    pub comm: String,
+}
+
+/// `sizeof(struct event)`.
+pub(crate) const EVENT_LEN: usize = 88;
+
+/// Why a ring buffer record could not be parsed. Records come from our own
+/// program, so any of these means a version mismatch or memory corruption.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("event record is {0} bytes, expected at least {EVENT_LEN}")]
+    Short(usize),
+    #[error("event has unknown verdict {0}")]
+    Verdict(u8),
+    #[error("event has unknown protocol {0}")]
+    Proto(u8),
+    #[error("event has unknown hook {0}")]
+    Hook(u8),
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[off..off + 4]);
+    u32::from_ne_bytes(a)
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_ne_bytes(a)
+}
+
+impl Event {
+    /// Parses one ring buffer record (`struct event`).
+    pub fn parse(b: &[u8]) -> Result<Self, EventError> {
+        if b.len() < EVENT_LEN {
+            return Err(EventError::Short(b.len()));
+        }
+        let decision = match b[44] {
+            0 => Decision::Deny,
+            1 => Decision::Allow,
+            2 => Decision::Unattested,
+            v => return Err(EventError::Verdict(v)),
+        };
+        let proto = Proto::from_number(b[45]).ok_or(EventError::Proto(b[45]))?;
+        let hook = match b[64] {
+            0 => Hook::Connect4,
+            1 => Hook::Connect6,
+            2 => Hook::Sendmsg4,
+            3 => Hook::Sendmsg6,
+            v => return Err(EventError::Hook(v)),
+        };
+        let mut octets = [0u8; 16];
+        octets.copy_from_slice(&b[48..64]);
+        let comm = &b[65..81];
+        let comm_len = comm.iter().position(|&c| c == 0).unwrap_or(comm.len());
+        Ok(Self {
+            ts_boot_ns: u64_at(b, 0),
+            socket_cookie: u64_at(b, 8),
+            tgid: u32_at(b, 16),
+            pid: u32_at(b, 20),
+            uid: u32_at(b, 24),
+            gid: u32_at(b, 28),
+            subject: u32_at(b, 32),
+            service_id: u32_at(b, 36),
+            rule: u32_at(b, 40),
+            decision,
+            proto,
+            addr: Ipv6Addr::from(octets).to_canonical(),
+            port: u16::from_be_bytes([b[46], b[47]]),
+            hook,
+            comm: String::from_utf8_lossy(&comm[..comm_len]).into_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn layouts_match_the_c_side() {
+        assert_eq!(size_of::<ProcState>(), 16);
+        assert_eq!(size_of::<PolicyKey>(), 8);
+        assert_eq!(size_of::<VerdictValue>(), 8);
+        assert_eq!(size_of::<aya::maps::lpm_trie::Key<DstKeyData>>(), 24);
+    }
+
+    #[test]
+    fn ipv4_keys_are_mapped_and_masked() {
+        let p = DstPrefix {
+            net: "10.1.2.3".parse().unwrap(),
+            prefix_len: 8,
+            port: 5432,
+            proto: Proto::Tcp,
+        };
+        let (len, data) = p.to_key().unwrap();
+        assert_eq!(len, 32 + 96 + 8);
+        assert_eq!(data[0], 6);
+        assert_eq!(&data[2..4], &5432u16.to_be_bytes());
+        assert_eq!(
+            &data[4..20],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 0]
+        );
+        let back = DstPrefix::from_key(len, &data).unwrap();
+        assert_eq!(back.net, "10.0.0.0".parse::<IpAddr>().unwrap());
+        assert_eq!(back.prefix_len, 8);
+    }
+
+    #[test]
+    fn ipv6_keys_and_limits() {
+        let p = DstPrefix::host("::1".parse().unwrap(), 0, Proto::Udp);
+        let (len, data) = p.to_key().unwrap();
+        assert_eq!(len, 160);
+        assert_eq!(data[19], 1);
+        assert_eq!(DstPrefix::from_key(len, &data), Some(p));
+        let bad = DstPrefix {
+            prefix_len: 33,
+            ..DstPrefix::host("1.2.3.4".parse().unwrap(), 1, Proto::Tcp)
+        };
+        assert!(bad.to_key().is_err());
+        let zero = DstPrefix {
+            net: "::".parse().unwrap(),
+            prefix_len: 0,
+            port: 0,
+            proto: Proto::Tcp,
+        };
+        assert_eq!(zero.to_key().unwrap().0, 32);
+    }
+
+    #[test]
+    fn event_parse_rejects_garbage() {
+        assert_eq!(Event::parse(&[0; 10]), Err(EventError::Short(10)));
+        let mut b = [0u8; EVENT_LEN];
+        b[44] = 9;
+        assert_eq!(Event::parse(&b), Err(EventError::Verdict(9)));
+        b[44] = 1;
+        b[45] = 17;
+        b[46..48].copy_from_slice(&53u16.to_be_bytes());
+        b[48..64].copy_from_slice(&Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets());
+        b[64] = 2;
+        b[65..69].copy_from_slice(b"dig\0");
+        let e = Event::parse(&b).unwrap();
+        assert_eq!(e.decision, Decision::Allow);
+        assert_eq!(e.proto, Proto::Udp);
+        assert_eq!(e.port, 53);
+        assert_eq!(e.addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(e.hook, Hook::Sendmsg4);
+        assert_eq!(e.comm, "dig");
+    }
+}

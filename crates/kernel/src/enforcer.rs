@@ -1,0 +1,906 @@
+//! Loading, attaching, pinning and adopting the enforcement programs, and
+//! the typed view of their maps.
+//!
+//! # Pinning and adoption
+//!
+//! With a `pin_dir` (on a bpffs) the state lives in the kernel independently
+//! of the agent process:
+//!
+//! ```text
+//! <pin_dir>/maps/{services,procs,execs,policy,events,stats}
+//! <pin_dir>/links/{connect4,connect6,sendmsg4,sendmsg6,exec,fork,exit}
+//! ```
+//!
+//! Pinned links keep the programs attached when the agent dies, so protected
+//! destinations stay closed (fail closed). A starting agent that finds pins:
+//!
+//! 1. checks every pinned map against what this build's programs expect
+//!    (type, key/value size, capacity) and refuses an incompatible one;
+//! 2. loads its programs against the *pinned* maps, so processes, verdicts
+//!    and services written by the previous agent stay in force;
+//! 3. swaps its programs into the pinned cgroup links with BPF_LINK_UPDATE,
+//!    which is atomic: the hook always has a program;
+//! 4. for the tracepoint links (which cannot be updated) attaches the new
+//!    program first, then renames its pin over the old one (bpffs rename is
+//!    atomic) and drops the old link, which the kernel releases with its
+//!    last fd. For a moment both run; their map updates are idempotent.
+//!
+//! Dropping an `Enforcer` that pinned leaves everything in force; that is
+//! the point. [`Enforcer::detach_all`] removes it. Without a `pin_dir`,
+//! everything is owned by the `Enforcer` and detached when it is dropped.
+//!
+//! A process the agent has not attested is denied (EPERM) for now. The
+//! issue's "hold, never allow blind" (redirect to the agent, which attests
+//! and completes the connection) needs a hook rewrite and is not built yet.
+
+use std::{
+    fs::{self, File},
+    io,
+    os::{
+        fd::{AsFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard, PoisonError},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        HashMap, LpmTrie, Map, MapData, MapError, MapInfo, MapType, PerCpuArray, lpm_trie::Key,
+    },
+    programs::{CgroupAttachMode, CgroupSockAddr, RawTracePoint, links::FdLink},
+};
+
+use crate::{
+    KernelError,
+    abi::{
+        DstKeyData, DstPrefix, PolicyKey, ProcState, STAT_ALLOW, STAT_DENY, STAT_DROPPED_EVENTS,
+        STAT_UNATTESTED, VerdictValue,
+    },
+    error::{chain, map_err, program_err},
+    events::EventReader,
+    sys,
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tether.bpf.o"));
+
+/// Where to attach and whether to pin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnforcerConfig {
+    /// The cgroup v2 directory whose processes (and descendants) are
+    /// enforced: the cgroup2 root in production, a test's own cgroup in
+    /// tests.
+    pub cgroup: PathBuf,
+    /// A directory on a bpffs for pinned maps and links. With it, the
+    /// programs stay attached (fail closed) while the agent is down, and the
+    /// next [`Enforcer::load`] adopts them. Without it, dropping the
+    /// [`Enforcer`] detaches everything.
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// Counters summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub allowed: u64,
+    pub denied: u64,
+    pub unattested: u64,
+    /// Events lost because the ring buffer was full (the decisions were
+    /// still made and counted above).
+    pub dropped_events: u64,
+}
+
+/// What the kernel knows about a process's last exec, read *before*
+/// attesting it and handed back to [`Enforcer::set_process`]. If the process
+/// execs in between, the ids differ and the kernel ignores the entry, so a
+/// verdict computed for one image can never apply to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExecId(pub u64);
+
+/// A process entry as stored in `procs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessEntry {
+    pub subject: u32,
+    pub exec_id: ExecId,
+}
+
+/// A `policy` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerdictEntry {
+    pub subject: u32,
+    pub service_id: u32,
+    pub allow: bool,
+    pub rule: u32,
+}
+
+/// What [`Enforcer::detach_all`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DetachReport {
+    /// Socket-hook links forced off the cgroup (pinned ones and ones a live
+    /// agent holds). Tracepoint links cannot be forced off; once unpinned
+    /// they are released with their last fd (they only maintain map
+    /// entries, they never block anything).
+    pub links_detached: usize,
+    /// Pin files removed.
+    pub pins_removed: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Attach {
+    /// `enum bpf_attach_type` value, to recognise our pinned link.
+    Cgroup {
+        attach_type: u32,
+    },
+    RawTp(&'static str),
+}
+
+struct ProgSpec {
+    /// Function name in bpf/tether.bpf.c (also the kernel's program name).
+    func: &'static str,
+    /// File name of the pinned link.
+    link: &'static str,
+    hook: Attach,
+}
+
+const PROGRAMS: [ProgSpec; 7] = [
+    ProgSpec {
+        func: "tether_connect4",
+        link: "connect4",
+        hook: Attach::Cgroup { attach_type: 10 },
+    },
+    ProgSpec {
+        func: "tether_connect6",
+        link: "connect6",
+        hook: Attach::Cgroup { attach_type: 11 },
+    },
+    ProgSpec {
+        func: "tether_sendmsg4",
+        link: "sendmsg4",
+        hook: Attach::Cgroup { attach_type: 14 },
+    },
+    ProgSpec {
+        func: "tether_sendmsg6",
+        link: "sendmsg6",
+        hook: Attach::Cgroup { attach_type: 15 },
+    },
+    ProgSpec {
+        func: "tether_exec",
+        link: "exec",
+        hook: Attach::RawTp("sched_process_exec"),
+    },
+    ProgSpec {
+        func: "tether_fork",
+        link: "fork",
+        hook: Attach::RawTp("sched_process_fork"),
+    },
+    ProgSpec {
+        func: "tether_exit",
+        link: "exit",
+        hook: Attach::RawTp("sched_process_exit"),
+    },
+];
+
+struct MapSpec {
+    name: &'static str,
+    kind: MapType,
+    key: u32,
+    value: u32,
+    max_entries: u32,
+}
+
+/// Must match the definitions in bpf/tether.bpf.c; checked against pinned
+/// maps before adopting them.
+const MAPS: [MapSpec; 6] = [
+    MapSpec {
+        name: "services",
+        kind: MapType::LpmTrie,
+        key: 24,
+        value: 4,
+        max_entries: 16384,
+    },
+    MapSpec {
+        name: "procs",
+        kind: MapType::Hash,
+        key: 4,
+        value: 16,
+        max_entries: 65536,
+    },
+    MapSpec {
+        name: "execs",
+        kind: MapType::Hash,
+        key: 4,
+        value: 8,
+        max_entries: 131072,
+    },
+    MapSpec {
+        name: "policy",
+        kind: MapType::Hash,
+        key: 8,
+        value: 8,
+        max_entries: 65536,
+    },
+    MapSpec {
+        name: "events",
+        kind: MapType::RingBuf,
+        key: 0,
+        value: 0,
+        max_entries: 256 * 1024,
+    },
+    MapSpec {
+        name: "stats",
+        kind: MapType::PerCpuArray,
+        key: 4,
+        value: 8,
+        max_entries: 4,
+    },
+];
+
+/// A link we keep an fd to. Dropping it closes the fd only: a pinned link
+/// stays attached, an unpinned one is released.
+#[derive(Debug)]
+#[expect(
+    dead_code,
+    reason = "held for their Drop: the fds keep the links alive"
+)]
+enum HeldLink {
+    Aya(FdLink),
+    Raw(OwnedFd),
+}
+
+/// The loaded programs, their links and typed handles to their maps.
+pub struct Enforcer {
+    /// Owns the programs and, without a pin dir, the links (dropping it
+    /// detaches them). Declared first so it is dropped first.
+    _bpf: Ebpf,
+    _links: Vec<HeldLink>,
+    services: Mutex<LpmTrie<MapData, DstKeyData, u32>>,
+    procs: Mutex<HashMap<MapData, u32, ProcState>>,
+    execs: HashMap<MapData, u32, u64>,
+    policy: Mutex<HashMap<MapData, PolicyKey, VerdictValue>>,
+    stats: PerCpuArray<MapData, u64>,
+    events_id: u32,
+    adopted: bool,
+}
+
+impl std::fmt::Debug for Enforcer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enforcer")
+            .field("events_id", &self.events_id)
+            .field("adopted", &self.adopted)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave a map half-written (each
+    // call is one syscall), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> KernelError + 'a {
+    move |source| KernelError::Io {
+        path: path.to_owned(),
+        op,
+        source,
+    }
+}
+
+/// Opens a cgroup v2 directory and returns it with its cgroup id (the
+/// directory's inode number on cgroup2).
+fn open_cgroup(path: &Path) -> Result<(File, u64), KernelError> {
+    let ft = sys::fs_type(path).map_err(io_err(path, "statfs"))?;
+    if ft != sys::CGROUP2_SUPER_MAGIC {
+        return Err(KernelError::NotCgroup2 {
+            path: path.to_owned(),
+        });
+    }
+    let f = File::open(path).map_err(io_err(path, "open"))?;
+    let ino = f.metadata().map_err(io_err(path, "stat"))?.ino();
+    Ok((f, ino))
+}
+
+struct PinDir {
+    maps: PathBuf,
+    links: PathBuf,
+}
+
+impl PinDir {
+    fn new(dir: &Path) -> Self {
+        Self {
+            maps: dir.join("maps"),
+            links: dir.join("links"),
+        }
+    }
+
+    fn prepare(dir: &Path) -> Result<Self, KernelError> {
+        fs::create_dir_all(dir).map_err(io_err(dir, "create pin directory"))?;
+        if sys::fs_type(dir).map_err(io_err(dir, "statfs"))? != sys::BPF_FS_MAGIC {
+            return Err(KernelError::NotBpffs {
+                path: dir.to_owned(),
+            });
+        }
+        let p = Self::new(dir);
+        fs::create_dir_all(&p.maps).map_err(io_err(&p.maps, "create pin directory"))?;
+        fs::create_dir_all(&p.links).map_err(io_err(&p.links, "create pin directory"))?;
+        Ok(p)
+    }
+
+    /// Refuses a pinned map that this build's programs would misread.
+    /// Returns whether the map was pinned.
+    fn check_map(&self, spec: &MapSpec) -> Result<bool, KernelError> {
+        let path = self.maps.join(spec.name);
+        let info = match MapInfo::from_pin(&path) {
+            Ok(info) => info,
+            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(map_err(spec.name, "open pinned map", &e)),
+        };
+        let kind = info
+            .map_type()
+            .map_err(|e| map_err(spec.name, "read pinned map type", &e))?;
+        let found = (kind, info.key_size(), info.value_size(), info.max_entries());
+        let want = (spec.kind, spec.key, spec.value, spec.max_entries);
+        if found != want {
+            return Err(KernelError::IncompatiblePin {
+                map: spec.name,
+                path,
+                mismatch: format!(
+                    "found {:?} key {} value {} entries {}, need {:?} key {} value {} entries {}",
+                    found.0, found.1, found.2, found.3, want.0, want.1, want.2, want.3
+                ),
+            });
+        }
+        Ok(true)
+    }
+
+    fn link_path(&self, spec: &ProgSpec) -> PathBuf {
+        self.links.join(spec.link)
+    }
+}
+
+/// Pins a freshly attached link at `path`, replacing whatever is pinned
+/// there without ever leaving the name empty: pin under a temporary name,
+/// then rename over.
+fn pin_link(link: FdLink, spec: &ProgSpec, path: &Path) -> Result<HeldLink, KernelError> {
+    // bpffs refuses names with a dot, so no `.new`.
+    let tmp = path.with_file_name(format!("{}-new", spec.link));
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(KernelError::Link {
+                link: spec.link,
+                path: tmp,
+                op: "remove stale pin",
+                source,
+            });
+        }
+    }
+    let pinned = link.pin(&tmp).map_err(|e| KernelError::Link {
+        link: spec.link,
+        path: tmp.clone(),
+        op: "pin",
+        source: io::Error::other(chain(&e)),
+    })?;
+    fs::rename(&tmp, path).map_err(|source| KernelError::Link {
+        link: spec.link,
+        path: path.to_owned(),
+        op: "rename pin into place",
+        source,
+    })?;
+    Ok(HeldLink::Aya(pinned.into()))
+}
+
+/// Forces an old link off its hook after its replacement is in place. Raw
+/// tracepoint links cannot be detached (EOPNOTSUPP, still on 6.18); they go
+/// away when their last fd closes, which, with the pin replaced, is ours.
+fn retire_link(spec: &ProgSpec, old: OwnedFd) {
+    if let Err(e) = sys::link_detach(old.as_fd()) {
+        tracing::debug!(link = spec.link, error = %e, "old link not detachable; released on close");
+    }
+}
+
+fn open_pinned_link(spec: &ProgSpec, path: &Path) -> Result<Option<OwnedFd>, KernelError> {
+    match sys::obj_get(path) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(source) => Err(KernelError::Link {
+            link: spec.link,
+            path: path.to_owned(),
+            op: "open pinned link",
+            source,
+        }),
+    }
+}
+
+fn install_cgroup(
+    spec: &ProgSpec,
+    attach_type: u32,
+    prog: &mut CgroupSockAddr,
+    cgroup: &File,
+    cgroup_id: u64,
+    pins: Option<&PinDir>,
+) -> Result<Option<HeldLink>, KernelError> {
+    let Some(pins) = pins else {
+        // Owned by the program inside `Ebpf`: detached on drop.
+        prog.attach(cgroup, CgroupAttachMode::Single)
+            .map_err(|e| program_err(spec.func, "attach", &e))?;
+        return Ok(None);
+    };
+    let path = pins.link_path(spec);
+    let old = open_pinned_link(spec, &path)?;
+    if let Some(old) = old {
+        let info = sys::link_info(old.as_fd()).map_err(|source| KernelError::Link {
+            link: spec.link,
+            path: path.clone(),
+            op: "read link info",
+            source,
+        })?;
+        if info.link_type == sys::BPF_LINK_TYPE_CGROUP
+            && info.cgroup_id == cgroup_id
+            && info.attach_type == attach_type
+        {
+            let prog_fd = prog
+                .fd()
+                .map_err(|e| program_err(spec.func, "get fd", &e))?;
+            sys::link_update(old.as_fd(), prog_fd.as_fd()).map_err(|source| KernelError::Link {
+                link: spec.link,
+                path: path.clone(),
+                op: "replace program (BPF_LINK_UPDATE)",
+                source,
+            })?;
+            return Ok(Some(HeldLink::Raw(old)));
+        }
+        // Pinned for another cgroup (the configuration changed): attach
+        // here first, then retire the old link.
+        tracing::info!(
+            link = spec.link,
+            "pinned link targets another cgroup; replacing it"
+        );
+        let held = attach_cgroup_pinned(spec, prog, cgroup, &path)?;
+        retire_link(spec, old);
+        return Ok(Some(held));
+    }
+    attach_cgroup_pinned(spec, prog, cgroup, &path).map(Some)
+}
+
+fn attach_cgroup_pinned(
+    spec: &ProgSpec,
+    prog: &mut CgroupSockAddr,
+    cgroup: &File,
+    path: &Path,
+) -> Result<HeldLink, KernelError> {
+    let id = prog
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(|e| program_err(spec.func, "attach", &e))?;
+    let link = prog
+        .take_link(id)
+        .map_err(|e| program_err(spec.func, "take link", &e))?;
+    let fd_link = FdLink::try_from(link).map_err(|e| KernelError::Program {
+        program: spec.func,
+        action: "convert link (the kernel must support bpf_link, 5.7+)",
+        detail: chain(&e),
+    })?;
+    pin_link(fd_link, spec, path)
+}
+
+fn install_raw_tp(
+    spec: &ProgSpec,
+    tp: &'static str,
+    prog: &mut RawTracePoint,
+    pins: Option<&PinDir>,
+) -> Result<Option<HeldLink>, KernelError> {
+    let id = prog
+        .attach(tp)
+        .map_err(|e| program_err(spec.func, "attach", &e))?;
+    let Some(pins) = pins else {
+        return Ok(None);
+    };
+    let path = pins.link_path(spec);
+    // Tracepoint links cannot swap programs; the new one is already
+    // attached, so replacing the pin leaves no moment without a handler.
+    let old = open_pinned_link(spec, &path)?;
+    let link = prog
+        .take_link(id)
+        .map_err(|e| program_err(spec.func, "take link", &e))?;
+    let held = pin_link(link.into(), spec, &path)?;
+    if let Some(old) = old {
+        retire_link(spec, old);
+    }
+    Ok(Some(held))
+}
+
+fn take_map<T>(bpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let map = bpf.take_map(name).ok_or_else(|| KernelError::Map {
+        map: name,
+        op: "find in object",
+        detail: "not defined in tether.bpf.o".to_owned(),
+    })?;
+    T::try_from(map).map_err(|e| map_err(name, "open", &e))
+}
+
+impl Enforcer {
+    /// Loads the programs, attaches the four socket hooks to `cfg.cgroup` and
+    /// the three process tracepoints, and (with `cfg.pin_dir`) pins or adopts
+    /// them; see the module docs.
+    pub fn load(cfg: &EnforcerConfig) -> Result<Self, KernelError> {
+        let (cgroup, cgroup_id) = open_cgroup(&cfg.cgroup)?;
+        let pins = cfg.pin_dir.as_deref().map(PinDir::prepare).transpose()?;
+
+        let mut loader = EbpfLoader::new();
+        let mut adopted = false;
+        if let Some(pins) = &pins {
+            for spec in &MAPS {
+                adopted |= pins.check_map(spec)?;
+                // aya opens the pinned map if there is one, else creates
+                // and pins it.
+                loader.map_pin_path(spec.name, pins.maps.join(spec.name));
+            }
+        }
+        let mut bpf = loader
+            .load(OBJECT)
+            .map_err(|e| KernelError::Load { detail: chain(&e) })?;
+
+        let mut links = Vec::new();
+        for spec in &PROGRAMS {
+            let prog = bpf
+                .program_mut(spec.func)
+                .ok_or_else(|| KernelError::Program {
+                    program: spec.func,
+                    action: "find in object",
+                    detail: "not defined in tether.bpf.o".to_owned(),
+                })?;
+            let held = match spec.hook {
+                Attach::Cgroup { attach_type } => {
+                    let p: &mut CgroupSockAddr = prog
+                        .try_into()
+                        .map_err(|e| program_err(spec.func, "type check", &e))?;
+                    p.load().map_err(|e| program_err(spec.func, "load", &e))?;
+                    install_cgroup(spec, attach_type, p, &cgroup, cgroup_id, pins.as_ref())?
+                }
+                Attach::RawTp(tp) => {
+                    let p: &mut RawTracePoint = prog
+                        .try_into()
+                        .map_err(|e| program_err(spec.func, "type check", &e))?;
+                    p.load().map_err(|e| program_err(spec.func, "load", &e))?;
+                    install_raw_tp(spec, tp, p, pins.as_ref())?
+                }
+            };
+            links.extend(held);
+        }
+
+        let events: MapData = match bpf.take_map("events") {
+            Some(Map::RingBuf(data)) => data,
+            _ => {
+                return Err(KernelError::Map {
+                    map: "events",
+                    op: "find in object",
+                    detail: "missing or not a ring buffer".to_owned(),
+                });
+            }
+        };
+        let events_id = events
+            .info()
+            .map_err(|e| map_err("events", "read info", &e))?
+            .id();
+
+        Ok(Self {
+            services: Mutex::new(take_map(&mut bpf, "services")?),
+            procs: Mutex::new(take_map(&mut bpf, "procs")?),
+            execs: take_map(&mut bpf, "execs")?,
+            policy: Mutex::new(take_map(&mut bpf, "policy")?),
+            stats: take_map(&mut bpf, "stats")?,
+            events_id,
+            adopted,
+            _links: links,
+            _bpf: bpf,
+        })
+    }
+
+    /// Whether [`load`](Self::load) found pinned maps from a previous agent
+    /// and reused them. The agent should then reconcile: list what is in
+    /// the maps and remove what its current state no longer contains.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Marks a destination as protected by `service_id`.
+    pub fn set_service(&self, dst: DstPrefix, service_id: u32) -> Result<(), KernelError> {
+        let (len, data) = dst.to_key()?;
+        lock(&self.services)
+            .insert(&Key::new(len, data), service_id, 0)
+            .map_err(|e| map_err("services", "insert", &e))
+    }
+
+    /// Unprotects a destination. Removing an absent one is not an error.
+    pub fn remove_service(&self, dst: DstPrefix) -> Result<(), KernelError> {
+        let (len, data) = dst.to_key()?;
+        match lock(&self.services).remove(&Key::new(len, data)) {
+            Err(e) if !is_not_found(&e) => Err(map_err("services", "remove", &e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// All protected destinations.
+    pub fn services(&self) -> Result<Vec<(DstPrefix, u32)>, KernelError> {
+        let map = lock(&self.services);
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (key, id) = item.map_err(|e| map_err("services", "iterate", &e))?;
+            // Entries we could not have written (another writer) are skipped.
+            if let Some(dst) = DstPrefix::from_key(key.prefix_len(), &key.data()) {
+                out.push((dst, id));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The kernel's exec id for `tgid`. Read it *before* attesting the
+    /// process and pass it to [`set_process`](Self::set_process).
+    pub fn exec_id(&self, tgid: u32) -> Result<ExecId, KernelError> {
+        match self.execs.get(&tgid, 0) {
+            Ok(v) => Ok(ExecId(v)),
+            Err(e) if is_not_found(&e) => Ok(ExecId(0)),
+            Err(e) => Err(map_err("execs", "lookup", &e)),
+        }
+    }
+
+    /// Records an attested process. `exec_id` must have been read with
+    /// [`exec_id`](Self::exec_id) before the attestation; if the process has
+    /// exec'd since, the kernel treats it as unattested.
+    pub fn set_process(&self, tgid: u32, subject: u32, exec_id: ExecId) -> Result<(), KernelError> {
+        let v = ProcState {
+            subject,
+            flags: 0,
+            exec_id: exec_id.0,
+        };
+        lock(&self.procs)
+            .insert(tgid, v, 0)
+            .map_err(|e| map_err("procs", "insert", &e))
+    }
+
+    /// Forgets a process. Removing an absent one is not an error.
+    pub fn remove_process(&self, tgid: u32) -> Result<(), KernelError> {
+        match lock(&self.procs).remove(&tgid) {
+            Err(e) if !is_not_found(&e) => Err(map_err("procs", "remove", &e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The entry for `tgid`, if any (including ones inherited by fork).
+    pub fn process(&self, tgid: u32) -> Result<Option<ProcessEntry>, KernelError> {
+        match lock(&self.procs).get(&tgid, 0) {
+            Ok(v) => Ok(Some(ProcessEntry {
+                subject: v.subject,
+                exec_id: ExecId(v.exec_id),
+            })),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err("procs", "lookup", &e)),
+        }
+    }
+
+    /// All process entries.
+    pub fn processes(&self) -> Result<Vec<(u32, ProcessEntry)>, KernelError> {
+        let map = lock(&self.procs);
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (tgid, v) = item.map_err(|e| map_err("procs", "iterate", &e))?;
+            out.push((
+                tgid,
+                ProcessEntry {
+                    subject: v.subject,
+                    exec_id: ExecId(v.exec_id),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Sets the verdict for (subject, service). `rule` names the policy
+    /// rule that decided, for audit.
+    pub fn set_verdict(
+        &self,
+        subject: u32,
+        service_id: u32,
+        allow: bool,
+        rule: u32,
+    ) -> Result<(), KernelError> {
+        let k = PolicyKey {
+            subject,
+            service_id,
+        };
+        let v = VerdictValue {
+            allow: u32::from(allow),
+            rule,
+        };
+        lock(&self.policy)
+            .insert(k, v, 0)
+            .map_err(|e| map_err("policy", "insert", &e))
+    }
+
+    /// Removes a verdict (the pair falls back to deny). Removing an absent
+    /// one is not an error.
+    pub fn remove_verdict(&self, subject: u32, service_id: u32) -> Result<(), KernelError> {
+        match lock(&self.policy).remove(&PolicyKey {
+            subject,
+            service_id,
+        }) {
+            Err(e) if !is_not_found(&e) => Err(map_err("policy", "remove", &e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// All verdicts.
+    pub fn verdicts(&self) -> Result<Vec<VerdictEntry>, KernelError> {
+        let map = lock(&self.policy);
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (k, v) = item.map_err(|e| map_err("policy", "iterate", &e))?;
+            out.push(VerdictEntry {
+                subject: k.subject,
+                service_id: k.service_id,
+                allow: v.allow != 0,
+                rule: v.rule,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A reader of the decision events. Use one at a time.
+    pub fn events(&self) -> Result<EventReader, KernelError> {
+        EventReader::open(self.events_id)
+    }
+
+    /// Decision counters, summed over CPUs.
+    pub fn stats(&self) -> Result<Stats, KernelError> {
+        let get = |idx: u32| -> Result<u64, KernelError> {
+            let per_cpu = self
+                .stats
+                .get(&idx, 0)
+                .map_err(|e| map_err("stats", "lookup", &e))?;
+            Ok(per_cpu.iter().fold(0u64, |a, v| a.wrapping_add(*v)))
+        };
+        Ok(Stats {
+            allowed: get(STAT_ALLOW)?,
+            denied: get(STAT_DENY)?,
+            unattested: get(STAT_UNATTESTED)?,
+            dropped_events: get(STAT_DROPPED_EVENTS)?,
+        })
+    }
+
+    /// Removes everything an agent attached: detaches and unpins the links
+    /// under `pin_dir`, detaches any of our socket programs still linked to
+    /// `cgroup` (pinned elsewhere or held by a live agent), and unpins the
+    /// maps. Safe to run repeatedly; missing pieces are skipped. Backend of
+    /// the documented "remove everything" command.
+    pub fn detach_all(pin_dir: &Path, cgroup: &Path) -> Result<DetachReport, KernelError> {
+        let mut report = DetachReport::default();
+        let pins = PinDir::new(pin_dir);
+
+        for entry in read_dir_if_exists(&pins.links)? {
+            let path = entry;
+            match sys::obj_get(&path) {
+                Ok(fd) => {
+                    if sys::link_detach(fd.as_fd()).is_ok() {
+                        report.links_detached += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "not a BPF link; removing the pin")
+                }
+            }
+            remove_pin(&path, &mut report)?;
+        }
+
+        match open_cgroup(cgroup) {
+            Ok((_, cgroup_id)) => report.links_detached += detach_cgroup_links(cgroup_id)?,
+            // A removed cgroup has nothing attached.
+            Err(KernelError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+
+        for path in read_dir_if_exists(&pins.maps)? {
+            remove_pin(&path, &mut report)?;
+        }
+        for dir in [&pins.links, &pins.maps, &pin_dir.to_path_buf()] {
+            // Not empty (someone else's pins) or a mount point: leave it.
+            let _ = fs::remove_dir(dir);
+        }
+        Ok(report)
+    }
+}
+
+fn read_dir_if_exists(dir: &Path) -> Result<Vec<PathBuf>, KernelError> {
+    match fs::read_dir(dir) {
+        Ok(rd) => {
+            let mut out = Vec::new();
+            for e in rd {
+                out.push(e.map_err(io_err(dir, "read directory"))?.path());
+            }
+            Ok(out)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io_err(dir, "read directory")(e)),
+    }
+}
+
+fn remove_pin(path: &Path, report: &mut DetachReport) -> Result<(), KernelError> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            report.pins_removed += 1;
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path, "remove pin")(e)),
+    }
+}
+
+/// Detaches every cgroup link on `cgroup_id` whose program is one of ours.
+fn detach_cgroup_links(cgroup_id: u64) -> Result<usize, KernelError> {
+    let ours: Vec<&str> = PROGRAMS
+        .iter()
+        .filter(|p| matches!(p.hook, Attach::Cgroup { .. }))
+        .map(|p| p.func)
+        .collect();
+    let ids = sys::link_ids().map_err(|source| KernelError::Io {
+        path: PathBuf::from("bpf(BPF_LINK_GET_NEXT_ID)"),
+        op: "list links",
+        source,
+    })?;
+    let mut n = 0;
+    for id in ids {
+        // Links come and go while we walk; a vanished one is fine.
+        let Ok(fd) = sys::link_fd_by_id(id) else {
+            continue;
+        };
+        let Ok(info) = sys::link_info(fd.as_fd()) else {
+            continue;
+        };
+        if info.link_type != sys::BPF_LINK_TYPE_CGROUP || info.cgroup_id != cgroup_id {
+            continue;
+        }
+        let Ok(name) = sys::prog_name(info.prog_id) else {
+            continue;
+        };
+        if ours.contains(&name.as_str()) && sys::link_detach(fd.as_fd()).is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enforcer_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Enforcer>();
+    }
+
+    #[test]
+    fn program_names_fit_the_kernel_limit() {
+        // The kernel truncates names to 15 bytes; detach_all matches on them.
+        for p in &PROGRAMS {
+            assert!(p.func.len() <= 15, "{}", p.func);
+        }
+    }
+
+    #[test]
+    fn object_is_embedded() {
+        assert!(OBJECT.starts_with(b"\x7fELF"));
+    }
+}

@@ -1,0 +1,412 @@
+//! Fixtures for the kernel tests: a cgroup of our own (never the root), a
+//! private bpffs mount, loopback listeners, and a scriptable child process
+//! that is moved into the cgroup before it opens any socket. Every fixture
+//! cleans up in Drop, so a failing assertion still leaves nothing behind.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    ffi::CString,
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{TcpListener, UdpSocket},
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use tether_kernel::{Enforcer, EnforcerConfig, Event};
+
+/// True when the tests can run (root, cgroup2, python3). Otherwise prints
+/// why and the test returns early.
+pub fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the kernel tests load BPF programs and need root");
+        return false;
+    }
+    if tether_kernel::cgroup2_mount().is_none() {
+        eprintln!("skipped: no cgroup2 mount in /proc/mounts");
+        return false;
+    }
+    if !Command::new("python3")
+        .arg("-c")
+        .arg("")
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("skipped: python3 is needed for the test clients");
+        return false;
+    }
+    true
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// `<cgroup2 mount>/tether-kernel-test-<pid>-<n>`, removed on drop after
+/// killing whatever is still inside (only our own children can be).
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new() -> Self {
+        let mnt = tether_kernel::cgroup2_mount().expect("cgroup2 mount");
+        sweep_stale(&mnt);
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let path = mnt.join(format!("tether-kernel-test-{}-{n}", std::process::id()));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path }
+    }
+
+    pub fn add(&self, pid: u32) {
+        fs::write(self.path.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", self.path.display()));
+    }
+
+    pub fn config(&self, pin_dir: Option<&Path>) -> EnforcerConfig {
+        EnforcerConfig {
+            cgroup: self.path.clone(),
+            pin_dir: pin_dir.map(Path::to_path_buf),
+        }
+    }
+}
+
+fn pid_is_gone(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Drop cannot run when a test run is killed (a timeout's SIGTERM, say), so
+/// leftovers of dead test processes are removed by the next run: empty
+/// cgroups and bpffs mounts named after a pid that no longer exists.
+fn sweep_stale(cgroup_mnt: &Path) {
+    if let Ok(entries) = fs::read_dir(cgroup_mnt) {
+        for e in entries.flatten() {
+            if pid_is_gone(&e.file_name().to_string_lossy(), "tether-kernel-test-") {
+                let _ = fs::remove_dir(e.path());
+            }
+        }
+    }
+    let tmp = std::env::temp_dir();
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(_), Some(dir), Some("bpf")) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let dir = Path::new(dir);
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if dir.parent() == Some(tmp.as_path()) && pid_is_gone(&name, "tether-bpffs-") {
+            let Ok(c) = CString::new(dir.as_os_str().as_bytes()) else {
+                continue;
+            };
+            // SAFETY: valid NUL-terminated path of a mount only our tests make.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..500 {
+            let procs = fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                break;
+            }
+            for pid in procs
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: plain kill(2); these are children this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Err(e) = fs::remove_dir(&self.path) {
+            eprintln!("warning: could not remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// A private bpffs instance on a temporary directory. Unmounting it drops
+/// every pin made in it.
+pub struct BpfFs {
+    dir: tempfile::TempDir,
+}
+
+impl BpfFs {
+    pub fn new() -> Self {
+        let prefix = format!("tether-bpffs-{}-", std::process::id());
+        let dir = tempfile::Builder::new()
+            .prefix(&prefix)
+            .tempdir()
+            .expect("tempdir");
+        let target = CString::new(dir.path().as_os_str().as_bytes()).expect("path");
+        // SAFETY: valid NUL-terminated strings; no data argument.
+        let r = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "mount bpffs: {}", std::io::Error::last_os_error());
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        self.dir.path().join("tether")
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let target = CString::new(self.dir.path().as_os_str().as_bytes()).expect("path");
+        // SAFETY: valid NUL-terminated path. MNT_DETACH so an fd still open
+        // somewhere cannot keep the mount point busy.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// A TCP listener on 127.0.0.1 and one on [::1] with the same port, so the
+/// v4, v6 and v4-mapped tests share one protected port number.
+pub struct Listeners {
+    pub v4: TcpListener,
+    pub v6: Option<TcpListener>,
+    pub port: u16,
+}
+
+pub fn tcp_listeners() -> Listeners {
+    for _ in 0..50 {
+        let v4 = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let port = v4.local_addr().expect("addr").port();
+        match TcpListener::bind(("::1", port)) {
+            Ok(v6) => {
+                return Listeners {
+                    v4,
+                    v6: Some(v6),
+                    port,
+                };
+            }
+            Err(_) => continue,
+        }
+    }
+    let v4 = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    let port = v4.local_addr().expect("addr").port();
+    Listeners { v4, v6: None, port }
+}
+
+pub fn udp_server() -> (UdpSocket, u16) {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    let port = s.local_addr().expect("addr").port();
+    (s, port)
+}
+
+/// The test client: a Python process that runs one command per stdin line
+/// and answers with one line ("OK ..." or "ERR <errno> <name>").
+const CLIENT: &str = r#"
+BOOT = "import os\nexec(os.environ['TETHER_CLIENT'])"
+import errno, os, socket, sys, threading
+
+def attempt(f):
+    try:
+        extra = f()
+        return "OK" + ("" if extra is None else " " + str(extra))
+    except OSError as e:
+        return "ERR %d %s" % (e.errno, errno.errorcode.get(e.errno, "?"))
+
+def fam(v):
+    return socket.AF_INET if v == "4" else socket.AF_INET6
+
+def connect(v, host, port, proto=0):
+    s = socket.socket(fam(v), socket.SOCK_STREAM, proto)
+    s.settimeout(5)
+    try:
+        s.connect((host, int(port)))
+    finally:
+        s.close()
+
+def fastopen(v, host, port):
+    # Blocking, so an allowed call returns after the handshake instead of
+    # EINPROGRESS.
+    s = socket.socket(fam(v), socket.SOCK_STREAM)
+    try:
+        s.sendto(b"x", socket.MSG_FASTOPEN, (host, int(port)))
+    finally:
+        s.close()
+
+def udp_sendto(v, host, port):
+    s = socket.socket(fam(v), socket.SOCK_DGRAM)
+    try:
+        s.sendto(b"ping", (host, int(port)))
+    finally:
+        s.close()
+
+def udp_connect(v, host, port):
+    s = socket.socket(fam(v), socket.SOCK_DGRAM)
+    try:
+        s.connect((host, int(port)))
+        s.send(b"ping")
+    finally:
+        s.close()
+
+def in_fork(f):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.write(w, attempt(f).encode())
+        os._exit(0)
+    os.close(w)
+    out = os.read(r, 200).decode()
+    os.waitpid(pid, 0)
+    return out + " child=%d" % pid
+
+def in_thread(f):
+    box = {}
+    def run():
+        box["tid"] = threading.get_native_id()
+        box["out"] = attempt(f)
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return box["out"] + " tid=%d" % box["tid"]
+
+# The readiness line doubles as "this image is the final one": a launcher
+# (pyenv shims, for one) may exec several times before we get here.
+print("READY %d" % os.getpid(), flush=True)
+for line in sys.stdin:
+    a = line.split()
+    if not a:
+        continue
+    cmd, args = a[0], a[1:]
+    if cmd == "connect":
+        out = attempt(lambda: connect(*args))
+    elif cmd == "mptcp":
+        try:
+            socket.socket(fam(args[0]), socket.SOCK_STREAM, socket.IPPROTO_MPTCP).close()
+            out = attempt(lambda: connect(*args, proto=socket.IPPROTO_MPTCP))
+        except OSError:
+            out = "UNSUPPORTED"
+    elif cmd == "fastopen":
+        out = attempt(lambda: fastopen(*args))
+    elif cmd == "sendto":
+        out = attempt(lambda: udp_sendto(*args))
+    elif cmd == "udpconnect":
+        out = attempt(lambda: udp_connect(*args))
+    elif cmd == "fork-connect":
+        out = in_fork(lambda: connect(*args))
+    elif cmd == "thread-connect":
+        out = in_thread(lambda: connect(*args))
+    elif cmd == "exec":
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-c", BOOT])
+    else:
+        out = "BADCMD " + cmd
+    print(out, flush=True)
+"#;
+
+/// Runs [`CLIENT`] from the environment, so an exec'd image can run it again.
+const BOOT: &str = "import os\nexec(os.environ['TETHER_CLIENT'])";
+
+/// A client process, already in the test cgroup when [`Client::spawn`]
+/// returns and blocked on stdin, so its sockets are created in the cgroup.
+pub struct Client {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub pid: u32,
+}
+
+impl Client {
+    pub fn spawn(cg: &TestCgroup) -> Self {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(BOOT)
+            .env("TETHER_CLIENT", CLIENT)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn python3");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let pid = child.id();
+        cg.add(pid);
+        let mut c = Self {
+            child,
+            stdin,
+            stdout,
+            pid,
+        };
+        c.expect_ready();
+        c
+    }
+
+    fn expect_ready(&mut self) {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read from client");
+        assert_eq!(
+            line.trim(),
+            format!("READY {}", self.pid),
+            "client start-up"
+        );
+    }
+
+    /// Sends one command and returns the answer line.
+    pub fn run(&mut self, cmd: &str) -> String {
+        writeln!(self.stdin, "{cmd}").expect("write to client");
+        self.stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read from client");
+        assert!(
+            !line.is_empty(),
+            "client {} exited during `{cmd}`",
+            self.pid
+        );
+        line.trim().to_owned()
+    }
+
+    /// Replaces the client's image with a fresh Python running the same
+    /// client (a real execve; same pid).
+    /// Returns once the new image is running.
+    pub fn exec(&mut self) {
+        writeln!(self.stdin, "exec").expect("write to client");
+        self.stdin.flush().expect("flush");
+        self.expect_ready();
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub const EPERM: &str = "ERR 1 EPERM";
+
+/// Attests `pid` as `subject` the way the agent must: exec id first.
+pub fn attest(e: &Enforcer, pid: u32, subject: u32) {
+    let exec_id = e.exec_id(pid).expect("exec_id");
+    e.set_process(pid, subject, exec_id).expect("set_process");
+}
+
+/// Events currently in the ring buffer.
+pub fn drain(e: &Enforcer) -> Vec<Event> {
+    e.events().expect("events").drain().expect("drain")
+}
