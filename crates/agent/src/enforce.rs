@@ -134,11 +134,20 @@ impl Enforcement {
             }
             None => None,
         };
+        // Over adopted maps, continue numbering after the previous agent's
+        // subjects so none of its still-valid verdicts is reused.
+        let first_subject = if kernel.adopted() {
+            let procs = kernel.processes().map_err(|e| anyhow::anyhow!("reading adopted processes: {e}"))?;
+            let verdicts = kernel.verdicts().map_err(|e| anyhow::anyhow!("reading adopted verdicts: {e}"))?;
+            procs.iter().map(|(_, p)| p.subject).chain(verdicts.iter().map(|v| v.subject)).max().unwrap_or(0).saturating_add(1)
+        } else {
+            1
+        };
         let e = Arc::new(Enforcement {
             kernel,
             node,
             clock,
-            next_subject: AtomicU32::new(1),
+            next_subject: AtomicU32::new(first_subject),
             procs: Mutex::new(HashMap::new()),
             retired: Mutex::new(Default::default()),
             compiled: Mutex::new(Compiled::default()),
@@ -166,15 +175,22 @@ impl Enforcement {
     pub fn sync_registry(&self, reg: Arc<Registry>) {
         *Self::lock(&self.registry) = reg.clone();
         let mut c = Self::lock(&self.compiled);
+        // Ids are derived from names, not from order, so an agent restarted
+        // over adopted kernel maps agrees with its predecessor about which
+        // service a surviving verdict refers to.
         for s in &reg.services {
-            let next = c.services.len() as u32 + 1;
-            let id = *c.services.entry(s.name.clone()).or_insert(next);
-            c.service_names.insert(id, s.name.clone());
+            if !c.services.contains_key(&s.name) {
+                let id = stable_id(&s.name, &c.service_names);
+                c.services.insert(s.name.clone(), id);
+                c.service_names.insert(id, s.name.clone());
+            }
         }
         for p in &reg.policies {
-            let next = c.rules.len() as u32 + 1;
-            let id = *c.rules.entry(p.name.clone()).or_insert(next);
-            c.rule_names.insert(id, p.name.clone());
+            if !c.rules.contains_key(&p.name) {
+                let id = stable_id(&p.name, &c.rule_names);
+                c.rules.insert(p.name.clone(), id);
+                c.rule_names.insert(id, p.name.clone());
+            }
         }
         let mut wanted: HashMap<DstPrefix, u32> = HashMap::new();
         for s in &reg.services {
@@ -188,7 +204,12 @@ impl Enforcement {
                 tracing::error!(error = %e, "installing Service in the kernel failed");
             }
         }
-        let stale: Vec<DstPrefix> = c.installed.iter().filter(|k| !wanted.contains_key(k)).copied().collect();
+        let mut stale: Vec<DstPrefix> = c.installed.iter().filter(|k| !wanted.contains_key(k)).copied().collect();
+        // Entries a previous agent installed (adopted maps) that no Service
+        // covers any more.
+        if let Ok(existing) = self.kernel.services() {
+            stale.extend(existing.into_iter().map(|(k, _)| k).filter(|k| !wanted.contains_key(k)));
+        }
         for k in stale {
             let _ = self.kernel.remove_service(k);
         }
@@ -286,6 +307,34 @@ impl Enforcement {
             r.pop_front();
         }
         r.push_back((old.subject, old.info, old.spiffe_ids));
+    }
+
+    /// After the first full rescan of a restarted agent: every live process
+    /// has its new subject, so the previous agent's entries can go. Until
+    /// now they kept protected destinations working without a gap.
+    pub fn collect_adopted(&self) {
+        let live: HashMap<i32, u32> = Self::lock(&self.procs).iter().map(|(p, e)| (*p, e.subject)).collect();
+        let subjects: HashSet<u32> = live.values().copied().collect();
+        let mut removed = (0, 0);
+        if let Ok(procs) = self.kernel.processes() {
+            for (tgid, p) in procs {
+                if live.get(&(tgid as i32)) != Some(&p.subject) {
+                    let _ = self.kernel.remove_process(tgid);
+                    removed.0 += 1;
+                }
+            }
+        }
+        if let Ok(verdicts) = self.kernel.verdicts() {
+            for v in verdicts {
+                if !subjects.contains(&v.subject) {
+                    let _ = self.kernel.remove_verdict(v.subject, v.service_id);
+                    removed.1 += 1;
+                }
+            }
+        }
+        if removed != (0, 0) {
+            tracing::info!(processes = removed.0, verdicts = removed.1, "removed entries left by the previous agent");
+        }
     }
 
     pub fn process_removed(&self, pid: i32) {
@@ -486,5 +535,20 @@ fn contains(p: &DstPrefix, ip: IpAddr) -> bool {
             (u128::from(n) & mask) == (u128::from(a) & mask)
         }
         _ => false,
+    }
+}
+
+/// A nonzero id from a name (FNV-1a), probing past ids already taken.
+fn stable_id(name: &str, taken: &HashMap<u32, String>) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    loop {
+        if h != 0 && !taken.contains_key(&h) {
+            return h;
+        }
+        h = h.wrapping_add(1);
     }
 }

@@ -168,6 +168,11 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
     let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(4096);
     tracker::spawn_event_reader(ev_tx)?;
     tracker.rescan().await;
+    if let Some(e) = tracker.enforcement.get()
+        && e.kernel().adopted()
+    {
+        e.collect_adopted();
+    }
     tasks.push(tokio::spawn(tracker::run(tracker.clone(), ev_rx, cfg.rescan_interval)));
 
     tasks.push(workload_api::serve(tracker.clone(), metrics.clone(), &cfg.workload_socket)?);

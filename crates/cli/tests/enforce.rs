@@ -351,3 +351,57 @@ fn time_window_condition_allows_inside_and_denies_outside() {
     assert!(c.contains("does not hold"), "{c}");
     let _ = std::fs::remove_file(&clock);
 }
+
+/// A private bpffs for pinned programs and maps, unmounted on drop.
+struct BpfMount(tempfile::TempDir);
+
+impl BpfMount {
+    fn new() -> BpfMount {
+        let d = tempfile::Builder::new().prefix("tether-cli-bpffs-").tempdir().expect("tempdir");
+        let st = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(d.path()).status().expect("mount");
+        assert!(st.success(), "mounting bpffs failed");
+        BpfMount(d)
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn agent_sigkill_keeps_destinations_closed_and_a_restart_adopts_without_help() {
+    let bpffs = BpfMount::new();
+    let pin = bpffs.0.path().join("tether");
+    let pin_s = pin.display().to_string();
+    let mut f = Fixture::new("failclosed", None, &["--bpf-pin-dir", &pin_s]);
+    let r = f.run_attested(&f.exe, "before");
+    assert!(all(&r, "ok"), "before the crash:\n{r}");
+
+    f.up.kill();
+    // Agent gone: the pinned programs still decide. Nothing new gets
+    // through unchecked, authorized binary included (no one can attest it).
+    let r = f.shell(&format!("echo hi > /dev/tcp/127.0.0.1/{}", f.port));
+    assert!(r.contains("Operation not permitted"), "unauthorized connect while the agent was down: {r}");
+    let r = f.run(&f.exe, None, "while-down", 200);
+    assert!(all(&r, "EPERM"), "a process connected unchecked while the agent was down:\n{r}");
+
+    // Restart: adopts the pinned state; the authorized client works again.
+    f.up.restart();
+    assert!(f.up.logs().contains("kernel enforcement active"), "{}", f.up.logs());
+    let r = f.run_attested(&f.exe, "after");
+    assert!(all(&r, "ok"), "after the restart:\n{r}\n{}", f.up.logs());
+    let r = f.shell(&format!("echo hi > /dev/tcp/127.0.0.1/{}", f.port));
+    assert!(r.contains("Operation not permitted"), "after the restart: {r}");
+
+    // The documented removal command takes everything away.
+    f.up.kill();
+    let o = Command::new(TETHER)
+        .args(["detach", "--cgroup", &f.cg.0.display().to_string(), "--pin-dir", &pin_s])
+        .output()
+        .expect("detach");
+    assert!(o.status.success(), "detach: {}", String::from_utf8_lossy(&o.stderr));
+    let r = f.shell(&format!("echo hi > /dev/tcp/127.0.0.1/{} && echo connected", f.port));
+    assert!(r.contains("connected"), "still enforced after detach: {r}");
+}

@@ -17,6 +17,7 @@ pub const TETHER: &str = env!("CARGO_BIN_EXE_tether");
 pub struct Up {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    extra: Vec<String>,
     pub run: PathBuf,
     pub node_api: String,
     pub metrics: String,
@@ -45,21 +46,42 @@ impl Up {
         let dir = open_tempdir();
         let run = dir.path().join("run");
         let log = dir.path().join("tether.log");
-        let logf = std::fs::File::create(&log).expect("log file");
+        let mut up = Up {
+            dir,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            run,
+            node_api: String::new(),
+            metrics: String::new(),
+            log,
+        };
+        up.spawn();
+        up
+    }
+
+    /// Starts `tether up` again on the same data and sockets (after `kill`).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let logf = std::fs::File::create(&self.log).expect("log file");
         let child = Command::new(TETHER)
             .args(["up", "--log-format", "json", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--rescan", "5s"])
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(self.dir.path().join("data"))
             .arg("--run-dir")
-            .arg(&run)
-            .args(extra)
+            .arg(&self.run)
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
             .expect("spawn tether up");
-        let mut up = Up { dir, child: Some(child), run, node_api: String::new(), metrics: String::new(), log };
+        self.child = Some(child);
+        let up = self;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let logs = up.logs();
@@ -72,7 +94,7 @@ impl Up {
                 }
             }
             if logs.contains("tether is up") {
-                return up;
+                return;
             }
             if let Some(c) = up.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
