@@ -405,3 +405,17 @@ fn agent_sigkill_keeps_destinations_closed_and_a_restart_adopts_without_help() {
     let r = f.shell(&format!("echo hi > /dev/tcp/127.0.0.1/{} && echo connected", f.port));
     assert!(r.contains("connected"), "still enforced after detach: {r}");
 }
+
+#[test]
+fn policy_changes_reach_new_connections_within_a_second() {
+    let f = Fixture::new("change", None, &[]);
+    let r = f.run_attested(&f.exe, "with-policy");
+    assert!(all(&r, "ok"), "{r}");
+    let o = f.up.tether(&["delete", "accesspolicy", "db-clients"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::thread::sleep(Duration::from_millis(1000));
+    let r = f.run_attested(&f.exe, "without-policy");
+    assert!(all(&r, "EPERM"), "policy removal not enforced within 1 s:\n{r}");
+    let c = f.up.ok(&["policy", "check", "--identity", "client", "--to", &format!("127.0.0.1:{}", f.port)]);
+    assert!(c.contains("default-deny"), "{c}");
+}
