@@ -13,22 +13,37 @@ b=$(tput bold 2>/dev/null || true); n=$(tput sgr0 2>/dev/null || true)
 step() { echo; echo "${b}== $*${n}"; }
 show() { echo "\$ $*"; "$@"; }
 
+# Enforcement applies to one cgroup of the demo's own (never the root).
+CG_ROOT=$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)
+CG=${CG_ROOT:+$CG_ROOT/tether-demo}
+
 cleanup() {
   [ -n "${UP_PID:-}" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null || true
   [ -n "${HOLD_PID:-}" ] && kill "$HOLD_PID" 2>/dev/null || true
+  [ -n "${DB_PID:-}" ] && kill "$DB_PID" 2>/dev/null || true
+  if [ -n "$CG" ] && [ -d "$CG" ]; then
+    for p in $(cat "$CG/cgroup.procs" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+    sleep 0.2; rmdir "$CG" 2>/dev/null || true
+  fi
 }
 trap cleanup EXIT
 
 rm -rf "$DEMO"; mkdir -p "$DEMO/bin" "$RUN"; chmod 755 "$DEMO" "$DEMO/bin" "$RUN"
+[ -n "$CG" ] || { echo "no cgroup2 mount found in /proc/mounts"; exit 1; }
+[ -d "$CG" ] && rmdir "$CG" 2>/dev/null; mkdir -p "$CG"
+# in_cg CMD...: run CMD inside the enforced cgroup.
+in_cg() { sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG" "$@"; }
+install -m 755 /bin/bash "$DEMO/bin/reporter"
 # The "workload": a copy of the tether binary, used only for its `fetch`
 # command (a plain SPIFFE Workload API client).
 install -m 755 "$TETHER" "$DEMO/bin/app"
 install -m 755 "$TETHER" "$DEMO/bin/intruder"
 
 step "1. Start Tether on this machine: server (CA, registry) + node agent, one process"
-echo "\$ tether up --data-dir $DEMO/data --run-dir $RUN &"
+echo "\$ tether up --data-dir $DEMO/data --run-dir $RUN --enforce-cgroup $CG &"
 "$TETHER" up --log-format text --data-dir "$DEMO/data" --run-dir "$RUN" \
-  --listen 127.0.0.1:0 --metrics 127.0.0.1:0 >"$DEMO/tether.log" 2>&1 &
+  --listen 127.0.0.1:0 --metrics 127.0.0.1:0 \
+  --enforce-cgroup "$CG" --audit-log "$DEMO/audit.log" >"$DEMO/tether.log" 2>&1 &
 UP_PID=$!
 for _ in $(seq 100); do grep -q "tether is up" "$DEMO/tether.log" 2>/dev/null && break; sleep 0.1; done
 grep -q "tether is up" "$DEMO/tether.log" || { cat "$DEMO/tether.log"; exit 1; }
@@ -73,4 +88,32 @@ sleep 0.3
 show "$TETHER" svids
 svid_metrics
 
-step "Done. Tether log: $DEMO/tether.log"
+step "9. Connection-time enforcement: a 'database' on 127.0.0.1:7379, password in every environment"
+python3 -c 'import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", 7379)); s.listen(16)
+while True:
+    c, _ = s.accept(); c.sendall(b"+OK welcome\r\n"); c.close()' &
+DB_PID=$!
+export DB_PASSWORD=hunter2
+sleep 0.3
+echo "processes below run inside the enforced cgroup $CG"
+echo "\$ reporter -c 'sleep 0.5; exec 3<>/dev/tcp/127.0.0.1/7379; head -1 <&3'    # the authorized program"
+in_cg "$DEMO/bin/reporter" -c 'sleep 0.5; exec 3<>/dev/tcp/127.0.0.1/7379 && head -1 <&3' || echo "UNEXPECTED: refused"
+echo "\$ bash -c 'echo AUTH \$DB_PASSWORD > /dev/tcp/127.0.0.1/7379'                # a shell with the password"
+in_cg /bin/bash -c 'echo "AUTH $DB_PASSWORD" > /dev/tcp/127.0.0.1/7379' 2>&1 | sed 's/^/    /' || true
+echo "\$ python3 -c 'socket.create_connection((\"::1\", 7379))'                      # another tool, over IPv6"
+in_cg python3 -c 'import socket
+try:
+    socket.create_connection(("::1", 7379)); print("    connected")
+except OSError as e:
+    print("    refused:", e)'
+
+step "10. Every decision is audited; policy check names the rule"
+sleep 0.3
+echo "\$ tether events"
+"$TETHER" events | python3 -c 'import json,sys
+for l in sys.stdin:
+    e = json.loads(l)
+    print("    {verdict:16} {comm:10} -> {destination:18} service={service} rule={rule}".format(**e))'
+show "$TETHER" policy check --identity reporter --to 127.0.0.1:7379
+
+step "Done. Tether log: $DEMO/tether.log, audit log: $DEMO/audit.log"
