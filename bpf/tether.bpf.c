@@ -144,6 +144,9 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
 
+/* Wake the reader once a quarter of the buffer is waiting. */
+#define EVENTS_WAKE_BYTES (64 * 1024)
+
 /* One array for all counters, dropped events included: the reader sums the
  * per-CPU slots, writers never contend. */
 struct {
@@ -278,7 +281,14 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 		__builtin_memcpy(e->addr, key.addr, 16);
 		e->hook = hook;
 		bpf_get_current_comm(e->comm, sizeof(e->comm));
-		bpf_ringbuf_submit(e, 0);
+		/* Waking the reader on every decision costs the connecting
+		 * process a context switch (measured: allowed connect 1.3x
+		 * slower). The agent drains on a short timer instead and is
+		 * woken only when the buffer is filling up. */
+		__u64 wake = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > EVENTS_WAKE_BYTES
+				     ? BPF_RB_FORCE_WAKEUP
+				     : BPF_RB_NO_WAKEUP;
+		bpf_ringbuf_submit(e, wake);
 	}
 
 	/* 0 makes connect()/sendmsg() fail with EPERM. */

@@ -424,7 +424,9 @@ impl Enforcement {
                 }
             };
             loop {
-                let batch = reader.wait(std::time::Duration::from_millis(200)).and_then(|_| reader.drain());
+                // The kernel wakes us only when the buffer fills (see the
+                // submit in tether.bpf.c); otherwise drain every 20 ms.
+                let batch = reader.wait(std::time::Duration::from_millis(20)).and_then(|_| reader.drain());
                 match batch {
                     Ok(b) => {
                         for ev in b {

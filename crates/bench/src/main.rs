@@ -1,6 +1,10 @@
-//! `make bench`: SVID issuance throughput and exec-to-SVID latency, each
-//! with a baseline measured in the same run. Prints a Markdown table.
-//! Needs root (the agent reads kernel process events).
+//! `make bench`: SVID issuance throughput, exec-to-SVID latency and
+//! connect() latency under the enforcement hook, each with a baseline
+//! measured in the same run. Prints one Markdown section per benchmark.
+//! Needs root (the agent reads kernel process events; the connect benchmark
+//! loads BPF programs into a cgroup of its own).
+
+mod connect;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -44,8 +48,21 @@ fn pct(v: &[Duration], p: f64) -> Duration {
     s[((s.len() as f64 - 1.0) * p).round() as usize]
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(connect::CHILD_ARG) {
+        return connect::child_main(&args[2..]);
+    }
+    // Before the server and agent exist: the agent follows every exec on the
+    // machine, and this benchmark's children would keep it busy meanwhile.
+    let connect_section = connect::run();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(issuance())?;
+    print!("{connect_section}");
+    Ok(())
+}
+
+/// SVID issuance throughput and exec-to-SVID latency.
+async fn issuance() -> anyhow::Result<()> {
     let reps = 5;
     let n = 300;
     let dir = tempfile::tempdir()?;
@@ -174,6 +191,8 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("## SVID issuance and exec-to-SVID latency");
+    println!();
     println!("| measurement | median of {reps} runs | ratio |");
     println!("|---|---|---|");
     let b = median(ecdsa.clone());
@@ -193,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
     println!("| spawn to SVID held by the agent | {:?} | {:?} |", pct(&ready_time, 0.5), pct(&ready_time, 0.99));
     println!();
     println!("cores: {cores}");
+    println!();
     drop(agent);
     drop(server);
     Ok(())
