@@ -23,12 +23,7 @@ impl AgentAdmin for AdminApi {
         if pid <= 0 {
             return Err(Status::invalid_argument(format!("pid {pid} is not a process id")));
         }
-        let fd = tether_attest::PidFd::open(pid).map_err(|e| Status::not_found(format!("pid {pid}: {e}")))?;
-        let t = self.tracker.clone();
-        let info = tokio::task::spawn_blocking(move || t.attestor.attest(&fd))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::not_found(e.to_string()))?;
+        let info = self.tracker.attest_pid(pid).await.map_err(Status::not_found)?;
         let reg = self.tracker.registry.borrow().clone();
         let mut matched = Vec::new();
         let mut unmatched = Vec::new();
@@ -91,12 +86,7 @@ impl AgentAdmin for AdminApi {
         };
         let reg = self.tracker.registry.borrow().clone();
         let out = if r.pid > 0 {
-            let fd = tether_attest::PidFd::open(r.pid).map_err(|e| Status::not_found(format!("pid {}: {e}", r.pid)))?;
-            let t = self.tracker.clone();
-            let info = tokio::task::spawn_blocking(move || t.attestor.attest(&fd))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| Status::not_found(e.to_string()))?;
+            let info = self.tracker.attest_pid(r.pid).await.map_err(Status::not_found)?;
             let m = reg.matching(&info);
             let names: Vec<String> = m.iter().map(|i| i.name.clone()).collect();
             let ids: Vec<String> = m.iter().map(|i| i.spiffe_id.to_string()).collect();

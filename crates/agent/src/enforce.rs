@@ -220,6 +220,10 @@ impl Enforcement {
 
     /// The verdicts a process gets now: service id -> allowing rule id.
     fn evaluate(&self, reg: &Registry, info: Option<&ProcessInfo>, identities: &[String], spiffe_ids: &[String]) -> BTreeMap<u32, u32> {
+        // Policies allow identities only; most processes on a host have none.
+        if identities.is_empty() {
+            return BTreeMap::new();
+        }
         let c = Self::lock(&self.compiled);
         let process = match info {
             Some(info) => serde_json::json!({
@@ -347,11 +351,14 @@ impl Enforcement {
         }
     }
 
-    /// Re-evaluates every process (registry change, or time passing for
-    /// conditional policies).
+    /// Re-evaluates every process that holds an identity (registry change,
+    /// or time passing for conditional policies). Processes without one have
+    /// no verdicts that could change; when they gain an identity the tracker
+    /// re-attests them.
     pub fn recompile_all(&self) {
         let snapshot: Vec<(ProcessInfo, ExecId, Vec<String>, Vec<String>)> = Self::lock(&self.procs)
             .values()
+            .filter(|p| !p.identities.is_empty())
             .map(|p| (p.info.clone(), p.exec_id, p.identities.clone(), p.spiffe_ids.clone()))
             .collect();
         for (info, exec_id, ids, sids) in snapshot {

@@ -213,22 +213,15 @@ impl Rewriter {
 
     fn emit(&mut self, block: PendingBlock) -> io::Result<()> {
         let mut encoded = Vec::with_capacity(block.fragment.len() + 64);
-        let mut err = None;
         self.decoder
             .decode_with_cb(&block.fragment, |name, value| {
-                if err.is_some() {
-                    return;
-                }
                 if name.as_ref() == b":authority" && !valid_authority(&value) {
                     put_literal(&mut encoded, &name, b"localhost");
                 } else {
                     put_literal(&mut encoded, &name, &value);
                 }
             })
-            .map_err(|e| {
-                err = Some(());
-                bad(&format!("HPACK: {e:?}"))
-            })?;
+            .map_err(|e| bad(&format!("HPACK: {e:?}")))?;
         let mut first = true;
         let mut rest: &[u8] = &encoded;
         loop {

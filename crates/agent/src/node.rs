@@ -16,6 +16,8 @@ use tether_tls::SharedBundle;
 use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
+use crate::tracker::now;
+
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// What the agent keeps on disk (owner-only) about its node identity. The
@@ -48,10 +50,6 @@ pub struct NodeConn {
     identity: RwLock<Arc<NodeIdentity>>,
     channel: RwLock<Channel>,
     state_file: PathBuf,
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 fn server_policy(td: &TrustDomain) -> tether_tls::IdPolicy {

@@ -105,6 +105,17 @@ impl Tracker {
         (t.info.start_time == start_time).then(|| t.svids.clone())
     }
 
+    /// Attests a pid on the blocking pool without tracking it (admin
+    /// queries).
+    pub async fn attest_pid(self: &Arc<Self>, pid: i32) -> Result<ProcessInfo, String> {
+        let fd = PidFd::open(pid).map_err(|e| format!("pid {pid}: {e}"))?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.attestor.attest(&fd))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
     /// How many SVIDs the process with this pid holds (any instance).
     pub fn svid_count(&self, pid: i32) -> usize {
         self.procs().get(&pid).map_or(0, |t| t.svids.len())

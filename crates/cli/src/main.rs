@@ -555,26 +555,6 @@ fn print_whoami(json: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Splits concatenated DER certificates (as the Workload API sends them).
-fn split_der(mut b: &[u8]) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    while b.len() >= 2 && b[0] == 0x30 {
-        let (len, hdr) = match b[1] {
-            n if n < 0x80 => (usize::from(n), 2),
-            0x81 if b.len() >= 3 => (usize::from(b[2]), 3),
-            0x82 if b.len() >= 4 => ((usize::from(b[2]) << 8) | usize::from(b[3]), 4),
-            _ => break,
-        };
-        let end = hdr + len;
-        if end > b.len() {
-            break;
-        }
-        out.push(b[..end].to_vec());
-        b = &b[end..];
-    }
-    out
-}
-
 async fn fetch(socket: &str, write: Option<&Path>, watch: bool) -> anyhow::Result<()> {
     use tether_proto::workload::X509svidRequest;
     use tether_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
@@ -591,7 +571,8 @@ async fn fetch(socket: &str, write: Option<&Path>, watch: bool) -> anyhow::Resul
         None => bail!("the Workload API closed the stream without an SVID"),
     };
     for svid in &resp.svids {
-        let chain = split_der(&svid.x509_svid);
+        let chain = tether_spiffe::x509::split_certificates(&svid.x509_svid)
+            .map_err(|e| anyhow!("Workload API sent an unreadable SVID: {e}"))?;
         let expires = chain
             .first()
             .and_then(|c| x509_expiry(c))
@@ -603,7 +584,9 @@ async fn fetch(socket: &str, write: Option<&Path>, watch: bool) -> anyhow::Resul
             std::fs::create_dir_all(dir)?;
             let certs: String = chain.iter().map(|c| tether_ca::pem_encode("CERTIFICATE", c)).collect();
             std::fs::write(dir.join("svid.pem"), certs)?;
-            let roots: String = split_der(&svid.bundle).iter().map(|c| tether_ca::pem_encode("CERTIFICATE", c)).collect();
+            let roots: String = tether_spiffe::x509::split_certificates(&svid.bundle)
+                .map_err(|e| anyhow!("Workload API sent an unreadable bundle: {e}"))?
+                .iter().map(|c| tether_ca::pem_encode("CERTIFICATE", c)).collect();
             std::fs::write(dir.join("bundle.pem"), roots)?;
             let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(dir.join("key.pem"))?;
             std::io::Write::write_all(&mut f, tether_ca::pem_encode("PRIVATE KEY", &svid.x509_svid_key).as_bytes())?;

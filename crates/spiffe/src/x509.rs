@@ -334,6 +334,21 @@ pub fn verify_x509_svid(
     Ok(id)
 }
 
+/// Splits concatenated DER certificates (the Workload API's encoding).
+pub fn split_certificates(mut der: &[u8]) -> Result<Vec<Vec<u8>>, SvidError> {
+    let mut out = Vec::new();
+    while !der.is_empty() {
+        if out.len() >= MAX_CHAIN_LEN {
+            return Err(SvidError::ChainTooLong { len: out.len() + 1 });
+        }
+        let (rest, _) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| SvidError::Parse { which: format!("certificate {}", out.len() + 1), problem: e.to_string() })?;
+        out.push(der[..der.len() - rest.len()].to_vec());
+        der = rest;
+    }
+    Ok(out)
+}
+
 /// The certificate's notAfter as Unix time, if it parses.
 pub fn not_after(der: &[u8]) -> Option<i64> {
     x509_parser::parse_x509_certificate(der).ok().map(|(_, c)| c.validity().not_after.timestamp())
