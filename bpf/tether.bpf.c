@@ -20,8 +20,11 @@
 #include <linux/types.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
 
 typedef _Bool bool;
+#define true 1
+#define false 0
 
 /* ---- shared layouts ---------------------------------------------------- */
 
@@ -46,9 +49,14 @@ struct svc {
  * the agent's write lands. */
 struct proc_state {
 	__u32 subject;
-	__u32 flags; /* reserved, 0 */
+	__u32 flags; /* PROC_* */
 	__u64 exec_id;
 };
+
+/* The agent itself: its connections (completing held ones) pass unchecked,
+ * and while this entry lives (the exit tracepoint frees it when the agent
+ * dies) unattested connections are held for it rather than refused. */
+#define PROC_AGENT 1
 
 struct policy_key {
 	__u32 subject;
@@ -63,7 +71,50 @@ struct verdict {
 enum {
 	VERDICT_DENY = 0,
 	VERDICT_ALLOW = 1,
-	VERDICT_UNATTESTED = 2,
+	VERDICT_UNATTESTED = 2, /* refused: no agent to hold it for, or UDP */
+	VERDICT_HELD = 3,       /* redirected to the agent, which decides */
+};
+
+/* config[0]: where to hold connections of processes not attested yet. */
+struct hold_cfg {
+	__u32 agent_tgid;
+	__be16 port; /* the agent's hold listener on loopback; 0 = no holding */
+	__u8 flags;  /* HOLD_V4 | HOLD_V6: which loopback listeners exist */
+	__u8 pad;
+	__u64 netns; /* the agent's network namespace cookie */
+};
+
+#define HOLD_V4 1
+#define HOLD_V6 2
+
+/* Per-socket record of a connection redirected to the agent (socket local
+ * storage: it lives and dies with the socket). getpeername reports the
+ * original destination from it; sock_ops copies it to `held` once the
+ * local port is known, which is what the agent can see on accept. */
+struct redirect {
+	__u8 addr[16]; /* original destination, IPv4-mapped for IPv4 */
+	__be16 port;
+	__u8 flow_v6; /* redirected to [::1] rather than 127.0.0.1 */
+	__u8 pad;
+	__u32 tgid;
+	__u32 pid;
+	__u32 uid;
+	__u32 service_id;
+	__u16 local_port; /* host order, set by sock_ops */
+	__u16 pad2;
+	__u64 exec_id;
+	__u64 start_ns; /* process start, CLOCK_BOOTTIME ns (as /proc stat) */
+};
+
+struct held_key {
+	__u16 port; /* the client's local port, host order */
+	__u8 v6;
+	__u8 pad;
+};
+
+struct held {
+	struct redirect r;
+	__u64 cookie;
 };
 
 enum {
@@ -78,7 +129,8 @@ enum {
 	STAT_DENY = 1,
 	STAT_UNATTESTED = 2,
 	STAT_DROPPED_EVENTS = 3,
-	STAT_MAX = 4,
+	STAT_HELD = 4,
+	STAT_MAX = 8, /* room to grow without changing the pinned map */
 };
 
 struct event {
@@ -102,6 +154,11 @@ struct event {
 _Static_assert(sizeof(struct dst_key) == 24, "dst_key ABI");
 _Static_assert(sizeof(struct proc_state) == 16, "proc_state ABI");
 _Static_assert(sizeof(struct event) == 88, "event ABI");
+_Static_assert(sizeof(struct hold_cfg) == 16, "hold_cfg ABI");
+_Static_assert(sizeof(struct redirect) == 56, "redirect ABI");
+_Static_assert(__builtin_offsetof(struct redirect, exec_id) == 40, "redirect ABI");
+_Static_assert(sizeof(struct held_key) == 4, "held_key ABI");
+_Static_assert(sizeof(struct held) == 64, "held ABI");
 _Static_assert(__builtin_offsetof(struct event, verdict) == 44, "event ABI");
 _Static_assert(__builtin_offsetof(struct event, addr) == 48, "event ABI");
 _Static_assert(__builtin_offsetof(struct event, hook) == 64, "event ABI");
@@ -144,6 +201,29 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct hold_cfg);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct redirect);
+} redirects SEC(".maps");
+
+/* Held connections by client port, waiting for the agent's accept. LRU: a
+ * connection the agent never sees cannot fill it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct held_key);
+	__type(value, struct held);
+} held SEC(".maps");
+
 /* Wake the reader once a quarter of the buffer is waiting. */
 #define EVENTS_WAKE_BYTES (64 * 1024)
 
@@ -177,11 +257,79 @@ static __always_inline __u64 exec_id_of(__u32 tgid)
 	return e ? *e : 0;
 }
 
+struct task_struct {
+	int pid;
+	int tgid;
+	struct task_struct *group_leader;
+	__u64 start_boottime;
+} __attribute__((preserve_access_index));
+
+/* Redirects an unattested TCP connect to the agent's hold listener and
+ * records where it was going. Only when an agent is alive to answer, in the
+ * agent's network namespace (a loopback port elsewhere could be anyone's). */
+static __always_inline bool hold(struct bpf_sock_addr *ctx, __u8 hook, __u32 protocol,
+				 const struct dst_key *key, bool mapped, __u32 tgid,
+				 __u32 pid, __u32 uid, __u32 service_id)
+{
+	__u32 zero = 0;
+
+	if (protocol != IPPROTO_TCP || (hook != HOOK_CONNECT4 && hook != HOOK_CONNECT6))
+		return false; /* UDP cannot be held; MPTCP subflows are not tracked */
+	struct hold_cfg *cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg || !cfg->port)
+		return false;
+	__u32 agent_tgid = cfg->agent_tgid;
+	struct proc_state *agent = bpf_map_lookup_elem(&procs, &agent_tgid);
+	if (!agent || !(agent->flags & PROC_AGENT) || agent->exec_id != exec_id_of(agent_tgid))
+		return false;
+	if (bpf_get_netns_cookie(ctx) != cfg->netns)
+		return false;
+	bool flow_v6 = hook == HOOK_CONNECT6 && !mapped;
+	if (!(cfg->flags & (flow_v6 ? HOLD_V6 : HOLD_V4)))
+		return false;
+
+	struct redirect *r = bpf_sk_storage_get(&redirects, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!r)
+		return false;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+
+	__builtin_memcpy(r->addr, key->addr, 16);
+	r->port = key->port;
+	r->flow_v6 = flow_v6;
+	r->pad = 0;
+	r->tgid = tgid;
+	r->pid = pid;
+	r->uid = uid;
+	r->service_id = service_id;
+	r->local_port = 0;
+	r->pad2 = 0;
+	r->exec_id = exec_id_of(tgid);
+	r->start_ns = BPF_CORE_READ(task, group_leader, start_boottime);
+
+	__u32 port = cfg->port;
+	if (hook == HOOK_CONNECT4) {
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+	} else if (mapped) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+	} else {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
+	}
+	ctx->user_port = port;
+	return true;
+}
+
 static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 {
 	struct dst_key key = {};
 	__u32 protocol = ctx->protocol;
 	__u32 port = ctx->user_port;
+	bool mapped = !v6;
 
 	full_width(protocol);
 	full_width(port);
@@ -197,6 +345,10 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 	default:
 		return 1; /* nothing else can be a protected destination */
 	}
+	/* A socket whose earlier connect was held and failed may connect
+	 * again: its old record must not describe the new connection. */
+	if (protocol == IPPROTO_TCP && (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6))
+		bpf_sk_storage_delete(&redirects, ctx->sk);
 	key.prefixlen = 32 + 128;
 	/* user_port holds the port in network order in its low 16 bits. */
 	key.port = (__be16)port;
@@ -205,6 +357,7 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 		__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1];
 		__u32 a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
 
+		mapped = a0 == 0 && a1 == 0 && a2 == bpf_htonl(0x0000ffff);
 		__builtin_memcpy(&key.addr[0], &a0, 4);
 		__builtin_memcpy(&key.addr[4], &a1, 4);
 		__builtin_memcpy(&key.addr[8], &a2, 4);
@@ -229,16 +382,21 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 	__u32 service_id = svc->service_id;
 
 	__u64 id = bpf_get_current_pid_tgid();
+	__u64 ug = bpf_get_current_uid_gid();
 	__u32 tgid = id >> 32;
 	__u32 subject = 0, rule = 0;
 	__u8 verdict;
 
 	struct proc_state *ps = bpf_map_lookup_elem(&procs, &tgid);
 	if (!ps || ps->exec_id != exec_id_of(tgid)) {
-		/* Not attested (or attested for an image it no longer runs).
-		 * Denied for now; the agent's "hold" (redirect to the agent,
-		 * which attests and completes the connection) comes later. */
-		verdict = VERDICT_UNATTESTED;
+		/* Not attested (or attested for an image it no longer runs):
+		 * never allowed blind. Held for the agent when possible, which
+		 * attests, decides and completes or refuses it. */
+		verdict = hold(ctx, hook, protocol, &key, mapped, tgid, (__u32)id, (__u32)ug, service_id)
+				  ? VERDICT_HELD
+				  : VERDICT_UNATTESTED;
+	} else if (ps->flags & PROC_AGENT) {
+		return 1; /* the agent completing a held connection */
 	} else {
 		struct policy_key pk = { .subject = ps->subject, .service_id = service_id };
 		struct verdict *v;
@@ -253,9 +411,10 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 		}
 	}
 
-	bump(verdict == VERDICT_ALLOW ? STAT_ALLOW
-	     : verdict == VERDICT_DENY ? STAT_DENY
-				       : STAT_UNATTESTED);
+	bump(verdict == VERDICT_ALLOW	 ? STAT_ALLOW
+	     : verdict == VERDICT_DENY	 ? STAT_DENY
+	     : verdict == VERDICT_HELD	 ? STAT_HELD
+					 : STAT_UNATTESTED);
 
 	/* Never wait for the reader: a full buffer costs an event, counted,
 	 * not a decision. */
@@ -263,8 +422,6 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 	if (!e) {
 		bump(STAT_DROPPED_EVENTS);
 	} else {
-		__u64 ug = bpf_get_current_uid_gid();
-
 		__builtin_memset(e, 0, sizeof(*e));
 		e->ts_ns = bpf_ktime_get_boot_ns();
 		e->cookie = bpf_get_socket_cookie(ctx);
@@ -292,7 +449,7 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 	}
 
 	/* 0 makes connect()/sendmsg() fail with EPERM. */
-	return verdict == VERDICT_ALLOW ? 1 : 0;
+	return verdict == VERDICT_ALLOW || verdict == VERDICT_HELD ? 1 : 0;
 }
 
 /* ---- socket hooks ------------------------------------------------------ */
@@ -321,6 +478,82 @@ int tether_sendmsg6(struct bpf_sock_addr *ctx)
 	return decide(ctx, HOOK_SENDMSG6, 1);
 }
 
+/* getpeername() on a held connection names the original destination, not
+ * the agent, so the application sees what it connected to. */
+static __always_inline int peer(struct bpf_sock_addr *ctx, bool v6)
+{
+	struct redirect *r = bpf_sk_storage_get(&redirects, ctx->sk, 0, 0);
+
+	if (!r)
+		return 1;
+	if (v6) {
+		__u32 a[4];
+
+		__builtin_memcpy(a, r->addr, 16);
+		ctx->user_ip6[0] = a[0];
+		ctx->user_ip6[1] = a[1];
+		ctx->user_ip6[2] = a[2];
+		ctx->user_ip6[3] = a[3];
+	} else {
+		__u32 a;
+
+		__builtin_memcpy(&a, &r->addr[12], 4);
+		ctx->user_ip4 = a;
+	}
+	ctx->user_port = r->port;
+	return 1;
+}
+
+SEC("cgroup/getpeername4")
+int tether_peer4(struct bpf_sock_addr *ctx)
+{
+	return peer(ctx, 0);
+}
+
+SEC("cgroup/getpeername6")
+int tether_peer6(struct bpf_sock_addr *ctx)
+{
+	return peer(ctx, 1);
+}
+
+/* Once connect() has picked the client's local port, publish the held
+ * record under it: that port is all the agent sees when it accepts. The
+ * entry goes when the socket closes, so a later connection that happens to
+ * reuse the port cannot be mistaken for this one. */
+SEC("sockops")
+int tether_sockops(struct bpf_sock_ops *skops)
+{
+	__u32 op = skops->op;
+
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB)
+		return 1;
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 1;
+	struct redirect *r = bpf_sk_storage_get(&redirects, sk, 0, 0);
+	if (!r)
+		return 1;
+	struct held_key k = { .v6 = r->flow_v6 };
+	__u64 cookie = bpf_get_socket_cookie(skops);
+
+	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+		struct held h;
+
+		k.port = (__u16)skops->local_port;
+		r->local_port = k.port;
+		__builtin_memcpy(&h.r, r, sizeof(h.r));
+		h.cookie = cookie;
+		bpf_map_update_elem(&held, &k, &h, BPF_ANY);
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	} else if (skops->args[1] == BPF_TCP_CLOSE) {
+		k.port = r->local_port;
+		struct held *h = bpf_map_lookup_elem(&held, &k);
+		if (h && h->cookie == cookie)
+			bpf_map_delete_elem(&held, &k);
+	}
+	return 1;
+}
+
 /* ---- process lifecycle ------------------------------------------------- */
 /*
  * Raw tracepoints, not tracefs tracepoints: they attach by name without a
@@ -330,11 +563,6 @@ int tether_sendmsg6(struct bpf_sock_addr *ctx)
  *   sched_process_fork(struct task_struct *parent, struct task_struct *child)
  *   sched_process_exit(struct task_struct *p[, bool group_dead])  (group_dead: 6.16+)
  */
-
-struct task_struct {
-	int pid;
-	int tgid;
-} __attribute__((preserve_access_index));
 
 /* Only used to ask (CO-RE) whether this kernel passes group_dead. */
 struct trace_event_raw_sched_process_exit {

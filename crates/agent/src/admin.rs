@@ -5,7 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tether_proto::tether::agent_admin_server::{AgentAdmin, AgentAdminServer};
-use tether_proto::tether::{EventsRequest, JsonResponse, ListSvidsRequest, PolicyCheckRequest, WhoAmIRequest};
+use tether_proto::tether::{
+    EventsRequest, JsonResponse, ListSvidsRequest, PolicyCheckRequest, WhoAmIRequest,
+};
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
@@ -18,12 +20,21 @@ pub struct AdminApi {
 
 #[tonic::async_trait]
 impl AgentAdmin for AdminApi {
-    async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Result<Response<JsonResponse>, Status> {
+    async fn who_am_i(
+        &self,
+        req: Request<WhoAmIRequest>,
+    ) -> Result<Response<JsonResponse>, Status> {
         let pid = req.into_inner().pid;
         if pid <= 0 {
-            return Err(Status::invalid_argument(format!("pid {pid} is not a process id")));
+            return Err(Status::invalid_argument(format!(
+                "pid {pid} is not a process id"
+            )));
         }
-        let info = self.tracker.attest_pid(pid).await.map_err(Status::not_found)?;
+        let info = self
+            .tracker
+            .attest_pid(pid)
+            .await
+            .map_err(Status::not_found)?;
         let reg = self.tracker.registry.borrow().clone();
         let mut matched = Vec::new();
         let mut unmatched = Vec::new();
@@ -35,7 +46,11 @@ impl AgentAdmin for AdminApi {
                 .iter()
                 .zip(&ident.raw_sets)
                 .map(|(set, raw)| {
-                    let failed: Vec<String> = set.iter().filter(|s| !s.matches(&info)).map(|s| s.to_string()).collect();
+                    let failed: Vec<String> = set
+                        .iter()
+                        .filter(|s| !s.matches(&info))
+                        .map(|s| s.to_string())
+                        .collect();
                     serde_json::json!({ "selectors": raw, "failed": failed })
                 })
                 .collect();
@@ -56,7 +71,11 @@ impl AgentAdmin for AdminApi {
         let verdict = if matched.is_empty() {
             "no identity matches this process".to_string()
         } else {
-            format!("matches {} identit{}", matched.len(), if matched.len() == 1 { "y" } else { "ies" })
+            format!(
+                "matches {} identit{}",
+                matched.len(),
+                if matched.len() == 1 { "y" } else { "ies" }
+            )
         };
         let out = serde_json::json!({
             "node": self.node,
@@ -68,25 +87,38 @@ impl AgentAdmin for AdminApi {
             "notMatched": unmatched,
             "svids": held,
         });
-        Ok(Response::new(JsonResponse { json: serde_json::to_string_pretty(&out).unwrap_or_default() }))
+        Ok(Response::new(JsonResponse {
+            json: serde_json::to_string_pretty(&out).unwrap_or_default(),
+        }))
     }
 
-    async fn policy_check(&self, req: Request<PolicyCheckRequest>) -> Result<Response<JsonResponse>, Status> {
+    async fn policy_check(
+        &self,
+        req: Request<PolicyCheckRequest>,
+    ) -> Result<Response<JsonResponse>, Status> {
         let r = req.into_inner();
-        let e = self
-            .tracker
-            .enforcement
-            .get()
-            .ok_or_else(|| Status::failed_precondition("kernel enforcement is not enabled on this agent (--enforce-cgroup)"))?;
+        let e = self.tracker.enforcement.get().ok_or_else(|| {
+            Status::failed_precondition(
+                "kernel enforcement is not enabled on this agent (--enforce-cgroup)",
+            )
+        })?;
         let dst = resolve(&r.destination)?;
         let proto = match r.protocol.as_str() {
             "" | "tcp" => tether_kernel::Proto::Tcp,
             "udp" => tether_kernel::Proto::Udp,
-            other => return Err(Status::invalid_argument(format!("protocol {other:?}: use tcp or udp"))),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "protocol {other:?}: use tcp or udp"
+                )));
+            }
         };
         let reg = self.tracker.registry.borrow().clone();
         let out = if r.pid > 0 {
-            let info = self.tracker.attest_pid(r.pid).await.map_err(Status::not_found)?;
+            let info = self
+                .tracker
+                .attest_pid(r.pid)
+                .await
+                .map_err(Status::not_found)?;
             let m = reg.matching(&info);
             let names: Vec<String> = m.iter().map(|i| i.name.clone()).collect();
             let ids: Vec<String> = m.iter().map(|i| i.spiffe_id.to_string()).collect();
@@ -99,25 +131,47 @@ impl AgentAdmin for AdminApi {
                 .identities
                 .iter()
                 .find(|i| i.name == r.identity)
-                .ok_or_else(|| Status::not_found(format!("WorkloadIdentity {:?} not known to this agent", r.identity)))?;
-            e.check(None, std::slice::from_ref(&ident.name), &[ident.spiffe_id.to_string()], dst, proto)
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "WorkloadIdentity {:?} not known to this agent",
+                        r.identity
+                    ))
+                })?;
+            e.check(
+                None,
+                std::slice::from_ref(&ident.name),
+                &[ident.spiffe_id.to_string()],
+                dst,
+                proto,
+            )
         } else {
             return Err(Status::invalid_argument("give a pid or an identity"));
         };
         let mut out = out;
         out["destination"] = serde_json::json!(dst.to_string());
-        Ok(Response::new(JsonResponse { json: serde_json::to_string_pretty(&out).unwrap_or_default() }))
+        Ok(Response::new(JsonResponse {
+            json: serde_json::to_string_pretty(&out).unwrap_or_default(),
+        }))
     }
 
-    type EventsStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<JsonResponse, Status>> + Send + 'static>>;
+    type EventsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<JsonResponse, Status>> + Send + 'static>,
+    >;
 
-    async fn events(&self, req: Request<EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
+    async fn events(
+        &self,
+        req: Request<EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
         let follow = req.into_inner().follow;
         let e = self
             .tracker
             .enforcement
             .get()
-            .ok_or_else(|| Status::failed_precondition("kernel enforcement is not enabled on this agent (--enforce-cgroup)"))?
+            .ok_or_else(|| {
+                Status::failed_precondition(
+                    "kernel enforcement is not enabled on this agent (--enforce-cgroup)",
+                )
+            })?
             .clone();
         // Subscribe before reading the backlog so nothing falls in between.
         let mut live = e.audit.subscribe();
@@ -151,10 +205,15 @@ impl AgentAdmin for AdminApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn list_svids(&self, _req: Request<ListSvidsRequest>) -> Result<Response<JsonResponse>, Status> {
+    async fn list_svids(
+        &self,
+        _req: Request<ListSvidsRequest>,
+    ) -> Result<Response<JsonResponse>, Status> {
         let rows: Vec<serde_json::Value> = self
             .tracker
             .snapshot()
@@ -169,7 +228,9 @@ impl AgentAdmin for AdminApi {
                 })
             })
             .collect();
-        Ok(Response::new(JsonResponse { json: serde_json::to_string_pretty(&rows).unwrap_or_default() }))
+        Ok(Response::new(JsonResponse {
+            json: serde_json::to_string_pretty(&rows).unwrap_or_default(),
+        }))
     }
 }
 
@@ -183,10 +244,17 @@ pub fn serve(tracker: Arc<Tracker>, node: String, path: &Path) -> anyhow::Result
         use tokio_stream::StreamExt as _;
         // Socket permissions are the first gate, peer credentials the second.
         let incoming = incoming.filter(move |c| match c {
-            Ok(s) => s.peer_cred().map(|c| c.uid() == 0 || c.uid() == me).unwrap_or(false),
+            Ok(s) => s
+                .peer_cred()
+                .map(|c| c.uid() == 0 || c.uid() == me)
+                .unwrap_or(false),
             Err(_) => true,
         });
-        if let Err(e) = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(incoming)
+            .await
+        {
             tracing::error!(error = %e, "agent admin API stopped");
         }
     }))

@@ -82,10 +82,20 @@ fn prefixes(spec: &tether_manifest::ServiceSpec) -> Vec<DstPrefix> {
     let mut push = |net: IpAddr, prefix_len: u8, ports: &[u16], protocol: Protocol| {
         for proto in protos(protocol) {
             if ports.is_empty() {
-                out.push(DstPrefix { net, prefix_len, port: 0, proto: *proto });
+                out.push(DstPrefix {
+                    net,
+                    prefix_len,
+                    port: 0,
+                    proto: *proto,
+                });
             }
             for port in ports {
-                out.push(DstPrefix { net, prefix_len, port: *port, proto: *proto });
+                out.push(DstPrefix {
+                    net,
+                    prefix_len,
+                    port: *port,
+                    proto: *proto,
+                });
             }
         }
     };
@@ -102,7 +112,9 @@ fn prefixes(spec: &tether_manifest::ServiceSpec) -> Vec<DstPrefix> {
                     push(a.ip(), len, &spec.host_ports, Protocol::Both);
                 }
             }
-            Err(e) => tracing::warn!(hostname = %h, error = %e, "cannot resolve Service hostname; retrying later"),
+            Err(e) => {
+                tracing::warn!(hostname = %h, error = %e, "cannot resolve Service hostname; retrying later")
+            }
         }
     }
     out
@@ -137,9 +149,19 @@ impl Enforcement {
         // Over adopted maps, continue numbering after the previous agent's
         // subjects so none of its still-valid verdicts is reused.
         let first_subject = if kernel.adopted() {
-            let procs = kernel.processes().map_err(|e| anyhow::anyhow!("reading adopted processes: {e}"))?;
-            let verdicts = kernel.verdicts().map_err(|e| anyhow::anyhow!("reading adopted verdicts: {e}"))?;
-            procs.iter().map(|(_, p)| p.subject).chain(verdicts.iter().map(|v| v.subject)).max().unwrap_or(0).saturating_add(1)
+            let procs = kernel
+                .processes()
+                .map_err(|e| anyhow::anyhow!("reading adopted processes: {e}"))?;
+            let verdicts = kernel
+                .verdicts()
+                .map_err(|e| anyhow::anyhow!("reading adopted verdicts: {e}"))?;
+            procs
+                .iter()
+                .map(|(_, p)| p.subject)
+                .chain(verdicts.iter().map(|v| v.subject))
+                .max()
+                .unwrap_or(0)
+                .saturating_add(1)
         } else {
             1
         };
@@ -204,11 +226,21 @@ impl Enforcement {
                 tracing::error!(error = %e, "installing Service in the kernel failed");
             }
         }
-        let mut stale: Vec<DstPrefix> = c.installed.iter().filter(|k| !wanted.contains_key(k)).copied().collect();
+        let mut stale: Vec<DstPrefix> = c
+            .installed
+            .iter()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
         // Entries a previous agent installed (adopted maps) that no Service
         // covers any more.
         if let Ok(existing) = self.kernel.services() {
-            stale.extend(existing.into_iter().map(|(k, _)| k).filter(|k| !wanted.contains_key(k)));
+            stale.extend(
+                existing
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| !wanted.contains_key(k)),
+            );
         }
         for k in stale {
             let _ = self.kernel.remove_service(k);
@@ -219,7 +251,13 @@ impl Enforcement {
     }
 
     /// The verdicts a process gets now: service id -> allowing rule id.
-    fn evaluate(&self, reg: &Registry, info: Option<&ProcessInfo>, identities: &[String], spiffe_ids: &[String]) -> BTreeMap<u32, u32> {
+    fn evaluate(
+        &self,
+        reg: &Registry,
+        info: Option<&ProcessInfo>,
+        identities: &[String],
+        spiffe_ids: &[String],
+    ) -> BTreeMap<u32, u32> {
         // Policies allow identities only; most processes on a host have none.
         if identities.is_empty() {
             return BTreeMap::new();
@@ -270,7 +308,13 @@ impl Enforcement {
 
     /// A process was attested (again): give it a subject and verdicts.
     /// `exec_id` must have been read before the attestation.
-    pub fn process_updated(&self, info: &ProcessInfo, exec_id: ExecId, identities: Vec<String>, spiffe_ids: Vec<String>) {
+    pub fn process_updated(
+        &self,
+        info: &ProcessInfo,
+        exec_id: ExecId,
+        identities: Vec<String>,
+        spiffe_ids: Vec<String>,
+    ) {
         let reg = Self::lock(&self.registry).clone();
         let allowed = self.evaluate(&reg, Some(info), &identities, &spiffe_ids);
         let mut procs = Self::lock(&self.procs);
@@ -296,7 +340,15 @@ impl Enforcement {
         }
         if let Some(old) = procs.insert(
             info.pid,
-            ProcEntry { start_time: info.start_time, exec_id, subject, info: info.clone(), identities, spiffe_ids, allowed },
+            ProcEntry {
+                start_time: info.start_time,
+                exec_id,
+                subject,
+                info: info.clone(),
+                identities,
+                spiffe_ids,
+                allowed,
+            },
         ) {
             for svc in old.allowed.keys() {
                 let _ = self.kernel.remove_verdict(old.subject, *svc);
@@ -317,7 +369,10 @@ impl Enforcement {
     /// has its new subject, so the previous agent's entries can go. Until
     /// now they kept protected destinations working without a gap.
     pub fn collect_adopted(&self) {
-        let live: HashMap<i32, u32> = Self::lock(&self.procs).iter().map(|(p, e)| (*p, e.subject)).collect();
+        let live: HashMap<i32, u32> = Self::lock(&self.procs)
+            .iter()
+            .map(|(p, e)| (*p, e.subject))
+            .collect();
         let subjects: HashSet<u32> = live.values().copied().collect();
         let mut removed = (0, 0);
         if let Ok(procs) = self.kernel.processes() {
@@ -337,7 +392,11 @@ impl Enforcement {
             }
         }
         if removed != (0, 0) {
-            tracing::info!(processes = removed.0, verdicts = removed.1, "removed entries left by the previous agent");
+            tracing::info!(
+                processes = removed.0,
+                verdicts = removed.1,
+                "removed entries left by the previous agent"
+            );
         }
     }
 
@@ -356,18 +415,29 @@ impl Enforcement {
     /// no verdicts that could change; when they gain an identity the tracker
     /// re-attests them.
     pub fn recompile_all(&self) {
-        let snapshot: Vec<(ProcessInfo, ExecId, Vec<String>, Vec<String>)> = Self::lock(&self.procs)
-            .values()
-            .filter(|p| !p.identities.is_empty())
-            .map(|p| (p.info.clone(), p.exec_id, p.identities.clone(), p.spiffe_ids.clone()))
-            .collect();
+        let snapshot: Vec<(ProcessInfo, ExecId, Vec<String>, Vec<String>)> =
+            Self::lock(&self.procs)
+                .values()
+                .filter(|p| !p.identities.is_empty())
+                .map(|p| {
+                    (
+                        p.info.clone(),
+                        p.exec_id,
+                        p.identities.clone(),
+                        p.spiffe_ids.clone(),
+                    )
+                })
+                .collect();
         for (info, exec_id, ids, sids) in snapshot {
             self.process_updated(&info, exec_id, ids, sids);
         }
     }
 
     pub fn has_conditions(&self) -> bool {
-        Self::lock(&self.registry).policies.iter().any(|p| p.condition.is_some())
+        Self::lock(&self.registry)
+            .policies
+            .iter()
+            .any(|p| p.condition.is_some())
     }
 
     /// Explains the verdict for a process or identity and a destination.
@@ -381,7 +451,9 @@ impl Enforcement {
     ) -> serde_json::Value {
         let reg = Self::lock(&self.registry).clone();
         let service = reg.services.iter().find(|s| {
-            prefixes(&s.spec).iter().any(|p| p.proto == proto && (p.port == 0 || p.port == dst.port()) && contains(p, dst.ip()))
+            prefixes(&s.spec).iter().any(|p| {
+                p.proto == proto && (p.port == 0 || p.port == dst.port()) && contains(p, dst.ip())
+            })
         });
         let Some(service) = service else {
             return serde_json::json!({ "verdict": "untouched", "reason": "no Service covers this destination" });
@@ -403,9 +475,15 @@ impl Enforcement {
                     .filter(|p| p.spec.services.contains(&service.name))
                     .map(|p| {
                         let why = if !p.spec.identities.iter().any(|i| identities.contains(i)) {
-                            format!("allows identities {:?}, caller has {:?}", p.spec.identities, identities)
+                            format!(
+                                "allows identities {:?}, caller has {:?}",
+                                p.spec.identities, identities
+                            )
                         } else {
-                            format!("condition `{}` does not hold now", p.spec.when.clone().unwrap_or_default())
+                            format!(
+                                "condition `{}` does not hold now",
+                                p.spec.when.clone().unwrap_or_default()
+                            )
                         };
                         serde_json::json!({ "policy": p.name, "why": why })
                     })
@@ -422,31 +500,35 @@ impl Enforcement {
     /// own thread so a burst cannot delay the async runtime.
     pub fn spawn_event_pump(self: &Arc<Self>) {
         let me = self.clone();
-        let spawned = std::thread::Builder::new().name("audit-events".into()).spawn(move || {
-            let mut reader = match me.kernel.events() {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read kernel events; no audit records");
-                    return;
-                }
-            };
-            loop {
-                // The kernel wakes us only when the buffer fills (see the
-                // submit in tether.bpf.c); otherwise drain every 20 ms.
-                let batch = reader.wait(std::time::Duration::from_millis(20)).and_then(|_| reader.drain());
-                match batch {
-                    Ok(b) => {
-                        for ev in b {
-                            me.audit_event(&ev);
+        let spawned = std::thread::Builder::new()
+            .name("audit-events".into())
+            .spawn(move || {
+                let mut reader = match me.kernel.events() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read kernel events; no audit records");
+                        return;
+                    }
+                };
+                loop {
+                    // The kernel wakes us only when the buffer fills (see the
+                    // submit in tether.bpf.c); otherwise drain every 20 ms.
+                    let batch = reader
+                        .wait(std::time::Duration::from_millis(20))
+                        .and_then(|_| reader.drain());
+                    match batch {
+                        Ok(b) => {
+                            for ev in b {
+                                me.audit_event(&ev);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "reading kernel events failed");
+                            std::thread::sleep(std::time::Duration::from_millis(200));
                         }
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "reading kernel events failed");
-                        std::thread::sleep(std::time::Duration::from_millis(200));
-                    }
                 }
-            }
-        });
+            });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the audit event thread");
         }
@@ -473,7 +555,11 @@ impl Enforcement {
 
     fn audit_event(&self, ev: &tether_kernel::Event) {
         let c = Self::lock(&self.compiled);
-        let service = c.service_names.get(&ev.service_id).cloned().unwrap_or_default();
+        let service = c
+            .service_names
+            .get(&ev.service_id)
+            .cloned()
+            .unwrap_or_default();
         let rule = match ev.decision {
             Decision::Allow => c.rule_names.get(&ev.rule).cloned().unwrap_or_default(),
             Decision::Unattested => "unattested".to_string(),
@@ -482,10 +568,17 @@ impl Enforcement {
         drop(c);
         let proc = self.decided_by(ev);
         let (exe, sha, cgroup, spiffe) = match &proc {
-            Some((i, ids)) => (i.exe_path.clone(), i.sha256.clone(), i.cgroup.clone(), serde_json::json!(ids)),
+            Some((i, ids)) => (
+                i.exe_path.clone(),
+                i.sha256.clone(),
+                i.cgroup.clone(),
+                serde_json::json!(ids),
+            ),
             // Unattested: what /proc says now, best effort and unverified.
             None => (
-                std::fs::read_link(format!("/proc/{}/exe", ev.tgid)).map(|p| p.display().to_string()).unwrap_or_default(),
+                std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
                 String::new(),
                 String::new(),
                 serde_json::json!("unattested"),
@@ -505,7 +598,10 @@ impl Enforcement {
             "hook": format!("{:?}", ev.hook).to_lowercase(), "service": service, "verdict": verdict, "rule": rule,
         });
         let line = rec.to_string();
-        let ident = proc.as_ref().and_then(|(_, ids)| ids.first().cloned()).unwrap_or_else(|| "unattested".into());
+        let ident = proc
+            .as_ref()
+            .and_then(|(_, ids)| ids.first().cloned())
+            .unwrap_or_else(|| "unattested".into());
         self.metrics.connect_decision(verdict, &ident, &service);
         if let Some(f) = &self.audit_file {
             let mut f = Self::lock(f);
@@ -529,18 +625,29 @@ impl Enforcement {
 /// Whether `ip` falls in the prefix (IPv4-mapped IPv6 counts as IPv4).
 fn contains(p: &DstPrefix, ip: IpAddr) -> bool {
     let norm = |ip: IpAddr| match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
     match (norm(p.net), norm(ip)) {
         (IpAddr::V4(n), IpAddr::V4(a)) => {
             let bits = u32::from(p.prefix_len.min(32));
-            let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
             (u32::from(n) & mask) == (u32::from(a) & mask)
         }
         (IpAddr::V6(n), IpAddr::V6(a)) => {
             let bits = u32::from(p.prefix_len.min(128));
-            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
             (u128::from(n) & mask) == (u128::from(a) & mask)
         }
         _ => false,

@@ -40,7 +40,12 @@ enum Phase {
     /// Copy this many payload bytes of a non-header frame unchanged.
     Passthrough(usize),
     /// Collect a HEADERS/CONTINUATION payload of this length.
-    HeaderPayload { len: usize, ftype: u8, flags: u8, stream: u32 },
+    HeaderPayload {
+        len: usize,
+        ftype: u8,
+        flags: u8,
+        stream: u32,
+    },
     /// Not HTTP/2 as we know it: stop interpreting, let the server reject.
     Raw,
 }
@@ -65,16 +70,27 @@ impl Default for Rewriter {
     fn default() -> Self {
         let mut decoder = loona_hpack::Decoder::new();
         decoder.set_max_allowed_table_size(MAX_TABLE);
-        Rewriter { phase: Phase::Preface, input: Vec::new(), output: Vec::new(), decoder, pending: None }
+        Rewriter {
+            phase: Phase::Preface,
+            input: Vec::new(),
+            output: Vec::new(),
+            decoder,
+            pending: None,
+        }
     }
 }
 
 fn bad(msg: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("HTTP/2 from Workload API client: {msg}"))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("HTTP/2 from Workload API client: {msg}"),
+    )
 }
 
 fn valid_authority(v: &[u8]) -> bool {
-    std::str::from_utf8(v).is_ok_and(|s| !s.is_empty() && format!("http://{s}/").parse::<hyper::Uri>().is_ok() && !s.contains('%'))
+    std::str::from_utf8(v).is_ok_and(|s| {
+        !s.is_empty() && format!("http://{s}/").parse::<hyper::Uri>().is_ok() && !s.contains('%')
+    })
 }
 
 fn put_int(out: &mut Vec<u8>, prefix_bits: u8, first: u8, mut v: usize) {
@@ -127,7 +143,8 @@ impl Rewriter {
                         return Ok(());
                     }
                     let h = &self.input[..FRAME_HEADER_LEN];
-                    let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+                    let len =
+                        (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
                     let (ftype, flags) = (h[3], h[4]);
                     let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
                     if ftype == TYPE_HEADERS || ftype == TYPE_CONTINUATION {
@@ -135,7 +152,12 @@ impl Rewriter {
                             return Err(bad("header frame too large"));
                         }
                         self.input.drain(..FRAME_HEADER_LEN);
-                        self.phase = Phase::HeaderPayload { len, ftype, flags, stream };
+                        self.phase = Phase::HeaderPayload {
+                            len,
+                            ftype,
+                            flags,
+                            stream,
+                        };
                     } else {
                         if self.pending.is_some() {
                             return Err(bad("frame interleaved inside a header block"));
@@ -154,7 +176,12 @@ impl Rewriter {
                         return Ok(());
                     }
                 }
-                Phase::HeaderPayload { len, ftype, flags, stream } => {
+                Phase::HeaderPayload {
+                    len,
+                    ftype,
+                    flags,
+                    stream,
+                } => {
                     if self.input.len() < len {
                         return Ok(());
                     }
@@ -166,7 +193,13 @@ impl Rewriter {
         }
     }
 
-    fn header_frame(&mut self, ftype: u8, flags: u8, stream: u32, payload: &[u8]) -> io::Result<()> {
+    fn header_frame(
+        &mut self,
+        ftype: u8,
+        flags: u8,
+        stream: u32,
+        payload: &[u8],
+    ) -> io::Result<()> {
         if ftype == TYPE_HEADERS {
             if self.pending.is_some() {
                 return Err(bad("HEADERS inside an unfinished header block"));
@@ -174,7 +207,9 @@ impl Rewriter {
             let mut p = payload;
             let mut pad = 0usize;
             if flags & FLAG_PADDED != 0 {
-                let (&n, rest) = p.split_first().ok_or_else(|| bad("PADDED HEADERS without pad length"))?;
+                let (&n, rest) = p
+                    .split_first()
+                    .ok_or_else(|| bad("PADDED HEADERS without pad length"))?;
                 pad = usize::from(n);
                 p = rest;
             }
@@ -192,9 +227,17 @@ impl Rewriter {
                 return Err(bad("padding longer than frame"));
             }
             let fragment = p[..p.len() - pad].to_vec();
-            self.pending = Some(PendingBlock { stream, flags, priority, fragment });
+            self.pending = Some(PendingBlock {
+                stream,
+                flags,
+                priority,
+                fragment,
+            });
         } else {
-            let pend = self.pending.as_mut().ok_or_else(|| bad("CONTINUATION without HEADERS"))?;
+            let pend = self
+                .pending
+                .as_mut()
+                .ok_or_else(|| bad("CONTINUATION without HEADERS"))?;
             if pend.stream != stream {
                 return Err(bad("CONTINUATION on another stream"));
             }
@@ -225,21 +268,38 @@ impl Rewriter {
         let mut first = true;
         let mut rest: &[u8] = &encoded;
         loop {
-            let room = if first && block.priority.is_some() { MAX_FRAME - 5 } else { MAX_FRAME };
+            let room = if first && block.priority.is_some() {
+                MAX_FRAME - 5
+            } else {
+                MAX_FRAME
+            };
             let take = rest.len().min(room);
             let (chunk, tail) = rest.split_at(take);
             let last = tail.is_empty();
             let (ftype, mut flags) = if first {
-                (TYPE_HEADERS, block.flags & (FLAG_END_STREAM | FLAG_PRIORITY))
+                (
+                    TYPE_HEADERS,
+                    block.flags & (FLAG_END_STREAM | FLAG_PRIORITY),
+                )
             } else {
                 (TYPE_CONTINUATION, 0)
             };
             if last {
                 flags |= FLAG_END_HEADERS;
             }
-            let prio_len = if first { block.priority.map_or(0, |_| 5) } else { 0 };
+            let prio_len = if first {
+                block.priority.map_or(0, |_| 5)
+            } else {
+                0
+            };
             let len = chunk.len() + prio_len;
-            self.output.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, ftype, flags]);
+            self.output.extend_from_slice(&[
+                (len >> 16) as u8,
+                (len >> 8) as u8,
+                len as u8,
+                ftype,
+                flags,
+            ]);
             self.output.extend_from_slice(&block.stream.to_be_bytes());
             if first && let Some(p) = block.priority {
                 self.output.extend_from_slice(&p);
@@ -263,12 +323,20 @@ pub struct Rewritten<S> {
 
 impl<S> Rewritten<S> {
     pub fn new(inner: S) -> Self {
-        Rewritten { inner, rw: Rewriter::default(), pos: 0 }
+        Rewritten {
+            inner,
+            rw: Rewriter::default(),
+            pos: 0,
+        }
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewritten<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
             if this.pos < this.rw.output.len() {
@@ -299,7 +367,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewritten<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Rewritten<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -359,7 +431,12 @@ mod tests {
         input.extend(frame(TYPE_HEADERS, FLAG_PADDED, 1, &padded));
         input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, b));
         input.extend(frame(0x0, FLAG_END_STREAM, 1, b"\0\0\0\0\0"));
-        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS | FLAG_END_STREAM, 3, &b2));
+        input.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS | FLAG_END_STREAM,
+            3,
+            &b2,
+        ));
         let mut rw = Rewriter::default();
         // Byte-at-a-time feeding exercises every partial state.
         for byte in &input {
@@ -370,10 +447,16 @@ mod tests {
         for b in &blocks {
             let auth = b.iter().find(|(n, _)| n == b":authority").unwrap();
             assert_eq!(auth.1, b"localhost");
-            assert!(b.iter().any(|(n, v)| n == b"workload.spiffe.io" && v == b"true"));
+            assert!(
+                b.iter()
+                    .any(|(n, v)| n == b"workload.spiffe.io" && v == b"true")
+            );
             assert_eq!(b[0].0, b":method", "order (pseudo-headers first) is kept");
         }
-        assert!(rw.output.windows(5).any(|w| w == b"\0\0\0\0\0"), "DATA passes through");
+        assert!(
+            rw.output.windows(5).any(|w| w == b"\0\0\0\0\0"),
+            "DATA passes through"
+        );
     }
 
     #[test]
@@ -397,7 +480,9 @@ mod tests {
             let mut rw = Rewriter::default();
             let mut input = PREFACE.to_vec();
             for _ in 0..64 {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 input.push((seed >> 33) as u8);
             }
             let _ = rw.feed(&input);

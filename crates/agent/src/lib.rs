@@ -67,12 +67,20 @@ pub fn system_clock() -> enforce::Clock {
 /// it), falling back to the system clock.
 pub fn file_clock(path: PathBuf) -> enforce::Clock {
     std::sync::Arc::new(move || {
-        std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or_else(tracker::now)
+        std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(tracker::now)
     })
 }
 
 impl AgentConfig {
-    pub fn new(server: String, trust_domain: TrustDomain, node_name: String, data_dir: PathBuf) -> Self {
+    pub fn new(
+        server: String,
+        trust_domain: TrustDomain,
+        node_name: String,
+        data_dir: PathBuf,
+    ) -> Self {
         AgentConfig {
             server,
             trust_domain,
@@ -152,17 +160,33 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
             cgroup: ec.cgroup.clone(),
             pin_dir: ec.pin_dir.clone(),
         })
-        .map_err(|e| anyhow::anyhow!("loading kernel enforcement for {}: {e}", ec.cgroup.display()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "loading kernel enforcement for {}: {e}",
+                ec.cgroup.display()
+            )
+        })?;
         let reg = tracker.registry.borrow().clone();
-        let enforcement =
-            enforce::Enforcement::new(kernel, cfg.node_name.clone(), cfg.clock.clone(), ec.audit_log.clone(), metrics.clone(), reg)?;
+        let enforcement = enforce::Enforcement::new(
+            kernel,
+            cfg.node_name.clone(),
+            cfg.clock.clone(),
+            ec.audit_log.clone(),
+            metrics.clone(),
+            reg,
+        )?;
         enforcement.spawn_event_pump();
         let _ = tracker.enforcement.set(enforcement);
         tracing::info!(cgroup = %ec.cgroup.display(), "kernel enforcement active");
     }
 
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(watch_registry(node.clone(), cfg.trust_domain.clone(), reg_tx, Some(stream))));
+    tasks.push(tokio::spawn(watch_registry(
+        node.clone(),
+        cfg.trust_domain.clone(),
+        reg_tx,
+        Some(stream),
+    )));
     tasks.push(tokio::spawn(renew_node_svid(node.clone())));
 
     let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(4096);
@@ -173,10 +197,22 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
     {
         e.collect_adopted();
     }
-    tasks.push(tokio::spawn(tracker::run(tracker.clone(), ev_rx, cfg.rescan_interval)));
+    tasks.push(tokio::spawn(tracker::run(
+        tracker.clone(),
+        ev_rx,
+        cfg.rescan_interval,
+    )));
 
-    tasks.push(workload_api::serve(tracker.clone(), metrics.clone(), &cfg.workload_socket)?);
-    tasks.push(admin::serve(tracker.clone(), cfg.node_name.clone(), &cfg.admin_socket)?);
+    tasks.push(workload_api::serve(
+        tracker.clone(),
+        metrics.clone(),
+        &cfg.workload_socket,
+    )?);
+    tasks.push(admin::serve(
+        tracker.clone(),
+        cfg.node_name.clone(),
+        &cfg.admin_socket,
+    )?);
     let metrics_addr = match cfg.metrics {
         Some(addr) => {
             let (bound, t) = metrics::serve(metrics.clone(), addr).await?;
@@ -192,7 +228,13 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         metrics = %metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         "agent started"
     );
-    Ok(RunningAgent { tracker, metrics, metrics_addr, node, tasks })
+    Ok(RunningAgent {
+        tracker,
+        metrics,
+        metrics_addr,
+        node,
+        tasks,
+    })
 }
 
 /// Follows the server's watch stream, reconnecting with backoff. While the
@@ -227,10 +269,16 @@ async fn watch_registry(
                             if bundle_changed && let Err(e) = node.set_bundle(reg.bundle.clone()) {
                                 tracing::warn!(error = %e, "could not persist bundle");
                             }
-                            tracing::info!(revision = reg.revision, identities = reg.identities.len(), "registry updated");
+                            tracing::info!(
+                                revision = reg.revision,
+                                identities = reg.identities.len(),
+                                "registry updated"
+                            );
                             tx.send_replace(Arc::new(reg));
                         }
-                        Err(e) => tracing::error!(error = %e, "bad registry snapshot from server; keeping the previous one"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "bad registry snapshot from server; keeping the previous one")
+                        }
                     }
                 }
                 Ok(None) => break,

@@ -52,13 +52,41 @@ impl Metrics {
             decisions: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("tracked_processes", "Live processes the agent has attested", m.tracked_processes.clone());
-        registry.register("process_svids", "X.509-SVIDs currently held for live processes", m.process_svids.clone());
-        registry.register("svids_issued", "Per-process X.509-SVIDs issued", m.svids_issued.clone());
-        registry.register("svids_rotated", "Per-process X.509-SVIDs replaced at half-life", m.svids_rotated.clone());
-        registry.register("svids_destroyed", "Per-process SVIDs and keys destroyed (process exit or identity removed)", m.svids_destroyed.clone());
-        registry.register("attestation_errors", "Processes that could not be attested", m.attestation_errors.clone());
-        registry.register("workload_api_requests", "SPIFFE Workload API calls by method and result", m.api.clone());
+        registry.register(
+            "tracked_processes",
+            "Live processes the agent has attested",
+            m.tracked_processes.clone(),
+        );
+        registry.register(
+            "process_svids",
+            "X.509-SVIDs currently held for live processes",
+            m.process_svids.clone(),
+        );
+        registry.register(
+            "svids_issued",
+            "Per-process X.509-SVIDs issued",
+            m.svids_issued.clone(),
+        );
+        registry.register(
+            "svids_rotated",
+            "Per-process X.509-SVIDs replaced at half-life",
+            m.svids_rotated.clone(),
+        );
+        registry.register(
+            "svids_destroyed",
+            "Per-process SVIDs and keys destroyed (process exit or identity removed)",
+            m.svids_destroyed.clone(),
+        );
+        registry.register(
+            "attestation_errors",
+            "Processes that could not be attested",
+            m.attestation_errors.clone(),
+        );
+        registry.register(
+            "workload_api_requests",
+            "SPIFFE Workload API calls by method and result",
+            m.api.clone(),
+        );
         registry.register(
             "connect_decisions",
             "Kernel decisions on protected destinations by verdict, identity and service",
@@ -68,12 +96,21 @@ impl Metrics {
     }
 
     pub fn workload_api_requests(&self, method: &str, code: &str) {
-        self.api.get_or_create(&ApiLabels { method: method.to_string(), code: code.to_string() }).inc();
+        self.api
+            .get_or_create(&ApiLabels {
+                method: method.to_string(),
+                code: code.to_string(),
+            })
+            .inc();
     }
 
     pub fn connect_decision(&self, verdict: &str, identity: &str, service: &str) {
         self.decisions
-            .get_or_create(&DecisionLabels { verdict: verdict.into(), identity: identity.into(), service: service.into() })
+            .get_or_create(&DecisionLabels {
+                verdict: verdict.into(),
+                identity: identity.into(),
+                service: service.into(),
+            })
             .inc();
     }
 
@@ -86,8 +123,13 @@ impl Metrics {
 
 /// Serves GET /metrics. Anything else gets 404; malformed requests are
 /// dropped by hyper without affecting other connections.
-pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding metrics on {addr}: {e}"))?;
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    addr: SocketAddr,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding metrics on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
     Ok((
         bound,
@@ -99,19 +141,23 @@ pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> anyhow::Result<(S
                 };
                 let m = metrics.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let m = m.clone();
-                        async move {
-                            let resp = if req.uri().path() == "/metrics" {
-                                Response::builder()
+                    let svc = hyper::service::service_fn(
+                        move |req: Request<hyper::body::Incoming>| {
+                            let m = m.clone();
+                            async move {
+                                let resp = if req.uri().path() == "/metrics" {
+                                    Response::builder()
                                     .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
                                     .body(Full::new(Bytes::from(m.encode())))
-                            } else {
-                                Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
-                            };
-                            Ok::<_, std::convert::Infallible>(resp.unwrap_or_default())
-                        }
-                    });
+                                } else {
+                                    Response::builder()
+                                        .status(404)
+                                        .body(Full::new(Bytes::from_static(b"not found\n")))
+                                };
+                                Ok::<_, std::convert::Infallible>(resp.unwrap_or_default())
+                            }
+                        },
+                    );
                     let io = hyper_util::rt::TokioIo::new(tcp);
                     let _ = tokio::time::timeout(
                         std::time::Duration::from_secs(30),

@@ -59,9 +59,17 @@ fn server_policy(td: &TrustDomain) -> tether_tls::IdPolicy {
 
 /// A lazily connecting gRPC channel over TLS 1.3 to `server`, verifying the
 /// server's SVID and presenting `client` if given.
-pub fn channel(server: &str, td: &TrustDomain, bundle: &SharedBundle, client: Option<&NodeIdentity>) -> anyhow::Result<Channel> {
+pub fn channel(
+    server: &str,
+    td: &TrustDomain,
+    bundle: &SharedBundle,
+    client: Option<&NodeIdentity>,
+) -> anyhow::Result<Channel> {
     let ck = match client {
-        Some(c) => Some(tether_tls::certified_key(&c.chain, c.key.pkcs8_der()).map_err(|e| anyhow!("node SVID: {e}"))?),
+        Some(c) => Some(
+            tether_tls::certified_key(&c.chain, c.key.pkcs8_der())
+                .map_err(|e| anyhow!("node SVID: {e}"))?,
+        ),
         None => None,
     };
     let verifier = tether_tls::SpiffeServerVerifier::new(bundle.clone(), server_policy(td));
@@ -73,22 +81,26 @@ pub fn channel(server: &str, td: &TrustDomain, bundle: &SharedBundle, client: Op
         .connect_timeout(std::time::Duration::from_secs(5))
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))
         .keep_alive_while_idle(true);
-    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
-        let connector = connector.clone();
-        let addr = addr.clone();
-        async move {
-            let tcp = tokio::net::TcpStream::connect(&addr).await?;
-            let _ = tcp.set_nodelay(true);
-            // The name is only for SNI; the verifier checks the SPIFFE ID.
-            let name = rustls_pki_types::ServerName::try_from("tether-server").map_err(std::io::Error::other)?;
-            let tls = connector.connect(name, tcp).await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-        }
-    })))
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+            let connector = connector.clone();
+            let addr = addr.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                let _ = tcp.set_nodelay(true);
+                // The name is only for SNI; the verifier checks the SPIFFE ID.
+                let name = rustls_pki_types::ServerName::try_from("tether-server")
+                    .map_err(std::io::Error::other)?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        })),
+    )
 }
 
 fn identity_from(svid: &NodeSvid, key: PrivateKey) -> anyhow::Result<NodeIdentity> {
-    let id = SpiffeId::parse(&svid.spiffe_id).context("server returned an invalid node SPIFFE ID")?;
+    let id =
+        SpiffeId::parse(&svid.spiffe_id).context("server returned an invalid node SPIFFE ID")?;
     Ok(NodeIdentity {
         name: svid.node_name.clone(),
         id,
@@ -110,7 +122,8 @@ impl NodeConn {
         node_name: &str,
         data_dir: &Path,
     ) -> anyhow::Result<Arc<NodeConn>> {
-        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
         let state_file = data_dir.join("node.json");
         if let Some(p) = load(&state_file, td)?
             && p.0.expires_at > now() + 60
@@ -136,15 +149,21 @@ impl NodeConn {
         let bundle: SharedBundle = Arc::new(RwLock::new(bundle));
         let key = PrivateKey::generate()?;
         // The server decides the node ID; the CSR carries only the key.
-        let placeholder = SpiffeId::new(td, &format!("/tether/node/{node_name}")).map_err(|e| anyhow!("node name: {e}"))?;
+        let placeholder = SpiffeId::new(td, &format!("/tether/node/{node_name}"))
+            .map_err(|e| anyhow!("node name: {e}"))?;
         let csr = tether_ca::build_csr(&key, &placeholder)?;
         let ch = channel(server, td, &bundle, None)?;
         let svid = NodeClient::new(ch)
-            .attest(AttestRequest { join_token: token.to_string(), csr, node_name: node_name.to_string() })
+            .attest(AttestRequest {
+                join_token: token.to_string(),
+                csr,
+                node_name: node_name.to_string(),
+            })
             .await
             .map_err(|s| anyhow!("node attestation with {server} failed: {}", s.message()))?
             .into_inner();
-        let new_bundle = Bundle::from_json(td.clone(), svid.bundle_json.as_bytes()).context("bundle from server")?;
+        let new_bundle = Bundle::from_json(td.clone(), svid.bundle_json.as_bytes())
+            .context("bundle from server")?;
         *bundle.write().unwrap_or_else(|p| p.into_inner()) = new_bundle;
         let ident = identity_from(&svid, key)?;
         tracing::info!(node = %ident.name, id = %ident.id, "node attested");
@@ -161,12 +180,20 @@ impl NodeConn {
     }
 
     pub fn client(&self) -> NodeClient<Channel> {
-        NodeClient::new(self.channel.read().unwrap_or_else(|p| p.into_inner()).clone())
-            .max_decoding_message_size(16 * 1024 * 1024)
+        NodeClient::new(
+            self.channel
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+        .max_decoding_message_size(16 * 1024 * 1024)
     }
 
     pub fn identity(&self) -> Arc<NodeIdentity> {
-        self.identity.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn set_bundle(&self, b: Bundle) -> anyhow::Result<()> {
@@ -205,11 +232,20 @@ impl NodeConn {
             chain: ident.chain.iter().map(|c| B64.encode(c)).collect(),
             key_pkcs8: B64.encode(ident.key.pkcs8_der()),
             expires_at: ident.expires_at,
-            bundle_json: self.bundle.read().unwrap_or_else(|p| p.into_inner()).to_json()?,
+            bundle_json: self
+                .bundle
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .to_json()?,
         };
         let json = Zeroizing::new(serde_json::to_vec(&p)?);
         let tmp = self.state_file.with_extension("json.tmp");
-        let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&json)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &self.state_file)?;
@@ -232,14 +268,30 @@ fn load(path: &Path, td: &TrustDomain) -> anyhow::Result<Option<(NodeIdentity, B
     };
     let key_der = Zeroizing::new(B64.decode(&p.key_pkcs8).context("node key")?);
     let key = PrivateKey::from_pkcs8(&key_der)?;
-    let chain = p.chain.iter().map(|c| B64.decode(c)).collect::<Result<Vec<_>, _>>().context("node chain")?;
+    let chain = p
+        .chain
+        .iter()
+        .map(|c| B64.decode(c))
+        .collect::<Result<Vec<_>, _>>()
+        .context("node chain")?;
     let leaf = chain.first().ok_or_else(|| anyhow!("empty node chain"))?;
     let id = tether_spiffe::x509::check_x509_svid_leaf(leaf).context("persisted node SVID")?;
-    let bundle = Bundle::from_json(td.clone(), p.bundle_json.as_bytes()).context("persisted bundle")?;
+    let bundle =
+        Bundle::from_json(td.clone(), p.bundle_json.as_bytes()).context("persisted bundle")?;
     // Renewal is scheduled from the certificate's own start, not from when
     // this agent process started.
     let issued_at = x509_parser::parse_x509_certificate(leaf)
         .map(|(_, c)| c.validity().not_before.timestamp())
         .unwrap_or_else(|_| now());
-    Ok(Some((NodeIdentity { name: p.node_name, id, chain, key, issued_at, expires_at: p.expires_at }, bundle)))
+    Ok(Some((
+        NodeIdentity {
+            name: p.node_name,
+            id,
+            chain,
+            key,
+            issued_at,
+            expires_at: p.expires_at,
+        },
+        bundle,
+    )))
 }

@@ -49,7 +49,13 @@ pub struct Registry {
 
 impl Registry {
     pub fn empty(bundle: Bundle) -> Self {
-        Registry { revision: -1, identities: Vec::new(), bundle, services: Vec::new(), policies: Vec::new() }
+        Registry {
+            revision: -1,
+            identities: Vec::new(),
+            bundle,
+            services: Vec::new(),
+            policies: Vec::new(),
+        }
     }
 
     /// Converts the server's snapshot. Entries the agent cannot parse are
@@ -59,13 +65,21 @@ impl Registry {
         let identities = s
             .identities
             .iter()
-            .filter_map(|i| convert(i).map_err(|e| tracing::warn!(identity = %i.name, error = %e, "skipping identity")).ok())
+            .filter_map(|i| {
+                convert(i)
+                    .map_err(
+                        |e| tracing::warn!(identity = %i.name, error = %e, "skipping identity"),
+                    )
+                    .ok()
+            })
             .collect();
         let mut services = Vec::new();
         let mut policies = Vec::new();
         for r in &s.resources {
             match tether_manifest::Resource::from_stored(&r.kind, &r.name, &r.spec_json) {
-                Some(tether_manifest::Resource::Service { name, spec }) => services.push(AgentService { name, spec }),
+                Some(tether_manifest::Resource::Service { name, spec }) => {
+                    services.push(AgentService { name, spec })
+                }
                 Some(tether_manifest::Resource::AccessPolicy { name, spec }) => {
                     // A condition that does not parse can never allow.
                     let condition = match &spec.when {
@@ -78,14 +92,24 @@ impl Registry {
                         },
                         None => None,
                     };
-                    policies.push(AgentPolicy { name, spec, condition });
+                    policies.push(AgentPolicy {
+                        name,
+                        spec,
+                        condition,
+                    });
                 }
                 _ => tracing::warn!(kind = %r.kind, name = %r.name, "skipping unreadable resource"),
             }
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
         policies.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Registry { revision: s.revision, identities, bundle, services, policies })
+        Ok(Registry {
+            revision: s.revision,
+            identities,
+            bundle,
+            services,
+            policies,
+        })
     }
 
     pub fn matching(&self, p: &ProcessInfo) -> Vec<&AgentIdentity> {
@@ -97,7 +121,11 @@ fn convert(i: &Identity) -> anyhow::Result<AgentIdentity> {
     let spiffe_id = SpiffeId::parse(&i.spiffe_id)?;
     let mut sets = Vec::new();
     for set in &i.selector_sets {
-        let parsed = set.selectors.iter().map(|s| Selector::parse(s)).collect::<Result<Vec<_>, _>>()?;
+        let parsed = set
+            .selectors
+            .iter()
+            .map(|s| Selector::parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
         if !parsed.is_empty() {
             sets.push(parsed);
         }
@@ -106,7 +134,11 @@ fn convert(i: &Identity) -> anyhow::Result<AgentIdentity> {
         name: i.name.clone(),
         spiffe_id,
         sets,
-        raw_sets: i.selector_sets.iter().map(|s| s.selectors.clone()).collect(),
+        raw_sets: i
+            .selector_sets
+            .iter()
+            .map(|s| s.selectors.clone())
+            .collect(),
         x509_ttl_secs: i.x509_ttl_secs,
         jwt_ttl_secs: i.jwt_ttl_secs,
         workload_api: i.workload_api,

@@ -65,11 +65,18 @@ pub struct Tracker {
 }
 
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl Tracker {
-    pub fn new(registry: watch::Receiver<Arc<Registry>>, node: Arc<NodeConn>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        registry: watch::Receiver<Arc<Registry>>,
+        node: Arc<NodeConn>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Tracker {
             attestor: Attestor::new(),
             procs: Mutex::new(HashMap::new()),
@@ -88,13 +95,20 @@ impl Tracker {
     }
 
     fn pid_lock(&self, pid: i32) -> Arc<tokio::sync::Mutex<()>> {
-        self.pid_locks.lock().unwrap_or_else(|p| p.into_inner()).entry(pid).or_default().clone()
+        self.pid_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(pid)
+            .or_default()
+            .clone()
     }
 
     fn update_gauges(&self) {
         let procs = self.procs();
         self.metrics.tracked_processes.set(procs.len() as i64);
-        self.metrics.process_svids.set(procs.values().map(|t| t.svids.len() as i64).sum());
+        self.metrics
+            .process_svids
+            .set(procs.values().map(|t| t.svids.len() as i64).sum());
     }
 
     /// SVIDs currently held for the process behind `pidfd`, if it is the
@@ -123,7 +137,11 @@ impl Tracker {
 
     pub fn snapshot(&self) -> Vec<(ProcessInfo, Vec<Arc<ProcSvid>>)> {
         let procs = self.procs();
-        let mut v: Vec<_> = procs.values().filter(|t| !t.svids.is_empty()).map(|t| (t.info.clone(), t.svids.clone())).collect();
+        let mut v: Vec<_> = procs
+            .values()
+            .filter(|t| !t.svids.is_empty())
+            .map(|t| (t.info.clone(), t.svids.clone()))
+            .collect();
         v.sort_by_key(|(i, _)| i.pid);
         v
     }
@@ -143,7 +161,12 @@ impl Tracker {
         tokio::spawn(async move {
             // SAFETY: `Fd` owns an Arc of the PidFd, so the descriptor stays
             // open and unchanged for as long as the AsyncFd exists.
-            let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(Fd(pidfd.clone()), tokio::io::Interest::READABLE) };
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    Fd(pidfd.clone()),
+                    tokio::io::Interest::READABLE,
+                )
+            };
             match registered {
                 Ok(afd) => {
                     let _ = afd.readable().await;
@@ -155,7 +178,10 @@ impl Tracker {
                     }
                 }
             }
-            let same = t.procs().get(&pid).is_some_and(|tr| tr.info.start_time == start_time);
+            let same = t
+                .procs()
+                .get(&pid)
+                .is_some_and(|tr| tr.info.start_time == start_time);
             if same {
                 t.remove(pid);
             }
@@ -174,7 +200,10 @@ impl Tracker {
     /// Forgets a process and destroys its keys.
     pub fn remove(&self, pid: i32) {
         let removed = self.procs().remove(&pid);
-        self.pid_locks.lock().unwrap_or_else(|p| p.into_inner()).remove(&pid);
+        self.pid_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&pid);
         if let Some(e) = self.enforcement.get() {
             e.process_removed(pid);
         }
@@ -192,7 +221,10 @@ impl Tracker {
 
     /// Attests the process and makes sure it holds exactly the SVIDs its
     /// matching identities call for. Returns its info and SVIDs.
-    pub async fn ensure(self: &Arc<Self>, pidfd: Arc<PidFd>) -> Result<(ProcessInfo, Vec<Arc<ProcSvid>>), EnsureError> {
+    pub async fn ensure(
+        self: &Arc<Self>,
+        pidfd: Arc<PidFd>,
+    ) -> Result<(ProcessInfo, Vec<Arc<ProcSvid>>), EnsureError> {
         let pid = pidfd.pid();
         let lock = self.pid_lock(pid);
         let _guard = lock.lock().await;
@@ -201,7 +233,11 @@ impl Tracker {
         // process exec'd in between, what we read may be either image, so
         // attest again. Verdicts are keyed to the exec id, so the kernel
         // ignores any written for an image that is gone.
-        let read_exec = || self.enforcement.get().and_then(|e| e.kernel().exec_id(pid as u32).ok());
+        let read_exec = || {
+            self.enforcement
+                .get()
+                .and_then(|e| e.kernel().exec_id(pid as u32).ok())
+        };
         let mut exec_id = read_exec();
         let mut tries = 0;
         let info = loop {
@@ -253,13 +289,26 @@ impl Tracker {
                 keep = t
                     .svids
                     .iter()
-                    .filter(|s| wanted.iter().any(|w| w.name == s.identity && w.spiffe_id == s.spiffe_id && w.workload_api == s.workload_api))
+                    .filter(|s| {
+                        wanted.iter().any(|w| {
+                            w.name == s.identity
+                                && w.spiffe_id == s.spiffe_id
+                                && w.workload_api == s.workload_api
+                        })
+                    })
                     .cloned()
                     .collect();
             }
         }
-        let missing: Vec<&AgentIdentity> = wanted.iter().filter(|w| !keep.iter().any(|k| k.identity == w.name)).collect();
-        let mut issued = if missing.is_empty() { Vec::new() } else { self.issue(&missing).await? };
+        let missing: Vec<&AgentIdentity> = wanted
+            .iter()
+            .filter(|w| !keep.iter().any(|k| k.identity == w.name))
+            .collect();
+        let mut issued = if missing.is_empty() {
+            Vec::new()
+        } else {
+            self.issue(&missing).await?
+        };
         if !pidfd.is_alive() {
             // It exited while we were issuing: nothing to keep.
             self.remove(pid);
@@ -282,7 +331,9 @@ impl Tracker {
         }
         let watched = {
             let procs = self.procs();
-            procs.get(&pid).is_some_and(|t| t.watched && t.info.start_time == info.start_time)
+            procs
+                .get(&pid)
+                .is_some_and(|t| t.watched && t.info.start_time == info.start_time)
         };
         let watch_now = !keep.is_empty() && !watched;
         let replaced = self.procs().insert(
@@ -300,7 +351,11 @@ impl Tracker {
             self.watch_exit(pid, info.start_time, pidfd);
         }
         if let Some(old) = replaced {
-            let dropped = old.svids.iter().filter(|o| !keep.iter().any(|k| Arc::ptr_eq(k, o))).count();
+            let dropped = old
+                .svids
+                .iter()
+                .filter(|o| !keep.iter().any(|k| Arc::ptr_eq(k, o)))
+                .count();
             if dropped > 0 {
                 self.metrics.svids_destroyed.inc_by(dropped as u64);
             }
@@ -318,8 +373,13 @@ impl Tracker {
         let mut csrs = Vec::with_capacity(ids.len());
         for i in ids {
             let key = PrivateKey::generate().map_err(|e| EnsureError::Internal(e.to_string()))?;
-            let csr = tether_ca::build_csr(&key, &i.spiffe_id).map_err(|e| EnsureError::Internal(e.to_string()))?;
-            csrs.push(SvidCsr { spiffe_id: i.spiffe_id.to_string(), csr, ttl_secs: i.x509_ttl_secs });
+            let csr = tether_ca::build_csr(&key, &i.spiffe_id)
+                .map_err(|e| EnsureError::Internal(e.to_string()))?;
+            csrs.push(SvidCsr {
+                spiffe_id: i.spiffe_id.to_string(),
+                csr,
+                ttl_secs: i.x509_ttl_secs,
+            });
             keys.push(key);
         }
         let resp = self
@@ -330,7 +390,11 @@ impl Tracker {
             .map_err(|s| EnsureError::Server(s.message().to_string()))?
             .into_inner();
         if resp.svids.len() != ids.len() {
-            return Err(EnsureError::Server(format!("asked for {} SVIDs, got {}", ids.len(), resp.svids.len())));
+            return Err(EnsureError::Server(format!(
+                "asked for {} SVIDs, got {}",
+                ids.len(),
+                resp.svids.len()
+            )));
         }
         let issued_at = now();
         let mut out = Vec::new();
@@ -358,7 +422,10 @@ impl Tracker {
     pub async fn mint_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<String, String> {
         self.node
             .client()
-            .mint_jwt_svid(tether_proto::tether::MintJwtSvidRequest { spiffe_id: id.to_string(), audience: audience.to_vec() })
+            .mint_jwt_svid(tether_proto::tether::MintJwtSvidRequest {
+                spiffe_id: id.to_string(),
+                audience: audience.to_vec(),
+            })
             .await
             .map(|r| r.into_inner().token)
             .map_err(|s| s.message().to_string())
@@ -371,7 +438,11 @@ impl Tracker {
             .procs()
             .iter()
             .filter(|(pid, _)| !rotating.contains(pid))
-            .filter(|(_, t)| t.svids.iter().any(|s| now >= s.issued_at + (s.expires_at - s.issued_at) / 2))
+            .filter(|(_, t)| {
+                t.svids
+                    .iter()
+                    .any(|s| now >= s.issued_at + (s.expires_at - s.issued_at) / 2)
+            })
             .map(|(pid, t)| (*pid, t.pidfd.clone()))
             .collect();
         rotating.extend(due.iter().map(|(p, _)| *p));
@@ -379,7 +450,10 @@ impl Tracker {
     }
 
     fn rotation_done(&self, pid: i32) {
-        self.rotating.lock().unwrap_or_else(|p| p.into_inner()).remove(&pid);
+        self.rotating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&pid);
     }
 
     /// Rotates one process's SVIDs: new keys, new certificates.
@@ -394,7 +468,12 @@ impl Tracker {
             t.svids
                 .iter()
                 .filter(|s| now_s >= s.issued_at + (s.expires_at - s.issued_at) / 2)
-                .filter_map(|s| reg.identities.iter().find(|i| i.name == s.identity).cloned())
+                .filter_map(|s| {
+                    reg.identities
+                        .iter()
+                        .find(|i| i.name == s.identity)
+                        .cloned()
+                })
                 .collect()
         };
         drop(guard);
@@ -429,8 +508,15 @@ impl Tracker {
 
     /// Attests every process not yet known and forgets dead ones.
     pub async fn rescan(self: &Arc<Self>) {
-        let pids = tokio::task::spawn_blocking(tether_attest::list_pids).await.unwrap_or_default();
-        let dead: Vec<i32> = self.procs().iter().filter(|(_, t)| !t.pidfd.is_alive()).map(|(p, _)| *p).collect();
+        let pids = tokio::task::spawn_blocking(tether_attest::list_pids)
+            .await
+            .unwrap_or_default();
+        let dead: Vec<i32> = self
+            .procs()
+            .iter()
+            .filter(|(_, t)| !t.pidfd.is_alive())
+            .map(|(p, _)| *p)
+            .collect();
         for pid in dead {
             self.remove(pid);
         }
@@ -474,38 +560,45 @@ pub enum EnsureError {
 /// and a rescan is requested instead, so a fork storm cannot block the
 /// kernel socket reader or grow memory without bound.
 pub fn spawn_event_reader(tx: mpsc::Sender<ProcEvent>) -> anyhow::Result<()> {
-    let mut conn = tether_attest::ProcConnector::open()
-        .map_err(|e| anyhow::anyhow!("opening the kernel proc connector (needs CAP_NET_ADMIN): {e}"))?;
-    std::thread::Builder::new().name("proc-events".into()).spawn(move || {
-        let mut buf = Vec::with_capacity(64);
-        loop {
-            buf.clear();
-            if let Err(e) = conn.recv(&mut buf) {
-                if e.raw_os_error() == Some(libc::ENOBUFS) {
-                    buf.push(ProcEvent::Overrun);
-                } else {
-                    tracing::error!(error = %e, "proc connector read failed");
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                }
-            }
-            for ev in buf.drain(..) {
-                match tx.try_send(ev) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        let _ = tx.try_send(ProcEvent::Overrun);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
-                }
-            }
-        }
+    let mut conn = tether_attest::ProcConnector::open().map_err(|e| {
+        anyhow::anyhow!("opening the kernel proc connector (needs CAP_NET_ADMIN): {e}")
     })?;
+    std::thread::Builder::new()
+        .name("proc-events".into())
+        .spawn(move || {
+            let mut buf = Vec::with_capacity(64);
+            loop {
+                buf.clear();
+                if let Err(e) = conn.recv(&mut buf) {
+                    if e.raw_os_error() == Some(libc::ENOBUFS) {
+                        buf.push(ProcEvent::Overrun);
+                    } else {
+                        tracing::error!(error = %e, "proc connector read failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                }
+                for ev in buf.drain(..) {
+                    match tx.try_send(ev) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            let _ = tx.try_send(ProcEvent::Overrun);
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    }
+                }
+            }
+        })?;
     Ok(())
 }
 
 /// The tracker's main loop: events, periodic rescans, rotation, and
 /// registry changes.
-pub async fn run(tracker: Arc<Tracker>, mut events: mpsc::Receiver<ProcEvent>, rescan_every: Duration) {
+pub async fn run(
+    tracker: Arc<Tracker>,
+    mut events: mpsc::Receiver<ProcEvent>,
+    rescan_every: Duration,
+) {
     let mut registry = tracker.registry.clone();
     let mut rescan = tokio::time::interval(rescan_every);
     let mut rotation = tokio::time::interval(Duration::from_secs(1));

@@ -11,10 +11,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tether_attest::PidFd;
-use tether_proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
+use tether_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
 use tether_proto::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
 };
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
@@ -40,7 +43,11 @@ pub struct WorkloadApi {
 type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
-    match req.metadata().get(tether_proto::WORKLOAD_METADATA_KEY).and_then(|v| v.to_str().ok()) {
+    match req
+        .metadata()
+        .get(tether_proto::WORKLOAD_METADATA_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
         Some("true") => Ok(()),
         _ => Err(Status::invalid_argument(
             "security header missing from request: every Workload API call must carry the metadata `workload.spiffe.io: true`",
@@ -57,14 +64,23 @@ impl WorkloadApi {
         req.extensions()
             .get::<Caller>()
             .and_then(|c| c.pidfd.clone())
-            .ok_or_else(|| Status::permission_denied("could not identify the calling process (no pidfd for the peer)"))
+            .ok_or_else(|| {
+                Status::permission_denied(
+                    "could not identify the calling process (no pidfd for the peer)",
+                )
+            })
     }
 
     /// The caller's SVIDs that may be delivered through this API.
-    async fn deliverable(&self, pidfd: Arc<PidFd>) -> Result<(tether_attest::ProcessInfo, Vec<Arc<ProcSvid>>), Status> {
+    async fn deliverable(
+        &self,
+        pidfd: Arc<PidFd>,
+    ) -> Result<(tether_attest::ProcessInfo, Vec<Arc<ProcSvid>>), Status> {
         let pid = pidfd.pid();
         let (info, svids) = self.tracker.ensure(pidfd).await.map_err(|e| match e {
-            EnsureError::Attest(m) => Status::permission_denied(format!("could not attest caller: {m}")),
+            EnsureError::Attest(m) => {
+                Status::permission_denied(format!("could not attest caller: {m}"))
+            }
             EnsureError::Server(m) => Status::unavailable(format!("could not obtain an SVID: {m}")),
             EnsureError::Internal(m) => Status::internal(m),
         })?;
@@ -92,7 +108,11 @@ impl WorkloadApi {
                 hint: s.identity.clone(),
             });
         }
-        Ok(X509svidResponse { svids: out, crl: vec![], federated_bundles: HashMap::new() })
+        Ok(X509svidResponse {
+            svids: out,
+            crl: vec![],
+            federated_bundles: HashMap::new(),
+        })
     }
 
     fn count(&self, method: &str, result: &Result<(), &Status>) {
@@ -135,7 +155,10 @@ fn follow<T: Send + 'static>(
 impl SpiffeWorkloadApi for WorkloadApi {
     type FetchX509SVIDStream = RpcStream<X509svidResponse>;
 
-    async fn fetch_x509svid(&self, req: Request<X509svidRequest>) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+    async fn fetch_x509svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let r = (|| {
             check_header(&req)?;
             self.caller(&req)
@@ -151,7 +174,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         self.count("FetchX509SVID", &first.as_ref().map(|_| ()));
         let (info, svids) = first?;
         let tracker = self.tracker.clone();
-        let me = WorkloadApi { tracker: tracker.clone(), metrics: self.metrics.clone() };
+        let me = WorkloadApi {
+            tracker: tracker.clone(),
+            metrics: self.metrics.clone(),
+        };
         let mut last: Vec<(String, i64)> = Vec::new();
         let mut initial = Some(svids);
         let pid = pidfd.pid();
@@ -163,18 +189,29 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     if !pidfd.is_alive() {
                         return Some(Err(Status::cancelled("caller exited")));
                     }
-                    let s: Vec<_> = tracker.svids_of(pid, start_time)?.into_iter().filter(|s| s.workload_api).collect();
+                    let s: Vec<_> = tracker
+                        .svids_of(pid, start_time)?
+                        .into_iter()
+                        .filter(|s| s.workload_api)
+                        .collect();
                     if s.is_empty() {
-                        return Some(Err(Status::permission_denied("the caller no longer has an identity")));
+                        return Some(Err(Status::permission_denied(
+                            "the caller no longer has an identity",
+                        )));
                     }
                     s
                 }
             };
             // Send only when something the caller sees changed: an SVID
             // (identified by its certificate) or the bundle.
-            let mut key: Vec<(String, i64)> =
-                svids.iter().map(|s| (s.spiffe_id.to_string(), Arc::as_ptr(s) as i64)).collect();
-            key.push((String::new(), tracker.registry.borrow().bundle.sequence as i64));
+            let mut key: Vec<(String, i64)> = svids
+                .iter()
+                .map(|s| (s.spiffe_id.to_string(), Arc::as_ptr(s) as i64))
+                .collect();
+            key.push((
+                String::new(),
+                tracker.registry.borrow().bundle.sequence as i64,
+            ));
             if key == last {
                 return None;
             }
@@ -192,12 +229,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
         self.bundle_stream(req, "FetchX509Bundles", |b| {
             let mut bundles = HashMap::new();
             bundles.insert(b.trust_domain.id_string(), b.x509_authorities_der_concat());
-            Ok(X509BundlesResponse { crl: vec![], bundles })
+            Ok(X509BundlesResponse {
+                crl: vec![],
+                bundles,
+            })
         })
         .await
     }
 
-    async fn fetch_jwtsvid(&self, req: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
         let res = self.fetch_jwt_inner(req).await;
         self.count("FetchJWTSVID", &res.as_ref().map(|_| ()));
         res
@@ -232,10 +275,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 return Err(Status::invalid_argument("svid must be specified"));
             }
             let bundle = self.tracker.registry.borrow().bundle.clone();
-            let (id, claims) = tether_spiffe::jwt::validate(&r.svid, &r.audience, &bundle, now())
-                .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
-            let value = serde_json::to_value(&claims).map_err(|e| Status::internal(e.to_string()))?;
-            Ok(ValidateJwtsvidResponse { spiffe_id: id.to_string(), claims: Some(to_struct(value)) })
+            let (id, claims) =
+                tether_spiffe::jwt::validate(&r.svid, &r.audience, &bundle, now())
+                    .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
+            let value =
+                serde_json::to_value(&claims).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(ValidateJwtsvidResponse {
+                spiffe_id: id.to_string(),
+                claims: Some(to_struct(value)),
+            })
         })();
         self.count("ValidateJWTSVID", &res.as_ref().map(|_| ()));
         res.map(Response::new)
@@ -271,7 +319,10 @@ impl WorkloadApi {
         })))
     }
 
-    async fn fetch_jwt_inner(&self, req: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
+    async fn fetch_jwt_inner(
+        &self,
+        req: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&req)?;
         let pidfd = self.caller(&req)?;
         let r = req.get_ref().clone();
@@ -283,7 +334,10 @@ impl WorkloadApi {
         if !r.spiffe_id.is_empty() {
             ids.retain(|s| s.spiffe_id.as_str() == r.spiffe_id);
             if ids.is_empty() {
-                return Err(Status::permission_denied(format!("this process is not entitled to {}", r.spiffe_id)));
+                return Err(Status::permission_denied(format!(
+                    "this process is not entitled to {}",
+                    r.spiffe_id
+                )));
             }
         }
         ids.dedup_by(|a, b| a.spiffe_id == b.spiffe_id);
@@ -294,7 +348,11 @@ impl WorkloadApi {
                 .mint_jwt(&s.spiffe_id, &r.audience)
                 .await
                 .map_err(|m| Status::unavailable(format!("could not mint JWT-SVID: {m}")))?;
-            out.push(Jwtsvid { spiffe_id: s.spiffe_id.to_string(), svid: minted, hint: s.identity.clone() });
+            out.push(Jwtsvid {
+                spiffe_id: s.spiffe_id.to_string(),
+                svid: minted,
+                hint: s.identity.clone(),
+            });
         }
         Ok(Response::new(JwtsvidResponse { svids: out }))
     }
@@ -315,7 +373,9 @@ fn to_value(v: serde_json::Value) -> prost_types::Value {
         serde_json::Value::Bool(b) => Kind::BoolValue(b),
         serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
         serde_json::Value::String(s) => Kind::StringValue(s),
-        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue { values: a.into_iter().map(to_value).collect() }),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(to_value).collect(),
+        }),
         serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
             fields: o.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
         }),
@@ -325,7 +385,11 @@ fn to_value(v: serde_json::Value) -> prost_types::Value {
 
 /// Serves the Workload API on `path` (world-connectable: every workload
 /// may ask; what it gets depends on who it is).
-pub fn serve(tracker: Arc<Tracker>, metrics: Arc<Metrics>, path: &Path) -> anyhow::Result<JoinHandle<()>> {
+pub fn serve(
+    tracker: Arc<Tracker>,
+    metrics: Arc<Metrics>,
+    path: &Path,
+) -> anyhow::Result<JoinHandle<()>> {
     let listener = tether_proto::uds::bind(path, 0o777)
         .map_err(|e| anyhow::anyhow!("binding Workload API socket {}: {e}", path.display()))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<CallerConn>>(64);
@@ -340,7 +404,8 @@ pub fn serve(tracker: Arc<Tracker>, metrics: Arc<Metrics>, path: &Path) -> anyho
                             None
                         }
                     };
-                    let conn = CallerConn::new(crate::h2_authority::Rewritten::new(s), Caller { pidfd });
+                    let conn =
+                        CallerConn::new(crate::h2_authority::Rewritten::new(s), Caller { pidfd });
                     if tx.send(Ok(conn)).await.is_err() {
                         return;
                     }

@@ -64,7 +64,12 @@ enum Config {
     Denied,
 }
 
-const CONFIGS: [Config; 4] = [Config::NotLoaded, Config::Unprotected, Config::Allowed, Config::Denied];
+const CONFIGS: [Config; 4] = [
+    Config::NotLoaded,
+    Config::Unprotected,
+    Config::Allowed,
+    Config::Denied,
+];
 
 impl Config {
     fn label(self) -> &'static str {
@@ -93,7 +98,9 @@ struct Sample {
 /// SO_LINGER 0, connect, close) timing only the connect() call, and prints
 /// `RESULT ok=.. eperm=.. other=.. p50=.. p99=.. mean=..` (ns).
 pub fn child_main(args: &[String]) -> anyhow::Result<()> {
-    let [port, n] = args else { bail!("usage: tether-bench {CHILD_ARG} PORT N") };
+    let [port, n] = args else {
+        bail!("usage: tether-bench {CHILD_ARG} PORT N")
+    };
     let port: u16 = port.parse().context("PORT")?;
     let n: usize = n.parse().context("N")?;
     ensure!(n > 0, "N must be positive");
@@ -108,12 +115,17 @@ pub fn child_main(args: &[String]) -> anyhow::Result<()> {
     let addr = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be() },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+        },
         sin_zero: [0; 8],
     };
     // RST on close instead of FIN: no TIME_WAIT, so 400k connects in a few
     // minutes neither exhaust ephemeral ports nor slow the port search.
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     let mut samples = Vec::with_capacity(n);
     let (mut ok, mut eperm, mut other, mut other_errno) = (0usize, 0usize, 0usize, 0i32);
     for i in 0..WARMUP + n {
@@ -135,10 +147,18 @@ pub fn child_main(args: &[String]) -> anyhow::Result<()> {
         let t0 = Instant::now();
         // SAFETY: addr is a valid sockaddr_in of the length passed.
         let r = unsafe {
-            libc::connect(fd, (&raw const addr).cast(), size_of::<libc::sockaddr_in>() as libc::socklen_t)
+            libc::connect(
+                fd,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
         };
         let dt = t0.elapsed();
-        let errno = if r < 0 { io::Error::last_os_error().raw_os_error().unwrap_or(-1) } else { 0 };
+        let errno = if r < 0 {
+            io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        } else {
+            0
+        };
         // SAFETY: fd is ours and closed once.
         unsafe { libc::close(fd) };
         if i < WARMUP {
@@ -197,7 +217,10 @@ impl Drop for BenchCgroup {
             if procs.trim().is_empty() {
                 break;
             }
-            for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            for pid in procs
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
                 // SAFETY: plain kill(2); only our children are in this cgroup.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
@@ -212,7 +235,9 @@ impl Drop for BenchCgroup {
 /// Drop cannot run when the bench is killed; remove empty leftovers named
 /// after pids that no longer exist.
 fn sweep_stale(mnt: &Path) {
-    let Ok(entries) = fs::read_dir(mnt) else { return };
+    let Ok(entries) = fs::read_dir(mnt) else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let gone = name
@@ -244,12 +269,18 @@ impl Listener {
         let port = l.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::Builder::new().name("bench-accept".into()).spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                drop(l.accept());
-            }
-        })?;
-        Ok(Self { port, stop, thread: Some(thread) })
+        let thread = std::thread::Builder::new()
+            .name("bench-accept".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    drop(l.accept());
+                }
+            })?;
+        Ok(Self {
+            port,
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -257,7 +288,10 @@ impl Drop for Listener {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         // Wake the blocked accept() (this process is not in the bench cgroup).
-        let _ = TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, self.port).into(), Duration::from_secs(1));
+        let _ = TcpStream::connect_timeout(
+            &(Ipv4Addr::LOCALHOST, self.port).into(),
+            Duration::from_secs(1),
+        );
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -302,7 +336,12 @@ impl LoopChild {
         let stdin = child.stdin.take().context("child stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("child stdout")?);
         let pid = child.id();
-        let mut c = Self { child, stdin, stdout, pid };
+        let mut c = Self {
+            child,
+            stdin,
+            stdout,
+            pid,
+        };
         let line = c.read_line()?;
         ensure!(line == format!("PID {pid}"), "child start-up: {line:?}");
         let in_cg = fs::read_to_string(cg.path.join("cgroup.procs"))?;
@@ -317,7 +356,11 @@ impl LoopChild {
     fn read_line(&mut self) -> anyhow::Result<String> {
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
-        ensure!(!line.is_empty(), "connect-loop child {} exited early", self.pid);
+        ensure!(
+            !line.is_empty(),
+            "connect-loop child {} exited early",
+            self.pid
+        );
         Ok(line.trim().to_owned())
     }
 
@@ -341,7 +384,11 @@ impl LoopChild {
         } else {
             ensure!(eperm == 0, "a connect that should pass was denied: {line}");
         }
-        let s = Sample { p50: field("p50")?, p99: field("p99")?, mean: field("mean")? };
+        let s = Sample {
+            p50: field("p50")?,
+            p99: field("p99")?,
+            mean: field("mean")?,
+        };
         let status = self.child.wait()?;
         ensure!(status.success(), "connect-loop child: {status}");
         Ok(s)
@@ -397,8 +444,11 @@ fn measure() -> anyhow::Result<String> {
         results[0].push(LoopChild::spawn(&cg, port, CONNECTS)?.measure(false)?);
 
         let t0 = Instant::now();
-        let enf = Enforcer::load(&EnforcerConfig { cgroup: cg.path.clone(), pin_dir: None })
-            .map_err(|e| anyhow::anyhow!("loading the enforcer on {}: {e}", cg.path.display()))?;
+        let enf = Enforcer::load(&EnforcerConfig {
+            cgroup: cg.path.clone(),
+            pin_dir: None,
+        })
+        .map_err(|e| anyhow::anyhow!("loading the enforcer on {}: {e}", cg.path.display()))?;
         load_times.push(t0.elapsed());
         enf.set_service(decoy, DECOY_SERVICE)?;
         enf.set_verdict(SUBJECT_ALLOWED, SERVICE, true, RULE)?;
@@ -440,7 +490,9 @@ fn measure() -> anyhow::Result<String> {
                 Ok([unprot, allowed, denied])
             })();
             stop.store(true, Ordering::Relaxed);
-            let drained = drainer.join().map_err(|_| anyhow::anyhow!("event drainer panicked"))??;
+            let drained = drainer
+                .join()
+                .map_err(|_| anyhow::anyhow!("event drainer panicked"))??;
             let r = res?;
             let after = enf.stats()?;
             let per = (CONNECTS + WARMUP) as u64;
@@ -450,9 +502,15 @@ fn measure() -> anyhow::Result<String> {
                 after.allowed - before.allowed,
                 after.denied - before.denied
             );
-            ensure!(after.unattested == before.unattested, "a connect was judged unattested");
+            ensure!(
+                after.unattested == before.unattested,
+                "a connect was judged unattested"
+            );
             dropped_events += after.dropped_events - before.dropped_events;
-            ensure!(drained + (after.dropped_events - before.dropped_events) == 2 * per, "events: {drained} read");
+            ensure!(
+                drained + (after.dropped_events - before.dropped_events) == 2 * per,
+                "events: {drained} read"
+            );
             Ok(r)
         })?;
         for (i, r) in round.into_iter().enumerate() {
@@ -471,8 +529,17 @@ fn measure() -> anyhow::Result<String> {
         .iter()
         .map(|rs| {
             let p50s: Vec<u64> = rs.iter().map(|s| s.p50).collect();
-            let (lo, hi) = (*p50s.iter().min().unwrap_or(&0), *p50s.iter().max().unwrap_or(&0));
-            (med(p50s), med(rs.iter().map(|s| s.p99).collect()), med(rs.iter().map(|s| s.mean).collect()), lo, hi)
+            let (lo, hi) = (
+                *p50s.iter().min().unwrap_or(&0),
+                *p50s.iter().max().unwrap_or(&0),
+            );
+            (
+                med(p50s),
+                med(rs.iter().map(|s| s.p99).collect()),
+                med(rs.iter().map(|s| s.mean).collect()),
+                lo,
+                hi,
+            )
         })
         .collect();
     let (b50, b99, bmean, _, _) = summary[0];

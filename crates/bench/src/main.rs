@@ -56,7 +56,10 @@ fn main() -> anyhow::Result<()> {
     // Before the server and agent exist: the agent follows every exec on the
     // machine, and this benchmark's children would keep it busy meanwhile.
     let connect_section = connect::run();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(issuance())?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(issuance())?;
     print!("{connect_section}");
     Ok(())
 }
@@ -87,9 +90,28 @@ async fn issuance() -> anyhow::Result<()> {
     let manifest = format!(
         "apiVersion: tether.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {{name: bench}}\nspec:\n  spiffeId: spiffe://example.org/bench\n  selectors: [[\"process:sha256:{sha}\"]]\n"
     );
-    admin.clone().apply(ApplyRequest { source: "bench".into(), manifest: manifest.into_bytes() }).await?;
-    let token = admin.clone().create_join_token(CreateJoinTokenRequest { ttl_secs: 60, node_name: "bench".into() }).await?.into_inner().token;
-    let mut acfg = tether_agent::AgentConfig::new(server.node_addr.to_string(), td.clone(), "bench".into(), dir.path().join("agent"));
+    admin
+        .clone()
+        .apply(ApplyRequest {
+            source: "bench".into(),
+            manifest: manifest.into_bytes(),
+        })
+        .await?;
+    let token = admin
+        .clone()
+        .create_join_token(CreateJoinTokenRequest {
+            ttl_secs: 60,
+            node_name: "bench".into(),
+        })
+        .await?
+        .into_inner()
+        .token;
+    let mut acfg = tether_agent::AgentConfig::new(
+        server.node_addr.to_string(),
+        td.clone(),
+        "bench".into(),
+        dir.path().join("agent"),
+    );
     acfg.join_token = Some(token);
     acfg.bootstrap_bundle = Some(server.state.current_bundle());
     acfg.workload_socket = dir.path().join("w.sock");
@@ -133,7 +155,13 @@ async fn issuance() -> anyhow::Result<()> {
                 let k = tether_ca::PrivateKey::generate().expect("key");
                 let csr = tether_ca::build_csr(&k, &id).expect("csr");
                 let resp = client
-                    .sign_x509_svids(SignX509SvidsRequest { csrs: vec![SvidCsr { spiffe_id: id.to_string(), csr, ttl_secs: 0 }] })
+                    .sign_x509_svids(SignX509SvidsRequest {
+                        csrs: vec![SvidCsr {
+                            spiffe_id: id.to_string(),
+                            csr,
+                            ttl_secs: 0,
+                        }],
+                    })
                     .await
                     .expect("rpc")
                     .into_inner();
@@ -154,10 +182,18 @@ async fn issuance() -> anyhow::Result<()> {
                 let mut csrs = Vec::new();
                 for _ in 0..per {
                     let k = tether_ca::PrivateKey::generate().expect("key");
-                    csrs.push(SvidCsr { spiffe_id: id.to_string(), csr: tether_ca::build_csr(&k, &id).expect("csr"), ttl_secs: 0 });
+                    csrs.push(SvidCsr {
+                        spiffe_id: id.to_string(),
+                        csr: tether_ca::build_csr(&k, &id).expect("csr"),
+                        ttl_secs: 0,
+                    });
                     keys.push(k);
                 }
-                let resp = client.sign_x509_svids(SignX509SvidsRequest { csrs }).await.expect("rpc").into_inner();
+                let resp = client
+                    .sign_x509_svids(SignX509SvidsRequest { csrs })
+                    .await
+                    .expect("rpc")
+                    .into_inner();
                 std::hint::black_box((resp, keys));
             }
         })
@@ -178,7 +214,10 @@ async fn issuance() -> anyhow::Result<()> {
         let t0 = Instant::now();
         let mut child = Command::new(&bin).arg("30").spawn()?;
         spawn_only.push(t0.elapsed());
-        if wait_svid(&agent, child.id() as i32, Duration::from_secs(5)).await.is_some() {
+        if wait_svid(&agent, child.id() as i32, Duration::from_secs(5))
+            .await
+            .is_some()
+        {
             ready.push(t0.elapsed());
         }
         let _ = child.kill();
@@ -190,7 +229,9 @@ async fn issuance() -> anyhow::Result<()> {
         anyhow::bail!("no exec reached SVID-ready within 5 s");
     }
 
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     println!("## SVID issuance and exec-to-SVID latency");
     println!();
     println!("| measurement | median of {reps} runs | ratio |");
@@ -198,18 +239,46 @@ async fn issuance() -> anyhow::Result<()> {
     let b = median(ecdsa.clone());
     println!("| baseline: P-256 keygen + CSR, ops/s (one thread) | {b:.0} | 1.00 |");
     let c = median(ca_only);
-    println!("| CA only: keygen + CSR + sign, SVIDs/s (one thread) | {c:.0} | {:.2} |", c / b);
+    println!(
+        "| CA only: keygen + CSR + sign, SVIDs/s (one thread) | {c:.0} | {:.2} |",
+        c / b
+    );
     let e = median(e2e);
-    println!("| end to end over gRPC/TLS, one per call, SVIDs/s (wall) | {e:.0} | {:.2} |", e / b);
-    println!("| end to end, one per call, SVIDs per CPU-second (all threads, client+server) | {:.0} | {:.2} |", median(e2e_cpu.clone()), median(e2e_cpu) / b);
+    println!(
+        "| end to end over gRPC/TLS, one per call, SVIDs/s (wall) | {e:.0} | {:.2} |",
+        e / b
+    );
+    println!(
+        "| end to end, one per call, SVIDs per CPU-second (all threads, client+server) | {:.0} | {:.2} |",
+        median(e2e_cpu.clone()),
+        median(e2e_cpu) / b
+    );
     let bt = median(batch);
-    println!("| end to end, 16 per call, SVIDs/s (wall) | {bt:.0} | {:.2} |", bt / b);
-    println!("| end to end, 16 per call, SVIDs per CPU-second | {:.0} | {:.2} |", median(batch_cpu.clone()), median(batch_cpu) / b);
+    println!(
+        "| end to end, 16 per call, SVIDs/s (wall) | {bt:.0} | {:.2} |",
+        bt / b
+    );
+    println!(
+        "| end to end, 16 per call, SVIDs per CPU-second | {:.0} | {:.2} |",
+        median(batch_cpu.clone()),
+        median(batch_cpu) / b
+    );
     println!();
-    println!("| exec to SVID ready (cached binary, {} execs) | p50 | p99 |", ready_time.len());
+    println!(
+        "| exec to SVID ready (cached binary, {} execs) | p50 | p99 |",
+        ready_time.len()
+    );
     println!("|---|---|---|");
-    println!("| baseline: fork+exec (spawn returns) | {:?} | {:?} |", pct(&spawn_only, 0.5), pct(&spawn_only, 0.99));
-    println!("| spawn to SVID held by the agent | {:?} | {:?} |", pct(&ready_time, 0.5), pct(&ready_time, 0.99));
+    println!(
+        "| baseline: fork+exec (spawn returns) | {:?} | {:?} |",
+        pct(&spawn_only, 0.5),
+        pct(&spawn_only, 0.99)
+    );
+    println!(
+        "| spawn to SVID held by the agent | {:?} | {:?} |",
+        pct(&ready_time, 0.5),
+        pct(&ready_time, 0.99)
+    );
     println!();
     println!("cores: {cores}");
     println!();
@@ -219,11 +288,18 @@ async fn issuance() -> anyhow::Result<()> {
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Polls the tracker every 100 µs until the pid holds an SVID.
-async fn wait_svid(agent: &tether_agent::RunningAgent, pid: i32, timeout: Duration) -> Option<Duration> {
+async fn wait_svid(
+    agent: &tether_agent::RunningAgent,
+    pid: i32,
+    timeout: Duration,
+) -> Option<Duration> {
     let t0 = Instant::now();
     while t0.elapsed() < timeout {
         if agent.tracker.svid_count(pid) > 0 {

@@ -1,6 +1,6 @@
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use tether_spiffe::{SpiffeId, TrustDomain};
@@ -41,18 +41,27 @@ impl Upstream {
             .map(|c| c.map(|c| c.to_vec()))
             .collect::<Result<_, _>>()
             .map_err(|e| CaError::Upstream(format!("certificate PEM: {e}")))?;
-        let first = chain.first().ok_or_else(|| CaError::Upstream("no certificate in PEM".into()))?;
+        let first = chain
+            .first()
+            .ok_or_else(|| CaError::Upstream("no certificate in PEM".into()))?;
         let key = PrivateKey::from_pem(key_pem)?;
         // Tether adds one intermediate below the upstream CA, so every CA in
         // the supplied chain must allow one more CA below it than the chain
         // already has, and must be allowed to sign certificates. Otherwise
         // relying parties (OpenSSL, browsers) would reject every SVID.
         for (i, der) in chain.iter().enumerate() {
-            let (_, c) = x509_parser::parse_x509_certificate(der)
-                .map_err(|e| CaError::Upstream(format!("certificate {} of the chain: {e}", i + 1)))?;
-            let which = if i == 0 { "certificate".to_string() } else { format!("chain certificate {}", i + 1) };
+            let (_, c) = x509_parser::parse_x509_certificate(der).map_err(|e| {
+                CaError::Upstream(format!("certificate {} of the chain: {e}", i + 1))
+            })?;
+            let which = if i == 0 {
+                "certificate".to_string()
+            } else {
+                format!("chain certificate {}", i + 1)
+            };
             if !c.is_ca() {
-                return Err(CaError::Upstream(format!("{which} is not a CA (basicConstraints cA is not true)")));
+                return Err(CaError::Upstream(format!(
+                    "{which} is not a CA (basicConstraints cA is not true)"
+                )));
             }
             if let Ok(Some(bc)) = c.basic_constraints()
                 && let Some(len) = bc.value.path_len_constraint
@@ -66,30 +75,48 @@ impl Upstream {
             if let Ok(Some(ku)) = c.key_usage()
                 && !ku.value.key_cert_sign()
             {
-                return Err(CaError::Upstream(format!("{which} has a keyUsage without keyCertSign; it cannot sign CAs")));
+                return Err(CaError::Upstream(format!(
+                    "{which} has a keyUsage without keyCertSign; it cannot sign CAs"
+                )));
             }
         }
         let (_, cert) = x509_parser::parse_x509_certificate(first)
             .map_err(|e| CaError::Upstream(format!("certificate: {e}")))?;
         if cert.public_key().raw != key.spki_der().as_slice() {
-            return Err(CaError::Upstream("private key does not match the certificate".into()));
+            return Err(CaError::Upstream(
+                "private key does not match the certificate".into(),
+            ));
         }
         let not_after = cert.validity().not_after.timestamp();
-        Ok(Upstream { chain, key, not_after })
+        Ok(Upstream {
+            chain,
+            key,
+            not_after,
+        })
     }
 }
 
-fn ca_params(td: &TrustDomain, cn: &str, not_before: i64, not_after: i64) -> Result<CertificateParams, CaError> {
+fn ca_params(
+    td: &TrustDomain,
+    cn: &str,
+    not_before: i64,
+    not_after: i64,
+) -> Result<CertificateParams, CaError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Tether");
     dn.push(DnType::CommonName, format!("{cn} {}", td.as_str()));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    params.subject_alt_names = vec![SanType::URI(
-        td.id_string().try_into().map_err(|e| CaError::Cert(format!("trust domain URI: {e}")))?,
-    )];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.subject_alt_names =
+        vec![SanType::URI(td.id_string().try_into().map_err(|e| {
+            CaError::Cert(format!("trust domain URI: {e}"))
+        })?)];
     params.not_before = unix_to_time(not_before - BACKDATE_SECS)?;
     params.not_after = unix_to_time(not_after)?;
     params.serial_number = Some(random_serial());
@@ -98,7 +125,11 @@ fn ca_params(td: &TrustDomain, cn: &str, not_before: i64, not_after: i64) -> Res
 }
 
 /// A new self-signed root for `td`, valid for `ttl_secs` from `now`.
-pub fn new_self_signed_ca(td: &TrustDomain, ttl_secs: i64, now: i64) -> Result<CaMaterial, CaError> {
+pub fn new_self_signed_ca(
+    td: &TrustDomain,
+    ttl_secs: i64,
+    now: i64,
+) -> Result<CaMaterial, CaError> {
     let key = PrivateKey::generate()?;
     let mut params = ca_params(td, "Tether CA", now, now + ttl_secs)?;
     params.use_authority_key_identifier_extension = false;
@@ -114,19 +145,33 @@ pub fn new_self_signed_ca(td: &TrustDomain, ttl_secs: i64, now: i64) -> Result<C
 
 /// A new intermediate CA signed by the operator's upstream CA. Its lifetime
 /// is capped at the upstream's.
-pub fn new_intermediate_ca(td: &TrustDomain, upstream: &Upstream, ttl_secs: i64, now: i64) -> Result<CaMaterial, CaError> {
+pub fn new_intermediate_ca(
+    td: &TrustDomain,
+    upstream: &Upstream,
+    ttl_secs: i64,
+    now: i64,
+) -> Result<CaMaterial, CaError> {
     let not_after = (now + ttl_secs).min(upstream.not_after);
     if not_after <= now {
-        return Err(CaError::Expired { not_after: upstream.not_after, now });
+        return Err(CaError::Expired {
+            not_after: upstream.not_after,
+            now,
+        });
     }
     let key = PrivateKey::generate()?;
     let params = ca_params(td, "Tether intermediate CA", now, not_after)?;
-    let first = upstream.chain.first().ok_or_else(|| CaError::Upstream("empty chain".into()))?;
+    let first = upstream
+        .chain
+        .first()
+        .ok_or_else(|| CaError::Upstream("empty chain".into()))?;
     let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(first.as_slice()), &upstream.key)?;
     let cert = params.signed_by(&key, &issuer)?;
     // The last certificate of the upstream chain is the trust anchor; the
     // ones before it travel with every SVID.
-    let (anchor, between) = upstream.chain.split_last().ok_or_else(|| CaError::Upstream("empty chain".into()))?;
+    let (anchor, between) = upstream
+        .chain
+        .split_last()
+        .ok_or_else(|| CaError::Upstream("empty chain".into()))?;
     Ok(CaMaterial {
         cert_der: cert.der().to_vec(),
         key_pkcs8: Zeroizing::new(key.pkcs8_der().to_vec()),
@@ -173,7 +218,11 @@ impl Signer {
             intermediates.push(m.cert_der.clone());
             intermediates.extend(m.chain.iter().cloned());
         }
-        Ok(Signer { issuer, intermediates, not_after: m.not_after })
+        Ok(Signer {
+            issuer,
+            intermediates,
+            not_after: m.not_after,
+        })
     }
 
     pub fn not_after(&self) -> i64 {
@@ -195,15 +244,22 @@ impl Signer {
         now: i64,
     ) -> Result<SignedCert, CaError> {
         if now >= self.not_after {
-            return Err(CaError::Expired { not_after: self.not_after, now });
+            return Err(CaError::Expired {
+                not_after: self.not_after,
+                now,
+            });
         }
         if ttl_secs <= 0 {
-            return Err(CaError::CsrRejected(format!("TTL must be positive, got {ttl_secs}")));
+            return Err(CaError::CsrRejected(format!(
+                "TTL must be positive, got {ttl_secs}"
+            )));
         }
         let csr = parse_csr(csr_der)?;
         for uri in &csr.uri_sans {
             if uri != id.as_str() {
-                return Err(CaError::CsrRejected(format!("CSR asks for URI SAN {uri:?}, but {id} was requested")));
+                return Err(CaError::CsrRejected(format!(
+                    "CSR asks for URI SAN {uri:?}, but {id} was requested"
+                )));
             }
         }
         let not_after = (now + ttl_secs).min(self.not_after);
@@ -211,18 +267,24 @@ impl Signer {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Tether");
         params.distinguished_name = dn;
-        let mut sans = vec![SanType::URI(
-            id.as_str().try_into().map_err(|e| CaError::Cert(format!("SPIFFE ID as URI SAN: {e}")))?,
-        )];
+        let mut sans =
+            vec![SanType::URI(id.as_str().try_into().map_err(|e| {
+                CaError::Cert(format!("SPIFFE ID as URI SAN: {e}"))
+            })?)];
         for d in dns_names {
             sans.push(SanType::DnsName(
-                d.as_str().try_into().map_err(|e| CaError::Cert(format!("DNS name {d:?}: {e}")))?,
+                d.as_str()
+                    .try_into()
+                    .map_err(|e| CaError::Cert(format!("DNS name {d:?}: {e}")))?,
             ));
         }
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.not_before = unix_to_time(now - BACKDATE_SECS)?;
         params.not_after = unix_to_time(not_after)?;
         let serial = random_serial();
@@ -233,14 +295,17 @@ impl Signer {
         let mut chain = Vec::with_capacity(1 + self.intermediates.len());
         chain.push(cert.der().to_vec());
         chain.extend(self.intermediates.iter().cloned());
-        Ok(SignedCert { chain, not_after, serial_hex })
+        Ok(SignedCert {
+            chain,
+            not_after,
+            serial_hex,
+        })
     }
 }
 
 fn hex_string(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -260,14 +325,23 @@ mod tests {
         let key = PrivateKey::generate().unwrap();
         let id = SpiffeId::parse("spiffe://example.org/web").unwrap();
         let csr = build_csr(&key, &id).unwrap();
-        let cert = signer.sign_svid(&csr, &id, &["web.local".into()], 3600, NOW).unwrap();
-        assert_eq!(cert.chain.len(), 1, "self-signed root is not sent in the chain");
+        let cert = signer
+            .sign_svid(&csr, &id, &["web.local".into()], 3600, NOW)
+            .unwrap();
+        assert_eq!(
+            cert.chain.len(),
+            1,
+            "self-signed root is not sent in the chain"
+        );
         assert_eq!(cert.not_after, NOW + 3600);
         let got = tether_spiffe::x509::check_x509_svid_leaf(&cert.chain[0]).unwrap();
         assert_eq!(got, id);
         let mut bundle = tether_spiffe::Bundle::new(td());
         bundle.x509_authorities = ca.anchors.clone();
-        assert_eq!(tether_spiffe::x509::verify_x509_svid(&cert.chain, &bundle, NOW + 10).unwrap(), id);
+        assert_eq!(
+            tether_spiffe::x509::verify_x509_svid(&cert.chain, &bundle, NOW + 10).unwrap(),
+            id
+        );
         // The certificate carries the CSR's key, not some other key.
         let (_, leaf) = x509_parser::parse_x509_certificate(&cert.chain[0]).unwrap();
         assert_eq!(leaf.public_key().raw, key.spki_der().as_slice());
@@ -279,9 +353,14 @@ mod tests {
         let signer = Signer::new(&ca).unwrap();
         let key = PrivateKey::generate().unwrap();
         let id = SpiffeId::parse("spiffe://example.org/a").unwrap();
-        let cert = signer.sign_svid(&build_csr(&key, &id).unwrap(), &id, &[], 3600, NOW).unwrap();
+        let cert = signer
+            .sign_svid(&build_csr(&key, &id).unwrap(), &id, &[], 3600, NOW)
+            .unwrap();
         assert_eq!(cert.not_after, NOW + 100);
-        assert!(matches!(signer.sign_svid(&build_csr(&key, &id).unwrap(), &id, &[], 10, NOW + 100), Err(CaError::Expired { .. })));
+        assert!(matches!(
+            signer.sign_svid(&build_csr(&key, &id).unwrap(), &id, &[], 10, NOW + 100),
+            Err(CaError::Expired { .. })
+        ));
     }
 
     #[test]
@@ -290,15 +369,25 @@ mod tests {
         let key = PrivateKey::generate().unwrap();
         let asked = SpiffeId::parse("spiffe://example.org/admin").unwrap();
         let granted = SpiffeId::parse("spiffe://example.org/web").unwrap();
-        let err = signer.sign_svid(&build_csr(&key, &asked).unwrap(), &granted, &[], 60, NOW).unwrap_err();
-        assert!(err.to_string().contains("spiffe://example.org/admin"), "{err}");
+        let err = signer
+            .sign_svid(&build_csr(&key, &asked).unwrap(), &granted, &[], 60, NOW)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("spiffe://example.org/admin"),
+            "{err}"
+        );
     }
 
     #[test]
     fn rejects_malformed_and_tampered_csrs() {
         let signer = Signer::new(&new_self_signed_ca(&td(), 86400, NOW).unwrap()).unwrap();
         let id = SpiffeId::parse("spiffe://example.org/web").unwrap();
-        for bad in [vec![], vec![0x30, 0x03, 0x02, 0x01, 0x00], vec![0xff; 100], vec![0u8; MAX + 1]] {
+        for bad in [
+            vec![],
+            vec![0x30, 0x03, 0x02, 0x01, 0x00],
+            vec![0xff; 100],
+            vec![0u8; MAX + 1],
+        ] {
             assert!(signer.sign_svid(&bad, &id, &[], 60, NOW).is_err());
         }
         let key = PrivateKey::generate().unwrap();
@@ -307,7 +396,10 @@ mod tests {
         let last = csr.len() - 1;
         csr[last] ^= 1;
         let err = signer.sign_svid(&csr, &id, &[], 60, NOW).unwrap_err();
-        assert!(matches!(err, CaError::CsrRejected(_) | CaError::MalformedCsr(_)), "{err}");
+        assert!(
+            matches!(err, CaError::CsrRejected(_) | CaError::MalformedCsr(_)),
+            "{err}"
+        );
     }
     const MAX: usize = crate::csr::MAX_CSR_LEN;
 
@@ -317,18 +409,30 @@ mod tests {
         p.is_ca = IsCa::Ca(bc);
         p.key_usages = ku;
         let cert = p.self_signed(&key).unwrap();
-        (crate::key::pem_encode("CERTIFICATE", cert.der()), key.to_pem().to_string())
+        (
+            crate::key::pem_encode("CERTIFICATE", cert.der()),
+            key.to_pem().to_string(),
+        )
     }
 
     #[test]
     fn upstream_that_cannot_hold_an_intermediate_is_refused() {
-        let (c, k) = operator_root(BasicConstraints::Constrained(0), vec![KeyUsagePurpose::KeyCertSign]);
+        let (c, k) = operator_root(
+            BasicConstraints::Constrained(0),
+            vec![KeyUsagePurpose::KeyCertSign],
+        );
         let e = Upstream::from_pem(&c, &k).err().unwrap().to_string();
         assert!(e.contains("pathLenConstraint 0"), "{e}");
-        let (c, k) = operator_root(BasicConstraints::Unconstrained, vec![KeyUsagePurpose::DigitalSignature]);
+        let (c, k) = operator_root(
+            BasicConstraints::Unconstrained,
+            vec![KeyUsagePurpose::DigitalSignature],
+        );
         let e = Upstream::from_pem(&c, &k).err().unwrap().to_string();
         assert!(e.contains("keyCertSign"), "{e}");
-        let (c, k) = operator_root(BasicConstraints::Constrained(1), vec![KeyUsagePurpose::KeyCertSign]);
+        let (c, k) = operator_root(
+            BasicConstraints::Constrained(1),
+            vec![KeyUsagePurpose::KeyCertSign],
+        );
         assert!(Upstream::from_pem(&c, &k).is_ok());
     }
 
@@ -344,11 +448,16 @@ mod tests {
         let signer = Signer::new(&ca).unwrap();
         let key = PrivateKey::generate().unwrap();
         let id = SpiffeId::parse("spiffe://example.org/w").unwrap();
-        let cert = signer.sign_svid(&build_csr(&key, &id).unwrap(), &id, &[], 600, NOW).unwrap();
+        let cert = signer
+            .sign_svid(&build_csr(&key, &id).unwrap(), &id, &[], 600, NOW)
+            .unwrap();
         assert_eq!(cert.chain.len(), 2, "leaf + intermediate");
         let mut bundle = tether_spiffe::Bundle::new(td());
         bundle.x509_authorities = ca.anchors.clone();
-        assert_eq!(tether_spiffe::x509::verify_x509_svid(&cert.chain, &bundle, NOW + 1).unwrap(), id);
+        assert_eq!(
+            tether_spiffe::x509::verify_x509_svid(&cert.chain, &bundle, NOW + 1).unwrap(),
+            id
+        );
         // A mismatched key is refused.
         let other = PrivateKey::generate().unwrap();
         assert!(Upstream::from_pem(&cert_pem, &other.to_pem()).is_err());

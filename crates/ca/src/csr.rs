@@ -1,4 +1,6 @@
-use rcgen::{CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, SanType};
+use rcgen::{
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, SanType,
+};
 use rustls_pki_types::CertificateSigningRequestDer;
 use tether_spiffe::SpiffeId;
 
@@ -14,9 +16,10 @@ pub fn build_csr(key: &PrivateKey, id: &SpiffeId) -> Result<Vec<u8>, CaError> {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Tether");
     params.distinguished_name = dn;
-    params.subject_alt_names = vec![SanType::URI(
-        id.as_str().try_into().map_err(|e| CaError::Cert(format!("SPIFFE ID as URI SAN: {e}")))?,
-    )];
+    params.subject_alt_names =
+        vec![SanType::URI(id.as_str().try_into().map_err(|e| {
+            CaError::Cert(format!("SPIFFE ID as URI SAN: {e}"))
+        })?)];
     let csr = params.serialize_request(key)?;
     Ok(csr.der().to_vec())
 }
@@ -36,21 +39,27 @@ pub fn parse_csr(der: &[u8]) -> Result<CsrInfo, CaError> {
         return Err(CaError::MalformedCsr("empty".into()));
     }
     if der.len() > MAX_CSR_LEN {
-        return Err(CaError::MalformedCsr(format!("{} bytes, limit {MAX_CSR_LEN}", der.len())));
+        return Err(CaError::MalformedCsr(format!(
+            "{} bytes, limit {MAX_CSR_LEN}",
+            der.len()
+        )));
     }
-    let parsed = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
-        .map_err(|e| match e {
-            rcgen::Error::InvalidCertificationRequestSignature => {
-                CaError::CsrRejected("signature does not verify (no proof of key possession)".into())
-            }
-            rcgen::Error::UnsupportedExtension => {
-                CaError::CsrRejected("requests an extension other than SAN, key usage or basic constraints".into())
-            }
-            other => CaError::MalformedCsr(other.to_string()),
-        })?;
+    let parsed =
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
+            .map_err(|e| match e {
+                rcgen::Error::InvalidCertificationRequestSignature => CaError::CsrRejected(
+                    "signature does not verify (no proof of key possession)".into(),
+                ),
+                rcgen::Error::UnsupportedExtension => CaError::CsrRejected(
+                    "requests an extension other than SAN, key usage or basic constraints".into(),
+                ),
+                other => CaError::MalformedCsr(other.to_string()),
+            })?;
     let alg = parsed.public_key.algorithm();
     if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ECDSA_P384_SHA384 {
-        return Err(CaError::CsrRejected(format!("key algorithm {alg:?} not allowed; use ECDSA P-256 or P-384")));
+        return Err(CaError::CsrRejected(format!(
+            "key algorithm {alg:?} not allowed; use ECDSA P-256 or P-384"
+        )));
     }
     if matches!(parsed.params.is_ca, rcgen::IsCa::Ca(_)) {
         return Err(CaError::CsrRejected("requests a CA certificate".into()));
@@ -63,5 +72,8 @@ pub fn parse_csr(der: &[u8]) -> Result<CsrInfo, CaError> {
             other => return Err(CaError::CsrRejected(format!("unsupported SAN {other:?}"))),
         }
     }
-    Ok(CsrInfo { public_key: parsed.public_key, uri_sans })
+    Ok(CsrInfo {
+        public_key: parsed.public_key,
+        uri_sans,
+    })
 }

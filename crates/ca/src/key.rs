@@ -28,7 +28,11 @@ impl PrivateKey {
         let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der)
             .map_err(|e| CaError::InvalidKey(format!("not an ECDSA P-256 PKCS#8 key: {e}")))?;
         let public = pair.public_key().as_ref().to_vec();
-        Ok(PrivateKey { pair, pkcs8: Zeroizing::new(der.to_vec()), public })
+        Ok(PrivateKey {
+            pair,
+            pkcs8: Zeroizing::new(der.to_vec()),
+            public,
+        })
     }
 
     /// Accepts "PRIVATE KEY" (PKCS#8) and "EC PRIVATE KEY" (SEC1) PEM.
@@ -40,12 +44,19 @@ impl PrivateKey {
         match der {
             PrivateKeyDer::Pkcs8(k) => Self::from_pkcs8(k.secret_pkcs8_der()),
             PrivateKeyDer::Sec1(k) => {
-                let pair = EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_ASN1_SIGNING, k.secret_sec1_der())
-                    .map_err(|e| CaError::InvalidKey(format!("not an ECDSA P-256 key: {e}")))?;
-                let doc = pair.to_pkcs8v1().map_err(|e| CaError::InvalidKey(e.to_string()))?;
+                let pair = EcdsaKeyPair::from_private_key_der(
+                    &ECDSA_P256_SHA256_ASN1_SIGNING,
+                    k.secret_sec1_der(),
+                )
+                .map_err(|e| CaError::InvalidKey(format!("not an ECDSA P-256 key: {e}")))?;
+                let doc = pair
+                    .to_pkcs8v1()
+                    .map_err(|e| CaError::InvalidKey(e.to_string()))?;
                 Self::from_pkcs8(doc.as_ref())
             }
-            _ => Err(CaError::InvalidKey("only ECDSA P-256 keys are supported".into())),
+            _ => Err(CaError::InvalidKey(
+                "only ECDSA P-256 keys are supported".into(),
+            )),
         }
     }
 
@@ -74,7 +85,10 @@ impl rcgen::PublicKeyData for PrivateKey {
 
 impl rcgen::SigningKey for PrivateKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        let sig = self.pair.sign(&SystemRandom::new(), msg).map_err(|_| rcgen::Error::RingUnspecified)?;
+        let sig = self
+            .pair
+            .sign(&SystemRandom::new(), msg)
+            .map_err(|_| rcgen::Error::RingUnspecified)?;
         Ok(sig.as_ref().to_vec())
     }
 }

@@ -11,7 +11,9 @@ mod authority;
 mod csr;
 mod key;
 
-pub use authority::{CaMaterial, Signer, SignedCert, Upstream, new_intermediate_ca, new_self_signed_ca};
+pub use authority::{
+    CaMaterial, SignedCert, Signer, Upstream, new_intermediate_ca, new_self_signed_ca,
+};
 pub use csr::{CsrInfo, build_csr, parse_csr};
 pub use key::{PrivateKey, pem_encode};
 
@@ -41,5 +43,6 @@ impl From<rcgen::Error> for CaError {
 }
 
 pub(crate) fn unix_to_time(secs: i64) -> Result<time::OffsetDateTime, CaError> {
-    time::OffsetDateTime::from_unix_timestamp(secs).map_err(|e| CaError::Cert(format!("time {secs}: {e}")))
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .map_err(|e| CaError::Cert(format!("time {secs}: {e}")))
 }

@@ -11,13 +11,17 @@ use clap::{Args, Parser, Subcommand};
 use tether_proto::tether::admin_client::AdminClient;
 use tether_proto::tether::agent_admin_client::AgentAdminClient;
 use tether_proto::tether::{
-    ApplyRequest, CreateJoinTokenRequest, DeleteRequest, EventsRequest, GetRequest, ListSvidsRequest, PolicyCheckRequest,
-    RotateCaRequest, WhoAmIRequest,
+    ApplyRequest, CreateJoinTokenRequest, DeleteRequest, EventsRequest, GetRequest,
+    ListSvidsRequest, PolicyCheckRequest, RotateCaRequest, WhoAmIRequest,
 };
 use tether_spiffe::{Bundle, TrustDomain};
 
 #[derive(Parser)]
-#[command(name = "tether", version, about = "Process-level workload identity for Linux")]
+#[command(
+    name = "tether",
+    version,
+    about = "Process-level workload identity for Linux"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -29,14 +33,22 @@ struct Cli {
 #[derive(Args, Clone)]
 struct AdminSock {
     /// The server's admin socket.
-    #[arg(long, env = "TETHER_ADMIN_SOCKET", default_value = "/run/tether/admin.sock")]
+    #[arg(
+        long,
+        env = "TETHER_ADMIN_SOCKET",
+        default_value = "/run/tether/admin.sock"
+    )]
     admin_socket: PathBuf,
 }
 
 #[derive(Args, Clone)]
 struct AgentSock {
     /// The agent's admin socket.
-    #[arg(long, env = "TETHER_AGENT_SOCKET", default_value = "/run/tether/agent.sock")]
+    #[arg(
+        long,
+        env = "TETHER_AGENT_SOCKET",
+        default_value = "/run/tether/agent.sock"
+    )]
     agent_socket: PathBuf,
 }
 
@@ -94,7 +106,11 @@ enum Cmd {
     /// client, like any workload would use).
     Fetch {
         /// Workload API socket.
-        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = "/run/tether/workload.sock")]
+        #[arg(
+            long,
+            env = "SPIFFE_ENDPOINT_SOCKET",
+            default_value = "/run/tether/workload.sock"
+        )]
         socket: String,
         /// Write svid.pem, key.pem and bundle.pem into this directory.
         #[arg(long)]
@@ -256,7 +272,11 @@ struct AgentArgs {
     join_token: Option<String>,
     #[arg(long, default_value = "/var/lib/tether/agent")]
     data_dir: PathBuf,
-    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET_PATH", default_value = "/run/tether/workload.sock")]
+    #[arg(
+        long,
+        env = "SPIFFE_ENDPOINT_SOCKET_PATH",
+        default_value = "/run/tether/workload.sock"
+    )]
     workload_socket: PathBuf,
     #[arg(long, default_value = "/run/tether/agent.sock")]
     admin_socket: PathBuf,
@@ -282,7 +302,10 @@ fn main() {
     if daemon {
         init_logging(&cli.log_format);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting runtime: {e}");
@@ -296,9 +319,13 @@ fn main() {
 }
 
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if format == "json" {
         b.json().flatten_event(true).init();
     } else {
@@ -310,7 +337,11 @@ fn duration(what: &str, s: &str) -> anyhow::Result<i64> {
     tether_manifest::parse_duration(s).map_err(|e| anyhow!("{what}: {e}"))
 }
 
-fn server_config(o: &ServerOpts, data_dir: PathBuf, admin_socket: PathBuf) -> anyhow::Result<tether_server::ServerConfig> {
+fn server_config(
+    o: &ServerOpts,
+    data_dir: PathBuf,
+    admin_socket: PathBuf,
+) -> anyhow::Result<tether_server::ServerConfig> {
     let td = TrustDomain::new(&o.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
     let mut cfg = tether_server::ServerConfig::new(td, data_dir);
     cfg.listen = o.listen;
@@ -327,20 +358,37 @@ fn host_name() -> String {
         .trim()
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
-    let name = name.trim_matches(|c: char| !c.is_ascii_alphanumeric()).to_string();
+    let name = name
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string();
     if name.is_empty() { "node".into() } else { name }
 }
 
-fn agent_config(o: &AgentOpts, server: String, td: TrustDomain, data_dir: PathBuf) -> anyhow::Result<tether_agent::AgentConfig> {
+fn agent_config(
+    o: &AgentOpts,
+    server: String,
+    td: TrustDomain,
+    data_dir: PathBuf,
+) -> anyhow::Result<tether_agent::AgentConfig> {
     let node = o.node_name.clone().unwrap_or_else(host_name);
     tether_manifest::validate_name(&node).map_err(|e| anyhow!("--node-name: {e}"))?;
     let mut cfg = tether_agent::AgentConfig::new(server, td, node, data_dir);
     cfg.metrics = if o.metrics == "off" {
         None
     } else {
-        Some(o.metrics.parse().map_err(|e| anyhow!("--metrics {:?}: {e}", o.metrics))?)
+        Some(
+            o.metrics
+                .parse()
+                .map_err(|e| anyhow!("--metrics {:?}: {e}", o.metrics))?,
+        )
     };
     cfg.rescan_interval = Duration::from_secs(duration("--rescan", &o.rescan)?.max(1) as u64);
     if let Some(cg) = &o.enforce_cgroup {
@@ -369,10 +417,19 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Up(a) => {
             tether_agent::harden_process();
-            let cfg = server_config(&a.server, a.data_dir.join("server"), a.run_dir.join("admin.sock"))?;
+            let cfg = server_config(
+                &a.server,
+                a.data_dir.join("server"),
+                a.run_dir.join("admin.sock"),
+            )?;
             let td = cfg.trust_domain.clone();
             let server = tether_server::start(cfg).await?;
-            let mut acfg = agent_config(&a.agent, server.node_addr.to_string(), td, a.data_dir.join("agent"))?;
+            let mut acfg = agent_config(
+                &a.agent,
+                server.node_addr.to_string(),
+                td,
+                a.data_dir.join("agent"),
+            )?;
             // The in-process agent attests over the real node API with a
             // token bound to its name, exactly as a remote agent would.
             let (token, _) = server.state.create_join_token(300, Some(&acfg.node_name))?;
@@ -395,11 +452,16 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Agent(a) => {
             tether_agent::harden_process();
-            let td = TrustDomain::new(&a.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
+            let td =
+                TrustDomain::new(&a.trust_domain).map_err(|e| anyhow!("--trust-domain: {e}"))?;
             let mut cfg = agent_config(&a.opts, a.server, td.clone(), a.data_dir)?;
             if let Some(p) = &a.trust_bundle {
-                let json = std::fs::read(p).with_context(|| format!("reading --trust-bundle {}", p.display()))?;
-                cfg.bootstrap_bundle = Some(Bundle::from_json(td, &json).with_context(|| format!("--trust-bundle {}", p.display()))?);
+                let json = std::fs::read(p)
+                    .with_context(|| format!("reading --trust-bundle {}", p.display()))?;
+                cfg.bootstrap_bundle = Some(
+                    Bundle::from_json(td, &json)
+                        .with_context(|| format!("--trust-bundle {}", p.display()))?,
+                );
             }
             cfg.join_token = a.join_token;
             cfg.workload_socket = a.workload_socket;
@@ -411,13 +473,21 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Apply { file, sock } => {
             let (source, bytes) = if file == "-" {
                 let mut b = Vec::new();
-                std::io::stdin().read_to_end(&mut b).context("reading stdin")?;
+                std::io::stdin()
+                    .read_to_end(&mut b)
+                    .context("reading stdin")?;
                 ("<stdin>".to_string(), b)
             } else {
-                (file.clone(), std::fs::read(&file).with_context(|| format!("reading {file}"))?)
+                (
+                    file.clone(),
+                    std::fs::read(&file).with_context(|| format!("reading {file}"))?,
+                )
             };
             let resp = admin(&sock.admin_socket)?
-                .apply(ApplyRequest { source, manifest: bytes })
+                .apply(ApplyRequest {
+                    source,
+                    manifest: bytes,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -428,7 +498,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Get { kind, name, sock } => {
             let resp = admin(&sock.admin_socket)?
-                .get(GetRequest { kind, name: name.unwrap_or_default() })
+                .get(GetRequest {
+                    kind,
+                    name: name.unwrap_or_default(),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -437,7 +510,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Delete { kind, name, sock } => {
             let resp = admin(&sock.admin_socket)?
-                .delete(DeleteRequest { kind: kind.clone(), name: name.clone() })
+                .delete(DeleteRequest {
+                    kind: kind.clone(),
+                    name: name.clone(),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -447,22 +523,37 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             println!("{kind}/{name} deleted");
             Ok(())
         }
-        Cmd::Token { cmd: TokenCmd::Create { ttl, node, sock } } => {
+        Cmd::Token {
+            cmd: TokenCmd::Create { ttl, node, sock },
+        } => {
             let resp = admin(&sock.admin_socket)?
-                .create_join_token(CreateJoinTokenRequest { ttl_secs: duration("--ttl", &ttl)?, node_name: node.unwrap_or_default() })
+                .create_join_token(CreateJoinTokenRequest {
+                    ttl_secs: duration("--ttl", &ttl)?,
+                    node_name: node.unwrap_or_default(),
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
             println!("{}", resp.token);
             Ok(())
         }
-        Cmd::Ca { cmd: CaCmd::Rotate { step, sock } } => {
-            let resp = admin(&sock.admin_socket)?.rotate_ca(RotateCaRequest { step }).await.map_err(status)?.into_inner();
+        Cmd::Ca {
+            cmd: CaCmd::Rotate { step, sock },
+        } => {
+            let resp = admin(&sock.admin_socket)?
+                .rotate_ca(RotateCaRequest { step })
+                .await
+                .map_err(status)?
+                .into_inner();
             println!("{}", resp.text);
             Ok(())
         }
         Cmd::Whoami { pid, json, sock } => {
-            let resp = agent_admin(&sock.agent_socket)?.who_am_i(WhoAmIRequest { pid }).await.map_err(status)?.into_inner();
+            let resp = agent_admin(&sock.agent_socket)?
+                .who_am_i(WhoAmIRequest { pid })
+                .await
+                .map_err(status)?
+                .into_inner();
             if json {
                 println!("{}", resp.json);
             } else {
@@ -470,7 +561,16 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Policy { cmd: PolicyCmd::Check { pid, identity, to, udp, sock } } => {
+        Cmd::Policy {
+            cmd:
+                PolicyCmd::Check {
+                    pid,
+                    identity,
+                    to,
+                    udp,
+                    sock,
+                },
+        } => {
             let resp = agent_admin(&sock.agent_socket)?
                 .policy_check(PolicyCheckRequest {
                     pid: pid.unwrap_or(0),
@@ -485,20 +585,37 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Events { follow, sock } => {
-            let mut stream = agent_admin(&sock.agent_socket)?.events(EventsRequest { follow }).await.map_err(status)?.into_inner();
+            let mut stream = agent_admin(&sock.agent_socket)?
+                .events(EventsRequest { follow })
+                .await
+                .map_err(status)?
+                .into_inner();
             while let Some(ev) = stream.message().await.map_err(status)? {
                 println!("{}", ev.json);
             }
             Ok(())
         }
         Cmd::Detach { cgroup, pin_dir } => {
-            tether_kernel::Enforcer::detach_all(&pin_dir, &cgroup).map_err(|e| anyhow!("detaching: {e}"))?;
-            println!("removed Tether's programs, links and maps from {} and {}", cgroup.display(), pin_dir.display());
+            tether_kernel::Enforcer::detach_all(&pin_dir, &cgroup)
+                .map_err(|e| anyhow!("detaching: {e}"))?;
+            println!(
+                "removed Tether's programs, links and maps from {} and {}",
+                cgroup.display(),
+                pin_dir.display()
+            );
             Ok(())
         }
-        Cmd::Fetch { socket, write, watch } => fetch(&socket, write.as_deref(), watch).await,
+        Cmd::Fetch {
+            socket,
+            write,
+            watch,
+        } => fetch(&socket, write.as_deref(), watch).await,
         Cmd::Svids { sock } => {
-            let resp = agent_admin(&sock.agent_socket)?.list_svids(ListSvidsRequest {}).await.map_err(status)?.into_inner();
+            let resp = agent_admin(&sock.agent_socket)?
+                .list_svids(ListSvidsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
             println!("{}", resp.json);
             Ok(())
         }
@@ -507,14 +624,20 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
 
 fn status(s: tonic::Status) -> anyhow::Error {
     match s.code() {
-        tonic::Code::Unavailable => anyhow!("cannot reach tether ({}); is `tether up` running?", s.message()),
+        tonic::Code::Unavailable => anyhow!(
+            "cannot reach tether ({}); is `tether up` running?",
+            s.message()
+        ),
         _ => anyhow!("{}", s.message()),
     }
 }
 
 fn check_socket(p: &Path) -> anyhow::Result<()> {
     if !p.exists() {
-        bail!("{} does not exist; is tether running? (set the socket with --admin-socket/--agent-socket)", p.display());
+        bail!(
+            "{} does not exist; is tether running? (set the socket with --admin-socket/--agent-socket)",
+            p.display()
+        );
     }
     Ok(())
 }
@@ -532,7 +655,13 @@ fn agent_admin(p: &Path) -> anyhow::Result<AgentAdminClient<tonic::transport::Ch
 fn print_whoami(json: &str) -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_str(json)?;
     let p = &v["process"];
-    println!("pid {} ({}) uid {} on node {}", v["pid"], p["exe_path"].as_str().unwrap_or("?"), p["uid"], v["node"].as_str().unwrap_or("?"));
+    println!(
+        "pid {} ({}) uid {} on node {}",
+        v["pid"],
+        p["exe_path"].as_str().unwrap_or("?"),
+        p["uid"],
+        v["node"].as_str().unwrap_or("?")
+    );
     println!("selectors:");
     for s in v["selectors"].as_array().into_iter().flatten() {
         println!("  {}", s.as_str().unwrap_or_default());
@@ -542,13 +671,31 @@ fn print_whoami(json: &str) -> anyhow::Result<()> {
         println!("no identity matches this process:");
     } else {
         for m in &matched {
-            println!("MATCHES {} ({})", m["identity"].as_str().unwrap_or("?"), m["spiffeId"].as_str().unwrap_or("?"));
+            println!(
+                "MATCHES {} ({})",
+                m["identity"].as_str().unwrap_or("?"),
+                m["spiffeId"].as_str().unwrap_or("?")
+            );
         }
     }
     for m in v["notMatched"].as_array().into_iter().flatten() {
-        println!("  not {} ({}):", m["identity"].as_str().unwrap_or("?"), m["spiffeId"].as_str().unwrap_or("?"));
-        for (i, set) in m["selectorSets"].as_array().into_iter().flatten().enumerate() {
-            let failed: Vec<&str> = set["failed"].as_array().into_iter().flatten().filter_map(|f| f.as_str()).collect();
+        println!(
+            "  not {} ({}):",
+            m["identity"].as_str().unwrap_or("?"),
+            m["spiffeId"].as_str().unwrap_or("?")
+        );
+        for (i, set) in m["selectorSets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let failed: Vec<&str> = set["failed"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f.as_str())
+                .collect();
             println!("    selector set {} fails on: {}", i + 1, failed.join(", "));
         }
     }
@@ -558,44 +705,75 @@ fn print_whoami(json: &str) -> anyhow::Result<()> {
 async fn fetch(socket: &str, write: Option<&Path>, watch: bool) -> anyhow::Result<()> {
     use tether_proto::workload::X509svidRequest;
     use tether_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-    let path = socket.strip_prefix("unix://").or_else(|| socket.strip_prefix("unix:")).unwrap_or(socket);
+    let path = socket
+        .strip_prefix("unix://")
+        .or_else(|| socket.strip_prefix("unix:"))
+        .unwrap_or(socket);
     check_socket(Path::new(path))?;
     let mut client = SpiffeWorkloadApiClient::new(tether_proto::uds::channel(Path::new(path)));
     let mut req = tonic::Request::new(X509svidRequest {});
-    req.metadata_mut().insert(tether_proto::WORKLOAD_METADATA_KEY, tonic::metadata::MetadataValue::from_static("true"));
-    let mut stream = client.fetch_x509svid(req).await.map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
+    req.metadata_mut().insert(
+        tether_proto::WORKLOAD_METADATA_KEY,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    let mut stream = client
+        .fetch_x509svid(req)
+        .await
+        .map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
     loop {
-    let resp = match stream.message().await.map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))? {
-        Some(r) => r,
-        None if watch => return Ok(()),
-        None => bail!("the Workload API closed the stream without an SVID"),
-    };
-    for svid in &resp.svids {
-        let chain = tether_spiffe::x509::split_certificates(&svid.x509_svid)
-            .map_err(|e| anyhow!("Workload API sent an unreadable SVID: {e}"))?;
-        let expires = chain
-            .first()
-            .and_then(|c| x509_expiry(c))
-            .map(|t| format!("expires at unix time {t}"))
-            .unwrap_or_default();
-        println!("{}  ({} certificate(s), {expires})", svid.spiffe_id, chain.len());
-        if let Some(dir) = write {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            std::fs::create_dir_all(dir)?;
-            let certs: String = chain.iter().map(|c| tether_ca::pem_encode("CERTIFICATE", c)).collect();
-            std::fs::write(dir.join("svid.pem"), certs)?;
-            let roots: String = tether_spiffe::x509::split_certificates(&svid.bundle)
-                .map_err(|e| anyhow!("Workload API sent an unreadable bundle: {e}"))?
-                .iter().map(|c| tether_ca::pem_encode("CERTIFICATE", c)).collect();
-            std::fs::write(dir.join("bundle.pem"), roots)?;
-            let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(dir.join("key.pem"))?;
-            std::io::Write::write_all(&mut f, tether_ca::pem_encode("PRIVATE KEY", &svid.x509_svid_key).as_bytes())?;
-            println!("wrote svid.pem, key.pem, bundle.pem to {}", dir.display());
+        let resp = match stream
+            .message()
+            .await
+            .map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))?
+        {
+            Some(r) => r,
+            None if watch => return Ok(()),
+            None => bail!("the Workload API closed the stream without an SVID"),
+        };
+        for svid in &resp.svids {
+            let chain = tether_spiffe::x509::split_certificates(&svid.x509_svid)
+                .map_err(|e| anyhow!("Workload API sent an unreadable SVID: {e}"))?;
+            let expires = chain
+                .first()
+                .and_then(|c| x509_expiry(c))
+                .map(|t| format!("expires at unix time {t}"))
+                .unwrap_or_default();
+            println!(
+                "{}  ({} certificate(s), {expires})",
+                svid.spiffe_id,
+                chain.len()
+            );
+            if let Some(dir) = write {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                std::fs::create_dir_all(dir)?;
+                let certs: String = chain
+                    .iter()
+                    .map(|c| tether_ca::pem_encode("CERTIFICATE", c))
+                    .collect();
+                std::fs::write(dir.join("svid.pem"), certs)?;
+                let roots: String = tether_spiffe::x509::split_certificates(&svid.bundle)
+                    .map_err(|e| anyhow!("Workload API sent an unreadable bundle: {e}"))?
+                    .iter()
+                    .map(|c| tether_ca::pem_encode("CERTIFICATE", c))
+                    .collect();
+                std::fs::write(dir.join("bundle.pem"), roots)?;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .mode(0o600)
+                    .open(dir.join("key.pem"))?;
+                std::io::Write::write_all(
+                    &mut f,
+                    tether_ca::pem_encode("PRIVATE KEY", &svid.x509_svid_key).as_bytes(),
+                )?;
+                println!("wrote svid.pem, key.pem, bundle.pem to {}", dir.display());
+            }
         }
-    }
-    if !watch {
-        return Ok(());
-    }
+        if !watch {
+            return Ok(());
+        }
     }
 }
 

@@ -15,7 +15,10 @@ use common::*;
 
 #[test]
 fn child_entry() {
-    if let (Ok(mode), Ok(out)) = (std::env::var("TETHER_TEST_CHILD"), std::env::var("TETHER_TEST_OUT")) {
+    if let (Ok(mode), Ok(out)) = (
+        std::env::var("TETHER_TEST_CHILD"),
+        std::env::var("TETHER_TEST_OUT"),
+    ) {
         if mode == "connect" {
             connect_main(Path::new(&out));
         } else {
@@ -39,7 +42,10 @@ fn connect_main(out: &Path) {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    let delay = std::env::var("TETHER_TEST_DELAY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let delay = std::env::var("TETHER_TEST_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     std::thread::sleep(Duration::from_millis(delay));
     let targets = std::env::var("TETHER_TEST_TARGETS").unwrap_or_default();
     let mut lines = Vec::new();
@@ -47,8 +53,14 @@ fn connect_main(out: &Path) {
         let (proto, addr) = t.split_once(' ').unwrap_or(("tcp", t));
         let addr: std::net::SocketAddr = addr.parse().expect("target address");
         let res = if proto == "udp" {
-            let bind = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-            UdpSocket::bind(bind).and_then(|s| s.send_to(b"x", addr)).map(|_| ())
+            let bind = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            UdpSocket::bind(bind)
+                .and_then(|s| s.send_to(b"x", addr))
+                .map(|_| ())
         } else {
             std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map(|_| ())
         };
@@ -98,7 +110,10 @@ impl Drop for Cgroup {
             if procs.trim().is_empty() {
                 break;
             }
-            for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            for pid in procs
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
                 // SAFETY: kill(2) on processes this test started.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
@@ -132,7 +147,12 @@ impl Fixture {
         let cg = Cgroup::new(tag);
         let clock = std::env::temp_dir().join(format!("tether-clock-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_file(&clock);
-        let mut args = vec!["--enforce-cgroup".to_string(), cg.0.display().to_string(), "--clock-file".into(), clock.display().to_string()];
+        let mut args = vec![
+            "--enforce-cgroup".to_string(),
+            cg.0.display().to_string(),
+            "--clock-file".into(),
+            clock.display().to_string(),
+        ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let up = Up::start_with(&a);
@@ -147,7 +167,9 @@ impl Fixture {
         }
         let exe = workload_binary(up.dir.path(), "client");
         let sha = sha256_file(&exe);
-        let when = policy_when.map(|w| format!("  when: '{w}'\n")).unwrap_or_default();
+        let when = policy_when
+            .map(|w| format!("  when: '{w}'\n"))
+            .unwrap_or_default();
         up.apply_ok(&format!(
             "apiVersion: tether.dev/v1alpha1
 kind: WorkloadIdentity
@@ -175,7 +197,16 @@ spec:
             exe.display()
         ));
         std::thread::sleep(Duration::from_millis(300)); // registry reaches the agent
-        Fixture { up, cg, port, udp_port, exe, _tcp4: tcp4, _tcp6: tcp6, _udp: udp }
+        Fixture {
+            up,
+            cg,
+            port,
+            udp_port,
+            exe,
+            _tcp4: tcp4,
+            _tcp6: tcp6,
+            _udp: udp,
+        }
     }
 
     fn targets(&self) -> String {
@@ -198,14 +229,27 @@ spec:
         self.run_opts(exe, None, name, 0, true)
     }
 
-    fn run_opts(&self, exe: &Path, uid: Option<u32>, name: &str, delay_ms: u32, attested: bool) -> String {
+    fn run_opts(
+        &self,
+        exe: &Path,
+        uid: Option<u32>,
+        name: &str,
+        delay_ms: u32,
+        attested: bool,
+    ) -> String {
         let out = self.up.dir.path().join(format!("out-{name}"));
         std::fs::create_dir_all(&out).expect("mkdir");
-        std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+        std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .expect("chmod");
         let mut cmd = match uid {
             Some(u) => {
                 let mut c = Command::new("setpriv");
-                c.args([format!("--reuid={u}"), format!("--regid={u}"), "--clear-groups".into()]).arg(exe);
+                c.args([
+                    format!("--reuid={u}"),
+                    format!("--regid={u}"),
+                    "--clear-groups".into(),
+                ])
+                .arg(exe);
                 c
             }
             None => Command::new(exe),
@@ -227,24 +271,39 @@ spec:
         }
         let st = child.wait().expect("wait client");
         let res = std::fs::read_to_string(out.join("results")).unwrap_or_default();
-        assert!(st.success() || !res.is_empty(), "client {name} failed: {st}");
+        assert!(
+            st.success() || !res.is_empty(),
+            "client {name} failed: {st}"
+        );
         res
     }
 
     /// Tells a waiting client to go once `tether svids` lists `pid`.
     fn release_when_attested(&self, out: &Path, pid: u32) {
-        let seen = wait_until(Duration::from_secs(20), || self.up.ok(&["svids"]).contains(&format!("\"pid\": {pid},")));
-        assert!(seen, "agent never attested the client {pid}:\n{}", self.up.logs());
+        let seen = wait_until(Duration::from_secs(20), || {
+            self.up.ok(&["svids"]).contains(&format!("\"pid\": {pid},"))
+        });
+        assert!(
+            seen,
+            "agent never attested the client {pid}:\n{}",
+            self.up.logs()
+        );
         std::fs::write(out.join("go"), "").expect("go");
     }
 
     /// Runs a shell command in the enforced cgroup; returns stderr.
     fn shell(&self, script: &str) -> String {
         let mut cmd = Command::new("bash");
-        cmd.args(["-c", script]).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(["-c", script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         self.cg.enter(&mut cmd);
         let o = cmd.output().expect("bash");
-        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
     }
 }
 
@@ -253,7 +312,9 @@ fn wait_event(up: &Up, pred: impl Fn(&serde_json::Value) -> bool) -> Result<(), 
     let mut last = String::new();
     if wait_until(Duration::from_secs(5), || {
         last = up.ok(&["events"]);
-        last.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).any(|e| pred(&e))
+        last.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|e| pred(&e))
     }) {
         Ok(())
     } else {
@@ -271,7 +332,11 @@ fn only_the_authorized_process_connects_and_every_decision_is_audited() {
     // The authorized client (attested before it connects: the agent's hold
     // path for brand-new processes is not built yet).
     let ok = f.run_attested(&f.exe, "authorized");
-    assert!(all(&ok, "ok"), "authorized client refused:\n{ok}\n{}", f.up.logs());
+    assert!(
+        all(&ok, "ok"),
+        "authorized client refused:\n{ok}\n{}",
+        f.up.logs()
+    );
 
     // Same bytes at another path.
     let copy = f.exe.with_file_name("client-copy");
@@ -282,7 +347,10 @@ fn only_the_authorized_process_connects_and_every_decision_is_audited() {
     let r = f.run(&f.exe, Some(1001), "other-uid", 400);
     assert!(all(&r, "EPERM"), "other uid:\n{r}");
     // bash /dev/tcp and a python socket, with the "password" at hand.
-    let r = f.shell(&format!("export REDISCLI_AUTH=secret; sleep 0.3; echo hi > /dev/tcp/127.0.0.1/{}", f.port));
+    let r = f.shell(&format!(
+        "export REDISCLI_AUTH=secret; sleep 0.3; echo hi > /dev/tcp/127.0.0.1/{}",
+        f.port
+    ));
     assert!(r.contains("Operation not permitted"), "bash /dev/tcp: {r}");
     let py = format!(
         "sleep 0.3; python3 -c 'import socket,errno\ntry:\n socket.create_connection((\"::1\",{}))\n print(\"connected\")\nexcept OSError as e:\n print(errno.errorcode[e.errno])'",
@@ -291,24 +359,57 @@ fn only_the_authorized_process_connects_and_every_decision_is_audited() {
     let r = f.shell(&py);
     assert!(r.contains("EPERM"), "python over IPv6: {r}");
     let r = f.shell(&format!("sleep 0.3; python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b\"x\", (\"127.0.0.1\", {}))' 2>&1", f.udp_port));
-    assert!(r.contains("Operation not permitted"), "unconnected UDP: {r}");
+    assert!(
+        r.contains("Operation not permitted"),
+        "unconnected UDP: {r}"
+    );
     // An unprotected port is untouched.
     let other = TcpListener::bind("127.0.0.1:0").expect("listen");
-    let r = f.shell(&format!("sleep 0.3; echo hi > /dev/tcp/127.0.0.1/{} && echo connected", other.local_addr().expect("a").port()));
-    assert!(r.contains("connected"), "unprotected destination blocked: {r}");
+    let r = f.shell(&format!(
+        "sleep 0.3; echo hi > /dev/tcp/127.0.0.1/{} && echo connected",
+        other.local_addr().expect("a").port()
+    ));
+    assert!(
+        r.contains("connected"),
+        "unprotected destination blocked: {r}"
+    );
 
     // Audit: the stream names the denied executable, verdict and rule.
-    wait_event(&f.up, |e| e["verdict"] == "allow" && e["rule"] == "db-clients" && e["service"] == "db").expect("allow event");
-    wait_event(&f.up, |e| e["verdict"].as_str().is_some_and(|v| v.starts_with("deny")) && e["comm"] == "bash")
-        .expect("bash deny event");
-    wait_event(&f.up, |e| e["verdict"].as_str().is_some_and(|v| v.starts_with("deny")) && e["protocol"] == "udp")
-        .expect("UDP deny event");
-    assert!(f.up.metrics_text().contains("tether_agent_connect_decisions_total{verdict=\"deny"));
+    wait_event(&f.up, |e| {
+        e["verdict"] == "allow" && e["rule"] == "db-clients" && e["service"] == "db"
+    })
+    .expect("allow event");
+    wait_event(&f.up, |e| {
+        e["verdict"].as_str().is_some_and(|v| v.starts_with("deny")) && e["comm"] == "bash"
+    })
+    .expect("bash deny event");
+    wait_event(&f.up, |e| {
+        e["verdict"].as_str().is_some_and(|v| v.starts_with("deny")) && e["protocol"] == "udp"
+    })
+    .expect("UDP deny event");
+    assert!(
+        f.up.metrics_text()
+            .contains("tether_agent_connect_decisions_total{verdict=\"deny")
+    );
 
     // policy check names the rule.
-    let c = f.up.ok(&["policy", "check", "--identity", "client", "--to", &format!("127.0.0.1:{}", f.port)]);
+    let c = f.up.ok(&[
+        "policy",
+        "check",
+        "--identity",
+        "client",
+        "--to",
+        &format!("127.0.0.1:{}", f.port),
+    ]);
     assert!(c.contains("\"allow\"") && c.contains("db-clients"), "{c}");
-    let c = f.up.ok(&["policy", "check", "--pid", &std::process::id().to_string(), "--to", &format!("127.0.0.1:{}", f.port)]);
+    let c = f.up.ok(&[
+        "policy",
+        "check",
+        "--pid",
+        &std::process::id().to_string(),
+        "--to",
+        &format!("127.0.0.1:{}", f.port),
+    ]);
     assert!(c.contains("\"deny\"") && c.contains("default-deny"), "{c}");
 }
 
@@ -319,7 +420,12 @@ fn exec_of_a_shell_loses_the_verdicts() {
     // connects to the same destination: refused.
     let out = f.up.dir.path().join("exec-out");
     std::fs::create_dir_all(&out).expect("mkdir");
-    let script = format!("{{ echo hi > /dev/tcp/127.0.0.1/{}; }} 2>{}/err; echo $? > {}/rc", f.port, out.display(), out.display());
+    let script = format!(
+        "{{ echo hi > /dev/tcp/127.0.0.1/{}; }} 2>{}/err; echo $? > {}/rc",
+        f.port,
+        out.display(),
+        out.display()
+    );
     let mut cmd = Command::new(&f.exe);
     cmd.args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
         .env("TETHER_TEST_CHILD", "connect")
@@ -336,16 +442,26 @@ fn exec_of_a_shell_loses_the_verdicts() {
     let r = std::fs::read_to_string(out.join("results")).unwrap_or_default();
     assert!(all(&r, "ok"), "authorized client before exec: {r}");
     let err = std::fs::read_to_string(out.join("err")).unwrap_or_default();
-    assert!(err.contains("Operation not permitted"), "exec'd shell was not refused: {err:?} {:?}", std::fs::read_to_string(out.join("exec-error")));
+    assert!(
+        err.contains("Operation not permitted"),
+        "exec'd shell was not refused: {err:?} {:?}",
+        std::fs::read_to_string(out.join("exec-error"))
+    );
     // An unattested process that already exited is named by the kernel's
     // comm only.
-    wait_event(&f.up, |e| e["comm"] == "bash" && e["verdict"].as_str().is_some_and(|v| v.starts_with("deny")))
-        .unwrap_or_else(|ev| panic!("no deny event for the exec'd shell: {ev}"));
+    wait_event(&f.up, |e| {
+        e["comm"] == "bash" && e["verdict"].as_str().is_some_and(|v| v.starts_with("deny"))
+    })
+    .unwrap_or_else(|ev| panic!("no deny event for the exec'd shell: {ev}"));
 }
 
 #[test]
 fn time_window_condition_allows_inside_and_denies_outside() {
-    let f = Fixture::new("time", Some("context.time.hour >= 8 && context.time.hour < 18"), &[]);
+    let f = Fixture::new(
+        "time",
+        Some("context.time.hour >= 8 && context.time.hour < 18"),
+        &[],
+    );
     let clock = std::env::temp_dir().join(format!("tether-clock-{}-time", std::process::id()));
     // 2026-11-23 10:00 UTC: inside the window.
     std::fs::write(&clock, "1795428000").expect("clock");
@@ -357,7 +473,14 @@ fn time_window_condition_allows_inside_and_denies_outside() {
     std::thread::sleep(Duration::from_millis(1200));
     let r = f.run_attested(&f.exe, "outside");
     assert!(all(&r, "EPERM"), "outside the window:\n{r}");
-    let c = f.up.ok(&["policy", "check", "--identity", "client", "--to", &format!("127.0.0.1:{}", f.port)]);
+    let c = f.up.ok(&[
+        "policy",
+        "check",
+        "--identity",
+        "client",
+        "--to",
+        &format!("127.0.0.1:{}", f.port),
+    ]);
     assert!(c.contains("does not hold"), "{c}");
     let _ = std::fs::remove_file(&clock);
 }
@@ -367,8 +490,15 @@ struct BpfMount(tempfile::TempDir);
 
 impl BpfMount {
     fn new() -> BpfMount {
-        let d = tempfile::Builder::new().prefix("tether-cli-bpffs-").tempdir().expect("tempdir");
-        let st = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(d.path()).status().expect("mount");
+        let d = tempfile::Builder::new()
+            .prefix("tether-cli-bpffs-")
+            .tempdir()
+            .expect("tempdir");
+        let st = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(d.path())
+            .status()
+            .expect("mount");
         assert!(st.success(), "mounting bpffs failed");
         BpfMount(d)
     }
@@ -393,26 +523,52 @@ fn agent_sigkill_keeps_destinations_closed_and_a_restart_adopts_without_help() {
     // Agent gone: the pinned programs still decide. Nothing new gets
     // through unchecked, authorized binary included (no one can attest it).
     let r = f.shell(&format!("echo hi > /dev/tcp/127.0.0.1/{}", f.port));
-    assert!(r.contains("Operation not permitted"), "unauthorized connect while the agent was down: {r}");
+    assert!(
+        r.contains("Operation not permitted"),
+        "unauthorized connect while the agent was down: {r}"
+    );
     let r = f.run(&f.exe, None, "while-down", 200);
-    assert!(all(&r, "EPERM"), "a process connected unchecked while the agent was down:\n{r}");
+    assert!(
+        all(&r, "EPERM"),
+        "a process connected unchecked while the agent was down:\n{r}"
+    );
 
     // Restart: adopts the pinned state; the authorized client works again.
     f.up.restart();
-    assert!(f.up.logs().contains("kernel enforcement active"), "{}", f.up.logs());
+    assert!(
+        f.up.logs().contains("kernel enforcement active"),
+        "{}",
+        f.up.logs()
+    );
     let r = f.run_attested(&f.exe, "after");
     assert!(all(&r, "ok"), "after the restart:\n{r}\n{}", f.up.logs());
     let r = f.shell(&format!("echo hi > /dev/tcp/127.0.0.1/{}", f.port));
-    assert!(r.contains("Operation not permitted"), "after the restart: {r}");
+    assert!(
+        r.contains("Operation not permitted"),
+        "after the restart: {r}"
+    );
 
     // The documented removal command takes everything away.
     f.up.kill();
     let o = Command::new(TETHER)
-        .args(["detach", "--cgroup", &f.cg.0.display().to_string(), "--pin-dir", &pin_s])
+        .args([
+            "detach",
+            "--cgroup",
+            &f.cg.0.display().to_string(),
+            "--pin-dir",
+            &pin_s,
+        ])
         .output()
         .expect("detach");
-    assert!(o.status.success(), "detach: {}", String::from_utf8_lossy(&o.stderr));
-    let r = f.shell(&format!("echo hi > /dev/tcp/127.0.0.1/{} && echo connected", f.port));
+    assert!(
+        o.status.success(),
+        "detach: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r = f.shell(&format!(
+        "echo hi > /dev/tcp/127.0.0.1/{} && echo connected",
+        f.port
+    ));
     assert!(r.contains("connected"), "still enforced after detach: {r}");
 }
 
@@ -425,7 +581,17 @@ fn policy_changes_reach_new_connections_within_a_second() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     std::thread::sleep(Duration::from_millis(1000));
     let r = f.run_attested(&f.exe, "without-policy");
-    assert!(all(&r, "EPERM"), "policy removal not enforced within 1 s:\n{r}");
-    let c = f.up.ok(&["policy", "check", "--identity", "client", "--to", &format!("127.0.0.1:{}", f.port)]);
+    assert!(
+        all(&r, "EPERM"),
+        "policy removal not enforced within 1 s:\n{r}"
+    );
+    let c = f.up.ok(&[
+        "policy",
+        "check",
+        "--identity",
+        "client",
+        "--to",
+        &format!("127.0.0.1:{}", f.port),
+    ]);
     assert!(c.contains("default-deny"), "{c}");
 }

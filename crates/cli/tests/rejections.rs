@@ -11,12 +11,17 @@ use std::time::Duration;
 use common::*;
 use tether_proto::tether::admin_client::AdminClient;
 use tether_proto::tether::node_client::NodeClient;
-use tether_proto::tether::{ApplyRequest, AttestRequest, CreateJoinTokenRequest, SignX509SvidsRequest, SvidCsr};
+use tether_proto::tether::{
+    ApplyRequest, AttestRequest, CreateJoinTokenRequest, SignX509SvidsRequest, SvidCsr,
+};
 use tether_spiffe::{SpiffeId, TrustDomain};
 
 #[test]
 fn child_entry() {
-    if let (Ok(mode), Ok(out)) = (std::env::var("TETHER_TEST_CHILD"), std::env::var("TETHER_TEST_OUT")) {
+    if let (Ok(mode), Ok(out)) = (
+        std::env::var("TETHER_TEST_CHILD"),
+        std::env::var("TETHER_TEST_OUT"),
+    ) {
         child_main(&mode, Path::new(&out));
     }
 }
@@ -38,7 +43,17 @@ fn run_agent(up: &Up, name: &str, token: &str) -> (bool, bool, String) {
     std::fs::write(&bundle, up.ok(&["get", "bundle"])).expect("bundle");
     let log = d.join("log");
     let mut c = Command::new(TETHER)
-        .args(["agent", "--server", &up.node_api, "--node-name", name, "--join-token", token, "--metrics", "off"])
+        .args([
+            "agent",
+            "--server",
+            &up.node_api,
+            "--node-name",
+            name,
+            "--join-token",
+            token,
+            "--metrics",
+            "off",
+        ])
         .arg("--trust-bundle")
         .arg(&bundle)
         .arg("--data-dir")
@@ -58,19 +73,28 @@ fn run_agent(up: &Up, name: &str, token: &str) -> (bool, bool, String) {
             exited = Some(st.success());
             return true;
         }
-        std::fs::read_to_string(&log).unwrap_or_default().contains("agent started")
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("agent started")
     });
     if exited.is_none() {
         let _ = c.kill();
         let _ = c.wait();
     }
-    (exited.is_some(), exited.unwrap_or(true), std::fs::read_to_string(&log).unwrap_or_default())
+    (
+        exited.is_some(),
+        exited.unwrap_or(true),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+    )
 }
 
 #[test]
 fn join_tokens_are_single_use_expire_and_bind_to_a_name() {
     let up = Up::start();
-    let token = up.ok(&["token", "create", "--ttl", "10m"]).trim().to_string();
+    let token = up
+        .ok(&["token", "create", "--ttl", "10m"])
+        .trim()
+        .to_string();
     let (exited, _, log) = run_agent(&up, "node-b", &token);
     assert!(!exited, "first use of a fresh token must attest:\n{log}");
     assert!(log.contains("node attested"), "{log}");
@@ -81,22 +105,34 @@ fn join_tokens_are_single_use_expire_and_bind_to_a_name() {
     assert!(log.contains("join token already used"), "{log}");
 
     // Expired.
-    let short = up.ok(&["token", "create", "--ttl", "1s"]).trim().to_string();
+    let short = up
+        .ok(&["token", "create", "--ttl", "1s"])
+        .trim()
+        .to_string();
     std::thread::sleep(Duration::from_millis(2100));
     let (exited, ok, log) = run_agent(&up, "node-d", &short);
     assert!(exited && !ok, "expired join token accepted:\n{log}");
     assert!(log.contains("join token expired"), "{log}");
 
     // Bound to a name; and an unknown token.
-    let bound = up.ok(&["token", "create", "--node", "node-e"]).trim().to_string();
+    let bound = up
+        .ok(&["token", "create", "--node", "node-e"])
+        .trim()
+        .to_string();
     let (exited, ok, log) = run_agent(&up, "node-f", &bound);
-    assert!(exited && !ok && log.contains("bound to another node name"), "{log}");
+    assert!(
+        exited && !ok && log.contains("bound to another node name"),
+        "{log}"
+    );
     let (exited, ok, log) = run_agent(&up, "node-g", "0123456789abcdef");
     assert!(exited && !ok && log.contains("unknown join token"), "{log}");
 
     // The server kept serving throughout.
     let nodes = up.ok(&["get", "nodes"]);
-    assert!(nodes.contains("\"node-b\"") && !nodes.contains("node-c"), "{nodes}");
+    assert!(
+        nodes.contains("\"node-b\"") && !nodes.contains("node-c"),
+        "{nodes}"
+    );
     up.apply_ok(IDENTITY);
 }
 
@@ -108,15 +144,31 @@ fn node_svid_is_renewed_and_the_agent_keeps_working() {
         v[0]["svidSerial"].as_str().unwrap_or_default().to_string()
     };
     let first = serial(&up);
-    assert!(wait_until(Duration::from_secs(20), || up.logs().contains("node SVID renewed")), "no renewal:\n{}", up.logs());
-    assert_ne!(serial(&up), first, "node SVID serial unchanged after renewal");
+    assert!(
+        wait_until(Duration::from_secs(20), || up
+            .logs()
+            .contains("node SVID renewed")),
+        "no renewal:\n{}",
+        up.logs()
+    );
+    assert_ne!(
+        serial(&up),
+        first,
+        "node SVID serial unchanged after renewal"
+    );
     // The renewed identity is used for the next calls.
     let exe = workload_binary(up.dir.path(), "w");
     up.apply_ok(&format!(
         "apiVersion: tether.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {{name: w}}\nspec:\n  spiffeId: spiffe://example.org/w\n  selectors: [[\"process:sha256:{}\"]]\n",
         sha256_file(&exe)
     ));
-    let r = run_workload(&exe, 0, &up.workload_socket(), &up.dir.path().join("out"), "fetch");
+    let r = run_workload(
+        &exe,
+        0,
+        &up.workload_socket(),
+        &up.dir.path().join("out"),
+        "fetch",
+    );
     assert_eq!(r.spiffe_id(), "spiffe://example.org/w", "{}", r.describe());
 }
 
@@ -130,27 +182,59 @@ async fn node_api_refuses_bad_csrs_and_entitlement_overreach() {
     let server = tether_server::start(cfg).await.expect("server");
     let addr = server.node_addr.to_string();
     let admin = AdminClient::new(tether_proto::uds::channel(&dir.path().join("admin.sock")));
-    admin.clone().apply(ApplyRequest { source: "t.yaml".into(), manifest: IDENTITY.as_bytes().to_vec() }).await.expect("apply");
-    let token = admin.clone().create_join_token(CreateJoinTokenRequest { ttl_secs: 60, node_name: String::new() }).await.expect("token").into_inner().token;
+    admin
+        .clone()
+        .apply(ApplyRequest {
+            source: "t.yaml".into(),
+            manifest: IDENTITY.as_bytes().to_vec(),
+        })
+        .await
+        .expect("apply");
+    let token = admin
+        .clone()
+        .create_join_token(CreateJoinTokenRequest {
+            ttl_secs: 60,
+            node_name: String::new(),
+        })
+        .await
+        .expect("token")
+        .into_inner()
+        .token;
     let bundle = Arc::new(RwLock::new(server.state.current_bundle()));
 
     // Attestation with a malformed CSR is refused and does not burn the token.
-    let anon = NodeClient::new(tether_agent::server_channel(&addr, &td, &bundle, None).expect("channel"));
+    let anon =
+        NodeClient::new(tether_agent::server_channel(&addr, &td, &bundle, None).expect("channel"));
     let err = anon
         .clone()
-        .attest(AttestRequest { join_token: token.clone(), csr: b"not a csr".to_vec(), node_name: "n1".into() })
+        .attest(AttestRequest {
+            join_token: token.clone(),
+            csr: b"not a csr".to_vec(),
+            node_name: "n1".into(),
+        })
         .await
         .expect_err("malformed CSR accepted");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("CSR"), "{err:?}");
     // Without a node SVID, workload signing is refused.
-    let err = anon.clone().sign_x509_svids(SignX509SvidsRequest { csrs: vec![] }).await.expect_err("unauthenticated call accepted");
+    let err = anon
+        .clone()
+        .sign_x509_svids(SignX509SvidsRequest { csrs: vec![] })
+        .await
+        .expect_err("unauthenticated call accepted");
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
 
     let data = dir.path().join("agent");
-    let conn = tether_agent::NodeConn::establish(&addr, &td, Some(server.state.current_bundle()), Some(&token), "n1", &data)
-        .await
-        .expect("token still valid after the refused attempt");
+    let conn = tether_agent::NodeConn::establish(
+        &addr,
+        &td,
+        Some(server.state.current_bundle()),
+        Some(&token),
+        "n1",
+        &data,
+    )
+    .await
+    .expect("token still valid after the refused attempt");
 
     let web = SpiffeId::parse("spiffe://example.org/web").expect("id");
     let admin_id = SpiffeId::parse("spiffe://example.org/admin").expect("id");
@@ -160,19 +244,63 @@ async fn node_api_refuses_bad_csrs_and_entitlement_overreach() {
     let last = tampered.len() - 1;
     tampered[last] ^= 0x01;
     let csrs = vec![
-        SvidCsr { spiffe_id: web.to_string(), csr: b"\x30\x03\x02\x01\x00".to_vec(), ttl_secs: 0 },
-        SvidCsr { spiffe_id: web.to_string(), csr: tampered, ttl_secs: 0 },
-        SvidCsr { spiffe_id: admin_id.to_string(), csr: tether_ca::build_csr(&key, &admin_id).expect("csr"), ttl_secs: 0 },
-        SvidCsr { spiffe_id: web.to_string(), csr: tether_ca::build_csr(&key, &admin_id).expect("csr"), ttl_secs: 0 },
-        SvidCsr { spiffe_id: "spiffe://Example.org/web".into(), csr: good.clone(), ttl_secs: 0 },
-        SvidCsr { spiffe_id: web.to_string(), csr: good, ttl_secs: 999_999 },
+        SvidCsr {
+            spiffe_id: web.to_string(),
+            csr: b"\x30\x03\x02\x01\x00".to_vec(),
+            ttl_secs: 0,
+        },
+        SvidCsr {
+            spiffe_id: web.to_string(),
+            csr: tampered,
+            ttl_secs: 0,
+        },
+        SvidCsr {
+            spiffe_id: admin_id.to_string(),
+            csr: tether_ca::build_csr(&key, &admin_id).expect("csr"),
+            ttl_secs: 0,
+        },
+        SvidCsr {
+            spiffe_id: web.to_string(),
+            csr: tether_ca::build_csr(&key, &admin_id).expect("csr"),
+            ttl_secs: 0,
+        },
+        SvidCsr {
+            spiffe_id: "spiffe://Example.org/web".into(),
+            csr: good.clone(),
+            ttl_secs: 0,
+        },
+        SvidCsr {
+            spiffe_id: web.to_string(),
+            csr: good,
+            ttl_secs: 999_999,
+        },
     ];
-    let resp = conn.client().sign_x509_svids(SignX509SvidsRequest { csrs }).await.expect("call").into_inner().svids;
+    let resp = conn
+        .client()
+        .sign_x509_svids(SignX509SvidsRequest { csrs })
+        .await
+        .expect("call")
+        .into_inner()
+        .svids;
     assert_eq!(resp.len(), 6);
-    assert!(resp[0].error.contains("malformed CSR"), "{:?}", resp[0].error);
+    assert!(
+        resp[0].error.contains("malformed CSR"),
+        "{:?}",
+        resp[0].error
+    );
     assert!(resp[1].error.contains("CSR"), "{:?}", resp[1].error);
-    assert!(resp[2].error.contains("not entitled to spiffe://example.org/admin"), "{:?}", resp[2].error);
-    assert!(resp[3].error.contains("asks for URI SAN"), "{:?}", resp[3].error);
+    assert!(
+        resp[2]
+            .error
+            .contains("not entitled to spiffe://example.org/admin"),
+        "{:?}",
+        resp[2].error
+    );
+    assert!(
+        resp[3].error.contains("asks for URI SAN"),
+        "{:?}",
+        resp[3].error
+    );
     assert!(resp[4].error.contains("spiffe_id"), "{:?}", resp[4].error);
     for r in &resp[..5] {
         assert!(r.chain.is_empty());
@@ -180,14 +308,23 @@ async fn node_api_refuses_bad_csrs_and_entitlement_overreach() {
     // The valid one is signed, with the TTL capped at the identity's 1h.
     assert!(resp[5].error.is_empty(), "{:?}", resp[5].error);
     let leaf = &resp[5].chain[0];
-    assert_eq!(tether_spiffe::x509::check_x509_svid_leaf(leaf).expect("conforming"), web);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs() as i64;
+    assert_eq!(
+        tether_spiffe::x509::check_x509_svid_leaf(leaf).expect("conforming"),
+        web
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs() as i64;
     assert!(resp[5].expires_at <= now + 3600 + 5, "TTL not capped");
 
     // JWT for an ID outside the entitlement.
     let err = conn
         .client()
-        .mint_jwt_svid(tether_proto::tether::MintJwtSvidRequest { spiffe_id: admin_id.to_string(), audience: vec!["x".into()] })
+        .mint_jwt_svid(tether_proto::tether::MintJwtSvidRequest {
+            spiffe_id: admin_id.to_string(),
+            audience: vec!["x".into()],
+        })
         .await
         .expect_err("JWT outside entitlement");
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -239,32 +376,61 @@ fn random_bytes_on_every_listening_socket_do_not_stop_service() {
     }
     // Everything still serves.
     assert!(up.ok(&["get", "wi"]).contains("spiffe://example.org/w"));
-    assert!(up.ok(&["whoami", "--pid", &std::process::id().to_string()]).contains("selectors"));
+    assert!(
+        up.ok(&["whoami", "--pid", &std::process::id().to_string()])
+            .contains("selectors")
+    );
     assert!(up.metrics_text().contains("tether_agent_process_svids"));
-    let r = run_workload(&exe, 0, &up.workload_socket(), &up.dir.path().join("out"), "fetch");
+    let r = run_workload(
+        &exe,
+        0,
+        &up.workload_socket(),
+        &up.dir.path().join("out"),
+        "fetch",
+    );
     assert_eq!(r.spiffe_id(), "spiffe://example.org/w", "{}", r.describe());
     let token = up.ok(&["token", "create"]).trim().to_string();
     let (exited, _, log) = run_agent(&up, "node-z", &token);
-    assert!(!exited, "node API stopped attesting after the noise:\n{log}");
+    assert!(
+        !exited,
+        "node API stopped attesting after the noise:\n{log}"
+    );
 }
 
 #[test]
 fn bad_manifests_are_refused_with_file_and_field_and_nothing_is_applied() {
     let up = Up::start();
     let cases = [
-        ("spiffeId: spiffe://Example.org/web", "spec.spiffeId", "uppercase"),
+        (
+            "spiffeId: spiffe://Example.org/web",
+            "spec.spiffeId",
+            "uppercase",
+        ),
         ("spiffeId: spiffe://example.org/a//b", "spec.spiffeId", ""),
         ("spiffeId: https://example.org/web", "spec.spiffeId", ""),
-        ("spiffeId: spiffe://other.org/web", "spec.spiffeId", "trust domain"),
+        (
+            "spiffeId: spiffe://other.org/web",
+            "spec.spiffeId",
+            "trust domain",
+        ),
     ];
     for (line, field, word) in cases {
         let yaml = IDENTITY.replace("spiffeId: spiffe://example.org/web", line);
         let o = up.apply(&yaml);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "accepted: {line}");
-        assert!(err.contains("manifest-") && err.contains(field) && err.contains(word), "{line}: {err}");
+        assert!(
+            err.contains("manifest-") && err.contains(field) && err.contains(word),
+            "{line}: {err}"
+        );
     }
-    for sel in ["unix:uid:-1", "proc:path:/bin/x", "process:sha256:abc", "process:path:relative", "unix:uid"] {
+    for sel in [
+        "unix:uid:-1",
+        "proc:path:/bin/x",
+        "process:sha256:abc",
+        "process:path:relative",
+        "unix:uid",
+    ] {
         let yaml = IDENTITY.replace("unix:uid:4242", sel);
         let o = up.apply(&yaml);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -272,13 +438,30 @@ fn bad_manifests_are_refused_with_file_and_field_and_nothing_is_applied() {
         assert!(err.contains("spec.selectors[0][0]"), "{sel}: {err}");
     }
     // A multi-document file with one bad document applies nothing.
-    let two = format!("{IDENTITY}---\n{}", IDENTITY.replace("name: web", "name: web2").replace("4242", "x"));
+    let two = format!(
+        "{IDENTITY}---\n{}",
+        IDENTITY
+            .replace("name: web", "name: web2")
+            .replace("4242", "x")
+    );
     assert!(!up.apply(&two).status.success());
-    assert!(up.ok(&["get", "wi"]).trim().is_empty(), "partial apply happened");
+    assert!(
+        up.ok(&["get", "wi"]).trim().is_empty(),
+        "partial apply happened"
+    );
     // Idempotent apply.
-    assert!(up.apply_ok(IDENTITY).contains("WorkloadIdentity/web created"));
-    assert!(up.apply_ok(IDENTITY).contains("WorkloadIdentity/web unchanged"));
-    assert!(up.apply_ok(&IDENTITY.replace("4242", "4243")).contains("WorkloadIdentity/web configured"));
+    assert!(
+        up.apply_ok(IDENTITY)
+            .contains("WorkloadIdentity/web created")
+    );
+    assert!(
+        up.apply_ok(IDENTITY)
+            .contains("WorkloadIdentity/web unchanged")
+    );
+    assert!(
+        up.apply_ok(&IDENTITY.replace("4242", "4243"))
+            .contains("WorkloadIdentity/web configured")
+    );
     let o = up.tether(&["get", "wi", "nope"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not found"));
 }

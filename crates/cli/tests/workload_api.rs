@@ -18,7 +18,10 @@ static MUTATION_MARKER: &str = "tether-mutation-marker:0123456789abcdef";
 #[test]
 fn child_entry() {
     std::hint::black_box(MUTATION_MARKER);
-    if let (Ok(mode), Ok(out)) = (std::env::var("TETHER_TEST_CHILD"), std::env::var("TETHER_TEST_OUT")) {
+    if let (Ok(mode), Ok(out)) = (
+        std::env::var("TETHER_TEST_CHILD"),
+        std::env::var("TETHER_TEST_OUT"),
+    ) {
         child_main(&mode, Path::new(&out));
     }
 }
@@ -32,13 +35,19 @@ fn identity(name: &str, selectors: &[&str]) -> String {
 }
 
 fn openssl(args: &[&str]) -> std::process::Output {
-    Command::new("openssl").args(args).output().expect("openssl")
+    Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl")
 }
 
 fn verify(dir: &Path, ca: &str) -> std::process::Output {
     let chain = dir.join("chain.pem");
     let mut args = vec!["verify".to_string(), "-CAfile".into(), ca.to_string()];
-    if std::fs::metadata(&chain).map(|m| m.len() > 0).unwrap_or(false) {
+    if std::fs::metadata(&chain)
+        .map(|m| m.len() > 0)
+        .unwrap_or(false)
+    {
         args.push("-untrusted".into());
         args.push(chain.display().to_string());
     }
@@ -48,7 +57,10 @@ fn verify(dir: &Path, ca: &str) -> std::process::Output {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A handshake between `openssl s_server -Verify` holding the server's SVID
@@ -57,8 +69,23 @@ fn openssl_mtls(server: &Path, client_cert: &Path, client_key: &Path, ca: &Path)
     let port = free_port().to_string();
     let s = |p: &Path| p.display().to_string();
     let mut srv = Command::new("openssl")
-        .args(["s_server", "-accept", &format!("127.0.0.1:{port}"), "-tls1_3", "-naccept", "1", "-Verify", "1"])
-        .args(["-verify_return_error", "-cert", &s(&server.join("svid.pem")), "-key", &s(&server.join("key.pem"))])
+        .args([
+            "s_server",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+            "-tls1_3",
+            "-naccept",
+            "1",
+            "-Verify",
+            "1",
+        ])
+        .args([
+            "-verify_return_error",
+            "-cert",
+            &s(&server.join("svid.pem")),
+            "-key",
+            &s(&server.join("key.pem")),
+        ])
         .args(["-CAfile", &s(&server.join("bundle.pem"))])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -68,8 +95,23 @@ fn openssl_mtls(server: &Path, client_cert: &Path, client_key: &Path, ca: &Path)
     // s_server prints nothing machine-readable when it listens; give it time.
     std::thread::sleep(Duration::from_millis(300));
     let mut cli = Command::new("openssl")
-        .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-tls1_3", "-verify_return_error", "-verify", "1"])
-        .args(["-cert", &s(client_cert), "-key", &s(client_key), "-CAfile", &s(ca)])
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-tls1_3",
+            "-verify_return_error",
+            "-verify",
+            "1",
+        ])
+        .args([
+            "-cert",
+            &s(client_cert),
+            "-key",
+            &s(client_key),
+            "-CAfile",
+            &s(ca),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -101,33 +143,76 @@ fn two_users_get_their_identities_rust_client_and_openssl_accept_them() {
     let up = Up::start();
     let exe = workload_binary(up.dir.path(), "workload");
     let h = sha256_file(&exe);
-    up.apply_ok(&(identity("alpha", &[&format!("process:sha256:{h}"), "unix:uid:0"])
-        + "---\n"
-        + &identity("beta", &[&format!("process:sha256:{h}"), "unix:uid:1001"])));
+    up.apply_ok(
+        &(identity("alpha", &[&format!("process:sha256:{h}"), "unix:uid:0"])
+            + "---\n"
+            + &identity("beta", &[&format!("process:sha256:{h}"), "unix:uid:1001"])),
+    );
 
     // Same binary, two users, two identities: X.509-SVID, bundle and a
     // JWT-SVID (validated by the agent) through the Rust `spiffe` crate.
-    let a = run_workload(&exe, 0, &up.workload_socket(), &up.dir.path().join("a"), "fetch");
-    assert_eq!(a.spiffe_id(), "spiffe://example.org/alpha", "{}", a.describe());
+    let a = run_workload(
+        &exe,
+        0,
+        &up.workload_socket(),
+        &up.dir.path().join("a"),
+        "fetch",
+    );
+    assert_eq!(
+        a.spiffe_id(),
+        "spiffe://example.org/alpha",
+        "{}",
+        a.describe()
+    );
     assert_eq!(a.read("jwt_validated_sub"), "spiffe://example.org/alpha");
-    let b = run_workload(&exe, 1001, &up.workload_socket(), &up.dir.path().join("b"), "fetch");
-    assert_eq!(b.spiffe_id(), "spiffe://example.org/beta", "{}", b.describe());
+    let b = run_workload(
+        &exe,
+        1001,
+        &up.workload_socket(),
+        &up.dir.path().join("b"),
+        "fetch",
+    );
+    assert_eq!(
+        b.spiffe_id(),
+        "spiffe://example.org/beta",
+        "{}",
+        b.describe()
+    );
     assert!(!b.read("jwt").is_empty());
 
     // OpenSSL accepts each SVID chain against the trust bundle.
     for r in [&a, &b] {
         let bundle = r.out.join("bundle.pem").display().to_string();
         let v = verify(&r.out, &bundle);
-        assert!(v.status.success(), "openssl verify: {}", String::from_utf8_lossy(&v.stderr));
+        assert!(
+            v.status.success(),
+            "openssl verify: {}",
+            String::from_utf8_lossy(&v.stderr)
+        );
         // The leaf carries exactly the SPIFFE ID as URI SAN.
-        let t = openssl(&["x509", "-in", &r.out.join("svid.pem").display().to_string(), "-noout", "-ext", "subjectAltName,keyUsage,basicConstraints"]);
+        let t = openssl(&[
+            "x509",
+            "-in",
+            &r.out.join("svid.pem").display().to_string(),
+            "-noout",
+            "-ext",
+            "subjectAltName,keyUsage,basicConstraints",
+        ]);
         let text = String::from_utf8_lossy(&t.stdout);
         assert!(text.contains(&format!("URI:{}", r.spiffe_id())), "{text}");
-        assert!(text.contains("CA:FALSE") && text.contains("Digital Signature"), "{text}");
+        assert!(
+            text.contains("CA:FALSE") && text.contains("Digital Signature"),
+            "{text}"
+        );
     }
 
     // Mutual TLS between the two workloads' SVIDs with OpenSSL.
-    let (ok, t) = openssl_mtls(&a.out, &b.out.join("svid.pem"), &b.out.join("key.pem"), &b.out.join("bundle.pem"));
+    let (ok, t) = openssl_mtls(
+        &a.out,
+        &b.out.join("svid.pem"),
+        &b.out.join("key.pem"),
+        &b.out.join("bundle.pem"),
+    );
     assert!(ok, "mTLS with two SVIDs failed:\n{t}");
 
     // A certificate from another trust domain is refused by the same server.
@@ -135,19 +220,90 @@ fn two_users_get_their_identities_rust_client_and_openssl_accept_them() {
     std::fs::create_dir_all(&other).expect("mkdir");
     let p = |n: &str| other.join(n).display().to_string();
     for args in [
-        vec!["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &p("ca.key")],
-        vec!["req", "-x509", "-new", "-key", &p("ca.key"), "-subj", "/CN=other", "-days", "1", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign", "-addext", "subjectAltName=URI:spiffe://other.org", "-out", &p("ca.pem")],
-        vec!["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &p("key.pem")],
-        vec!["req", "-new", "-key", &p("key.pem"), "-subj", "/O=evil", "-out", &p("req.csr")],
+        vec![
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &p("ca.key"),
+        ],
+        vec![
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &p("ca.key"),
+            "-subj",
+            "/CN=other",
+            "-days",
+            "1",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+            "-addext",
+            "subjectAltName=URI:spiffe://other.org",
+            "-out",
+            &p("ca.pem"),
+        ],
+        vec![
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &p("key.pem"),
+        ],
+        vec![
+            "req",
+            "-new",
+            "-key",
+            &p("key.pem"),
+            "-subj",
+            "/O=evil",
+            "-out",
+            &p("req.csr"),
+        ],
     ] {
         let o = openssl(&args);
-        assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     std::fs::write(other.join("ext.cnf"), "subjectAltName=URI:spiffe://other.org/alpha\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\nbasicConstraints=critical,CA:FALSE\n").expect("ext");
-    let o = openssl(&["x509", "-req", "-in", &p("req.csr"), "-CA", &p("ca.pem"), "-CAkey", &p("ca.key"), "-CAcreateserial", "-days", "1", "-extfile", &p("ext.cnf"), "-out", &p("svid.pem")]);
+    let o = openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("req.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &p("ext.cnf"),
+        "-out",
+        &p("svid.pem"),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (ok, t) = openssl_mtls(&a.out, &other.join("svid.pem"), &other.join("key.pem"), &b.out.join("bundle.pem"));
-    assert!(!ok, "a client certificate from another trust domain was accepted:\n{t}");
+    let (ok, t) = openssl_mtls(
+        &a.out,
+        &other.join("svid.pem"),
+        &other.join("key.pem"),
+        &b.out.join("bundle.pem"),
+    );
+    assert!(
+        !ok,
+        "a client certificate from another trust domain was accepted:\n{t}"
+    );
 }
 
 #[test]
@@ -155,25 +311,67 @@ fn copy_with_one_byte_changed_is_denied() {
     let up = Up::start();
     let exe = workload_binary(up.dir.path(), "workload");
     let h = sha256_file(&exe);
-    up.apply_ok(&identity("alpha", &[&format!("process:sha256:{h}"), "unix:uid:0"]));
-    let ok = run_workload(&exe, 0, &up.workload_socket(), &up.dir.path().join("ok"), "fetch");
-    assert_eq!(ok.spiffe_id(), "spiffe://example.org/alpha", "{}", ok.describe());
+    up.apply_ok(&identity(
+        "alpha",
+        &[&format!("process:sha256:{h}"), "unix:uid:0"],
+    ));
+    let ok = run_workload(
+        &exe,
+        0,
+        &up.workload_socket(),
+        &up.dir.path().join("ok"),
+        "fetch",
+    );
+    assert_eq!(
+        ok.spiffe_id(),
+        "spiffe://example.org/alpha",
+        "{}",
+        ok.describe()
+    );
 
     // Flip one byte inside the marker string: same program, other hash.
     let mut bytes = std::fs::read(&exe).expect("read copy");
-    let at = bytes.windows(MUTATION_MARKER.len()).position(|w| w == MUTATION_MARKER.as_bytes()).expect("marker in binary");
+    let at = bytes
+        .windows(MUTATION_MARKER.len())
+        .position(|w| w == MUTATION_MARKER.as_bytes())
+        .expect("marker in binary");
     bytes[at + MUTATION_MARKER.len() - 1] ^= 0x01;
     let evil = exe.with_file_name("workload-evil");
     std::fs::write(&evil, &bytes).expect("write");
-    std::fs::set_permissions(&evil, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&evil, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
     assert_ne!(sha256_file(&evil), h);
-    let r = run_workload(&evil, 0, &up.workload_socket(), &up.dir.path().join("evil"), "fetch");
-    assert!(r.spiffe_id().is_empty(), "modified binary got an identity: {}", r.describe());
+    let r = run_workload(
+        &evil,
+        0,
+        &up.workload_socket(),
+        &up.dir.path().join("evil"),
+        "fetch",
+    );
+    assert!(
+        r.spiffe_id().is_empty(),
+        "modified binary got an identity: {}",
+        r.describe()
+    );
     let err = r.error();
-    assert!(err.contains("PermissionDenied") || err.contains("permission") || err.contains("no identity"), "{}", r.describe());
+    assert!(
+        err.contains("PermissionDenied")
+            || err.contains("permission")
+            || err.contains("no identity"),
+        "{}",
+        r.describe()
+    );
 
     // And whoami explains why.
-    let mut child = workload_command(&evil, 0, &up.workload_socket(), &up.dir.path().join("evil2"), "sleep").spawn().expect("spawn");
+    let mut child = workload_command(
+        &evil,
+        0,
+        &up.workload_socket(),
+        &up.dir.path().join("evil2"),
+        "sleep",
+    )
+    .spawn()
+    .expect("spawn");
     std::thread::sleep(Duration::from_millis(200));
     let pid = child.id().to_string();
     let text = up.ok(&["whoami", "--pid", &pid]);
@@ -187,11 +385,26 @@ fn copy_with_one_byte_changed_is_denied() {
 fn exited_process_loses_key_and_svid_within_one_second() {
     let up = Up::start();
     let exe = workload_binary(up.dir.path(), "workload");
-    up.apply_ok(&identity("alpha", &[&format!("process:sha256:{}", sha256_file(&exe)), "unix:uid:0"]));
+    up.apply_ok(&identity(
+        "alpha",
+        &[
+            &format!("process:sha256:{}", sha256_file(&exe)),
+            "unix:uid:0",
+        ],
+    ));
     let out = up.dir.path().join("hold");
-    let mut child = workload_command(&exe, 0, &up.workload_socket(), &out, "hold").spawn().expect("spawn");
-    assert!(wait_until(Duration::from_secs(30), || out.join("ready").exists() || out.join("error").exists()));
-    assert!(!out.join("error").exists(), "{}", std::fs::read_to_string(out.join("error")).unwrap_or_default());
+    let mut child = workload_command(&exe, 0, &up.workload_socket(), &out, "hold")
+        .spawn()
+        .expect("spawn");
+    assert!(wait_until(Duration::from_secs(30), || out
+        .join("ready")
+        .exists()
+        || out.join("error").exists()));
+    assert!(
+        !out.join("error").exists(),
+        "{}",
+        std::fs::read_to_string(out.join("error")).unwrap_or_default()
+    );
     let pid = child.id();
     let listed = |up: &Up| up.ok(&["svids"]).contains(&format!("\"pid\": {pid},"));
     assert!(listed(&up), "live process not listed by `tether svids`");
@@ -212,10 +425,19 @@ fn exited_process_loses_key_and_svid_within_one_second() {
 
 #[test]
 fn python_spiffe_client_fetches_svids_and_bundles() {
-    let python = Command::new("python3").args(["-c", "import os,sys;print(os.path.realpath(sys.executable))"]).output().expect("python3");
+    let python = Command::new("python3")
+        .args([
+            "-c",
+            "import os,sys;print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+        .expect("python3");
     let python = String::from_utf8_lossy(&python.stdout).trim().to_string();
     let up = Up::start();
-    up.apply_ok(&identity("python", &[&format!("process:path:{python}"), "unix:uid:0"]));
+    up.apply_ok(&identity(
+        "python",
+        &[&format!("process:path:{python}"), "unix:uid:0"],
+    ));
     let script = r#"
 import sys
 from spiffe import WorkloadApiClient
@@ -237,15 +459,26 @@ except Exception as e:
 "#;
     let o = Command::new(&python)
         .args(["-c", script])
-        .env("SPIFFE_ENDPOINT_SOCKET", format!("unix://{}", up.workload_socket().display()))
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", up.workload_socket().display()),
+        )
         .output()
         .expect("python");
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "python client failed: {}\n{}", String::from_utf8_lossy(&o.stderr), text);
+    assert!(
+        o.status.success(),
+        "python client failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        text
+    );
     assert!(text.contains("x509 spiffe://example.org/python"), "{text}");
     assert!(text.contains("bundle example.org"), "{text}");
     assert!(text.contains("jwt spiffe://example.org/python"), "{text}");
-    assert!(text.contains("validated spiffe://example.org/python"), "{text}");
+    assert!(
+        text.contains("validated spiffe://example.org/python"),
+        "{text}"
+    );
     assert!(text.contains("wrong audience rejected"), "{text}");
 }
 
@@ -254,16 +487,24 @@ async fn workload_api_requires_metadata_and_an_identity() {
     use tether_proto::workload::X509svidRequest;
     use tether_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
     let up = Up::start();
-    let mut client = SpiffeWorkloadApiClient::new(tether_proto::uds::channel(&up.workload_socket()));
+    let mut client =
+        SpiffeWorkloadApiClient::new(tether_proto::uds::channel(&up.workload_socket()));
     // No `workload.spiffe.io: true` metadata: InvalidArgument.
-    let Err(err) = client.fetch_x509svid(X509svidRequest {}).await else { panic!("call without metadata succeeded") };
+    let Err(err) = client.fetch_x509svid(X509svidRequest {}).await else {
+        panic!("call without metadata succeeded")
+    };
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("workload.spiffe.io"), "{err:?}");
     // With it, but this test process matches no identity: PermissionDenied.
     let mut req = tonic::Request::new(X509svidRequest {});
-    req.metadata_mut().insert("workload.spiffe.io", "true".parse().expect("ascii"));
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("ascii"));
     let err = match client.fetch_x509svid(req).await {
-        Ok(mut s) => s.get_mut().message().await.expect_err("caller without identity got an SVID"),
+        Ok(mut s) => s
+            .get_mut()
+            .message()
+            .await
+            .expect_err("caller without identity got an SVID"),
         Err(e) => e,
     };
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
@@ -276,16 +517,24 @@ async fn svids_rotate_at_half_life_and_the_stream_pushes_them() {
     let up = Up::start();
     let me = std::fs::canonicalize(std::env::current_exe().expect("exe")).expect("canonical");
     // This test process is the workload; 10 s TTL rotates at 5 s.
-    up.apply_ok(&(identity("self", &[&format!("process:path:{}", me.display()), "unix:uid:0"]).replace(
-        "selectors:",
-        "x509Ttl: 10s\n  selectors:",
-    )));
-    let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", up.workload_socket().display())).await.expect("connect");
+    up.apply_ok(
+        &(identity(
+            "self",
+            &[&format!("process:path:{}", me.display()), "unix:uid:0"],
+        )
+        .replace("selectors:", "x509Ttl: 10s\n  selectors:")),
+    );
+    let client =
+        spiffe::WorkloadApiClient::connect_to(format!("unix://{}", up.workload_socket().display()))
+            .await
+            .expect("connect");
     let mut stream = client.stream_x509_svids().await.expect("stream");
     let mut serials = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while serials.len() < 2 {
-        let next = tokio::time::timeout_at(deadline, stream.next()).await.expect("no rotation pushed within 20 s");
+        let next = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("no rotation pushed within 20 s");
         let svid = next.expect("stream ended").expect("stream error");
         assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/self");
         let leaf = svid.cert_chain()[0].as_bytes().to_vec();
@@ -294,7 +543,10 @@ async fn svids_rotate_at_half_life_and_the_stream_pushes_them() {
             serials.push((leaf, key));
         }
     }
-    assert_ne!(serials[0].1, serials[1].1, "rotation must also replace the key");
+    assert_ne!(
+        serials[0].1, serials[1].1,
+        "rotation must also replace the key"
+    );
     assert!(up.metric("tether_agent_svids_rotated_total") >= 1.0);
 }
 
@@ -302,15 +554,41 @@ async fn svids_rotate_at_half_life_and_the_stream_pushes_them() {
 fn identity_without_workload_api_delivery_is_held_but_not_handed_out() {
     let up = Up::start();
     let exe = workload_binary(up.dir.path(), "workload");
-    up.apply_ok(&(identity("sealed", &[&format!("process:sha256:{}", sha256_file(&exe)), "unix:uid:0"]) + "  workloadApi: false\n"));
-    let r = run_workload(&exe, 0, &up.workload_socket(), &up.dir.path().join("o"), "fetch");
-    assert!(r.spiffe_id().is_empty(), "key handed out despite workloadApi: false: {}", r.describe());
-    assert!(r.error().contains("PermissionDenied") || r.error().contains("no identity"), "{}", r.describe());
+    up.apply_ok(
+        &(identity(
+            "sealed",
+            &[
+                &format!("process:sha256:{}", sha256_file(&exe)),
+                "unix:uid:0",
+            ],
+        ) + "  workloadApi: false\n"),
+    );
+    let r = run_workload(
+        &exe,
+        0,
+        &up.workload_socket(),
+        &up.dir.path().join("o"),
+        "fetch",
+    );
+    assert!(
+        r.spiffe_id().is_empty(),
+        "key handed out despite workloadApi: false: {}",
+        r.describe()
+    );
+    assert!(
+        r.error().contains("PermissionDenied") || r.error().contains("no identity"),
+        "{}",
+        r.describe()
+    );
     // The agent still holds an SVID for it (for the in-agent mesh later).
     let out = up.dir.path().join("s");
-    let mut child = workload_command(&exe, 0, &up.workload_socket(), &out, "sleep").spawn().expect("spawn");
+    let mut child = workload_command(&exe, 0, &up.workload_socket(), &out, "sleep")
+        .spawn()
+        .expect("spawn");
     let pid = child.id();
-    let held = wait_until(Duration::from_secs(10), || up.ok(&["svids"]).contains(&format!("\"pid\": {pid},")));
+    let held = wait_until(Duration::from_secs(10), || {
+        up.ok(&["svids"]).contains(&format!("\"pid\": {pid},"))
+    });
     let _ = child.kill();
     let _ = child.wait();
     assert!(held, "agent did not hold the sealed identity's SVID");

@@ -2,7 +2,7 @@
 //! `bpf/tether.bpf.c`. Keep the two in step; `tests` below pin the sizes the
 //! C side `_Static_assert`s.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use crate::KernelError;
 
@@ -148,9 +148,95 @@ pub(crate) struct VerdictValue {
     pub(crate) rule: u32,
 }
 
+/// `proc_state.flags`: the entry is the agent itself.
+pub(crate) const PROC_AGENT: u32 = 1;
+
+/// `struct hold_cfg`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HoldCfg {
+    pub(crate) agent_tgid: u32,
+    /// Network byte order.
+    pub(crate) port: u16,
+    pub(crate) flags: u8,
+    pub(crate) pad: u8,
+    pub(crate) netns: u64,
+}
+
+pub(crate) const HOLD_V4: u8 = 1;
+pub(crate) const HOLD_V6: u8 = 2;
+
+/// `struct held_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct HeldKey {
+    pub(crate) port: u16,
+    pub(crate) v6: u8,
+    pub(crate) pad: u8,
+}
+
+/// `struct held` (a `struct redirect` plus the socket cookie), as bytes:
+/// parsed field by field so no layout assumption hides in a transmute.
+#[repr(C, align(8))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HeldRaw(pub(crate) [u8; 64]);
+
+/// A connection the kernel redirected to the agent's hold listener because
+/// its process was not attested yet, as published by sock_ops under the
+/// client's local port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldConnection {
+    /// Where the process was connecting (IPv4-mapped shown as IPv4).
+    pub original_dst: SocketAddr,
+    pub tgid: u32,
+    /// Thread that called connect().
+    pub pid: u32,
+    pub uid: u32,
+    pub service_id: u32,
+    /// The client's local port (what the agent sees as the peer port).
+    pub local_port: u16,
+    /// Redirected over IPv6 loopback rather than IPv4.
+    pub flow_v6: bool,
+    /// `execs[tgid]` at connect(): the image that made the connection.
+    pub exec_id: u64,
+    /// Process start time, CLOCK_BOOTTIME ns (what /proc/<pid>/stat's
+    /// starttime counts in clock ticks).
+    pub start_boottime_ns: u64,
+    pub socket_cookie: u64,
+}
+
+impl HeldRaw {
+    pub(crate) fn parse(&self) -> HeldConnection {
+        let b = &self.0;
+        let mut octets = [0u8; 16];
+        octets.copy_from_slice(&b[0..16]);
+        HeldConnection {
+            original_dst: SocketAddr::new(
+                Ipv6Addr::from(octets).to_canonical(),
+                u16::from_be_bytes([b[16], b[17]]),
+            ),
+            flow_v6: b[18] != 0,
+            tgid: u32_at(b, 20),
+            pid: u32_at(b, 24),
+            uid: u32_at(b, 28),
+            service_id: u32_at(b, 32),
+            local_port: u16::from_ne_bytes([b[36], b[37]]),
+            exec_id: u64_at(b, 40),
+            start_boottime_ns: u64_at(b, 48),
+            socket_cookie: u64_at(b, 56),
+        }
+    }
+}
+
 // SAFETY: plain `repr(C)` integers without padding (16, 8 and 8 bytes), so
 // every bit pattern is valid and no uninitialised bytes reach the kernel.
 unsafe impl aya::Pod for ProcState {}
+// SAFETY: as above (4 + 2 + 1 + 1 + 8 = 16 bytes, no padding).
+unsafe impl aya::Pod for HoldCfg {}
+// SAFETY: as above (2 + 1 + 1 bytes).
+unsafe impl aya::Pod for HeldKey {}
+// SAFETY: a byte array.
+unsafe impl aya::Pod for HeldRaw {}
 // SAFETY: as above.
 unsafe impl aya::Pod for PolicyKey {}
 // SAFETY: as above.
@@ -161,6 +247,7 @@ pub(crate) const STAT_ALLOW: u32 = 0;
 pub(crate) const STAT_DENY: u32 = 1;
 pub(crate) const STAT_UNATTESTED: u32 = 2;
 pub(crate) const STAT_DROPPED_EVENTS: u32 = 3;
+pub(crate) const STAT_HELD: u32 = 4;
 
 /// The decision recorded in an [`Event`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -169,8 +256,12 @@ pub enum Decision {
     Deny,
     Allow,
     /// The process had no identity in the kernel (never attested, or it
-    /// exec'd since). Denied until the agent's hold path exists.
+    /// exec'd since) and could not be held (UDP, MPTCP, or no live agent):
+    /// refused.
     Unattested,
+    /// The process had no identity yet; the connection was redirected to
+    /// the agent, which attests the process and completes or refuses it.
+    Held,
 }
 
 /// Which hook made the decision.
@@ -249,6 +340,7 @@ impl Event {
             0 => Decision::Deny,
             1 => Decision::Allow,
             2 => Decision::Unattested,
+            3 => Decision::Held,
             v => return Err(EventError::Verdict(v)),
         };
         let proto = Proto::from_number(b[45]).ok_or(EventError::Proto(b[45]))?;
@@ -294,6 +386,9 @@ mod tests {
         assert_eq!(size_of::<ProcState>(), 16);
         assert_eq!(size_of::<PolicyKey>(), 8);
         assert_eq!(size_of::<VerdictValue>(), 8);
+        assert_eq!(size_of::<HoldCfg>(), 16);
+        assert_eq!(size_of::<HeldKey>(), 4);
+        assert_eq!(size_of::<HeldRaw>(), 64);
         assert_eq!(size_of::<aya::maps::lpm_trie::Key<DstKeyData>>(), 24);
     }
 
@@ -337,6 +432,23 @@ mod tests {
             proto: Proto::Tcp,
         };
         assert_eq!(zero.to_key().unwrap().0, 32);
+    }
+
+    #[test]
+    fn held_record_fields() {
+        let mut b = [0u8; 64];
+        b[0..16].copy_from_slice(&Ipv4Addr::new(10, 0, 0, 7).to_ipv6_mapped().octets());
+        b[16..18].copy_from_slice(&6379u16.to_be_bytes());
+        b[18] = 0;
+        b[20..24].copy_from_slice(&1234u32.to_ne_bytes());
+        b[32..36].copy_from_slice(&9u32.to_ne_bytes());
+        b[36..38].copy_from_slice(&40000u16.to_ne_bytes());
+        b[40..48].copy_from_slice(&77u64.to_ne_bytes());
+        b[56..64].copy_from_slice(&5u64.to_ne_bytes());
+        let h = HeldRaw(b).parse();
+        assert_eq!(h.original_dst, "10.0.0.7:6379".parse().unwrap());
+        assert_eq!((h.tgid, h.service_id, h.local_port), (1234, 9, 40000));
+        assert_eq!((h.exec_id, h.socket_cookie, h.flow_v6), (77, 5, false));
     }
 
     #[test]

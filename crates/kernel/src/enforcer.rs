@@ -7,8 +7,8 @@
 //! of the agent process:
 //!
 //! ```text
-//! <pin_dir>/maps/{services,procs,execs,policy,events,stats}
-//! <pin_dir>/links/{connect4,connect6,sendmsg4,sendmsg6,exec,fork,exit}
+//! <pin_dir>/maps/{services,procs,execs,policy,events,stats,config,redirects,held}
+//! <pin_dir>/links/{connect4,connect6,sendmsg4,sendmsg6,peer4,peer6,sockops,exec,fork,exit}
 //! ```
 //!
 //! Pinned links keep the programs attached when the agent dies, so protected
@@ -29,15 +29,25 @@
 //! the point. [`Enforcer::detach_all`] removes it. Without a `pin_dir`,
 //! everything is owned by the `Enforcer` and detached when it is dropped.
 //!
-//! A process the agent has not attested is denied (EPERM) for now. The
-//! issue's "hold, never allow blind" (redirect to the agent, which attests
-//! and completes the connection) needs a hook rewrite and is not built yet.
+//! # Holding connections of processes not attested yet
+//!
+//! A TCP connect() to a protected destination by a process the kernel has no
+//! identity for is never allowed blind and never refused for being early:
+//! while an agent is registered ([`Enforcer::set_agent`],
+//! [`Enforcer::set_hold`]) the hook rewrites it to the agent's hold listener
+//! on loopback and records the original destination with the socket.
+//! sock_ops publishes that record under the client's local port once
+//! connect() has chosen it, and the agent claims it on accept
+//! ([`Enforcer::take_held`]), attests the process, and completes or refuses
+//! the connection. getpeername() keeps reporting the original destination.
+//! Without a live agent (its `procs` entry dies with it) the hook refuses
+//! with EPERM instead, as it does for UDP, which cannot be held.
 
 use std::{
     fs::{self, File},
     io,
     os::{
-        fd::{AsFd as _, OwnedFd},
+        fd::{AsFd as _, BorrowedFd, OwnedFd},
         unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
@@ -47,15 +57,17 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        HashMap, LpmTrie, Map, MapData, MapError, MapInfo, MapType, PerCpuArray, lpm_trie::Key,
+        Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, MapType, PerCpuArray,
+        lpm_trie::Key,
     },
-    programs::{CgroupAttachMode, CgroupSockAddr, RawTracePoint, links::FdLink},
+    programs::{CgroupSockAddr, RawTracePoint, SockOps},
 };
 
 use crate::{
     KernelError,
     abi::{
-        DstKeyData, DstPrefix, PolicyKey, ProcState, STAT_ALLOW, STAT_DENY, STAT_DROPPED_EVENTS,
+        DstKeyData, DstPrefix, HOLD_V4, HOLD_V6, HeldConnection, HeldKey, HeldRaw, HoldCfg,
+        PROC_AGENT, PolicyKey, ProcState, STAT_ALLOW, STAT_DENY, STAT_DROPPED_EVENTS, STAT_HELD,
         STAT_UNATTESTED, VerdictValue,
     },
     error::{chain, map_err, program_err},
@@ -85,6 +97,8 @@ pub struct Stats {
     pub allowed: u64,
     pub denied: u64,
     pub unattested: u64,
+    /// Connections of unattested processes redirected to the agent.
+    pub held: u64,
     /// Events lost because the ring buffer was full (the decisions were
     /// still made and counted above).
     pub dropped_events: u64,
@@ -125,11 +139,23 @@ pub struct DetachReport {
     pub pins_removed: usize,
 }
 
+/// Where the agent holds connections of processes not attested yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldConfig {
+    /// Port of the agent's hold listeners on 127.0.0.1 and/or [::1].
+    pub port: u16,
+    /// A listener on 127.0.0.1 exists (IPv4 and IPv4-mapped flows).
+    pub v4: bool,
+    /// A listener on [::1] exists (IPv6 flows).
+    pub v6: bool,
+}
+
 #[derive(Clone, Copy)]
 enum Attach {
     /// `enum bpf_attach_type` value, to recognise our pinned link.
     Cgroup {
         attach_type: u32,
+        sock_ops: bool,
     },
     RawTp(&'static str),
 }
@@ -142,26 +168,53 @@ struct ProgSpec {
     hook: Attach,
 }
 
-const PROGRAMS: [ProgSpec; 7] = [
+const fn sock_addr(attach_type: u32) -> Attach {
+    Attach::Cgroup {
+        attach_type,
+        sock_ops: false,
+    }
+}
+
+/// sock_ops goes first: once connect4/6 start holding connections, the
+/// port record each held connection needs must already be published.
+const PROGRAMS: [ProgSpec; 10] = [
+    ProgSpec {
+        func: "tether_sockops",
+        link: "sockops",
+        hook: Attach::Cgroup {
+            attach_type: 3,
+            sock_ops: true,
+        },
+    },
+    ProgSpec {
+        func: "tether_peer4",
+        link: "peer4",
+        hook: sock_addr(29),
+    },
+    ProgSpec {
+        func: "tether_peer6",
+        link: "peer6",
+        hook: sock_addr(30),
+    },
     ProgSpec {
         func: "tether_connect4",
         link: "connect4",
-        hook: Attach::Cgroup { attach_type: 10 },
+        hook: sock_addr(10),
     },
     ProgSpec {
         func: "tether_connect6",
         link: "connect6",
-        hook: Attach::Cgroup { attach_type: 11 },
+        hook: sock_addr(11),
     },
     ProgSpec {
         func: "tether_sendmsg4",
         link: "sendmsg4",
-        hook: Attach::Cgroup { attach_type: 14 },
+        hook: sock_addr(14),
     },
     ProgSpec {
         func: "tether_sendmsg6",
         link: "sendmsg6",
-        hook: Attach::Cgroup { attach_type: 15 },
+        hook: sock_addr(15),
     },
     ProgSpec {
         func: "tether_exec",
@@ -190,7 +243,7 @@ struct MapSpec {
 
 /// Must match the definitions in bpf/tether.bpf.c; checked against pinned
 /// maps before adopting them.
-const MAPS: [MapSpec; 6] = [
+const MAPS: [MapSpec; 9] = [
     MapSpec {
         name: "services",
         kind: MapType::LpmTrie,
@@ -231,21 +284,34 @@ const MAPS: [MapSpec; 6] = [
         kind: MapType::PerCpuArray,
         key: 4,
         value: 8,
-        max_entries: 4,
+        max_entries: 8,
+    },
+    MapSpec {
+        name: "config",
+        kind: MapType::Array,
+        key: 4,
+        value: 16,
+        max_entries: 1,
+    },
+    MapSpec {
+        name: "redirects",
+        kind: MapType::SkStorage,
+        key: 4,
+        value: 56,
+        max_entries: 0,
+    },
+    MapSpec {
+        name: "held",
+        kind: MapType::LruHash,
+        key: 4,
+        value: 64,
+        max_entries: 16384,
     },
 ];
 
 /// A link we keep an fd to. Dropping it closes the fd only: a pinned link
 /// stays attached, an unpinned one is released.
-#[derive(Debug)]
-#[expect(
-    dead_code,
-    reason = "held for their Drop: the fds keep the links alive"
-)]
-enum HeldLink {
-    Aya(FdLink),
-    Raw(OwnedFd),
-}
+type HeldLink = OwnedFd;
 
 /// The loaded programs, their links and typed handles to their maps.
 pub struct Enforcer {
@@ -258,6 +324,8 @@ pub struct Enforcer {
     execs: HashMap<MapData, u32, u64>,
     policy: Mutex<HashMap<MapData, PolicyKey, VerdictValue>>,
     stats: PerCpuArray<MapData, u64>,
+    config: Mutex<Array<MapData, HoldCfg>>,
+    held: Mutex<HashMap<MapData, HeldKey, HeldRaw>>,
     events_id: u32,
     adopted: bool,
 }
@@ -370,34 +438,26 @@ impl PinDir {
 /// Pins a freshly attached link at `path`, replacing whatever is pinned
 /// there without ever leaving the name empty: pin under a temporary name,
 /// then rename over.
-fn pin_link(link: FdLink, spec: &ProgSpec, path: &Path) -> Result<HeldLink, KernelError> {
+fn pin_link(link: OwnedFd, spec: &ProgSpec, path: &Path) -> Result<HeldLink, KernelError> {
     // bpffs refuses names with a dot, so no `.new`.
     let tmp = path.with_file_name(format!("{}-new", spec.link));
+    let link_err = |op: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| KernelError::Link {
+            link: spec.link,
+            path,
+            op,
+            source,
+        }
+    };
     match fs::remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(KernelError::Link {
-                link: spec.link,
-                path: tmp,
-                op: "remove stale pin",
-                source,
-            });
-        }
+        Err(e) => return Err(link_err("remove stale pin", &tmp)(e)),
     }
-    let pinned = link.pin(&tmp).map_err(|e| KernelError::Link {
-        link: spec.link,
-        path: tmp.clone(),
-        op: "pin",
-        source: io::Error::other(chain(&e)),
-    })?;
-    fs::rename(&tmp, path).map_err(|source| KernelError::Link {
-        link: spec.link,
-        path: path.to_owned(),
-        op: "rename pin into place",
-        source,
-    })?;
-    Ok(HeldLink::Aya(pinned.into()))
+    sys::obj_pin(link.as_fd(), &tmp).map_err(link_err("pin", &tmp))?;
+    fs::rename(&tmp, path).map_err(link_err("rename pin into place", path))?;
+    Ok(link)
 }
 
 /// Forces an old link off its hook after its replacement is in place. Raw
@@ -422,19 +482,31 @@ fn open_pinned_link(spec: &ProgSpec, path: &Path) -> Result<Option<OwnedFd>, Ker
     }
 }
 
+fn create_cgroup_link(
+    spec: &ProgSpec,
+    attach_type: u32,
+    prog: BorrowedFd<'_>,
+    cgroup: &File,
+) -> Result<OwnedFd, KernelError> {
+    sys::link_create(prog, cgroup.as_fd(), attach_type).map_err(|source| KernelError::Link {
+        link: spec.link,
+        path: PathBuf::from("bpf(BPF_LINK_CREATE)"),
+        op: "attach to the cgroup (needs bpf_link, kernel 5.7+)",
+        source,
+    })
+}
+
 fn install_cgroup(
     spec: &ProgSpec,
     attach_type: u32,
-    prog: &mut CgroupSockAddr,
+    prog: BorrowedFd<'_>,
     cgroup: &File,
     cgroup_id: u64,
     pins: Option<&PinDir>,
-) -> Result<Option<HeldLink>, KernelError> {
+) -> Result<HeldLink, KernelError> {
     let Some(pins) = pins else {
-        // Owned by the program inside `Ebpf`: detached on drop.
-        prog.attach(cgroup, CgroupAttachMode::Single)
-            .map_err(|e| program_err(spec.func, "attach", &e))?;
-        return Ok(None);
+        // Unpinned: detached when the Enforcer drops this fd.
+        return create_cgroup_link(spec, attach_type, prog, cgroup);
     };
     let path = pins.link_path(spec);
     let old = open_pinned_link(spec, &path)?;
@@ -449,16 +521,13 @@ fn install_cgroup(
             && info.cgroup_id == cgroup_id
             && info.attach_type == attach_type
         {
-            let prog_fd = prog
-                .fd()
-                .map_err(|e| program_err(spec.func, "get fd", &e))?;
-            sys::link_update(old.as_fd(), prog_fd.as_fd()).map_err(|source| KernelError::Link {
+            sys::link_update(old.as_fd(), prog).map_err(|source| KernelError::Link {
                 link: spec.link,
                 path: path.clone(),
                 op: "replace program (BPF_LINK_UPDATE)",
                 source,
             })?;
-            return Ok(Some(HeldLink::Raw(old)));
+            return Ok(old);
         }
         // Pinned for another cgroup (the configuration changed): attach
         // here first, then retire the old link.
@@ -466,57 +535,61 @@ fn install_cgroup(
             link = spec.link,
             "pinned link targets another cgroup; replacing it"
         );
-        let held = attach_cgroup_pinned(spec, prog, cgroup, &path)?;
+        let held = pin_link(
+            create_cgroup_link(spec, attach_type, prog, cgroup)?,
+            spec,
+            &path,
+        )?;
         retire_link(spec, old);
-        return Ok(Some(held));
+        return Ok(held);
     }
-    attach_cgroup_pinned(spec, prog, cgroup, &path).map(Some)
-}
-
-fn attach_cgroup_pinned(
-    spec: &ProgSpec,
-    prog: &mut CgroupSockAddr,
-    cgroup: &File,
-    path: &Path,
-) -> Result<HeldLink, KernelError> {
-    let id = prog
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(|e| program_err(spec.func, "attach", &e))?;
-    let link = prog
-        .take_link(id)
-        .map_err(|e| program_err(spec.func, "take link", &e))?;
-    let fd_link = FdLink::try_from(link).map_err(|e| KernelError::Program {
-        program: spec.func,
-        action: "convert link (the kernel must support bpf_link, 5.7+)",
-        detail: chain(&e),
-    })?;
-    pin_link(fd_link, spec, path)
+    pin_link(
+        create_cgroup_link(spec, attach_type, prog, cgroup)?,
+        spec,
+        &path,
+    )
 }
 
 fn install_raw_tp(
     spec: &ProgSpec,
     tp: &'static str,
-    prog: &mut RawTracePoint,
+    prog: BorrowedFd<'_>,
     pins: Option<&PinDir>,
-) -> Result<Option<HeldLink>, KernelError> {
-    let id = prog
-        .attach(tp)
-        .map_err(|e| program_err(spec.func, "attach", &e))?;
+) -> Result<HeldLink, KernelError> {
+    let link = sys::raw_tracepoint_open(tp, prog).map_err(|source| KernelError::Link {
+        link: spec.link,
+        path: PathBuf::from(tp),
+        op: "attach to the raw tracepoint",
+        source,
+    })?;
     let Some(pins) = pins else {
-        return Ok(None);
+        return Ok(link);
     };
     let path = pins.link_path(spec);
     // Tracepoint links cannot swap programs; the new one is already
     // attached, so replacing the pin leaves no moment without a handler.
     let old = open_pinned_link(spec, &path)?;
-    let link = prog
-        .take_link(id)
-        .map_err(|e| program_err(spec.func, "take link", &e))?;
-    let held = pin_link(link.into(), spec, &path)?;
+    let held = pin_link(link, spec, &path)?;
     if let Some(old) = old {
         retire_link(spec, old);
     }
-    Ok(Some(held))
+    Ok(held)
+}
+
+/// An owned copy of a loaded program's fd (the borrow of the program ends
+/// here; the kernel object lives as long as either fd).
+fn prog_fd(
+    spec: &ProgSpec,
+    fd: Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
+) -> Result<OwnedFd, KernelError> {
+    let fd = fd.map_err(|e| program_err(spec.func, "get fd", &e))?;
+    fd.as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| KernelError::Io {
+            path: PathBuf::from(spec.func),
+            op: "duplicate program fd",
+            source,
+        })
 }
 
 fn take_map<T>(bpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
@@ -563,22 +636,42 @@ impl Enforcer {
                     detail: "not defined in tether.bpf.o".to_owned(),
                 })?;
             let held = match spec.hook {
-                Attach::Cgroup { attach_type } => {
-                    let p: &mut CgroupSockAddr = prog
-                        .try_into()
-                        .map_err(|e| program_err(spec.func, "type check", &e))?;
-                    p.load().map_err(|e| program_err(spec.func, "load", &e))?;
-                    install_cgroup(spec, attach_type, p, &cgroup, cgroup_id, pins.as_ref())?
+                Attach::Cgroup {
+                    attach_type,
+                    sock_ops,
+                } => {
+                    let fd = if sock_ops {
+                        let p: &mut SockOps = prog
+                            .try_into()
+                            .map_err(|e| program_err(spec.func, "type check", &e))?;
+                        p.load().map_err(|e| program_err(spec.func, "load", &e))?;
+                        prog_fd(spec, p.fd())?
+                    } else {
+                        let p: &mut CgroupSockAddr = prog
+                            .try_into()
+                            .map_err(|e| program_err(spec.func, "type check", &e))?;
+                        p.load().map_err(|e| program_err(spec.func, "load", &e))?;
+                        prog_fd(spec, p.fd())?
+                    };
+                    install_cgroup(
+                        spec,
+                        attach_type,
+                        fd.as_fd(),
+                        &cgroup,
+                        cgroup_id,
+                        pins.as_ref(),
+                    )?
                 }
                 Attach::RawTp(tp) => {
                     let p: &mut RawTracePoint = prog
                         .try_into()
                         .map_err(|e| program_err(spec.func, "type check", &e))?;
                     p.load().map_err(|e| program_err(spec.func, "load", &e))?;
-                    install_raw_tp(spec, tp, p, pins.as_ref())?
+                    let fd = prog_fd(spec, p.fd())?;
+                    install_raw_tp(spec, tp, fd.as_fd(), pins.as_ref())?
                 }
             };
-            links.extend(held);
+            links.push(held);
         }
 
         let events: MapData = match bpf.take_map("events") {
@@ -602,6 +695,8 @@ impl Enforcer {
             execs: take_map(&mut bpf, "execs")?,
             policy: Mutex::new(take_map(&mut bpf, "policy")?),
             stats: take_map(&mut bpf, "stats")?,
+            config: Mutex::new(take_map(&mut bpf, "config")?),
+            held: Mutex::new(take_map(&mut bpf, "held")?),
             events_id,
             adopted,
             _links: links,
@@ -708,6 +803,86 @@ impl Enforcer {
         Ok(out)
     }
 
+    /// Registers `tgid` as the agent: its own connections pass every hook
+    /// (it completes held connections), and connections are held for it
+    /// only while this entry lives. The exit tracepoint removes the entry
+    /// when the process dies, so a dead agent's hold port is never used
+    /// (nobody else could be listening there).
+    pub fn set_agent(&self, tgid: u32) -> Result<(), KernelError> {
+        let exec_id = self.exec_id(tgid)?;
+        let v = ProcState {
+            subject: 0,
+            flags: PROC_AGENT,
+            exec_id: exec_id.0,
+        };
+        lock(&self.procs)
+            .insert(tgid, v, 0)
+            .map_err(|e| map_err("procs", "insert", &e))
+    }
+
+    /// Starts holding connections of unattested processes for the agent
+    /// registered with [`set_agent`](Self::set_agent), at `cfg.port` on
+    /// loopback, for sockets in the caller's network namespace.
+    pub fn set_hold(&self, agent_tgid: u32, cfg: HoldConfig) -> Result<(), KernelError> {
+        let netns = sys::netns_cookie().map_err(|source| KernelError::Io {
+            path: PathBuf::from("getsockopt(SO_NETNS_COOKIE)"),
+            op: "read the network namespace cookie",
+            source,
+        })?;
+        let v = HoldCfg {
+            agent_tgid,
+            port: cfg.port.to_be(),
+            flags: if cfg.v4 { HOLD_V4 } else { 0 } | if cfg.v6 { HOLD_V6 } else { 0 },
+            pad: 0,
+            netns,
+        };
+        lock(&self.config)
+            .set(0, v, 0)
+            .map_err(|e| map_err("config", "update", &e))
+    }
+
+    /// Stops holding: unattested processes are refused (EPERM) again.
+    pub fn clear_hold(&self) -> Result<(), KernelError> {
+        let v = HoldCfg {
+            agent_tgid: 0,
+            port: 0,
+            flags: 0,
+            pad: 0,
+            netns: 0,
+        };
+        lock(&self.config)
+            .set(0, v, 0)
+            .map_err(|e| map_err("config", "update", &e))
+    }
+
+    /// Claims the held connection whose client port is `peer_port` (the
+    /// peer port of a connection accepted on the hold listener; `v6` when
+    /// accepted on the [::1] listener). Each record can be claimed once; a
+    /// connection to the hold port that the kernel did not redirect has
+    /// none.
+    pub fn take_held(
+        &self,
+        peer_port: u16,
+        v6: bool,
+    ) -> Result<Option<HeldConnection>, KernelError> {
+        let key = HeldKey {
+            port: peer_port,
+            v6: u8::from(v6),
+            pad: 0,
+        };
+        let mut map = lock(&self.held);
+        let raw = match map.get(&key, 0) {
+            Ok(v) => v,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(map_err("held", "lookup", &e)),
+        };
+        match map.remove(&key) {
+            Err(e) if !is_not_found(&e) => return Err(map_err("held", "remove", &e)),
+            _ => {}
+        }
+        Ok(Some(raw.parse()))
+    }
+
     /// Sets the verdict for (subject, service). `rule` names the policy
     /// rule that decided, for audit.
     pub fn set_verdict(
@@ -776,6 +951,7 @@ impl Enforcer {
             allowed: get(STAT_ALLOW)?,
             denied: get(STAT_DENY)?,
             unattested: get(STAT_UNATTESTED)?,
+            held: get(STAT_HELD)?,
             dropped_events: get(STAT_DROPPED_EVENTS)?,
         })
     }

@@ -7,7 +7,11 @@
 //!   up the calling process (`procs`, by tgid) and its verdict for the
 //!   service (`policy`): allow passes, anything else fails the call with
 //!   EPERM, and every such decision is one record in the `events` ring
-//!   buffer.
+//!   buffer. A TCP connect by a process not attested yet is held: redirected
+//!   to the agent, which attests, decides and completes or refuses it.
+//! * `getpeername4`/`getpeername6` hooks that report a held connection's
+//!   original destination, and a `sock_ops` program that publishes each held
+//!   connection under its client port for the agent to claim.
 //! * raw tracepoints on `sched_process_exec` (clears the process's verdicts
 //!   before the new image runs), `sched_process_fork` (a new process inherits
 //!   its parent's) and `sched_process_exit` (frees them).
@@ -25,9 +29,9 @@ mod sys;
 
 use std::path::PathBuf;
 
-pub use abi::{Decision, DstPrefix, Event, EventError, Hook, Proto};
+pub use abi::{Decision, DstPrefix, Event, EventError, HeldConnection, Hook, Proto};
 pub use enforcer::{
-    DetachReport, Enforcer, EnforcerConfig, ExecId, ProcessEntry, Stats, VerdictEntry,
+    DetachReport, Enforcer, EnforcerConfig, ExecId, HoldConfig, ProcessEntry, Stats, VerdictEntry,
 };
 pub use error::KernelError;
 pub use events::EventReader;

@@ -1,7 +1,9 @@
-//! The few bpf(2) commands aya 0.14 does not expose publicly: replacing the
-//! program of a live link (BPF_LINK_UPDATE), forcing a link off its hook
-//! (BPF_LINK_DETACH), reading a cgroup link's target, and walking all links.
-//! Also statfs checks for bpffs and cgroup2.
+//! The few bpf(2) commands we issue ourselves: creating and pinning links
+//! (aya 0.14 cannot turn a sock_ops link into a pinnable fd link, so every
+//! link is made here the same way), replacing the program of a live link
+//! (BPF_LINK_UPDATE), forcing a link off its hook (BPF_LINK_DETACH), reading
+//! a cgroup link's target, and walking all links. Also statfs checks for
+//! bpffs and cgroup2, and the network namespace cookie.
 
 use std::{
     ffi::CString,
@@ -13,7 +15,10 @@ use std::{
     path::Path,
 };
 
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -22,6 +27,9 @@ const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
 pub(crate) const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+/// asm-generic value (x86, arm64, riscv); not exported by every libc release.
+const SO_NETNS_COOKIE: libc::c_int = 71;
 
 pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub(crate) const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -61,14 +69,82 @@ fn raw(fd: BorrowedFd<'_>) -> u32 {
     fd.as_raw_fd() as u32
 }
 
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+fn put_ptr(attr: &mut Attr, at: usize, ptr: u64) {
+    attr.0[at] = ptr as u32;
+    attr.0[at + 1] = (ptr >> 32) as u32;
+}
+
+/// Pins a BPF object (here: a link) at `path` on a bpffs.
+pub(crate) fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = c_path(path)?;
+    let mut attr = Attr::default();
+    put_ptr(&mut attr, 0, c.as_ptr() as u64);
+    attr.0[2] = raw(fd);
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// Attaches `prog` to the cgroup `target` as a bpf_link (kernel 5.7+).
+/// Closing the last fd (and pin) of the link detaches it.
+pub(crate) fn link_create(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = Attr::default();
+    attr.0[0] = raw(prog);
+    attr.0[1] = raw(target);
+    attr.0[2] = attach_type;
+    fd_result(bpf(BPF_LINK_CREATE, &mut attr)?)
+}
+
+/// Attaches `prog` to the raw tracepoint `name`; the fd is a bpf_link.
+pub(crate) fn raw_tracepoint_open(name: &str, prog: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let c = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"))?;
+    let mut attr = Attr::default();
+    put_ptr(&mut attr, 0, c.as_ptr() as u64);
+    attr.0[2] = raw(prog);
+    fd_result(bpf(BPF_RAW_TRACEPOINT_OPEN, &mut attr)?)
+}
+
+/// The cookie of the calling thread's network namespace, as
+/// `bpf_get_netns_cookie` reports it to programs (SO_NETNS_COOKIE, 5.14+).
+pub(crate) fn netns_cookie() -> io::Result<u64> {
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just created and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` is a writable u64 and `len` says so.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// Opens a pinned BPF object (map, program or link).
 pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let c = c_path(path)?;
     let mut attr = Attr::default();
-    let ptr = c.as_ptr() as u64;
-    attr.0[0] = ptr as u32;
-    attr.0[1] = (ptr >> 32) as u32;
+    put_ptr(&mut attr, 0, c.as_ptr() as u64);
     fd_result(bpf(BPF_OBJ_GET, &mut attr)?)
 }
 

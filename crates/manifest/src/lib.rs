@@ -72,7 +72,11 @@ impl WorkloadIdentitySpec {
     pub fn selector_sets(&self) -> Vec<Vec<Selector>> {
         self.selectors
             .iter()
-            .filter_map(|set| set.iter().map(|s| Selector::parse(s).ok()).collect::<Option<Vec<_>>>())
+            .filter_map(|set| {
+                set.iter()
+                    .map(|s| Selector::parse(s).ok())
+                    .collect::<Option<Vec<_>>>()
+            })
             .filter(|set| !set.is_empty())
             .collect()
     }
@@ -138,9 +142,18 @@ pub struct AccessPolicySpec {
 /// A validated resource, ready for the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resource {
-    WorkloadIdentity { name: String, spec: WorkloadIdentitySpec },
-    Service { name: String, spec: ServiceSpec },
-    AccessPolicy { name: String, spec: AccessPolicySpec },
+    WorkloadIdentity {
+        name: String,
+        spec: WorkloadIdentitySpec,
+    },
+    Service {
+        name: String,
+        spec: ServiceSpec,
+    },
+    AccessPolicy {
+        name: String,
+        spec: AccessPolicySpec,
+    },
 }
 
 impl Resource {
@@ -153,14 +166,18 @@ impl Resource {
     }
     pub fn name(&self) -> &str {
         match self {
-            Resource::WorkloadIdentity { name, .. } | Resource::Service { name, .. } | Resource::AccessPolicy { name, .. } => name,
+            Resource::WorkloadIdentity { name, .. }
+            | Resource::Service { name, .. }
+            | Resource::AccessPolicy { name, .. } => name,
         }
     }
     /// Canonical JSON of the spec: equal specs give equal strings, which is
     /// what makes apply idempotent.
     pub fn spec_json(&self) -> String {
         match self {
-            Resource::WorkloadIdentity { spec, .. } => serde_json::to_string(spec).unwrap_or_default(),
+            Resource::WorkloadIdentity { spec, .. } => {
+                serde_json::to_string(spec).unwrap_or_default()
+            }
             Resource::Service { spec, .. } => serde_json::to_string(spec).unwrap_or_default(),
             Resource::AccessPolicy { spec, .. } => serde_json::to_string(spec).unwrap_or_default(),
         }
@@ -215,12 +232,27 @@ impl Resource {
 
     pub fn from_stored(kind: &str, name: &str, spec_json: &str) -> Option<Resource> {
         match kind {
-            "WorkloadIdentity" => serde_json::from_str(spec_json)
+            "WorkloadIdentity" => {
+                serde_json::from_str(spec_json)
+                    .ok()
+                    .map(|spec| Resource::WorkloadIdentity {
+                        name: name.to_string(),
+                        spec,
+                    })
+            }
+            "Service" => serde_json::from_str(spec_json)
                 .ok()
-                .map(|spec| Resource::WorkloadIdentity { name: name.to_string(), spec }),
-            "Service" => serde_json::from_str(spec_json).ok().map(|spec| Resource::Service { name: name.to_string(), spec }),
+                .map(|spec| Resource::Service {
+                    name: name.to_string(),
+                    spec,
+                }),
             "AccessPolicy" => {
-                serde_json::from_str(spec_json).ok().map(|spec| Resource::AccessPolicy { name: name.to_string(), spec })
+                serde_json::from_str(spec_json)
+                    .ok()
+                    .map(|spec| Resource::AccessPolicy {
+                        name: name.to_string(),
+                        spec,
+                    })
             }
             _ => None,
         }
@@ -310,24 +342,48 @@ pub fn parse(source: &str, text: &[u8]) -> Result<Vec<Resource>, ManifestError> 
         message,
     };
     if text.len() > MAX_MANIFEST_LEN {
-        return Err(err(0, None, "", format!("file is {} bytes, limit {MAX_MANIFEST_LEN}", text.len())));
+        return Err(err(
+            0,
+            None,
+            "",
+            format!("file is {} bytes, limit {MAX_MANIFEST_LEN}", text.len()),
+        ));
     }
-    let text = std::str::from_utf8(text).map_err(|e| err(0, None, "", format!("not UTF-8: {e}")))?;
+    let text =
+        std::str::from_utf8(text).map_err(|e| err(0, None, "", format!("not UTF-8: {e}")))?;
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let doc = i + 1;
-        let value = serde_norway::Value::deserialize(de).map_err(|e| err(doc, None, "", format!("invalid YAML: {e}")))?;
+        let value = serde_norway::Value::deserialize(de)
+            .map_err(|e| err(doc, None, "", format!("invalid YAML: {e}")))?;
         if value.is_null() {
             continue; // empty document, e.g. a trailing `---`
         }
-        let raw: RawDoc = serde_norway::from_value(value).map_err(|e| err(doc, None, "", e.to_string()))?;
+        let raw: RawDoc =
+            serde_norway::from_value(value).map_err(|e| err(doc, None, "", e.to_string()))?;
         match raw.api_version.as_deref() {
             Some(API_VERSION) => {}
-            Some(other) => return Err(err(doc, None, "apiVersion", format!("{other:?} is not supported; use {API_VERSION:?}"))),
-            None => return Err(err(doc, None, "apiVersion", format!("missing; use {API_VERSION:?}"))),
+            Some(other) => {
+                return Err(err(
+                    doc,
+                    None,
+                    "apiVersion",
+                    format!("{other:?} is not supported; use {API_VERSION:?}"),
+                ));
+            }
+            None => {
+                return Err(err(
+                    doc,
+                    None,
+                    "apiVersion",
+                    format!("missing; use {API_VERSION:?}"),
+                ));
+            }
         }
-        let kind = raw.kind.ok_or_else(|| err(doc, None, "kind", format!("missing; one of {KINDS:?}")))?;
+        let kind = raw
+            .kind
+            .ok_or_else(|| err(doc, None, "kind", format!("missing; one of {KINDS:?}")))?;
         let name = raw
             .metadata
             .and_then(|m| m.name)
@@ -335,29 +391,46 @@ pub fn parse(source: &str, text: &[u8]) -> Result<Vec<Resource>, ManifestError> 
         validate_name(&name).map_err(|m| err(doc, None, "metadata.name", m))?;
         let label = Some(format!("{kind} {name:?}"));
         if !seen.insert((kind.clone(), name.clone())) {
-            return Err(err(doc, label, "metadata.name", "defined twice in this file".into()));
+            return Err(err(
+                doc,
+                label,
+                "metadata.name",
+                "defined twice in this file".into(),
+            ));
         }
-        let spec = raw.spec.ok_or_else(|| err(doc, label.clone(), "spec", "missing".into()))?;
+        let spec = raw
+            .spec
+            .ok_or_else(|| err(doc, label.clone(), "spec", "missing".into()))?;
         let res = match kind.as_str() {
             "WorkloadIdentity" => {
-                let raw: RawIdentity =
-                    serde_norway::from_value(spec).map_err(|e| err(doc, label.clone(), "spec", e.to_string()))?;
-                let spec = validate_identity(raw).map_err(|(f, m)| err(doc, label.clone(), &f, m))?;
+                let raw: RawIdentity = serde_norway::from_value(spec)
+                    .map_err(|e| err(doc, label.clone(), "spec", e.to_string()))?;
+                let spec =
+                    validate_identity(raw).map_err(|(f, m)| err(doc, label.clone(), &f, m))?;
                 Resource::WorkloadIdentity { name, spec }
             }
             "Service" => {
-                let raw: RawService =
-                    serde_norway::from_value(spec).map_err(|e| err(doc, label.clone(), "spec", e.to_string()))?;
-                let spec = validate_service(raw).map_err(|(f, m)| err(doc, label.clone(), &f, m))?;
+                let raw: RawService = serde_norway::from_value(spec)
+                    .map_err(|e| err(doc, label.clone(), "spec", e.to_string()))?;
+                let spec =
+                    validate_service(raw).map_err(|(f, m)| err(doc, label.clone(), &f, m))?;
                 Resource::Service { name, spec }
             }
             "AccessPolicy" => {
-                let raw: RawPolicy =
-                    serde_norway::from_value(spec).map_err(|e| err(doc, label.clone(), "spec", e.to_string()))?;
-                let spec = validate_policy(&name, raw).map_err(|(f, m)| err(doc, label.clone(), &f, m))?;
+                let raw: RawPolicy = serde_norway::from_value(spec)
+                    .map_err(|e| err(doc, label.clone(), "spec", e.to_string()))?;
+                let spec =
+                    validate_policy(&name, raw).map_err(|(f, m)| err(doc, label.clone(), &f, m))?;
                 Resource::AccessPolicy { name, spec }
             }
-            other => return Err(err(doc, None, "kind", format!("unknown kind {other:?}; one of {KINDS:?}"))),
+            other => {
+                return Err(err(
+                    doc,
+                    None,
+                    "kind",
+                    format!("unknown kind {other:?}; one of {KINDS:?}"),
+                ));
+            }
         };
         out.push(res);
     }
@@ -373,23 +446,38 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 253 {
         return Err(format!("{name:?} must be 1 to 253 characters"));
     }
-    if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.') {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    {
         return Err(format!("{name:?} may contain only a-z, 0-9, '-' and '.'"));
     }
-    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) || !name.ends_with(|c: char| c.is_ascii_alphanumeric()) {
-        return Err(format!("{name:?} must start and end with a letter or digit"));
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        || !name.ends_with(|c: char| c.is_ascii_alphanumeric())
+    {
+        return Err(format!(
+            "{name:?} must start and end with a letter or digit"
+        ));
     }
     Ok(())
 }
 
 fn validate_identity(raw: RawIdentity) -> Result<WorkloadIdentitySpec, (String, String)> {
-    let id = raw.spiffe_id.ok_or_else(|| ("spec.spiffeId".to_string(), "missing".to_string()))?;
+    let id = raw
+        .spiffe_id
+        .ok_or_else(|| ("spec.spiffeId".to_string(), "missing".to_string()))?;
     let id = SpiffeId::parse(&id).map_err(|e| ("spec.spiffeId".to_string(), e.to_string()))?;
     let sets = raw.selectors.ok_or_else(|| {
-        ("spec.selectors".to_string(), "missing; give at least one set, e.g. [[\"unix:uid:1000\"]]".to_string())
+        (
+            "spec.selectors".to_string(),
+            "missing; give at least one set, e.g. [[\"unix:uid:1000\"]]".to_string(),
+        )
     })?;
     if sets.is_empty() {
-        return Err(("spec.selectors".into(), "empty: an identity with no selector sets would match nothing".into()));
+        return Err((
+            "spec.selectors".into(),
+            "empty: an identity with no selector sets would match nothing".into(),
+        ));
     }
     let mut selectors = Vec::with_capacity(sets.len());
     for (i, set) in sets.iter().enumerate() {
@@ -398,15 +486,18 @@ fn validate_identity(raw: RawIdentity) -> Result<WorkloadIdentitySpec, (String, 
         }
         let mut canon = Vec::with_capacity(set.len());
         for (j, s) in set.iter().enumerate() {
-            let sel = Selector::parse(s).map_err(|e| (format!("spec.selectors[{i}][{j}]"), e.to_string()))?;
+            let sel = Selector::parse(s)
+                .map_err(|e| (format!("spec.selectors[{i}][{j}]"), e.to_string()))?;
             canon.push(sel.to_string());
         }
         canon.sort();
         canon.dedup();
         selectors.push(canon);
     }
-    let x509 = ttl(raw.x509_ttl, DEFAULT_X509_TTL_SECS, MAX_X509_TTL_SECS).map_err(|m| ("spec.x509Ttl".to_string(), m))?;
-    let jwt = ttl(raw.jwt_ttl, DEFAULT_JWT_TTL_SECS, 86400).map_err(|m| ("spec.jwtTtl".to_string(), m))?;
+    let x509 = ttl(raw.x509_ttl, DEFAULT_X509_TTL_SECS, MAX_X509_TTL_SECS)
+        .map_err(|m| ("spec.x509Ttl".to_string(), m))?;
+    let jwt = ttl(raw.jwt_ttl, DEFAULT_JWT_TTL_SECS, 86400)
+        .map_err(|m| ("spec.jwtTtl".to_string(), m))?;
     for (i, d) in raw.dns_names.iter().enumerate() {
         validate_dns(d).map_err(|m| (format!("spec.dnsNames[{i}]"), m))?;
     }
@@ -432,10 +523,16 @@ pub fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
         Some((ip, len)) => (ip, Some(len)),
         None => (s, None),
     };
-    let ip: std::net::IpAddr = ip.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let len = match len {
-        Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| format!("{s:?}: prefix length must be 0 to {max}"))?,
+        Some(l) => l
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("{s:?}: prefix length must be 0 to {max}"))?,
         None => max,
     };
     Ok((ip, len))
@@ -444,7 +541,12 @@ pub fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
 fn ports(raw: &[i64], field: &str) -> Result<Vec<u16>, (String, String)> {
     let mut out = Vec::with_capacity(raw.len());
     for (j, p) in raw.iter().enumerate() {
-        let port = u16::try_from(*p).ok().filter(|p| *p > 0).ok_or_else(|| (format!("{field}[{j}]"), format!("{p} is not a port (1 to 65535)")))?;
+        let port = u16::try_from(*p).ok().filter(|p| *p > 0).ok_or_else(|| {
+            (
+                format!("{field}[{j}]"),
+                format!("{p} is not a port (1 to 65535)"),
+            )
+        })?;
         out.push(port);
     }
     out.sort_unstable();
@@ -454,17 +556,28 @@ fn ports(raw: &[i64], field: &str) -> Result<Vec<u16>, (String, String)> {
 
 fn validate_service(raw: RawService) -> Result<ServiceSpec, (String, String)> {
     if raw.addresses.is_empty() && raw.hostnames.is_empty() {
-        return Err(("spec.addresses".into(), "give at least one address or hostname".into()));
+        return Err((
+            "spec.addresses".into(),
+            "give at least one address or hostname".into(),
+        ));
     }
     let mut addresses = Vec::new();
     for (i, a) in raw.addresses.iter().enumerate() {
-        let cidr = a.cidr.as_deref().ok_or_else(|| (format!("spec.addresses[{i}].cidr"), "missing".to_string()))?;
+        let cidr = a
+            .cidr
+            .as_deref()
+            .ok_or_else(|| (format!("spec.addresses[{i}].cidr"), "missing".to_string()))?;
         let (ip, len) = parse_cidr(cidr).map_err(|m| (format!("spec.addresses[{i}].cidr"), m))?;
         let protocol = match a.protocol.as_deref().unwrap_or("tcp") {
             "tcp" => Protocol::Tcp,
             "udp" => Protocol::Udp,
             "both" => Protocol::Both,
-            other => return Err((format!("spec.addresses[{i}].protocol"), format!("{other:?}: use tcp, udp or both"))),
+            other => {
+                return Err((
+                    format!("spec.addresses[{i}].protocol"),
+                    format!("{other:?}: use tcp, udp or both"),
+                ));
+            }
         };
         addresses.push(ServiceAddress {
             cidr: format!("{ip}/{len}"),
@@ -476,7 +589,12 @@ fn validate_service(raw: RawService) -> Result<ServiceSpec, (String, String)> {
         validate_dns(h).map_err(|m| (format!("spec.hostnames[{i}]"), m))?;
     }
     let host_ports = ports(&raw.host_ports, "spec.hostPorts")?;
-    Ok(ServiceSpec { addresses, hostnames: raw.hostnames, host_ports, labels: raw.labels })
+    Ok(ServiceSpec {
+        addresses,
+        hostnames: raw.hostnames,
+        host_ports,
+        labels: raw.labels,
+    })
 }
 
 fn validate_policy(name: &str, raw: RawPolicy) -> Result<AccessPolicySpec, (String, String)> {
@@ -484,7 +602,10 @@ fn validate_policy(name: &str, raw: RawPolicy) -> Result<AccessPolicySpec, (Stri
         return Err(("spec.services".into(), "name at least one Service".into()));
     }
     if raw.identities.is_empty() {
-        return Err(("spec.identities".into(), "name at least one WorkloadIdentity".into()));
+        return Err((
+            "spec.identities".into(),
+            "name at least one WorkloadIdentity".into(),
+        ));
     }
     for (i, s) in raw.services.iter().enumerate() {
         validate_name(s).map_err(|m| (format!("spec.services[{i}]"), m))?;
@@ -493,9 +614,14 @@ fn validate_policy(name: &str, raw: RawPolicy) -> Result<AccessPolicySpec, (Stri
         validate_name(s).map_err(|m| (format!("spec.identities[{i}]"), m))?;
     }
     if let Some(w) = &raw.when {
-        tether_policy::Condition::parse(name, w).map_err(|e| ("spec.when".to_string(), e.to_string()))?;
+        tether_policy::Condition::parse(name, w)
+            .map_err(|e| ("spec.when".to_string(), e.to_string()))?;
     }
-    Ok(AccessPolicySpec { services: raw.services, identities: raw.identities, when: raw.when })
+    Ok(AccessPolicySpec {
+        services: raw.services,
+        identities: raw.identities,
+        when: raw.when,
+    })
 }
 
 fn generic_yaml<T: Serialize>(kind: &str, name: &str, spec: &T) -> String {
@@ -509,18 +635,32 @@ fn generic_yaml<T: Serialize>(kind: &str, name: &str, spec: &T) -> String {
     }
     let mut metadata = std::collections::BTreeMap::new();
     metadata.insert("name", name);
-    serde_norway::to_string(&Out { api_version: API_VERSION, kind, metadata, spec }).unwrap_or_default()
+    serde_norway::to_string(&Out {
+        api_version: API_VERSION,
+        kind,
+        metadata,
+        spec,
+    })
+    .unwrap_or_default()
 }
 
 fn ttl(v: Option<serde_norway::Value>, default: i64, max: i64) -> Result<i64, String> {
     let secs = match v {
         None => return Ok(default),
-        Some(serde_norway::Value::Number(n)) => n.as_i64().ok_or_else(|| format!("{n} is not a whole number of seconds"))?,
+        Some(serde_norway::Value::Number(n)) => n
+            .as_i64()
+            .ok_or_else(|| format!("{n} is not a whole number of seconds"))?,
         Some(serde_norway::Value::String(s)) => parse_duration(&s)?,
-        Some(other) => return Err(format!("{other:?} is not a duration; use e.g. \"1h\", \"5m\", \"30s\"")),
+        Some(other) => {
+            return Err(format!(
+                "{other:?} is not a duration; use e.g. \"1h\", \"5m\", \"30s\""
+            ));
+        }
     };
     if secs < MIN_TTL_SECS || secs > max {
-        return Err(format!("{secs}s is out of range ({MIN_TTL_SECS}s to {max}s)"));
+        return Err(format!(
+            "{secs}s is out of range ({MIN_TTL_SECS}s to {max}s)"
+        ));
     }
     Ok(secs)
 }
@@ -549,7 +689,10 @@ pub fn parse_duration(s: &str) -> Result<i64, String> {
             _ => return Err(bad()),
         };
         let n: i64 = num.parse().map_err(|_| bad())?;
-        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
         num.clear();
     }
     if !num.is_empty() {
@@ -574,11 +717,16 @@ fn validate_dns(d: &str) -> Result<(), String> {
         && d.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
-                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '*')
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '*')
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         });
-    if ok { Ok(()) } else { Err(format!("{d:?} is not a valid DNS name")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{d:?} is not a valid DNS name"))
+    }
 }
 
 #[cfg(test)]
@@ -612,13 +760,20 @@ spec:
     fn parses_multi_document_file() {
         let r = parse("good.yaml", GOOD.as_bytes()).unwrap();
         assert_eq!(r.len(), 2);
-        let Resource::WorkloadIdentity { name, spec } = &r[0] else { panic!("not an identity") };
+        let Resource::WorkloadIdentity { name, spec } = &r[0] else {
+            panic!("not an identity")
+        };
         assert_eq!(name, "web");
         assert_eq!(spec.x509_ttl_secs, 1800);
         assert_eq!(spec.jwt_ttl_secs, DEFAULT_JWT_TTL_SECS);
         assert!(spec.workload_api);
-        assert!(spec.selectors[1][0].ends_with("abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"));
-        let Resource::WorkloadIdentity { spec, .. } = &r[1] else { panic!("not an identity") };
+        assert!(
+            spec.selectors[1][0]
+                .ends_with("abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789")
+        );
+        let Resource::WorkloadIdentity { spec, .. } = &r[1] else {
+            panic!("not an identity")
+        };
         assert!(!spec.workload_api);
         // Round trip through get's YAML output.
         let again = parse("again", r[0].to_yaml().as_bytes()).unwrap();
@@ -631,25 +786,53 @@ spec:
 
     #[test]
     fn errors_name_file_document_field() {
-        let base = |spec: &str| format!("apiVersion: tether.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {{name: w}}\nspec:\n{spec}");
-        let e = error_of(&base("  spiffeId: spiffe://Example.org/w\n  selectors: [[\"unix:uid:1\"]]\n"));
-        assert!(e.starts_with("bad.yaml: document 1 (WorkloadIdentity \"w\"): spec.spiffeId:"), "{e}");
-        let e = error_of(&base("  spiffeId: spiffe://example.org/w\n  selectors: [[\"unix:uid:1\", \"proc:path:/x\"]]\n"));
+        let base = |spec: &str| {
+            format!(
+                "apiVersion: tether.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {{name: w}}\nspec:\n{spec}"
+            )
+        };
+        let e = error_of(&base(
+            "  spiffeId: spiffe://Example.org/w\n  selectors: [[\"unix:uid:1\"]]\n",
+        ));
+        assert!(
+            e.starts_with("bad.yaml: document 1 (WorkloadIdentity \"w\"): spec.spiffeId:"),
+            "{e}"
+        );
+        let e = error_of(&base(
+            "  spiffeId: spiffe://example.org/w\n  selectors: [[\"unix:uid:1\", \"proc:path:/x\"]]\n",
+        ));
         assert!(e.contains("spec.selectors[0][1]"), "{e}");
-        let e = error_of(&base("  spiffeId: spiffe://example.org/w\n  selectors: [[\"unix:uid:abc\"]]\n"));
+        let e = error_of(&base(
+            "  spiffeId: spiffe://example.org/w\n  selectors: [[\"unix:uid:abc\"]]\n",
+        ));
         assert!(e.contains("spec.selectors[0][0]"), "{e}");
-        let e = error_of(&base("  spiffeId: spiffe://example.org/w\n  selectors: [[\"unix:uid:1\"]]\n  x509Ttl: forever\n"));
+        let e = error_of(&base(
+            "  spiffeId: spiffe://example.org/w\n  selectors: [[\"unix:uid:1\"]]\n  x509Ttl: forever\n",
+        ));
         assert!(e.contains("spec.x509Ttl"), "{e}");
-        let e = error_of(&base("  spiffeId: spiffe://example.org/w\n  selectors: [[\"unix:uid:1\"]]\n  colour: red\n"));
+        let e = error_of(&base(
+            "  spiffeId: spiffe://example.org/w\n  selectors: [[\"unix:uid:1\"]]\n  colour: red\n",
+        ));
         assert!(e.contains("colour"), "{e}");
-        let e = error_of(&base("  spiffeId: spiffe://example.org/w\n  selectors: []\n"));
+        let e = error_of(&base(
+            "  spiffeId: spiffe://example.org/w\n  selectors: []\n",
+        ));
         assert!(e.contains("spec.selectors"), "{e}");
         let e = error_of("apiVersion: v1\nkind: WorkloadIdentity\nmetadata: {name: w}\nspec: {}\n");
         assert!(e.contains("apiVersion"), "{e}");
-        let e = error_of("apiVersion: tether.dev/v1alpha1\nkind: Thing\nmetadata: {name: w}\nspec: {}\n");
+        let e = error_of(
+            "apiVersion: tether.dev/v1alpha1\nkind: Thing\nmetadata: {name: w}\nspec: {}\n",
+        );
         assert!(e.contains("unknown kind"), "{e}");
-        let e = error_of(&format!("{}---\n{}", GOOD.trim_end_matches("---\n"), "apiVersion: tether.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {name: Bad_Name}\nspec: {}\n"));
-        assert!(e.contains("document 3") && e.contains("metadata.name"), "{e}");
+        let e = error_of(&format!(
+            "{}---\n{}",
+            GOOD.trim_end_matches("---\n"),
+            "apiVersion: tether.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {name: Bad_Name}\nspec: {}\n"
+        ));
+        assert!(
+            e.contains("document 3") && e.contains("metadata.name"),
+            "{e}"
+        );
         let e = error_of("key: [unclosed");
         assert!(e.contains("invalid YAML"), "{e}");
     }
@@ -674,7 +857,9 @@ spec:
   when: context.time.hour >= 8
 "#;
         let r = parse("s.yaml", y.as_bytes()).unwrap();
-        let Resource::Service { spec, .. } = &r[0] else { panic!() };
+        let Resource::Service { spec, .. } = &r[0] else {
+            panic!()
+        };
         assert_eq!(spec.addresses[0].cidr, "127.0.0.1/32");
         assert_eq!(spec.addresses[1].protocol, Protocol::Both);
         let again = parse("again", r[1].to_yaml().as_bytes()).unwrap();

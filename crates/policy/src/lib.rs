@@ -10,7 +10,9 @@
 
 use std::str::FromStr as _;
 
-use cedar_policy::{Authorizer, Context, Decision, Entities, EntityUid, Policy, PolicyId, PolicySet, Request};
+use cedar_policy::{
+    Authorizer, Context, Decision, Entities, EntityUid, Policy, PolicyId, PolicySet, Request,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
@@ -41,10 +43,15 @@ impl Condition {
             return Err(PolicyError::TooLong { len: when.len() });
         }
         let text = format!("permit(principal, action, resource) when {{\n{when}\n}};");
-        let policy = Policy::parse(Some(PolicyId::new(name)), text).map_err(|e| PolicyError::Parse(render(&e)))?;
+        let policy = Policy::parse(Some(PolicyId::new(name)), text)
+            .map_err(|e| PolicyError::Parse(render(&e)))?;
         let mut set = PolicySet::new();
-        set.add(policy).map_err(|e| PolicyError::Parse(e.to_string()))?;
-        Ok(Condition { set, source: when.to_string() })
+        set.add(policy)
+            .map_err(|e| PolicyError::Parse(e.to_string()))?;
+        Ok(Condition {
+            set,
+            source: when.to_string(),
+        })
     }
 
     pub fn source(&self) -> &str {
@@ -55,9 +62,16 @@ impl Condition {
     /// during evaluation count as "does not hold" and are returned so they
     /// can be audited.
     pub fn holds(&self, context: &serde_json::Value) -> Result<bool, PolicyError> {
-        let ctx = Context::from_json_value(context.clone(), None).map_err(|e| PolicyError::Eval(e.to_string()))?;
-        let req = Request::new(uid(r#"Tether::Process::"caller""#)?, uid(r#"Tether::Action::"connect""#)?, uid(r#"Tether::Service::"target""#)?, ctx, None)
+        let ctx = Context::from_json_value(context.clone(), None)
             .map_err(|e| PolicyError::Eval(e.to_string()))?;
+        let req = Request::new(
+            uid(r#"Tether::Process::"caller""#)?,
+            uid(r#"Tether::Action::"connect""#)?,
+            uid(r#"Tether::Service::"target""#)?,
+            ctx,
+            None,
+        )
+        .map_err(|e| PolicyError::Eval(e.to_string()))?;
         let resp = Authorizer::new().is_authorized(&req, &self.set, &Entities::empty());
         let errors: Vec<String> = resp.diagnostics().errors().map(|e| e.to_string()).collect();
         if !errors.is_empty() {
@@ -97,7 +111,11 @@ mod tests {
 
     #[test]
     fn time_window() {
-        let c = Condition::parse("office-hours", "context.time.hour >= 8 && context.time.hour < 18").unwrap();
+        let c = Condition::parse(
+            "office-hours",
+            "context.time.hour >= 8 && context.time.hour < 18",
+        )
+        .unwrap();
         // 2026-11-23 10:00 UTC and 20:00 UTC.
         let ten = 1_795_428_000;
         assert_eq!(time_context(ten)["hour"], 10);
@@ -108,17 +126,33 @@ mod tests {
 
     #[test]
     fn process_attributes_and_fail_closed() {
-        let c = Condition::parse("p", r#"context.process.user == "alice" && context.node == "n1""#).unwrap();
+        let c = Condition::parse(
+            "p",
+            r#"context.process.user == "alice" && context.node == "n1""#,
+        )
+        .unwrap();
         assert!(c.holds(&ctx(0)).unwrap());
         let c = Condition::parse("p", "context.process.nonexistent == 1").unwrap();
-        assert!(c.holds(&ctx(0)).is_err(), "missing attribute must not allow");
+        assert!(
+            c.holds(&ctx(0)).is_err(),
+            "missing attribute must not allow"
+        );
     }
 
     #[test]
     fn rejects_bad_and_smuggled_conditions() {
-        assert!(matches!(Condition::parse("p", "context.time.hour >="), Err(PolicyError::Parse(_))));
+        assert!(matches!(
+            Condition::parse("p", "context.time.hour >="),
+            Err(PolicyError::Parse(_))
+        ));
         let smuggle = "true }; permit(principal, action, resource) when { true";
-        assert!(Condition::parse("p", smuggle).is_err(), "a second policy was accepted");
-        assert!(matches!(Condition::parse("p", &"x".repeat(MAX_CONDITION_LEN + 1)), Err(PolicyError::TooLong { .. })));
+        assert!(
+            Condition::parse("p", smuggle).is_err(),
+            "a second policy was accepted"
+        );
+        assert!(matches!(
+            Condition::parse("p", &"x".repeat(MAX_CONDITION_LEN + 1)),
+            Err(PolicyError::TooLong { .. })
+        ));
     }
 }

@@ -21,7 +21,10 @@ pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
         if !meta.file_type().is_socket() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket; refusing to replace it", path.display()),
+                format!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                ),
             ));
         }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -42,10 +45,16 @@ pub fn channel(path: &Path) -> Channel {
     let path: PathBuf = path.to_path_buf();
     // The URI is required by the API but unused: every connection goes to
     // `path`.
-    Endpoint::from_static("http://[::1]:50051").connect_with_connector_lazy(tower::service_fn(move |_| {
-        let path = path.clone();
-        async move { Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(UnixStream::connect(path).await?)) }
-    }))
+    Endpoint::from_static("http://[::1]:50051").connect_with_connector_lazy(tower::service_fn(
+        move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(
+                    UnixStream::connect(path).await?,
+                ))
+            }
+        },
+    ))
 }
 
 /// The effective uid of this process.
@@ -93,7 +102,10 @@ impl<S: tokio::io::AsyncWrite + Unpin, I: Unpin> tokio::io::AsyncWrite for Tagge
     ) -> std::task::Poll<io::Result<usize>> {
         std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
     }
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(

@@ -10,7 +10,10 @@ fn generate(out: &Path) {
         .build_client(true)
         .build_server(true)
         .out_dir(out)
-        .compile_protos(&[dir.join("workload.proto"), dir.join("tether.proto")], &[dir])
+        .compile_protos(
+            &[dir.join("workload.proto"), dir.join("tether.proto")],
+            &[dir],
+        )
         .expect("protoc must be installed (Debian: protobuf-compiler); `make test` installs it");
 }
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use tether_manifest::Resource;
 use tether_proto::tether::admin_server::Admin;
 use tether_proto::tether::{
-    ApplyRequest, ApplyResponse, CreateJoinTokenRequest, CreateJoinTokenResponse, DeleteRequest, DeleteResponse, GetRequest,
-    GetResponse, RotateCaRequest, RotateCaResponse,
+    ApplyRequest, ApplyResponse, CreateJoinTokenRequest, CreateJoinTokenResponse, DeleteRequest,
+    DeleteResponse, GetRequest, GetResponse, RotateCaRequest, RotateCaResponse,
 };
 use tether_store::{Change, ChangeOutcome};
 use tonic::{Request, Response, Status};
@@ -21,7 +21,9 @@ pub struct AdminApi {
 /// "workloadidentities", "wi").
 fn canonical_kind(kind: &str) -> Option<&'static str> {
     match kind.to_ascii_lowercase().as_str() {
-        "workloadidentity" | "workloadidentities" | "wi" | "identity" | "identities" => Some("WorkloadIdentity"),
+        "workloadidentity" | "workloadidentities" | "wi" | "identity" | "identities" => {
+            Some("WorkloadIdentity")
+        }
         "service" | "services" | "svc" => Some("Service"),
         "accesspolicy" | "accesspolicies" | "policy" | "policies" | "ap" => Some("AccessPolicy"),
         "node" | "nodes" => Some("Node"),
@@ -36,12 +38,21 @@ const KNOWN: &str = "WorkloadIdentity (wi), Service (svc), AccessPolicy (ap), No
 impl Admin for AdminApi {
     async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
         let r = req.into_inner();
-        let source = if r.source.is_empty() { "<stdin>".to_string() } else { r.source };
-        let resources = tether_manifest::parse(&source, &r.manifest).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let source = if r.source.is_empty() {
+            "<stdin>".to_string()
+        } else {
+            r.source
+        };
+        let resources = tether_manifest::parse(&source, &r.manifest)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         // Identities outside this server's trust domain could never be issued.
         for (i, res) in resources.iter().enumerate() {
-            let Resource::WorkloadIdentity { name, spec } = res else { continue };
-            let id = spec.spiffe_id().map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let Resource::WorkloadIdentity { name, spec } = res else {
+                continue;
+            };
+            let id = spec
+                .spiffe_id()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
             if id.trust_domain() != &self.state.td {
                 return Err(Status::invalid_argument(format!(
                     "{source}: resource {} (WorkloadIdentity {name:?}): spec.spiffeId: {id} is not in this server's trust domain {}",
@@ -52,9 +63,17 @@ impl Admin for AdminApi {
         }
         let changes: Vec<Change> = resources
             .iter()
-            .map(|r| Change::Upsert { kind: r.kind().to_string(), name: r.name().to_string(), spec: r.spec_json() })
+            .map(|r| Change::Upsert {
+                kind: r.kind().to_string(),
+                name: r.name().to_string(),
+                spec: r.spec_json(),
+            })
             .collect();
-        let outcomes = self.state.store.apply(&changes, self.state.now()).map_err(ServerError::from)?;
+        let outcomes = self
+            .state
+            .store
+            .apply(&changes, self.state.now())
+            .map_err(ServerError::from)?;
         let mut lines = Vec::new();
         for (r, o) in resources.iter().zip(&outcomes) {
             let word = match o {
@@ -64,7 +83,10 @@ impl Admin for AdminApi {
             };
             lines.push(format!("{}/{} {word}", r.kind(), r.name()));
         }
-        if outcomes.iter().any(|o| matches!(o, ChangeOutcome::Created | ChangeOutcome::Configured)) {
+        if outcomes
+            .iter()
+            .any(|o| matches!(o, ChangeOutcome::Created | ChangeOutcome::Configured))
+        {
             self.state.notify();
         }
         tracing::info!(%source, changes = ?lines, "apply");
@@ -73,11 +95,15 @@ impl Admin for AdminApi {
 
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let r = req.into_inner();
-        let kind = canonical_kind(&r.kind)
-            .ok_or_else(|| Status::invalid_argument(format!("unknown kind {:?}; known: {KNOWN}", r.kind)))?;
+        let kind = canonical_kind(&r.kind).ok_or_else(|| {
+            Status::invalid_argument(format!("unknown kind {:?}; known: {KNOWN}", r.kind))
+        })?;
         let st = &self.state;
         let text = match kind {
-            "Bundle" => st.current_bundle().to_json().map_err(|e| Status::internal(e.to_string()))?,
+            "Bundle" => st
+                .current_bundle()
+                .to_json()
+                .map_err(|e| Status::internal(e.to_string()))?,
             "Node" => {
                 let nodes: Vec<_> = st
                     .store
@@ -105,7 +131,9 @@ impl Admin for AdminApi {
                         .get(kind, &r.name)
                         .map_err(ServerError::from)?
                         .map(|x| vec![x])
-                        .ok_or_else(|| Status::not_found(format!("{kind} {:?} not found", r.name)))?
+                        .ok_or_else(|| {
+                            Status::not_found(format!("{kind} {:?} not found", r.name))
+                        })?
                 };
                 rows.iter()
                     .filter_map(|row| Resource::from_stored(&row.kind, &row.name, &row.spec))
@@ -117,21 +145,35 @@ impl Admin for AdminApi {
         Ok(Response::new(GetResponse { text }))
     }
 
-    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
         let r = req.into_inner();
-        let kind = canonical_kind(&r.kind)
-            .ok_or_else(|| Status::invalid_argument(format!("unknown kind {:?}; known: {KNOWN}", r.kind)))?;
+        let kind = canonical_kind(&r.kind).ok_or_else(|| {
+            Status::invalid_argument(format!("unknown kind {:?}; known: {KNOWN}", r.kind))
+        })?;
         if r.name.is_empty() {
             return Err(Status::invalid_argument("name: required"));
         }
         let existed = match kind {
-            "Node" => self.state.store.delete_node(&r.name).map_err(ServerError::from)?,
+            "Node" => self
+                .state
+                .store
+                .delete_node(&r.name)
+                .map_err(ServerError::from)?,
             "Bundle" => return Err(Status::invalid_argument("the bundle cannot be deleted")),
             _ => {
                 let o = self
                     .state
                     .store
-                    .apply(&[Change::Delete { kind: kind.to_string(), name: r.name.clone() }], self.state.now())
+                    .apply(
+                        &[Change::Delete {
+                            kind: kind.to_string(),
+                            name: r.name.clone(),
+                        }],
+                        self.state.now(),
+                    )
                     .map_err(ServerError::from)?;
                 o.first() == Some(&ChangeOutcome::Deleted)
             }
@@ -153,10 +195,15 @@ impl Admin for AdminApi {
         Ok(Response::new(CreateJoinTokenResponse { token, expires_at }))
     }
 
-    async fn rotate_ca(&self, req: Request<RotateCaRequest>) -> Result<Response<RotateCaResponse>, Status> {
+    async fn rotate_ca(
+        &self,
+        req: Request<RotateCaRequest>,
+    ) -> Result<Response<RotateCaResponse>, Status> {
         let step = req.into_inner().step;
         if step != "prepare" && step != "activate" {
-            return Err(Status::invalid_argument(format!("step {step:?}: use \"prepare\" or \"activate\"")));
+            return Err(Status::invalid_argument(format!(
+                "step {step:?}: use \"prepare\" or \"activate\""
+            )));
         }
         self.state.reconcile_keys(Some(&step))?;
         let b = self.state.current_bundle();

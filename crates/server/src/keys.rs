@@ -8,7 +8,6 @@
 //! signed keeps validating. Automatic rotation prepares at half the active
 //! key's lifetime and activates at five sixths.
 
-
 use tether_ca::{CaMaterial, PrivateKey, Signer, Upstream};
 use tether_spiffe::jwt::JwtKey;
 use tether_spiffe::{Bundle, SpiffeId, TrustDomain};
@@ -46,7 +45,13 @@ impl KeyManager {
         })
     }
 
-    fn insert_ca(&self, store: &Store, m: &CaMaterial, state: KeyState, now: i64) -> Result<i64, ServerError> {
+    fn insert_ca(
+        &self,
+        store: &Store,
+        m: &CaMaterial,
+        state: KeyState,
+        now: i64,
+    ) -> Result<i64, ServerError> {
         Ok(store.insert_ca(&CaRow {
             id: 0,
             cert_der: m.cert_der.clone(),
@@ -61,7 +66,8 @@ impl KeyManager {
 
     fn insert_jwt(&self, store: &Store, state: KeyState, now: i64) -> Result<(), ServerError> {
         let kid = hex::encode(rand::random::<[u8; 16]>());
-        let key = JwtKey::generate(&kid).map_err(|e| ServerError::Internal(format!("JWT key: {e}")))?;
+        let key =
+            JwtKey::generate(&kid).map_err(|e| ServerError::Internal(format!("JWT key: {e}")))?;
         store.insert_jwt_key(&JwtKeyRow {
             kid,
             key_pkcs8: key.pkcs8_der().to_vec(),
@@ -76,11 +82,20 @@ impl KeyManager {
     /// `force`d by an operator), prunes expired keys and returns the active
     /// keys with a freshly built bundle. `changed` tells whether the bundle
     /// content changed (so its sequence number was bumped).
-    pub fn reconcile(&self, store: &Store, now: i64, force: Option<&str>) -> Result<(ActiveKeys, bool), ServerError> {
+    pub fn reconcile(
+        &self,
+        store: &Store,
+        now: i64,
+        force: Option<&str>,
+    ) -> Result<(ActiveKeys, bool), ServerError> {
         let before = self.bundle_keys(store, now)?;
         let cas = store.cas()?;
-        let active = cas.iter().find(|c| c.state == KeyState::Active && c.not_after > now);
-        let prepared = cas.iter().find(|c| c.state == KeyState::Prepared && c.not_after > now);
+        let active = cas
+            .iter()
+            .find(|c| c.state == KeyState::Active && c.not_after > now);
+        let prepared = cas
+            .iter()
+            .find(|c| c.state == KeyState::Prepared && c.not_after > now);
         match (active, prepared) {
             (None, Some(p)) => store.activate_ca(p.id)?,
             (None, None) => {
@@ -89,38 +104,53 @@ impl KeyManager {
                 store.activate_ca(id)?;
             }
             (Some(a), None) => {
-                if force == Some("prepare") || lifetime_fraction_passed(a.created_at, a.not_after, now, 1, 2) {
+                if force == Some("prepare")
+                    || lifetime_fraction_passed(a.created_at, a.not_after, now, 1, 2)
+                {
                     let m = self.new_ca(now)?;
                     self.insert_ca(store, &m, KeyState::Prepared, now)?;
                 } else if force == Some("activate") {
-                    return Err(ServerError::InvalidArgument("no prepared CA to activate; run `rotate prepare` first".into()));
+                    return Err(ServerError::InvalidArgument(
+                        "no prepared CA to activate; run `rotate prepare` first".into(),
+                    ));
                 }
             }
             (Some(a), Some(p)) => {
-                if force == Some("activate") || lifetime_fraction_passed(a.created_at, a.not_after, now, 5, 6) {
+                if force == Some("activate")
+                    || lifetime_fraction_passed(a.created_at, a.not_after, now, 5, 6)
+                {
                     store.activate_ca(p.id)?;
                 } else if force == Some("prepare") {
                     return Err(ServerError::InvalidArgument(
-                        "a prepared CA is already published; activate it with `rotate activate`".into(),
+                        "a prepared CA is already published; activate it with `rotate activate`"
+                            .into(),
                     ));
                 }
             }
         }
         let jwts = store.jwt_keys()?;
-        let active = jwts.iter().find(|k| k.state == KeyState::Active && k.not_after > now);
-        let prepared = jwts.iter().find(|k| k.state == KeyState::Prepared && k.not_after > now);
+        let active = jwts
+            .iter()
+            .find(|k| k.state == KeyState::Active && k.not_after > now);
+        let prepared = jwts
+            .iter()
+            .find(|k| k.state == KeyState::Prepared && k.not_after > now);
         match (active, prepared) {
             (None, Some(p)) => store.activate_jwt_key(&p.kid)?,
             (None, None) => {
                 self.insert_jwt(store, KeyState::Active, now)?;
             }
             (Some(a), None) => {
-                if force == Some("prepare") || lifetime_fraction_passed(a.created_at, a.not_after, now, 1, 2) {
+                if force == Some("prepare")
+                    || lifetime_fraction_passed(a.created_at, a.not_after, now, 1, 2)
+                {
                     self.insert_jwt(store, KeyState::Prepared, now)?;
                 }
             }
             (Some(a), Some(p)) => {
-                if force == Some("activate") || lifetime_fraction_passed(a.created_at, a.not_after, now, 5, 6) {
+                if force == Some("activate")
+                    || lifetime_fraction_passed(a.created_at, a.not_after, now, 5, 6)
+                {
                     store.activate_jwt_key(&p.kid)?;
                 }
             }
@@ -129,7 +159,11 @@ impl KeyManager {
 
         let after = self.bundle_keys(store, now)?;
         let changed = after != before;
-        let sequence = if changed { store.bump_counter("bundle_sequence")? } else { store.counter("bundle_sequence")? };
+        let sequence = if changed {
+            store.bump_counter("bundle_sequence")?
+        } else {
+            store.counter("bundle_sequence")?
+        };
         let (x509, jwt_auth) = after;
         let mut bundle = Bundle::new(self.td.clone());
         bundle.x509_authorities = x509;
@@ -154,8 +188,17 @@ impl KeyManager {
             .iter()
             .find(|k| k.state == KeyState::Active)
             .ok_or_else(|| ServerError::Internal("no active JWT key after reconcile".into()))?;
-        let jwt = JwtKey::from_pkcs8(&jk.kid, &jk.key_pkcs8).map_err(|e| ServerError::Internal(format!("JWT key: {e}")))?;
-        Ok((ActiveKeys { signer, signer_id: ca.id, jwt, bundle }, changed))
+        let jwt = JwtKey::from_pkcs8(&jk.kid, &jk.key_pkcs8)
+            .map_err(|e| ServerError::Internal(format!("JWT key: {e}")))?;
+        Ok((
+            ActiveKeys {
+                signer,
+                signer_id: ca.id,
+                jwt,
+                bundle,
+            },
+            changed,
+        ))
     }
 
     /// Everything that goes into the bundle, in a stable order: the anchors
@@ -177,7 +220,8 @@ impl KeyManager {
         }
         let mut jwt = Vec::new();
         for k in store.jwt_keys()?.iter().filter(|k| k.not_after > now) {
-            let key = JwtKey::from_pkcs8(&k.kid, &k.key_pkcs8).map_err(|e| ServerError::Internal(format!("JWT key: {e}")))?;
+            let key = JwtKey::from_pkcs8(&k.kid, &k.key_pkcs8)
+                .map_err(|e| ServerError::Internal(format!("JWT key: {e}")))?;
             jwt.push(key.authority());
         }
         Ok((anchors, jwt))
@@ -186,7 +230,11 @@ impl KeyManager {
 
 /// Issues the server's own X.509-SVID (spiffe://TD/tether/server), which
 /// agents pin by ID when they connect.
-pub fn issue_server_svid(keys: &ActiveKeys, td: &TrustDomain, now: i64) -> Result<(Vec<Vec<u8>>, PrivateKey, i64), ServerError> {
+pub fn issue_server_svid(
+    keys: &ActiveKeys,
+    td: &TrustDomain,
+    now: i64,
+) -> Result<(Vec<Vec<u8>>, PrivateKey, i64), ServerError> {
     let id = server_id(td)?;
     let key = PrivateKey::generate()?;
     let csr = tether_ca::build_csr(&key, &id)?;
@@ -197,4 +245,3 @@ pub fn issue_server_svid(keys: &ActiveKeys, td: &TrustDomain, now: i64) -> Resul
 pub fn server_id(td: &TrustDomain) -> Result<SpiffeId, ServerError> {
     SpiffeId::new(td, "/tether/server").map_err(|e| ServerError::Internal(e.to_string()))
 }
-

@@ -47,8 +47,12 @@ impl From<ServerError> for tonic::Status {
             ServerError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             ServerError::PermissionDenied(m) => tonic::Status::permission_denied(m),
             ServerError::NotFound(m) => tonic::Status::not_found(m),
-            ServerError::Ca(tether_ca::CaError::MalformedCsr(m)) => tonic::Status::invalid_argument(format!("malformed CSR: {m}")),
-            ServerError::Ca(tether_ca::CaError::CsrRejected(m)) => tonic::Status::invalid_argument(format!("CSR rejected: {m}")),
+            ServerError::Ca(tether_ca::CaError::MalformedCsr(m)) => {
+                tonic::Status::invalid_argument(format!("malformed CSR: {m}"))
+            }
+            ServerError::Ca(tether_ca::CaError::CsrRejected(m)) => {
+                tonic::Status::invalid_argument(format!("CSR rejected: {m}"))
+            }
             other => {
                 tracing::error!(error = %other, "internal error");
                 tonic::Status::internal(other.to_string())
@@ -126,7 +130,10 @@ impl State {
     }
 
     pub fn current_bundle(&self) -> Bundle {
-        self.bundle.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.bundle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn notify(&self) {
@@ -141,12 +148,18 @@ impl State {
         let signer_changed = self.keys().signer_id != keys.signer_id;
         *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = keys.bundle.clone();
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
-        let (issued, expiry) = *self.server_cert_expiry.read().unwrap_or_else(|p| p.into_inner());
+        let (issued, expiry) = *self
+            .server_cert_expiry
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         if signer_changed || now >= issued + (expiry - issued) / 2 {
             self.renew_server_svid(now)?;
         }
         if changed {
-            tracing::info!(sequence = self.current_bundle().sequence, "trust bundle changed");
+            tracing::info!(
+                sequence = self.current_bundle().sequence,
+                "trust bundle changed"
+            );
             self.notify();
         }
         Ok(())
@@ -154,33 +167,49 @@ impl State {
 
     fn renew_server_svid(&self, now: i64) -> Result<(), ServerError> {
         let (chain, key, not_after) = keys::issue_server_svid(&self.keys(), &self.td, now)?;
-        let ck = tether_tls::certified_key(&chain, key.pkcs8_der()).map_err(|e| ServerError::Internal(e.to_string()))?;
+        let ck = tether_tls::certified_key(&chain, key.pkcs8_der())
+            .map_err(|e| ServerError::Internal(e.to_string()))?;
         self.server_cert.set(ck);
-        *self.server_cert_expiry.write().unwrap_or_else(|p| p.into_inner()) = (now, not_after);
+        *self
+            .server_cert_expiry
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = (now, not_after);
         Ok(())
     }
 
     /// Creates a join token; only its hash is stored.
-    pub fn create_join_token(&self, ttl_secs: i64, node_name: Option<&str>) -> Result<(String, i64), ServerError> {
+    pub fn create_join_token(
+        &self,
+        ttl_secs: i64,
+        node_name: Option<&str>,
+    ) -> Result<(String, i64), ServerError> {
         if !(1..=30 * 86400).contains(&ttl_secs) {
-            return Err(ServerError::InvalidArgument(format!("join token TTL {ttl_secs}s out of range (1s to 30d)")));
+            return Err(ServerError::InvalidArgument(format!(
+                "join token TTL {ttl_secs}s out of range (1s to 30d)"
+            )));
         }
         if let Some(n) = node_name {
-            tether_manifest::validate_name(n).map_err(|m| ServerError::InvalidArgument(format!("node name: {m}")))?;
+            tether_manifest::validate_name(n)
+                .map_err(|m| ServerError::InvalidArgument(format!("node name: {m}")))?;
         }
         let token = hex::encode(rand::random::<[u8; 24]>());
         let now = self.now();
-        self.store.create_join_token(&token_hash(&token), now, now + ttl_secs, node_name)?;
+        self.store
+            .create_join_token(&token_hash(&token), now, now + ttl_secs, node_name)?;
         Ok((token, now + ttl_secs))
     }
 
     pub fn node_id(&self, name: &str) -> Result<SpiffeId, ServerError> {
-        SpiffeId::new(&self.td, &format!("/tether/node/{name}")).map_err(|e| ServerError::InvalidArgument(e.to_string()))
+        SpiffeId::new(&self.td, &format!("/tether/node/{name}"))
+            .map_err(|e| ServerError::InvalidArgument(e.to_string()))
     }
 }
 
 pub(crate) fn token_hash(token: &str) -> String {
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()))
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        token.as_bytes(),
+    ))
 }
 
 /// A started server: its bound address and tasks.
@@ -208,23 +237,33 @@ impl Drop for RunningServer {
 /// serving. Returns once the listeners are bound.
 pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     use anyhow::Context as _;
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     restrict_dir(&cfg.data_dir);
     let db = cfg.data_dir.join("server.db");
     let store = Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
     let upstream = match &cfg.upstream {
         Some((cert, key)) => {
-            let c = std::fs::read_to_string(cert).with_context(|| format!("reading upstream CA certificate {}", cert.display()))?;
-            let k = std::fs::read_to_string(key).with_context(|| format!("reading upstream CA key {}", key.display()))?;
+            let c = std::fs::read_to_string(cert)
+                .with_context(|| format!("reading upstream CA certificate {}", cert.display()))?;
+            let k = std::fs::read_to_string(key)
+                .with_context(|| format!("reading upstream CA key {}", key.display()))?;
             Some(Upstream::from_pem(&c, &k).context("upstream CA")?)
         }
         None => None,
     };
-    let km = KeyManager { td: cfg.trust_domain.clone(), ttl_secs: cfg.ca_ttl_secs, upstream };
+    let km = KeyManager {
+        td: cfg.trust_domain.clone(),
+        ttl_secs: cfg.ca_ttl_secs,
+        upstream,
+    };
     let now = (cfg.clock)();
-    let (keys, _) = km.reconcile(&store, now, None).context("initialising CA and JWT keys")?;
+    let (keys, _) = km
+        .reconcile(&store, now, None)
+        .context("initialising CA and JWT keys")?;
     let (chain, key, not_after) = keys::issue_server_svid(&keys, &cfg.trust_domain, now)?;
-    let ck = tether_tls::certified_key(&chain, key.pkcs8_der()).map_err(|e| anyhow::anyhow!("server SVID: {e}"))?;
+    let ck = tether_tls::certified_key(&chain, key.pkcs8_der())
+        .map_err(|e| anyhow::anyhow!("server SVID: {e}"))?;
     let (updates, _) = watch::channel(0u64);
     let state = Arc::new(State {
         td: cfg.trust_domain.clone(),
@@ -240,7 +279,8 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     });
 
     let mut tasks = Vec::new();
-    let (node_addr, t) = listen::serve_node_api(state.clone(), cfg.listen, state.server_cert.clone()).await?;
+    let (node_addr, t) =
+        listen::serve_node_api(state.clone(), cfg.listen, state.server_cert.clone()).await?;
     tasks.push(t);
     tasks.push(listen::serve_admin_api(state.clone(), &cfg.admin_socket)?);
     let st = state.clone();
@@ -256,7 +296,11 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         }
     }));
     tracing::info!(trust_domain = %cfg.trust_domain, node_api = %node_addr, admin = %cfg.admin_socket.display(), "server started");
-    Ok(RunningServer { state, node_addr, tasks })
+    Ok(RunningServer {
+        state,
+        node_addr,
+        tasks,
+    })
 }
 
 fn restrict_dir(p: &std::path::Path) {

@@ -39,12 +39,16 @@ pub async fn serve_node_api(
     addr: SocketAddr,
     cert: Arc<SwappableCert>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding node API on {addr}: {e}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding node API on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
     let td = state.td.clone();
     let verifier = tether_tls::SpiffeClientVerifier::new(
         state.bundle.clone(),
-        Arc::new(move |id: &SpiffeId| id.trust_domain() == &td && id.path().starts_with("/tether/node/")),
+        Arc::new(move |id: &SpiffeId| {
+            id.trust_domain() == &td && id.path().starts_with("/tether/node/")
+        }),
         true,
     );
     let config = Arc::new(tether_tls::server_config(cert, verifier, &[b"h2"])?);
@@ -62,7 +66,9 @@ pub async fn serve_node_api(
                     continue;
                 }
             };
-            let Ok(permit) = limit.clone().acquire_owned().await else { return };
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -71,9 +77,19 @@ pub async fn serve_node_api(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let id = tether_tls::peer_id(tls.get_ref().1.peer_certificates());
-                        let _ = tx.send(Ok(TlsConn::new(tls, NodePeer { addr: peer_addr, id }))).await;
+                        let _ = tx
+                            .send(Ok(TlsConn::new(
+                                tls,
+                                NodePeer {
+                                    addr: peer_addr,
+                                    id,
+                                },
+                            )))
+                            .await;
                     }
-                    Ok(Err(e)) => tracing::info!(peer = %peer_addr, error = %e, "node API TLS handshake failed"),
+                    Ok(Err(e)) => {
+                        tracing::info!(peer = %peer_addr, error = %e, "node API TLS handshake failed")
+                    }
                     Err(_) => tracing::info!(peer = %peer_addr, "node API TLS handshake timed out"),
                 }
             });
@@ -97,15 +113,21 @@ pub async fn serve_node_api(
 /// The admin socket accepts only root (and the server's own user): socket
 /// permissions are the first gate, the peer's credentials the second.
 pub fn serve_admin_api(state: Arc<State>, path: &Path) -> anyhow::Result<JoinHandle<()>> {
-    let listener =
-        tether_proto::uds::bind(path, 0o600).map_err(|e| anyhow::anyhow!("binding admin socket {}: {e}", path.display()))?;
+    let listener = tether_proto::uds::bind(path, 0o600)
+        .map_err(|e| anyhow::anyhow!("binding admin socket {}: {e}", path.display()))?;
     let me = tether_proto::uds::euid();
     let incoming = async_stream_of(listener, move |s: &tokio::net::UnixStream| {
-        s.peer_cred().map(|c| c.uid() == 0 || c.uid() == me).unwrap_or(false)
+        s.peer_cred()
+            .map(|c| c.uid() == 0 || c.uid() == me)
+            .unwrap_or(false)
     });
     let svc = AdminServer::new(AdminApi { state });
     Ok(tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(incoming)
+            .await
+        {
             tracing::error!(error = %e, "admin API stopped");
         }
     }))

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use tether_manifest::{Resource, WorkloadIdentitySpec};
 use tether_proto::tether::node_server::Node;
 use tether_proto::tether::{
-    AttestRequest, Identity, MintJwtSvidRequest, MintJwtSvidResponse, NodeState, NodeSvid, RenewNodeRequest, SelectorSet,
-    SignX509SvidsRequest, SignX509SvidsResponse, SignedSvid, StoredResource, WatchRequest,
+    AttestRequest, Identity, MintJwtSvidRequest, MintJwtSvidResponse, NodeState, NodeSvid,
+    RenewNodeRequest, SelectorSet, SignX509SvidsRequest, SignX509SvidsResponse, SignedSvid,
+    StoredResource, WatchRequest,
 };
 use tether_spiffe::SpiffeId;
 use tether_store::NodeRow;
@@ -26,10 +27,14 @@ pub struct NodeApi {
 }
 
 /// Identities (name, spec) that apply to `node`.
-pub fn identities_for_node(state: &State, node: &str) -> Result<Vec<(String, WorkloadIdentitySpec)>, ServerError> {
+pub fn identities_for_node(
+    state: &State,
+    node: &str,
+) -> Result<Vec<(String, WorkloadIdentitySpec)>, ServerError> {
     let mut out = Vec::new();
     for row in state.store.list("WorkloadIdentity")? {
-        if let Some(Resource::WorkloadIdentity { name, spec }) = Resource::from_stored(&row.kind, &row.name, &row.spec)
+        if let Some(Resource::WorkloadIdentity { name, spec }) =
+            Resource::from_stored(&row.kind, &row.name, &row.spec)
             && spec.applies_to_node(node)
         {
             out.push((name, spec));
@@ -46,10 +51,9 @@ impl NodeApi {
             .extensions()
             .get::<NodePeer>()
             .ok_or_else(|| Status::unauthenticated("no connection information"))?;
-        let id = peer
-            .id
-            .as_ref()
-            .ok_or_else(|| Status::unauthenticated("this call needs a node SVID; attest with a join token first"))?;
+        let id = peer.id.as_ref().ok_or_else(|| {
+            Status::unauthenticated("this call needs a node SVID; attest with a join token first")
+        })?;
         let name = id
             .path()
             .strip_prefix("/tether/node/")
@@ -57,11 +61,18 @@ impl NodeApi {
             .to_string();
         match self.state.store.node(&name).map_err(ServerError::from)? {
             Some(_) => Ok(name),
-            None => Err(Status::permission_denied(format!("node {name:?} is not registered (evicted?)"))),
+            None => Err(Status::permission_denied(format!(
+                "node {name:?} is not registered (evicted?)"
+            ))),
         }
     }
 
-    fn sign_node_svid(&self, name: &str, csr: &[u8], attested_at: Option<i64>) -> Result<NodeSvid, Status> {
+    fn sign_node_svid(
+        &self,
+        name: &str,
+        csr: &[u8],
+        attested_at: Option<i64>,
+    ) -> Result<NodeSvid, Status> {
         let st = &self.state;
         let now = st.now();
         let id = st.node_id(name)?;
@@ -85,7 +96,10 @@ impl NodeApi {
             spiffe_id: id.to_string(),
             node_name: name.to_string(),
             chain: cert.chain,
-            bundle_json: st.current_bundle().to_json().map_err(|e| Status::internal(e.to_string()))?,
+            bundle_json: st
+                .current_bundle()
+                .to_json()
+                .map_err(|e| Status::internal(e.to_string()))?,
             expires_at: cert.not_after,
         })
     }
@@ -109,7 +123,11 @@ fn to_proto(name: String, s: WorkloadIdentitySpec) -> Identity {
     Identity {
         name,
         spiffe_id: s.spiffe_id,
-        selector_sets: s.selectors.into_iter().map(|selectors| SelectorSet { selectors }).collect(),
+        selector_sets: s
+            .selectors
+            .into_iter()
+            .map(|selectors| SelectorSet { selectors })
+            .collect(),
         x509_ttl_secs: s.x509_ttl_secs,
         jwt_ttl_secs: s.jwt_ttl_secs,
         dns_names: s.dns_names,
@@ -120,9 +138,14 @@ fn to_proto(name: String, s: WorkloadIdentitySpec) -> Identity {
 #[tonic::async_trait]
 impl Node for NodeApi {
     async fn attest(&self, req: Request<AttestRequest>) -> Result<Response<NodeSvid>, Status> {
-        let peer = req.extensions().get::<NodePeer>().map(|p| p.addr.to_string()).unwrap_or_default();
+        let peer = req
+            .extensions()
+            .get::<NodePeer>()
+            .map(|p| p.addr.to_string())
+            .unwrap_or_default();
         let r = req.into_inner();
-        tether_manifest::validate_name(&r.node_name).map_err(|m| Status::invalid_argument(format!("node_name: {m}")))?;
+        tether_manifest::validate_name(&r.node_name)
+            .map_err(|m| Status::invalid_argument(format!("node_name: {m}")))?;
         if r.join_token.is_empty() || r.join_token.len() > 256 {
             return Err(Status::invalid_argument("join_token: missing or too long"));
         }
@@ -130,42 +153,74 @@ impl Node for NodeApi {
         // cost the operator a token.
         tether_ca::parse_csr(&r.csr).map_err(ServerError::from)?;
         let now = self.state.now();
-        if let Err(why) = self.state.store.consume_join_token(&token_hash(&r.join_token), &r.node_name, now).map_err(ServerError::from)? {
+        if let Err(why) = self
+            .state
+            .store
+            .consume_join_token(&token_hash(&r.join_token), &r.node_name, now)
+            .map_err(ServerError::from)?
+        {
             tracing::warn!(node = %r.node_name, %peer, reason = why, "node attestation refused");
-            return Err(Status::permission_denied(format!("node attestation refused: {why}")));
+            return Err(Status::permission_denied(format!(
+                "node attestation refused: {why}"
+            )));
         }
         let svid = self.sign_node_svid(&r.node_name, &r.csr, Some(now))?;
         tracing::info!(node = %r.node_name, %peer, "node attested");
         Ok(Response::new(svid))
     }
 
-    async fn renew_node(&self, req: Request<RenewNodeRequest>) -> Result<Response<NodeSvid>, Status> {
+    async fn renew_node(
+        &self,
+        req: Request<RenewNodeRequest>,
+    ) -> Result<Response<NodeSvid>, Status> {
         let node = self.node(&req)?;
         let svid = self.sign_node_svid(&node, &req.into_inner().csr, None)?;
         tracing::info!(%node, "node SVID renewed");
         Ok(Response::new(svid))
     }
 
-    async fn sign_x509_svids(&self, req: Request<SignX509SvidsRequest>) -> Result<Response<SignX509SvidsResponse>, Status> {
+    async fn sign_x509_svids(
+        &self,
+        req: Request<SignX509SvidsRequest>,
+    ) -> Result<Response<SignX509SvidsResponse>, Status> {
         let node = self.node(&req)?;
         let r = req.into_inner();
         if r.csrs.len() > MAX_CSRS_PER_CALL {
-            return Err(Status::invalid_argument(format!("{} CSRs in one call; limit {MAX_CSRS_PER_CALL}", r.csrs.len())));
+            return Err(Status::invalid_argument(format!(
+                "{} CSRs in one call; limit {MAX_CSRS_PER_CALL}",
+                r.csrs.len()
+            )));
         }
         let keys = self.state.keys();
         let now = self.state.now();
         let mut out = Vec::with_capacity(r.csrs.len());
         for c in r.csrs {
             let result: Result<SignedSvid, Status> = (|| {
-                let id = SpiffeId::parse(&c.spiffe_id).map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
+                let id = SpiffeId::parse(&c.spiffe_id)
+                    .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
                 let specs = self.entitled(&node, &id)?;
                 let max_ttl = specs.iter().map(|s| s.x509_ttl_secs).min().unwrap_or(0);
-                let ttl = if c.ttl_secs > 0 { c.ttl_secs.min(max_ttl) } else { max_ttl };
-                let mut dns: Vec<String> = specs.iter().flat_map(|s| s.dns_names.iter().cloned()).collect();
+                let ttl = if c.ttl_secs > 0 {
+                    c.ttl_secs.min(max_ttl)
+                } else {
+                    max_ttl
+                };
+                let mut dns: Vec<String> = specs
+                    .iter()
+                    .flat_map(|s| s.dns_names.iter().cloned())
+                    .collect();
                 dns.sort();
                 dns.dedup();
-                let cert = keys.signer.sign_svid(&c.csr, &id, &dns, ttl, now).map_err(ServerError::from)?;
-                Ok(SignedSvid { spiffe_id: id.to_string(), chain: cert.chain, expires_at: cert.not_after, error: String::new() })
+                let cert = keys
+                    .signer
+                    .sign_svid(&c.csr, &id, &dns, ttl, now)
+                    .map_err(ServerError::from)?;
+                Ok(SignedSvid {
+                    spiffe_id: id.to_string(),
+                    chain: cert.chain,
+                    expires_at: cert.not_after,
+                    error: String::new(),
+                })
             })();
             out.push(result.unwrap_or_else(|status| {
                 tracing::warn!(%node, spiffe_id = %c.spiffe_id, error = %status.message(), "workload CSR refused");
@@ -175,27 +230,46 @@ impl Node for NodeApi {
         Ok(Response::new(SignX509SvidsResponse { svids: out }))
     }
 
-    async fn mint_jwt_svid(&self, req: Request<MintJwtSvidRequest>) -> Result<Response<MintJwtSvidResponse>, Status> {
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<MintJwtSvidRequest>,
+    ) -> Result<Response<MintJwtSvidResponse>, Status> {
         let node = self.node(&req)?;
         let r = req.into_inner();
-        let id = SpiffeId::parse(&r.spiffe_id).map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
+        let id = SpiffeId::parse(&r.spiffe_id)
+            .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
         if r.audience.is_empty() || r.audience.len() > MAX_AUDIENCES {
-            return Err(Status::invalid_argument(format!("audience: give 1 to {MAX_AUDIENCES} values")));
+            return Err(Status::invalid_argument(format!(
+                "audience: give 1 to {MAX_AUDIENCES} values"
+            )));
         }
-        if r.audience.iter().any(|a| a.is_empty() || a.len() > MAX_AUDIENCE_LEN) {
-            return Err(Status::invalid_argument(format!("audience: each value must be 1 to {MAX_AUDIENCE_LEN} bytes")));
+        if r.audience
+            .iter()
+            .any(|a| a.is_empty() || a.len() > MAX_AUDIENCE_LEN)
+        {
+            return Err(Status::invalid_argument(format!(
+                "audience: each value must be 1 to {MAX_AUDIENCE_LEN} bytes"
+            )));
         }
         let specs = self.entitled(&node, &id)?;
         let ttl = specs.iter().map(|s| s.jwt_ttl_secs).min().unwrap_or(300);
         let now = self.state.now();
-        let token = tether_spiffe::jwt::sign(&self.state.keys().jwt, &id, &r.audience, now, now + ttl)
-            .map_err(|e| Status::internal(format!("signing JWT-SVID: {e}")))?;
-        Ok(Response::new(MintJwtSvidResponse { token, expires_at: now + ttl }))
+        let token =
+            tether_spiffe::jwt::sign(&self.state.keys().jwt, &id, &r.audience, now, now + ttl)
+                .map_err(|e| Status::internal(format!("signing JWT-SVID: {e}")))?;
+        Ok(Response::new(MintJwtSvidResponse {
+            token,
+            expires_at: now + ttl,
+        }))
     }
 
-    type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<NodeState, Status>> + Send + 'static>>;
+    type WatchStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<NodeState, Status>> + Send + 'static>>;
 
-    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let node = self.node(&req)?;
         let state = self.state.clone();
         let mut updates = state.updates.subscribe();
@@ -204,17 +278,27 @@ impl Node for NodeApi {
             loop {
                 updates.mark_unchanged();
                 let snapshot = (|| -> Result<NodeState, Status> {
-                    let identities = identities_for_node(&state, &node)?.into_iter().map(|(n, s)| to_proto(n, s)).collect();
+                    let identities = identities_for_node(&state, &node)?
+                        .into_iter()
+                        .map(|(n, s)| to_proto(n, s))
+                        .collect();
                     let mut resources = Vec::new();
                     for kind in ["Service", "AccessPolicy"] {
                         for row in state.store.list(kind).map_err(ServerError::from)? {
-                            resources.push(StoredResource { kind: row.kind, name: row.name, spec_json: row.spec });
+                            resources.push(StoredResource {
+                                kind: row.kind,
+                                name: row.name,
+                                spec_json: row.spec,
+                            });
                         }
                     }
                     Ok(NodeState {
                         revision: state.store.revision().map_err(ServerError::from)?,
                         identities,
-                        bundle_json: state.current_bundle().to_json().map_err(|e| Status::internal(e.to_string()))?,
+                        bundle_json: state
+                            .current_bundle()
+                            .to_json()
+                            .map_err(|e| Status::internal(e.to_string()))?,
                         resources,
                     })
                 })();
@@ -226,6 +310,8 @@ impl Node for NodeApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

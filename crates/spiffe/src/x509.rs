@@ -341,8 +341,10 @@ pub fn split_certificates(mut der: &[u8]) -> Result<Vec<Vec<u8>>, SvidError> {
         if out.len() >= MAX_CHAIN_LEN {
             return Err(SvidError::ChainTooLong { len: out.len() + 1 });
         }
-        let (rest, _) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| SvidError::Parse { which: format!("certificate {}", out.len() + 1), problem: e.to_string() })?;
+        let (rest, _) = x509_parser::parse_x509_certificate(der).map_err(|e| SvidError::Parse {
+            which: format!("certificate {}", out.len() + 1),
+            problem: e.to_string(),
+        })?;
         out.push(der[..der.len() - rest.len()].to_vec());
         der = rest;
     }
@@ -351,5 +353,7 @@ pub fn split_certificates(mut der: &[u8]) -> Result<Vec<Vec<u8>>, SvidError> {
 
 /// The certificate's notAfter as Unix time, if it parses.
 pub fn not_after(der: &[u8]) -> Option<i64> {
-    x509_parser::parse_x509_certificate(der).ok().map(|(_, c)| c.validity().not_after.timestamp())
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .map(|(_, c)| c.validity().not_after.timestamp())
 }

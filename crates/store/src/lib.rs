@@ -15,7 +15,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
-    #[error("database schema version {found} is newer than this binary understands ({known}); upgrade tether")]
+    #[error(
+        "database schema version {found} is newer than this binary understands ({known}); upgrade tether"
+    )]
     TooNew { found: i64, known: i64 },
     #[error("{0}")]
     Conflict(String),
@@ -83,8 +85,15 @@ pub struct ResourceRow {
 /// One change in an apply.
 #[derive(Debug, Clone)]
 pub enum Change {
-    Upsert { kind: String, name: String, spec: String },
-    Delete { kind: String, name: String },
+    Upsert {
+        kind: String,
+        name: String,
+        spec: String,
+    },
+    Delete {
+        kind: String,
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +168,10 @@ pub struct Store {
 }
 
 fn hexes(v: &[Vec<u8>]) -> String {
-    v.iter().map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<String>()).collect::<Vec<_>>().join(",")
+    v.iter()
+        .map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn unhexes(s: &str) -> Vec<Vec<u8>> {
@@ -180,7 +192,12 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         if !path.exists() {
             use std::os::unix::fs::OpenOptionsExt;
-            let _ = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(path);
+            let _ = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(path);
         }
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -195,19 +212,33 @@ impl Store {
     }
 
     fn init(mut conn: Connection) -> Result<Store> {
-        conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)",
+        )?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let current: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
+        let current: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )?;
         let known = MIGRATIONS.len() as i64;
         if current > known {
-            return Err(StoreError::TooNew { found: current, known });
+            return Err(StoreError::TooNew {
+                found: current,
+                known,
+            });
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
             tx.execute_batch(sql)?;
-            tx.execute("INSERT INTO schema_migrations (version) VALUES (?1)", params![i as i64 + 1])?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version) VALUES (?1)",
+                params![i as i64 + 1],
+            )?;
         }
         tx.commit()?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -217,12 +248,20 @@ impl Store {
     }
 
     pub fn schema_version(&self) -> Result<i64> {
-        Ok(self.conn().query_row("SELECT MAX(version) FROM schema_migrations", [], |r| r.get(0))?)
+        Ok(self
+            .conn()
+            .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
+                r.get(0)
+            })?)
     }
 
     /// The registry revision: bumped by every apply that changes something.
     pub fn revision(&self) -> Result<i64> {
-        Ok(self.conn().query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| r.get(0))?)
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| {
+                r.get(0)
+            })?)
     }
 
     /// Applies all changes in one transaction: either every change lands or
@@ -230,16 +269,20 @@ impl Store {
     pub fn apply(&self, changes: &[Change], now: i64) -> Result<Vec<ChangeOutcome>> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let rev: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| r.get(0))?;
+        let rev: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| {
+            r.get(0)
+        })?;
         let next = rev + 1;
         let mut outcomes = Vec::with_capacity(changes.len());
         for c in changes {
             let outcome = match c {
                 Change::Upsert { kind, name, spec } => {
                     let old: Option<String> = tx
-                        .query_row("SELECT spec FROM resources WHERE kind = ?1 AND name = ?2", params![kind, name], |r| {
-                            r.get(0)
-                        })
+                        .query_row(
+                            "SELECT spec FROM resources WHERE kind = ?1 AND name = ?2",
+                            params![kind, name],
+                            |r| r.get(0),
+                        )
                         .optional()?;
                     match old {
                         Some(o) if &o == spec => ChangeOutcome::Unchanged,
@@ -260,14 +303,27 @@ impl Store {
                     }
                 }
                 Change::Delete { kind, name } => {
-                    let n = tx.execute("DELETE FROM resources WHERE kind = ?1 AND name = ?2", params![kind, name])?;
-                    if n > 0 { ChangeOutcome::Deleted } else { ChangeOutcome::NotFound }
+                    let n = tx.execute(
+                        "DELETE FROM resources WHERE kind = ?1 AND name = ?2",
+                        params![kind, name],
+                    )?;
+                    if n > 0 {
+                        ChangeOutcome::Deleted
+                    } else {
+                        ChangeOutcome::NotFound
+                    }
                 }
             };
             outcomes.push(outcome);
         }
-        if outcomes.iter().any(|o| !matches!(o, ChangeOutcome::Unchanged | ChangeOutcome::NotFound)) {
-            tx.execute("UPDATE meta SET value = ?1 WHERE key = 'revision'", params![next])?;
+        if outcomes
+            .iter()
+            .any(|o| !matches!(o, ChangeOutcome::Unchanged | ChangeOutcome::NotFound))
+        {
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'revision'",
+                params![next],
+            )?;
         }
         tx.commit()?;
         Ok(outcomes)
@@ -275,10 +331,17 @@ impl Store {
 
     pub fn list(&self, kind: &str) -> Result<Vec<ResourceRow>> {
         let conn = self.conn();
-        let mut st = conn.prepare("SELECT kind, name, spec, revision FROM resources WHERE kind = ?1 ORDER BY name")?;
+        let mut st = conn.prepare(
+            "SELECT kind, name, spec, revision FROM resources WHERE kind = ?1 ORDER BY name",
+        )?;
         let rows = st
             .query_map(params![kind], |r| {
-                Ok(ResourceRow { kind: r.get(0)?, name: r.get(1)?, spec: r.get(2)?, revision: r.get(3)? })
+                Ok(ResourceRow {
+                    kind: r.get(0)?,
+                    name: r.get(1)?,
+                    spec: r.get(2)?,
+                    revision: r.get(3)?,
+                })
             })?
             .collect::<std::result::Result<Vec<_>, _>>()?;
         Ok(rows)
@@ -290,7 +353,14 @@ impl Store {
             .query_row(
                 "SELECT kind, name, spec, revision FROM resources WHERE kind = ?1 AND name = ?2",
                 params![kind, name],
-                |r| Ok(ResourceRow { kind: r.get(0)?, name: r.get(1)?, spec: r.get(2)?, revision: r.get(3)? }),
+                |r| {
+                    Ok(ResourceRow {
+                        kind: r.get(0)?,
+                        name: r.get(1)?,
+                        spec: r.get(2)?,
+                        revision: r.get(3)?,
+                    })
+                },
             )
             .optional()?)
     }
@@ -299,7 +369,13 @@ impl Store {
 
     /// Stores only the token's hash, so a database leak does not leak
     /// usable tokens.
-    pub fn create_join_token(&self, token_hash: &str, now: i64, expires_at: i64, bound_node: Option<&str>) -> Result<()> {
+    pub fn create_join_token(
+        &self,
+        token_hash: &str,
+        now: i64,
+        expires_at: i64,
+        bound_node: Option<&str>,
+    ) -> Result<()> {
         self.conn().execute(
             "INSERT INTO join_tokens (token_hash, created_at, expires_at, bound_node) VALUES (?1, ?2, ?3, ?4)",
             params![token_hash, now, expires_at, bound_node],
@@ -311,7 +387,9 @@ impl Store {
     pub fn counter(&self, key: &str) -> Result<i64> {
         Ok(self
             .conn()
-            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
             .optional()?
             .unwrap_or(0))
     }
@@ -324,18 +402,28 @@ impl Store {
             "INSERT INTO meta (key, value) VALUES (?1, 1) ON CONFLICT (key) DO UPDATE SET value = meta.value + 1",
             params![key],
         )?;
-        let v = tx.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))?;
+        let v = tx.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+            r.get(0)
+        })?;
         tx.commit()?;
         Ok(v)
     }
 
     pub fn delete_node(&self, name: &str) -> Result<bool> {
-        Ok(self.conn().execute("DELETE FROM nodes WHERE name = ?1", params![name])? > 0)
+        Ok(self
+            .conn()
+            .execute("DELETE FROM nodes WHERE name = ?1", params![name])?
+            > 0)
     }
 
     /// Marks a token used, atomically: of two concurrent attempts exactly one
     /// succeeds. Returns why it failed otherwise.
-    pub fn consume_join_token(&self, token_hash: &str, node: &str, now: i64) -> Result<std::result::Result<(), &'static str>> {
+    pub fn consume_join_token(
+        &self,
+        token_hash: &str,
+        node: &str,
+        now: i64,
+    ) -> Result<std::result::Result<(), &'static str>> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let row: Option<(i64, Option<i64>, Option<String>)> = tx
@@ -345,15 +433,24 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        let existing: Option<String> =
-            tx.query_row("SELECT name FROM nodes WHERE name = ?1", params![node], |r| r.get(0)).optional()?;
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT name FROM nodes WHERE name = ?1",
+                params![node],
+                |r| r.get(0),
+            )
+            .optional()?;
         let verdict = match row {
             None => Err("unknown join token"),
             Some((_, Some(_), _)) => Err("join token already used"),
             Some((exp, None, _)) if exp <= now => Err("join token expired"),
-            Some((_, None, Some(b))) if b != node => Err("join token is bound to another node name"),
+            Some((_, None, Some(b))) if b != node => {
+                Err("join token is bound to another node name")
+            }
             // An unbound token may not take over a name an attested node holds.
-            Some((_, None, None)) if existing.is_some() => Err("a node with this name is already attested"),
+            Some((_, None, None)) if existing.is_some() => {
+                Err("a node with this name is already attested")
+            }
             Some(_) => {
                 tx.execute(
                     "UPDATE join_tokens SET used_at = ?2, used_by = ?3 WHERE token_hash = ?1 AND used_at IS NULL",
@@ -394,7 +491,9 @@ impl Store {
         let conn = self.conn();
         let mut st =
             conn.prepare("SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen FROM nodes ORDER BY name")?;
-        let rows = st.query_map([], node_row)?.collect::<std::result::Result<Vec<_>, _>>()?;
+        let rows = st
+            .query_map([], node_row)?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
@@ -436,8 +535,14 @@ impl Store {
     pub fn activate_ca(&self, id: i64) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute("UPDATE x509_cas SET state = 'retired' WHERE state = 'active'", [])?;
-        let n = tx.execute("UPDATE x509_cas SET state = 'active' WHERE id = ?1", params![id])?;
+        tx.execute(
+            "UPDATE x509_cas SET state = 'retired' WHERE state = 'active'",
+            [],
+        )?;
+        let n = tx.execute(
+            "UPDATE x509_cas SET state = 'active' WHERE id = ?1",
+            params![id],
+        )?;
         if n != 1 {
             return Err(StoreError::Conflict(format!("CA {id} does not exist")));
         }
@@ -449,8 +554,14 @@ impl Store {
     /// anything.
     pub fn prune_expired_keys(&self, now: i64) -> Result<usize> {
         let conn = self.conn();
-        let a = conn.execute("DELETE FROM x509_cas WHERE not_after <= ?1 AND state != 'active'", params![now])?;
-        let b = conn.execute("DELETE FROM jwt_keys WHERE not_after <= ?1 AND state != 'active'", params![now])?;
+        let a = conn.execute(
+            "DELETE FROM x509_cas WHERE not_after <= ?1 AND state != 'active'",
+            params![now],
+        )?;
+        let b = conn.execute(
+            "DELETE FROM jwt_keys WHERE not_after <= ?1 AND state != 'active'",
+            params![now],
+        )?;
         Ok(a + b)
     }
 
@@ -482,10 +593,18 @@ impl Store {
     pub fn activate_jwt_key(&self, kid: &str) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute("UPDATE jwt_keys SET state = 'retired' WHERE state = 'active'", [])?;
-        let n = tx.execute("UPDATE jwt_keys SET state = 'active' WHERE kid = ?1", params![kid])?;
+        tx.execute(
+            "UPDATE jwt_keys SET state = 'retired' WHERE state = 'active'",
+            [],
+        )?;
+        let n = tx.execute(
+            "UPDATE jwt_keys SET state = 'active' WHERE kid = ?1",
+            params![kid],
+        )?;
         if n != 1 {
-            return Err(StoreError::Conflict(format!("JWT key {kid} does not exist")));
+            return Err(StoreError::Conflict(format!(
+                "JWT key {kid} does not exist"
+            )));
         }
         tx.commit()?;
         Ok(())
@@ -508,7 +627,11 @@ mod tests {
     use super::*;
 
     fn up(name: &str, spec: &str) -> Change {
-        Change::Upsert { kind: "WorkloadIdentity".into(), name: name.into(), spec: spec.into() }
+        Change::Upsert {
+            kind: "WorkloadIdentity".into(),
+            name: name.into(),
+            spec: spec.into(),
+        }
     }
 
     #[test]
@@ -525,7 +648,15 @@ mod tests {
         assert_eq!(o, vec![ChangeOutcome::Configured]);
         assert_eq!(s.revision().unwrap(), 2);
         assert_eq!(s.list("WorkloadIdentity").unwrap().len(), 2);
-        let o = s.apply(&[Change::Delete { kind: "WorkloadIdentity".into(), name: "b".into() }], 4).unwrap();
+        let o = s
+            .apply(
+                &[Change::Delete {
+                    kind: "WorkloadIdentity".into(),
+                    name: "b".into(),
+                }],
+                4,
+            )
+            .unwrap();
         assert_eq!(o, vec![ChangeOutcome::Deleted]);
         assert!(s.get("WorkloadIdentity", "b").unwrap().is_none());
     }
@@ -536,15 +667,27 @@ mod tests {
         s.create_join_token("h1", 0, 100, None).unwrap();
         s.create_join_token("h2", 0, 100, None).unwrap();
         s.create_join_token("h3", 0, 100, Some("n3")).unwrap();
-        assert_eq!(s.consume_join_token("h3", "n4", 1).unwrap(), Err("join token is bound to another node name"));
+        assert_eq!(
+            s.consume_join_token("h3", "n4", 1).unwrap(),
+            Err("join token is bound to another node name")
+        );
         assert_eq!(s.consume_join_token("h3", "n3", 1).unwrap(), Ok(()));
         assert_eq!(s.bump_counter("c").unwrap(), 1);
         assert_eq!(s.bump_counter("c").unwrap(), 2);
         assert_eq!(s.counter("c").unwrap(), 2);
         assert_eq!(s.consume_join_token("h1", "n1", 10).unwrap(), Ok(()));
-        assert_eq!(s.consume_join_token("h1", "n2", 11).unwrap(), Err("join token already used"));
-        assert_eq!(s.consume_join_token("h2", "n2", 100).unwrap(), Err("join token expired"));
-        assert_eq!(s.consume_join_token("nope", "n2", 1).unwrap(), Err("unknown join token"));
+        assert_eq!(
+            s.consume_join_token("h1", "n2", 11).unwrap(),
+            Err("join token already used")
+        );
+        assert_eq!(
+            s.consume_join_token("h2", "n2", 100).unwrap(),
+            Err("join token expired")
+        );
+        assert_eq!(
+            s.consume_join_token("nope", "n2", 1).unwrap(),
+            Err("unknown join token")
+        );
     }
 
     #[test]
@@ -559,7 +702,11 @@ mod tests {
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
         assert_eq!(s.list("WorkloadIdentity").unwrap().len(), 1);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o077, 0, "db must be owner-only");
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o077,
+            0,
+            "db must be owner-only"
+        );
     }
 
     #[test]
@@ -579,8 +726,14 @@ mod tests {
         let b = s.insert_ca(&row(KeyState::Prepared)).unwrap();
         s.activate_ca(b).unwrap();
         let cas = s.cas().unwrap();
-        assert_eq!(cas.iter().find(|c| c.id == a).unwrap().state, KeyState::Retired);
-        assert_eq!(cas.iter().find(|c| c.id == b).unwrap().state, KeyState::Active);
+        assert_eq!(
+            cas.iter().find(|c| c.id == a).unwrap().state,
+            KeyState::Retired
+        );
+        assert_eq!(
+            cas.iter().find(|c| c.id == b).unwrap().state,
+            KeyState::Active
+        );
         assert_eq!(cas[0].chain_der, vec![vec![0xab, 0xcd], vec![0x01]]);
         assert_eq!(s.prune_expired_keys(100).unwrap(), 1);
     }

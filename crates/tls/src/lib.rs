@@ -67,11 +67,18 @@ macro_rules! handshake_signatures {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, TlsError> {
-            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.provider.signature_verification_algorithms.supported_schemes()
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
         }
     };
 }
@@ -93,7 +100,11 @@ impl std::fmt::Debug for SpiffeServerVerifier {
 
 impl SpiffeServerVerifier {
     pub fn new(bundle: SharedBundle, accept: IdPolicy) -> Arc<Self> {
-        Arc::new(SpiffeServerVerifier { bundle, accept, provider: provider() })
+        Arc::new(SpiffeServerVerifier {
+            bundle,
+            accept,
+            provider: provider(),
+        })
     }
 }
 
@@ -108,7 +119,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, TlsError> {
         let id = verify_chain(&self.bundle, end_entity, intermediates, now)?;
         if !(self.accept)(&id) {
-            return Err(TlsError::General(format!("server identity {id} is not the one expected")));
+            return Err(TlsError::General(format!(
+                "server identity {id} is not the one expected"
+            )));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -134,7 +147,12 @@ impl std::fmt::Debug for SpiffeClientVerifier {
 
 impl SpiffeClientVerifier {
     pub fn new(bundle: SharedBundle, accept: IdPolicy, optional: bool) -> Arc<Self> {
-        Arc::new(SpiffeClientVerifier { bundle, accept, optional, provider: provider() })
+        Arc::new(SpiffeClientVerifier {
+            bundle,
+            accept,
+            optional,
+            provider: provider(),
+        })
     }
 }
 
@@ -159,7 +177,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, TlsError> {
         let id = verify_chain(&self.bundle, end_entity, intermediates, now)?;
         if !(self.accept)(&id) {
-            return Err(TlsError::General(format!("client identity {id} is not allowed here")));
+            return Err(TlsError::General(format!(
+                "client identity {id} is not allowed here"
+            )));
         }
         Ok(ClientCertVerified::assertion())
     }
@@ -168,8 +188,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 }
 
 /// A certificate chain (leaf first) and its PKCS#8 key, as rustls wants them.
-pub fn certified_key(chain: &[Vec<u8>], pkcs8: &[u8]) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
-    let certs: Vec<CertificateDer<'static>> = chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
+pub fn certified_key(
+    chain: &[Vec<u8>],
+    pkcs8: &[u8],
+) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.to_vec()));
     let signing = provider().key_provider.load_private_key(key)?;
     Ok(Arc::new(rustls::sign::CertifiedKey::new(certs, signing)))
@@ -201,7 +227,9 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut cfg = match client_cert {
-        Some(ck) => builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck))),
+        Some(ck) => {
+            builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck)))
+        }
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
@@ -228,7 +256,10 @@ impl SwappableCert {
 }
 
 impl rustls::server::ResolvesServerCert for SwappableCert {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
 }

@@ -27,7 +27,10 @@ pub struct Up {
 /// A world-traversable temp dir, so workloads running as other uids can
 /// reach the sockets in it.
 pub fn open_tempdir() -> tempfile::TempDir {
-    let d = tempfile::Builder::new().prefix("tether-test-").tempdir().expect("tempdir");
+    let d = tempfile::Builder::new()
+        .prefix("tether-test-")
+        .tempdir()
+        .expect("tempdir");
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     d
 }
@@ -68,7 +71,17 @@ impl Up {
     fn spawn(&mut self) {
         let logf = std::fs::File::create(&self.log).expect("log file");
         let child = Command::new(TETHER)
-            .args(["up", "--log-format", "json", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--rescan", "5s"])
+            .args([
+                "up",
+                "--log-format",
+                "json",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                "127.0.0.1:0",
+                "--rescan",
+                "5s",
+            ])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .arg("--run-dir")
@@ -101,7 +114,10 @@ impl Up {
             {
                 panic!("tether up exited with {status}:\n{logs}");
             }
-            assert!(Instant::now() < deadline, "tether up did not start in 60s:\n{logs}");
+            assert!(
+                Instant::now() < deadline,
+                "tether up did not start in 60s:\n{logs}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -135,19 +151,31 @@ impl Up {
     /// Runs the CLI and insists that it succeeds; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let o = self.tether(args);
-        assert!(o.status.success(), "tether {args:?} failed: {}\n{}", String::from_utf8_lossy(&o.stderr), self.logs());
+        assert!(
+            o.status.success(),
+            "tether {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            self.logs()
+        );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
     pub fn apply(&self, yaml: &str) -> Output {
-        let f = self.dir.path().join(format!("manifest-{}.yaml", rand_suffix()));
+        let f = self
+            .dir
+            .path()
+            .join(format!("manifest-{}.yaml", rand_suffix()));
         std::fs::write(&f, yaml).expect("write manifest");
         self.tether(&["apply", "-f", f.to_str().expect("utf8 path")])
     }
 
     pub fn apply_ok(&self, yaml: &str) -> String {
         let o = self.apply(yaml);
-        assert!(o.status.success(), "apply failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "apply failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
@@ -159,7 +187,11 @@ impl Up {
     pub fn metric(&self, name: &str) -> f64 {
         self.metrics_text()
             .lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
             .unwrap_or_else(|| panic!("metric {name} not found"))
     }
 
@@ -191,21 +223,38 @@ impl Drop for Up {
 }
 
 pub fn rand_suffix() -> String {
-    format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0))
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )
 }
 
 pub fn http_get(addr: &str, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
 }
 
 pub fn sha256_file(p: &Path) -> String {
-    let o = Command::new("sha256sum").arg(p).output().expect("sha256sum");
-    String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    let o = Command::new("sha256sum")
+        .arg(p)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
@@ -244,7 +293,10 @@ pub fn workload_command(exe: &Path, uid: u32, socket: &Path, out: &Path, mode: &
     c.args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
         .env("TETHER_TEST_CHILD", mode)
         .env("TETHER_TEST_OUT", out)
-        .env("SPIFFE_ENDPOINT_SOCKET", format!("unix://{}", socket.display()))
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", socket.display()),
+        )
         .current_dir(out)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -284,8 +336,13 @@ impl ChildResult {
 }
 
 pub fn run_workload(exe: &Path, uid: u32, socket: &Path, out: &Path, mode: &str) -> ChildResult {
-    let output = workload_command(exe, uid, socket, out, mode).output().expect("run workload");
-    ChildResult { output, out: out.to_path_buf() }
+    let output = workload_command(exe, uid, socket, out, mode)
+        .output()
+        .expect("run workload");
+    ChildResult {
+        output,
+        out: out.to_path_buf(),
+    }
 }
 
 pub fn pem(label: &str, der: &[u8]) -> String {
@@ -302,28 +359,60 @@ pub fn child_main(mode: &str, out: &Path) {
         std::thread::sleep(Duration::from_secs(600));
         return;
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let res: Result<(), String> = rt.block_on(async {
         let ep = std::env::var("SPIFFE_ENDPOINT_SOCKET").map_err(|e| e.to_string())?;
-        let client = spiffe::WorkloadApiClient::connect_to(&ep).await.map_err(|e| format!("connect: {e}"))?;
-        let svid = client.fetch_x509_svid().await.map_err(|e| format!("fetch_x509_svid: {e}"))?;
-        std::fs::write(out.join("spiffe_id"), svid.spiffe_id().to_string()).map_err(|e| e.to_string())?;
+        let client = spiffe::WorkloadApiClient::connect_to(&ep)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let svid = client
+            .fetch_x509_svid()
+            .await
+            .map_err(|e| format!("fetch_x509_svid: {e}"))?;
+        std::fs::write(out.join("spiffe_id"), svid.spiffe_id().to_string())
+            .map_err(|e| e.to_string())?;
         let chain = svid.cert_chain();
         let leaf = chain.first().ok_or("empty chain")?;
-        std::fs::write(out.join("svid.pem"), pem("CERTIFICATE", leaf.as_bytes())).map_err(|e| e.to_string())?;
-        let inter: String = chain[1..].iter().map(|c| pem("CERTIFICATE", c.as_bytes())).collect();
+        std::fs::write(out.join("svid.pem"), pem("CERTIFICATE", leaf.as_bytes()))
+            .map_err(|e| e.to_string())?;
+        let inter: String = chain[1..]
+            .iter()
+            .map(|c| pem("CERTIFICATE", c.as_bytes()))
+            .collect();
         std::fs::write(out.join("chain.pem"), inter).map_err(|e| e.to_string())?;
-        std::fs::write(out.join("key.pem"), pem("PRIVATE KEY", svid.private_key().as_bytes())).map_err(|e| e.to_string())?;
-        let bundles = client.fetch_x509_bundles().await.map_err(|e| format!("fetch_x509_bundles: {e}"))?;
+        std::fs::write(
+            out.join("key.pem"),
+            pem("PRIVATE KEY", svid.private_key().as_bytes()),
+        )
+        .map_err(|e| e.to_string())?;
+        let bundles = client
+            .fetch_x509_bundles()
+            .await
+            .map_err(|e| format!("fetch_x509_bundles: {e}"))?;
         let td = svid.spiffe_id().trust_domain().clone();
         let b = bundles.get(&td).ok_or("no bundle for own trust domain")?;
-        let roots: String = b.authorities().iter().map(|c| pem("CERTIFICATE", c.as_bytes())).collect();
+        let roots: String = b
+            .authorities()
+            .iter()
+            .map(|c| pem("CERTIFICATE", c.as_bytes()))
+            .collect();
         std::fs::write(out.join("bundle.pem"), roots).map_err(|e| e.to_string())?;
-        let jwt = client.fetch_jwt_svid(["tether-test"], None).await.map_err(|e| format!("fetch_jwt_svid: {e}"))?;
+        let jwt = client
+            .fetch_jwt_svid(["tether-test"], None)
+            .await
+            .map_err(|e| format!("fetch_jwt_svid: {e}"))?;
         std::fs::write(out.join("jwt"), jwt.token()).map_err(|e| e.to_string())?;
-        let v = client.validate_jwt_token("tether-test", jwt.token()).await.map_err(|e| format!("validate: {e}"))?;
-        std::fs::write(out.join("jwt_validated_sub"), v.spiffe_id().to_string()).map_err(|e| e.to_string())?;
-        std::fs::write(out.join("pid"), std::process::id().to_string()).map_err(|e| e.to_string())?;
+        let v = client
+            .validate_jwt_token("tether-test", jwt.token())
+            .await
+            .map_err(|e| format!("validate: {e}"))?;
+        std::fs::write(out.join("jwt_validated_sub"), v.spiffe_id().to_string())
+            .map_err(|e| e.to_string())?;
+        std::fs::write(out.join("pid"), std::process::id().to_string())
+            .map_err(|e| e.to_string())?;
         if mode == "hold" {
             std::fs::write(out.join("ready"), "").map_err(|e| e.to_string())?;
             tokio::time::sleep(Duration::from_secs(600)).await;

@@ -241,6 +241,18 @@ def connect(v, host, port, proto=0):
     finally:
         s.close()
 
+def peer(v, host, port):
+    # Connects, reports getpeername(), then says hello and reports the answer.
+    s = socket.socket(fam(v), socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect((host, int(port)))
+        p = s.getpeername()
+        s.sendall(b"hello\n")
+        return "%s %d %s" % (p[0], p[1], s.recv(100).decode().strip())
+    finally:
+        s.close()
+
 def fastopen(v, host, port):
     # Blocking, so an allowed call returns after the handshake instead of
     # EINPROGRESS.
@@ -297,6 +309,8 @@ for line in sys.stdin:
     cmd, args = a[0], a[1:]
     if cmd == "connect":
         out = attempt(lambda: connect(*args))
+    elif cmd == "peer":
+        out = attempt(lambda: peer(*args))
     elif cmd == "mptcp":
         try:
             socket.socket(fam(args[0]), socket.SOCK_STREAM, socket.IPPROTO_MPTCP).close()

@@ -312,11 +312,23 @@ fn extension_criticality_and_duplicates() {
 fn split_certificates_splits_and_rejects() {
     use tether_spiffe::x509::{MAX_CHAIN_LEN, split_certificates};
     let key = rcgen::KeyPair::generate().unwrap();
-    let a = rcgen::CertificateParams::new(vec!["a.test".into()]).unwrap().self_signed(&key).unwrap();
-    let b = rcgen::CertificateParams::new(vec!["b.test".into()]).unwrap().self_signed(&key).unwrap();
+    let a = rcgen::CertificateParams::new(vec!["a.test".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let b = rcgen::CertificateParams::new(vec!["b.test".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
     let both = [a.der().to_vec(), b.der().to_vec()].concat();
-    assert_eq!(split_certificates(&both).unwrap(), vec![a.der().to_vec(), b.der().to_vec()]);
-    assert!(split_certificates(&both[..both.len() - 1]).is_err(), "truncated");
+    assert_eq!(
+        split_certificates(&both).unwrap(),
+        vec![a.der().to_vec(), b.der().to_vec()]
+    );
+    assert!(
+        split_certificates(&both[..both.len() - 1]).is_err(),
+        "truncated"
+    );
     assert!(split_certificates(&[0x30, 0x82, 0xff]).is_err());
     assert!(split_certificates(&a.der().repeat(MAX_CHAIN_LEN + 1)).is_err());
     assert!(split_certificates(&[]).unwrap().is_empty());

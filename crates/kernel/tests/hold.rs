@@ -1,0 +1,245 @@
+//! The hold path: a TCP connect by a process the agent has not attested yet
+//! is redirected to the agent's hold listener, the agent can claim exactly
+//! which process was going where, and the application still sees the
+//! original destination. The test process plays the agent (it is outside
+//! the test cgroup, as a real agent's own connections are exempt).
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use common::{Client, EPERM, TestCgroup, attest, can_run, drain, tcp_listeners, udp_server};
+use tether_kernel::{Decision, DstPrefix, Enforcer, HeldConnection, HoldConfig, Proto};
+
+const LO4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const LO6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+
+/// Hold listeners on 127.0.0.1 and [::1] with one port.
+fn hold_listeners() -> (TcpListener, TcpListener, u16) {
+    let l = tcp_listeners();
+    (l.v4, l.v6.expect("an IPv6 loopback listener"), l.port)
+}
+
+fn me() -> u32 {
+    std::process::id()
+}
+
+/// Accepts one connection on `l`, claims its held record, answers "held".
+fn serve_one(e: &Enforcer, l: &TcpListener) -> (Option<HeldConnection>, SocketAddr) {
+    let (s, peer) = l.accept().expect("accept on the hold listener");
+    let rec = e.take_held(peer.port(), peer.is_ipv6()).expect("take_held");
+    let mut line = String::new();
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    BufReader::new(&s).read_line(&mut line).expect("read hello");
+    assert_eq!(line, "hello\n");
+    (&s).write_all(b"held\n").expect("answer");
+    (rec, peer)
+}
+
+/// /proc/<pid>/stat starttime, in clock ticks.
+fn start_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    after
+        .split(' ')
+        .nth(19)
+        .expect("field 22")
+        .parse()
+        .expect("number")
+}
+
+fn check_record(e: &Enforcer, rec: &HeldConnection, c: &Client, dst: SocketAddr, service: u32) {
+    assert_eq!(rec.original_dst, dst);
+    assert_eq!(rec.tgid, c.pid);
+    assert_eq!(rec.service_id, service);
+    assert_eq!(rec.exec_id, e.exec_id(c.pid).expect("exec id").0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    assert_eq!(
+        rec.start_boottime_ns / (1_000_000_000 / hz),
+        start_ticks(c.pid)
+    );
+}
+
+#[test]
+fn unattested_tcp_is_held_for_the_agent() {
+    if !can_run() {
+        return;
+    }
+    let cg = TestCgroup::new();
+    let e = Enforcer::load(&cg.config(None)).expect("load");
+    let protected = tcp_listeners();
+    let port = protected.port;
+    e.set_service(DstPrefix::host(LO4, port, Proto::Tcp), 3)
+        .expect("service");
+    e.set_service(DstPrefix::host(LO6, port, Proto::Tcp), 3)
+        .expect("service");
+    e.set_service(DstPrefix::host(LO4, port, Proto::Udp), 3)
+        .expect("service");
+    let (h4, h6, hold_port) = hold_listeners();
+
+    // No agent registered yet: refused, as before.
+    let mut c = Client::spawn(&cg);
+    assert_eq!(c.run(&format!("peer 4 127.0.0.1 {port}")), EPERM);
+
+    e.set_agent(me()).expect("set_agent");
+    e.set_hold(
+        me(),
+        HoldConfig {
+            port: hold_port,
+            v4: true,
+            v6: true,
+        },
+    )
+    .expect("set_hold");
+
+    std::thread::scope(|s| {
+        // IPv4: held, claimed by port, and getpeername shows the original.
+        let t = s.spawn(|| serve_one(&e, &h4));
+        assert_eq!(
+            c.run(&format!("peer 4 127.0.0.1 {port}")),
+            format!("OK 127.0.0.1 {port} held")
+        );
+        let (rec, peer) = t.join().expect("hold thread");
+        let rec = rec.expect("a held record for the client's port");
+        check_record(&e, &rec, &c, SocketAddr::new(LO4, port), 3);
+        assert_eq!(rec.local_port, peer.port());
+        assert!(!rec.flow_v6);
+        // Claimed once only.
+        assert_eq!(e.take_held(peer.port(), false).expect("take_held"), None);
+
+        // IPv6: held on the [::1] listener.
+        let t = s.spawn(|| serve_one(&e, &h6));
+        assert_eq!(
+            c.run(&format!("peer 6 ::1 {port}")),
+            format!("OK ::1 {port} held")
+        );
+        let rec = t.join().expect("hold thread").0.expect("held record");
+        check_record(&e, &rec, &c, SocketAddr::new(LO6, port), 3);
+        assert!(rec.flow_v6);
+
+        // IPv4-mapped on an IPv6 socket: an IPv4 flow, held on 127.0.0.1.
+        let t = s.spawn(|| serve_one(&e, &h4));
+        assert_eq!(
+            c.run(&format!("peer 6 ::ffff:127.0.0.1 {port}")),
+            format!("OK ::ffff:127.0.0.1 {port} held")
+        );
+        let rec = t.join().expect("hold thread").0.expect("held record");
+        check_record(&e, &rec, &c, SocketAddr::new(LO4, port), 3);
+        assert!(!rec.flow_v6);
+    });
+
+    // UDP cannot be held: refused.
+    let (_udp, _) = udp_server();
+    assert_eq!(c.run(&format!("sendto 4 127.0.0.1 {port}")), EPERM);
+
+    // An attested process is decided in the kernel, never held.
+    attest(&e, c.pid, 9);
+    e.set_verdict(9, 3, true, 1).expect("verdict");
+    assert_eq!(c.run(&format!("connect 4 127.0.0.1 {port}")), "OK");
+    let (_s, _) = protected
+        .v4
+        .accept()
+        .expect("direct connection reached the service");
+
+    let decisions: Vec<Decision> = drain(&e).into_iter().map(|ev| ev.decision).collect();
+    assert_eq!(
+        decisions,
+        [
+            Decision::Unattested,
+            Decision::Held,
+            Decision::Held,
+            Decision::Held,
+            Decision::Unattested,
+            Decision::Allow
+        ]
+    );
+    assert_eq!(e.stats().expect("stats").held, 3);
+}
+
+#[test]
+fn a_connection_the_kernel_did_not_redirect_has_no_record() {
+    if !can_run() {
+        return;
+    }
+    let cg = TestCgroup::new();
+    let e = Enforcer::load(&cg.config(None)).expect("load");
+    let (h4, _h6, hold_port) = hold_listeners();
+    e.set_agent(me()).expect("set_agent");
+    e.set_hold(
+        me(),
+        HoldConfig {
+            port: hold_port,
+            v4: true,
+            v6: true,
+        },
+    )
+    .expect("set_hold");
+    // A process in the cgroup dialing the hold port itself.
+    let mut c = Client::spawn(&cg);
+    std::thread::scope(|s| {
+        let t = s.spawn(|| serve_one(&e, &h4));
+        assert_eq!(
+            c.run(&format!("peer 4 127.0.0.1 {hold_port}")),
+            format!("OK 127.0.0.1 {hold_port} held")
+        );
+        assert_eq!(t.join().expect("thread").0, None);
+    });
+    // And one from outside it.
+    let _out = TcpStream::connect((LO4, hold_port)).expect("connect");
+    let (_s, peer) = h4.accept().expect("accept");
+    assert_eq!(e.take_held(peer.port(), false).expect("take_held"), None);
+}
+
+#[test]
+fn without_a_live_agent_unattested_connections_are_refused() {
+    if !can_run() {
+        return;
+    }
+    let cg = TestCgroup::new();
+    let e = Enforcer::load(&cg.config(None)).expect("load");
+    let protected = tcp_listeners();
+    e.set_service(DstPrefix::host(LO4, protected.port, Proto::Tcp), 3)
+        .expect("service");
+    let (_h4, _h6, hold_port) = hold_listeners();
+    let connect = format!("connect 4 127.0.0.1 {}", protected.port);
+
+    // The registered agent is a process that has exited: its entry went
+    // with it (exit tracepoint), so nothing is held for a dead agent.
+    let mut gone = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("spawn");
+    let gone_pid = gone.id();
+    e.set_agent(gone_pid).expect("set_agent");
+    gone.kill().expect("kill");
+    gone.wait().expect("wait");
+    e.set_hold(
+        gone_pid,
+        HoldConfig {
+            port: hold_port,
+            v4: true,
+            v6: true,
+        },
+    )
+    .expect("set_hold");
+    let mut c = Client::spawn(&cg);
+    assert_eq!(c.run(&connect), EPERM);
+
+    // A live agent in another network namespace cannot be reached over
+    // this namespace's loopback: not held either. (Simulated by clearing
+    // the hold configuration, which is what the agent does on shutdown.)
+    e.set_agent(me()).expect("set_agent");
+    e.clear_hold().expect("clear_hold");
+    assert_eq!(c.run(&connect), EPERM);
+    let evs = drain(&e);
+    assert!(
+        evs.iter().all(|ev| ev.decision == Decision::Unattested),
+        "{evs:?}"
+    );
+}
