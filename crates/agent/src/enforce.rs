@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use tether_attest::ProcessInfo;
 use tether_kernel::{Decision, DstPrefix, Enforcer, ExecId, Proto};
 use tether_manifest::Protocol;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -63,7 +63,30 @@ pub struct Enforcement {
     recent: Mutex<std::collections::VecDeque<String>>,
     audit_file: Option<Mutex<std::fs::File>>,
     metrics: Arc<Metrics>,
+    /// Bumped whenever a process's kernel entry is written or removed; the
+    /// hold path waits on it.
+    verdicts_changed: watch::Sender<u64>,
+    /// Held connections seen from one side only: kernel "held" events not
+    /// yet decided by the hold listener, and decisions whose kernel event
+    /// has not been read yet. Pairs them so each held connection is one
+    /// audit record, and none goes unrecorded.
+    holds: Mutex<HashMap<u64, (std::time::Instant, Option<tether_kernel::Event>)>>,
 }
+
+/// What the hold listener decided for a held connection.
+pub struct HeldDecision {
+    pub allow: bool,
+    pub rule: String,
+    /// Why, for denials that are not policy (attestation failed, ...).
+    pub reason: Option<String>,
+    pub proc: Option<(ProcessInfo, Vec<String>)>,
+}
+
+/// A kernel "held" event with no decision after this long never reached
+/// the agent (the client gave up, or the agent was restarting).
+const HOLD_UNCLAIMED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+/// A decision whose kernel event never came (ring buffer full) is forgotten.
+const HOLD_FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 const RECENT: usize = 1000;
 const RETIRED: usize = 4096;
@@ -178,6 +201,8 @@ impl Enforcement {
             recent: Mutex::new(Default::default()),
             audit_file,
             metrics,
+            verdicts_changed: watch::channel(0).0,
+            holds: Mutex::new(HashMap::new()),
         });
         e.sync_registry(registry);
         Ok(e)
@@ -355,6 +380,47 @@ impl Enforcement {
             }
             self.retire(old);
         }
+        drop(procs);
+        self.verdicts_changed.send_modify(|v| *v += 1);
+    }
+
+    /// Follows changes of process entries (see [`Self::held_verdict`]).
+    pub fn subscribe_verdicts(&self) -> watch::Receiver<u64> {
+        self.verdicts_changed.subscribe()
+    }
+
+    /// The verdict for a held connection, once the agent has attested the
+    /// exact process instance and image that made it: same pid, start time
+    /// (clock ticks) and exec id. None until then.
+    pub fn held_verdict(
+        &self,
+        pid: i32,
+        exec_id: ExecId,
+        start_time: u64,
+        service_id: u32,
+    ) -> Option<HeldDecision> {
+        let procs = Self::lock(&self.procs);
+        let p = procs
+            .get(&pid)
+            .filter(|p| p.exec_id == exec_id && p.start_time == start_time)?;
+        let rule = p.allowed.get(&service_id).copied();
+        let proc = Some((p.info.clone(), p.spiffe_ids.clone()));
+        drop(procs);
+        let c = Self::lock(&self.compiled);
+        Some(match rule {
+            Some(r) => HeldDecision {
+                allow: true,
+                rule: c.rule_names.get(&r).cloned().unwrap_or_default(),
+                reason: None,
+                proc,
+            },
+            None => HeldDecision {
+                allow: false,
+                rule: DEFAULT_DENY.to_string(),
+                reason: None,
+                proc,
+            },
+        })
     }
 
     fn retire(&self, old: ProcEntry) {
@@ -376,8 +442,9 @@ impl Enforcement {
         let subjects: HashSet<u32> = live.values().copied().collect();
         let mut removed = (0, 0);
         if let Ok(procs) = self.kernel.processes() {
+            let me = std::process::id();
             for (tgid, p) in procs {
-                if live.get(&(tgid as i32)) != Some(&p.subject) {
+                if tgid != me && live.get(&(tgid as i32)) != Some(&p.subject) {
                     let _ = self.kernel.remove_process(tgid);
                     removed.0 += 1;
                 }
@@ -401,12 +468,14 @@ impl Enforcement {
     }
 
     pub fn process_removed(&self, pid: i32) {
-        if let Some(old) = Self::lock(&self.procs).remove(&pid) {
+        let old = Self::lock(&self.procs).remove(&pid);
+        if let Some(old) = old {
             let _ = self.kernel.remove_process(pid as u32);
             for svc in old.allowed.keys() {
                 let _ = self.kernel.remove_verdict(old.subject, *svc);
             }
             self.retire(old);
+            self.verdicts_changed.send_modify(|v| *v += 1);
         }
     }
 
@@ -519,8 +588,13 @@ impl Enforcement {
                     match batch {
                         Ok(b) => {
                             for ev in b {
-                                me.audit_event(&ev);
+                                if ev.decision == Decision::Held {
+                                    me.kernel_held(ev);
+                                } else {
+                                    me.audit_event(&ev);
+                                }
                             }
+                            me.sweep_holds();
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "reading kernel events failed");
@@ -555,54 +629,140 @@ impl Enforcement {
 
     fn audit_event(&self, ev: &tether_kernel::Event) {
         let c = Self::lock(&self.compiled);
-        let service = c
-            .service_names
-            .get(&ev.service_id)
-            .cloned()
-            .unwrap_or_default();
+        let service = c.service_names.get(&ev.service_id).cloned().unwrap_or_default();
         let rule = match ev.decision {
             Decision::Allow => c.rule_names.get(&ev.rule).cloned().unwrap_or_default(),
-            Decision::Unattested => "unattested".to_string(),
+            Decision::Unattested | Decision::Held => "unattested".to_string(),
             Decision::Deny => DEFAULT_DENY.to_string(),
         };
         drop(c);
-        let proc = self.decided_by(ev);
-        let (exe, sha, cgroup, spiffe) = match &proc {
-            Some((i, ids)) => (
-                i.exe_path.clone(),
-                i.sha256.clone(),
-                i.cgroup.clone(),
-                serde_json::json!(ids),
-            ),
+        let verdict = match ev.decision {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::Unattested => "deny-unattested",
+            // Only for a held connection the agent never received.
+            Decision::Held => "held-unclaimed",
+        };
+        self.emit(Audit {
+            tgid: ev.tgid,
+            tid: ev.pid,
+            comm: ev.comm.clone(),
+            uid: ev.uid,
+            gid: ev.gid,
+            proc: self.decided_by(ev),
+            dst: std::net::SocketAddr::new(ev.addr, ev.port),
+            proto: ev.proto,
+            hook: format!("{:?}", ev.hook).to_lowercase(),
+            service,
+            verdict,
+            rule,
+            held: ev.decision == Decision::Held,
+            reason: None,
+        });
+    }
+
+    /// A kernel event for a held connection: the hold listener writes the
+    /// audit record when it decides; remember the event until then.
+    fn kernel_held(&self, ev: tether_kernel::Event) {
+        let mut holds = Self::lock(&self.holds);
+        match holds.remove(&ev.socket_cookie) {
+            Some((_, None)) => {} // already decided and recorded
+            _ => {
+                holds.insert(ev.socket_cookie, (std::time::Instant::now(), Some(ev)));
+            }
+        }
+    }
+
+    /// Held connections nobody decided within a few seconds get their own
+    /// record; stale "decided" marks are dropped.
+    fn sweep_holds(&self) {
+        let now = std::time::Instant::now();
+        let mut unclaimed = Vec::new();
+        Self::lock(&self.holds).retain(|_, (seen, ev)| match ev {
+            Some(_) if now.duration_since(*seen) >= HOLD_UNCLAIMED_AFTER => {
+                unclaimed.extend(ev.take());
+                false
+            }
+            None => now.duration_since(*seen) < HOLD_FORGET_AFTER,
+            Some(_) => true,
+        });
+        for ev in unclaimed {
+            self.metrics.held_connection("unclaimed");
+            self.audit_event(&ev);
+        }
+    }
+
+    /// The one audit record of a held connection, from the hold listener.
+    pub fn audit_held(&self, rec: &tether_kernel::HeldConnection, d: &HeldDecision) {
+        let kernel_event = {
+            let mut holds = Self::lock(&self.holds);
+            match holds.remove(&rec.socket_cookie) {
+                Some((_, Some(ev))) => Some(ev),
+                _ => {
+                    holds.insert(rec.socket_cookie, (std::time::Instant::now(), None));
+                    None
+                }
+            }
+        };
+        let service = Self::lock(&self.compiled).service_names.get(&rec.service_id).cloned().unwrap_or_default();
+        let comm = match (&kernel_event, &d.proc) {
+            (Some(ev), _) => ev.comm.clone(),
+            (None, Some((info, _))) => info.name.clone(),
+            (None, None) => std::fs::read_to_string(format!("/proc/{}/comm", rec.tgid)).unwrap_or_default().trim().to_string(),
+        };
+        // The kernel event names the hook; without it, the flow's family
+        // is the best guess (an IPv4-mapped connect6 reads as connect4).
+        let hook = match &kernel_event {
+            Some(ev) => format!("{:?}", ev.hook).to_lowercase(),
+            None if rec.flow_v6 => "connect6".to_string(),
+            None => "connect4".to_string(),
+        };
+        self.emit(Audit {
+            tgid: rec.tgid,
+            tid: rec.pid,
+            comm,
+            uid: rec.uid,
+            gid: kernel_event.as_ref().map_or_else(|| d.proc.as_ref().map_or(0, |(i, _)| i.gid), |e| e.gid),
+            proc: d.proc.clone(),
+            dst: rec.original_dst,
+            proto: Proto::Tcp,
+            hook,
+            service,
+            verdict: if d.allow { "allow" } else { "deny" },
+            rule: d.rule.clone(),
+            held: true,
+            reason: d.reason.clone(),
+        });
+    }
+
+    fn emit(&self, a: Audit) {
+        let (exe, sha, cgroup, spiffe) = match &a.proc {
+            Some((i, ids)) => (i.exe_path.clone(), i.sha256.clone(), i.cgroup.clone(), serde_json::json!(ids)),
             // Unattested: what /proc says now, best effort and unverified.
             None => (
-                std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
+                std::fs::read_link(format!("/proc/{}/exe", a.tgid)).map(|p| p.display().to_string()).unwrap_or_default(),
                 String::new(),
                 String::new(),
                 serde_json::json!("unattested"),
             ),
         };
-        let verdict = match ev.decision {
-            Decision::Allow => "allow",
-            Decision::Deny => "deny",
-            Decision::Unattested => "deny-unattested",
-        };
         let time = (self.clock)();
-        let rec = serde_json::json!({
-            "time": time, "node": self.node, "pid": ev.tgid, "tid": ev.pid, "comm": ev.comm,
-            "exe": exe, "sha256": sha, "uid": ev.uid, "gid": ev.gid, "cgroup": cgroup,
-            "spiffeId": spiffe, "destination": std::net::SocketAddr::new(ev.addr, ev.port).to_string(),
-            "protocol": if ev.proto == Proto::Udp { "udp" } else { "tcp" },
-            "hook": format!("{:?}", ev.hook).to_lowercase(), "service": service, "verdict": verdict, "rule": rule,
+        let mut rec = serde_json::json!({
+            "time": time, "node": self.node, "pid": a.tgid, "tid": a.tid, "comm": a.comm,
+            "exe": exe, "sha256": sha, "uid": a.uid, "gid": a.gid, "cgroup": cgroup,
+            "spiffeId": spiffe, "destination": a.dst.to_string(),
+            "protocol": if a.proto == Proto::Udp { "udp" } else { "tcp" },
+            "hook": a.hook, "service": a.service, "verdict": a.verdict, "rule": a.rule,
         });
+        if a.held {
+            rec["held"] = serde_json::json!(true);
+        }
+        if let Some(r) = &a.reason {
+            rec["reason"] = serde_json::json!(r);
+        }
         let line = rec.to_string();
-        let ident = proc
-            .as_ref()
-            .and_then(|(_, ids)| ids.first().cloned())
-            .unwrap_or_else(|| "unattested".into());
-        self.metrics.connect_decision(verdict, &ident, &service);
+        let ident = a.proc.as_ref().and_then(|(_, ids)| ids.first().cloned()).unwrap_or_else(|| "unattested".into());
+        self.metrics.connect_decision(a.verdict, &ident, &a.service);
         if let Some(f) = &self.audit_file {
             let mut f = Self::lock(f);
             let _ = writeln!(f, "{line}");
@@ -620,6 +780,24 @@ impl Enforcement {
     pub fn recent_events(&self) -> Vec<String> {
         Self::lock(&self.recent).iter().cloned().collect()
     }
+}
+
+/// One audit record's facts, whichever path decided.
+struct Audit {
+    tgid: u32,
+    tid: u32,
+    comm: String,
+    uid: u32,
+    gid: u32,
+    proc: Option<(ProcessInfo, Vec<String>)>,
+    dst: std::net::SocketAddr,
+    proto: Proto,
+    hook: String,
+    service: String,
+    verdict: &'static str,
+    rule: String,
+    held: bool,
+    reason: Option<String>,
 }
 
 /// Whether `ip` falls in the prefix (IPv4-mapped IPv6 counts as IPv4).

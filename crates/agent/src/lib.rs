@@ -8,6 +8,7 @@
 mod admin;
 mod enforce;
 mod h2_authority;
+mod hold;
 mod metrics;
 mod node;
 mod registry;
@@ -57,6 +58,9 @@ pub struct EnforceConfig {
     /// agent is down; adopted on restart).
     pub pin_dir: Option<PathBuf>,
     pub audit_log: Option<PathBuf>,
+    /// Loopback port where the kernel holds connections of processes not
+    /// attested yet (0: any free port).
+    pub hold_port: u16,
 }
 
 pub fn system_clock() -> enforce::Clock {
@@ -177,10 +181,19 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         )?;
         enforcement.spawn_event_pump();
         let _ = tracker.enforcement.set(enforcement);
-        tracing::info!(cgroup = %ec.cgroup.display(), "kernel enforcement active");
     }
 
     let mut tasks = Vec::new();
+    if let (Some(ec), Some(e)) = (&cfg.enforce, tracker.enforcement.get()) {
+        // Listen before telling the kernel where to send held connections.
+        let hold = hold::HoldListeners::bind(ec.hold_port).await?;
+        let me = std::process::id();
+        let cfg = tether_kernel::HoldConfig { port: hold.port, v4: true, v6: hold.has_v6() };
+        e.kernel().set_agent(me).map_err(|err| anyhow::anyhow!("registering the agent with the kernel: {err}"))?;
+        e.kernel().set_hold(me, cfg).map_err(|err| anyhow::anyhow!("configuring held connections: {err}"))?;
+        tracing::info!(cgroup = %ec.cgroup.display(), hold_port = hold.port, "kernel enforcement active");
+        tasks.extend(hold.serve(tracker.clone(), e.clone(), metrics.clone()));
+    }
     tasks.push(tokio::spawn(watch_registry(
         node.clone(),
         cfg.trust_domain.clone(),

@@ -21,6 +21,11 @@ pub struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
     method: String,
     code: String,
@@ -36,6 +41,7 @@ pub struct Metrics {
     pub attestation_errors: Counter,
     api: Family<ApiLabels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
+    held: Family<OutcomeLabels, Counter>,
 }
 
 impl Metrics {
@@ -50,6 +56,7 @@ impl Metrics {
             attestation_errors: Counter::default(),
             api: Family::default(),
             decisions: Family::default(),
+            held: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -92,6 +99,11 @@ impl Metrics {
             "Kernel decisions on protected destinations by verdict, identity and service",
             m.decisions.clone(),
         );
+        registry.register(
+            "held_connections",
+            "Connections of processes not attested yet, held by the kernel for the agent, by outcome",
+            m.held.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -102,6 +114,10 @@ impl Metrics {
                 code: code.to_string(),
             })
             .inc();
+    }
+
+    pub fn held_connection(&self, outcome: &str) {
+        self.held.get_or_create(&OutcomeLabels { outcome: outcome.to_string() }).inc();
     }
 
     pub fn connect_decision(&self, verdict: &str, identity: &str, service: &str) {

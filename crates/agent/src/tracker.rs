@@ -300,6 +300,17 @@ impl Tracker {
                     .collect();
             }
         }
+        // Kernel verdicts first, before any server round trip: a held
+        // connection waits on them, they must not depend on the server
+        // being reachable, and once the process shows up as attested (SVIDs
+        // listed, Workload API answers) they are in place.
+        if let (Some(e), Some(exec_id)) = (self.enforcement.get(), exec_id) {
+            // Verdicts follow the identities the process matches, whether or
+            // not their SVIDs can be issued.
+            let names = wanted.iter().map(|w| w.name.clone()).collect();
+            let ids = wanted.iter().map(|w| w.spiffe_id.to_string()).collect();
+            e.process_updated(&info, exec_id, names, ids);
+        }
         let missing: Vec<&AgentIdentity> = wanted
             .iter()
             .filter(|w| !keep.iter().any(|k| k.identity == w.name))
@@ -320,15 +331,6 @@ impl Tracker {
         };
         keep.append(&mut issued);
         keep.sort_by(|a, b| a.identity.cmp(&b.identity));
-        // Kernel verdicts first: once the process shows up as attested
-        // (SVIDs listed, Workload API answers), its verdicts are in place.
-        if let (Some(e), Some(exec_id)) = (self.enforcement.get(), exec_id) {
-            // Verdicts follow the identities the process matches, whether or
-            // not their SVIDs could be issued.
-            let names = wanted.iter().map(|w| w.name.clone()).collect();
-            let ids = wanted.iter().map(|w| w.spiffe_id.to_string()).collect();
-            e.process_updated(&info, exec_id, names, ids);
-        }
         let watched = {
             let procs = self.procs();
             procs

@@ -249,6 +249,10 @@ struct AgentOpts {
     /// Audit log (JSON lines) of connection decisions.
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    /// Loopback port where connections of processes not attested yet are
+    /// held while the agent attests them (0: any free port).
+    #[arg(long, default_value_t = 0, requires = "enforce_cgroup")]
+    hold_port: u16,
     /// Testing only: read the current Unix time for policy conditions from
     /// this file.
     #[arg(long, hide = true)]
@@ -396,6 +400,7 @@ fn agent_config(
             cgroup: cg.clone(),
             pin_dir: o.bpf_pin_dir.clone(),
             audit_log: o.audit_log.clone(),
+            hold_port: o.hold_port,
         });
     }
     if let Some(f) = &o.clock_file {
