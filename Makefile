@@ -1,22 +1,30 @@
 # `make demo` and `make test` do all set-up on a fresh Debian machine (root).
 CARGO ?= cargo
 APT_PACKAGES := build-essential pkg-config protobuf-compiler openssl curl util-linux python3-pip clang libbpf-dev
+# Real servers and clients the integration tests start (loopback only).
+TEST_APT_PACKAGES := redis-server redis-tools postgresql postgresql-client iproute2
 PY_SPIFFE := spiffe==0.3.2
 
 .PHONY: demo test bench deps test-deps build build-release fuzz-check clean
 
-# Installs only what is missing; apt-get update runs only when needed.
-deps:
+# Installs only the packages in $(1) that are missing; apt-get update runs
+# only when something is.
+define apt_install
 	@missing=""; \
-	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	command -v python3 >/dev/null || missing="$$missing python3"; \
+	for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(APT_PACKAGES))
+	@command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3; }
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found (Rust 1.95 via rustup is required)"; exit 1; }
 
 test-deps: deps
+	$(call apt_install,$(TEST_APT_PACKAGES))
 	@python3 -c "import spiffe" 2>/dev/null || python3 -m pip install -q "$(PY_SPIFFE)"
 
 build: deps

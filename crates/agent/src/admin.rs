@@ -125,6 +125,9 @@ impl AgentAdmin for AdminApi {
             let mut v = e.check(Some(&info), &names, &ids, dst, proto);
             v["pid"] = serde_json::json!(r.pid);
             v["exe"] = serde_json::json!(info.exe_path);
+            // What the kernel will do with this process's next connect:
+            // decide from its entry, or hold it (not attested yet).
+            v["kernel"] = e.kernel_state(r.pid as u32);
             v
         } else if !r.identity.is_empty() {
             let ident = reg

@@ -384,6 +384,19 @@ impl Enforcement {
         self.verdicts_changed.send_modify(|v| *v += 1);
     }
 
+    /// Whether the kernel holds a current entry for `tgid` (attested for
+    /// the image it runs now), and its subject.
+    pub fn kernel_state(&self, tgid: u32) -> serde_json::Value {
+        let entry = self.kernel.process(tgid).ok().flatten();
+        let exec_id = self.kernel.exec_id(tgid).ok();
+        match entry {
+            Some(p) if Some(p.exec_id) == exec_id => {
+                serde_json::json!({ "attested": true, "subject": p.subject })
+            }
+            _ => serde_json::json!({ "attested": false }),
+        }
+    }
+
     /// Follows changes of process entries (see [`Self::held_verdict`]).
     pub fn subscribe_verdicts(&self) -> watch::Receiver<u64> {
         self.verdicts_changed.subscribe()
@@ -629,7 +642,11 @@ impl Enforcement {
 
     fn audit_event(&self, ev: &tether_kernel::Event) {
         let c = Self::lock(&self.compiled);
-        let service = c.service_names.get(&ev.service_id).cloned().unwrap_or_default();
+        let service = c
+            .service_names
+            .get(&ev.service_id)
+            .cloned()
+            .unwrap_or_default();
         let rule = match ev.decision {
             Decision::Allow => c.rule_names.get(&ev.rule).cloned().unwrap_or_default(),
             Decision::Unattested | Decision::Held => "unattested".to_string(),
@@ -704,11 +721,18 @@ impl Enforcement {
                 }
             }
         };
-        let service = Self::lock(&self.compiled).service_names.get(&rec.service_id).cloned().unwrap_or_default();
+        let service = Self::lock(&self.compiled)
+            .service_names
+            .get(&rec.service_id)
+            .cloned()
+            .unwrap_or_default();
         let comm = match (&kernel_event, &d.proc) {
             (Some(ev), _) => ev.comm.clone(),
             (None, Some((info, _))) => info.name.clone(),
-            (None, None) => std::fs::read_to_string(format!("/proc/{}/comm", rec.tgid)).unwrap_or_default().trim().to_string(),
+            (None, None) => std::fs::read_to_string(format!("/proc/{}/comm", rec.tgid))
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
         };
         // The kernel event names the hook; without it, the flow's family
         // is the best guess (an IPv4-mapped connect6 reads as connect4).
@@ -722,7 +746,9 @@ impl Enforcement {
             tid: rec.pid,
             comm,
             uid: rec.uid,
-            gid: kernel_event.as_ref().map_or_else(|| d.proc.as_ref().map_or(0, |(i, _)| i.gid), |e| e.gid),
+            gid: kernel_event
+                .as_ref()
+                .map_or_else(|| d.proc.as_ref().map_or(0, |(i, _)| i.gid), |e| e.gid),
             proc: d.proc.clone(),
             dst: rec.original_dst,
             proto: Proto::Tcp,
@@ -737,10 +763,17 @@ impl Enforcement {
 
     fn emit(&self, a: Audit) {
         let (exe, sha, cgroup, spiffe) = match &a.proc {
-            Some((i, ids)) => (i.exe_path.clone(), i.sha256.clone(), i.cgroup.clone(), serde_json::json!(ids)),
+            Some((i, ids)) => (
+                i.exe_path.clone(),
+                i.sha256.clone(),
+                i.cgroup.clone(),
+                serde_json::json!(ids),
+            ),
             // Unattested: what /proc says now, best effort and unverified.
             None => (
-                std::fs::read_link(format!("/proc/{}/exe", a.tgid)).map(|p| p.display().to_string()).unwrap_or_default(),
+                std::fs::read_link(format!("/proc/{}/exe", a.tgid))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
                 String::new(),
                 String::new(),
                 serde_json::json!("unattested"),
@@ -761,7 +794,11 @@ impl Enforcement {
             rec["reason"] = serde_json::json!(r);
         }
         let line = rec.to_string();
-        let ident = a.proc.as_ref().and_then(|(_, ids)| ids.first().cloned()).unwrap_or_else(|| "unattested".into());
+        let ident = a
+            .proc
+            .as_ref()
+            .and_then(|(_, ids)| ids.first().cloned())
+            .unwrap_or_else(|| "unattested".into());
         self.metrics.connect_decision(a.verdict, &ident, &a.service);
         if let Some(f) = &self.audit_file {
             let mut f = Self::lock(f);

@@ -43,16 +43,28 @@ impl HoldListeners {
         for _ in 0..if port == 0 { 20 } else { 1 } {
             let v4 = TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
                 .await
-                .map_err(|e| anyhow::anyhow!("binding the hold listener on 127.0.0.1:{port}: {e}"))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("binding the hold listener on 127.0.0.1:{port}: {e}")
+                })?;
             let bound = v4.local_addr()?.port();
             match TcpListener::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), bound)).await {
-                Ok(v6) => return Ok(HoldListeners { v4, v6: Some(v6), port: bound }),
+                Ok(v6) => {
+                    return Ok(HoldListeners {
+                        v4,
+                        v6: Some(v6),
+                        port: bound,
+                    });
+                }
                 // Someone holds that port on [::1]; with an ephemeral port,
                 // try another.
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last_err = Some(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "no IPv6 loopback hold listener; unattested IPv6 connects are refused");
-                    return Ok(HoldListeners { v4, v6: None, port: bound });
+                    return Ok(HoldListeners {
+                        v4,
+                        v6: None,
+                        port: bound,
+                    });
                 }
             }
         }
@@ -67,7 +79,12 @@ impl HoldListeners {
     }
 
     /// Accepts on both listeners; one task per held connection.
-    pub fn serve(self, tracker: Arc<Tracker>, enforcement: Arc<Enforcement>, metrics: Arc<Metrics>) -> Vec<JoinHandle<()>> {
+    pub fn serve(
+        self,
+        tracker: Arc<Tracker>,
+        enforcement: Arc<Enforcement>,
+        metrics: Arc<Metrics>,
+    ) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
         for l in std::iter::once(self.v4).chain(self.v6) {
             let (t, e, m) = (tracker.clone(), enforcement.clone(), metrics.clone());
@@ -98,7 +115,13 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, tracker: Arc<Tracker>, enf: Arc<Enforcement>, metrics: Arc<Metrics>) {
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    tracker: Arc<Tracker>,
+    enf: Arc<Enforcement>,
+    metrics: Arc<Metrics>,
+) {
     let _ = client.set_nodelay(true);
     if !peer.ip().is_loopback() {
         metrics.held_connection("unredirected");
@@ -123,7 +146,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, tracker: Arc<Tracker>, enf:
         metrics.held_connection("denied");
         return reset(client);
     }
-    let upstream = match tokio::time::timeout(UPSTREAM_TIMEOUT, TcpStream::connect(rec.original_dst)).await {
+    let upstream = match tokio::time::timeout(
+        UPSTREAM_TIMEOUT,
+        TcpStream::connect(rec.original_dst),
+    )
+    .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(dst = %rec.original_dst, error = %e, "held connection allowed, but the destination refused");
@@ -152,7 +180,12 @@ async fn splice(mut a: TcpStream, mut b: TcpStream) {
 }
 
 fn deny(reason: String) -> HeldDecision {
-    HeldDecision { allow: false, rule: "unattested".to_string(), reason: Some(reason), proc: None }
+    HeldDecision {
+        allow: false,
+        rule: "unattested".to_string(),
+        reason: Some(reason),
+        proc: None,
+    }
 }
 
 /// Clock ticks per second, as /proc/<pid>/stat counts start times.
@@ -165,7 +198,11 @@ fn clock_ticks() -> u64 {
 /// Attests the process that made the held connection and returns the
 /// verdict for it. Only the exact instance (pid and start time) and image
 /// (exec id) that called connect() counts: anything else is a denial.
-async fn decide(tracker: &Arc<Tracker>, enf: &Arc<Enforcement>, rec: &HeldConnection) -> HeldDecision {
+async fn decide(
+    tracker: &Arc<Tracker>,
+    enf: &Arc<Enforcement>,
+    rec: &HeldConnection,
+) -> HeldDecision {
     let pid = rec.tgid as i32;
     let start_ticks = rec.start_boottime_ns / (1_000_000_000 / clock_ticks());
     let exec_id = ExecId(rec.exec_id);
@@ -176,7 +213,11 @@ async fn decide(tracker: &Arc<Tracker>, enf: &Arc<Enforcement>, rec: &HeldConnec
     }
     let pidfd = match PidFd::open(pid) {
         Ok(fd) => Arc::new(fd),
-        Err(e) => return deny(format!("process {pid} is gone ({e}); it could not be attested")),
+        Err(e) => {
+            return deny(format!(
+                "process {pid} is gone ({e}); it could not be attested"
+            ));
+        }
     };
     // Its own task: the attestation (and SVID issuance) completes even if
     // the verdict is known first.
@@ -192,7 +233,9 @@ async fn decide(tracker: &Arc<Tracker>, enf: &Arc<Enforcement>, rec: &HeldConnec
         if let Some(done) = &ensured {
             return deny(match done {
                 Err(e) => format!("attesting process {pid} failed: {e}"),
-                Ok(()) => format!("process {pid} is not the one that connected (it exited or exec'd since)"),
+                Ok(()) => format!(
+                    "process {pid} is not the one that connected (it exited or exec'd since)"
+                ),
             });
         }
         tokio::select! {

@@ -188,9 +188,17 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         // Listen before telling the kernel where to send held connections.
         let hold = hold::HoldListeners::bind(ec.hold_port).await?;
         let me = std::process::id();
-        let cfg = tether_kernel::HoldConfig { port: hold.port, v4: true, v6: hold.has_v6() };
-        e.kernel().set_agent(me).map_err(|err| anyhow::anyhow!("registering the agent with the kernel: {err}"))?;
-        e.kernel().set_hold(me, cfg).map_err(|err| anyhow::anyhow!("configuring held connections: {err}"))?;
+        let cfg = tether_kernel::HoldConfig {
+            port: hold.port,
+            v4: true,
+            v6: hold.has_v6(),
+        };
+        e.kernel()
+            .set_agent(me)
+            .map_err(|err| anyhow::anyhow!("registering the agent with the kernel: {err}"))?;
+        e.kernel()
+            .set_hold(me, cfg)
+            .map_err(|err| anyhow::anyhow!("configuring held connections: {err}"))?;
         tracing::info!(cgroup = %ec.cgroup.display(), hold_port = hold.port, "kernel enforcement active");
         tasks.extend(hold.serve(tracker.clone(), e.clone(), metrics.clone()));
     }

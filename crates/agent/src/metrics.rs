@@ -117,7 +117,11 @@ impl Metrics {
     }
 
     pub fn held_connection(&self, outcome: &str) {
-        self.held.get_or_create(&OutcomeLabels { outcome: outcome.to_string() }).inc();
+        self.held
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     pub fn connect_decision(&self, verdict: &str, identity: &str, service: &str) {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::kernel::{BpfMount, Cgroup};
 use common::*;
 
 #[test]
@@ -77,49 +78,6 @@ fn connect_main(out: &Path) {
     if let Ok(script) = std::env::var("TETHER_TEST_EXEC") {
         let err = Command::new("/bin/bash").args(["-c", &script]).exec();
         let _ = std::fs::write(out.join("exec-error"), err.to_string());
-    }
-}
-
-/// A cgroup of this test's own, removed (after killing what is left in it)
-/// on drop.
-struct Cgroup(PathBuf);
-
-impl Cgroup {
-    fn new(tag: &str) -> Cgroup {
-        let mnt = tether_kernel::cgroup2_mount().expect("cgroup2 mount");
-        let p = mnt.join(format!("tether-cli-test-{}-{tag}", std::process::id()));
-        std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
-        Cgroup(p)
-    }
-
-    /// Makes `cmd` join this cgroup before it execs (while still root).
-    fn enter(&self, cmd: &mut Command) {
-        let procs = self.0.join("cgroup.procs");
-        // SAFETY: the closure only writes a file, which is async-signal-safe
-        // enough for pre_exec (no allocation-dependent locking in our use).
-        unsafe {
-            cmd.pre_exec(move || std::fs::write(&procs, "0"));
-        }
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        for _ in 0..300 {
-            let procs = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
-            if procs.trim().is_empty() {
-                break;
-            }
-            for pid in procs
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                // SAFETY: kill(2) on processes this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = std::fs::remove_dir(&self.0);
     }
 }
 
@@ -483,31 +441,6 @@ fn time_window_condition_allows_inside_and_denies_outside() {
     ]);
     assert!(c.contains("does not hold"), "{c}");
     let _ = std::fs::remove_file(&clock);
-}
-
-/// A private bpffs for pinned programs and maps, unmounted on drop.
-struct BpfMount(tempfile::TempDir);
-
-impl BpfMount {
-    fn new() -> BpfMount {
-        let d = tempfile::Builder::new()
-            .prefix("tether-cli-bpffs-")
-            .tempdir()
-            .expect("tempdir");
-        let st = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(d.path())
-            .status()
-            .expect("mount");
-        assert!(st.success(), "mounting bpffs failed");
-        BpfMount(d)
-    }
-}
-
-impl Drop for BpfMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
 }
 
 #[test]

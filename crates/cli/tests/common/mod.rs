@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod kernel;
+
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
