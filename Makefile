@@ -34,6 +34,7 @@ build-release: deps
 	$(CARGO) build --locked --release -p tether
 
 demo: build
+	$(call apt_install,redis-server redis-tools)
 	./scripts/demo.sh
 
 test: test-deps

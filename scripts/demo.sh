@@ -20,7 +20,7 @@ CG=${CG_ROOT:+$CG_ROOT/tether-demo}
 cleanup() {
   [ -n "${UP_PID:-}" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null || true
   [ -n "${HOLD_PID:-}" ] && kill "$HOLD_PID" 2>/dev/null || true
-  [ -n "${DB_PID:-}" ] && kill "$DB_PID" 2>/dev/null || true
+  [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
   if [ -n "$CG" ] && [ -d "$CG" ]; then
     for p in $(cat "$CG/cgroup.procs" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
     sleep 0.2; rmdir "$CG" 2>/dev/null || true
@@ -33,7 +33,6 @@ rm -rf "$DEMO"; mkdir -p "$DEMO/bin" "$RUN"; chmod 755 "$DEMO" "$DEMO/bin" "$RUN
 [ -d "$CG" ] && rmdir "$CG" 2>/dev/null; mkdir -p "$CG"
 # in_cg CMD...: run CMD inside the enforced cgroup.
 in_cg() { sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG" "$@"; }
-install -m 755 /bin/bash "$DEMO/bin/reporter"
 # The "workload": a copy of the tether binary, used only for its `fetch`
 # command (a plain SPIFFE Workload API client).
 install -m 755 "$TETHER" "$DEMO/bin/app"
@@ -88,32 +87,58 @@ sleep 0.3
 show "$TETHER" svids
 svid_metrics
 
-step "9. Connection-time enforcement: a 'database' on 127.0.0.1:7379, password in every environment"
-python3 -c 'import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", 7379)); s.listen(16)
-while True:
-    c, _ = s.accept(); c.sendall(b"+OK welcome\r\n"); c.close()' &
-DB_PID=$!
-export DB_PASSWORD=hunter2
+step "9. Connection-time enforcement: a password-protected Redis on port 7379"
+export REDISCLI_AUTH=demo-password   # every process below holds the password
+redis-server --port 7379 --bind "127.0.0.1 ::1" --requirepass "$REDISCLI_AUTH" \
+  --save "" --appendonly no --dir "$DEMO" >"$DEMO/redis.log" 2>&1 &
+REDIS_PID=$!
+for _ in $(seq 50); do redis-cli -p 7379 PING 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+RC=$(readlink -f "$(command -v redis-cli)")
+echo "Only this machine's redis-cli (by sha256, path and uid 0) may use it:"
+cat >"$DEMO/redis-cli.yaml" <<EOF
+apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {name: redis-cli}
+spec:
+  spiffeId: spiffe://example.org/redis-cli
+  selectors: [["process:sha256:$(sha256sum "$RC" | cut -d' ' -f1)", "process:path:$RC", "unix:uid:0"]]
+EOF
+sed 's/^/    /' "$DEMO/redis-cli.yaml"
+show "$TETHER" apply -f "$DEMO/redis-cli.yaml"
 sleep 0.3
-echo "processes below run inside the enforced cgroup $CG"
-echo "\$ reporter -c 'sleep 0.5; exec 3<>/dev/tcp/127.0.0.1/7379; head -1 <&3'    # the authorized program"
-in_cg "$DEMO/bin/reporter" -c 'sleep 0.5; exec 3<>/dev/tcp/127.0.0.1/7379 && head -1 <&3' || echo "UNEXPECTED: refused"
-echo "\$ bash -c 'echo AUTH \$DB_PASSWORD > /dev/tcp/127.0.0.1/7379'                # a shell with the password"
-in_cg /bin/bash -c 'echo "AUTH $DB_PASSWORD" > /dev/tcp/127.0.0.1/7379' 2>&1 | sed 's/^/    /' || true
-echo "\$ python3 -c 'socket.create_connection((\"::1\", 7379))'                      # another tool, over IPv6"
-in_cg python3 -c 'import socket
+echo "Processes below run inside the enforced cgroup $CG, with REDISCLI_AUTH set."
+echo "The authorized client, started fresh (a connect made before the agent has"
+echo "attested it is held for the agent, never refused and never let through blind):"
+echo "\$ redis-cli -p 7379 SET report ready; redis-cli -h ::1 -p 7379 GET report"
+in_cg "$RC" -p 7379 SET report ready | sed 's/^/    /'
+in_cg "$RC" -h ::1 -p 7379 GET report | sed 's/^/    /'
+echo "Everything else is refused at connect(), password or not:"
+echo "\$ bash -c 'echo AUTH \$REDISCLI_AUTH > /dev/tcp/127.0.0.1/7379'   # a shell"
+in_cg /bin/bash -c 'sleep 0.2; echo "AUTH $REDISCLI_AUTH" > /dev/tcp/127.0.0.1/7379' 2>&1 | sed 's/^/    /' || true
+echo "\$ python3 -c 'socket.create_connection((\"::1\", 7379))'      # another tool, over IPv6"
+in_cg python3 -c 'import socket, time
+time.sleep(0.2)
 try:
     socket.create_connection(("::1", 7379)); print("    connected")
 except OSError as e:
     print("    refused:", e)'
+install -m 755 "$RC" "$DEMO/bin/redis-cli"
+echo "\$ $DEMO/bin/redis-cli -p 7379 GET report   # the same bytes at another path"
+in_cg "$DEMO/bin/redis-cli" -p 7379 GET report 2>&1 | sed 's/^/    /' || true
+echo "\$ setpriv --reuid=nobody ... redis-cli -p 7379 GET report     # the real one, another user"
+in_cg setpriv --reuid=nobody --regid=nogroup --clear-groups "$RC" -p 7379 GET report 2>&1 | sed 's/^/    /' || true
+echo "Redis accepted only the authorized connections (and this query's):"
+redis-cli -p 7379 INFO stats | tr -d '\r' | grep total_connections_received | sed 's/^/    /'
 
-step "10. Every decision is audited; policy check names the rule"
+step "10. Every decision is audited (held ones too); policy check names the rule"
 sleep 0.3
 echo "\$ tether events"
 "$TETHER" events | python3 -c 'import json,sys
 for l in sys.stdin:
     e = json.loads(l)
-    print("    {verdict:16} {comm:10} -> {destination:18} service={service} rule={rule}".format(**e))'
-show "$TETHER" policy check --identity reporter --to 127.0.0.1:7379
+    who = e["spiffeId"] if isinstance(e["spiffeId"], str) else (",".join(e["spiffeId"]) or "no identity")
+    print("    {:6} {:9} pid {:<7} {:30} -> {:16} rule={}{}".format(e["verdict"], e["comm"], e["pid"], who, e["destination"], e["rule"], " (held)" if e.get("held") else ""))'
+show "$TETHER" policy check --identity redis-cli --to 127.0.0.1:7379
+curl -s "http://$METRICS/metrics" | grep -E '^tether_agent_(connect_decisions|held_connections)_total' | sed 's/^/    /'
 
 step "Done. Tether log: $DEMO/tether.log, audit log: $DEMO/audit.log"

@@ -794,11 +794,11 @@ impl Enforcement {
             rec["reason"] = serde_json::json!(r);
         }
         let line = rec.to_string();
-        let ident = a
-            .proc
-            .as_ref()
-            .and_then(|(_, ids)| ids.first().cloned())
-            .unwrap_or_else(|| "unattested".into());
+        // "none": attested, but no identity; "unattested": not known.
+        let ident = match &a.proc {
+            Some((_, ids)) => ids.first().cloned().unwrap_or_else(|| "none".into()),
+            None => "unattested".into(),
+        };
         self.metrics.connect_decision(a.verdict, &ident, &a.service);
         if let Some(f) = &self.audit_file {
             let mut f = Self::lock(f);
