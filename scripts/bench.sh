@@ -38,6 +38,20 @@ connect_doc() {
   echo "  over the rounds of the per-run p50/p99/mean. The last column shows the"
   echo "  spread of p50 between runs: differences smaller than it are noise."
 }
+held_doc() {
+  echo "- Each process is the bench binary re-executed (\`--connect-once PORT\`), moved"
+  echo "  into \`<cgroup2>/tether-bench-<pid>-held\` before exec: it connects to"
+  echo "  127.0.0.1 and reads the server's one-byte greeting, so it only counts if"
+  echo "  its connection really reached the server. Timed: spawn to exit."
+  echo "- A second in-process agent enforces that cgroup (\`tether_agent::start\` with"
+  echo "  \`EnforceConfig\`, hold listener on loopback). The binary is registered by"
+  echo "  sha256 and path, a Service covers the protected port, an AccessPolicy allows it."
+  echo "- *baseline*: the same fresh processes connecting to an unprotected port"
+  echo "  (the hook runs and finds no service). *protected*: each process's first"
+  echo "  connect is decided in the kernel if the agent attested it in time, or held"
+  echo "  and completed by the agent otherwise; the held share is reported."
+  echo "  Baseline and protected rounds alternate."
+}
 out=$(mktemp)
 ./target/release/tether-bench | tee "$out"
 {
@@ -55,6 +69,7 @@ out=$(mktemp)
     case "$line" in
       "## SVID issuance"*) echo; issuance_doc ;;
       "## connect() latency"*) echo; connect_doc ;;
+      "## First connects"*) echo; held_doc ;;
     esac
   done < "$out"
   echo

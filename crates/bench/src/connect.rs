@@ -192,17 +192,18 @@ pub fn child_main(args: &[String]) -> anyhow::Result<()> {
 
 /// `<cgroup2>/tether-bench-<pid>`, removed on drop after killing whatever is
 /// still inside.
-struct BenchCgroup {
-    path: PathBuf,
+pub(crate) struct BenchCgroup {
+    pub(crate) path: PathBuf,
 }
 
 const CGROUP_PREFIX: &str = "tether-bench-";
 
 impl BenchCgroup {
-    fn new() -> anyhow::Result<Self> {
+    /// `<cgroup2>/tether-bench-<pid>-<tag>`.
+    pub(crate) fn new(tag: &str) -> anyhow::Result<Self> {
         let mnt = tether_kernel::cgroup2_mount().context("no cgroup2 mount in /proc/mounts")?;
         sweep_stale(&mnt);
-        let path = mnt.join(format!("{CGROUP_PREFIX}{}", std::process::id()));
+        let path = mnt.join(format!("{CGROUP_PREFIX}{}-{tag}", std::process::id()));
         // By construction a child of the mount, never the root itself.
         ensure!(path.parent() == Some(mnt.as_path()) && path != mnt);
         fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
@@ -242,6 +243,7 @@ fn sweep_stale(mnt: &Path) {
         let name = e.file_name().to_string_lossy().into_owned();
         let gone = name
             .strip_prefix(CGROUP_PREFIX)
+            .and_then(|p| p.split('-').next())
             .and_then(|p| p.parse::<u32>().ok())
             .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
         if gone {
@@ -417,20 +419,13 @@ pub fn run() -> String {
             let _ = writeln!(s, "not measured: {e:#}\n");
         }
     }
-    let _ = writeln!(
-        s,
-        "connect decisions per second for processes the agent has to attest first: \
-         not measurable yet. An unattested process is denied (EPERM) today; the hold \
-         path (the hook hands the connect to the agent, which attests and completes \
-         it) does not exist, so there is nothing honest to time."
-    );
     s
 }
 
 fn measure() -> anyhow::Result<String> {
     // Declared before everything that uses it, so it is dropped last: the
     // enforcer detaches and the children die before the rmdir.
-    let cg = BenchCgroup::new()?;
+    let cg = BenchCgroup::new("connect")?;
     let listener = Listener::start()?;
     let port = listener.port;
     let protected = DstPrefix::host(IpAddr::V4(Ipv4Addr::LOCALHOST), port, Proto::Tcp);

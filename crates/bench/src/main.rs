@@ -5,6 +5,7 @@
 //! loads BPF programs into a cgroup of its own).
 
 mod connect;
+mod held;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -53,6 +54,9 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some(connect::CHILD_ARG) {
         return connect::child_main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some(held::CHILD_ARG) {
+        return held::child_main(&args[2..]);
+    }
     // Before the server and agent exist: the agent follows every exec on the
     // machine, and this benchmark's children would keep it busy meanwhile.
     let connect_section = connect::run();
@@ -79,14 +83,7 @@ async fn issuance() -> anyhow::Result<()> {
     // A cached binary for the exec benchmark: a copy of /bin/sleep.
     let bin = dir.path().join("bench-workload");
     std::fs::copy("/bin/sleep", &bin)?;
-    let sha = {
-        let data = std::fs::read(&bin)?;
-        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &data)
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let sha = sha256_hex(&std::fs::read(&bin)?);
     let manifest = format!(
         "apiVersion: tether.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {{name: bench}}\nspec:\n  spiffeId: spiffe://example.org/bench\n  selectors: [[\"process:sha256:{sha}\"]]\n"
     );
@@ -283,8 +280,60 @@ async fn issuance() -> anyhow::Result<()> {
     println!("cores: {cores}");
     println!();
     drop(agent);
+
+    // --- first connects under enforcement ----------------------------
+    // A second agent, enforcing a cgroup of the bench's own.
+    let cg = connect::BenchCgroup::new("held")?;
+    let token = admin
+        .clone()
+        .create_join_token(CreateJoinTokenRequest {
+            ttl_secs: 60,
+            node_name: "bench-enforce".into(),
+        })
+        .await?
+        .into_inner()
+        .token;
+    let mut acfg = tether_agent::AgentConfig::new(
+        server.node_addr.to_string(),
+        td.clone(),
+        "bench-enforce".into(),
+        dir.path().join("agent2"),
+    );
+    acfg.join_token = Some(token);
+    acfg.bootstrap_bundle = Some(server.state.current_bundle());
+    acfg.workload_socket = dir.path().join("w2.sock");
+    acfg.admin_socket = dir.path().join("a2.sock");
+    acfg.metrics = None;
+    acfg.enforce = Some(tether_agent::EnforceConfig {
+        cgroup: cg.path.clone(),
+        pin_dir: None,
+        audit_log: None,
+        hold_port: 0,
+    });
+    let agent = tether_agent::start(acfg).await?;
+    let section = held::run(&agent, &cg, async |manifest: String| {
+        admin
+            .clone()
+            .apply(ApplyRequest {
+                source: "bench-held".into(),
+                manifest: manifest.into_bytes(),
+            })
+            .await?;
+        Ok(())
+    })
+    .await?;
+    print!("{section}");
+    drop(agent);
     drop(server);
     Ok(())
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn now() -> i64 {

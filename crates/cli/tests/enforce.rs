@@ -177,7 +177,8 @@ spec:
 
     /// Runs `exe` in the enforced cgroup as a connecting workload. With
     /// `attested`, it connects only once the agent holds its SVID (the
-    /// agent's hold path for brand-new processes is not built yet);
+    /// kernel then decides it; connects before that are held, which
+    /// tests/containment.rs covers);
     /// otherwise after `delay_ms`.
     fn run(&self, exe: &Path, uid: Option<u32>, name: &str, delay_ms: u32) -> String {
         self.run_opts(exe, uid, name, delay_ms, false)
@@ -287,8 +288,8 @@ fn all(res: &str, want: &str) -> bool {
 #[test]
 fn only_the_authorized_process_connects_and_every_decision_is_audited() {
     let f = Fixture::new("contain", None, &[]);
-    // The authorized client (attested before it connects: the agent's hold
-    // path for brand-new processes is not built yet).
+    // The authorized client, attested before it connects so the kernel
+    // decides (held connects are covered in tests/containment.rs).
     let ok = f.run_attested(&f.exe, "authorized");
     assert!(
         all(&ok, "ok"),
