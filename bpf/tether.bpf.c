@@ -104,10 +104,15 @@ struct redirect {
 	__u16 pad2;
 	__u64 exec_id;
 	__u64 start_ns; /* process start, CLOCK_BOOTTIME ns (as /proc stat) */
+	__u8 local_addr[16]; /* client address, IPv4-mapped for IPv4; sock_ops */
 };
 
+/* The client's full address, not just its port: a process binding another
+ * loopback address with the same port must not match someone else's
+ * record. */
 struct held_key {
-	__u16 port; /* the client's local port, host order */
+	__u8 addr[16]; /* IPv4-mapped for IPv4 flows */
+	__u16 port;    /* host order */
 	__u8 v6;
 	__u8 pad;
 };
@@ -155,10 +160,10 @@ _Static_assert(sizeof(struct dst_key) == 24, "dst_key ABI");
 _Static_assert(sizeof(struct proc_state) == 16, "proc_state ABI");
 _Static_assert(sizeof(struct event) == 88, "event ABI");
 _Static_assert(sizeof(struct hold_cfg) == 16, "hold_cfg ABI");
-_Static_assert(sizeof(struct redirect) == 56, "redirect ABI");
+_Static_assert(sizeof(struct redirect) == 72, "redirect ABI");
 _Static_assert(__builtin_offsetof(struct redirect, exec_id) == 40, "redirect ABI");
-_Static_assert(sizeof(struct held_key) == 4, "held_key ABI");
-_Static_assert(sizeof(struct held) == 64, "held ABI");
+_Static_assert(sizeof(struct held_key) == 20, "held_key ABI");
+_Static_assert(sizeof(struct held) == 80, "held ABI");
 _Static_assert(__builtin_offsetof(struct event, verdict) == 44, "event ABI");
 _Static_assert(__builtin_offsetof(struct event, addr) == 48, "event ABI");
 _Static_assert(__builtin_offsetof(struct event, hook) == 64, "event ABI");
@@ -305,6 +310,7 @@ static __always_inline bool hold(struct bpf_sock_addr *ctx, __u8 hook, __u32 pro
 	r->pad2 = 0;
 	r->exec_id = exec_id_of(tgid);
 	r->start_ns = BPF_CORE_READ(task, group_leader, start_boottime);
+	__builtin_memset(r->local_addr, 0, 16);
 
 	__u32 port = cfg->port;
 	if (hook == HOOK_CONNECT4) {
@@ -539,13 +545,36 @@ int tether_sockops(struct bpf_sock_ops *skops)
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
 		struct held h;
 
-		k.port = (__u16)skops->local_port;
-		r->local_port = k.port;
+		if (r->flow_v6) {
+			__u32 a0 = skops->local_ip6[0], a1 = skops->local_ip6[1];
+			__u32 a2 = skops->local_ip6[2], a3 = skops->local_ip6[3];
+
+			full_width(a0);
+			full_width(a1);
+			full_width(a2);
+			full_width(a3);
+			__builtin_memcpy(&r->local_addr[0], &a0, 4);
+			__builtin_memcpy(&r->local_addr[4], &a1, 4);
+			__builtin_memcpy(&r->local_addr[8], &a2, 4);
+			__builtin_memcpy(&r->local_addr[12], &a3, 4);
+		} else {
+			__u32 a = skops->local_ip4;
+
+			full_width(a);
+			__builtin_memset(r->local_addr, 0, 10);
+			r->local_addr[10] = 0xff;
+			r->local_addr[11] = 0xff;
+			__builtin_memcpy(&r->local_addr[12], &a, 4);
+		}
+		r->local_port = (__u16)skops->local_port;
+		__builtin_memcpy(k.addr, r->local_addr, 16);
+		k.port = r->local_port;
 		__builtin_memcpy(&h.r, r, sizeof(h.r));
 		h.cookie = cookie;
 		bpf_map_update_elem(&held, &k, &h, BPF_ANY);
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	} else if (skops->args[1] == BPF_TCP_CLOSE) {
+		__builtin_memcpy(k.addr, r->local_addr, 16);
 		k.port = r->local_port;
 		struct held *h = bpf_map_lookup_elem(&held, &k);
 		if (h && h->cookie == cookie)
@@ -607,7 +636,9 @@ int tether_fork(struct bpf_raw_tracepoint_args *ctx)
 		bpf_map_update_elem(&execs, &child_tgid, ex, BPF_ANY);
 	else
 		bpf_map_delete_elem(&execs, &child_tgid);
-	if (ps)
+	/* The agent's exemption is the agent's alone: a child it forks starts
+	 * unattested. */
+	if (ps && !(ps->flags & PROC_AGENT))
 		bpf_map_update_elem(&procs, &child_tgid, ps, BPF_ANY);
 	else
 		bpf_map_delete_elem(&procs, &child_tgid);

@@ -83,8 +83,10 @@ pub struct HeldDecision {
 }
 
 /// A kernel "held" event with no decision after this long never reached
-/// the agent (the client gave up, or the agent was restarting).
-const HOLD_UNCLAIMED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+/// the agent (the client gave up, or the agent was restarting). Longer than
+/// the hold listener's own attestation timeout, so a slow decision is not
+/// recorded twice.
+const HOLD_UNCLAIMED_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 /// A decision whose kernel event never came (ring buffer full) is forgotten.
 const HOLD_FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -340,6 +342,11 @@ impl Enforcement {
         identities: Vec<String>,
         spiffe_ids: Vec<String>,
     ) {
+        // The agent's own entry (PROC_AGENT) must never be replaced by an
+        // ordinary subject.
+        if info.pid as u32 == std::process::id() {
+            return;
+        }
         let reg = Self::lock(&self.registry).clone();
         let allowed = self.evaluate(&reg, Some(info), &identities, &spiffe_ids);
         let mut procs = Self::lock(&self.procs);

@@ -27,6 +27,9 @@ use crate::tracker::Tracker;
 const ATTEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent tries to reach the original destination.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Held connections being decided or spliced at once; beyond it new ones
+/// are reset, so a connect flood cannot exhaust the agent's descriptors.
+const MAX_HELD: usize = 4096;
 
 pub struct HoldListeners {
     v4: TcpListener,
@@ -86,14 +89,29 @@ impl HoldListeners {
         metrics: Arc<Metrics>,
     ) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HELD));
         for l in std::iter::once(self.v4).chain(self.v6) {
-            let (t, e, m) = (tracker.clone(), enforcement.clone(), metrics.clone());
+            let (t, e, m, slots) = (
+                tracker.clone(),
+                enforcement.clone(),
+                metrics.clone(),
+                slots.clone(),
+            );
             tasks.push(tokio::spawn(async move {
                 loop {
                     match l.accept().await {
                         Ok((s, peer)) => {
+                            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                                tracing::warn!(%peer, "too many held connections; reset");
+                                m.held_connection("overload");
+                                reset(s);
+                                continue;
+                            };
                             let (t, e, m) = (t.clone(), e.clone(), m.clone());
-                            tokio::spawn(handle(s, peer, t, e, m));
+                            tokio::spawn(async move {
+                                handle(s, peer, t, e, m).await;
+                                drop(slot);
+                            });
                         }
                         Err(err) => {
                             // EMFILE and friends: back off rather than spin.
@@ -127,7 +145,7 @@ async fn handle(
         metrics.held_connection("unredirected");
         return reset(client);
     }
-    let rec = match enf.kernel().take_held(peer.port(), peer.is_ipv6()) {
+    let rec = match enf.kernel().take_held(peer) {
         Ok(Some(r)) => r,
         Ok(None) => {
             tracing::warn!(%peer, "connection to the hold port that the kernel did not redirect; reset");

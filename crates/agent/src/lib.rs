@@ -115,6 +115,13 @@ impl Drop for RunningAgent {
         for t in &self.tasks {
             t.abort();
         }
+        // The hold listener is gone with the tasks: stop sending held
+        // connections to a port anyone could now bind. (A crash needs no
+        // such step: the exit tracepoint frees the agent's entry.)
+        if let Some(e) = self.tracker.enforcement.get() {
+            let _ = e.kernel().clear_hold();
+            let _ = e.kernel().remove_process(std::process::id());
+        }
     }
 }
 
@@ -193,13 +200,21 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
             v4: true,
             v6: hold.has_v6(),
         };
-        e.kernel()
+        // Without holding (an old kernel, say), unattested processes are
+        // refused instead: safe, but their first connection can fail.
+        let registered = e
+            .kernel()
             .set_agent(me)
-            .map_err(|err| anyhow::anyhow!("registering the agent with the kernel: {err}"))?;
-        e.kernel()
-            .set_hold(me, cfg)
-            .map_err(|err| anyhow::anyhow!("configuring held connections: {err}"))?;
-        tracing::info!(cgroup = %ec.cgroup.display(), hold_port = hold.port, "kernel enforcement active");
+            .and_then(|()| e.kernel().set_hold(me, cfg));
+        match registered {
+            Ok(()) => {
+                tracing::info!(cgroup = %ec.cgroup.display(), hold_port = hold.port, "kernel enforcement active")
+            }
+            Err(err) => tracing::warn!(
+                cgroup = %ec.cgroup.display(), error = %err,
+                "kernel enforcement active, but connections of processes not attested yet cannot be held; they are refused"
+            ),
+        }
         tasks.extend(hold.serve(tracker.clone(), e.clone(), metrics.clone()));
     }
     tasks.push(tokio::spawn(watch_registry(

@@ -170,6 +170,8 @@ pub(crate) const HOLD_V6: u8 = 2;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct HeldKey {
+    /// Client address, IPv4-mapped for IPv4 flows.
+    pub(crate) addr: [u8; 16],
     pub(crate) port: u16,
     pub(crate) v6: u8,
     pub(crate) pad: u8,
@@ -179,7 +181,7 @@ pub(crate) struct HeldKey {
 /// parsed field by field so no layout assumption hides in a transmute.
 #[repr(C, align(8))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct HeldRaw(pub(crate) [u8; 64]);
+pub(crate) struct HeldRaw(pub(crate) [u8; 80]);
 
 /// A connection the kernel redirected to the agent's hold listener because
 /// its process was not attested yet, as published by sock_ops under the
@@ -223,7 +225,7 @@ impl HeldRaw {
             local_port: u16::from_ne_bytes([b[36], b[37]]),
             exec_id: u64_at(b, 40),
             start_boottime_ns: u64_at(b, 48),
-            socket_cookie: u64_at(b, 56),
+            socket_cookie: u64_at(b, 72),
         }
     }
 }
@@ -233,7 +235,7 @@ impl HeldRaw {
 unsafe impl aya::Pod for ProcState {}
 // SAFETY: as above (4 + 2 + 1 + 1 + 8 = 16 bytes, no padding).
 unsafe impl aya::Pod for HoldCfg {}
-// SAFETY: as above (2 + 1 + 1 bytes).
+// SAFETY: as above (16 + 2 + 1 + 1 bytes).
 unsafe impl aya::Pod for HeldKey {}
 // SAFETY: a byte array.
 unsafe impl aya::Pod for HeldRaw {}
@@ -387,8 +389,8 @@ mod tests {
         assert_eq!(size_of::<PolicyKey>(), 8);
         assert_eq!(size_of::<VerdictValue>(), 8);
         assert_eq!(size_of::<HoldCfg>(), 16);
-        assert_eq!(size_of::<HeldKey>(), 4);
-        assert_eq!(size_of::<HeldRaw>(), 64);
+        assert_eq!(size_of::<HeldKey>(), 20);
+        assert_eq!(size_of::<HeldRaw>(), 80);
         assert_eq!(size_of::<aya::maps::lpm_trie::Key<DstKeyData>>(), 24);
     }
 
@@ -436,7 +438,7 @@ mod tests {
 
     #[test]
     fn held_record_fields() {
-        let mut b = [0u8; 64];
+        let mut b = [0u8; 80];
         b[0..16].copy_from_slice(&Ipv4Addr::new(10, 0, 0, 7).to_ipv6_mapped().octets());
         b[16..18].copy_from_slice(&6379u16.to_be_bytes());
         b[18] = 0;
@@ -444,11 +446,15 @@ mod tests {
         b[32..36].copy_from_slice(&9u32.to_ne_bytes());
         b[36..38].copy_from_slice(&40000u16.to_ne_bytes());
         b[40..48].copy_from_slice(&77u64.to_ne_bytes());
-        b[56..64].copy_from_slice(&5u64.to_ne_bytes());
+        b[24..28].copy_from_slice(&1235u32.to_ne_bytes());
+        b[28..32].copy_from_slice(&1000u32.to_ne_bytes());
+        b[48..56].copy_from_slice(&42u64.to_ne_bytes());
+        b[72..80].copy_from_slice(&5u64.to_ne_bytes());
         let h = HeldRaw(b).parse();
         assert_eq!(h.original_dst, "10.0.0.7:6379".parse().unwrap());
         assert_eq!((h.tgid, h.service_id, h.local_port), (1234, 9, 40000));
         assert_eq!((h.exec_id, h.socket_cookie, h.flow_v6), (77, 5, false));
+        assert_eq!((h.pid, h.uid, h.start_boottime_ns), (1235, 1000, 42));
     }
 
     #[test]

@@ -46,6 +46,7 @@
 use std::{
     fs::{self, File},
     io,
+    net::{IpAddr, SocketAddr},
     os::{
         fd::{AsFd as _, BorrowedFd, OwnedFd},
         unix::fs::MetadataExt as _,
@@ -297,14 +298,14 @@ const MAPS: [MapSpec; 9] = [
         name: "redirects",
         kind: MapType::SkStorage,
         key: 4,
-        value: 56,
+        value: 72,
         max_entries: 0,
     },
     MapSpec {
         name: "held",
         kind: MapType::LruHash,
-        key: 4,
-        value: 64,
+        key: 20,
+        value: 80,
         max_entries: 16384,
     },
 ];
@@ -605,8 +606,9 @@ where
 }
 
 impl Enforcer {
-    /// Loads the programs, attaches the four socket hooks to `cfg.cgroup` and
-    /// the three process tracepoints, and (with `cfg.pin_dir`) pins or adopts
+    /// Loads the programs, attaches the seven socket programs (decision,
+    /// getpeername and sock_ops hooks) to `cfg.cgroup` and the three
+    /// process tracepoints, and (with `cfg.pin_dir`) pins or adopts
     /// them; see the module docs.
     pub fn load(cfg: &EnforcerConfig) -> Result<Self, KernelError> {
         let (cgroup, cgroup_id) = open_cgroup(&cfg.cgroup)?;
@@ -855,19 +857,19 @@ impl Enforcer {
             .map_err(|e| map_err("config", "update", &e))
     }
 
-    /// Claims the held connection whose client port is `peer_port` (the
-    /// peer port of a connection accepted on the hold listener; `v6` when
-    /// accepted on the [::1] listener). Each record can be claimed once; a
-    /// connection to the hold port that the kernel did not redirect has
-    /// none.
-    pub fn take_held(
-        &self,
-        peer_port: u16,
-        v6: bool,
-    ) -> Result<Option<HeldConnection>, KernelError> {
+    /// Claims the held connection whose client is `peer` (the peer address
+    /// of a connection accepted on the hold listener: an IPv6 peer means
+    /// the [::1] listener). Each record can be claimed once; a connection
+    /// to the hold port that the kernel did not redirect has none.
+    pub fn take_held(&self, peer: SocketAddr) -> Result<Option<HeldConnection>, KernelError> {
+        let (addr, v6) = match peer.ip() {
+            IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), 0),
+            IpAddr::V6(a) => (a.octets(), 1),
+        };
         let key = HeldKey {
-            port: peer_port,
-            v6: u8::from(v6),
+            addr,
+            port: peer.port(),
+            v6,
             pad: 0,
         };
         let mut map = lock(&self.held);

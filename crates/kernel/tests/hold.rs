@@ -31,7 +31,23 @@ fn me() -> u32 {
 /// Accepts one connection on `l`, claims its held record, answers "held".
 fn serve_one(e: &Enforcer, l: &TcpListener) -> (Option<HeldConnection>, SocketAddr) {
     let (s, peer) = l.accept().expect("accept on the hold listener");
-    let rec = e.take_held(peer.port(), peer.is_ipv6()).expect("take_held");
+    // Same port, another loopback address: must not claim this record.
+    if peer.is_ipv4() {
+        let spoof = connect_from(
+            Ipv4Addr::new(127, 0, 0, 2),
+            peer.port(),
+            l.local_addr().expect("addr").port(),
+        );
+        let (_s2, spoof_peer) = l.accept().expect("accept the spoofing connection");
+        assert_eq!(spoof_peer.port(), peer.port());
+        assert_eq!(
+            e.take_held(spoof_peer).expect("take_held"),
+            None,
+            "claimed by address and port"
+        );
+        drop(spoof);
+    }
+    let rec = e.take_held(peer).expect("take_held");
     let mut line = String::new();
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
@@ -39,6 +55,50 @@ fn serve_one(e: &Enforcer, l: &TcpListener) -> (Option<HeldConnection>, SocketAd
     assert_eq!(line, "hello\n");
     (&s).write_all(b"held\n").expect("answer");
     (rec, peer)
+}
+
+/// A TCP connection from `src:src_port` to 127.0.0.1:`port` (std cannot
+/// bind before connecting).
+fn connect_from(src: Ipv4Addr, src_port: u16, port: u16) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    let sa = |ip: Ipv4Addr, p: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: p.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a fd we own; the sockaddrs outlive them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            4,
+        );
+        let a = sa(src, src_port);
+        assert_eq!(
+            libc::bind(fd, (&raw const a).cast(), len),
+            0,
+            "bind {src}:{src_port}: {}",
+            std::io::Error::last_os_error()
+        );
+        let d = sa(Ipv4Addr::LOCALHOST, port);
+        assert_eq!(
+            libc::connect(fd, (&raw const d).cast(), len),
+            0,
+            "connect: {}",
+            std::io::Error::last_os_error()
+        );
+        owned
+    }
 }
 
 /// /proc/<pid>/stat starttime, in clock ticks.
@@ -111,7 +171,7 @@ fn unattested_tcp_is_held_for_the_agent() {
         assert_eq!(rec.local_port, peer.port());
         assert!(!rec.flow_v6);
         // Claimed once only.
-        assert_eq!(e.take_held(peer.port(), false).expect("take_held"), None);
+        assert_eq!(e.take_held(peer).expect("take_held"), None);
 
         // IPv6: held on the [::1] listener.
         let t = s.spawn(|| serve_one(&e, &h6));
@@ -193,7 +253,7 @@ fn a_connection_the_kernel_did_not_redirect_has_no_record() {
     // And one from outside it.
     let _out = TcpStream::connect((LO4, hold_port)).expect("connect");
     let (_s, peer) = h4.accept().expect("accept");
-    assert_eq!(e.take_held(peer.port(), false).expect("take_held"), None);
+    assert_eq!(e.take_held(peer).expect("take_held"), None);
 }
 
 #[test]
