@@ -94,27 +94,7 @@ async fn issuance() -> anyhow::Result<()> {
             manifest: manifest.into_bytes(),
         })
         .await?;
-    let token = admin
-        .clone()
-        .create_join_token(CreateJoinTokenRequest {
-            ttl_secs: 60,
-            node_name: "bench".into(),
-        })
-        .await?
-        .into_inner()
-        .token;
-    let mut acfg = tether_agent::AgentConfig::new(
-        server.node_addr.to_string(),
-        td.clone(),
-        "bench".into(),
-        dir.path().join("agent"),
-    );
-    acfg.join_token = Some(token);
-    acfg.bootstrap_bundle = Some(server.state.current_bundle());
-    acfg.workload_socket = dir.path().join("w.sock");
-    acfg.admin_socket = dir.path().join("a.sock");
-    acfg.metrics = None;
-    let agent = tether_agent::start(acfg).await?;
+    let agent = start_agent(&admin, &server, &td, dir.path(), "bench", None).await?;
 
     let id = SpiffeId::parse("spiffe://example.org/bench")?;
     let signer = {
@@ -284,33 +264,21 @@ async fn issuance() -> anyhow::Result<()> {
     // --- first connects under enforcement ----------------------------
     // A second agent, enforcing a cgroup of the bench's own.
     let cg = connect::BenchCgroup::new("held")?;
-    let token = admin
-        .clone()
-        .create_join_token(CreateJoinTokenRequest {
-            ttl_secs: 60,
-            node_name: "bench-enforce".into(),
-        })
-        .await?
-        .into_inner()
-        .token;
-    let mut acfg = tether_agent::AgentConfig::new(
-        server.node_addr.to_string(),
-        td.clone(),
-        "bench-enforce".into(),
-        dir.path().join("agent2"),
-    );
-    acfg.join_token = Some(token);
-    acfg.bootstrap_bundle = Some(server.state.current_bundle());
-    acfg.workload_socket = dir.path().join("w2.sock");
-    acfg.admin_socket = dir.path().join("a2.sock");
-    acfg.metrics = None;
-    acfg.enforce = Some(tether_agent::EnforceConfig {
+    let enforce = tether_agent::EnforceConfig {
         cgroup: cg.path.clone(),
         pin_dir: None,
         audit_log: None,
         hold_port: 0,
-    });
-    let agent = tether_agent::start(acfg).await?;
+    };
+    let agent = start_agent(
+        &admin,
+        &server,
+        &td,
+        dir.path(),
+        "bench-enforce",
+        Some(enforce),
+    )
+    .await?;
     let section = held::run(&agent, &cg, async |manifest: String| {
         admin
             .clone()
@@ -326,6 +294,41 @@ async fn issuance() -> anyhow::Result<()> {
     drop(agent);
     drop(server);
     Ok(())
+}
+
+/// An in-process agent joined to `server` with a fresh join token, its
+/// sockets and state under `dir/<name>`.
+async fn start_agent(
+    admin: &AdminClient<tonic::transport::Channel>,
+    server: &tether_server::RunningServer,
+    td: &TrustDomain,
+    dir: &std::path::Path,
+    name: &str,
+    enforce: Option<tether_agent::EnforceConfig>,
+) -> anyhow::Result<tether_agent::RunningAgent> {
+    let token = admin
+        .clone()
+        .create_join_token(CreateJoinTokenRequest {
+            ttl_secs: 60,
+            node_name: name.into(),
+        })
+        .await?
+        .into_inner()
+        .token;
+    let base = dir.join(name);
+    let mut acfg = tether_agent::AgentConfig::new(
+        server.node_addr.to_string(),
+        td.clone(),
+        name.into(),
+        base.join("data"),
+    );
+    acfg.join_token = Some(token);
+    acfg.bootstrap_bundle = Some(server.state.current_bundle());
+    acfg.workload_socket = base.join("w.sock");
+    acfg.admin_socket = base.join("a.sock");
+    acfg.metrics = None;
+    acfg.enforce = enforce;
+    tether_agent::start(acfg).await
 }
 
 fn sha256_hex(data: &[u8]) -> String {
