@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -19,18 +18,6 @@ use common::*;
 const PASSWORD: &str = "s3cret-in-the-environment";
 /// An unprivileged uid with no identity (nobody).
 const OTHER_UID: u32 = 65534;
-
-/// A port free on both 127.0.0.1 and [::1].
-fn free_port() -> u16 {
-    for _ in 0..50 {
-        let v4 = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = v4.local_addr().expect("addr").port();
-        if TcpListener::bind(("::1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no port free on both loopback addresses");
-}
 
 fn which(name: &str) -> PathBuf {
     std::env::var_os("PATH")

@@ -56,13 +56,6 @@ fn verify(dir: &Path, ca: &str) -> std::process::Output {
     openssl(&a)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// A handshake between `openssl s_server -Verify` holding the server's SVID
 /// and `openssl s_client` holding the client's; returns (ok, transcript).
 fn openssl_mtls(server: &Path, client_cert: &Path, client_key: &Path, ca: &Path) -> (bool, String) {

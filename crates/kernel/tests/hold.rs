@@ -28,6 +28,20 @@ fn me() -> u32 {
     std::process::id()
 }
 
+/// This test process becomes the agent, holding on both loopbacks.
+fn register_agent(e: &Enforcer, hold_port: u16) {
+    e.set_agent(me()).expect("set_agent");
+    e.set_hold(
+        me(),
+        HoldConfig {
+            port: hold_port,
+            v4: true,
+            v6: true,
+        },
+    )
+    .expect("set_hold");
+}
+
 /// Accepts one connection on `l`, claims its held record, answers "held".
 fn serve_one(e: &Enforcer, l: &TcpListener) -> (Option<HeldConnection>, SocketAddr) {
     let (s, peer) = l.accept().expect("accept on the hold listener");
@@ -147,16 +161,7 @@ fn unattested_tcp_is_held_for_the_agent() {
     let mut c = Client::spawn(&cg);
     assert_eq!(c.run(&format!("peer 4 127.0.0.1 {port}")), EPERM);
 
-    e.set_agent(me()).expect("set_agent");
-    e.set_hold(
-        me(),
-        HoldConfig {
-            port: hold_port,
-            v4: true,
-            v6: true,
-        },
-    )
-    .expect("set_hold");
+    register_agent(&e, hold_port);
 
     std::thread::scope(|s| {
         // IPv4: held, claimed by port, and getpeername shows the original.
@@ -230,16 +235,7 @@ fn a_connection_the_kernel_did_not_redirect_has_no_record() {
     let cg = TestCgroup::new();
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let (h4, _h6, hold_port) = hold_listeners();
-    e.set_agent(me()).expect("set_agent");
-    e.set_hold(
-        me(),
-        HoldConfig {
-            port: hold_port,
-            v4: true,
-            v6: true,
-        },
-    )
-    .expect("set_hold");
+    register_agent(&e, hold_port);
     // A process in the cgroup dialing the hold port itself.
     let mut c = Client::spawn(&cg);
     std::thread::scope(|s| {

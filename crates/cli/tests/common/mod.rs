@@ -224,6 +224,19 @@ impl Drop for Up {
     }
 }
 
+/// A port free on both 127.0.0.1 and [::1] (for servers that listen on
+/// both).
+pub fn free_port() -> u16 {
+    for _ in 0..50 {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = v4.local_addr().expect("addr").port();
+        if std::net::TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free on both loopback addresses");
+}
+
 pub fn rand_suffix() -> String {
     format!(
         "{:x}",
