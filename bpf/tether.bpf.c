@@ -220,7 +220,7 @@ struct {
 	__type(value, struct redirect);
 } redirects SEC(".maps");
 
-/* Held connections by client port, waiting for the agent's accept. LRU: a
+/* Held connections by client address and port, waiting for the agent's accept. LRU: a
  * connection the agent never sees cannot fill it. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

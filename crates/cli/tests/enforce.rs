@@ -250,6 +250,28 @@ spec:
         std::fs::write(out.join("go"), "").expect("go");
     }
 
+    /// A bash in the enforced cgroup runs `prelude`, then writes to the
+    /// protected port over /dev/tcp. It must be refused and audited: EPERM
+    /// from the kernel, or, when it connected before the agent attested it,
+    /// held and refused by the agent (its small write may even succeed into
+    /// the agent's socket before the reset, so only the audit tells).
+    fn shell_connect_refused(&self, prelude: &str) -> Result<(), String> {
+        let out = self.shell(&format!(
+            "{prelude} echo pid=$$; echo hi > /dev/tcp/127.0.0.1/{}",
+            self.port
+        ));
+        let pid: u64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("pid="))
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or_else(|| format!("no pid in {out:?}"))?;
+        let eperm = out.contains("Operation not permitted");
+        wait_event(&self.up, |e| {
+            e["pid"] == pid && e["verdict"] == "deny" && (eperm || e["held"] == true)
+        })
+        .map_err(|ev| format!("no deny record for pid {pid} (output {out:?}): {ev}"))
+    }
+
     /// Runs a shell command in the enforced cgroup; returns stderr.
     fn shell(&self, script: &str) -> String {
         let mut cmd = Command::new("bash");
@@ -281,12 +303,6 @@ fn wait_event(up: &Up, pred: impl Fn(&serde_json::Value) -> bool) -> Result<(), 
     }
 }
 
-/// A shell's connect was refused: EPERM from the kernel, or a reset from
-/// the agent after holding it (the shell connected before it was attested).
-fn refused(out: &str) -> bool {
-    out.contains("Operation not permitted") || out.contains("Connection reset by peer")
-}
-
 fn all(res: &str, want: &str) -> bool {
     !res.is_empty() && res.lines().all(|l| l.ends_with(&format!("=> {want}")))
 }
@@ -312,11 +328,8 @@ fn only_the_authorized_process_connects_and_every_decision_is_audited() {
     let r = f.run(&f.exe, Some(1001), "other-uid", 400);
     assert!(all(&r, "EPERM"), "other uid:\n{r}");
     // bash /dev/tcp and a python socket, with the "password" at hand.
-    let r = f.shell(&format!(
-        "export REDISCLI_AUTH=secret; sleep 0.3; echo hi > /dev/tcp/127.0.0.1/{}",
-        f.port
-    ));
-    assert!(refused(&r), "bash /dev/tcp: {r}");
+    f.shell_connect_refused("export REDISCLI_AUTH=secret; sleep 0.3;")
+        .unwrap_or_else(|e| panic!("bash /dev/tcp: {e}"));
     let py = format!(
         "sleep 0.3; python3 -c 'import socket,errno\ntry:\n socket.create_connection((\"::1\",{}))\n print(\"connected\")\nexcept OSError as e:\n print(errno.errorcode[e.errno])'",
         f.port
@@ -402,20 +415,23 @@ fn exec_of_a_shell_loses_the_verdicts() {
         .stderr(Stdio::null());
     f.cg.enter(&mut cmd);
     let mut child = cmd.spawn().expect("client");
-    f.release_when_attested(&out, child.id());
+    let pid = child.id();
+    f.release_when_attested(&out, pid);
     let _ = child.wait();
     let r = std::fs::read_to_string(out.join("results")).unwrap_or_default();
     assert!(all(&r, "ok"), "authorized client before exec: {r}");
-    // The shell connects straight after the exec. Either the agent has
-    // attested it by then and the kernel refuses (EPERM), or it is held and
-    // the agent refuses it (a reset after connect): never the old image's
-    // verdict.
+    // The shell (same pid, new image) connects straight after the exec.
+    // Either the agent has attested it by then and the kernel refuses
+    // (EPERM), or it is held and the agent refuses it: by policy, or, if
+    // the shell exited first, because it could not be attested. Never the
+    // old image's verdict.
     let err = std::fs::read_to_string(out.join("err")).unwrap_or_default();
     let eperm = err.contains("Operation not permitted");
+    let dst = format!("127.0.0.1:{}", f.port);
     wait_event(&f.up, |e| {
-        e["comm"] == "bash"
+        e["pid"] == pid
+            && e["destination"] == dst.as_str()
             && e["verdict"] == "deny"
-            && e["rule"] == "default-deny"
             && (eperm || e["held"] == true)
     })
     .unwrap_or_else(|ev| {
@@ -488,10 +504,9 @@ fn agent_sigkill_keeps_destinations_closed_and_a_restart_adopts_without_help() {
     );
     let r = f.run_attested(&f.exe, "after");
     assert!(all(&r, "ok"), "after the restart:\n{r}\n{}", f.up.logs());
-    // A fresh shell: refused by the kernel, or, if it connects before the
-    // new agent has attested it, held and reset by the agent.
-    let r = f.shell(&format!("echo hi > /dev/tcp/127.0.0.1/{}", f.port));
-    assert!(refused(&r), "after the restart: {r}");
+    // A fresh shell, connecting at once.
+    f.shell_connect_refused("")
+        .unwrap_or_else(|e| panic!("after the restart: {e}"));
 
     // The documented removal command takes everything away.
     f.up.kill();

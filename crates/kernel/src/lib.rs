@@ -11,7 +11,7 @@
 //!   to the agent, which attests, decides and completes or refuses it.
 //! * `getpeername4`/`getpeername6` hooks that report a held connection's
 //!   original destination, and a `sock_ops` program that publishes each held
-//!   connection under its client port for the agent to claim.
+//!   connection under its client address and port for the agent to claim.
 //! * raw tracepoints on `sched_process_exec` (clears the process's verdicts
 //!   before the new image runs), `sched_process_fork` (a new process inherits
 //!   its parent's) and `sched_process_exit` (frees them).
