@@ -2,7 +2,9 @@
 CARGO ?= cargo
 APT_PACKAGES := build-essential pkg-config protobuf-compiler openssl curl util-linux python3-pip clang libbpf-dev
 # Real servers and clients the integration tests start (loopback only).
-TEST_APT_PACKAGES := redis-server redis-tools postgresql postgresql-client iproute2
+TEST_APT_PACKAGES := redis-server redis-tools postgresql postgresql-client iproute2 tshark
+# The mesh benchmark compares against these on the same namespace topology.
+BENCH_APT_PACKAGES := iperf3 stunnel4
 PY_SPIFFE := spiffe==0.3.2
 
 .PHONY: demo test bench deps test-deps build build-release fuzz-check clean
@@ -41,6 +43,7 @@ test: test-deps
 	$(CARGO) test --locked --workspace -- --test-threads=2
 
 bench: build-release test-deps
+	$(call apt_install,$(BENCH_APT_PACKAGES))
 	./scripts/bench.sh
 
 clean:

@@ -41,7 +41,16 @@ struct dst_key {
 
 struct svc {
 	__u32 service_id;
+	__u32 flags; /* SVC_* */
 };
+
+/* Agents front the Service: allowed connects go to the local agent, which
+ * tunnels them over mutual TLS to the agent on the service's host; there,
+ * packets from other hosts to the service itself are dropped. */
+#define SVC_MESH 1
+/* Migration: the service's host still accepts plaintext from other hosts,
+ * and reports each such connection for audit. */
+#define SVC_PERMISSIVE 2
 
 /* exec_id is the value of execs[tgid] when the agent started attesting. A
  * process that exec'd in between has a different exec_id, so a verdict
@@ -73,6 +82,9 @@ enum {
 	VERDICT_ALLOW = 1,
 	VERDICT_UNATTESTED = 2, /* refused: no agent to hold it for, or UDP */
 	VERDICT_HELD = 3,       /* redirected to the agent, which decides */
+	VERDICT_MESH = 4,       /* allowed, redirected to the agent's tunnel */
+	VERDICT_MESH_DOWN = 5,  /* allowed, but no agent to tunnel it: refused */
+	VERDICT_PLAINTEXT = 6,  /* permissive Service accepted plaintext (ingress) */
 };
 
 /* config[0]: where to hold connections of processes not attested yet. */
@@ -95,7 +107,7 @@ struct redirect {
 	__u8 addr[16]; /* original destination, IPv4-mapped for IPv4 */
 	__be16 port;
 	__u8 flow_v6; /* redirected to [::1] rather than 127.0.0.1 */
-	__u8 pad;
+	__u8 kind;    /* REDIRECT_* */
 	__u32 tgid;
 	__u32 pid;
 	__u32 uid;
@@ -110,6 +122,9 @@ struct redirect {
 /* The client's full address, not just its port: a process binding another
  * loopback address with the same port must not match someone else's
  * record. */
+#define REDIRECT_HELD 0 /* unattested: the agent decides */
+#define REDIRECT_MESH 1 /* allowed: the agent tunnels */
+
 struct held_key {
 	__u8 addr[16]; /* IPv4-mapped for IPv4 flows */
 	__u16 port;    /* host order */
@@ -127,6 +142,7 @@ enum {
 	HOOK_CONNECT6 = 1,
 	HOOK_SENDMSG4 = 2,
 	HOOK_SENDMSG6 = 3,
+	HOOK_INGRESS = 4, /* accepted connection on this host (sock_ops) */
 };
 
 enum {
@@ -135,6 +151,8 @@ enum {
 	STAT_UNATTESTED = 2,
 	STAT_DROPPED_EVENTS = 3,
 	STAT_HELD = 4,
+	STAT_MESH = 5,
+	STAT_INGRESS_DROPPED = 6, /* packets from other hosts to a fronted service */
 	STAT_MAX = 8, /* room to grow without changing the pinned map */
 };
 
@@ -269,12 +287,69 @@ struct task_struct {
 	__u64 start_boottime;
 } __attribute__((preserve_access_index));
 
-/* Redirects an unattested TCP connect to the agent's hold listener and
- * records where it was going. Only when an agent is alive to answer, in the
- * agent's network namespace (a loopback port elsewhere could be anyone's). */
-static __always_inline bool hold(struct bpf_sock_addr *ctx, __u8 hook, __u32 protocol,
-				 const struct dst_key *key, bool mapped, __u32 tgid,
-				 __u32 pid, __u32 uid, __u32 service_id)
+/* Posts one decision for the agent's audit. Never waits for the reader: a
+ * full buffer costs an event, counted, not a decision. */
+static __always_inline void emit(__u64 cookie, __u64 pid_tgid, __u64 uid_gid, __u32 subject,
+				 __u32 service_id, __u32 rule, __u8 verdict, __u8 proto,
+				 __be16 port, const __u8 *addr, __u8 hook)
+{
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e) {
+		bump(STAT_DROPPED_EVENTS);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = bpf_ktime_get_boot_ns();
+	e->cookie = cookie;
+	e->tgid = pid_tgid >> 32;
+	e->pid = (__u32)pid_tgid;
+	e->uid = (__u32)uid_gid;
+	e->gid = uid_gid >> 32;
+	e->subject = subject;
+	e->service_id = service_id;
+	e->rule = rule;
+	e->verdict = verdict;
+	e->proto = proto;
+	e->port = port;
+	__builtin_memcpy(e->addr, addr, 16);
+	e->hook = hook;
+	if (pid_tgid)
+		bpf_get_current_comm(e->comm, sizeof(e->comm));
+	/* Waking the reader on every decision costs the connecting process a
+	 * context switch (measured: allowed connect 1.3x slower). The agent
+	 * drains on a short timer instead and is woken only when the buffer
+	 * is filling up. */
+	__u64 wake = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > EVENTS_WAKE_BYTES
+			     ? BPF_RB_FORCE_WAKEUP
+			     : BPF_RB_NO_WAKEUP;
+	bpf_ringbuf_submit(e, wake);
+}
+
+/* The Service protecting (proto, addr, port): a rule for the exact port
+ * wins over an any-port (0) rule. */
+static __always_inline struct svc *service_of(struct dst_key *key)
+{
+	struct svc *svc = bpf_map_lookup_elem(&services, key);
+
+	if (!svc) {
+		__be16 port = key->port;
+
+		key->port = 0;
+		svc = bpf_map_lookup_elem(&services, key);
+		key->port = port;
+	}
+	return svc;
+}
+
+/* Redirects a TCP connect to the agent's listener on loopback and records
+ * where it was going: unattested processes (held: the agent decides) and
+ * allowed connects to meshed Services (the agent tunnels). Only when an
+ * agent is alive to answer, in the agent's network namespace (a loopback
+ * port elsewhere could be anyone's). */
+static __always_inline bool to_agent(struct bpf_sock_addr *ctx, __u8 hook, __u32 protocol,
+				     const struct dst_key *key, bool mapped, __u32 tgid,
+				     __u32 pid, __u32 uid, __u32 service_id, __u8 kind)
 {
 	__u32 zero = 0;
 
@@ -301,7 +376,7 @@ static __always_inline bool hold(struct bpf_sock_addr *ctx, __u8 hook, __u32 pro
 	__builtin_memcpy(r->addr, key->addr, 16);
 	r->port = key->port;
 	r->flow_v6 = flow_v6;
-	r->pad = 0;
+	r->kind = kind;
 	r->tgid = tgid;
 	r->pid = pid;
 	r->uid = uid;
@@ -376,16 +451,11 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 		__builtin_memcpy(&key.addr[12], &a, 4);
 	}
 
-	/* A rule for the exact port wins over an any-port (0) rule. */
-	struct svc *svc = bpf_map_lookup_elem(&services, &key);
-	if (!svc) {
-		key.port = 0;
-		svc = bpf_map_lookup_elem(&services, &key);
-		if (!svc)
-			return 1; /* not protected: untouched */
-		key.port = (__be16)port;
-	}
+	struct svc *svc = service_of(&key);
+	if (!svc)
+		return 1; /* not protected: untouched */
 	__u32 service_id = svc->service_id;
+	__u32 svc_flags = svc->flags;
 
 	__u64 id = bpf_get_current_pid_tgid();
 	__u64 ug = bpf_get_current_uid_gid();
@@ -398,7 +468,8 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 		/* Not attested (or attested for an image it no longer runs):
 		 * never allowed blind. Held for the agent when possible, which
 		 * attests, decides and completes or refuses it. */
-		verdict = hold(ctx, hook, protocol, &key, mapped, tgid, (__u32)id, (__u32)ug, service_id)
+		verdict = to_agent(ctx, hook, protocol, &key, mapped, tgid, (__u32)id, (__u32)ug,
+				   service_id, REDIRECT_HELD)
 				  ? VERDICT_HELD
 				  : VERDICT_UNATTESTED;
 	} else if (ps->flags & PROC_AGENT) {
@@ -415,47 +486,28 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 		} else {
 			verdict = VERDICT_DENY; /* protected means deny by default */
 		}
+		/* A fronted Service is reached through the tunnel only; without
+		 * an agent to carry it the connect fails rather than go out in
+		 * plaintext (the far side would drop it anyway). */
+		if (verdict == VERDICT_ALLOW && (svc_flags & SVC_MESH))
+			verdict = to_agent(ctx, hook, protocol, &key, mapped, tgid, (__u32)id,
+					   (__u32)ug, service_id, REDIRECT_MESH)
+					  ? VERDICT_MESH
+					  : VERDICT_MESH_DOWN;
 	}
 
 	bump(verdict == VERDICT_ALLOW	 ? STAT_ALLOW
 	     : verdict == VERDICT_DENY	 ? STAT_DENY
 	     : verdict == VERDICT_HELD	 ? STAT_HELD
+	     : verdict == VERDICT_MESH	 ? STAT_MESH
+	     : verdict == VERDICT_MESH_DOWN ? STAT_DENY
 					 : STAT_UNATTESTED);
 
-	/* Never wait for the reader: a full buffer costs an event, counted,
-	 * not a decision. */
-	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		bump(STAT_DROPPED_EVENTS);
-	} else {
-		__builtin_memset(e, 0, sizeof(*e));
-		e->ts_ns = bpf_ktime_get_boot_ns();
-		e->cookie = bpf_get_socket_cookie(ctx);
-		e->tgid = tgid;
-		e->pid = (__u32)id;
-		e->uid = (__u32)ug;
-		e->gid = ug >> 32;
-		e->subject = subject;
-		e->service_id = service_id;
-		e->rule = rule;
-		e->verdict = verdict;
-		e->proto = key.proto;
-		e->port = key.port;
-		__builtin_memcpy(e->addr, key.addr, 16);
-		e->hook = hook;
-		bpf_get_current_comm(e->comm, sizeof(e->comm));
-		/* Waking the reader on every decision costs the connecting
-		 * process a context switch (measured: allowed connect 1.3x
-		 * slower). The agent drains on a short timer instead and is
-		 * woken only when the buffer is filling up. */
-		__u64 wake = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > EVENTS_WAKE_BYTES
-				     ? BPF_RB_FORCE_WAKEUP
-				     : BPF_RB_NO_WAKEUP;
-		bpf_ringbuf_submit(e, wake);
-	}
+	emit(bpf_get_socket_cookie(ctx), id, ug, subject, service_id, rule, verdict, key.proto,
+	     key.port, key.addr, hook);
 
 	/* 0 makes connect()/sendmsg() fail with EPERM. */
-	return verdict == VERDICT_ALLOW || verdict == VERDICT_HELD ? 1 : 0;
+	return verdict == VERDICT_ALLOW || verdict == VERDICT_HELD || verdict == VERDICT_MESH ? 1 : 0;
 }
 
 /* ---- socket hooks ------------------------------------------------------ */
@@ -522,6 +574,77 @@ int tether_peer6(struct bpf_sock_addr *ctx)
 	return peer(ctx, 1);
 }
 
+/* Reads a sock_ops address (local or remote) as IPv4-mapped or IPv6. */
+static __always_inline void sockops_addr(__u8 out[16], __u32 family, __u32 ip4, const __u32 *ip6)
+{
+	if (family == 2 /* AF_INET */) {
+		__builtin_memset(out, 0, 10);
+		out[10] = 0xff;
+		out[11] = 0xff;
+		__builtin_memcpy(&out[12], &ip4, 4);
+	} else {
+		__builtin_memcpy(out, ip6, 16);
+	}
+}
+
+static __always_inline bool is_loopback(const __u8 a[16])
+{
+	bool mapped = true, zero = true;
+
+	for (int i = 0; i < 10; i++)
+		if (a[i])
+			mapped = zero = false;
+	if (mapped && a[10] == 0xff && a[11] == 0xff)
+		return a[12] == 127;
+	if (zero && a[10] == 0 && a[11] == 0 && a[12] == 0 && a[13] == 0 && a[14] == 0)
+		return a[15] == 1;
+	return false;
+}
+
+static __always_inline bool same_addr(const __u8 a[16], const __u8 b[16])
+{
+	__u8 diff = 0;
+
+	for (int i = 0; i < 16; i++)
+		diff |= a[i] ^ b[i];
+	return diff == 0;
+}
+
+/* A connection accepted on this host. For a permissive Service, one from
+ * another host is plaintext that skipped the tunnel: reported for audit
+ * (the agent's own connections to the service come from this host). */
+static __always_inline int accepted(struct bpf_sock_ops *skops)
+{
+	struct dst_key key = { .prefixlen = 32 + 128, .proto = IPPROTO_TCP };
+	__u8 remote[16];
+	__u32 family = skops->family;
+	__u32 l4 = skops->local_ip4, r4 = skops->remote_ip4;
+	__u32 l6[4] = { skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
+			skops->local_ip6[3] };
+	__u32 r6[4] = { skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2],
+			skops->remote_ip6[3] };
+	__u32 lport = skops->local_port, rport = skops->remote_port;
+
+	full_width(family);
+	full_width(l4);
+	full_width(r4);
+	full_width(lport);
+	full_width(rport);
+	sockops_addr(key.addr, family, l4, l6);
+	sockops_addr(remote, family, r4, r6);
+	key.port = bpf_htons((__u16)lport);
+	struct svc *svc = service_of(&key);
+	if (!svc || (svc->flags & (SVC_MESH | SVC_PERMISSIVE)) != (SVC_MESH | SVC_PERMISSIVE))
+		return 1;
+	if (is_loopback(remote) || same_addr(remote, key.addr))
+		return 1;
+	/* sock_ops hands remote_port in network order, shifted into the
+	 * upper half of the u32 (little-endian hosts). */
+	emit(bpf_get_socket_cookie(skops), 0, 0, 0, svc->service_id, 0, VERDICT_PLAINTEXT,
+	     IPPROTO_TCP, (__be16)(rport >> 16), remote, HOOK_INGRESS);
+	return 1;
+}
+
 /* Once connect() has picked the client's local port, publish the held
  * record under it: that port is all the agent sees when it accepts. The
  * entry goes when the socket closes, so a later connection that happens to
@@ -531,6 +654,8 @@ int tether_sockops(struct bpf_sock_ops *skops)
 {
 	__u32 op = skops->op;
 
+	if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return accepted(skops);
 	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
 	struct bpf_sock *sk = skops->sk;
@@ -581,6 +706,48 @@ int tether_sockops(struct bpf_sock_ops *skops)
 			bpf_map_delete_elem(&held, &k);
 	}
 	return 1;
+}
+
+/* Packets from another host to a Service agents front are dropped at the
+ * service's socket: the only way in is the agent's mesh port, which
+ * authenticates the peer and applies ingress policy. Loopback traffic (the
+ * agent itself, and local clients, which the connect hooks judge) passes.
+ * The destination address comes from the fixed IP header, the port from the
+ * receiving socket, so no extension header can hide either. */
+#define LOOPBACK_IFINDEX 1
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+
+SEC("cgroup_skb/ingress")
+int tether_ingress(struct __sk_buff *skb)
+{
+	struct dst_key key = { .prefixlen = 32 + 128, .proto = IPPROTO_TCP };
+
+	if (skb->ifindex == LOOPBACK_IFINDEX)
+		return 1;
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || sk->protocol != IPPROTO_TCP)
+		return 1;
+	key.port = bpf_htons((__u16)sk->src_port);
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		key.addr[10] = 0xff;
+		key.addr[11] = 0xff;
+		if (bpf_skb_load_bytes(skb, 16, &key.addr[12], 4))
+			return 1;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		if (bpf_skb_load_bytes(skb, 24, key.addr, 16))
+			return 1;
+	} else {
+		return 1;
+	}
+	struct svc *svc = service_of(&key);
+	if (!svc || !(svc->flags & SVC_MESH) || (svc->flags & SVC_PERMISSIVE))
+		return 1;
+	bump(STAT_INGRESS_DROPPED);
+	return 0;
 }
 
 /* ---- process lifecycle ------------------------------------------------- */

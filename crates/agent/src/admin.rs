@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tether_proto::tether::agent_admin_server::{AgentAdmin, AgentAdminServer};
 use tether_proto::tether::{
-    EventsRequest, JsonResponse, ListSvidsRequest, PolicyCheckRequest, WhoAmIRequest,
+    ConnectionsRequest, EventsRequest, JsonResponse, ListSvidsRequest, PolicyCheckRequest, WhoAmIRequest,
 };
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
@@ -86,6 +86,23 @@ impl AgentAdmin for AdminApi {
             "matched": matched,
             "notMatched": unmatched,
             "svids": held,
+        });
+        Ok(Response::new(JsonResponse {
+            json: serde_json::to_string_pretty(&out).unwrap_or_default(),
+        }))
+    }
+
+    async fn connections(
+        &self,
+        _req: Request<ConnectionsRequest>,
+    ) -> Result<Response<JsonResponse>, Status> {
+        let m = self.tracker.mesh.get().ok_or_else(|| {
+            Status::failed_precondition(
+                "the mesh is not enabled on this agent (--enforce-cgroup and --mesh-port)",
+            )
+        })?;
+        let out = serde_json::json!({
+            "node": self.node, "meshPort": m.port(), "connections": m.connections(),
         });
         Ok(Response::new(JsonResponse {
             json: serde_json::to_string_pretty(&out).unwrap_or_default(),

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tether_attest::ProcessInfo;
-use tether_kernel::{Decision, DstPrefix, Enforcer, ExecId, Proto};
+use tether_kernel::{Decision, DstPrefix, Enforcer, ExecId, Proto, ServiceFlags};
 use tether_manifest::Protocol;
 use tokio::sync::{broadcast, watch};
 
@@ -241,15 +241,23 @@ impl Enforcement {
                 c.rule_names.insert(id, p.name.clone());
             }
         }
-        let mut wanted: HashMap<DstPrefix, u32> = HashMap::new();
+        let mut wanted: HashMap<DstPrefix, (u32, ServiceFlags)> = HashMap::new();
         for s in &reg.services {
             let id = c.services[&s.name];
+            let flags = ServiceFlags {
+                mesh: s.spec.mesh.is_some(),
+                permissive: s
+                    .spec
+                    .mesh
+                    .as_ref()
+                    .is_some_and(|m| m.mode == tether_manifest::TlsMode::Permissive),
+            };
             for p in prefixes(&s.spec) {
-                wanted.insert(p, id);
+                wanted.insert(p, (id, flags));
             }
         }
-        for (k, id) in &wanted {
-            if let Err(e) = self.kernel.set_service(*k, *id) {
+        for (k, (id, flags)) in &wanted {
+            if let Err(e) = self.kernel.set_service_flags(*k, *id, *flags) {
                 tracing::error!(error = %e, "installing Service in the kernel failed");
             }
         }
@@ -529,6 +537,64 @@ impl Enforcement {
             .any(|p| p.condition.is_some())
     }
 
+    fn service_at(
+        reg: &Registry,
+        dst: std::net::SocketAddr,
+        proto: Proto,
+    ) -> Option<&crate::registry::AgentService> {
+        reg.services.iter().find(|s| {
+            prefixes(&s.spec).iter().any(|p| {
+                p.proto == proto && (p.port == 0 || p.port == dst.port()) && contains(p, dst.ip())
+            })
+        })
+    }
+
+    /// The meshed Service covering `dst` (TCP), if any: what a tunnel
+    /// request may name.
+    pub fn meshed_service_at(
+        &self,
+        dst: std::net::SocketAddr,
+    ) -> Option<crate::registry::AgentService> {
+        let reg = Self::lock(&self.registry).clone();
+        Self::service_at(&reg, dst, Proto::Tcp)
+            .filter(|s| s.spec.mesh.is_some())
+            .cloned()
+    }
+
+    /// The Service behind a kernel service id.
+    pub fn service_by_id(&self, id: u32) -> Option<crate::registry::AgentService> {
+        let name = Self::lock(&self.compiled).service_names.get(&id).cloned()?;
+        let reg = Self::lock(&self.registry).clone();
+        reg.services.iter().find(|s| s.name == name).cloned()
+    }
+
+    /// Ingress policy: may a peer presenting `peer_id` reach `service`?
+    /// Evaluated with what this node knows: the identities registered
+    /// under that SPIFFE ID, and the same Cedar conditions and context as
+    /// on connect (without the client's process details, which only its
+    /// own node attested). Ok(rule) or Err(why).
+    pub fn ingress(&self, service: &str, peer_id: &str) -> Result<String, String> {
+        let reg = Self::lock(&self.registry).clone();
+        let identities: Vec<String> = reg
+            .identities
+            .iter()
+            .filter(|i| i.spiffe_id.to_string() == peer_id)
+            .map(|i| i.name.clone())
+            .collect();
+        if identities.is_empty() {
+            return Err(format!("no WorkloadIdentity has SPIFFE ID {peer_id}"));
+        }
+        let allowed = self.evaluate(&reg, None, &identities, &[peer_id.to_string()]);
+        let c = Self::lock(&self.compiled);
+        let sid = c.services.get(service).copied().unwrap_or(0);
+        match allowed.get(&sid) {
+            Some(rule) => Ok(c.rule_names.get(rule).cloned().unwrap_or_default()),
+            None => Err(format!(
+                "no AccessPolicy lets {identities:?} reach {service} now"
+            )),
+        }
+    }
+
     /// Explains the verdict for a process or identity and a destination.
     pub fn check(
         &self,
@@ -539,12 +605,7 @@ impl Enforcement {
         proto: Proto,
     ) -> serde_json::Value {
         let reg = Self::lock(&self.registry).clone();
-        let service = reg.services.iter().find(|s| {
-            prefixes(&s.spec).iter().any(|p| {
-                p.proto == proto && (p.port == 0 || p.port == dst.port()) && contains(p, dst.ip())
-            })
-        });
-        let Some(service) = service else {
+        let Some(service) = Self::service_at(&reg, dst, proto) else {
             return serde_json::json!({ "verdict": "untouched", "reason": "no Service covers this destination" });
         };
         let allowed = self.evaluate(&reg, info, identities, spiffe_ids);
@@ -655,17 +716,25 @@ impl Enforcement {
             .cloned()
             .unwrap_or_default();
         let rule = match ev.decision {
-            Decision::Allow => c.rule_names.get(&ev.rule).cloned().unwrap_or_default(),
+            Decision::Allow | Decision::Mesh | Decision::MeshDown => {
+                c.rule_names.get(&ev.rule).cloned().unwrap_or_default()
+            }
             Decision::Unattested | Decision::Held => "unattested".to_string(),
             Decision::Deny => DEFAULT_DENY.to_string(),
+            Decision::Plaintext => "permissive".to_string(),
         };
         drop(c);
         let verdict = match ev.decision {
             Decision::Allow => "allow",
+            // The tunnel's own record follows, naming the peer.
+            Decision::Mesh => "allow-mesh",
+            Decision::MeshDown => "deny-mesh-unavailable",
             Decision::Deny => "deny",
             Decision::Unattested => "deny-unattested",
             // Only for a held connection the agent never received.
             Decision::Held => "held-unclaimed",
+            // `dst` is the peer that sent plaintext to a permissive Service.
+            Decision::Plaintext => "allow-plaintext",
         };
         self.emit(Audit {
             tgid: ev.tgid,
@@ -800,13 +869,34 @@ impl Enforcement {
         if let Some(r) = &a.reason {
             rec["reason"] = serde_json::json!(r);
         }
-        let line = rec.to_string();
+        if a.hook == "ingress" {
+            // Not a local process's connect: the peer is `destination`.
+            rec["peer"] = rec["destination"].take();
+            for k in ["pid", "tid", "comm", "exe", "sha256", "uid", "gid", "cgroup", "spiffeId"] {
+                if let Some(o) = rec.as_object_mut() {
+                    o.remove(k);
+                }
+            }
+        }
         // "none": attested, but no identity; "unattested": not known.
         let ident = match &a.proc {
             Some((_, ids)) => ids.first().cloned().unwrap_or_else(|| "none".into()),
             None => "unattested".into(),
         };
         self.metrics.connect_decision(a.verdict, &ident, &a.service);
+        self.publish(rec);
+    }
+
+    /// Writes one audit record (a JSON object) to the log, the recent
+    /// buffer and live followers, stamped with time and node.
+    pub fn publish(&self, mut rec: serde_json::Value) {
+        if rec.get("time").is_none() {
+            rec["time"] = serde_json::json!((self.clock)());
+        }
+        if rec.get("node").is_none() {
+            rec["node"] = serde_json::json!(self.node);
+        }
+        let line = rec.to_string();
         if let Some(f) = &self.audit_file {
             let mut f = Self::lock(f);
             let _ = writeln!(f, "{line}");

@@ -159,10 +159,32 @@ async fn handle(
         }
     };
     let decision = decide(&tracker, &enf, &rec).await;
-    enf.audit_held(&rec, &decision);
+    // A connect the kernel already allowed into the mesh has its record
+    // (allow-mesh); the tunnel adds its own.
+    if !rec.mesh || !decision.allow {
+        enf.audit_held(&rec, &decision);
+    }
     if !decision.allow {
         metrics.held_connection("denied");
         return reset(client);
+    }
+    if let Some(service) = enf
+        .service_by_id(rec.service_id)
+        .filter(|s| s.spec.mesh.is_some())
+    {
+        // Fronted by an agent: only through the tunnel, never in plaintext.
+        let Some(mesh) = tracker.mesh.get().cloned() else {
+            tracing::warn!(dst = %rec.original_dst, "connection to a meshed Service, but this agent runs without a mesh port; reset");
+            metrics.mesh_connection("outbound", "mesh_disabled");
+            return reset(client);
+        };
+        if !rec.mesh {
+            metrics.held_connection("allowed");
+        }
+        let ticks = start_ticks(&rec);
+        mesh.outbound(client, &rec, ticks, &service, &decision.rule, decision.proc)
+            .await;
+        return;
     }
     let upstream = match tokio::time::timeout(
         UPSTREAM_TIMEOUT,
@@ -213,6 +235,11 @@ fn clock_ticks() -> u64 {
     u64::try_from(hz).ok().filter(|h| *h > 0).unwrap_or(100)
 }
 
+/// The process's start time as /proc counts it (clock ticks since boot).
+fn start_ticks(rec: &HeldConnection) -> u64 {
+    rec.start_boottime_ns / (1_000_000_000 / clock_ticks())
+}
+
 /// Attests the process that made the held connection and returns the
 /// verdict for it. Only the exact instance (pid and start time) and image
 /// (exec id) that called connect() counts: anything else is a denial.
@@ -222,7 +249,7 @@ async fn decide(
     rec: &HeldConnection,
 ) -> HeldDecision {
     let pid = rec.tgid as i32;
-    let start_ticks = rec.start_boottime_ns / (1_000_000_000 / clock_ticks());
+    let start_ticks = start_ticks(rec);
     let exec_id = ExecId(rec.exec_id);
     let mut changes = enf.subscribe_verdicts();
     // Already attested since it connected?

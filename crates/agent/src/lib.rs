@@ -9,6 +9,7 @@ mod admin;
 mod enforce;
 mod h2_authority;
 mod hold;
+mod mesh;
 mod metrics;
 mod node;
 mod registry;
@@ -61,7 +62,12 @@ pub struct EnforceConfig {
     /// Loopback port where the kernel holds connections of processes not
     /// attested yet (0: any free port).
     pub hold_port: u16,
+    /// Mesh port (the same on every node): where this agent accepts
+    /// tunnels, and where it opens them at other nodes. None: no mesh.
+    pub mesh_port: Option<u16>,
 }
+
+pub use mesh::DEFAULT_PORT as DEFAULT_MESH_PORT;
 
 pub fn system_clock() -> enforce::Clock {
     std::sync::Arc::new(tracker::now)
@@ -216,6 +222,28 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
             ),
         }
         tasks.extend(hold.serve(tracker.clone(), e.clone(), metrics.clone()));
+        if let Some(port) = ec.mesh_port {
+            // Without the mesh port, meshed Services are unreachable from
+            // here (their connections are reset): closed, not open.
+            match mesh::Mesh::bind(port).await {
+                Ok(listener) => {
+                    let m = mesh::Mesh::new(
+                        port,
+                        node.clone(),
+                        tracker.clone(),
+                        e.clone(),
+                        metrics.clone(),
+                    )?;
+                    tasks.push(m.serve(listener));
+                    let _ = tracker.mesh.set(m);
+                    tracing::info!(mesh_port = port, "mesh active");
+                }
+                Err(err) => tracing::error!(
+                    error = %err,
+                    "mesh disabled: connections to meshed Services are refused, and this node's meshed Services take no tunnels"
+                ),
+            }
+        }
     }
     tasks.push(tokio::spawn(watch_registry(
         node.clone(),

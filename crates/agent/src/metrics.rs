@@ -26,6 +26,12 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelLabels {
+    pub direction: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
     method: String,
     code: String,
@@ -42,6 +48,7 @@ pub struct Metrics {
     api: Family<ApiLabels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
     held: Family<OutcomeLabels, Counter>,
+    tunnels: Family<TunnelLabels, Counter>,
 }
 
 impl Metrics {
@@ -57,6 +64,7 @@ impl Metrics {
             api: Family::default(),
             decisions: Family::default(),
             held: Family::default(),
+            tunnels: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -104,6 +112,11 @@ impl Metrics {
             "Connections of processes not attested yet, held by the kernel for the agent, by outcome",
             m.held.clone(),
         );
+        registry.register(
+            "mesh_tunnels",
+            "Mesh tunnels by direction (outbound, inbound) and outcome",
+            m.tunnels.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -112,6 +125,15 @@ impl Metrics {
             .get_or_create(&ApiLabels {
                 method: method.to_string(),
                 code: code.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn mesh_connection(&self, direction: &str, outcome: &str) {
+        self.tunnels
+            .get_or_create(&TunnelLabels {
+                direction: direction.to_string(),
+                outcome: outcome.to_string(),
             })
             .inc();
     }

@@ -31,6 +31,9 @@ pub struct ProcSvid {
     pub issued_at: i64,
     pub expires_at: i64,
     pub workload_api: bool,
+    /// The mesh's TLS client configuration with this SVID, built on first
+    /// use (it holds the key: it goes when the SVID does).
+    pub mesh_tls: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
 }
 
 pub struct Tracked {
@@ -55,6 +58,8 @@ pub struct Tracker {
     node: Arc<NodeConn>,
     /// Kernel enforcement, when configured: told about every attestation.
     pub enforcement: std::sync::OnceLock<Arc<crate::enforce::Enforcement>>,
+    /// The mesh, when enabled: closes a process's tunnels when it exits.
+    pub mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
     /// Pids with a rotation in flight, so the 1 s rotation tick does not
     /// start a second one.
     rotating: Mutex<std::collections::HashSet<i32>>,
@@ -85,6 +90,7 @@ impl Tracker {
             node,
             rotating: Mutex::new(Default::default()),
             enforcement: std::sync::OnceLock::new(),
+            mesh: std::sync::OnceLock::new(),
             changes: watch::channel(0).0,
             metrics,
         })
@@ -206,6 +212,9 @@ impl Tracker {
             .remove(&pid);
         if let Some(e) = self.enforcement.get() {
             e.process_removed(pid);
+        }
+        if let Some(m) = self.mesh.get() {
+            m.process_exited(pid);
         }
         if let Some(t) = removed {
             let n = t.svids.len();
@@ -414,6 +423,7 @@ impl Tracker {
                 issued_at,
                 expires_at: s.expires_at,
                 workload_api: i.workload_api,
+                mesh_tls: std::sync::OnceLock::new(),
             }));
         }
         Ok(out)

@@ -269,6 +269,7 @@ async fn issuance() -> anyhow::Result<()> {
         pin_dir: None,
         audit_log: None,
         hold_port: 0,
+        mesh_port: None,
     };
     let agent = start_agent(
         &admin,

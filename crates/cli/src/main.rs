@@ -12,7 +12,7 @@ use tether_proto::tether::admin_client::AdminClient;
 use tether_proto::tether::agent_admin_client::AgentAdminClient;
 use tether_proto::tether::{
     ApplyRequest, CreateJoinTokenRequest, DeleteRequest, EventsRequest, GetRequest,
-    ListSvidsRequest, PolicyCheckRequest, RotateCaRequest, WhoAmIRequest,
+    ConnectionsRequest, ListSvidsRequest, PolicyCheckRequest, RotateCaRequest, WhoAmIRequest,
 };
 use tether_spiffe::{Bundle, TrustDomain};
 
@@ -147,6 +147,12 @@ enum Cmd {
         #[command(flatten)]
         sock: AgentSock,
     },
+    /// Live mesh tunnels on this node: local process, SPIFFE IDs of both
+    /// ends, TLS version and cipher suite, bytes each way.
+    Connections {
+        #[command(flatten)]
+        sock: AgentSock,
+    },
 }
 
 #[derive(Subcommand)]
@@ -253,6 +259,11 @@ struct AgentOpts {
     /// held while the agent attests them (0: any free port).
     #[arg(long, default_value_t = 0, requires = "enforce_cgroup")]
     hold_port: u16,
+    /// Mesh port, the same on every node: accepts mutual-TLS tunnels from
+    /// other agents to the Services this node fronts, and is where tunnels
+    /// to other nodes go. 0 disables the mesh.
+    #[arg(long, default_value_t = tether_agent::DEFAULT_MESH_PORT, requires = "enforce_cgroup")]
+    mesh_port: u16,
     /// Testing only: read the current Unix time for policy conditions from
     /// this file.
     #[arg(long, hide = true)]
@@ -401,6 +412,7 @@ fn agent_config(
             pin_dir: o.bpf_pin_dir.clone(),
             audit_log: o.audit_log.clone(),
             hold_port: o.hold_port,
+            mesh_port: (o.mesh_port != 0).then_some(o.mesh_port),
         });
     }
     if let Some(f) = &o.clock_file {
@@ -618,6 +630,15 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Svids { sock } => {
             let resp = agent_admin(&sock.agent_socket)?
                 .list_svids(ListSvidsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{}", resp.json);
+            Ok(())
+        }
+        Cmd::Connections { sock } => {
+            let resp = agent_admin(&sock.agent_socket)?
+                .connections(ConnectionsRequest {})
                 .await
                 .map_err(status)?
                 .into_inner();

@@ -123,6 +123,35 @@ impl DstPrefix {
     }
 }
 
+/// `struct svc`: the value of `services`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SvcValue {
+    pub(crate) service_id: u32,
+    pub(crate) flags: u32,
+}
+
+pub(crate) const SVC_MESH: u32 = 1;
+pub(crate) const SVC_PERMISSIVE: u32 = 2;
+
+/// How a protected destination is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServiceFlags {
+    /// Agents front it: allowed connects are redirected to the local
+    /// agent's tunnel, and on the service's host packets from other hosts
+    /// to it are dropped.
+    pub mesh: bool,
+    /// With `mesh`: plaintext from other hosts is still accepted (and
+    /// reported as [`Decision::Plaintext`] events).
+    pub permissive: bool,
+}
+
+impl ServiceFlags {
+    pub(crate) fn bits(self) -> u32 {
+        (if self.mesh { SVC_MESH } else { 0 }) | (if self.permissive { SVC_PERMISSIVE } else { 0 })
+    }
+}
+
 /// `struct proc_state`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +228,9 @@ pub struct HeldConnection {
     pub local_port: u16,
     /// Redirected over IPv6 loopback rather than IPv4.
     pub flow_v6: bool,
+    /// An allowed connect to a meshed Service (the agent tunnels it), not a
+    /// process waiting to be attested.
+    pub mesh: bool,
     /// `execs[tgid]` at connect(): the image that made the connection.
     pub exec_id: u64,
     /// Process start time, CLOCK_BOOTTIME ns (what /proc/<pid>/stat's
@@ -218,6 +250,7 @@ impl HeldRaw {
                 u16::from_be_bytes([b[16], b[17]]),
             ),
             flow_v6: b[18] != 0,
+            mesh: b[19] == 1,
             tgid: u32_at(b, 20),
             pid: u32_at(b, 24),
             uid: u32_at(b, 28),
@@ -241,6 +274,8 @@ unsafe impl aya::Pod for HeldKey {}
 unsafe impl aya::Pod for HeldRaw {}
 // SAFETY: as above.
 unsafe impl aya::Pod for PolicyKey {}
+// SAFETY: as above (two u32).
+unsafe impl aya::Pod for SvcValue {}
 // SAFETY: as above.
 unsafe impl aya::Pod for VerdictValue {}
 
@@ -250,6 +285,8 @@ pub(crate) const STAT_DENY: u32 = 1;
 pub(crate) const STAT_UNATTESTED: u32 = 2;
 pub(crate) const STAT_DROPPED_EVENTS: u32 = 3;
 pub(crate) const STAT_HELD: u32 = 4;
+pub(crate) const STAT_MESH: u32 = 5;
+pub(crate) const STAT_INGRESS_DROPPED: u32 = 6;
 
 /// The decision recorded in an [`Event`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -264,6 +301,14 @@ pub enum Decision {
     /// The process had no identity yet; the connection was redirected to
     /// the agent, which attests the process and completes or refuses it.
     Held,
+    /// Allowed to a meshed Service: redirected to the agent's tunnel.
+    Mesh,
+    /// Allowed to a meshed Service, but no agent was there to tunnel it:
+    /// refused rather than sent in plaintext.
+    MeshDown,
+    /// A permissive Service on this host accepted a plaintext connection
+    /// from another host ([`Hook::Ingress`]; `addr`/`port` are the peer's).
+    Plaintext,
 }
 
 /// Which hook made the decision.
@@ -273,6 +318,8 @@ pub enum Hook {
     Connect6,
     Sendmsg4,
     Sendmsg6,
+    /// A connection accepted on this host (sock_ops), not a connect().
+    Ingress,
 }
 
 /// One decision on a protected destination, as read from the ring buffer.
@@ -343,6 +390,9 @@ impl Event {
             1 => Decision::Allow,
             2 => Decision::Unattested,
             3 => Decision::Held,
+            4 => Decision::Mesh,
+            5 => Decision::MeshDown,
+            6 => Decision::Plaintext,
             v => return Err(EventError::Verdict(v)),
         };
         let proto = Proto::from_number(b[45]).ok_or(EventError::Proto(b[45]))?;
@@ -351,6 +401,7 @@ impl Event {
             1 => Hook::Connect6,
             2 => Hook::Sendmsg4,
             3 => Hook::Sendmsg6,
+            4 => Hook::Ingress,
             v => return Err(EventError::Hook(v)),
         };
         let mut octets = [0u8; 16];
@@ -386,6 +437,7 @@ mod tests {
     #[test]
     fn layouts_match_the_c_side() {
         assert_eq!(size_of::<ProcState>(), 16);
+        assert_eq!(size_of::<SvcValue>(), 8);
         assert_eq!(size_of::<PolicyKey>(), 8);
         assert_eq!(size_of::<VerdictValue>(), 8);
         assert_eq!(size_of::<HoldCfg>(), 16);

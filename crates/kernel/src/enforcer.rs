@@ -61,7 +61,7 @@ use aya::{
         Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, MapType, PerCpuArray,
         lpm_trie::Key,
     },
-    programs::{CgroupSockAddr, RawTracePoint, SockOps},
+    programs::{CgroupSkb, CgroupSockAddr, RawTracePoint, SockOps},
 };
 
 use crate::{
@@ -69,7 +69,7 @@ use crate::{
     abi::{
         DstKeyData, DstPrefix, HOLD_V4, HOLD_V6, HeldConnection, HeldKey, HeldRaw, HoldCfg,
         PROC_AGENT, PolicyKey, ProcState, STAT_ALLOW, STAT_DENY, STAT_DROPPED_EVENTS, STAT_HELD,
-        STAT_UNATTESTED, VerdictValue,
+        STAT_INGRESS_DROPPED, STAT_MESH, STAT_UNATTESTED, ServiceFlags, SvcValue, VerdictValue,
     },
     error::{chain, map_err, program_err},
     events::EventReader,
@@ -100,6 +100,10 @@ pub struct Stats {
     pub unattested: u64,
     /// Connections of unattested processes redirected to the agent.
     pub held: u64,
+    /// Allowed connects redirected to the agent's mesh tunnel.
+    pub meshed: u64,
+    /// Packets from other hosts dropped at a Service agents front.
+    pub ingress_dropped: u64,
     /// Events lost because the ring buffer was full (the decisions were
     /// still made and counted above).
     pub dropped_events: u64,
@@ -151,13 +155,17 @@ pub struct HoldConfig {
     pub v6: bool,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CgroupProg {
+    SockAddr,
+    SockOps,
+    Skb,
+}
+
 #[derive(Clone, Copy)]
 enum Attach {
     /// `enum bpf_attach_type` value, to recognise our pinned link.
-    Cgroup {
-        attach_type: u32,
-        sock_ops: bool,
-    },
+    Cgroup { attach_type: u32, kind: CgroupProg },
     RawTp(&'static str),
 }
 
@@ -172,19 +180,27 @@ struct ProgSpec {
 const fn sock_addr(attach_type: u32) -> Attach {
     Attach::Cgroup {
         attach_type,
-        sock_ops: false,
+        kind: CgroupProg::SockAddr,
     }
 }
 
 /// sock_ops goes first: once connect4/6 start holding connections, the
 /// port record each held connection needs must already be published.
-const PROGRAMS: [ProgSpec; 10] = [
+const PROGRAMS: [ProgSpec; 11] = [
     ProgSpec {
         func: "tether_sockops",
         link: "sockops",
         hook: Attach::Cgroup {
             attach_type: 3,
-            sock_ops: true,
+            kind: CgroupProg::SockOps,
+        },
+    },
+    ProgSpec {
+        func: "tether_ingress",
+        link: "ingress",
+        hook: Attach::Cgroup {
+            attach_type: 0, // BPF_CGROUP_INET_INGRESS
+            kind: CgroupProg::Skb,
         },
     },
     ProgSpec {
@@ -249,7 +265,7 @@ const MAPS: [MapSpec; 9] = [
         name: "services",
         kind: MapType::LpmTrie,
         key: 24,
-        value: 4,
+        value: 8,
         max_entries: 16384,
     },
     MapSpec {
@@ -320,7 +336,7 @@ pub struct Enforcer {
     /// detaches them). Declared first so it is dropped first.
     _bpf: Ebpf,
     _links: Vec<HeldLink>,
-    services: Mutex<LpmTrie<MapData, DstKeyData, u32>>,
+    services: Mutex<LpmTrie<MapData, DstKeyData, SvcValue>>,
     procs: Mutex<HashMap<MapData, u32, ProcState>>,
     execs: HashMap<MapData, u32, u64>,
     policy: Mutex<HashMap<MapData, PolicyKey, VerdictValue>>,
@@ -606,8 +622,8 @@ where
 }
 
 impl Enforcer {
-    /// Loads the programs, attaches the seven socket programs (decision,
-    /// getpeername and sock_ops hooks) to `cfg.cgroup` and the three
+    /// Loads the programs, attaches the eight socket programs (decision,
+    /// getpeername, sock_ops and ingress hooks) to `cfg.cgroup` and the three
     /// process tracepoints, and (with `cfg.pin_dir`) pins or adopts
     /// them; see the module docs.
     pub fn load(cfg: &EnforcerConfig) -> Result<Self, KernelError> {
@@ -638,22 +654,29 @@ impl Enforcer {
                     detail: "not defined in tether.bpf.o".to_owned(),
                 })?;
             let held = match spec.hook {
-                Attach::Cgroup {
-                    attach_type,
-                    sock_ops,
-                } => {
-                    let fd = if sock_ops {
-                        let p: &mut SockOps = prog
-                            .try_into()
-                            .map_err(|e| program_err(spec.func, "type check", &e))?;
-                        p.load().map_err(|e| program_err(spec.func, "load", &e))?;
-                        prog_fd(spec, p.fd())?
-                    } else {
-                        let p: &mut CgroupSockAddr = prog
-                            .try_into()
-                            .map_err(|e| program_err(spec.func, "type check", &e))?;
-                        p.load().map_err(|e| program_err(spec.func, "load", &e))?;
-                        prog_fd(spec, p.fd())?
+                Attach::Cgroup { attach_type, kind } => {
+                    let fd = match kind {
+                        CgroupProg::SockOps => {
+                            let p: &mut SockOps = prog
+                                .try_into()
+                                .map_err(|e| program_err(spec.func, "type check", &e))?;
+                            p.load().map_err(|e| program_err(spec.func, "load", &e))?;
+                            prog_fd(spec, p.fd())?
+                        }
+                        CgroupProg::SockAddr => {
+                            let p: &mut CgroupSockAddr = prog
+                                .try_into()
+                                .map_err(|e| program_err(spec.func, "type check", &e))?;
+                            p.load().map_err(|e| program_err(spec.func, "load", &e))?;
+                            prog_fd(spec, p.fd())?
+                        }
+                        CgroupProg::Skb => {
+                            let p: &mut CgroupSkb = prog
+                                .try_into()
+                                .map_err(|e| program_err(spec.func, "type check", &e))?;
+                            p.load().map_err(|e| program_err(spec.func, "load", &e))?;
+                            prog_fd(spec, p.fd())?
+                        }
                     };
                     install_cgroup(
                         spec,
@@ -713,11 +736,26 @@ impl Enforcer {
         self.adopted
     }
 
-    /// Marks a destination as protected by `service_id`.
+    /// Marks a destination as protected by `service_id`, reached directly.
     pub fn set_service(&self, dst: DstPrefix, service_id: u32) -> Result<(), KernelError> {
+        self.set_service_flags(dst, service_id, ServiceFlags::default())
+    }
+
+    /// Marks a destination as protected by `service_id`, reached as `flags`
+    /// say.
+    pub fn set_service_flags(
+        &self,
+        dst: DstPrefix,
+        service_id: u32,
+        flags: ServiceFlags,
+    ) -> Result<(), KernelError> {
         let (len, data) = dst.to_key()?;
+        let v = SvcValue {
+            service_id,
+            flags: flags.bits(),
+        };
         lock(&self.services)
-            .insert(&Key::new(len, data), service_id, 0)
+            .insert(&Key::new(len, data), v, 0)
             .map_err(|e| map_err("services", "insert", &e))
     }
 
@@ -735,10 +773,10 @@ impl Enforcer {
         let map = lock(&self.services);
         let mut out = Vec::new();
         for item in map.iter() {
-            let (key, id) = item.map_err(|e| map_err("services", "iterate", &e))?;
+            let (key, v) = item.map_err(|e| map_err("services", "iterate", &e))?;
             // Entries we could not have written (another writer) are skipped.
             if let Some(dst) = DstPrefix::from_key(key.prefix_len(), &key.data()) {
-                out.push((dst, id));
+                out.push((dst, v.service_id));
             }
         }
         Ok(out)
@@ -954,6 +992,8 @@ impl Enforcer {
             denied: get(STAT_DENY)?,
             unattested: get(STAT_UNATTESTED)?,
             held: get(STAT_HELD)?,
+            meshed: get(STAT_MESH)?,
+            ingress_dropped: get(STAT_INGRESS_DROPPED)?,
             dropped_events: get(STAT_DROPPED_EVENTS)?,
         })
     }

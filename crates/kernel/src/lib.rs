@@ -29,7 +29,7 @@ mod sys;
 
 use std::path::PathBuf;
 
-pub use abi::{Decision, DstPrefix, Event, EventError, HeldConnection, Hook, Proto};
+pub use abi::{Decision, DstPrefix, Event, EventError, HeldConnection, Hook, Proto, ServiceFlags};
 pub use enforcer::{
     DetachReport, Enforcer, EnforcerConfig, ExecId, HoldConfig, ProcessEntry, Stats, VerdictEntry,
 };

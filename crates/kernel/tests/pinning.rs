@@ -110,13 +110,13 @@ fn a_crashed_agent_stays_closed_and_the_next_one_adopts() {
 
     // The documented removal command: nothing attached, nothing pinned.
     let report = Enforcer::detach_all(&fs.pin_dir(), &cg.path).expect("detach_all");
-    // The seven socket hooks (connect, sendmsg, getpeername, sock_ops) are
-    // forced off. Tracepoint links cannot be (BPF_LINK_DETACH is
+    // The eight socket hooks (connect, sendmsg, getpeername, sock_ops,
+    // ingress) are forced off. Tracepoint links cannot be (BPF_LINK_DETACH is
     // unsupported for them); unpinned, they go away with the last fd, here
     // `third`'s.
-    assert_eq!(report.links_detached, 7, "{report:?}");
-    // 10 links and 9 maps.
-    assert_eq!(report.pins_removed, 19, "{report:?}");
+    assert_eq!(report.links_detached, 8, "{report:?}");
+    // 11 links and 9 maps.
+    assert_eq!(report.pins_removed, 20, "{report:?}");
     assert!(!fs.pin_dir().exists());
     assert_eq!(old.run(&connect), "OK", "no longer enforced");
     drop(third);
@@ -140,8 +140,8 @@ fn detach_all_removes_a_live_agents_unpinned_links() {
     let nowhere = std::env::temp_dir().join(format!("tether-no-pins-{}", std::process::id()));
     let report = Enforcer::detach_all(&nowhere, &cg.path).expect("detach_all");
     assert_eq!(
-        report.links_detached, 7,
-        "the seven socket hooks on this cgroup: {report:?}"
+        report.links_detached, 8,
+        "the eight socket hooks on this cgroup: {report:?}"
     );
     assert_eq!(report.pins_removed, 0);
     assert_eq!(c.run(&connect), "OK");

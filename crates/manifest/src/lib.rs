@@ -126,6 +126,46 @@ pub struct ServiceSpec {
     pub host_ports: Vec<u16>,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Present when agents front this Service: clients reach it only
+    /// through a mutual-TLS tunnel to the agent on its host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshSpec>,
+}
+
+/// How agents carry connections to a Service they front.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshSpec {
+    pub mode: TlsMode,
+    /// Prefix each connection to the service with a PROXY protocol v2
+    /// header naming the client's SPIFFE ID.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+/// What crosses the network to a fronted Service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// The agents' mutual TLS carries the connection; the service speaks
+    /// plaintext to its own agent only.
+    Mutual,
+    /// As mutual, and the application runs its own TLS end to end inside
+    /// the tunnel; the agents neither terminate nor inspect it.
+    Passthrough,
+    /// Migration: tunnelled connections as mutual, and plaintext from
+    /// hosts without an agent still accepted, each one audited.
+    Permissive,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Mutual => "mutual",
+            TlsMode::Passthrough => "passthrough",
+            TlsMode::Permissive => "permissive",
+        }
+    }
 }
 
 /// Who may reach which Services, optionally under a Cedar condition.
@@ -311,6 +351,15 @@ struct RawService {
     host_ports: Vec<i64>,
     #[serde(default)]
     labels: std::collections::BTreeMap<String, String>,
+    mesh: Option<RawMesh>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMesh {
+    mode: Option<String>,
+    #[serde(default)]
+    proxy_protocol: bool,
 }
 
 #[derive(Deserialize)]
@@ -589,11 +638,51 @@ fn validate_service(raw: RawService) -> Result<ServiceSpec, (String, String)> {
         validate_dns(h).map_err(|m| (format!("spec.hostnames[{i}]"), m))?;
     }
     let host_ports = ports(&raw.host_ports, "spec.hostPorts")?;
+    let mesh = match raw.mesh {
+        None => None,
+        Some(m) => {
+            let mode = match m.mode.as_deref().unwrap_or("mutual") {
+                "mutual" => TlsMode::Mutual,
+                "passthrough" => TlsMode::Passthrough,
+                "permissive" => TlsMode::Permissive,
+                other => {
+                    return Err((
+                        "spec.mesh.mode".into(),
+                        format!("{other:?}: use mutual, passthrough or permissive"),
+                    ));
+                }
+            };
+            // A tunnel carries a byte stream: datagrams cannot be fronted.
+            if let Some(i) = addresses.iter().position(|a| a.protocol != Protocol::Tcp) {
+                return Err((
+                    format!("spec.addresses[{i}].protocol"),
+                    "a Service with spec.mesh must be tcp only".into(),
+                ));
+            }
+            if !raw.hostnames.is_empty() || addresses.is_empty() {
+                return Err((
+                    "spec.hostnames".into(),
+                    "a Service with spec.mesh is fronted by the agent on its host: give its addresses, not hostnames".into(),
+                ));
+            }
+            if let Some(i) = addresses.iter().position(|a| a.ports.is_empty()) {
+                return Err((
+                    format!("spec.addresses[{i}].ports"),
+                    "a Service with spec.mesh needs explicit ports".into(),
+                ));
+            }
+            Some(MeshSpec {
+                mode,
+                proxy_protocol: m.proxy_protocol,
+            })
+        }
+    };
     Ok(ServiceSpec {
         addresses,
         hostnames: raw.hostnames,
         host_ports,
         labels: raw.labels,
+        mesh,
     })
 }
 
@@ -872,6 +961,38 @@ spec:
         assert!(error_of(&bad).contains("spec.addresses[0].cidr"));
         let bad = y.replace("ports: [6379]}", "ports: [70000]}");
         assert!(error_of(&bad).contains("spec.addresses[0].ports[0]"));
+    }
+
+    #[test]
+    fn mesh_services() {
+        let y = r#"
+apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {name: pg}
+spec:
+  addresses: [{cidr: 10.0.0.2, ports: [5432]}]
+  mesh: {mode: passthrough, proxyProtocol: true}
+"#;
+        let r = parse("s.yaml", y.as_bytes()).unwrap();
+        let Resource::Service { spec, .. } = &r[0] else {
+            panic!()
+        };
+        let mesh = spec.mesh.as_ref().unwrap();
+        assert_eq!((mesh.mode, mesh.proxy_protocol), (TlsMode::Passthrough, true));
+        let again = parse("again", r[0].to_yaml().as_bytes()).unwrap();
+        assert_eq!(again[0], r[0]);
+        let dflt = y.replace("{mode: passthrough, proxyProtocol: true}", "{}");
+        let r = parse("s.yaml", dflt.as_bytes()).unwrap();
+        let Resource::Service { spec, .. } = &r[0] else {
+            panic!()
+        };
+        assert_eq!(spec.mesh.as_ref().unwrap().mode, TlsMode::Mutual);
+        let bad = y.replace("passthrough", "tls");
+        assert!(error_of(&bad).contains("spec.mesh.mode"), "{}", error_of(&bad));
+        let bad = y.replace("ports: [5432]}", "ports: [5432], protocol: udp}");
+        assert!(error_of(&bad).contains("spec.addresses[0].protocol"));
+        let bad = y.replace(", ports: [5432]}", "}");
+        assert!(error_of(&bad).contains("spec.addresses[0].ports"));
     }
 
     #[test]

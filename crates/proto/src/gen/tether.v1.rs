@@ -212,6 +212,9 @@ pub struct RotateCaResponse {
     pub text: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConnectionsRequest {}
+#[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PolicyCheckRequest {
     /// Either a live process...
@@ -1585,6 +1588,28 @@ pub mod agent_admin_client {
                 .insert(GrpcMethod::new("tether.v1.AgentAdmin", "Events"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// Live mesh tunnels on this node.
+        pub async fn connections(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ConnectionsRequest>,
+        ) -> std::result::Result<tonic::Response<super::JsonResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tether.v1.AgentAdmin/Connections",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tether.v1.AgentAdmin", "Connections"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1624,6 +1649,11 @@ pub mod agent_admin_server {
             &self,
             request: tonic::Request<super::EventsRequest>,
         ) -> std::result::Result<tonic::Response<Self::EventsStream>, tonic::Status>;
+        /// Live mesh tunnels on this node.
+        async fn connections(
+            &self,
+            request: tonic::Request<super::ConnectionsRequest>,
+        ) -> std::result::Result<tonic::Response<super::JsonResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AgentAdminServer<T> {
@@ -1876,6 +1906,51 @@ pub mod agent_admin_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tether.v1.AgentAdmin/Connections" => {
+                    #[allow(non_camel_case_types)]
+                    struct ConnectionsSvc<T: AgentAdmin>(pub Arc<T>);
+                    impl<
+                        T: AgentAdmin,
+                    > tonic::server::UnaryService<super::ConnectionsRequest>
+                    for ConnectionsSvc<T> {
+                        type Response = super::JsonResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ConnectionsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AgentAdmin>::connections(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ConnectionsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
