@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use tether_proto::tether::agent_admin_server::{AgentAdmin, AgentAdminServer};
 use tether_proto::tether::{
-    ConnectionsRequest, EventsRequest, JsonResponse, ListSvidsRequest, PolicyCheckRequest, WhoAmIRequest,
+    ConnectionsRequest, EventsRequest, JsonResponse, ListSvidsRequest, PolicyCheckRequest,
+    WhoAmIRequest,
 };
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};

@@ -872,7 +872,9 @@ impl Enforcement {
         if a.hook == "ingress" {
             // Not a local process's connect: the peer is `destination`.
             rec["peer"] = rec["destination"].take();
-            for k in ["pid", "tid", "comm", "exe", "sha256", "uid", "gid", "cgroup", "spiffeId"] {
+            for k in [
+                "pid", "tid", "comm", "exe", "sha256", "uid", "gid", "cgroup", "spiffeId",
+            ] {
                 if let Some(o) = rec.as_object_mut() {
                     o.remove(k);
                 }

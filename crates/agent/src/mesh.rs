@@ -253,6 +253,8 @@ impl Mesh {
             loop {
                 match listener.accept().await {
                     Ok((s, peer)) => {
+                        // The dual-stack listener shows IPv4 peers mapped.
+                        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                         let Ok(slot) = slots.clone().try_acquire_owned() else {
                             tracing::warn!(%peer, "too many mesh tunnels; refused");
                             me.metrics.mesh_connection("inbound", "overload");
@@ -352,7 +354,10 @@ impl Mesh {
         proc: Option<(ProcessInfo, Vec<String>)>,
     ) {
         let dst = rec.original_dst;
-        let exe = proc.as_ref().map(|(i, _)| i.exe_path.clone()).unwrap_or_default();
+        let exe = proc
+            .as_ref()
+            .map(|(i, _)| i.exe_path.clone())
+            .unwrap_or_default();
         let mut base = serde_json::json!({
             "direction": "outbound", "pid": rec.tgid, "exe": exe, "service": service.name,
             "destination": dst.to_string(), "rule": rule,
@@ -366,12 +371,22 @@ impl Mesh {
         };
         let svid = match self.svid_for(rec, start_ticks, rule).await {
             Ok(s) => s,
-            Err(e) => return { fail(&mut base, "no_svid", e); reset(client) },
+            Err(e) => {
+                return {
+                    fail(&mut base, "no_svid", e);
+                    reset(client)
+                };
+            }
         };
         base["spiffeId"] = serde_json::json!(svid.spiffe_id.to_string());
         let cfg = match self.client_config(&svid) {
             Ok(c) => c,
-            Err(e) => return { fail(&mut base, "error", e); reset(client) },
+            Err(e) => {
+                return {
+                    fail(&mut base, "error", e);
+                    reset(client)
+                };
+            }
         };
         let peer_addr = SocketAddr::new(dst.ip(), self.port);
         base["peerAddress"] = serde_json::json!(peer_addr.to_string());
@@ -379,13 +394,21 @@ impl Mesh {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 return {
-                    fail(&mut base, "peer_unreachable", format!("no agent answers at {peer_addr}: {e}"));
+                    fail(
+                        &mut base,
+                        "peer_unreachable",
+                        format!("no agent answers at {peer_addr}: {e}"),
+                    );
                     reset(client)
                 };
             }
             Err(_) => {
                 return {
-                    fail(&mut base, "peer_unreachable", format!("no agent answered at {peer_addr} within {CONNECT_TIMEOUT:?}"));
+                    fail(
+                        &mut base,
+                        "peer_unreachable",
+                        format!("no agent answered at {peer_addr} within {CONNECT_TIMEOUT:?}"),
+                    );
                     reset(client)
                 };
             }
@@ -393,24 +416,34 @@ impl Mesh {
         let _ = tcp.set_nodelay(true);
         let connector = tokio_rustls::TlsConnector::from(cfg);
         let name = ServerName::IpAddress(dst.ip().into());
-        let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                return {
-                    fail(&mut base, "handshake_failed", format!("TLS with the agent at {peer_addr} failed: {e}"));
-                    reset(client)
-                };
-            }
-            Err(_) => {
-                return {
-                    fail(&mut base, "handshake_failed", format!("TLS with the agent at {peer_addr} timed out"));
-                    reset(client)
-                };
-            }
-        };
+        let mut tls =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    return {
+                        fail(
+                            &mut base,
+                            "handshake_failed",
+                            format!("TLS with the agent at {peer_addr} failed: {e}"),
+                        );
+                        reset(client)
+                    };
+                }
+                Err(_) => {
+                    return {
+                        fail(
+                            &mut base,
+                            "handshake_failed",
+                            format!("TLS with the agent at {peer_addr} timed out"),
+                        );
+                        reset(client)
+                    };
+                }
+            };
         let (version, cipher) = tls_facts(tls.get_ref().1);
-        let peer_id =
-            tether_tls::peer_id(tls.get_ref().1.peer_certificates()).map(|i| i.to_string()).unwrap_or_default();
+        let peer_id = tether_tls::peer_id(tls.get_ref().1.peer_certificates())
+            .map(|i| i.to_string())
+            .unwrap_or_default();
         base["peerSpiffeId"] = serde_json::json!(peer_id);
         base["tls"] = serde_json::json!({ "version": version, "cipherSuite": cipher });
         let req = Request { destination: dst }.encode();
@@ -421,7 +454,11 @@ impl Mesh {
         .await
         {
             return {
-                fail(&mut base, "peer_failed", format!("sending the tunnel request: {e}"));
+                fail(
+                    &mut base,
+                    "peer_failed",
+                    format!("sending the tunnel request: {e}"),
+                );
                 reset(client)
             };
         }
@@ -457,7 +494,8 @@ impl Mesh {
                     me.metrics.mesh_connection("outbound", "opened");
                 } else {
                     rec["verdict"] = serde_json::json!("deny");
-                    rec["reason"] = serde_json::json!(format!("peer agent refused: {}", s.as_str()));
+                    rec["reason"] =
+                        serde_json::json!(format!("peer agent refused: {}", s.as_str()));
                     me.metrics.mesh_connection("outbound", "refused_by_peer");
                 }
                 me.audit(rec);
@@ -492,7 +530,8 @@ impl Mesh {
 
     async fn inbound(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
-        let mut base = serde_json::json!({ "direction": "inbound", "peerAddress": peer.to_string() });
+        let mut base =
+            serde_json::json!({ "direction": "inbound", "peerAddress": peer.to_string() });
         let deny = |base: &mut serde_json::Value, outcome: &str, reason: String| {
             tracing::info!(%peer, %reason, "mesh tunnel refused");
             self.metrics.mesh_connection("inbound", outcome);
@@ -500,14 +539,31 @@ impl Mesh {
             base["reason"] = serde_json::json!(reason);
             self.audit(base.clone());
         };
-        let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
+        let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await
+        {
             Ok(Ok(t)) => t,
-            Ok(Err(e)) => return deny(&mut base, "handshake_failed", format!("TLS handshake failed: {e}")),
-            Err(_) => return deny(&mut base, "handshake_failed", "TLS handshake timed out".into()),
+            Ok(Err(e)) => {
+                return deny(
+                    &mut base,
+                    "handshake_failed",
+                    format!("TLS handshake failed: {e}"),
+                );
+            }
+            Err(_) => {
+                return deny(
+                    &mut base,
+                    "handshake_failed",
+                    "TLS handshake timed out".into(),
+                );
+            }
         };
         let (version, cipher) = tls_facts(tls.get_ref().1);
         let Some(peer_id) = tether_tls::peer_id(tls.get_ref().1.peer_certificates()) else {
-            return deny(&mut base, "handshake_failed", "peer presented no SPIFFE ID".into());
+            return deny(
+                &mut base,
+                "handshake_failed",
+                "peer presented no SPIFFE ID".into(),
+            );
         };
         let peer_id = peer_id.to_string();
         base["peerSpiffeId"] = serde_json::json!(peer_id);
@@ -539,14 +595,24 @@ impl Mesh {
                 refuse(&mut tls, Status::BadRequest).await;
                 return deny(&mut base, "bad_request", e);
             }
-            Err(_) => return deny(&mut base, "bad_request", "no tunnel request within the timeout".into()),
+            Err(_) => {
+                return deny(
+                    &mut base,
+                    "bad_request",
+                    "no tunnel request within the timeout".into(),
+                );
+            }
         };
         let leftover = buf.split_off(used);
         let dst = req.destination;
         base["destination"] = serde_json::json!(dst.to_string());
         let Some(service) = self.enf.meshed_service_at(dst) else {
             refuse(&mut tls, Status::NotFronted).await;
-            return deny(&mut base, "not_fronted", format!("{dst} is not a meshed Service"));
+            return deny(
+                &mut base,
+                "not_fronted",
+                format!("{dst} is not a meshed Service"),
+            );
         };
         base["service"] = serde_json::json!(service.name);
         let rule = match self.enf.ingress(&service.name, &peer_id) {
@@ -607,12 +673,17 @@ impl Mesh {
         .await;
         if let Err(e) = opened {
             self.unregister(id);
-            return deny(&mut base, "upstream_failed", format!("starting the tunnel: {e}"));
+            return deny(
+                &mut base,
+                "upstream_failed",
+                format!("starting the tunnel: {e}"),
+            );
         }
         self.metrics.mesh_connection("inbound", "opened");
         base["verdict"] = serde_json::json!("allow");
         self.audit(base);
-        let r = tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut up, COPY_BUF, COPY_BUF).await;
+        let r =
+            tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut up, COPY_BUF, COPY_BUF).await;
         self.unregister(id);
         if let Err(e) = r {
             tracing::debug!(%peer, error = %e, "tunnel ended with an error");

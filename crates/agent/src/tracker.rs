@@ -571,10 +571,25 @@ pub enum EnsureError {
 /// blocking) and forwards them; when the queue is full events are dropped
 /// and a rescan is requested instead, so a fork storm cannot block the
 /// kernel socket reader or grow memory without bound.
+///
+/// The proc connector only answers in the initial network namespace: an
+/// agent running in another one (a host modelled as a namespace, a
+/// container with its own network) opens its socket from there. Without
+/// it the agent still works, on rescans and on-demand attestation (the
+/// kernel holds connections of processes it has not seen yet).
 pub fn spawn_event_reader(tx: mpsc::Sender<ProcEvent>) -> anyhow::Result<()> {
-    let mut conn = tether_attest::ProcConnector::open().map_err(|e| {
-        anyhow::anyhow!("opening the kernel proc connector (needs CAP_NET_ADMIN): {e}")
-    })?;
+    let opened = tether_attest::ProcConnector::open().or_else(|first| {
+        open_in_initial_netns().map_err(|e| {
+            anyhow::anyhow!("opening the kernel proc connector (needs CAP_NET_ADMIN): {first}; from the initial network namespace: {e}")
+        })
+    });
+    let mut conn = match opened {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "no process events: new processes are attested on rescans and on demand");
+            return Ok(());
+        }
+    };
     std::thread::Builder::new()
         .name("proc-events".into())
         .spawn(move || {
@@ -604,6 +619,25 @@ pub fn spawn_event_reader(tx: mpsc::Sender<ProcEvent>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens the proc connector from the initial network namespace, on a
+/// short-lived thread (setns changes only the calling thread); the socket
+/// keeps that namespace.
+fn open_in_initial_netns() -> std::io::Result<tether_attest::ProcConnector> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = std::fs::File::open("/proc/1/ns/net")?;
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: setns(2) on an fd we hold open, for this thread only.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            tether_attest::ProcConnector::open()
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("proc connector thread panicked"))?
+    })
+}
+
 /// The tracker's main loop: events, periodic rescans, rotation, and
 /// registry changes.
 pub async fn run(
@@ -616,10 +650,12 @@ pub async fn run(
     let mut rotation = tokio::time::interval(Duration::from_secs(1));
     let mut conditions = tokio::time::interval(Duration::from_millis(500));
     let me = std::process::id() as i32;
+    let mut events_open = true;
     loop {
         tokio::select! {
-            ev = events.recv() => {
-                let Some(ev) = ev else { return };
+            ev = events.recv(), if events_open => {
+                // No event source (see spawn_event_reader): rescans only.
+                let Some(ev) = ev else { events_open = false; continue };
                 match ev {
                     ProcEvent::Exit { pid } => tracker.exited(pid),
                     ProcEvent::Exec { pid } | ProcEvent::Fork { child: pid, .. } | ProcEvent::Uid { pid } => {

@@ -11,8 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use tether_proto::tether::admin_client::AdminClient;
 use tether_proto::tether::agent_admin_client::AgentAdminClient;
 use tether_proto::tether::{
-    ApplyRequest, CreateJoinTokenRequest, DeleteRequest, EventsRequest, GetRequest,
-    ConnectionsRequest, ListSvidsRequest, PolicyCheckRequest, RotateCaRequest, WhoAmIRequest,
+    ApplyRequest, ConnectionsRequest, CreateJoinTokenRequest, DeleteRequest, EventsRequest,
+    GetRequest, ListSvidsRequest, PolicyCheckRequest, RotateCaRequest, WhoAmIRequest,
 };
 use tether_spiffe::{Bundle, TrustDomain};
 

@@ -165,7 +165,10 @@ enum CgroupProg {
 #[derive(Clone, Copy)]
 enum Attach {
     /// `enum bpf_attach_type` value, to recognise our pinned link.
-    Cgroup { attach_type: u32, kind: CgroupProg },
+    Cgroup {
+        attach_type: u32,
+        kind: CgroupProg,
+    },
     RawTp(&'static str),
 }
 

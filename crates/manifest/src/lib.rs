@@ -978,7 +978,10 @@ spec:
             panic!()
         };
         let mesh = spec.mesh.as_ref().unwrap();
-        assert_eq!((mesh.mode, mesh.proxy_protocol), (TlsMode::Passthrough, true));
+        assert_eq!(
+            (mesh.mode, mesh.proxy_protocol),
+            (TlsMode::Passthrough, true)
+        );
         let again = parse("again", r[0].to_yaml().as_bytes()).unwrap();
         assert_eq!(again[0], r[0]);
         let dflt = y.replace("{mode: passthrough, proxyProtocol: true}", "{}");
@@ -988,7 +991,11 @@ spec:
         };
         assert_eq!(spec.mesh.as_ref().unwrap().mode, TlsMode::Mutual);
         let bad = y.replace("passthrough", "tls");
-        assert!(error_of(&bad).contains("spec.mesh.mode"), "{}", error_of(&bad));
+        assert!(
+            error_of(&bad).contains("spec.mesh.mode"),
+            "{}",
+            error_of(&bad)
+        );
         let bad = y.replace("ports: [5432]}", "ports: [5432], protocol: udp}");
         assert!(error_of(&bad).contains("spec.addresses[0].protocol"));
         let bad = y.replace(", ports: [5432]}", "}");

@@ -179,8 +179,14 @@ mod tests {
     fn rejects_what_is_not_a_request() {
         assert_eq!(Request::parse(b"GET / HTTP/1.1"), Err(RequestError::Magic));
         assert_eq!(Request::parse(b"TX"), Err(RequestError::Magic));
-        assert_eq!(Request::parse(b"TTHR\x02\x04"), Err(RequestError::Version(2)));
-        assert_eq!(Request::parse(b"TTHR\x01\x05"), Err(RequestError::Family(5)));
+        assert_eq!(
+            Request::parse(b"TTHR\x02\x04"),
+            Err(RequestError::Version(2))
+        );
+        assert_eq!(
+            Request::parse(b"TTHR\x01\x05"),
+            Err(RequestError::Family(5))
+        );
         assert_eq!(
             Request::parse(b"TTHR\x01\x04\x0a\x00\x00\x01\x00\x00"),
             Err(RequestError::Port)

@@ -118,7 +118,11 @@ impl ProxyHeader {
                     &body[36..],
                 )
             }
-            f => return Err(format!("unsupported or short address block (family {f:#x})")),
+            f => {
+                return Err(format!(
+                    "unsupported or short address block (family {f:#x})"
+                ));
+            }
         };
         let mut h = ProxyHeader {
             source,
@@ -185,7 +189,10 @@ mod tests {
             let (back, used) = ProxyHeader::parse(&wire).unwrap().unwrap();
             assert_eq!((back, used), (h, len));
             for cut in 0..len {
-                assert!(matches!(ProxyHeader::parse(&wire[..cut]), Ok(None)), "cut {cut}");
+                assert!(
+                    matches!(ProxyHeader::parse(&wire[..cut]), Ok(None)),
+                    "cut {cut}"
+                );
             }
         }
     }
@@ -200,7 +207,10 @@ mod tests {
             cipher: "c".into(),
         };
         let w = h.encode();
-        assert_eq!(&w[..12], b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a");
+        assert_eq!(
+            &w[..12],
+            b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"
+        );
         assert_eq!((w[12], w[13]), (0x21, 0x11));
         assert_eq!(u16::from_be_bytes([w[14], w[15]]) as usize, w.len() - 16);
         assert_eq!(&w[16..20], &[1, 2, 3, 4]);

@@ -21,12 +21,17 @@ impl Cgroup {
 
     /// Makes `cmd` join this cgroup before it execs (while still root).
     pub fn enter(&self, cmd: &mut Command) {
-        let procs = self.0.join("cgroup.procs");
-        // SAFETY: the closure only writes a file (no locks shared with the
-        // parent are taken).
-        unsafe {
-            cmd.pre_exec(move || std::fs::write(&procs, "0"));
-        }
+        enter_cgroup(&self.0, cmd);
+    }
+}
+
+/// Makes `cmd` join the cgroup at `dir` before it execs.
+pub fn enter_cgroup(dir: &std::path::Path, cmd: &mut Command) {
+    let procs = dir.join("cgroup.procs");
+    // SAFETY: the closure only writes a file (no locks shared with the
+    // parent are taken).
+    unsafe {
+        cmd.pre_exec(move || std::fs::write(&procs, "0"));
     }
 }
 
@@ -79,11 +84,16 @@ impl Drop for BpfMount {
 /// exec. Registered after [`Cgroup::enter`], so the cgroup move still runs
 /// as root.
 pub fn become_uid(cmd: &mut Command, uid: u32) {
+    become_user(cmd, uid, uid);
+}
+
+/// As [`become_uid`], with a separate gid.
+pub fn become_user(cmd: &mut Command, uid: u32, gid: u32) {
     // SAFETY: only async-signal-safe libc calls.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(uid) != 0
+                || libc::setgid(gid) != 0
                 || libc::setuid(uid) != 0
             {
                 return Err(std::io::Error::last_os_error());

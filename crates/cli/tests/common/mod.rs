@@ -6,6 +6,8 @@
 #![allow(dead_code)]
 
 pub mod kernel;
+pub mod netns;
+pub mod servers;
 
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt;
@@ -24,6 +26,9 @@ pub struct Up {
     pub node_api: String,
     pub metrics: String,
     pub log: PathBuf,
+    /// Where the server listens, and the network namespace to run in.
+    listen: String,
+    netns_fd: Option<i32>,
 }
 
 /// A world-traversable temp dir, so workloads running as other uids can
@@ -48,6 +53,16 @@ impl Up {
     }
 
     pub fn start_with(extra: &[&str]) -> Up {
+        Self::start_in(None, "127.0.0.1:0", extra)
+    }
+
+    /// `tether up` on a host of a [`netns::Lan`], its server listening on
+    /// that host's address.
+    pub fn start_on(lan: &netns::Lan, host: &str, extra: &[&str]) -> Up {
+        Self::start_in(Some(lan.fd(host)), &format!("{}:0", lan.addr(host)), extra)
+    }
+
+    fn start_in(netns_fd: Option<i32>, listen: &str, extra: &[&str]) -> Up {
         let dir = open_tempdir();
         let run = dir.path().join("run");
         let log = dir.path().join("tether.log");
@@ -59,6 +74,8 @@ impl Up {
             node_api: String::new(),
             metrics: String::new(),
             log,
+            listen: listen.to_string(),
+            netns_fd,
         };
         up.spawn();
         up
@@ -72,13 +89,17 @@ impl Up {
 
     fn spawn(&mut self) {
         let logf = std::fs::File::create(&self.log).expect("log file");
-        let child = Command::new(TETHER)
+        let mut cmd = Command::new(TETHER);
+        if let Some(fd) = self.netns_fd {
+            netns::enter_fd(fd, &mut cmd);
+        }
+        let child = cmd
             .args([
                 "up",
                 "--log-format",
                 "json",
                 "--listen",
-                "127.0.0.1:0",
+                &self.listen,
                 "--metrics",
                 "127.0.0.1:0",
                 "--rescan",

@@ -1,0 +1,312 @@
+//! Real servers from Debian's packages, started by the test that needs them
+//! (on loopback, or on a host of a `netns::Lan`) and stopped on drop, also
+//! when the test fails.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::kernel::{Cgroup, become_user, enter_cgroup};
+use super::netns::{Lan, enter_fd};
+use super::{free_port, open_tempdir, rand_suffix, wait_until};
+
+pub const PASSWORD: &str = "s3cret-in-the-environment";
+
+/// Runs `cmd` in a host's network namespace and/or a cgroup.
+fn place(cmd: &mut Command, netns_fd: Option<i32>, cgroup: Option<&PathBuf>) {
+    if let Some(fd) = netns_fd {
+        enter_fd(fd, cmd);
+    }
+    if let Some(cg) = cgroup {
+        enter_cgroup(cg, cmd);
+    }
+}
+pub fn which(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} not found: install the test dependencies (`make test-deps`)")
+        })
+}
+
+/// redis-server on 127.0.0.1 and ::1 with `requirepass`.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    netns_fd: Option<i32>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_in(None, None, "127.0.0.1 ::1")
+    }
+
+    /// On `host`, in `cgroup`, listening on the host's address and its
+    /// loopback (for the test's own queries).
+    pub fn start_on(lan: &Lan, host: &str, cgroup: &Cgroup) -> Redis {
+        let bind = format!("{} 127.0.0.1", lan.addr(host));
+        Self::start_in(Some(lan.fd(host)), Some(&cgroup.0), &bind)
+    }
+
+    fn start_in(netns_fd: Option<i32>, cgroup: Option<&PathBuf>, bind: &str) -> Redis {
+        let dir = open_tempdir();
+        let port = free_port();
+        let mut cmd = Command::new(which("redis-server"));
+        place(&mut cmd, netns_fd, cgroup);
+        let child = cmd
+            .args(["--port", &port.to_string(), "--bind", bind])
+            .args([
+                "--requirepass",
+                PASSWORD,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let r = Redis {
+            child,
+            port,
+            _dir: dir,
+            netns_fd,
+        };
+        let up = wait_until(Duration::from_secs(20), || r.admin(&["PING"]) == "PONG");
+        assert!(up, "redis-server did not come up on port {port}");
+        r
+    }
+
+    /// A command from the test process (outside the enforced cgroup).
+    pub fn admin(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new(which("redis-cli"));
+        // On its host's loopback, from outside any enforced cgroup.
+        place(&mut cmd, self.netns_fd, None);
+        let o = cmd
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .env("REDISCLI_AUTH", PASSWORD)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    /// Connections Redis has accepted so far (its own counter, which counts
+    /// this query's connection too), so a test can show that a refused
+    /// client never reached it.
+    pub fn connections_received(&self) -> u64 {
+        let info = self.admin(&["INFO", "stats"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no connection count in INFO stats: {info}"))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A PostgreSQL cluster of the test's own (initdb as the postgres user),
+/// password authentication (scram) on 127.0.0.1 and ::1.
+pub struct Postgres {
+    child: Child,
+    pub port: u16,
+    bin: PathBuf,
+    dir: PathBuf,
+}
+
+fn postgres_bindir() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    dirs.retain(|d| d.join("postgres").is_file() && d.join("psql").is_file());
+    dirs.sort_by_key(|d| {
+        d.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    dirs.pop().unwrap_or_else(|| {
+        panic!("no PostgreSQL server under /usr/lib/postgresql: `make test-deps` installs it")
+    })
+}
+
+fn user_ids(name: &str) -> (u32, u32) {
+    let id = |flag: &str| -> u32 {
+        let o = Command::new("id").args([flag, name]).output().expect("id");
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("no user {name}: `make test-deps` installs PostgreSQL"))
+    };
+    (id("-u"), id("-g"))
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        Self::start_in(None, None, "127.0.0.1,::1", false)
+    }
+
+    /// On `host`, in `cgroup`, listening on the host's address and its
+    /// loopback, with TLS (a self-signed certificate) available to clients.
+    pub fn start_on(lan: &Lan, host: &str, cgroup: &Cgroup) -> Postgres {
+        let listen = format!("{},127.0.0.1", lan.addr(host));
+        Self::start_in(Some(lan.fd(host)), Some(&cgroup.0), &listen, true)
+    }
+
+    fn start_in(
+        netns_fd: Option<i32>,
+        cgroup: Option<&PathBuf>,
+        listen: &str,
+        tls: bool,
+    ) -> Postgres {
+        use std::os::unix::process::CommandExt as _;
+        let bin = postgres_bindir();
+        let (uid, gid) = user_ids("postgres");
+        let dir = std::env::temp_dir().join(format!(
+            "tether-pg-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let pwfile = dir.join("pw");
+        std::fs::write(&pwfile, PASSWORD).expect("pwfile");
+        for p in [&dir, &pwfile] {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let as_pg = |cmd: &mut Command| {
+            cmd.uid(uid).gid(gid).current_dir(&dir);
+        };
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args([
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()));
+        as_pg(&mut initdb);
+        let o = initdb.output().expect("initdb");
+        assert!(
+            o.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let port = free_port();
+        let mut server = Command::new(bin.join("postgres"));
+        place(&mut server, netns_fd, cgroup);
+        server
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&dir)
+            .args([
+                "-c",
+                &format!("listen_addresses={listen}"),
+                "-c",
+                "fsync=off",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if tls {
+            // Tunnelled clients arrive from the host's own address.
+            let hba = dir.join("data/pg_hba.conf");
+            let mut conf = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+            conf.push_str("host all all 0.0.0.0/0 scram-sha-256\n");
+            std::fs::write(&hba, conf).expect("pg_hba.conf");
+            let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
+            let o = Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                ])
+                .args(["-nodes", "-days", "1", "-subj", "/CN=postgres"])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&crt)
+                .output()
+                .expect("openssl");
+            assert!(
+                o.status.success(),
+                "openssl req: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            for p in [&crt, &key] {
+                std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
+            }
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            server
+                .args(["-c", "ssl=on", "-c"])
+                .arg(format!("ssl_cert_file={}", crt.display()));
+            server
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", key.display()));
+        }
+        // Not `as_pg`: Command::uid applies before pre_exec hooks, and
+        // joining the namespace and cgroup needs root.
+        become_user(&mut server, uid, gid);
+        server.current_dir(&dir);
+        let child = server.spawn().expect("start postgres");
+        let pg = Postgres {
+            child,
+            port,
+            bin,
+            dir,
+        };
+        let ready = wait_until(Duration::from_secs(30), || {
+            let mut c = Command::new(pg.bin.join("pg_isready"));
+            place(&mut c, netns_fd, None);
+            c.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        assert!(ready, "postgres did not come up on port {port}");
+        pg
+    }
+
+    pub fn psql(&self) -> PathBuf {
+        self.bin.join("psql")
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGQUIT: immediate shutdown, the postmaster takes its children
+        // down with it.
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
+        let stopped = wait_until(Duration::from_secs(10), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        if !stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,1052 @@
+//! The mesh between hosts: three network namespaces on one bridge (no
+//! route out). Host B runs the server, an agent and the services; host A
+//! runs its own agent and the clients; host C has no agent. Real Redis,
+//! PostgreSQL (with its own TLS), redis-cli, psql, tshark and openssl.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::kernel::Cgroup;
+use common::netns::{IFACE, Lan};
+use common::servers::{PASSWORD, Postgres, Redis, which};
+use common::*;
+
+const MESH_PORT: u16 = 15443;
+/// 2023-11-14 10:00 UTC and 23:30 UTC: inside and outside the Redis
+/// policy's window (hour < 22).
+const DAY: i64 = 1_699_956_000;
+const NIGHT: i64 = 1_700_004_600;
+
+fn python() -> PathBuf {
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            "import os,sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+        .expect("python3");
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+}
+
+fn real(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).expect("canonicalize")
+}
+
+fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// A standalone `tether agent` on a host, joined to the server on B.
+struct Agent {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(lan: &Lan, host: &str, up: &Up, cg: &Cgroup, clock: &Path) -> Agent {
+        let dir = open_tempdir();
+        let d = dir.path();
+        let token = up.ok(&["token", "create"]).trim().to_string();
+        std::fs::write(d.join("bundle.json"), up.ok(&["get", "bundle"])).expect("bundle");
+        let log = d.join("log");
+        let mut cmd = lan.command(host, TETHER);
+        cmd.args(["--log-format", "json", "agent", "--server", &up.node_api])
+            .args([
+                "--node-name",
+                &format!("host-{host}"),
+                "--join-token",
+                &token,
+            ])
+            .args(["--metrics", "off", "--rescan", "5s"])
+            .arg("--trust-bundle")
+            .arg(d.join("bundle.json"))
+            .arg("--data-dir")
+            .arg(d.join("data"))
+            .arg("--workload-socket")
+            .arg(d.join("workload.sock"))
+            .arg("--admin-socket")
+            .arg(d.join("agent.sock"))
+            .arg("--enforce-cgroup")
+            .arg(&cg.0)
+            .arg("--audit-log")
+            .arg(d.join("audit.log"))
+            .arg("--clock-file")
+            .arg(clock)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"));
+        let mut child = cmd.spawn().expect("spawn agent");
+        let started = wait_until(Duration::from_secs(30), || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "agent on {host} exited with {st}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("mesh active")
+        });
+        let a = Agent { child, dir };
+        assert!(started, "agent on {host} did not start:\n{}", a.logs());
+        a
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    fn audit(&self) -> Vec<serde_json::Value> {
+        json_lines(&self.dir.path().join("audit.log"))
+    }
+
+    fn tether(&self, args: &[&str]) -> String {
+        let o = Command::new(TETHER)
+            .args(args)
+            .env("TETHER_AGENT_SOCKET", self.socket())
+            .output()
+            .expect("tether");
+        assert!(
+            o.status.success(),
+            "tether {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        if !wait_until(Duration::from_secs(5), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        }) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The live tunnels an agent lists.
+fn connections(out: &str) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(out).expect("connections json");
+    v["connections"].as_array().cloned().unwrap_or_default()
+}
+
+/// Hosts A (agent, clients), B (server, agent, services) and C (nothing).
+/// Fields drop in order: processes first, the namespaces last.
+struct World {
+    a: Agent,
+    up: Up,
+    redis: Redis,
+    cg_a: Cgroup,
+    cg_b: Cgroup,
+    clocks: tempfile::TempDir,
+    lan: Lan,
+}
+
+impl World {
+    fn new(tag: &str) -> World {
+        let lan = Lan::new(tag, &["a", "b", "c"]);
+        let cg_a = Cgroup::new(&format!("{tag}-a"));
+        let cg_b = Cgroup::new(&format!("{tag}-b"));
+        let clocks = open_tempdir();
+        for h in ["a", "b"] {
+            std::fs::write(clocks.path().join(h), DAY.to_string()).expect("clock");
+        }
+        let audit_b = clocks.path().join("audit-b.log");
+        let up = Up::start_on(
+            &lan,
+            "b",
+            &[
+                "--node-name",
+                "host-b",
+                "--enforce-cgroup",
+                &cg_b.0.display().to_string(),
+                "--audit-log",
+                &audit_b.display().to_string(),
+                "--clock-file",
+                &clocks.path().join("b").display().to_string(),
+            ],
+        );
+        let a = Agent::start(&lan, "a", &up, &cg_a, &clocks.path().join("a"));
+        let redis = Redis::start_on(&lan, "b", &cg_b);
+        World {
+            a,
+            up,
+            redis,
+            cg_a,
+            cg_b,
+            clocks,
+            lan,
+        }
+    }
+
+    fn b(&self) -> String {
+        self.lan.addr("b")
+    }
+
+    fn set_clock(&self, host: &str, t: i64) {
+        std::fs::write(self.clocks.path().join(host), t.to_string()).expect("clock");
+    }
+
+    fn audit_b(&self) -> Vec<serde_json::Value> {
+        json_lines(&self.clocks.path().join("audit-b.log"))
+    }
+
+    /// Identities, Services and policies; waits until both agents have them.
+    fn apply(&self, services: &str) {
+        let redis_cli = real(&which("redis-cli"));
+        let py = python();
+        self.up.apply_ok(&format!(
+            "apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {{name: redis-cli}}
+spec:
+  spiffeId: spiffe://example.org/redis-cli
+  selectors: [[\"process:sha256:{rs}\", \"process:path:{rc}\", \"unix:uid:0\"]]
+---
+apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {{name: streamer}}
+spec:
+  spiffeId: spiffe://example.org/streamer
+  selectors: [[\"process:sha256:{ps}\", \"process:path:{pc}\", \"unix:uid:0\"]]
+---
+apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {{name: redis}}
+spec:
+  addresses: [{{cidr: {b}/32, ports: [{rp}]}}]
+  mesh: {{mode: mutual}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: redis-clients}}
+spec:
+  services: [redis]
+  identities: [redis-cli]
+  when: context.time.hour < 22
+{services}",
+            rs = sha256_file(&redis_cli),
+            rc = redis_cli.display(),
+            ps = sha256_file(&py),
+            pc = py.display(),
+            b = self.b(),
+            rp = self.redis.port,
+        ));
+        let to = format!("{}:{}", self.b(), self.redis.port);
+        let check = ["policy", "check", "--identity", "redis-cli", "--to", &to];
+        let ready = wait_until(Duration::from_secs(15), || {
+            self.up.ok(&check).contains("redis-clients")
+                && self.a.tether(&check).contains("redis-clients")
+        });
+        assert!(ready, "policies never reached both agents");
+    }
+
+    /// A command on host A, in its enforced cgroup, with the passwords in
+    /// its environment.
+    fn on_a(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = self.lan.command("a", program);
+        self.cg_a.enter(&mut c);
+        c.env("REDISCLI_AUTH", PASSWORD).env("PGPASSWORD", PASSWORD);
+        c
+    }
+
+    fn redis_cli_on_a(&self, args: &[&str]) -> String {
+        let o = self
+            .on_a(which("redis-cli"))
+            .args(["-h", &self.b(), "-p", &self.redis.port.to_string()])
+            .args(args)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("redis-cli");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout).trim(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        )
+    }
+}
+
+/// tshark on host A's link, writing a capture file until stopped.
+struct Capture {
+    child: Child,
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Capture {
+    fn start(lan: &Lan, host: &str) -> Capture {
+        let dir = open_tempdir();
+        let file = dir.path().join("link.pcapng");
+        let err = dir.path().join("tshark.err");
+        let child = lan
+            .command(host, which("tshark"))
+            .args(["-i", IFACE, "-q", "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).expect("err"))
+            .spawn()
+            .expect("tshark");
+        let ready = wait_until(Duration::from_secs(20), || {
+            std::fs::read_to_string(&err)
+                .unwrap_or_default()
+                .contains("Capturing on")
+        });
+        assert!(
+            ready,
+            "tshark did not start: {}",
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
+        Capture {
+            child,
+            file,
+            _dir: dir,
+        }
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: kill(2) on our own child; SIGINT makes tshark finish the file.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+
+    /// `tshark -r` with both TLS ports decoded as TLS; one line per match.
+    fn fields(&self, ports: &[u16], filter: &str, field: &str) -> Vec<String> {
+        let mut c = Command::new(which("tshark"));
+        c.arg("-r").arg(&self.file);
+        for p in ports {
+            c.args(["-d", &format!("tcp.port=={p},tls")]);
+        }
+        let o = c
+            .args(["-Y", filter, "-T", "fields", "-e", field])
+            .output()
+            .expect("tshark -r");
+        assert!(
+            o.status.success(),
+            "tshark -r: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A certificate authority and an X.509-SVID of another trust domain.
+fn foreign_svid(dir: &Path) -> (PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/O=other.org",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "svid.key",
+            "-out",
+            "svid.csr",
+            "-subj",
+            "/O=other.org",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=URI:spiffe://other.org/redis-cli\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\nbasicConstraints=critical,CA:FALSE\n",
+    )
+    .expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "svid.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "svid.crt",
+    ]);
+    (dir.join("svid.crt"), dir.join("svid.key"))
+}
+
+fn inbound_denials_from(audit: &[serde_json::Value], peer_ip: &str) -> Vec<serde_json::Value> {
+    audit
+        .iter()
+        .filter(|r| {
+            r["event"] == "tunnel"
+                && r["direction"] == "inbound"
+                && r["verdict"] == "deny"
+                && r["peerAddress"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with(&format!("{peer_ip}:")))
+        })
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn redis_and_postgres_through_the_mesh() {
+    let w = World::new("m1");
+    let pg = Postgres::start_on(&w.lan, "b", &w.cg_b);
+    let psql = real(&pg.psql());
+    w.apply(&format!(
+        "---
+apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {{name: psql}}
+spec:
+  spiffeId: spiffe://example.org/psql
+  selectors: [[\"process:sha256:{ps}\", \"process:path:{pc}\", \"unix:uid:0\"]]
+---
+apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {{name: postgres}}
+spec:
+  addresses: [{{cidr: {b}/32, ports: [{pp}]}}]
+  mesh: {{mode: passthrough}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: psql-clients}}
+spec:
+  services: [postgres]
+  identities: [psql]
+",
+        ps = sha256_file(&psql),
+        pc = psql.display(),
+        b = w.b(),
+        pp = pg.port,
+    ));
+    let server_port: u16 =
+        w.up.node_api
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("server port");
+    let b_ip = w.b();
+    let a_ip = w.lan.addr("a");
+    let c_ip = w.lan.addr("c");
+
+    // --- the authorized client, through the mesh, on a captured link ---
+    let mut cap = Capture::start(&w.lan, "a");
+    let before = w.redis.connections_received();
+    assert_eq!(w.redis_cli_on_a(&["PING"]), "PONG", "{}", w.a.logs());
+    assert_eq!(
+        w.redis_cli_on_a(&["SET", "tether-mesh-key", "mesh-value-7f3a"]),
+        "OK"
+    );
+    assert_eq!(
+        w.redis_cli_on_a(&["GET", "tether-mesh-key"]),
+        "mesh-value-7f3a"
+    );
+    // A connection kept open while both agents list it.
+    let mut blocked = w
+        .on_a(which("redis-cli"))
+        .args([
+            "-h",
+            &b_ip,
+            "-p",
+            &w.redis.port.to_string(),
+            "BLPOP",
+            "tether-empty",
+            "4",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-cli BLPOP");
+    let mut listed_a = Vec::new();
+    let mut listed_b = Vec::new();
+    let seen = wait_until(Duration::from_secs(3), || {
+        listed_a = connections(&w.a.tether(&["connections"]));
+        listed_b = connections(&w.up.ok(&["connections"]));
+        listed_a.iter().any(|c| c["pid"] == blocked.id())
+            && listed_b.iter().any(|c| c["direction"] == "inbound")
+    });
+    assert!(seen, "tunnel not listed: A {listed_a:?} B {listed_b:?}");
+    let out = listed_a
+        .iter()
+        .find(|c| c["pid"] == blocked.id())
+        .expect("outbound");
+    assert_eq!(out["direction"], "outbound");
+    assert_eq!(out["localSpiffeId"], "spiffe://example.org/redis-cli");
+    assert_eq!(
+        out["peerSpiffeId"],
+        "spiffe://example.org/tether/node/host-b"
+    );
+    assert_eq!(out["tlsVersion"], "TLSv1.3");
+    assert!(
+        out["cipherSuite"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("TLS13_")),
+        "{out}"
+    );
+    assert!(out["bytesSent"].as_u64().is_some_and(|n| n > 0), "{out}");
+    assert_eq!(out["destination"], format!("{b_ip}:{}", w.redis.port));
+    let inb = listed_b
+        .iter()
+        .find(|c| c["direction"] == "inbound")
+        .expect("inbound");
+    assert_eq!(inb["peerSpiffeId"], "spiffe://example.org/redis-cli");
+    assert!(
+        inb["peerAddress"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{a_ip}:")))
+    );
+    let _ = blocked.wait();
+    assert_eq!(
+        w.redis.connections_received() - before,
+        4 + 1,
+        "three redis-cli runs, the BLPOP and this counter query"
+    );
+    cap.stop();
+
+    // Only TLS 1.3 on the link; no application byte, password, key or
+    // SPIFFE ID in cleartext; no certificate visible.
+    let raw = std::fs::read(&cap.file).expect("capture");
+    for secret in [
+        PASSWORD.as_bytes(),
+        b"mesh-value-7f3a",
+        b"tether-mesh-key",
+        b"PING",
+        b"PONG",
+        b"spiffe://",
+        b"example.org",
+        b"redis-cli",
+    ] {
+        assert!(
+            !raw.windows(secret.len()).any(|win| win == secret),
+            "{:?} appears on the wire",
+            String::from_utf8_lossy(secret)
+        );
+    }
+    let ports = [MESH_PORT, server_port];
+    let tunnels = cap.fields(
+        &ports,
+        &format!("tcp.dstport=={MESH_PORT} && tcp.flags.syn==1 && tcp.flags.ack==0"),
+        "tcp.stream",
+    );
+    assert!(
+        tunnels.len() >= 4,
+        "expected a tunnel per connection: {tunnels:?}"
+    );
+    let not_tls = cap.fields(
+        &ports,
+        "tcp.len>0 && !tls && !tcp.reassembled_in",
+        "frame.number",
+    );
+    assert!(
+        not_tls.is_empty(),
+        "TCP payload that is not TLS: frames {not_tls:?}"
+    );
+    for hello in [1, 2] {
+        let v = cap.fields(
+            &ports,
+            &format!("tls.handshake.type=={hello}"),
+            "tls.handshake.extensions.supported_version",
+        );
+        assert!(!v.is_empty(), "no handshake type {hello} seen");
+        assert!(
+            v.iter().all(|s| s == "0x0304"),
+            "versions offered/chosen: {v:?}"
+        );
+    }
+    assert!(
+        cap.fields(&ports, "tls.handshake.type==11", "frame.number")
+            .is_empty(),
+        "a certificate in cleartext"
+    );
+    assert!(
+        cap.fields(
+            &ports,
+            &format!("tcp.port=={MESH_PORT} && tls.handshake.extensions_server_name"),
+            "frame.number"
+        )
+        .is_empty(),
+        "SNI on a tunnel"
+    );
+    assert!(
+        cap.fields(
+            &ports,
+            &format!("tcp.port=={}", w.redis.port),
+            "frame.number"
+        )
+        .is_empty(),
+        "the service port itself was used on the link"
+    );
+
+    // --- unauthorized processes on A are refused, and audited ---
+    let before = w.redis.connections_received();
+    let o = w
+        .on_a("bash")
+        .args([
+            "-c",
+            &format!(
+                "exec 3<>/dev/tcp/{b_ip}/{} && printf 'AUTH {PASSWORD}\\r\\nPING\\r\\n' >&3 && timeout 2 cat <&3",
+                w.redis.port
+            ),
+        ])
+        .output()
+        .expect("bash");
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("PONG"),
+        "bash reached Redis"
+    );
+    let o = w
+        .on_a(python())
+        .args([
+            "-c",
+            &format!("import socket; s=socket.create_connection(('{b_ip}', {}), 3); s.sendall(b'PING\\r\\n'); print(s.recv(64))", w.redis.port),
+        ])
+        .output()
+        .expect("python");
+    assert!(
+        !o.status.success(),
+        "python (no access to redis) connected: {o:?}"
+    );
+    assert_eq!(
+        w.redis.connections_received() - before,
+        1,
+        "only the counter query reached Redis"
+    );
+    let denied_a: Vec<_> =
+        w.a.audit()
+            .into_iter()
+            .filter(|r| {
+                r["destination"] == format!("{b_ip}:{}", w.redis.port)
+                    && r["verdict"].as_str().is_some_and(|v| v.starts_with("deny"))
+            })
+            .collect();
+    assert!(
+        denied_a.len() >= 2,
+        "A's audit lacks the refusals: {denied_a:?}"
+    );
+
+    // --- a host without an agent reaches neither Redis nor the tunnel ---
+    let before = w.redis.connections_received();
+    let o = w
+        .lan
+        .command("c", "timeout")
+        .args(["4", which("redis-cli").to_str().unwrap_or("redis-cli")])
+        .args(["-h", &b_ip, "-p", &w.redis.port.to_string(), "PING"])
+        .env("REDISCLI_AUTH", PASSWORD)
+        .output()
+        .expect("redis-cli on C");
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("PONG"),
+        "host C reached Redis directly"
+    );
+    assert_eq!(
+        w.redis.connections_received() - before,
+        1,
+        "only the counter query reached Redis"
+    );
+    // Without a certificate, and then with an SVID of another trust domain.
+    let dir = open_tempdir();
+    let (crt, key) = foreign_svid(dir.path());
+    for with_cert in [false, true] {
+        let mut c = w.lan.command("c", "openssl");
+        c.args([
+            "s_client",
+            "-tls1_3",
+            "-connect",
+            &format!("{b_ip}:{MESH_PORT}"),
+        ]);
+        if with_cert {
+            c.arg("-cert").arg(&crt).arg("-key").arg(&key);
+        }
+        let o = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut ch| {
+                use std::io::Write as _;
+                if let Some(mut i) = ch.stdin.take() {
+                    let _ = i.write_all(b"TTHR\x01\x04");
+                }
+                ch.wait_with_output()
+            })
+            .expect("openssl s_client");
+        let _ = o;
+    }
+    let refused = wait_until(Duration::from_secs(5), || {
+        inbound_denials_from(&w.audit_b(), &c_ip).len() >= 2
+    });
+    let c_denials = inbound_denials_from(&w.audit_b(), &c_ip);
+    assert!(
+        refused,
+        "B did not audit both refused handshakes from C: {c_denials:?}"
+    );
+    assert!(
+        c_denials.iter().all(|r| r["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("TLS handshake failed"))),
+        "{c_denials:?}"
+    );
+    assert!(
+        c_denials.iter().any(|r| r["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("X.509-SVID rejected"))),
+        "the other trust domain's SVID was not rejected as such: {c_denials:?}"
+    );
+    assert_eq!(w.redis.connections_received() - before, 2);
+
+    // --- ingress policy on B, evaluated with B's own context ---
+    w.set_clock("b", NIGHT);
+    let out = w.redis_cli_on_a(&["PING"]);
+    assert!(
+        !out.contains("PONG"),
+        "B let a connection through outside the window: {out}"
+    );
+    let got = wait_until(Duration::from_secs(5), || {
+        w.audit_b().iter().any(|r| {
+            r["direction"] == "inbound" && r["verdict"] == "deny" && r["service"] == "redis"
+        })
+    });
+    assert!(got, "no ingress denial in B's audit");
+    let denial = w
+        .audit_b()
+        .into_iter()
+        .find(|r| r["direction"] == "inbound" && r["verdict"] == "deny" && r["service"] == "redis")
+        .expect("denial");
+    assert_eq!(
+        denial["peerSpiffeId"], "spiffe://example.org/redis-cli",
+        "{denial}"
+    );
+    assert!(
+        denial["peerAddress"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{a_ip}:")))
+    );
+    assert_eq!(denial["node"], "host-b");
+    // A's record of the same tunnel names B's refusal.
+    let a_saw = wait_until(Duration::from_secs(5), || {
+        w.a.audit().iter().any(|r| {
+            r["event"] == "tunnel"
+                && r["direction"] == "outbound"
+                && r["verdict"] == "deny"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("ingress policy"))
+        })
+    });
+    assert!(
+        a_saw,
+        "A did not record the peer's refusal: {:?}",
+        w.a.audit()
+    );
+    w.set_clock("b", DAY);
+    assert_eq!(w.redis_cli_on_a(&["PING"]), "PONG");
+    // Both agents' records of an allowed tunnel name both ends.
+    let allowed_b = w
+        .audit_b()
+        .into_iter()
+        .filter(|r| r["direction"] == "inbound" && r["verdict"] == "allow")
+        .last()
+        .expect("allowed inbound");
+    assert_eq!(allowed_b["peerSpiffeId"], "spiffe://example.org/redis-cli");
+    assert_eq!(allowed_b["rule"], "redis-clients");
+    let allowed_a =
+        w.a.audit()
+            .into_iter()
+            .filter(|r| r["direction"] == "outbound" && r["verdict"] == "allow")
+            .last()
+            .expect("allowed outbound");
+    assert_eq!(allowed_a["spiffeId"], "spiffe://example.org/redis-cli");
+    assert_eq!(
+        allowed_a["peerSpiffeId"],
+        "spiffe://example.org/tether/node/host-b"
+    );
+
+    // --- psql with its own TLS, carried unchanged (passthrough) ---
+    let o = w
+        .on_a(&psql)
+        .arg(format!(
+            "host={b_ip} port={} user=postgres dbname=postgres sslmode=require connect_timeout=10",
+            pg.port
+        ))
+        .args([
+            "-Atc",
+            "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()",
+        ])
+        .output()
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "t|TLSv1.3",
+        "psql: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        w.a.logs()
+    );
+}
+
+/// The sink service on B: reads the PROXY v2 header the agent sends, then
+/// hashes everything until EOF and answers with the digest and the count
+/// (so the client's half-close is what ends the upload). Progress and the
+/// end of each connection go to a file.
+const SINK: &str = r#"
+import hashlib, socket, sys, threading
+host, port, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def note(line):
+    with open(log, "a") as f:
+        f.write(line + "\n")
+def header(c):
+    buf = b""
+    while len(buf) < 16:
+        buf += c.recv(16 - len(buf))
+    assert buf[:12] == b"\r\n\r\n\x00\r\nQUIT\n", buf
+    n = int.from_bytes(buf[14:16], "big")
+    body = b""
+    while len(body) < n:
+        body += c.recv(n - len(body))
+    addr = 12 if buf[13] == 0x11 else 36
+    src = ".".join(str(b) for b in body[0:4]) if buf[13] == 0x11 else body[0:16].hex()
+    tlvs, i, spiffe = body[addr:], 0, ""
+    while i + 3 <= len(tlvs):
+        t, l = tlvs[i], int.from_bytes(tlvs[i+1:i+3], "big")
+        if t == 0xE0:
+            spiffe = tlvs[i+3:i+3+l].decode()
+        i += 3 + l
+    return src, spiffe
+def serve(c, k):
+    try:
+        src, spiffe = header(c)
+        note(f"conn {k} from {src} id {spiffe}")
+        h, total, mark = hashlib.sha256(), 0, 0
+        while True:
+            b = c.recv(1 << 20)
+            if not b:
+                break
+            h.update(b)
+            total += len(b)
+            if total - mark >= 8 << 20:
+                mark = total
+                note(f"progress {k} {total}")
+        c.sendall(f"{h.hexdigest()} {total}\n".encode())
+        note(f"end {k} eof {total}")
+    except Exception as e:
+        note(f"end {k} error {type(e).__name__}")
+    finally:
+        c.close()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port))
+s.listen(16)
+note("listening")
+k = 0
+while True:
+    c, _ = s.accept()
+    k += 1
+    threading.Thread(target=serve, args=(c, k), daemon=True).start()
+"#;
+
+/// The client on A: uploads `size` bytes (or forever with -1), half-closes,
+/// and prints its own digest next to the server's answer.
+const UPLOAD: &str = r#"
+import hashlib, os, socket, sys
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((host, port), 10)
+s.settimeout(120)
+block = bytearray(os.urandom(1 << 20))
+h, sent, n = hashlib.sha256(), 0, 0
+while size < 0 or sent < size:
+    block[0:8] = n.to_bytes(8, "little")
+    chunk = block if size < 0 else block[: min(len(block), size - sent)]
+    s.sendall(chunk)
+    h.update(chunk)
+    sent += len(chunk)
+    n += 1
+s.shutdown(socket.SHUT_WR)
+reply = b""
+while not reply.endswith(b"\n"):
+    b = s.recv(256)
+    if not b:
+        break
+    reply += b
+print(h.hexdigest(), sent)
+print(reply.decode().strip())
+"#;
+
+#[test]
+fn bulk_transfer_half_close_kill_and_proxy_header() {
+    let w = World::new("m2");
+    let dir = open_tempdir();
+    let (sink, upload, log) = (
+        dir.path().join("sink.py"),
+        dir.path().join("upload.py"),
+        dir.path().join("sink.log"),
+    );
+    std::fs::write(&sink, SINK).expect("sink.py");
+    std::fs::write(&upload, UPLOAD).expect("upload.py");
+    let port = free_port();
+    let b_ip = w.b();
+    let mut server = w.lan.command("b", python());
+    w.cg_b.enter(&mut server);
+    let mut server = server
+        .arg(&sink)
+        .args([&b_ip, &port.to_string()])
+        .arg(&log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sink");
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(&mut server);
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("listening")),
+        "sink did not start"
+    );
+    w.apply(&format!(
+        "---
+apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {{name: sink}}
+spec:
+  addresses: [{{cidr: {b_ip}/32, ports: [{port}]}}]
+  mesh: {{mode: mutual, proxyProtocol: true}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: streamers}}
+spec:
+  services: [sink]
+  identities: [streamer]
+"
+    ));
+    let sink_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // 2 GiB up, half-close, the digest back over the same tunnel.
+    const SIZE: u64 = 2 << 30;
+    let o = w
+        .on_a(python())
+        .arg(&upload)
+        .args([&b_ip, &port.to_string(), &SIZE.to_string()])
+        .output()
+        .expect("upload");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        o.status.success() && lines.len() == 2,
+        "upload failed: {out}{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        w.a.logs()
+    );
+    assert_eq!(
+        lines[0], lines[1],
+        "what arrived differs from what was sent"
+    );
+    assert!(lines[0].ends_with(&format!(" {SIZE}")), "{out}");
+    // The service learned who called, from the agent's PROXY v2 header.
+    let first = sink_log();
+    assert!(
+        first.contains(&format!(
+            "conn 1 from {} id spiffe://example.org/streamer",
+            w.lan.addr("a")
+        )),
+        "{first}"
+    );
+
+    // Killed mid-transfer: A closes the tunnel, B's service sees the end.
+    let mut child = w
+        .on_a(python())
+        .arg(&upload)
+        .args([&b_ip, &port.to_string(), "-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("endless upload");
+    let flowing = wait_until(Duration::from_secs(30), || {
+        sink_log().contains("progress 2 ")
+    });
+    assert!(flowing, "second upload never flowed: {}", sink_log());
+    let pid = child.id();
+    let listed = connections(&w.a.tether(&["connections"]));
+    assert!(
+        listed
+            .iter()
+            .any(|c| c["pid"] == pid && c["service"] == "sink"),
+        "{listed:?}"
+    );
+    assert!(!sink_log().contains("end 2"), "{}", sink_log());
+    let _ = child.kill();
+    let _ = child.wait();
+    let ended = wait_until(Duration::from_secs(10), || sink_log().contains("end 2"));
+    assert!(ended, "B's service never saw the client go: {}", sink_log());
+    let gone = wait_until(Duration::from_secs(5), || {
+        !connections(&w.a.tether(&["connections"]))
+            .iter()
+            .any(|c| c["pid"] == pid)
+            && !connections(&w.up.ok(&["connections"]))
+                .iter()
+                .any(|c| c["service"] == "sink")
+    });
+    assert!(gone, "tunnel still listed after the client was killed");
+}
