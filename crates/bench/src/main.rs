@@ -6,6 +6,7 @@
 
 mod connect;
 mod held;
+mod mesh;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -57,6 +58,18 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some(held::CHILD_ARG) {
         return held::child_main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some(mesh::ECHO_ARG) {
+        return mesh::echo_main(&args[2..]);
+    }
+    if args.get(1).map(String::as_str) == Some(mesh::TTFB_ARG) {
+        return mesh::ttfb_main(&args[2..]);
+    }
+    // `tether-bench mesh`: only the mesh section (it runs its own server
+    // and agents as separate processes).
+    if args.get(1).map(String::as_str) == Some("mesh") {
+        print!("{}", mesh::run()?);
+        return Ok(());
+    }
     // Before the server and agent exist: the agent follows every exec on the
     // machine, and this benchmark's children would keep it busy meanwhile.
     let connect_section = connect::run();
@@ -65,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         .build()?
         .block_on(issuance())?;
     print!("{connect_section}");
+    print!("{}", mesh::run()?);
     Ok(())
 }
 
