@@ -247,6 +247,18 @@ struct {
 	__type(value, struct held);
 } held SEC(".maps");
 
+/* Ports of meshed Services on this host (host order) -> that Service. The
+ * service's socket may listen on every address, including ones the Service
+ * does not name (another NIC, loopback): packets from other hosts to the
+ * port are dropped whatever their destination address, and local connects
+ * to it over loopback are judged as connects to the Service. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct svc);
+} mesh_ports SEC(".maps");
+
 /* Wake the reader once a quarter of the buffer is waiting. */
 #define EVENTS_WAKE_BYTES (64 * 1024)
 
@@ -286,6 +298,20 @@ struct task_struct {
 	struct task_struct *group_leader;
 	__u64 start_boottime;
 } __attribute__((preserve_access_index));
+
+static __always_inline bool is_loopback(const __u8 a[16])
+{
+	bool mapped = true, zero = true;
+
+	for (int i = 0; i < 10; i++)
+		if (a[i])
+			mapped = zero = false;
+	if (mapped && a[10] == 0xff && a[11] == 0xff)
+		return a[12] == 127;
+	if (zero && a[10] == 0 && a[11] == 0 && a[12] == 0 && a[13] == 0 && a[14] == 0)
+		return a[15] == 1;
+	return false;
+}
 
 /* Posts one decision for the agent's audit. Never waits for the reader: a
  * full buffer costs an event, counted, not a decision. */
@@ -452,10 +478,19 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 	}
 
 	struct svc *svc = service_of(&key);
+	bool local_port = false;
+	if (!svc && is_loopback(key.addr)) {
+		__u32 p = bpf_ntohs(key.port);
+
+		svc = bpf_map_lookup_elem(&mesh_ports, &p);
+		local_port = svc != 0;
+	}
 	if (!svc)
 		return 1; /* not protected: untouched */
 	__u32 service_id = svc->service_id;
-	__u32 svc_flags = svc->flags;
+	/* A meshed Service of this host reached over loopback: decided
+	 * here, directly (no tunnel to ourselves). */
+	__u32 svc_flags = local_port ? 0 : svc->flags;
 
 	__u64 id = bpf_get_current_pid_tgid();
 	__u64 ug = bpf_get_current_uid_gid();
@@ -585,20 +620,6 @@ static __always_inline void sockops_addr(__u8 out[16], __u32 family, __u32 ip4, 
 	} else {
 		__builtin_memcpy(out, ip6, 16);
 	}
-}
-
-static __always_inline bool is_loopback(const __u8 a[16])
-{
-	bool mapped = true, zero = true;
-
-	for (int i = 0; i < 10; i++)
-		if (a[i])
-			mapped = zero = false;
-	if (mapped && a[10] == 0xff && a[11] == 0xff)
-		return a[12] == 127;
-	if (zero && a[10] == 0 && a[11] == 0 && a[12] == 0 && a[13] == 0 && a[14] == 0)
-		return a[15] == 1;
-	return false;
 }
 
 static __always_inline bool same_addr(const __u8 a[16], const __u8 b[16])
@@ -744,6 +765,11 @@ int tether_ingress(struct __sk_buff *skb)
 		return 1;
 	}
 	struct svc *svc = service_of(&key);
+	if (!svc) {
+		__u32 p = sk->src_port;
+
+		svc = bpf_map_lookup_elem(&mesh_ports, &p);
+	}
 	if (!svc || !(svc->flags & SVC_MESH) || (svc->flags & SVC_PERMISSIVE))
 		return 1;
 	bump(STAT_INGRESS_DROPPED);

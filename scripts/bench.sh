@@ -3,7 +3,7 @@
 # docs/benchmarks.md with the results, the machine and the command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --locked --release -p tether-bench
+cargo build --locked --release -p tether -p tether-bench
 issuance_doc() {
   echo "- *baseline*: generating a P-256 key and a CSR, the work every SVID needs."
   echo "- *CA only*: the same plus the CA signing step, no RPC."
@@ -52,6 +52,28 @@ held_doc() {
   echo "  and completed by the agent otherwise; the held share is reported."
   echo "  Baseline and protected rounds alternate."
 }
+mesh_doc() {
+  echo "- Topology: network namespaces A and B, each with one veth port on a bridge"
+  echo "  in a third namespace (no route out). B runs \`tether up\` (server and agent,"
+  echo "  enforcing a cgroup of the bench's own) and the servers; A runs \`tether agent\`"
+  echo "  and the clients, in A's enforced cgroup. Release builds of both binaries."
+  echo "- *direct plaintext*: the client connects to B's server on a port no Service"
+  echo "  covers. *Tether*: the same server behind a Service with \`mesh: {mode: mutual}\`:"
+  echo "  the kernel redirects the connect to agent A, which opens TLS 1.3"
+  echo "  (X25519MLKEM768, the process's own SVID) to agent B, which applies ingress"
+  echo "  policy and connects to the server. *stunnel4*: a client stunnel on A's"
+  echo "  loopback and a server stunnel on B, TLS 1.3 only, both sides verifying the"
+  echo "  other's certificate (P-256, one CA), forwarding to the plaintext server."
+  echo "- Time to first byte: a fresh client process makes 20 untimed and then 300"
+  echo "  timed connections, each timed from before \`connect()\` until the 1-byte echo"
+  echo "  is back (so Tether's figure includes the redirect, the agent's TCP and TLS"
+  echo "  handshakes and the ingress decision). The three setups alternate in each of"
+  echo "  5 rounds; figures are medians over rounds. *conn/s* is back-to-back"
+  echo "  connections per second of connecting time, one at a time."
+  echo "- Throughput: \`iperf3 -c ... -t 4\`, one stream, receiver's figure; the three"
+  echo "  setups alternate, 3 rounds, median. On 2 cores the client, both relays"
+  echo "  (agents or stunnels) and the server share the CPUs."
+}
 out=$(mktemp)
 ./target/release/tether-bench | tee "$out"
 {
@@ -70,6 +92,7 @@ out=$(mktemp)
       "## SVID issuance"*) echo; issuance_doc ;;
       "## connect() latency"*) echo; connect_doc ;;
       "## First connects"*) echo; held_doc ;;
+      "## Mesh between two hosts"*) echo; mesh_doc ;;
     esac
   done < "$out"
   echo

@@ -46,6 +46,7 @@ struct Compiled {
     rules: HashMap<String, u32>,
     rule_names: HashMap<u32, String>,
     installed: HashSet<DstPrefix>,
+    mesh_ports: HashSet<u16>,
 }
 
 pub struct Enforcement {
@@ -281,8 +282,61 @@ impl Enforcement {
             let _ = self.kernel.remove_service(k);
         }
         c.installed = wanted.into_keys().collect();
+        // Meshed Services this host serves: their ports are closed to
+        // other hosts on every address, not only the ones named.
+        let mut ports: HashMap<u16, (u32, ServiceFlags)> = HashMap::new();
+        for s in &reg.services {
+            let Some(m) = &s.spec.mesh else { continue };
+            let flags = ServiceFlags {
+                mesh: true,
+                permissive: m.mode == tether_manifest::TlsMode::Permissive,
+            };
+            for a in &s.spec.addresses {
+                if a.network().is_some_and(|(ip, len)| is_local_host(ip, len)) {
+                    for p in &a.ports {
+                        ports.insert(*p, (c.services[&s.name], flags));
+                    }
+                }
+            }
+        }
+        for (p, (id, flags)) in &ports {
+            if let Err(e) = self.kernel.set_mesh_port(*p, *id, *flags) {
+                tracing::error!(port = p, error = %e, "closing a meshed Service's port to other hosts failed");
+            }
+        }
+        let mut stale: Vec<u16> = c
+            .mesh_ports
+            .iter()
+            .filter(|p| !ports.contains_key(p))
+            .copied()
+            .collect();
+        if let Ok(existing) = self.kernel.mesh_ports() {
+            stale.extend(existing.into_iter().filter(|p| !ports.contains_key(p)));
+        }
+        for p in stale {
+            let _ = self.kernel.remove_mesh_port(p);
+        }
+        c.mesh_ports = ports.into_keys().collect();
         drop(c);
         self.recompile_all();
+    }
+
+    /// Ingress verdicts for a peer: the identities registered under its
+    /// SPIFFE ID, with this node's time. Neither `context.node` (this node
+    /// is not the client's) nor the client's process details (attested by
+    /// its own node) are present, so conditions on them deny here.
+    fn evaluate_ingress(
+        &self,
+        reg: &Registry,
+        identities: &[String],
+        peer_id: &str,
+    ) -> BTreeMap<u32, u32> {
+        let ctx = serde_json::json!({
+            "time": tether_policy::time_context((self.clock)()),
+            "direction": "ingress",
+            "process": { "identities": identities, "spiffeIds": [peer_id] },
+        });
+        self.allowed_by(reg, identities, &ctx)
     }
 
     /// The verdicts a process gets now: service id -> allowing rule id.
@@ -297,7 +351,6 @@ impl Enforcement {
         if identities.is_empty() {
             return BTreeMap::new();
         }
-        let c = Self::lock(&self.compiled);
         let process = match info {
             Some(info) => serde_json::json!({
                 "pid": info.pid, "uid": info.uid, "gid": info.gid,
@@ -313,6 +366,18 @@ impl Enforcement {
             "node": self.node,
             "process": process,
         });
+        self.allowed_by(reg, identities, &ctx)
+    }
+
+    /// Service id -> allowing rule id, for the policies naming one of
+    /// `identities` whose condition holds in `ctx`.
+    fn allowed_by(
+        &self,
+        reg: &Registry,
+        identities: &[String],
+        ctx: &serde_json::Value,
+    ) -> BTreeMap<u32, u32> {
+        let c = Self::lock(&self.compiled);
         let mut out = BTreeMap::new();
         for p in &reg.policies {
             if !p.spec.identities.iter().any(|i| identities.contains(i)) {
@@ -320,7 +385,7 @@ impl Enforcement {
             }
             let holds = match &p.condition {
                 None => true,
-                Some(cond) => match cond.holds(&ctx) {
+                Some(cond) => match cond.holds(ctx) {
                     Ok(v) => v,
                     Err(e) => {
                         tracing::debug!(policy = %p.name, error = %e, "condition did not evaluate; not allowing");
@@ -555,10 +620,13 @@ impl Enforcement {
         &self,
         dst: std::net::SocketAddr,
     ) -> Option<crate::registry::AgentService> {
-        let reg = Self::lock(&self.registry).clone();
-        Self::service_at(&reg, dst, Proto::Tcp)
-            .filter(|s| s.spec.mesh.is_some())
-            .cloned()
+        // The kernel's lookup (exact port first, longest prefix), so the
+        // Service judged here is the one the client's kernel chose.
+        let (id, flags) = self.kernel.service_for(dst).ok().flatten()?;
+        if !flags.mesh {
+            return None;
+        }
+        self.service_by_id(id).filter(|s| s.spec.mesh.is_some())
     }
 
     /// The Service behind a kernel service id.
@@ -584,7 +652,7 @@ impl Enforcement {
         if identities.is_empty() {
             return Err(format!("no WorkloadIdentity has SPIFFE ID {peer_id}"));
         }
-        let allowed = self.evaluate(&reg, None, &identities, &[peer_id.to_string()]);
+        let allowed = self.evaluate_ingress(&reg, &identities, peer_id);
         let c = Self::lock(&self.compiled);
         let sid = c.services.get(service).copied().unwrap_or(0);
         match allowed.get(&sid) {
@@ -934,6 +1002,15 @@ struct Audit {
     rule: String,
     held: bool,
     reason: Option<String>,
+}
+
+/// Whether a Service address is a single address of this host (binding it
+/// succeeds only then).
+fn is_local_host(ip: IpAddr, prefix_len: u8) -> bool {
+    let host = if ip.is_ipv4() { 32 } else { 128 };
+    prefix_len == host
+        && !ip.is_unspecified()
+        && std::net::UdpSocket::bind(std::net::SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// Whether `ip` falls in the prefix (IPv4-mapped IPv6 counts as IPv4).

@@ -141,10 +141,9 @@ async fn handle(
     metrics: Arc<Metrics>,
 ) {
     let _ = client.set_nodelay(true);
-    if !peer.ip().is_loopback() {
-        metrics.held_connection("unredirected");
-        return reset(client);
-    }
+    // Only the kernel's record (keyed by the full client address) makes a
+    // connection here legitimate; a client bound to a non-loopback source
+    // still has one.
     let rec = match enf.kernel().take_held(peer) {
         Ok(Some(r)) => r,
         Ok(None) => {
@@ -159,25 +158,27 @@ async fn handle(
         }
     };
     let decision = decide(&tracker, &enf, &rec).await;
+    let meshed = enf
+        .service_by_id(rec.service_id)
+        .filter(|s| s.spec.mesh.is_some());
+    let mesh = tracker.mesh.get().cloned();
     // A connect the kernel already allowed into the mesh has its record
-    // (allow-mesh); the tunnel adds its own.
-    if !rec.mesh || !decision.allow {
+    // (allow-mesh) and the tunnel adds its own; anything else that differs
+    // from what the kernel recorded gets a record here.
+    let mut decision = decision;
+    if decision.allow && meshed.is_some() && mesh.is_none() {
+        decision.allow = false;
+        decision.reason =
+            Some("the Service is meshed, but this agent runs without a mesh port".into());
+    }
+    if !rec.mesh || !decision.allow || meshed.is_none() {
         enf.audit_held(&rec, &decision);
     }
     if !decision.allow {
         metrics.held_connection("denied");
         return reset(client);
     }
-    if let Some(service) = enf
-        .service_by_id(rec.service_id)
-        .filter(|s| s.spec.mesh.is_some())
-    {
-        // Fronted by an agent: only through the tunnel, never in plaintext.
-        let Some(mesh) = tracker.mesh.get().cloned() else {
-            tracing::warn!(dst = %rec.original_dst, "connection to a meshed Service, but this agent runs without a mesh port; reset");
-            metrics.mesh_connection("outbound", "mesh_disabled");
-            return reset(client);
-        };
+    if let (Some(service), Some(mesh)) = (meshed, mesh) {
         if !rec.mesh {
             metrics.held_connection("allowed");
         }

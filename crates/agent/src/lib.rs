@@ -226,7 +226,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
             // Without the mesh port, meshed Services are unreachable from
             // here (their connections are reset): closed, not open.
             match mesh::Mesh::bind(port).await {
-                Ok(listener) => {
+                Ok(listeners) => {
                     let m = mesh::Mesh::new(
                         port,
                         node.clone(),
@@ -234,7 +234,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
                         e.clone(),
                         metrics.clone(),
                     )?;
-                    tasks.push(m.serve(listener));
+                    tasks.extend(m.serve(listeners));
                     let _ = tracker.mesh.set(m);
                     tracing::info!(mesh_port = port, "mesh active");
                 }

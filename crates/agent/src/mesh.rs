@@ -51,8 +51,12 @@ const SVID_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tunnels accepted at once; beyond it new ones are refused, so a flood
 /// cannot exhaust the agent's descriptors.
 const MAX_INBOUND: usize = 4096;
-/// Copy buffer per direction: room for several TLS records per syscall.
-const COPY_BUF: usize = 256 * 1024;
+/// Handshakes in progress at once (unauthenticated peers): a separate,
+/// smaller budget, so idle connections cannot take the tunnels' slots.
+const MAX_HANDSHAKES: usize = 256;
+/// Copy buffer per direction: room for four TLS records per syscall
+/// (allocated per tunnel and direction, so not larger).
+const COPY_BUF: usize = 64 * 1024;
 
 /// One live tunnel, as `tether connections` shows it.
 pub struct Conn {
@@ -234,36 +238,61 @@ impl Mesh {
         self.enf.publish(rec);
     }
 
-    /// Binds the mesh port on every address (dual stack).
-    pub async fn bind(port: u16) -> anyhow::Result<TcpListener> {
+    /// Binds the mesh port on every address: `[::]`, and `0.0.0.0` too
+    /// when `[::]` is IPv6-only here (`net.ipv6.bindv6only=1`) or absent.
+    pub async fn bind(port: u16) -> anyhow::Result<Vec<TcpListener>> {
+        let any4 = SocketAddr::from(([0, 0, 0, 0], port));
         let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+        let err = |e: std::io::Error| anyhow::anyhow!("binding the mesh port {port}: {e}");
+        let mut out = Vec::new();
         match TcpListener::bind(any6).await {
-            Ok(l) => Ok(l),
-            // No IPv6 on this host.
-            Err(_) => TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))
-                .await
-                .map_err(|e| anyhow::anyhow!("binding the mesh port {port}: {e}")),
+            Ok(l) => out.push(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(err(e)),
+            Err(_) => {} // no IPv6 on this host
         }
+        match TcpListener::bind(any4).await {
+            Ok(l) => out.push(l),
+            // The dual-stack [::] socket already takes IPv4.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !out.is_empty() => {}
+            Err(e) => return Err(err(e)),
+        }
+        Ok(out)
     }
 
-    pub fn serve(self: &Arc<Self>, listener: TcpListener) -> JoinHandle<()> {
-        let me = self.clone();
+    pub fn serve(self: &Arc<Self>, listeners: Vec<TcpListener>) -> Vec<JoinHandle<()>> {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND));
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        listeners
+            .into_iter()
+            .map(|l| self.serve_one(l, slots.clone(), handshakes.clone()))
+            .collect()
+    }
+
+    fn serve_one(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        slots: Arc<tokio::sync::Semaphore>,
+        handshakes: Arc<tokio::sync::Semaphore>,
+    ) -> JoinHandle<()> {
+        let me = self.clone();
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((s, peer)) => {
                         // The dual-stack listener shows IPv4 peers mapped.
                         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                        let Ok(slot) = slots.clone().try_acquire_owned() else {
-                            tracing::warn!(%peer, "too many mesh tunnels; refused");
+                        let (Ok(slot), Ok(hs)) = (
+                            slots.clone().try_acquire_owned(),
+                            handshakes.clone().try_acquire_owned(),
+                        ) else {
+                            tracing::warn!(%peer, "too many mesh tunnels or handshakes; refused");
                             me.metrics.mesh_connection("inbound", "overload");
                             reset(s);
                             continue;
                         };
                         let me = me.clone();
                         tokio::spawn(async move {
-                            me.inbound(s, peer).await;
+                            me.inbound(s, peer, hs).await;
                             drop(slot);
                         });
                     }
@@ -301,10 +330,12 @@ impl Mesh {
                 .tracker
                 .svids_of(rec.tgid as i32, start_ticks)
                 .unwrap_or_default();
+            // The identity the allowing policy names; any only if the rule
+            // names none this process has (so audit and certificate agree).
             let pick = svids
                 .iter()
                 .find(|s| wanted.contains(&s.identity))
-                .or(svids.first());
+                .or_else(|| svids.first().filter(|_| wanted.is_empty()));
             if let Some(s) = pick {
                 return Ok(s.clone());
             }
@@ -528,7 +559,12 @@ impl Mesh {
 
     // ---- inbound --------------------------------------------------------
 
-    async fn inbound(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+    async fn inbound(
+        self: &Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        handshake_slot: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let _ = tcp.set_nodelay(true);
         let mut base =
             serde_json::json!({ "direction": "inbound", "peerAddress": peer.to_string() });
@@ -603,6 +639,8 @@ impl Mesh {
                 );
             }
         };
+        // Authenticated and asked: no longer a pending handshake.
+        drop(handshake_slot);
         let leftover = buf.split_off(used);
         let dst = req.destination;
         base["destination"] = serde_json::json!(dst.to_string());
@@ -703,11 +741,20 @@ async fn refuse(tls: &mut tokio_rustls::server::TlsStream<TcpStream>, s: Status)
 /// binding the destination's own address first makes sure a tunnel can
 /// only reach this host, never relay elsewhere.
 async fn connect_local(dst: SocketAddr) -> Result<TcpStream, (Status, String)> {
+    let ip = dst.ip();
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        return Err((
+            Status::NotFronted,
+            format!("{ip} is not an address a tunnel may name"),
+        ));
+    }
     let sock = match dst.ip() {
         IpAddr::V4(_) => TcpSocket::new_v4(),
         IpAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(|e| (Status::Unreachable, format!("socket: {e}")))?;
+    // Bound to the destination's own address: that fails unless it is
+    // this host's (ip_nonlocal_bind aside), so a tunnel cannot relay.
     if let Err(e) = sock.bind(SocketAddr::new(dst.ip(), 0)) {
         return Err((
             Status::NotFronted,

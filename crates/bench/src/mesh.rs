@@ -99,7 +99,10 @@ struct Net {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let o = Command::new("ip").args(args).output().context("ip (iproute2)")?;
+    let o = Command::new("ip")
+        .args(args)
+        .output()
+        .context("ip (iproute2)")?;
     ensure!(
         o.status.success(),
         "ip {}: {}",
@@ -130,7 +133,15 @@ impl Net {
                 &ns,
             ])?;
             ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
@@ -218,13 +229,56 @@ fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
 /// A CA, a server and a client certificate for stunnel (P-256, as SVIDs).
 fn stunnel_pki(dir: &Path) -> anyhow::Result<()> {
     let ssl = |args: &[&str]| run_ok(Command::new("openssl").args(args).current_dir(dir));
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    ssl(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=bench-ca"]].concat())?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    ssl(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=bench-ca",
+        ],
+    ]
+    .concat())?;
     for name in ["server", "client"] {
-        ssl(&[&["req"][..], &ec, &["-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={name}")]].concat())?;
         ssl(&[
-            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-out", &format!("{name}.crt"),
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        ]
+        .concat())?;
+        ssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &format!("{name}.crt"),
         ])?;
     }
     Ok(())
@@ -237,8 +291,16 @@ fn stunnel_conf(dir: &Path, client: bool) -> String {
             "client = yes\n",
             "client",
             [
-                (ECHO_STUNNEL_A, format!("127.0.0.1:{ECHO_STUNNEL_A}"), format!("{B}:{ECHO_STUNNEL_B}")),
-                (IPERF_STUNNEL_A, format!("127.0.0.1:{IPERF_STUNNEL_A}"), format!("{B}:{IPERF_STUNNEL_B}")),
+                (
+                    ECHO_STUNNEL_A,
+                    format!("127.0.0.1:{ECHO_STUNNEL_A}"),
+                    format!("{B}:{ECHO_STUNNEL_B}"),
+                ),
+                (
+                    IPERF_STUNNEL_A,
+                    format!("127.0.0.1:{IPERF_STUNNEL_A}"),
+                    format!("{B}:{IPERF_STUNNEL_B}"),
+                ),
             ],
         )
     } else {
@@ -246,8 +308,16 @@ fn stunnel_conf(dir: &Path, client: bool) -> String {
             "",
             "server",
             [
-                (ECHO_STUNNEL_B, format!("{B}:{ECHO_STUNNEL_B}"), format!("127.0.0.1:{ECHO_PLAIN}")),
-                (IPERF_STUNNEL_B, format!("{B}:{IPERF_STUNNEL_B}"), format!("127.0.0.1:{IPERF_PLAIN}")),
+                (
+                    ECHO_STUNNEL_B,
+                    format!("{B}:{ECHO_STUNNEL_B}"),
+                    format!("127.0.0.1:{ECHO_PLAIN}"),
+                ),
+                (
+                    IPERF_STUNNEL_B,
+                    format!("{B}:{IPERF_STUNNEL_B}"),
+                    format!("127.0.0.1:{IPERF_PLAIN}"),
+                ),
             ],
         )
     };
@@ -268,7 +338,11 @@ struct Setup {
 
 impl Setup {
     fn tether_cli(&self, sock_env: (&str, PathBuf), args: &[&str]) -> anyhow::Result<String> {
-        run_ok(Command::new(&self.tether).args(args).env(sock_env.0, sock_env.1))
+        run_ok(
+            Command::new(&self.tether)
+                .args(args)
+                .env(sock_env.0, sock_env.1),
+        )
     }
 }
 
@@ -288,7 +362,15 @@ fn ttfb(s: &Setup, net: &Net, cg: &Path, addr: &str, n: usize) -> anyhow::Result
 /// iperf3 from A, one stream, receiver-side bits per second.
 fn iperf(net: &Net, cg: &Path, host: &str, port: u16) -> anyhow::Result<f64> {
     let mut cmd = Command::new("iperf3");
-    cmd.args(["-c", host, "-p", &port.to_string(), "-t", &IPERF_SECS.to_string(), "-J"]);
+    cmd.args([
+        "-c",
+        host,
+        "-p",
+        &port.to_string(),
+        "-t",
+        &IPERF_SECS.to_string(),
+        "-J",
+    ]);
     place(&mut cmd, &net.a, Some(cg));
     let out = run_ok(&mut cmd)?;
     let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
@@ -325,36 +407,61 @@ pub fn run() -> anyhow::Result<String> {
     let cg_a = BenchCgroup::new("mesh-a")?;
     let cg_b = BenchCgroup::new("mesh-b")?;
     let mut procs = Procs(Vec::new());
-    let log = |name: &str| -> anyhow::Result<std::fs::File> { Ok(std::fs::File::create(d.join(name))?) };
+    let log =
+        |name: &str| -> anyhow::Result<std::fs::File> { Ok(std::fs::File::create(d.join(name))?) };
     let read = |name: &str| std::fs::read_to_string(d.join(name)).unwrap_or_default();
 
     // B: server and agent.
     let mut up = Command::new(&s.tether);
-    up.args(["--log-format", "json", "up", "--listen", &format!("{B}:{SERVER_PORT}")])
-        .args(["--metrics", "off", "--node-name", "host-b"])
-        .arg("--data-dir")
-        .arg(d.join("b"))
-        .arg("--run-dir")
-        .arg(d.join("b-run"))
-        .arg("--enforce-cgroup")
-        .arg(&cg_b.path)
-        .env("RUST_LOG", "warn,tether_agent=info,tether=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log("b.log")?);
+    up.args([
+        "--log-format",
+        "json",
+        "up",
+        "--listen",
+        &format!("{B}:{SERVER_PORT}"),
+    ])
+    .args(["--metrics", "off", "--node-name", "host-b"])
+    .arg("--data-dir")
+    .arg(d.join("b"))
+    .arg("--run-dir")
+    .arg(d.join("b-run"))
+    .arg("--enforce-cgroup")
+    .arg(&cg_b.path)
+    .env("RUST_LOG", "warn,tether_agent=info,tether=info")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(log("b.log")?);
     place(&mut up, &net.b, None);
     procs.0.push(up.spawn()?);
-    wait_for("tether up on B", Duration::from_secs(60), || read("b.log").contains("tether is up"))
-        .with_context(|| read("b.log"))?;
+    wait_for("tether up on B", Duration::from_secs(60), || {
+        read("b.log").contains("tether is up")
+    })
+    .with_context(|| read("b.log"))?;
     let admin = ("TETHER_ADMIN_SOCKET", d.join("b-run/admin.sock"));
     let token = s.tether_cli(admin.clone(), &["token", "create"])?;
-    std::fs::write(d.join("bundle.json"), s.tether_cli(admin.clone(), &["get", "bundle"])?)?;
+    std::fs::write(
+        d.join("bundle.json"),
+        s.tether_cli(admin.clone(), &["get", "bundle"])?,
+    )?;
 
     // A: agent.
     let mut agent = Command::new(&s.tether);
     agent
-        .args(["--log-format", "json", "agent", "--server", &format!("{B}:{SERVER_PORT}")])
-        .args(["--node-name", "host-a", "--join-token", token.trim(), "--metrics", "off"])
+        .args([
+            "--log-format",
+            "json",
+            "agent",
+            "--server",
+            &format!("{B}:{SERVER_PORT}"),
+        ])
+        .args([
+            "--node-name",
+            "host-a",
+            "--join-token",
+            token.trim(),
+            "--metrics",
+            "off",
+        ])
         .arg("--trust-bundle")
         .arg(d.join("bundle.json"))
         .arg("--data-dir")
@@ -371,8 +478,10 @@ pub fn run() -> anyhow::Result<String> {
         .stderr(log("a.log")?);
     place(&mut agent, &net.a, None);
     procs.0.push(agent.spawn()?);
-    wait_for("tether agent on A", Duration::from_secs(60), || read("a.log").contains("mesh active"))
-        .with_context(|| read("a.log"))?;
+    wait_for("tether agent on A", Duration::from_secs(60), || {
+        read("a.log").contains("mesh active")
+    })
+    .with_context(|| read("a.log"))?;
 
     // Servers on B, in its enforced cgroup.
     for (port, tag) in [(ECHO_MESH, "echo-m"), (ECHO_PLAIN, "echo-p")] {
@@ -385,7 +494,8 @@ pub fn run() -> anyhow::Result<String> {
     }
     // The plain echo is stunnel's backend too: it must answer on loopback.
     let mut c = Command::new(&s.bench);
-    c.args([ECHO_ARG, &format!("127.0.0.1:{ECHO_PLAIN}")]).stdout(Stdio::null());
+    c.args([ECHO_ARG, &format!("127.0.0.1:{ECHO_PLAIN}")])
+        .stdout(Stdio::null());
     place(&mut c, &net.b, Some(&cg_b.path));
     procs.0.push(c.spawn()?);
     for port in [IPERF_MESH, IPERF_PLAIN] {
@@ -401,7 +511,9 @@ pub fn run() -> anyhow::Result<String> {
         let conf = d.join(format!("{name}.conf"));
         std::fs::write(&conf, stunnel_conf(d, client))?;
         let mut c = Command::new("stunnel4");
-        c.arg(&conf).stdout(Stdio::null()).stderr(log(&format!("{name}.log"))?);
+        c.arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log(&format!("{name}.log"))?);
         place(&mut c, ns, None);
         procs.0.push(c.spawn()?);
     }
@@ -458,7 +570,14 @@ spec:
     wait_for("policies on A", Duration::from_secs(20), || {
         s.tether_cli(
             agent_a.clone(),
-            &["policy", "check", "--identity", "iperf3", "--to", &format!("{B}:{IPERF_MESH}")],
+            &[
+                "policy",
+                "check",
+                "--identity",
+                "iperf3",
+                "--to",
+                &format!("{B}:{IPERF_MESH}"),
+            ],
         )
         .is_ok_and(|o| o.contains("bench-clients"))
     })?;
@@ -506,14 +625,21 @@ spec:
 
     let m = |v: &[Vec<f64>; 3], i: usize| median(v[i].clone());
     let mut out = String::new();
-    writeln!(out, "## Mesh between two hosts: time to first byte and throughput")?;
+    writeln!(
+        out,
+        "## Mesh between two hosts: time to first byte and throughput"
+    )?;
     writeln!(out)?;
     writeln!(
         out,
         "| new connection, 1-byte echo (median of {ROUNDS} rounds of {CONNECTS}) | p50 µs | p99 µs | added p50 µs | conn/s (sequential) |"
     )?;
     writeln!(out, "|---|---|---|---|---|")?;
-    let names = ["direct plaintext (baseline)", "Tether mesh (mutual TLS 1.3, per-process SVID)", "stunnel4 mutual TLS 1.3"];
+    let names = [
+        "direct plaintext (baseline)",
+        "Tether mesh (mutual TLS 1.3, per-process SVID)",
+        "stunnel4 mutual TLS 1.3",
+    ];
     for (i, name) in names.iter().enumerate() {
         writeln!(
             out,
@@ -532,7 +658,10 @@ spec:
         t / st.max(1e-9)
     )?;
     writeln!(out)?;
-    writeln!(out, "| iperf3, one stream, {IPERF_SECS} s (median of {IPERF_ROUNDS}) | Gbit/s | ratio to plaintext | ratio to stunnel4 |")?;
+    writeln!(
+        out,
+        "| iperf3, one stream, {IPERF_SECS} s (median of {IPERF_ROUNDS}) | Gbit/s | ratio to plaintext | ratio to stunnel4 |"
+    )?;
     writeln!(out, "|---|---|---|---|")?;
     for (i, name) in names.iter().enumerate() {
         writeln!(

@@ -93,10 +93,11 @@ impl Agent {
             }
             std::fs::read_to_string(&log)
                 .unwrap_or_default()
-                .contains("mesh active")
+                .contains("agent started")
         });
         let a = Agent { child, dir };
         assert!(started, "agent on {host} did not start:\n{}", a.logs());
+        assert!(a.logs().contains("mesh active"), "{}", a.logs());
         a
     }
 
@@ -209,6 +210,10 @@ impl World {
 
     /// Identities, Services and policies; waits until both agents have them.
     fn apply(&self, services: &str) {
+        self.apply_with("mutual", services)
+    }
+
+    fn apply_with(&self, redis_mode: &str, services: &str) {
         let redis_cli = real(&which("redis-cli"));
         let py = python();
         self.up.apply_ok(&format!(
@@ -225,13 +230,14 @@ metadata: {{name: streamer}}
 spec:
   spiffeId: spiffe://example.org/streamer
   selectors: [[\"process:sha256:{ps}\", \"process:path:{pc}\", \"unix:uid:0\"]]
+  x509Ttl: 10s
 ---
 apiVersion: tether.dev/v1alpha1
 kind: Service
 metadata: {{name: redis}}
 spec:
   addresses: [{{cidr: {b}/32, ports: [{rp}]}}]
-  mesh: {{mode: mutual}}
+  mesh: {{mode: {redis_mode}}}
 ---
 apiVersion: tether.dev/v1alpha1
 kind: AccessPolicy
@@ -615,6 +621,16 @@ spec:
             .is_empty(),
         "a certificate in cleartext"
     );
+    // Hybrid post-quantum key exchange on every tunnel (X25519MLKEM768).
+    let groups = cap.fields(
+        &ports,
+        &format!("tcp.srcport=={MESH_PORT} && tls.handshake.type==2"),
+        "tls.handshake.extensions_key_share_group",
+    );
+    assert!(
+        groups.len() >= 4 && groups.iter().all(|g| g == "4588"),
+        "key exchange groups chosen: {groups:?}"
+    );
     assert!(
         cap.fields(
             &ports,
@@ -681,6 +697,30 @@ spec:
         "A's audit lacks the refusals: {denied_a:?}"
     );
 
+    // An unauthorized process on B itself cannot go around the agent
+    // either: not at the Service's address, nor over loopback (Redis
+    // listens on every address; the Service names one).
+    for target in [b_ip.as_str(), "127.0.0.1"] {
+        let before = w.redis.connections_received();
+        let mut bash_b = w.lan.command("b", "bash");
+        w.cg_b.enter(&mut bash_b);
+        let o = bash_b
+            .args([
+                "-c",
+                &format!(
+                    "exec 3<>/dev/tcp/{target}/{} && printf 'AUTH {PASSWORD}\\r\\nPING\\r\\n' >&3 && timeout 2 cat <&3",
+                    w.redis.port
+                ),
+            ])
+            .output()
+            .expect("bash on B");
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).contains("PONG"),
+            "bash on B reached Redis at {target}"
+        );
+        assert_eq!(w.redis.connections_received() - before, 1, "{target}");
+    }
+
     // --- a host without an agent reaches neither Redis nor the tunnel ---
     let before = w.redis.connections_received();
     let o = w
@@ -700,6 +740,22 @@ spec:
         1,
         "only the counter query reached Redis"
     );
+    // Nor through another address of B that the Service does not name.
+    w.lan.add_addr("b", "10.99.0.12/24");
+    let before = w.redis.connections_received();
+    let o = w
+        .lan
+        .command("c", "timeout")
+        .args(["4", which("redis-cli").to_str().unwrap_or("redis-cli")])
+        .args(["-h", "10.99.0.12", "-p", &w.redis.port.to_string(), "PING"])
+        .env("REDISCLI_AUTH", PASSWORD)
+        .output()
+        .expect("redis-cli on C");
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("PONG"),
+        "host C reached Redis at an address the Service does not name"
+    );
+    assert_eq!(w.redis.connections_received() - before, 1);
     // Without a certificate, and then with an SVID of another trust domain.
     let dir = open_tempdir();
     let (crt, key) = foreign_svid(dir.path());
@@ -1049,4 +1105,133 @@ spec:
                 .any(|c| c["service"] == "sink")
     });
     assert!(gone, "tunnel still listed after the client was killed");
+
+    // SVID rotation (10 s TTL, renewed at half-life) does not disturb an
+    // open tunnel; the next one presents the new SVID.
+    let mut slow = w
+        .on_a(python())
+        .args([
+            "-c",
+            &format!(
+                "import socket, time
+s = socket.create_connection(('{b_ip}', {port}), 10)
+for i in range(12):
+    s.sendall(b'y'); time.sleep(1)
+s.shutdown(socket.SHUT_WR)
+print(s.recv(200).decode().strip())"
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("slow client");
+    let slow_pid = slow.id();
+    let svid_of = |pid: u32| -> Option<i64> {
+        let v: serde_json::Value = serde_json::from_str(&w.a.tether(&["svids"])).ok()?;
+        v.as_array()?
+            .iter()
+            .find(|r| r["pid"] == pid)
+            .and_then(|r| r["issuedAt"].as_i64())
+    };
+    let mut first = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            first = svid_of(slow_pid);
+            first.is_some()
+        }),
+        "slow client has no SVID"
+    );
+    let rotated = wait_until(Duration::from_secs(10), || {
+        svid_of(slow_pid).is_some_and(|t| Some(t) != first)
+    });
+    assert!(rotated, "the slow client's SVID was not rotated");
+    let out = slow.wait_with_output().expect("slow client");
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .trim_end()
+            .ends_with(" 12"),
+        "the tunnel did not survive the rotation: {:?}",
+        out
+    );
+
+    // Many short tunnels leave no descriptors behind in either agent.
+    let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let (a_pid, b_pid) = (w.a.child.id(), w.up.pid().expect("tether up runs"));
+    let (a0, b0) = (fds(a_pid), fds(b_pid));
+    let o = w
+        .on_a(python())
+        .args([
+            "-c",
+            &format!(
+                "import socket
+for i in range(300):
+    s = socket.create_connection(('{b_ip}', {port}), 10)
+    assert s.getpeername() == ('{b_ip}', {port}), s.getpeername()
+    s.sendall(b'x'); s.shutdown(socket.SHUT_WR)
+    assert s.recv(100).endswith(b' 1\\n')
+    s.close()
+print('done')"
+            ),
+        ])
+        .output()
+        .expect("short connections");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "done",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let settled = wait_until(Duration::from_secs(10), || {
+        fds(a_pid) <= a0 + 8 && fds(b_pid) <= b0 + 8
+    });
+    assert!(
+        settled,
+        "descriptors grew: A {a0} -> {}, B {b0} -> {}",
+        fds(a_pid),
+        fds(b_pid)
+    );
+}
+
+#[test]
+fn permissive_mode_accepts_plaintext_from_hosts_without_an_agent_and_audits_it() {
+    let w = World::new("m3");
+    w.apply_with("permissive", "");
+    let (b_ip, c_ip) = (w.b(), w.lan.addr("c"));
+    // Agents still tunnel.
+    assert_eq!(w.redis_cli_on_a(&["PING"]), "PONG");
+    let tunnelled = wait_until(Duration::from_secs(5), || {
+        w.audit_b().iter().any(|r| {
+            r["direction"] == "inbound" && r["verdict"] == "allow" && r["service"] == "redis"
+        })
+    });
+    assert!(tunnelled, "A's client did not come through the tunnel");
+    // A host without an agent gets through in plaintext, and B records it.
+    let o = w
+        .lan
+        .command("c", which("redis-cli"))
+        .args(["-h", &b_ip, "-p", &w.redis.port.to_string(), "PING"])
+        .env("REDISCLI_AUTH", PASSWORD)
+        .output()
+        .expect("redis-cli on C");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "PONG");
+    let audited = wait_until(Duration::from_secs(5), || {
+        w.audit_b().iter().any(|r| {
+            r["verdict"] == "allow-plaintext"
+                && r["service"] == "redis"
+                && r["peer"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(&format!("{c_ip}:")))
+        })
+    });
+    assert!(
+        audited,
+        "no plaintext record in B's audit: {:?}",
+        w.audit_b()
+    );
+    // The tunnel's own loopback connection is not reported as plaintext.
+    let plaintext = w
+        .audit_b()
+        .iter()
+        .filter(|r| r["verdict"] == "allow-plaintext")
+        .count();
+    assert_eq!(plaintext, 1);
 }

@@ -147,6 +147,13 @@ pub struct ServiceFlags {
 }
 
 impl ServiceFlags {
+    pub(crate) fn from_bits(b: u32) -> Self {
+        ServiceFlags {
+            mesh: b & SVC_MESH != 0,
+            permissive: b & SVC_PERMISSIVE != 0,
+        }
+    }
+
     pub(crate) fn bits(self) -> u32 {
         (if self.mesh { SVC_MESH } else { 0 }) | (if self.permissive { SVC_PERMISSIVE } else { 0 })
     }

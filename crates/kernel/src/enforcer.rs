@@ -7,7 +7,7 @@
 //! of the agent process:
 //!
 //! ```text
-//! <pin_dir>/maps/{services,procs,execs,policy,events,stats,config,redirects,held}
+//! <pin_dir>/maps/{services,procs,execs,policy,events,stats,config,redirects,held,mesh_ports}
 //! <pin_dir>/links/{connect4,connect6,sendmsg4,sendmsg6,peer4,peer6,sockops,exec,fork,exit}
 //! ```
 //!
@@ -68,8 +68,9 @@ use crate::{
     KernelError,
     abi::{
         DstKeyData, DstPrefix, HOLD_V4, HOLD_V6, HeldConnection, HeldKey, HeldRaw, HoldCfg,
-        PROC_AGENT, PolicyKey, ProcState, STAT_ALLOW, STAT_DENY, STAT_DROPPED_EVENTS, STAT_HELD,
-        STAT_INGRESS_DROPPED, STAT_MESH, STAT_UNATTESTED, ServiceFlags, SvcValue, VerdictValue,
+        PROC_AGENT, PolicyKey, ProcState, Proto, STAT_ALLOW, STAT_DENY, STAT_DROPPED_EVENTS,
+        STAT_HELD, STAT_INGRESS_DROPPED, STAT_MESH, STAT_UNATTESTED, ServiceFlags, SvcValue,
+        VerdictValue,
     },
     error::{chain, map_err, program_err},
     events::EventReader,
@@ -263,7 +264,7 @@ struct MapSpec {
 
 /// Must match the definitions in bpf/tether.bpf.c; checked against pinned
 /// maps before adopting them.
-const MAPS: [MapSpec; 9] = [
+const MAPS: [MapSpec; 10] = [
     MapSpec {
         name: "services",
         kind: MapType::LpmTrie,
@@ -327,6 +328,13 @@ const MAPS: [MapSpec; 9] = [
         value: 80,
         max_entries: 16384,
     },
+    MapSpec {
+        name: "mesh_ports",
+        kind: MapType::Hash,
+        key: 4,
+        value: 8,
+        max_entries: 4096,
+    },
 ];
 
 /// A link we keep an fd to. Dropping it closes the fd only: a pinned link
@@ -346,6 +354,7 @@ pub struct Enforcer {
     stats: PerCpuArray<MapData, u64>,
     config: Mutex<Array<MapData, HoldCfg>>,
     held: Mutex<HashMap<MapData, HeldKey, HeldRaw>>,
+    mesh_ports: Mutex<HashMap<MapData, u32, SvcValue>>,
     events_id: u32,
     adopted: bool,
 }
@@ -725,6 +734,7 @@ impl Enforcer {
             stats: take_map(&mut bpf, "stats")?,
             config: Mutex::new(take_map(&mut bpf, "config")?),
             held: Mutex::new(take_map(&mut bpf, "held")?),
+            mesh_ports: Mutex::new(take_map(&mut bpf, "mesh_ports")?),
             events_id,
             adopted,
             _links: links,
@@ -769,6 +779,71 @@ impl Enforcer {
             Err(e) if !is_not_found(&e) => Err(map_err("services", "remove", &e)),
             _ => Ok(()),
         }
+    }
+
+    /// Marks `port` as a meshed Service listening on this host, on any
+    /// address: packets from other hosts to it are dropped (unless
+    /// permissive) and local connects over loopback are judged as connects
+    /// to `service_id`.
+    pub fn set_mesh_port(
+        &self,
+        port: u16,
+        service_id: u32,
+        flags: ServiceFlags,
+    ) -> Result<(), KernelError> {
+        let v = SvcValue {
+            service_id,
+            flags: flags.bits(),
+        };
+        lock(&self.mesh_ports)
+            .insert(u32::from(port), v, 0)
+            .map_err(|e| map_err("mesh_ports", "insert", &e))
+    }
+
+    /// Removing an absent port is not an error.
+    pub fn remove_mesh_port(&self, port: u16) -> Result<(), KernelError> {
+        match lock(&self.mesh_ports).remove(&u32::from(port)) {
+            Err(e) if !is_not_found(&e) => Err(map_err("mesh_ports", "remove", &e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Ports currently marked with [`set_mesh_port`](Self::set_mesh_port).
+    pub fn mesh_ports(&self) -> Result<Vec<u16>, KernelError> {
+        let map = lock(&self.mesh_ports);
+        let mut out = Vec::new();
+        for k in map.keys() {
+            let k = k.map_err(|e| map_err("mesh_ports", "iterate", &e))?;
+            if let Ok(p) = u16::try_from(k) {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The Service the kernel finds for a TCP destination (exact port
+    /// before any-port, longest prefix), with its flags: what the connect
+    /// hook would decide against.
+    pub fn service_for(&self, dst: SocketAddr) -> Result<Option<(u32, ServiceFlags)>, KernelError> {
+        let mut found = None;
+        for port in [dst.port(), 0] {
+            let key = DstPrefix {
+                net: dst.ip(),
+                prefix_len: if dst.is_ipv4() { 32 } else { 128 },
+                port,
+                proto: Proto::Tcp,
+            };
+            let (len, data) = key.to_key()?;
+            match lock(&self.services).get(&Key::new(len, data), 0) {
+                Ok(v) => {
+                    found = Some(v);
+                    break;
+                }
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err("services", "lookup", &e)),
+            }
+        }
+        Ok(found.map(|v| (v.service_id, ServiceFlags::from_bits(v.flags))))
     }
 
     /// All protected destinations.

@@ -115,8 +115,8 @@ fn a_crashed_agent_stays_closed_and_the_next_one_adopts() {
     // unsupported for them); unpinned, they go away with the last fd, here
     // `third`'s.
     assert_eq!(report.links_detached, 8, "{report:?}");
-    // 11 links and 9 maps.
-    assert_eq!(report.pins_removed, 20, "{report:?}");
+    // 11 links and 10 maps.
+    assert_eq!(report.pins_removed, 21, "{report:?}");
     assert!(!fs.pin_dir().exists());
     assert_eq!(old.run(&connect), "OK", "no longer enforced");
     drop(third);

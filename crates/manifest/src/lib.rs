@@ -671,6 +671,14 @@ fn validate_service(raw: RawService) -> Result<ServiceSpec, (String, String)> {
                     "a Service with spec.mesh needs explicit ports".into(),
                 ));
             }
+            // Plaintext peers of a permissive Service could send a PROXY
+            // header of their own, naming any SPIFFE ID.
+            if m.proxy_protocol && mode == TlsMode::Permissive {
+                return Err((
+                    "spec.mesh.proxyProtocol".into(),
+                    "not with mode permissive: a client without an agent could forge the header; use mutual".into(),
+                ));
+            }
             Some(MeshSpec {
                 mode,
                 proxy_protocol: m.proxy_protocol,
@@ -1000,6 +1008,8 @@ spec:
         assert!(error_of(&bad).contains("spec.addresses[0].protocol"));
         let bad = y.replace(", ports: [5432]}", "}");
         assert!(error_of(&bad).contains("spec.addresses[0].ports"));
+        let bad = y.replace("passthrough", "permissive");
+        assert!(error_of(&bad).contains("spec.mesh.proxyProtocol"));
     }
 
     #[test]

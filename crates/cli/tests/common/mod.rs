@@ -218,6 +218,10 @@ impl Up {
             .unwrap_or_else(|| panic!("metric {name} not found"))
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILLs the instance (a crash, not a clean stop).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

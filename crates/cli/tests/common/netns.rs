@@ -87,6 +87,11 @@ impl Lan {
         format!("10.99.0.{i}")
     }
 
+    /// Gives `host` another address on its port (`cidr` like 10.99.0.12/24).
+    pub fn add_addr(&self, host: &str, cidr: &str) {
+        ip(&["-n", &self.ns(host), "addr", "add", cidr, "dev", IFACE]);
+    }
+
     /// Makes `cmd` run on `host` (its network namespace only: mounts,
     /// cgroups and the filesystem stay the test's).
     pub fn enter(&self, host: &str, cmd: &mut Command) {

@@ -46,11 +46,10 @@ impl Redis {
         Self::start_in(None, None, "127.0.0.1 ::1")
     }
 
-    /// On `host`, in `cgroup`, listening on the host's address and its
-    /// loopback (for the test's own queries).
+    /// On `host`, in `cgroup`, listening on every IPv4 address (as many
+    /// servers do: the Service names only some of them).
     pub fn start_on(lan: &Lan, host: &str, cgroup: &Cgroup) -> Redis {
-        let bind = format!("{} 127.0.0.1", lan.addr(host));
-        Self::start_in(Some(lan.fd(host)), Some(&cgroup.0), &bind)
+        Self::start_in(Some(lan.fd(host)), Some(&cgroup.0), "0.0.0.0")
     }
 
     fn start_in(netns_fd: Option<i32>, cgroup: Option<&PathBuf>, bind: &str) -> Redis {
