@@ -64,6 +64,8 @@ mesh_doc() {
   echo "  policy and connects to the server. *stunnel4*: a client stunnel on A's"
   echo "  loopback and a server stunnel on B, TLS 1.3 only, both sides verifying the"
   echo "  other's certificate (P-256, one CA), forwarding to the plaintext server."
+  echo "  stunnel's logging is off (\`syslog = no\`, \`debug = 3\`): without a syslog"
+  echo "  socket it writes every connection to /dev/console, which added ~10 ms each."
   echo "- Time to first byte: a fresh client process makes 20 untimed and then 300"
   echo "  timed connections, each timed from before \`connect()\` until the 1-byte echo"
   echo "  is back (so Tether's figure includes the redirect, the agent's TCP and TLS"

@@ -57,6 +57,12 @@ const MAX_HANDSHAKES: usize = 256;
 /// Copy buffer per direction: room for four TLS records per syscall
 /// (allocated per tunnel and direction, so not larger).
 const COPY_BUF: usize = 64 * 1024;
+/// Read buffer under TLS: rustls reads at most 4 KiB per call, so without
+/// it a 16 KiB record costs several syscalls.
+const WIRE_BUF: usize = 64 * 1024;
+
+/// The encrypted side of a tunnel.
+type Wire = tokio::io::BufReader<TcpStream>;
 
 /// One live tunnel, as `tether connections` shows it.
 pub struct Conn {
@@ -447,6 +453,7 @@ impl Mesh {
         let _ = tcp.set_nodelay(true);
         let connector = tokio_rustls::TlsConnector::from(cfg);
         let name = ServerName::IpAddress(dst.ip().into());
+        let tcp = Wire::with_capacity(WIRE_BUF, tcp);
         let mut tls =
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
                 Ok(Ok(t)) => t,
@@ -552,8 +559,7 @@ impl Mesh {
         if let Err(e) = result {
             tracing::debug!(%dst, error = %e, "tunnel ended with an error");
             reset(app.inner);
-            let tcp = tunnel.inner.into_inner().0;
-            reset(tcp);
+            reset(tunnel.inner.into_inner().0.into_inner());
         }
     }
 
@@ -575,6 +581,7 @@ impl Mesh {
             base["reason"] = serde_json::json!(reason);
             self.audit(base.clone());
         };
+        let tcp = Wire::with_capacity(WIRE_BUF, tcp);
         let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await
         {
             Ok(Ok(t)) => t,
@@ -726,13 +733,13 @@ impl Mesh {
         if let Err(e) = r {
             tracing::debug!(%peer, error = %e, "tunnel ended with an error");
             reset(up.inner);
-            reset(tls.into_inner().0);
+            reset(tls.into_inner().0.into_inner());
         }
     }
 }
 
 /// Answers a tunnel request with a refusal and closes the tunnel.
-async fn refuse(tls: &mut tokio_rustls::server::TlsStream<TcpStream>, s: Status) {
+async fn refuse(tls: &mut tokio_rustls::server::TlsStream<Wire>, s: Status) {
     let _ = tls.write_all(&[s.to_byte()]).await;
     let _ = tls.shutdown().await;
 }
@@ -815,7 +822,7 @@ type OnStatus = Box<dyn FnOnce(Status) + Send>;
 /// [`Status`], consumed here; anything but Ok ends the stream with an
 /// error, so the application gets a reset, not an empty answer.
 struct StatusGate {
-    inner: tokio_rustls::client::TlsStream<TcpStream>,
+    inner: tokio_rustls::client::TlsStream<Wire>,
     status: Option<Status>,
     on_status: Option<OnStatus>,
 }
