@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::kernel::Cgroup;
@@ -113,12 +113,16 @@ impl Agent {
         json_lines(&self.dir.path().join("audit.log"))
     }
 
-    fn tether(&self, args: &[&str]) -> String {
-        let o = Command::new(TETHER)
+    fn command(&self, args: &[&str]) -> Output {
+        Command::new(TETHER)
             .args(args)
             .env("TETHER_AGENT_SOCKET", self.socket())
             .output()
-            .expect("tether");
+            .expect("tether")
+    }
+
+    fn tether(&self, args: &[&str]) -> String {
+        let o = self.command(args);
         assert!(
             o.status.success(),
             "tether {args:?}: {}",
@@ -256,9 +260,11 @@ spec:
         ));
         let to = format!("{}:{}", self.b(), self.redis.port);
         let check = ["policy", "check", "--identity", "redis-cli", "--to", &to];
+        // Either agent may not have the new snapshot yet: the check then
+        // fails ("not known to this agent") and is retried.
+        let says = |o: Output| String::from_utf8_lossy(&o.stdout).contains("redis-clients");
         let ready = wait_until(Duration::from_secs(15), || {
-            self.up.ok(&check).contains("redis-clients")
-                && self.a.tether(&check).contains("redis-clients")
+            says(self.up.tether(&check)) && says(self.a.command(&check))
         });
         assert!(ready, "policies never reached both agents");
     }
@@ -614,7 +620,11 @@ spec:
         &format!("tcp.port=={MESH_PORT} && tcp.len>0 && !tls && !tcp.reassembled_in"),
         "frame.number",
     );
-    let described = cap.fields(&ports, "tcp.len>0 && !tls && !tcp.reassembled_in", "_ws.col.Info");
+    let described = cap.fields(
+        &ports,
+        "tcp.len>0 && !tls && !tcp.reassembled_in",
+        "_ws.col.Info",
+    );
     assert!(
         not_tls.is_empty(),
         "TCP payload that is not TLS: frames {not_tls:?} {described:?}"
