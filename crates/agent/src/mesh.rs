@@ -484,6 +484,33 @@ impl Mesh {
             .unwrap_or_default();
         base["peerSpiffeId"] = serde_json::json!(peer_id);
         base["tls"] = serde_json::json!({ "version": version, "cipherSuite": cipher });
+        // A Service that names its nodes is only reached through them: any
+        // other agent, even of this trust domain, hears nothing, not even
+        // the destination.
+        let fronting = service
+            .spec
+            .mesh
+            .as_ref()
+            .map(|m| m.nodes.as_slice())
+            .unwrap_or(&[]);
+        let td = self.node.td.to_string();
+        if !fronting.is_empty()
+            && !fronting
+                .iter()
+                .any(|n| peer_id == format!("spiffe://{td}/tether/node/{n}"))
+        {
+            return {
+                fail(
+                    &mut base,
+                    "wrong_peer",
+                    format!(
+                        "the agent at {peer_addr} is {peer_id}, not one of the nodes that front {} ({fronting:?})",
+                        service.name
+                    ),
+                );
+                reset(client)
+            };
+        }
         let req = Request { destination: dst }.encode();
         if let Err(e) = async {
             tls.write_all(&req).await?;
@@ -660,6 +687,24 @@ impl Mesh {
             );
         };
         base["service"] = serde_json::json!(service.name);
+        let me = self.node.identity().name.clone();
+        let fronting = service
+            .spec
+            .mesh
+            .as_ref()
+            .map(|m| m.nodes.as_slice())
+            .unwrap_or(&[]);
+        if !fronting.is_empty() && !fronting.contains(&me) {
+            refuse(&mut tls, Status::NotFronted).await;
+            return deny(
+                &mut base,
+                "not_fronted",
+                format!(
+                    "{} is fronted by {fronting:?}, not this node ({me})",
+                    service.name
+                ),
+            );
+        }
         let rule = match self.enf.ingress(&service.name, &peer_id) {
             Ok(rule) => rule,
             Err(why) => {

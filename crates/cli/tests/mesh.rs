@@ -214,7 +214,7 @@ impl World {
 
     /// Identities, Services and policies; waits until both agents have them.
     fn apply(&self, services: &str) {
-        self.apply_with("mutual", services)
+        self.apply_with("mutual, nodes: [host-b]", services)
     }
 
     fn apply_with(&self, redis_mode: &str, services: &str) {
@@ -1193,6 +1193,41 @@ print('done')"
         fds(a_pid),
         fds(b_pid)
     );
+
+    // A Service that names the nodes fronting it is reached through them
+    // only: B is not "host-x", so A refuses to tunnel there at all.
+    w.up.apply_ok(&format!(
+        "apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {{name: sink}}
+spec:
+  addresses: [{{cidr: {b_ip}/32, ports: [{port}]}}]
+  mesh: {{mode: mutual, proxyProtocol: true, nodes: [host-x]}}
+"
+    ));
+    let refused = wait_until(Duration::from_secs(15), || {
+        let o = w
+            .on_a(python())
+            .args([
+                "-c",
+                &format!("import socket; s = socket.create_connection(('{b_ip}', {port}), 5); s.sendall(b'z'); s.shutdown(socket.SHUT_WR); print(s.recv(100))"),
+            ])
+            .output()
+            .expect("client");
+        !o.status.success()
+    });
+    assert!(
+        refused,
+        "A still tunnels to a node the Service does not name"
+    );
+    let wrong_peer = w.a.audit().into_iter().any(|r| {
+        r["event"] == "tunnel"
+            && r["service"] == "sink"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("not one of the nodes that front sink"))
+    });
+    assert!(wrong_peer, "A's audit does not name the wrong peer");
 }
 
 #[test]

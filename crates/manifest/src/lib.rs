@@ -141,6 +141,11 @@ pub struct MeshSpec {
     /// header naming the client's SPIFFE ID.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Node names whose agents front it. Clients then accept only those
+    /// agents' node SVIDs at the far end of a tunnel; empty: any node of
+    /// the trust domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
 }
 
 /// What crosses the network to a fronted Service.
@@ -360,6 +365,8 @@ struct RawMesh {
     mode: Option<String>,
     #[serde(default)]
     proxy_protocol: bool,
+    #[serde(default)]
+    nodes: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -679,9 +686,13 @@ fn validate_service(raw: RawService) -> Result<ServiceSpec, (String, String)> {
                     "not with mode permissive: a client without an agent could forge the header; use mutual".into(),
                 ));
             }
+            for (i, n) in m.nodes.iter().enumerate() {
+                validate_name(n).map_err(|e| (format!("spec.mesh.nodes[{i}]"), e))?;
+            }
             Some(MeshSpec {
                 mode,
                 proxy_protocol: m.proxy_protocol,
+                nodes: m.nodes,
             })
         }
     };
@@ -979,7 +990,7 @@ kind: Service
 metadata: {name: pg}
 spec:
   addresses: [{cidr: 10.0.0.2, ports: [5432]}]
-  mesh: {mode: passthrough, proxyProtocol: true}
+  mesh: {mode: passthrough, proxyProtocol: true, nodes: [db-1]}
 "#;
         let r = parse("s.yaml", y.as_bytes()).unwrap();
         let Resource::Service { spec, .. } = &r[0] else {
@@ -990,9 +1001,13 @@ spec:
             (mesh.mode, mesh.proxy_protocol),
             (TlsMode::Passthrough, true)
         );
+        assert_eq!(mesh.nodes, ["db-1"]);
         let again = parse("again", r[0].to_yaml().as_bytes()).unwrap();
         assert_eq!(again[0], r[0]);
-        let dflt = y.replace("{mode: passthrough, proxyProtocol: true}", "{}");
+        let dflt = y.replace(
+            "{mode: passthrough, proxyProtocol: true, nodes: [db-1]}",
+            "{}",
+        );
         let r = parse("s.yaml", dflt.as_bytes()).unwrap();
         let Resource::Service { spec, .. } = &r[0] else {
             panic!()
@@ -1010,6 +1025,12 @@ spec:
         assert!(error_of(&bad).contains("spec.addresses[0].ports"));
         let bad = y.replace("passthrough", "permissive");
         assert!(error_of(&bad).contains("spec.mesh.proxyProtocol"));
+        let bad = y.replace("db-1", "Db_1");
+        assert!(
+            error_of(&bad).contains("spec.mesh.nodes[0]"),
+            "{}",
+            error_of(&bad)
+        );
     }
 
     #[test]
