@@ -108,10 +108,7 @@ impl HoldListeners {
                                 continue;
                             };
                             let (t, e, m) = (t.clone(), e.clone(), m.clone());
-                            tokio::spawn(async move {
-                                handle(s, peer, t, e, m).await;
-                                drop(slot);
-                            });
+                            tokio::spawn(handle(s, peer, t, e, m, slot));
                         }
                         Err(err) => {
                             // EMFILE and friends: back off rather than spin.
@@ -133,12 +130,15 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
+/// `slot` is held while the connection is being decided or spliced; a
+/// tunnel gives it back and takes one of the mesh's own.
 async fn handle(
     client: TcpStream,
     peer: SocketAddr,
     tracker: Arc<Tracker>,
     enf: Arc<Enforcement>,
     metrics: Arc<Metrics>,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let _ = client.set_nodelay(true);
     // Only the kernel's record (keyed by the full client address) makes a
@@ -183,6 +183,7 @@ async fn handle(
             metrics.held_connection("allowed");
         }
         let ticks = start_ticks(&rec);
+        drop(slot);
         mesh.outbound(client, &rec, ticks, &service, &decision.rule, decision.proc)
             .await;
         return;

@@ -51,6 +51,13 @@ const SVID_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tunnels accepted at once; beyond it new ones are refused, so a flood
 /// cannot exhaust the agent's descriptors.
 const MAX_INBOUND: usize = 4096;
+/// Outbound tunnels at once (they leave the hold listener's budget once
+/// decided, so long-lived tunnels cannot starve new connects).
+const MAX_OUTBOUND: usize = 4096;
+/// Audit records per second for handshakes that fail before the peer is
+/// authenticated; beyond it they are counted, and the next record says
+/// how many were left out (a scanner cannot flood the audit log).
+const PREAUTH_AUDITS_PER_SEC: u64 = 20;
 /// Handshakes in progress at once (unauthenticated peers): a separate,
 /// smaller budget, so idle connections cannot take the tunnels' slots.
 const MAX_HANDSHAKES: usize = 256;
@@ -107,6 +114,9 @@ pub struct Mesh {
     acceptor: tokio_rustls::TlsAcceptor,
     table: Mutex<HashMap<u64, Arc<Conn>>>,
     next_id: AtomicU64,
+    outbound_slots: Arc<tokio::sync::Semaphore>,
+    /// (second, records written in it, records left out since the last one).
+    preauth_audits: Mutex<(u64, u64, u64)>,
 }
 
 /// Serves the node SVID (renewed under us) as the mesh server certificate.
@@ -206,6 +216,8 @@ impl Mesh {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
             table: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            outbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_OUTBOUND)),
+            preauth_audits: Mutex::new((0, 0, 0)),
         }))
     }
 
@@ -242,6 +254,28 @@ impl Mesh {
     fn audit(&self, mut rec: serde_json::Value) {
         rec["event"] = serde_json::json!("tunnel");
         self.enf.publish(rec);
+    }
+
+    /// Audits a handshake that failed before the peer was authenticated,
+    /// within the per-second budget.
+    fn audit_preauth(&self, mut rec: serde_json::Value) {
+        let now = u64::try_from(unix_now()).unwrap_or(0);
+        let mut b = lock(&self.preauth_audits);
+        if b.0 != now {
+            b.0 = now;
+            b.1 = 0;
+        }
+        if b.1 >= PREAUTH_AUDITS_PER_SEC {
+            b.2 += 1;
+            return;
+        }
+        b.1 += 1;
+        if b.2 > 0 {
+            rec["omittedBefore"] = serde_json::json!(b.2);
+            b.2 = 0;
+        }
+        drop(b);
+        self.audit(rec);
     }
 
     /// Binds the mesh port on every address: `[::]`, and `0.0.0.0` too
@@ -399,6 +433,11 @@ impl Mesh {
             "direction": "outbound", "pid": rec.tgid, "exe": exe, "service": service.name,
             "destination": dst.to_string(), "rule": rule,
         });
+        let Ok(_tunnel_slot) = self.outbound_slots.clone().try_acquire_owned() else {
+            tracing::warn!(%dst, pid = rec.tgid, "too many outbound tunnels; reset");
+            self.metrics.mesh_connection("outbound", "overload");
+            return reset(client);
+        };
         let fail = |base: &mut serde_json::Value, outcome: &str, reason: String| {
             tracing::info!(%dst, pid = rec.tgid, %reason, "mesh tunnel not opened");
             self.metrics.mesh_connection("outbound", outcome);
@@ -606,7 +645,11 @@ impl Mesh {
             self.metrics.mesh_connection("inbound", outcome);
             base["verdict"] = serde_json::json!("deny");
             base["reason"] = serde_json::json!(reason);
-            self.audit(base.clone());
+            if outcome == "handshake_failed" {
+                self.audit_preauth(base.clone());
+            } else {
+                self.audit(base.clone());
+            }
         };
         let tcp = Wire::with_capacity(WIRE_BUF, tcp);
         let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await
