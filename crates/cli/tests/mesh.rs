@@ -1112,7 +1112,7 @@ spec:
 
     // SVID rotation (10 s TTL, renewed at half-life) does not disturb an
     // open tunnel; the next one presents the new SVID.
-    let mut slow = w
+    let slow = w
         .on_a(python())
         .args([
             "-c",
