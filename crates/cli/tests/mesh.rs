@@ -611,18 +611,22 @@ spec:
         tunnels.len() >= 4,
         "expected a tunnel per connection: {tunnels:?}"
     );
+    // Retransmitted segments repeat bytes tshark already dissected (a
+    // loaded 2-core machine drops and resends now and then); the byte
+    // search above covers them.
+    const RESENT: &str = "(tcp.analysis.retransmission || tcp.analysis.fast_retransmission || tcp.analysis.spurious_retransmission || tcp.analysis.out_of_order)";
     // Every payload of every stream that began in the capture (the
     // tunnels) is TLS. The control plane's stream began before it, so
     // tshark may not find its record boundaries; the byte search above
     // covers it.
     let not_tls = cap.fields(
         &ports,
-        &format!("tcp.port=={MESH_PORT} && tcp.len>0 && !tls && !tcp.reassembled_in"),
+        &format!("tcp.port=={MESH_PORT} && tcp.len>0 && !tls && !tcp.reassembled_in && !{RESENT}"),
         "frame.number",
     );
     let described = cap.fields(
         &ports,
-        "tcp.len>0 && !tls && !tcp.reassembled_in",
+        &format!("tcp.len>0 && !tls && !tcp.reassembled_in && !{RESENT}"),
         "_ws.col.Info",
     );
     assert!(
