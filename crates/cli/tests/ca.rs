@@ -572,7 +572,17 @@ fn upstream_ca_chain_verifies_against_operator_root() {
         if variant == "PKCS#8" {
             // Rotation under an upstream CA: a new intermediate, same root;
             // the bundle (just the root) does not change.
+            let snapshots = || up.logs().matches("registry updated").count();
+            let before = snapshots();
             up.ok(&["ca", "rotate", "prepare"]);
+            // The prepared JWT key must reach the agent's bundle before
+            // activation, as it would between the two steps in practice;
+            // otherwise a token signed right after activation cannot be
+            // validated yet.
+            assert!(
+                wait_until(Duration::from_secs(10), || snapshots() > before),
+                "the agent never received the prepared bundle"
+            );
             assert_eq!(
                 x509_roots(&bundle_json(&up)),
                 root_der,
