@@ -1277,4 +1277,44 @@ fn permissive_mode_accepts_plaintext_from_hosts_without_an_agent_and_audits_it()
         .filter(|r| r["verdict"] == "allow-plaintext")
         .count();
     assert_eq!(plaintext, 1);
+
+    // A scanner on C opening and dropping the mesh port: every failed
+    // handshake is accounted for, but the audit log takes at most 20 a
+    // second; the rest are counted in the next record's `omittedBefore`.
+    let scan = |n: u32| {
+        let o = w
+            .lan
+            .command("c", python())
+            .args([
+                "-c",
+                &format!("import socket\nfor i in range({n}):\n    socket.create_connection(('{b_ip}', {MESH_PORT}), 5).close()"),
+            ])
+            .output()
+            .expect("scan");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    scan(100);
+    std::thread::sleep(Duration::from_millis(1100));
+    scan(1);
+    let accounted = |audit: &[serde_json::Value]| -> (usize, u64) {
+        let from_c = inbound_denials_from(audit, &c_ip);
+        let omitted = from_c
+            .iter()
+            .filter_map(|r| r["omittedBefore"].as_u64())
+            .sum();
+        (from_c.len(), omitted)
+    };
+    let all = wait_until(Duration::from_secs(10), || {
+        let (n, omitted) = accounted(&w.audit_b());
+        n as u64 + omitted == 101
+    });
+    let (n, omitted) = accounted(&w.audit_b());
+    assert!(
+        all,
+        "{n} records and {omitted} omitted for 101 failed handshakes"
+    );
+    assert!(
+        omitted > 0 && n < 100,
+        "no rate limit: {n} records, {omitted} omitted"
+    );
 }
