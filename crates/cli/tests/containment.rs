@@ -406,6 +406,7 @@ fn a_process_connecting_before_it_is_attested_is_held_never_allowed_blind() {
     // identity for it. The connection is held for the agent, which attests
     // the copy and refuses it with a reset; Redis never sees it.
     let copy = w.up.dir.path().join("redis-cli-copy");
+    let mut held_runs = 0.0;
     for i in 0..10 {
         deploy_slow_to_hash_copy(&w.redis_cli, &copy, 32);
         let (pid, out) = w.run(w.redis_ping(&copy, "127.0.0.1"));
@@ -413,19 +414,26 @@ fn a_process_connecting_before_it_is_attested_is_held_never_allowed_blind() {
             !out.contains("PONG"),
             "an unattested copy got through: {out}"
         );
-        // redis-cli reports the reset as "I/O error", then retries once; by
-        // then the copy is attested and the kernel refuses it itself.
-        assert!(
-            out.contains("I/O error"),
-            "run {i}: expected the held connection to be reset: {out}"
-        );
-        w.audited(pid, "held, then refused", |e| {
-            denied(e)
-                && e["held"] == true
-                && e["rule"] == "default-deny"
-                && e["exe"] == copy.display().to_string()
-        });
+        // Nearly always the agent is still hashing when the copy connects:
+        // held, then reset, which redis-cli reports as "I/O error" (its
+        // retry is refused by the kernel). On a loaded machine the agent can
+        // win the race: then the kernel refuses the first connect itself.
+        if out.contains("I/O error") {
+            held_runs += 1.0;
+            w.audited(pid, "held, then refused", |e| {
+                denied(e)
+                    && e["held"] == true
+                    && e["rule"] == "default-deny"
+                    && e["exe"] == copy.display().to_string()
+            });
+        } else {
+            assert!(
+                out.contains("Operation not permitted"),
+                "run {i}: neither held and reset nor refused: {out}"
+            );
+        }
     }
+    assert!(held_runs >= 1.0, "no copy connected before it was attested");
     assert_eq!(
         w.redis.connections_received(),
         reached_before + 1,
@@ -433,7 +441,7 @@ fn a_process_connecting_before_it_is_attested_is_held_never_allowed_blind() {
     );
     assert_eq!(
         w.up.metric("tether_agent_held_connections_total{outcome=\"denied\"}"),
-        10.0
+        held_runs
     );
 }
 
@@ -489,6 +497,7 @@ spec:
     }));
     let held_before =
         w.up.metric("tether_agent_held_connections_total{outcome=\"allowed\"}");
+    let mut held_runs = 0.0;
     for i in 0..10 {
         let host = if i % 2 == 0 { "127.0.0.1" } else { "::1" };
         deploy_slow_to_hash_copy(&w.redis_cli, &deployed, 32);
@@ -499,13 +508,26 @@ spec:
             "deployed run {i} (pid {pid}) to {host}:\n{}",
             w.up.logs()
         );
-        w.audited(pid, "held, then allowed", |e| {
-            e["verdict"] == "allow" && e["held"] == true && e["rule"] == "redis-deployed"
+        // Nearly always held (the agent is still hashing 32 MiB when the
+        // client connects); on a loaded machine the agent can win the race
+        // and the kernel decides. Either way: allowed, and audited once.
+        w.audited(pid, "allowed", |e| {
+            e["verdict"] == "allow" && e["rule"] == "redis-deployed"
         });
+        if w.events()
+            .iter()
+            .any(|e| e["pid"] == pid && e["held"] == true)
+        {
+            held_runs += 1.0;
+        }
     }
     let held =
         w.up.metric("tether_agent_held_connections_total{outcome=\"allowed\"}") - held_before;
-    assert_eq!(held, 10.0, "every deployed client was held and completed");
+    assert!(held_runs >= 1.0, "no deployed client was held");
+    assert_eq!(
+        held, held_runs,
+        "each held client was completed by the agent"
+    );
     // psql too, over IPv6.
     let mut psql = w.command(&w.pg.psql());
     psql.args([
