@@ -602,27 +602,15 @@ impl Enforcement {
             .any(|p| p.condition.is_some())
     }
 
-    fn service_at(
-        reg: &Registry,
-        dst: std::net::SocketAddr,
-        proto: Proto,
-    ) -> Option<&crate::registry::AgentService> {
-        reg.services.iter().find(|s| {
-            prefixes(&s.spec).iter().any(|p| {
-                p.proto == proto && (p.port == 0 || p.port == dst.port()) && contains(p, dst.ip())
-            })
-        })
-    }
-
     /// The meshed Service covering `dst` (TCP), if any: what a tunnel
     /// request may name.
     pub fn meshed_service_at(
         &self,
         dst: std::net::SocketAddr,
     ) -> Option<crate::registry::AgentService> {
-        // The kernel's lookup (exact port first, longest prefix), so the
-        // Service judged here is the one the client's kernel chose.
-        let (id, flags) = self.kernel.service_for(dst).ok().flatten()?;
+        // The kernel's lookup, so the Service judged here is the one the
+        // client's kernel chose.
+        let (id, flags) = self.kernel.service_for(dst, Proto::Tcp).ok().flatten()?;
         if !flags.mesh {
             return None;
         }
@@ -673,7 +661,9 @@ impl Enforcement {
         proto: Proto,
     ) -> serde_json::Value {
         let reg = Self::lock(&self.registry).clone();
-        let Some(service) = Self::service_at(&reg, dst, proto) else {
+        // What the connect hook would find, not a second lookup of our own.
+        let found = self.kernel.service_for(dst, proto).ok().flatten();
+        let Some(service) = found.and_then(|(id, _)| self.service_by_id(id)) else {
             return serde_json::json!({ "verdict": "untouched", "reason": "no Service covers this destination" });
         };
         let allowed = self.evaluate(&reg, info, identities, spiffe_ids);
@@ -1011,38 +1001,6 @@ fn is_local_host(ip: IpAddr, prefix_len: u8) -> bool {
     prefix_len == host
         && !ip.is_unspecified()
         && std::net::UdpSocket::bind(std::net::SocketAddr::new(ip, 0)).is_ok()
-}
-
-/// Whether `ip` falls in the prefix (IPv4-mapped IPv6 counts as IPv4).
-fn contains(p: &DstPrefix, ip: IpAddr) -> bool {
-    let norm = |ip: IpAddr| match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    match (norm(p.net), norm(ip)) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let bits = u32::from(p.prefix_len.min(32));
-            let mask = if bits == 0 {
-                0
-            } else {
-                u32::MAX << (32 - bits)
-            };
-            (u32::from(n) & mask) == (u32::from(a) & mask)
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let bits = u32::from(p.prefix_len.min(128));
-            let mask = if bits == 0 {
-                0
-            } else {
-                u128::MAX << (128 - bits)
-            };
-            (u128::from(n) & mask) == (u128::from(a) & mask)
-        }
-        _ => false,
-    }
 }
 
 /// A nonzero id from a name (FNV-1a), probing past ids already taken.

@@ -729,6 +729,12 @@ spec:
         assert_eq!(w.redis.connections_received() - before, 1, "{target}");
     }
 
+    // `policy check` finds what the connect hook finds, loopback included.
+    let local = format!("127.0.0.1:{}", w.redis.port);
+    let explained =
+        w.up.ok(&["policy", "check", "--identity", "redis-cli", "--to", &local]);
+    assert!(explained.contains("redis-clients"), "{explained}");
+
     // --- a host without an agent reaches neither Redis nor the tunnel ---
     let before = w.redis.connections_received();
     let o = w

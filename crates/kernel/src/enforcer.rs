@@ -821,29 +821,38 @@ impl Enforcer {
         Ok(out)
     }
 
-    /// The Service the kernel finds for a TCP destination (exact port
-    /// before any-port, longest prefix), with its flags: what the connect
-    /// hook would decide against.
-    pub fn service_for(&self, dst: SocketAddr) -> Result<Option<(u32, ServiceFlags)>, KernelError> {
-        let mut found = None;
+    /// The Service the connect hook finds for `dst`: exact port before
+    /// any port, longest prefix; failing that, a meshed port of this host
+    /// reached over loopback (decided locally, so without the mesh flag).
+    pub fn service_for(
+        &self,
+        dst: SocketAddr,
+        proto: Proto,
+    ) -> Result<Option<(u32, ServiceFlags)>, KernelError> {
+        let services = lock(&self.services);
         for port in [dst.port(), 0] {
             let key = DstPrefix {
                 net: dst.ip(),
                 prefix_len: if dst.is_ipv4() { 32 } else { 128 },
                 port,
-                proto: Proto::Tcp,
+                proto,
             };
             let (len, data) = key.to_key()?;
-            match lock(&self.services).get(&Key::new(len, data), 0) {
-                Ok(v) => {
-                    found = Some(v);
-                    break;
-                }
+            match services.get(&Key::new(len, data), 0) {
+                Ok(v) => return Ok(Some((v.service_id, ServiceFlags::from_bits(v.flags)))),
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(map_err("services", "lookup", &e)),
             }
         }
-        Ok(found.map(|v| (v.service_id, ServiceFlags::from_bits(v.flags))))
+        drop(services);
+        if !dst.ip().to_canonical().is_loopback() {
+            return Ok(None);
+        }
+        match lock(&self.mesh_ports).get(&u32::from(dst.port()), 0) {
+            Ok(v) => Ok(Some((v.service_id, ServiceFlags::default()))),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err("mesh_ports", "lookup", &e)),
+        }
     }
 
     /// All protected destinations.
