@@ -105,6 +105,13 @@ impl Conn {
     }
 }
 
+/// Live tunnels, and the outbound ones by owning process.
+#[derive(Default)]
+struct Table {
+    conns: HashMap<u64, Arc<Conn>>,
+    by_pid: HashMap<u32, Vec<u64>>,
+}
+
 pub struct Mesh {
     port: u16,
     node: Arc<NodeConn>,
@@ -112,7 +119,7 @@ pub struct Mesh {
     enf: Arc<Enforcement>,
     metrics: Arc<Metrics>,
     acceptor: tokio_rustls::TlsAcceptor,
-    table: Mutex<HashMap<u64, Arc<Conn>>>,
+    table: Mutex<Table>,
     next_id: AtomicU64,
     outbound_slots: Arc<tokio::sync::Semaphore>,
     /// (second, records written in it, records left out since the last one).
@@ -214,7 +221,7 @@ impl Mesh {
             enf,
             metrics,
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
             next_id: AtomicU64::new(1),
             outbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_OUTBOUND)),
             preauth_audits: Mutex::new((0, 0, 0)),
@@ -227,15 +234,18 @@ impl Mesh {
 
     /// Live tunnels, oldest first.
     pub fn connections(&self) -> Vec<serde_json::Value> {
-        let mut v: Vec<Arc<Conn>> = lock(&self.table).values().cloned().collect();
+        let mut v: Vec<Arc<Conn>> = lock(&self.table).conns.values().cloned().collect();
         v.sort_by_key(|c| c.id);
         v.iter().map(|c| c.json()).collect()
     }
 
     /// The process exited: close its tunnels (their key is being destroyed).
+    /// Called for every process exit on the host, so it looks the pid up
+    /// rather than scanning the table.
     pub fn process_exited(&self, pid: i32) {
-        for c in lock(&self.table).values() {
-            if c.pid == Some(pid as u32) {
+        let t = lock(&self.table);
+        for id in t.by_pid.get(&(pid as u32)).into_iter().flatten() {
+            if let Some(c) = t.conns.get(id) {
                 c.close.notify_one();
             }
         }
@@ -243,12 +253,25 @@ impl Mesh {
 
     fn register(&self, c: Conn) -> Arc<Conn> {
         let c = Arc::new(c);
-        lock(&self.table).insert(c.id, c.clone());
+        let mut t = lock(&self.table);
+        t.conns.insert(c.id, c.clone());
+        if let Some(pid) = c.pid {
+            t.by_pid.entry(pid).or_default().push(c.id);
+        }
         c
     }
 
     fn unregister(&self, id: u64) {
-        lock(&self.table).remove(&id);
+        let mut t = lock(&self.table);
+        let Some(c) = t.conns.remove(&id) else { return };
+        if let Some(pid) = c.pid
+            && let Some(ids) = t.by_pid.get_mut(&pid)
+        {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                t.by_pid.remove(&pid);
+            }
+        }
     }
 
     fn audit(&self, mut rec: serde_json::Value) {
