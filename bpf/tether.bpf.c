@@ -5,7 +5,12 @@
  * cgroup sock_addr hooks decide every connect()/sendmsg() to a protected
  * destination from (process identity, service) verdicts that the agent keeps
  * in maps; raw tracepoints keep those verdicts tied to the process image:
- * exec clears, fork inherits, exit frees.
+ * exec records what was really executed and clears, fork inherits, exit
+ * frees; the syscall tracepoints mark a process whose memory or image
+ * someone else may have changed (ptrace, process_vm_writev, /proc/PID/mem,
+ * PR_SET_MM), and such a process has no authority until it execs again.
+ * An sk_msg program refuses sends on protected connections by processes
+ * that neither made them nor may reach the service themselves.
  *
  * The layouts below are an ABI shared with crates/kernel/src/abi.rs. Change
  * both together; the _Static_asserts and the Rust tests pin the sizes.
@@ -52,20 +57,62 @@ struct svc {
  * and reports each such connection for audit. */
 #define SVC_PERMISSIVE 2
 
-/* exec_id is the value of execs[tgid] when the agent started attesting. A
- * process that exec'd in between has a different exec_id, so a verdict
- * computed for the old image can never apply to the new one, however late
+/* exec_id is the value of execs[tgid].exec_id when the agent started
+ * attesting, start_ns the process's start: a process that exec'd in
+ * between, or another process that got the pid, does not match, so a
+ * verdict computed for one image can never apply to another, however late
  * the agent's write lands. */
 struct proc_state {
 	__u32 subject;
 	__u32 flags; /* PROC_* */
 	__u64 exec_id;
+	__u64 start_ns;
 };
 
 /* The agent itself: its connections (completing held ones) pass unchecked,
  * and while this entry lives (the exit tracepoint frees it when the agent
  * dies) unattested connections are held for it rather than refused. */
 #define PROC_AGENT 1
+
+/* What the kernel saw at a process's last exec, before any of the new
+ * image's code ran. The agent trusts this over anything /proc says later. */
+struct exec_rec {
+	__u64 exec_id;  /* CLOCK_BOOTTIME ns of the exec; 0: exec'd before we loaded */
+	__u64 start_ns; /* process start (CLOCK_BOOTTIME ns, as /proc stat) */
+	__u64 file;     /* the executed struct file: compared, never dereferenced */
+	__u64 ino;
+	__u32 dev;      /* kernel dev_t (major << 20 | minor) */
+	__u32 flags;    /* EXEC_* and TAINT_* */
+	__u32 tracer;   /* who tainted it (tgid), for audit */
+	__u32 pad;
+	char name[32];  /* the executed file's name, for audit */
+};
+
+/* The environment steers the dynamic loader (or glibc's module loading). */
+#define EXEC_LD_PRELOAD (1u << 0)
+#define EXEC_LD_AUDIT (1u << 1)
+#define EXEC_LD_LIBRARY_PATH (1u << 2)
+#define EXEC_LD_OTHER (1u << 3)
+#define EXEC_GCONV_PATH (1u << 4)
+#define EXEC_GLIBC_TUNABLES (1u << 5)
+/* Too large to scan: treated as all of the above by the agent. */
+#define EXEC_ENV_UNSCANNED (1u << 6)
+/* Mounts the process sees may be a user's own (a mount namespace owned by
+ * a non-initial user namespace): /etc/ld.so.preload, the loader and the
+ * binary itself may not be the host's. */
+#define EXEC_USERNS_MOUNTS (1u << 8)
+/* The process's root is not its mount namespace's root (chroot). */
+#define EXEC_CHROOT (1u << 9)
+/* The executable lives on FUSE or on a filesystem mounted in a user
+ * namespace: its content can change between the exec and our hash. */
+#define EXEC_UNTRUSTED_FS (1u << 10)
+/* Taints: the process's memory or image may no longer be what was
+ * executed. Sticky until the next exec; the hooks refuse it. */
+#define TAINT_TRACED_AT_EXEC (1u << 16)
+#define TAINT_PTRACE (1u << 17)
+#define TAINT_MEM_WRITE (1u << 18)
+#define TAINT_SET_MM (1u << 19)
+#define TAINTS (0xffu << 16)
 
 struct policy_key {
 	__u32 subject;
@@ -75,6 +122,10 @@ struct policy_key {
 struct verdict {
 	__u32 allow;
 	__u32 rule;
+	/* CLOCK_BOOTTIME ns after which this verdict no longer allows (0:
+	 * never). Set on verdicts that depend on a condition such as a time
+	 * window, so they lapse even if the agent stops refreshing them. */
+	__u64 expires_ns;
 };
 
 enum {
@@ -85,6 +136,23 @@ enum {
 	VERDICT_MESH = 4,       /* allowed, redirected to the agent's tunnel */
 	VERDICT_MESH_DOWN = 5,  /* allowed, but no agent to tunnel it: refused */
 	VERDICT_PLAINTEXT = 6,  /* permissive Service accepted plaintext (ingress) */
+	VERDICT_TAINT = 7,      /* a process was marked (event of HOOK_TAINT) */
+};
+
+/* Why a decision went the way it did, beyond the verdict. */
+enum {
+	REASON_NONE = 0,
+	REASON_TAINTED = 1,     /* marked earlier (ptrace, memory write, ...) */
+	REASON_TRACED = 2,      /* the calling thread is being traced now */
+	REASON_EXE_CHANGED = 3, /* its exe is no longer the file it executed */
+	REASON_PTRACE = 4,      /* HOOK_TAINT: ptrace attach */
+	REASON_MEM_WRITE = 5,   /* HOOK_TAINT: process_vm_writev */
+	REASON_PROC_MEM = 6,    /* HOOK_TAINT: /proc/PID/mem opened to write */
+	REASON_SET_MM = 7,      /* HOOK_TAINT: prctl(PR_SET_MM) */
+	REASON_BORROWED = 8,    /* HOOK_SEND: a socket it did not connect */
+	REASON_RAW_SOCKET = 9,  /* HOOK_SOCKET: raw or packet socket */
+	REASON_EXPIRED = 10,    /* conditional verdict not refreshed in time */
+	REASON_KILLED = 11,     /* HOOK_TAINT: as the reason in aux2, caller killed */
 };
 
 /* config[0]: where to hold connections of processes not attested yet. */
@@ -98,6 +166,14 @@ struct hold_cfg {
 
 #define HOLD_V4 1
 #define HOLD_V6 2
+
+/* scope[0]: the enforced cgroup, so the syscall hooks (which see every
+ * process) know who is inside the workload. */
+struct scope {
+	__u64 cgroup_id;
+	__u32 level; /* depth below the cgroup2 root */
+	__u32 agent_tgid;
+};
 
 /* Per-socket record of a connection redirected to the agent (socket local
  * storage: it lives and dies with the socket). getpeername reports the
@@ -137,12 +213,24 @@ struct held {
 	__u64 cookie;
 };
 
+/* Who made a protected TCP connection (socket local storage). Sends on it
+ * by anyone else need a verdict of their own (see tether_send). */
+struct guard {
+	__u32 tgid;
+	__u32 service_id;
+	__u64 exec_id;
+	__u64 start_ns;
+};
+
 enum {
 	HOOK_CONNECT4 = 0,
 	HOOK_CONNECT6 = 1,
 	HOOK_SENDMSG4 = 2,
 	HOOK_SENDMSG6 = 3,
 	HOOK_INGRESS = 4, /* accepted connection on this host (sock_ops) */
+	HOOK_TAINT = 5,   /* a process was marked: tgid = who did it, aux = whom */
+	HOOK_SEND = 6,    /* a send on a guarded connection (sk_msg) */
+	HOOK_SOCKET = 7,  /* socket creation (raw, packet) or setsockopt */
 };
 
 enum {
@@ -153,7 +241,11 @@ enum {
 	STAT_HELD = 4,
 	STAT_MESH = 5,
 	STAT_INGRESS_DROPPED = 6, /* packets from other hosts to a fronted service */
-	STAT_MAX = 8, /* room to grow without changing the pinned map */
+	STAT_TAINTED = 7,         /* processes marked */
+	STAT_SEND_DENIED = 8,     /* sends refused on guarded connections */
+	STAT_UNGUARDED = 9,       /* protected connections the guard map had no room for */
+	STAT_SOCKET_DENIED = 10,  /* raw/packet sockets refused */
+	STAT_MAX = 16, /* room to grow without changing the pinned map */
 };
 
 struct event {
@@ -172,20 +264,32 @@ struct event {
 	__u8 addr[16];
 	__u8 hook;
 	char comm[16];
+	__u8 reason; /* REASON_* */
+	__u16 pad;
+	__u32 aux;   /* the tracer, the target of a taint, a connection's owner */
+	__u32 flags; /* exec record flags of the caller */
+	__u32 aux2;  /* HOOK_SOCKET: family << 16 | type; HOOK_TAINT: detail */
 };
 
 _Static_assert(sizeof(struct dst_key) == 24, "dst_key ABI");
-_Static_assert(sizeof(struct proc_state) == 16, "proc_state ABI");
-_Static_assert(sizeof(struct event) == 88, "event ABI");
+_Static_assert(sizeof(struct proc_state) == 24, "proc_state ABI");
+_Static_assert(sizeof(struct exec_rec) == 80, "exec_rec ABI");
+_Static_assert(sizeof(struct verdict) == 16, "verdict ABI");
+_Static_assert(sizeof(struct event) == 96, "event ABI");
 _Static_assert(sizeof(struct hold_cfg) == 16, "hold_cfg ABI");
+_Static_assert(sizeof(struct scope) == 16, "scope ABI");
 _Static_assert(sizeof(struct redirect) == 72, "redirect ABI");
 _Static_assert(__builtin_offsetof(struct redirect, exec_id) == 40, "redirect ABI");
 _Static_assert(sizeof(struct held_key) == 20, "held_key ABI");
 _Static_assert(sizeof(struct held) == 80, "held ABI");
+_Static_assert(sizeof(struct guard) == 24, "guard ABI");
 _Static_assert(__builtin_offsetof(struct event, verdict) == 44, "event ABI");
 _Static_assert(__builtin_offsetof(struct event, addr) == 48, "event ABI");
 _Static_assert(__builtin_offsetof(struct event, hook) == 64, "event ABI");
 _Static_assert(__builtin_offsetof(struct event, comm) == 65, "event ABI");
+_Static_assert(__builtin_offsetof(struct event, reason) == 81, "event ABI");
+_Static_assert(__builtin_offsetof(struct event, aux) == 84, "event ABI");
+_Static_assert(__builtin_offsetof(struct exec_rec, name) == 48, "exec_rec ABI");
 
 /* ---- maps (pinned by the loader under <pin_dir>/maps/<name>) ------------ */
 
@@ -204,12 +308,15 @@ struct {
 	__type(value, struct proc_state);
 } procs SEC(".maps");
 
-/* tgid -> boot-time ns of its last exec seen since load (absent = 0). */
+/* tgid -> what it executed last. Every process forked or exec'd since we
+ * loaded has one (fork creates it even when the parent has none, so a
+ * reused pid never matches a stale procs entry). A process without one (or
+ * with exec_id 0) exec'd before we loaded and gets no identity. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 131072);
+	__uint(max_entries, 65536);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, struct exec_rec);
 } execs SEC(".maps");
 
 struct {
@@ -232,11 +339,34 @@ struct {
 } config SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scope);
+} scope SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
 	__type(value, struct redirect);
 } redirects SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct guard);
+} guards SEC(".maps");
+
+/* Protected TCP connections, so the sk_msg program sees their sends.
+ * Entries go when the socket closes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* socket cookie */
+	__type(value, __u64);
+} guarded SEC(".maps");
 
 /* Held connections by client address and port, waiting for the agent's accept. LRU: a
  * connection the agent never sees cannot fill it. */
@@ -247,17 +377,28 @@ struct {
 	__type(value, struct held);
 } held SEC(".maps");
 
-/* Ports of meshed Services on this host (host order) -> that Service. The
- * service's socket may listen on every address, including ones the Service
- * does not name (another NIC, loopback): packets from other hosts to the
- * port are dropped whatever their destination address, and local connects
- * to it over loopback are judged as connects to the Service. */
+/* (proto << 16 | port) -> the Service owning that port on this host (port
+ * 0: every port). A Service naming a loopback address, one of this host's
+ * addresses, or `local: true` is protected at every destination that the
+ * kernel delivers to a local listener: all of 127/8, ::1, 0.0.0.0, ::,
+ * multicast and broadcast, and every address in `local_addrs`. Packets from
+ * other hosts to the port of a meshed one are dropped whatever their
+ * destination address. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
 	__type(key, __u32);
 	__type(value, struct svc);
-} mesh_ports SEC(".maps");
+} local_ports SEC(".maps");
+
+/* This host's addresses (and broadcast addresses), IPv4-mapped for IPv4;
+ * the agent follows them with netlink. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u8[16]);
+	__type(value, __u32);
+} local_addrs SEC(".maps");
 
 /* Wake the reader once a quarter of the buffer is waiting. */
 #define EVENTS_WAKE_BYTES (64 * 1024)
@@ -271,11 +412,142 @@ struct {
 	__type(value, __u64);
 } stats SEC(".maps");
 
+#define ENV_CHUNK 256
+
+/* Scratch space for reading environment strings at exec. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, char[ENV_CHUNK]);
+} scratch SEC(".maps");
+
+/* ---- kernel structures we read (CO-RE) --------------------------------- */
+
+struct list_head {
+	struct list_head *next;
+} __attribute__((preserve_access_index));
+
+struct qstr {
+	const unsigned char *name;
+} __attribute__((preserve_access_index));
+
+struct user_namespace {
+	int level;
+} __attribute__((preserve_access_index));
+
+struct super_block {
+	unsigned int s_dev;
+	unsigned long s_magic;
+	struct user_namespace *s_user_ns;
+} __attribute__((preserve_access_index));
+
+struct inode {
+	unsigned long i_ino;
+	struct super_block *i_sb;
+} __attribute__((preserve_access_index));
+
+struct dentry {
+	struct qstr d_name;
+} __attribute__((preserve_access_index));
+
+struct vfsmount {
+	struct dentry *mnt_root;
+} __attribute__((preserve_access_index));
+
+struct path {
+	struct vfsmount *mnt;
+	struct dentry *dentry;
+} __attribute__((preserve_access_index));
+
+struct file {
+	struct inode *f_inode;
+	struct path f_path;
+	void *private_data;
+} __attribute__((preserve_access_index));
+
+struct mount {
+	struct mount *mnt_parent;
+	struct dentry *mnt_mountpoint;
+	struct vfsmount mnt;
+} __attribute__((preserve_access_index));
+
+struct ns_common {
+	unsigned int inum;
+} __attribute__((preserve_access_index));
+
+struct mnt_namespace {
+	struct mount *root;
+	struct user_namespace *user_ns;
+} __attribute__((preserve_access_index));
+
+struct nsproxy {
+	struct mnt_namespace *mnt_ns;
+} __attribute__((preserve_access_index));
+
+struct fs_struct {
+	struct path root;
+} __attribute__((preserve_access_index));
+
+struct fdtable {
+	unsigned int max_fds;
+	struct file **fd;
+} __attribute__((preserve_access_index));
+
+struct files_struct {
+	struct fdtable *fdt;
+} __attribute__((preserve_access_index));
+
+struct mm_struct {
+	struct file *exe_file;
+	unsigned long env_start;
+	unsigned long env_end;
+} __attribute__((preserve_access_index));
+
+struct hlist_node {
+	struct hlist_node *next;
+} __attribute__((preserve_access_index));
+
+struct hlist_head {
+	struct hlist_node *first;
+} __attribute__((preserve_access_index));
+
+struct pid {
+	unsigned int level;
+	struct hlist_head tasks[4];
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+	int pid;
+	int tgid;
+	unsigned int ptrace;
+	struct task_struct *group_leader;
+	struct task_struct *parent;
+	struct list_head ptraced;
+	struct list_head ptrace_entry;
+	struct hlist_node pid_links[4];
+	struct pid *thread_pid;
+	__u64 start_boottime;
+	struct mm_struct *mm;
+	struct fs_struct *fs;
+	struct files_struct *files;
+	struct nsproxy *nsproxy;
+} __attribute__((preserve_access_index));
+
+struct proc_inode {
+	struct pid *pid;
+	struct inode vfs_inode;
+} __attribute__((preserve_access_index));
+
 /* ---- helpers ----------------------------------------------------------- */
 
 /* Keep clang from narrowing a 4-byte ctx load: sock_addr ctx fields such as
  * user_port only accept full-width loads, and the verifier rejects others. */
 #define full_width(x) asm volatile("" : "+r"(x))
+
+/* container_of with the member offset relocated against the running kernel. */
+#define core_container_of(ptr, type, member) \
+	((type *)((void *)(ptr) - bpf_core_field_offset(type, member)))
 
 static __always_inline void bump(__u32 idx)
 {
@@ -287,17 +559,15 @@ static __always_inline void bump(__u32 idx)
 
 static __always_inline __u64 exec_id_of(__u32 tgid)
 {
-	__u64 *e = bpf_map_lookup_elem(&execs, &tgid);
+	struct exec_rec *e = bpf_map_lookup_elem(&execs, &tgid);
 
-	return e ? *e : 0;
+	return e ? e->exec_id : 0;
 }
 
-struct task_struct {
-	int pid;
-	int tgid;
-	struct task_struct *group_leader;
-	__u64 start_boottime;
-} __attribute__((preserve_access_index));
+static __always_inline struct task_struct *current_task(void)
+{
+	return (struct task_struct *)bpf_get_current_task();
+}
 
 static __always_inline bool is_loopback(const __u8 a[16])
 {
@@ -313,11 +583,40 @@ static __always_inline bool is_loopback(const __u8 a[16])
 	return false;
 }
 
+/* Whether the kernel would deliver a connection or datagram to `a` to a
+ * listener on this host: loopback, unspecified (connect() to 0.0.0.0 or ::
+ * means this host), multicast and broadcast (looped back to local sockets
+ * bound to the wildcard), and every address the host has. */
+static __always_inline bool is_local_dst(const __u8 a[16])
+{
+	bool head_zero = true;
+
+	for (int i = 0; i < 10; i++)
+		if (a[i])
+			head_zero = false;
+	if (head_zero && a[10] == 0xff && a[11] == 0xff) {
+		__u8 b = a[12];
+
+		if (b == 127 || b == 0 || (b & 0xf0) == 0xe0)
+			return true;
+		if (a[12] == 255 && a[13] == 255 && a[14] == 255 && a[15] == 255)
+			return true;
+	} else {
+		if (a[0] == 0xff)
+			return true; /* IPv6 multicast */
+		if (head_zero && a[10] == 0 && a[11] == 0 && a[12] == 0 && a[13] == 0 &&
+		    a[14] == 0 && (a[15] == 0 || a[15] == 1))
+			return true; /* :: and ::1 */
+	}
+	return bpf_map_lookup_elem(&local_addrs, a) != 0;
+}
+
 /* Posts one decision for the agent's audit. Never waits for the reader: a
  * full buffer costs an event, counted, not a decision. */
-static __always_inline void emit(__u64 cookie, __u64 pid_tgid, __u64 uid_gid, __u32 subject,
-				 __u32 service_id, __u32 rule, __u8 verdict, __u8 proto,
-				 __be16 port, const __u8 *addr, __u8 hook)
+static __always_inline void emit_full(__u64 cookie, __u64 pid_tgid, __u64 uid_gid, __u32 subject,
+				      __u32 service_id, __u32 rule, __u8 verdict, __u8 proto,
+				      __be16 port, const __u8 *addr, __u8 hook, __u8 reason,
+				      __u32 aux, __u32 flags, __u32 aux2)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 
@@ -338,8 +637,13 @@ static __always_inline void emit(__u64 cookie, __u64 pid_tgid, __u64 uid_gid, __
 	e->verdict = verdict;
 	e->proto = proto;
 	e->port = port;
-	__builtin_memcpy(e->addr, addr, 16);
+	if (addr)
+		__builtin_memcpy(e->addr, addr, 16);
 	e->hook = hook;
+	e->reason = reason;
+	e->aux = aux;
+	e->flags = flags;
+	e->aux2 = aux2;
 	if (pid_tgid)
 		bpf_get_current_comm(e->comm, sizeof(e->comm));
 	/* Waking the reader on every decision costs the connecting process a
@@ -350,6 +654,14 @@ static __always_inline void emit(__u64 cookie, __u64 pid_tgid, __u64 uid_gid, __
 			     ? BPF_RB_FORCE_WAKEUP
 			     : BPF_RB_NO_WAKEUP;
 	bpf_ringbuf_submit(e, wake);
+}
+
+static __always_inline void emit(__u64 cookie, __u64 pid_tgid, __u64 uid_gid, __u32 subject,
+				 __u32 service_id, __u32 rule, __u8 verdict, __u8 proto,
+				 __be16 port, const __u8 *addr, __u8 hook)
+{
+	emit_full(cookie, pid_tgid, uid_gid, subject, service_id, rule, verdict, proto, port, addr,
+		  hook, REASON_NONE, 0, 0, 0);
 }
 
 /* The Service protecting (proto, addr, port): a rule for the exact port
@@ -368,6 +680,65 @@ static __always_inline struct svc *service_of(struct dst_key *key)
 	return svc;
 }
 
+/* The Service owning (proto, port) on this host, exact port first. */
+static __always_inline struct svc *local_port(__u8 proto, __u16 port)
+{
+	__u32 k = ((__u32)proto << 16) | port;
+	struct svc *svc = bpf_map_lookup_elem(&local_ports, &k);
+
+	if (!svc) {
+		k = (__u32)proto << 16;
+		svc = bpf_map_lookup_elem(&local_ports, &k);
+	}
+	return svc;
+}
+
+/* Why the calling process must not use any authority now, if it must not:
+ * marked (taint), traced at this moment, or running with an exe that is
+ * not the file it executed (PR_SET_MM without our syscall hook seeing it,
+ * say). `aux` gets the tracer where known. */
+static __always_inline __u8 suspect(struct task_struct *task, struct exec_rec *rec, __u32 *aux)
+{
+	if (rec && (rec->flags & TAINTS)) {
+		*aux = rec->tracer;
+		return REASON_TAINTED;
+	}
+	if (BPF_CORE_READ(task, ptrace)) {
+		*aux = BPF_CORE_READ(task, parent, tgid);
+		return REASON_TRACED;
+	}
+	if (rec && rec->exec_id && rec->file != (__u64)BPF_CORE_READ(task, mm, exe_file))
+		return REASON_EXE_CHANGED;
+	return REASON_NONE;
+}
+
+/* Whether `ps` was written for the process and image running now. */
+static __always_inline bool is_current(struct proc_state *ps, struct exec_rec *rec)
+{
+	if (!ps || !rec)
+		return false;
+	return ps->exec_id == rec->exec_id && ps->start_ns == rec->start_ns;
+}
+
+/* The verdict `ps`'s subject has for a service, honouring expiry. */
+static __always_inline __u8 verdict_for(__u32 subject, __u32 service_id, __u32 *rule,
+					 __u8 *reason)
+{
+	struct policy_key pk = { .subject = subject, .service_id = service_id };
+	struct verdict *v = bpf_map_lookup_elem(&policy, &pk);
+
+	if (!v)
+		return VERDICT_DENY; /* protected means deny by default */
+	*rule = v->rule;
+	if (!v->allow)
+		return VERDICT_DENY;
+	if (v->expires_ns && bpf_ktime_get_boot_ns() > v->expires_ns) {
+		*reason = REASON_EXPIRED;
+		return VERDICT_DENY;
+	}
+	return VERDICT_ALLOW;
+}
+
 /* Redirects a TCP connect to the agent's listener on loopback and records
  * where it was going: unattested processes (held: the agent decides) and
  * allowed connects to meshed Services (the agent tunnels). Only when an
@@ -375,7 +746,8 @@ static __always_inline struct svc *service_of(struct dst_key *key)
  * port elsewhere could be anyone's). */
 static __always_inline bool to_agent(struct bpf_sock_addr *ctx, __u8 hook, __u32 protocol,
 				     const struct dst_key *key, bool mapped, __u32 tgid,
-				     __u32 pid, __u32 uid, __u32 service_id, __u8 kind)
+				     __u32 pid, __u32 uid, __u32 service_id, __u8 kind,
+				     struct exec_rec *rec)
 {
 	__u32 zero = 0;
 
@@ -397,7 +769,7 @@ static __always_inline bool to_agent(struct bpf_sock_addr *ctx, __u8 hook, __u32
 	struct redirect *r = bpf_sk_storage_get(&redirects, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!r)
 		return false;
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct task_struct *task = current_task();
 
 	__builtin_memcpy(r->addr, key->addr, 16);
 	r->port = key->port;
@@ -409,7 +781,7 @@ static __always_inline bool to_agent(struct bpf_sock_addr *ctx, __u8 hook, __u32
 	r->service_id = service_id;
 	r->local_port = 0;
 	r->pad2 = 0;
-	r->exec_id = exec_id_of(tgid);
+	r->exec_id = rec ? rec->exec_id : 0;
 	r->start_ns = BPF_CORE_READ(task, group_leader, start_boottime);
 	__builtin_memset(r->local_addr, 0, 16);
 
@@ -429,6 +801,21 @@ static __always_inline bool to_agent(struct bpf_sock_addr *ctx, __u8 hook, __u32
 	}
 	ctx->user_port = port;
 	return true;
+}
+
+/* Remembers who made a protected TCP connection; sock_ops puts the socket
+ * in `guarded` once it is established. */
+static __always_inline void guard_socket(struct bpf_sock_addr *ctx, __u32 tgid, __u32 service_id,
+					 struct exec_rec *rec)
+{
+	struct guard *g = bpf_sk_storage_get(&guards, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+
+	if (!g)
+		return;
+	g->tgid = tgid;
+	g->service_id = service_id;
+	g->exec_id = rec ? rec->exec_id : 0;
+	g->start_ns = rec ? rec->start_ns : 0;
 }
 
 static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
@@ -452,10 +839,14 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 	default:
 		return 1; /* nothing else can be a protected destination */
 	}
+	bool tcp_connect =
+		protocol == IPPROTO_TCP && (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6);
 	/* A socket whose earlier connect was held and failed may connect
 	 * again: its old record must not describe the new connection. */
-	if (protocol == IPPROTO_TCP && (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6))
+	if (tcp_connect) {
 		bpf_sk_storage_delete(&redirects, ctx->sk);
+		bpf_sk_storage_delete(&guards, ctx->sk);
+	}
 	key.prefixlen = 32 + 128;
 	/* user_port holds the port in network order in its low 16 bits. */
 	key.port = (__be16)port;
@@ -478,55 +869,53 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 	}
 
 	struct svc *svc = service_of(&key);
-	bool local_port = false;
-	if (!svc && is_loopback(key.addr)) {
-		__u32 p = bpf_ntohs(key.port);
-
-		svc = bpf_map_lookup_elem(&mesh_ports, &p);
-		local_port = svc != 0;
+	bool local = false;
+	if (!svc && is_local_dst(key.addr)) {
+		svc = local_port(key.proto, bpf_ntohs(key.port));
+		local = svc != 0;
 	}
 	if (!svc)
 		return 1; /* not protected: untouched */
 	__u32 service_id = svc->service_id;
-	/* A meshed Service of this host reached over loopback: decided
-	 * here, directly (no tunnel to ourselves). */
-	__u32 svc_flags = local_port ? 0 : svc->flags;
+	/* A Service of this host reached at one of its local addresses:
+	 * decided here, directly (no tunnel to ourselves). */
+	__u32 svc_flags = local ? 0 : svc->flags;
 
 	__u64 id = bpf_get_current_pid_tgid();
 	__u64 ug = bpf_get_current_uid_gid();
 	__u32 tgid = id >> 32;
-	__u32 subject = 0, rule = 0;
-	__u8 verdict;
+	__u32 subject = 0, rule = 0, aux = 0;
+	__u8 verdict, reason;
 
 	struct proc_state *ps = bpf_map_lookup_elem(&procs, &tgid);
-	if (!ps || ps->exec_id != exec_id_of(tgid)) {
+	struct exec_rec *rec = bpf_map_lookup_elem(&execs, &tgid);
+	if (ps && (ps->flags & PROC_AGENT) && ps->exec_id == (rec ? rec->exec_id : 0))
+		return 1; /* the agent completing a held connection */
+
+	reason = suspect(current_task(), rec, &aux);
+	if (reason) {
+		/* Its memory or image is not what was attested: no authority,
+		 * and nothing to hold it for. */
+		verdict = VERDICT_DENY;
+		if (ps)
+			subject = ps->subject;
+	} else if (!is_current(ps, rec)) {
 		/* Not attested (or attested for an image it no longer runs):
 		 * never allowed blind. Held for the agent when possible, which
 		 * attests, decides and completes or refuses it. */
 		verdict = to_agent(ctx, hook, protocol, &key, mapped, tgid, (__u32)id, (__u32)ug,
-				   service_id, REDIRECT_HELD)
+				   service_id, REDIRECT_HELD, rec)
 				  ? VERDICT_HELD
 				  : VERDICT_UNATTESTED;
-	} else if (ps->flags & PROC_AGENT) {
-		return 1; /* the agent completing a held connection */
 	} else {
-		struct policy_key pk = { .subject = ps->subject, .service_id = service_id };
-		struct verdict *v;
-
 		subject = ps->subject;
-		v = bpf_map_lookup_elem(&policy, &pk);
-		if (v) {
-			rule = v->rule;
-			verdict = v->allow ? VERDICT_ALLOW : VERDICT_DENY;
-		} else {
-			verdict = VERDICT_DENY; /* protected means deny by default */
-		}
+		verdict = verdict_for(subject, service_id, &rule, &reason);
 		/* A fronted Service is reached through the tunnel only; without
 		 * an agent to carry it the connect fails rather than go out in
 		 * plaintext (the far side would drop it anyway). */
 		if (verdict == VERDICT_ALLOW && (svc_flags & SVC_MESH))
 			verdict = to_agent(ctx, hook, protocol, &key, mapped, tgid, (__u32)id,
-					   (__u32)ug, service_id, REDIRECT_MESH)
+					   (__u32)ug, service_id, REDIRECT_MESH, rec)
 					  ? VERDICT_MESH
 					  : VERDICT_MESH_DOWN;
 	}
@@ -538,11 +927,15 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 	     : verdict == VERDICT_MESH_DOWN ? STAT_DENY
 					 : STAT_UNATTESTED);
 
-	emit(bpf_get_socket_cookie(ctx), id, ug, subject, service_id, rule, verdict, key.proto,
-	     key.port, key.addr, hook);
+	bool pass = verdict == VERDICT_ALLOW || verdict == VERDICT_HELD || verdict == VERDICT_MESH;
+	if (pass && tcp_connect)
+		guard_socket(ctx, tgid, service_id, rec);
+
+	emit_full(bpf_get_socket_cookie(ctx), id, ug, subject, service_id, rule, verdict,
+		  key.proto, key.port, key.addr, hook, reason, aux, rec ? rec->flags : 0, 0);
 
 	/* 0 makes connect()/sendmsg() fail with EPERM. */
-	return verdict == VERDICT_ALLOW || verdict == VERDICT_HELD || verdict == VERDICT_MESH ? 1 : 0;
+	return pass ? 1 : 0;
 }
 
 /* ---- socket hooks ------------------------------------------------------ */
@@ -666,6 +1059,21 @@ static __always_inline int accepted(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+/* A guarded connection is up: from now on its sends go through tether_send.
+ * A full map leaves the connection unguarded (counted). */
+static __always_inline void guard_established(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+
+	if (!sk)
+		return;
+	if (!bpf_sk_storage_get(&guards, sk, 0, 0))
+		return;
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	if (bpf_sock_hash_update(skops, &guarded, &cookie, BPF_ANY))
+		bump(STAT_UNGUARDED);
+}
+
 /* Once connect() has picked the client's local port, publish the held
  * record under it: that port is all the agent sees when it accepts. The
  * entry goes when the socket closes, so a later connection that happens to
@@ -677,6 +1085,10 @@ int tether_sockops(struct bpf_sock_ops *skops)
 
 	if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return accepted(skops);
+	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		guard_established(skops);
+		return 1;
+	}
 	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
 	struct bpf_sock *sk = skops->sk;
@@ -729,6 +1141,119 @@ int tether_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+/* Every send on a protected TCP connection. The process that made it may
+ * use it while it still runs the image that made it and nobody has marked
+ * it; anyone else (a socket taken with pidfd_getfd, passed with
+ * SCM_RIGHTS, inherited across fork or exec) needs a current allowing
+ * verdict of its own for the connection's Service. Refused sends fail with
+ * EACCES and are audited; nothing reaches the peer. */
+SEC("sk_msg")
+int tether_send(struct sk_msg_md *msg)
+{
+	struct guard *g = bpf_sk_storage_get(&guards, msg->sk, 0, 0);
+
+	if (!g)
+		return SK_PASS;
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32, aux = 0, rule = 0, subject = 0;
+	struct exec_rec *rec = bpf_map_lookup_elem(&execs, &tgid);
+	struct proc_state *ps = bpf_map_lookup_elem(&procs, &tgid);
+	__u8 reason = suspect(current_task(), rec, &aux);
+
+	if (!reason) {
+		if (tgid == g->tgid && rec && rec->exec_id == g->exec_id &&
+		    rec->start_ns == g->start_ns)
+			return SK_PASS;
+		if (is_current(ps, rec)) {
+			subject = ps->subject;
+			if (verdict_for(subject, g->service_id, &rule, &reason) == VERDICT_ALLOW)
+				return SK_PASS;
+		}
+		if (!reason)
+			reason = REASON_BORROWED;
+		aux = g->tgid;
+	}
+	bump(STAT_SEND_DENIED);
+	__u8 dst[16] = {};
+	__u32 family = msg->family, port = msg->remote_port, r4 = msg->remote_ip4;
+	__u32 r6[4] = { msg->remote_ip6[0], msg->remote_ip6[1], msg->remote_ip6[2],
+			msg->remote_ip6[3] };
+
+	full_width(family);
+	full_width(port);
+	full_width(r4);
+	sockops_addr(dst, family, r4, r6);
+	/* remote_port: network order in the upper half, as in sock_ops. */
+	emit_full(0, id, bpf_get_current_uid_gid(), subject, g->service_id, rule, VERDICT_DENY,
+		  IPPROTO_TCP, (__be16)(port >> 16), dst, HOOK_SEND, reason, aux,
+		  rec ? rec->flags : 0, g->tgid);
+	return SK_DROP;
+}
+
+/* Raw IP sockets (other than plain ICMP) can put any datagram on the wire
+ * or on loopback, past every connect/sendmsg hook: in the enforced cgroup
+ * they are not created. Ping keeps working (ICMP raw and datagram sockets
+ * are untouched; the header-include option is refused below). Packet
+ * sockets are stopped in the syscall hook (see tether_sysenter). */
+#define AF_INET 2
+#define AF_INET6 10
+#define AF_PACKET 17
+#define AF_XDP 44
+#define SOCK_RAW 3
+#define IPPROTO_ICMPV6 58
+
+static __always_inline bool is_agent(__u32 tgid)
+{
+	struct proc_state *ps = bpf_map_lookup_elem(&procs, &tgid);
+
+	return ps && (ps->flags & PROC_AGENT) && ps->exec_id == exec_id_of(tgid);
+}
+
+static __always_inline int socket_refused(__u32 family, __u32 type, __u32 protocol)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct exec_rec *rec;
+	__u32 tgid = id >> 32;
+
+	if (is_agent(tgid))
+		return 1;
+	rec = bpf_map_lookup_elem(&execs, &tgid);
+	bump(STAT_SOCKET_DENIED);
+	emit_full(0, id, bpf_get_current_uid_gid(), 0, 0, 0, VERDICT_DENY, (__u8)protocol, 0, 0,
+		  HOOK_SOCKET, REASON_RAW_SOCKET, 0, rec ? rec->flags : 0, (family << 16) | type);
+	return 0;
+}
+
+SEC("cgroup/sock_create")
+int tether_socket(struct bpf_sock *sk)
+{
+	__u32 family = sk->family, type = sk->type, protocol = sk->protocol;
+
+	if (type == SOCK_RAW && ((family == AF_INET && protocol != IPPROTO_ICMP) ||
+				 (family == AF_INET6 && protocol != IPPROTO_ICMPV6)))
+		return socket_refused(family, type, protocol);
+	return 1;
+}
+
+#define SOL_IP 0
+#define SOL_IPV6 41
+#define IP_HDRINCL 3
+#define IPV6_HDRINCL 36
+
+SEC("cgroup/setsockopt")
+int tether_sockopt(struct bpf_sockopt *ctx)
+{
+	int level = ctx->level, optname = ctx->optname;
+	struct bpf_sock *sk = ctx->sk;
+
+	if (!sk || sk->type != SOCK_RAW)
+		return 1;
+	if ((level == SOL_IP && optname == IP_HDRINCL) ||
+	    (level == SOL_IPV6 && optname == IPV6_HDRINCL))
+		return socket_refused(sk->family, sk->type, sk->protocol);
+	return 1;
+}
+
 /* Packets from another host to a Service agents front are dropped at the
  * service's socket: the only way in is the agent's mesh port, which
  * authenticates the peer and applies ingress policy. Loopback traffic (the
@@ -765,11 +1290,8 @@ int tether_ingress(struct __sk_buff *skb)
 		return 1;
 	}
 	struct svc *svc = service_of(&key);
-	if (!svc) {
-		__u32 p = sk->src_port;
-
-		svc = bpf_map_lookup_elem(&mesh_ports, &p);
-	}
+	if (!svc)
+		svc = local_port(IPPROTO_TCP, (__u16)sk->src_port);
 	if (!svc || !(svc->flags & SVC_MESH) || (svc->flags & SVC_PERMISSIVE))
 		return 1;
 	bump(STAT_INGRESS_DROPPED);
@@ -784,6 +1306,7 @@ int tether_ingress(struct __sk_buff *skb)
  *   sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *)
  *   sched_process_fork(struct task_struct *parent, struct task_struct *child)
  *   sched_process_exit(struct task_struct *p[, bool group_dead])  (group_dead: 6.16+)
+ *   sys_enter(struct pt_regs *regs, long id), sys_exit(struct pt_regs *regs, long ret)
  */
 
 /* Only used to ask (CO-RE) whether this kernel passes group_dead. */
@@ -791,18 +1314,163 @@ struct trace_event_raw_sched_process_exit {
 	bool group_dead;
 } __attribute__((preserve_access_index));
 
+#define FUSE_SUPER_MAGIC 0x65735546
+#define FUSEBLK_SUPER_MAGIC 0x65735546
+
+struct env_scan {
+	__u64 pos;
+	__u64 end;
+	__u32 flags;
+	__u32 mid; /* pos is inside a string, not at its start */
+};
+
+static __always_inline bool prefix(const char *s, const char *p, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (s[i] != p[i])
+			return false;
+	return true;
+}
+
+/* One step over the new image's environment strings (in its own stack, as
+ * the loader will read them): read up to ENV_CHUNK bytes; classify a string
+ * at its start; continue past its end. */
+static long env_step(__u64 index, struct env_scan *s)
+{
+	__u32 zero = 0;
+	char *buf;
+	long n;
+
+	if (s->pos >= s->end)
+		return 1;
+	buf = bpf_map_lookup_elem(&scratch, &zero);
+	if (!buf) {
+		s->flags |= EXEC_ENV_UNSCANNED;
+		return 1;
+	}
+	n = bpf_probe_read_user_str(buf, ENV_CHUNK, (const void *)s->pos);
+	if (n <= 0) {
+		s->flags |= EXEC_ENV_UNSCANNED;
+		return 1;
+	}
+	if (!s->mid) {
+		if (prefix(buf, "LD_", 3)) {
+			if (prefix(buf, "LD_PRELOAD=", 11))
+				s->flags |= EXEC_LD_PRELOAD;
+			else if (prefix(buf, "LD_AUDIT=", 9))
+				s->flags |= EXEC_LD_AUDIT;
+			else if (prefix(buf, "LD_LIBRARY_PATH=", 16))
+				s->flags |= EXEC_LD_LIBRARY_PATH;
+			else
+				s->flags |= EXEC_LD_OTHER;
+		} else if (prefix(buf, "GCONV_PATH=", 11)) {
+			s->flags |= EXEC_GCONV_PATH;
+		} else if (prefix(buf, "GLIBC_TUNABLES=", 15)) {
+			s->flags |= EXEC_GLIBC_TUNABLES;
+		}
+	}
+	/* n counts the NUL; a full chunk may end mid-string. */
+	if (n == ENV_CHUNK) {
+		s->pos += ENV_CHUNK - 1;
+		s->mid = 1;
+	} else {
+		s->pos += n;
+		s->mid = 0;
+	}
+	return 0;
+}
+
+/* Longest environment we scan (64 Ki chunks, 16 MiB: more than exec
+ * accepts); anything left over marks the record unscanned. */
+#define ENV_STEPS 65536
+
+/* Whether the process's root is the root of its mount namespace: walk from
+ * its root mount to the namespace root, each mount mounted at its parent's
+ * root. A chroot (or a root mount stacked elsewhere) fails the walk. */
+static __always_inline bool rooted_at_namespace(struct task_struct *task, struct mnt_namespace *ns)
+{
+	struct vfsmount *vroot = BPF_CORE_READ(task, fs, root.mnt);
+	struct dentry *droot = BPF_CORE_READ(task, fs, root.dentry);
+	struct mount *ns_root = BPF_CORE_READ(ns, root);
+	struct mount *m;
+
+	if (!vroot || !ns_root)
+		return false;
+	m = core_container_of(vroot, struct mount, mnt);
+	if (droot != BPF_CORE_READ(m, mnt.mnt_root))
+		return false;
+	for (int i = 0; i < 16; i++) {
+		struct mount *parent;
+
+		if (m == ns_root)
+			return true;
+		parent = BPF_CORE_READ(m, mnt_parent);
+		if (!parent || parent == m)
+			return false;
+		if (BPF_CORE_READ(m, mnt_mountpoint) != BPF_CORE_READ(parent, mnt.mnt_root))
+			return false;
+		m = parent;
+	}
+	return false;
+}
+
 SEC("raw_tp/sched_process_exec")
 int tether_exec(struct bpf_raw_tracepoint_args *ctx)
 {
 	/* Runs after the point of no return, before the new image's first
-	 * instruction: the old image's verdicts die here, synchronously. */
+	 * instruction: the old image's verdicts die here, synchronously, and
+	 * what was executed is recorded before the loader runs. */
+	struct task_struct *task = (struct task_struct *)ctx->args[0];
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	__u64 now = bpf_ktime_get_boot_ns();
+	struct exec_rec rec = {};
 
 	bpf_map_delete_elem(&procs, &tgid);
-	/* If execs is full the entry stays as it was: the procs delete above
-	 * already removed the old verdict. */
-	bpf_map_update_elem(&execs, &tgid, &now, BPF_ANY);
+
+	rec.exec_id = bpf_ktime_get_boot_ns();
+	rec.start_ns = BPF_CORE_READ(task, group_leader, start_boottime);
+	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
+	rec.file = (__u64)exe;
+	if (exe) {
+		struct super_block *sb = BPF_CORE_READ(exe, f_inode, i_sb);
+		const unsigned char *name = BPF_CORE_READ(exe, f_path.dentry, d_name.name);
+
+		rec.ino = BPF_CORE_READ(exe, f_inode, i_ino);
+		rec.dev = BPF_CORE_READ(sb, s_dev);
+		if (BPF_CORE_READ(sb, s_magic) == FUSE_SUPER_MAGIC ||
+		    BPF_CORE_READ(sb, s_user_ns, level) > 0)
+			rec.flags |= EXEC_UNTRUSTED_FS;
+		if (name)
+			bpf_probe_read_kernel_str(rec.name, sizeof(rec.name), name);
+	}
+
+	struct mnt_namespace *ns = BPF_CORE_READ(task, nsproxy, mnt_ns);
+	if (!ns || BPF_CORE_READ(ns, user_ns, level) > 0)
+		rec.flags |= EXEC_USERNS_MOUNTS;
+	if (!ns || !rooted_at_namespace(task, ns))
+		rec.flags |= EXEC_CHROOT;
+
+	if (BPF_CORE_READ(task, ptrace)) {
+		rec.flags |= TAINT_TRACED_AT_EXEC;
+		rec.tracer = BPF_CORE_READ(task, parent, tgid);
+	}
+
+	struct env_scan scan = {
+		.pos = BPF_CORE_READ(task, mm, env_start),
+		.end = BPF_CORE_READ(task, mm, env_end),
+	};
+	bpf_loop(ENV_STEPS, (void *)env_step, &scan, 0);
+	if (scan.pos < scan.end)
+		scan.flags |= EXEC_ENV_UNSCANNED;
+	rec.flags |= scan.flags;
+
+	/* If execs is full there is no record: the process gets no identity
+	 * (the procs delete above already removed the old verdicts). */
+	bpf_map_update_elem(&execs, &tgid, &rec, BPF_ANY);
+	if (rec.flags & TAINTS) {
+		bump(STAT_TAINTED);
+		emit_full(0, (__u64)rec.tracer << 32, 0, 0, 0, 0, VERDICT_TAINT, 0, 0, 0,
+			  HOOK_TAINT, REASON_TRACED, tgid, rec.flags, 0);
+	}
 	return 0;
 }
 
@@ -823,18 +1491,25 @@ int tether_fork(struct bpf_raw_tracepoint_args *ctx)
 	 * to the new process. */
 	__u32 parent = bpf_get_current_pid_tgid() >> 32;
 	struct proc_state *ps = bpf_map_lookup_elem(&procs, &parent);
-	__u64 *ex = bpf_map_lookup_elem(&execs, &parent);
+	struct exec_rec *ex = bpf_map_lookup_elem(&execs, &parent);
+	struct exec_rec rec = {};
 
+	/* The child runs the parent's image, marks included; its own start
+	 * time tells it apart from any earlier owner of its pid. */
 	if (ex)
-		bpf_map_update_elem(&execs, &child_tgid, ex, BPF_ANY);
-	else
-		bpf_map_delete_elem(&execs, &child_tgid);
+		__builtin_memcpy(&rec, ex, sizeof(rec));
+	rec.start_ns = BPF_CORE_READ(child, start_boottime);
+	bpf_map_update_elem(&execs, &child_tgid, &rec, BPF_ANY);
 	/* The agent's exemption is the agent's alone: a child it forks starts
 	 * unattested. */
-	if (ps && !(ps->flags & PROC_AGENT))
-		bpf_map_update_elem(&procs, &child_tgid, ps, BPF_ANY);
-	else
+	if (ps && !(ps->flags & PROC_AGENT)) {
+		struct proc_state cps = *ps;
+
+		cps.start_ns = rec.start_ns;
+		bpf_map_update_elem(&procs, &child_tgid, &cps, BPF_ANY);
+	} else {
 		bpf_map_delete_elem(&procs, &child_tgid);
+	}
 	return 0;
 }
 
@@ -858,6 +1533,211 @@ int tether_exit(struct bpf_raw_tracepoint_args *ctx)
 		bpf_map_delete_elem(&procs, &tgid);
 		bpf_map_delete_elem(&execs, &tgid);
 	}
+	return 0;
+}
+
+/* ---- memory and image changes by others -------------------------------- */
+/*
+ * Code can be put into a running process from outside: ptrace, writing its
+ * memory (process_vm_writev, /proc/PID/mem), or, by the process itself,
+ * re-pointing its exe link (PR_SET_MM). Without LSM hooks the syscall
+ * tracepoints are where we see these. The target is marked before the
+ * write can land (ptrace attach needs further calls to change anything;
+ * process_vm_writev is seen on entry), and a marked process has no
+ * authority until it execs a new image. A caller inside the workload that
+ * writes another process's memory is also killed before it returns: the
+ * SIGKILL is pending before process_vm_writev pins its first page, so the
+ * write fails. Syscall numbers and registers are x86-64's; other
+ * architectures build without these two programs' logic.
+ */
+#if defined(__TARGET_ARCH_x86)
+struct pt_regs {
+	unsigned long di;
+	unsigned long si;
+	unsigned long dx;
+	unsigned long r10;
+	unsigned long orig_ax;
+} __attribute__((preserve_access_index));
+
+#define NR_open 2
+#define NR_socket 41
+#define NR_ptrace 101
+#define NR_prctl 157
+#define NR_openat 257
+#define NR_process_vm_writev 311
+#define NR_openat2 437
+#define ARG0(r) BPF_CORE_READ(r, di)
+#define ARG1(r) BPF_CORE_READ(r, si)
+#define ARG2(r) BPF_CORE_READ(r, dx)
+#define SYSCALL_NR(r) BPF_CORE_READ(r, orig_ax)
+#define SYSCALL_HOOKS 1
+#endif
+
+#define PTRACE_ATTACH 16
+#define PTRACE_SEIZE 0x4206
+#define PR_SET_MM 35
+#define O_ACCMODE 3
+#define PROC_SUPER_MAGIC 0x9fa0
+#define SIGKILL 9
+
+/* Whether the caller is inside the enforced cgroup (the workload). */
+static __always_inline bool in_workload(void)
+{
+	__u32 zero = 0;
+	struct scope *sc = bpf_map_lookup_elem(&scope, &zero);
+
+	return sc && sc->cgroup_id && bpf_get_current_ancestor_cgroup_id(sc->level) == sc->cgroup_id;
+}
+
+/* Marks `target` (a tgid) so it has no authority until its next exec. */
+static __always_inline void taint(__u32 target, __u32 bit, __u8 reason, bool killed)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 me = id >> 32;
+	struct exec_rec *rec = bpf_map_lookup_elem(&execs, &target);
+
+	if (rec) {
+		__sync_fetch_and_or(&rec->flags, bit);
+		rec->tracer = me;
+	}
+	bump(STAT_TAINTED);
+	emit_full(0, id, bpf_get_current_uid_gid(), 0, 0, 0, VERDICT_TAINT, 0, 0, 0, HOOK_TAINT,
+		  killed ? REASON_KILLED : reason, target, rec ? rec->flags : 0, reason);
+}
+
+/* The thread group of the task behind a struct pid (its first task). */
+static __always_inline __u32 tgid_of_pid(struct pid *p)
+{
+	struct hlist_node *first = BPF_CORE_READ(p, tasks[0].first);
+
+	if (!first)
+		return 0;
+	struct task_struct *t = core_container_of(first, struct task_struct, pid_links[0]);
+	return BPF_CORE_READ(t, tgid);
+}
+
+SEC("raw_tp/sys_enter")
+int tether_sysenter(struct bpf_raw_tracepoint_args *ctx)
+{
+#ifdef SYSCALL_HOOKS
+	long nr = ctx->args[1];
+
+	if (nr != NR_process_vm_writev && nr != NR_prctl && nr != NR_socket)
+		return 0;
+	struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+	__u32 me = bpf_get_current_pid_tgid() >> 32;
+
+	if (nr == NR_socket) {
+		/* Packet and XDP sockets never pass the cgroup socket hooks
+		 * (those are for IP sockets): in the workload, creating one
+		 * is fatal before the call returns. */
+		__u32 family = (__u32)ARG0(regs);
+
+		if ((family == AF_PACKET || family == AF_XDP) && in_workload() && !is_agent(me)) {
+			socket_refused(family, (__u32)ARG1(regs) & 0xf, (__u32)ARG2(regs));
+			bpf_send_signal(SIGKILL);
+		}
+		return 0;
+	}
+
+	if (nr == NR_prctl) {
+		/* Any PR_SET_MM (exe file, memory map) rewrites what /proc
+		 * says this process is. */
+		if (ARG0(regs) == PR_SET_MM)
+			taint(me, TAINT_SET_MM, REASON_SET_MM, false);
+		return 0;
+	}
+	if (is_agent(me))
+		return 0;
+	/* process_vm_writev(pid, ...): pid is in the caller's pid namespace;
+	 * only the initial namespace's numbers are our keys. */
+	__u32 target = (__u32)ARG0(regs);
+	struct task_struct *task = current_task();
+	bool global = BPF_CORE_READ(task, thread_pid, level) == 0;
+
+	if (global && target == me)
+		return 0; /* its own memory */
+	bool kill = in_workload();
+	if (global)
+		taint(target, TAINT_MEM_WRITE, REASON_MEM_WRITE, kill);
+	else
+		taint(0, TAINT_MEM_WRITE, REASON_MEM_WRITE, kill);
+	if (kill)
+		bpf_send_signal(SIGKILL);
+#endif
+	return 0;
+}
+
+SEC("raw_tp/sys_exit")
+int tether_sysexit(struct bpf_raw_tracepoint_args *ctx)
+{
+#ifdef SYSCALL_HOOKS
+	long ret = ctx->args[1];
+
+	if (ret < 0)
+		return 0;
+	struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+	long nr = SYSCALL_NR(regs);
+
+	if (nr != NR_ptrace && nr != NR_open && nr != NR_openat && nr != NR_openat2)
+		return 0;
+	struct task_struct *task = current_task();
+	__u32 me = bpf_get_current_pid_tgid() >> 32;
+
+	if (nr == NR_ptrace) {
+		long req = ARG0(regs);
+
+		if (req != PTRACE_ATTACH && req != PTRACE_SEIZE)
+			return 0;
+		/* __ptrace_link adds the new tracee at the head of our list. */
+		struct list_head *first = BPF_CORE_READ(task, ptraced.next);
+		void *head = (void *)task + bpf_core_field_offset(struct task_struct, ptraced);
+
+		if (!first || (void *)first == head)
+			return 0;
+		struct task_struct *tracee = core_container_of(first, struct task_struct, ptrace_entry);
+		taint(BPF_CORE_READ(tracee, tgid), TAINT_PTRACE, REASON_PTRACE, false);
+		return 0;
+	}
+
+	/* An open for writing that returned a /proc/<pid>/mem file. */
+	unsigned long flags;
+	if (nr == NR_open) {
+		flags = ARG1(regs);
+	} else if (nr == NR_openat) {
+		flags = ARG2(regs);
+	} else {
+		__u64 how_flags = 0;
+
+		bpf_probe_read_user(&how_flags, sizeof(how_flags), (void *)ARG2(regs));
+		flags = how_flags;
+	}
+	if ((flags & O_ACCMODE) == 0)
+		return 0;
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || ret >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = 0;
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[ret]);
+	if (!f)
+		return 0;
+	struct inode *inode = BPF_CORE_READ(f, f_inode);
+	if (BPF_CORE_READ(inode, i_sb, s_magic) != PROC_SUPER_MAGIC)
+		return 0;
+	char name[4] = {};
+	bpf_probe_read_kernel_str(name, sizeof(name), BPF_CORE_READ(f, f_path.dentry, d_name.name));
+	if (name[0] != 'm' || name[1] != 'e' || name[2] != 'm' || name[3] != 0)
+		return 0;
+	struct proc_inode *pi = core_container_of(inode, struct proc_inode, vfs_inode);
+	__u32 target = tgid_of_pid(BPF_CORE_READ(pi, pid));
+	if (!target || target == me || is_agent(me))
+		return 0;
+	bool kill = in_workload();
+	taint(target, TAINT_MEM_WRITE, REASON_PROC_MEM, kill);
+	if (kill)
+		bpf_send_signal(SIGKILL);
+#endif
 	return 0;
 }
 

@@ -26,10 +26,21 @@ fn main() {
         Err(_) => panic!("tether-kernel: CARGO_CFG_TARGET_ARCH is not set"),
     };
     let multiarch = format!("/usr/include/{arch}-linux-gnu");
+    // The syscall tracepoints read registers and syscall numbers, which
+    // differ per architecture (see SYSCALL_HOOKS in the C).
+    let target_arch = match arch {
+        "x86_64" => "x86",
+        "aarch64" => "arm64",
+        other => other,
+    };
 
     let output = Command::new(&clang)
-        .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"])
+        // v3: 32-bit atomics (the taint marks) and ALU32; kernels since 5.12.
+        .args([
+            "-target", "bpf", "-mcpu=v3", "-O2", "-g", "-Wall", "-Werror",
+        ])
         .arg(format!("-I{multiarch}"))
+        .arg(format!("-D__TARGET_ARCH_{target_arch}"))
         .arg("-c")
         .arg(&src)
         .arg("-o")

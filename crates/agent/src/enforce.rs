@@ -8,7 +8,7 @@
 //! connect; no entry means deny. Verdicts are written before the process's
 //! subject, so a process never runs with half its verdicts.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -31,11 +31,14 @@ pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 struct ProcEntry {
     start_time: u64,
     exec_id: ExecId,
+    /// Process start, CLOCK_BOOTTIME ns (the kernel's key with exec_id).
+    start_ns: u64,
     subject: u32,
     info: ProcessInfo,
     identities: Vec<String>,
     spiffe_ids: Vec<String>,
-    /// service id -> rule id, as written to the kernel.
+    /// service id -> rule id, as written to the kernel (those resting on a
+    /// condition with an expiry, refreshed on every condition tick).
     allowed: BTreeMap<u32, u32>,
 }
 
@@ -46,11 +49,13 @@ struct Compiled {
     rules: HashMap<String, u32>,
     rule_names: HashMap<u32, String>,
     installed: HashSet<DstPrefix>,
-    mesh_ports: HashSet<u16>,
+    local_ports: HashSet<(Proto, u16)>,
 }
 
 pub struct Enforcement {
-    kernel: Enforcer,
+    kernel: Arc<Enforcer>,
+    /// This host's addresses (netlink), for Services that name one.
+    host_addrs: Mutex<Vec<IpAddr>>,
     node: String,
     clock: Clock,
     next_subject: AtomicU32,
@@ -93,6 +98,10 @@ const HOLD_FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(60
 
 const RECENT: usize = 1000;
 const RETIRED: usize = 4096;
+/// How long a verdict that rests on a condition (a time window) allows
+/// without being refreshed: the agent refreshes every 500 ms, so a stalled
+/// agent's conditional verdicts lapse in the kernel within this.
+const CONDITIONAL_TTL_NS: u64 = 2_000_000_000;
 
 fn protos(p: Protocol) -> &'static [Proto] {
     match p {
@@ -148,7 +157,7 @@ fn prefixes(spec: &tether_manifest::ServiceSpec) -> Vec<DstPrefix> {
 
 impl Enforcement {
     pub fn new(
-        kernel: Enforcer,
+        kernel: Arc<Enforcer>,
         node: String,
         clock: Clock,
         audit_path: Option<PathBuf>,
@@ -193,6 +202,7 @@ impl Enforcement {
         };
         let e = Arc::new(Enforcement {
             kernel,
+            host_addrs: Mutex::new(Vec::new()),
             node,
             clock,
             next_subject: AtomicU32::new(first_subject),
@@ -282,43 +292,87 @@ impl Enforcement {
             let _ = self.kernel.remove_service(k);
         }
         c.installed = wanted.into_keys().collect();
-        // Meshed Services this host serves: their ports are closed to
-        // other hosts on every address, not only the ones named.
-        let mut ports: HashMap<u16, (u32, ServiceFlags)> = HashMap::new();
+        // Services of this host (naming a loopback, unspecified or own
+        // address, or `local: true`): their ports are protected at every
+        // local destination, and a meshed one's are closed to other hosts
+        // on every address, not only the ones named.
+        let host = Self::lock(&self.host_addrs).clone();
+        let mut ports: HashMap<(Proto, u16), (u32, ServiceFlags, String)> = HashMap::new();
         for s in &reg.services {
-            let Some(m) = &s.spec.mesh else { continue };
             let flags = ServiceFlags {
-                mesh: true,
-                permissive: m.mode == tether_manifest::TlsMode::Permissive,
+                mesh: s.spec.mesh.is_some(),
+                permissive: s
+                    .spec
+                    .mesh
+                    .as_ref()
+                    .is_some_and(|m| m.mode == tether_manifest::TlsMode::Permissive),
             };
             for a in &s.spec.addresses {
-                if a.network().is_some_and(|(ip, len)| is_local_host(ip, len)) {
-                    for p in &a.ports {
-                        ports.insert(*p, (c.services[&s.name], flags));
+                let local = a.local
+                    || a.network()
+                        .is_some_and(|(ip, len)| covers_local(ip, len, &host));
+                if !local {
+                    continue;
+                }
+                let list: &[u16] = if a.ports.is_empty() { &[0] } else { &a.ports };
+                for proto in protos(a.protocol) {
+                    for p in list {
+                        match ports.get(&(*proto, *p)) {
+                            Some((_, _, other)) if other != &s.name => tracing::warn!(
+                                port = p, service = %s.name, kept = %other,
+                                "two Services claim the same port of this host; keeping the first by name"
+                            ),
+                            Some(_) => {}
+                            None => {
+                                ports.insert(
+                                    (*proto, *p),
+                                    (c.services[&s.name], flags, s.name.clone()),
+                                );
+                            }
+                        }
                     }
                 }
             }
         }
-        for (p, (id, flags)) in &ports {
-            if let Err(e) = self.kernel.set_mesh_port(*p, *id, *flags) {
-                tracing::error!(port = p, error = %e, "closing a meshed Service's port to other hosts failed");
+        for ((proto, p), (id, flags, _)) in &ports {
+            if let Err(e) = self.kernel.set_local_port(*proto, *p, *id, *flags) {
+                tracing::error!(port = p, error = %e, "protecting a Service's port of this host failed");
             }
         }
-        let mut stale: Vec<u16> = c
-            .mesh_ports
+        let mut stale: Vec<(Proto, u16)> = c
+            .local_ports
             .iter()
-            .filter(|p| !ports.contains_key(p))
+            .filter(|k| !ports.contains_key(k))
             .copied()
             .collect();
-        if let Ok(existing) = self.kernel.mesh_ports() {
-            stale.extend(existing.into_iter().filter(|p| !ports.contains_key(p)));
+        if let Ok(existing) = self.kernel.local_ports() {
+            stale.extend(existing.into_iter().filter(|k| !ports.contains_key(k)));
         }
-        for p in stale {
-            let _ = self.kernel.remove_mesh_port(p);
+        for (proto, p) in stale {
+            let _ = self.kernel.remove_local_port(proto, p);
         }
-        c.mesh_ports = ports.into_keys().collect();
+        c.local_ports = ports.into_keys().collect();
         drop(c);
         self.recompile_all();
+    }
+
+    /// This host's addresses changed (netlink): the hooks treat them as local
+    /// destinations, and Services naming one of them protect their ports at
+    /// every local address.
+    pub fn set_host_addrs(&self, addrs: Vec<IpAddr>) {
+        if let Err(e) = self.kernel.set_local_addrs(&addrs) {
+            tracing::error!(error = %e, "updating this host's addresses in the kernel failed");
+        }
+        let changed = {
+            let mut h = Self::lock(&self.host_addrs);
+            let changed = *h != addrs;
+            *h = addrs;
+            changed
+        };
+        if changed {
+            let reg = Self::lock(&self.registry).clone();
+            self.sync_registry(reg);
+        }
     }
 
     /// Ingress verdicts for a peer: the identities registered under its
@@ -336,20 +390,21 @@ impl Enforcement {
             "direction": "ingress",
             "process": { "identities": identities, "spiffeIds": [peer_id] },
         });
-        self.allowed_by(reg, identities, &ctx)
+        self.allowed_by(reg, identities, &ctx).0
     }
 
-    /// The verdicts a process gets now: service id -> allowing rule id.
+    /// The verdicts a process gets now: service id -> allowing rule id, and
+    /// which of them rest on a condition.
     fn evaluate(
         &self,
         reg: &Registry,
         info: Option<&ProcessInfo>,
         identities: &[String],
         spiffe_ids: &[String],
-    ) -> BTreeMap<u32, u32> {
+    ) -> (BTreeMap<u32, u32>, BTreeSet<u32>) {
         // Policies allow identities only; most processes on a host have none.
         if identities.is_empty() {
-            return BTreeMap::new();
+            return (BTreeMap::new(), BTreeSet::new());
         }
         let process = match info {
             Some(info) => serde_json::json!({
@@ -370,15 +425,17 @@ impl Enforcement {
     }
 
     /// Service id -> allowing rule id, for the policies naming one of
-    /// `identities` whose condition holds in `ctx`.
+    /// `identities` whose condition holds in `ctx`; and which of those
+    /// services are allowed only by a conditional policy.
     fn allowed_by(
         &self,
         reg: &Registry,
         identities: &[String],
         ctx: &serde_json::Value,
-    ) -> BTreeMap<u32, u32> {
+    ) -> (BTreeMap<u32, u32>, BTreeSet<u32>) {
         let c = Self::lock(&self.compiled);
         let mut out = BTreeMap::new();
+        let mut unconditional = BTreeSet::new();
         for p in &reg.policies {
             if !p.spec.identities.iter().any(|i| identities.contains(i)) {
                 continue;
@@ -400,18 +457,27 @@ impl Enforcement {
             for s in &p.spec.services {
                 if let Some(id) = c.services.get(s) {
                     out.entry(*id).or_insert(rule);
+                    if p.condition.is_none() {
+                        unconditional.insert(*id);
+                    }
                 }
             }
         }
-        out
+        let conditional = out
+            .keys()
+            .filter(|id| !unconditional.contains(id))
+            .copied()
+            .collect();
+        (out, conditional)
     }
 
     /// A process was attested (again): give it a subject and verdicts.
-    /// `exec_id` must have been read before the attestation.
+    /// `exec` (exec id, start) must come from the exec record read before
+    /// the attestation.
     pub fn process_updated(
         &self,
         info: &ProcessInfo,
-        exec_id: ExecId,
+        exec: (ExecId, u64),
         identities: Vec<String>,
         spiffe_ids: Vec<String>,
     ) {
@@ -420,27 +486,54 @@ impl Enforcement {
         if info.pid as u32 == std::process::id() {
             return;
         }
+        let (exec_id, start_ns) = exec;
         let reg = Self::lock(&self.registry).clone();
-        let allowed = self.evaluate(&reg, Some(info), &identities, &spiffe_ids);
+        let (allowed, conditional) = self.evaluate(&reg, Some(info), &identities, &spiffe_ids);
+        let expires = tether_kernel::boottime_ns().saturating_add(CONDITIONAL_TTL_NS);
+        let expiry = |svc: &u32| {
+            if conditional.contains(svc) {
+                expires
+            } else {
+                0
+            }
+        };
         let mut procs = Self::lock(&self.procs);
         let same = procs.get(&info.pid).is_some_and(|p| {
             p.start_time == info.start_time
                 && p.exec_id == exec_id
+                && p.start_ns == start_ns
                 && p.identities == identities
                 && p.info.selectors() == info.selectors()
+                && p.info.exec == info.exec
         });
-        if same && procs.get(&info.pid).is_some_and(|p| p.allowed == allowed) {
+        if same && let Some(p) = procs.get(&info.pid).filter(|p| p.allowed == allowed) {
+            // Unchanged: only the conditional verdicts need a new expiry.
+            for svc in &conditional {
+                if let Some(rule) = p.allowed.get(svc)
+                    && let Err(e) = self
+                        .kernel
+                        .set_verdict(p.subject, *svc, true, *rule, expires)
+                {
+                    tracing::error!(error = %e, "refreshing a conditional verdict failed");
+                }
+            }
             return;
         }
         // A new subject for every change, so verdicts of the old view can
         // never apply to the new one.
         let subject = self.next_subject.fetch_add(1, Ordering::Relaxed);
         for (svc, rule) in &allowed {
-            if let Err(e) = self.kernel.set_verdict(subject, *svc, true, *rule) {
+            if let Err(e) = self
+                .kernel
+                .set_verdict(subject, *svc, true, *rule, expiry(svc))
+            {
                 tracing::error!(error = %e, "writing verdict failed");
             }
         }
-        if let Err(e) = self.kernel.set_process(info.pid as u32, subject, exec_id) {
+        if let Err(e) = self
+            .kernel
+            .set_process(info.pid as u32, subject, exec_id, start_ns)
+        {
             tracing::error!(error = %e, pid = info.pid, "writing process subject failed");
         }
         if let Some(old) = procs.insert(
@@ -448,6 +541,7 @@ impl Enforcement {
             ProcEntry {
                 start_time: info.start_time,
                 exec_id,
+                start_ns,
                 subject,
                 info: info.clone(),
                 identities,
@@ -510,7 +604,12 @@ impl Enforcement {
             None => HeldDecision {
                 allow: false,
                 rule: DEFAULT_DENY.to_string(),
-                reason: None,
+                // No identity because of the exec checks? Say so.
+                reason: proc.as_ref().and_then(|(info, ids)| {
+                    ids.is_empty()
+                        .then(|| crate::verify::refusal(&info.exec, &[]))
+                        .flatten()
+                }),
                 proc,
             },
         })
@@ -577,21 +676,21 @@ impl Enforcement {
     /// no verdicts that could change; when they gain an identity the tracker
     /// re-attests them.
     pub fn recompile_all(&self) {
-        let snapshot: Vec<(ProcessInfo, ExecId, Vec<String>, Vec<String>)> =
+        let snapshot: Vec<(ProcessInfo, (ExecId, u64), Vec<String>, Vec<String>)> =
             Self::lock(&self.procs)
                 .values()
                 .filter(|p| !p.identities.is_empty())
                 .map(|p| {
                     (
                         p.info.clone(),
-                        p.exec_id,
+                        (p.exec_id, p.start_ns),
                         p.identities.clone(),
                         p.spiffe_ids.clone(),
                     )
                 })
                 .collect();
-        for (info, exec_id, ids, sids) in snapshot {
-            self.process_updated(&info, exec_id, ids, sids);
+        for (info, exec, ids, sids) in snapshot {
+            self.process_updated(&info, exec, ids, sids);
         }
     }
 
@@ -666,7 +765,7 @@ impl Enforcement {
         let Some(service) = found.and_then(|(id, _)| self.service_by_id(id)) else {
             return serde_json::json!({ "verdict": "untouched", "reason": "no Service covers this destination" });
         };
-        let allowed = self.evaluate(&reg, info, identities, spiffe_ids);
+        let (allowed, _) = self.evaluate(&reg, info, identities, spiffe_ids);
         let c = Self::lock(&self.compiled);
         let sid = c.services.get(&service.name).copied().unwrap_or(0);
         match allowed.get(&sid) {
@@ -767,19 +866,27 @@ impl Enforcement {
     }
 
     fn audit_event(&self, ev: &tether_kernel::Event) {
+        use tether_kernel::{Hook, Reason};
+        if ev.hook == Hook::Taint {
+            return self.audit_taint(ev);
+        }
         let c = Self::lock(&self.compiled);
         let service = c
             .service_names
             .get(&ev.service_id)
             .cloned()
             .unwrap_or_default();
-        let rule = match ev.decision {
-            Decision::Allow | Decision::Mesh | Decision::MeshDown => {
+        let rule = match (ev.decision, ev.reason) {
+            (_, Reason::Tainted | Reason::Traced | Reason::ExeChanged) => "exec-check".to_string(),
+            (_, Reason::Borrowed) => "borrowed-socket".to_string(),
+            (_, Reason::RawSocket) => "raw-socket".to_string(),
+            (_, Reason::Expired) => "expired".to_string(),
+            (Decision::Allow | Decision::Mesh | Decision::MeshDown, _) => {
                 c.rule_names.get(&ev.rule).cloned().unwrap_or_default()
             }
-            Decision::Unattested | Decision::Held => "unattested".to_string(),
-            Decision::Deny => DEFAULT_DENY.to_string(),
-            Decision::Plaintext => "permissive".to_string(),
+            (Decision::Unattested | Decision::Held, _) => "unattested".to_string(),
+            (Decision::Deny | Decision::Taint, _) => DEFAULT_DENY.to_string(),
+            (Decision::Plaintext, _) => "permissive".to_string(),
         };
         drop(c);
         let verdict = match ev.decision {
@@ -787,20 +894,59 @@ impl Enforcement {
             // The tunnel's own record follows, naming the peer.
             Decision::Mesh => "allow-mesh",
             Decision::MeshDown => "deny-mesh-unavailable",
-            Decision::Deny => "deny",
+            Decision::Deny | Decision::Taint => "deny",
             Decision::Unattested => "deny-unattested",
             // Only for a held connection the agent never received.
             Decision::Held => "held-unclaimed",
             // `dst` is the peer that sent plaintext to a permissive Service.
             Decision::Plaintext => "allow-plaintext",
         };
+        let mut extra = serde_json::Map::new();
+        let reason = match ev.reason {
+            Reason::None => None,
+            Reason::Tainted => Some(format!(
+                "marked since its exec ({}) by pid {}",
+                ev.flags.names().join(", "),
+                ev.aux
+            )),
+            Reason::Traced => Some(format!("being traced by pid {}", ev.aux)),
+            Reason::ExeChanged => Some("its exe is no longer the file it executed".to_string()),
+            Reason::Borrowed => Some(format!(
+                "a connection made by pid {}, which this process may not use",
+                ev.aux2
+            )),
+            Reason::RawSocket => Some(format!(
+                "raw or packet socket (family {}, type {}) in the enforced cgroup",
+                ev.aux2 >> 16,
+                ev.aux2 & 0xffff
+            )),
+            Reason::Expired => {
+                Some("a conditional verdict the agent did not refresh in time".to_string())
+            }
+            other => Some(format!("{other:?}")),
+        };
+        if matches!(ev.reason, Reason::Tainted | Reason::Traced) && ev.aux != 0 {
+            extra.insert("tracer".into(), self.actor(ev.aux));
+        }
+        if ev.reason == Reason::Borrowed {
+            extra.insert("owner".into(), serde_json::json!(ev.aux2));
+        }
+        let proc = self.decided_by(ev);
+        // A process refused because it holds no identity: say why the exec
+        // checks kept it from one, when they did.
+        let reason = reason.or_else(|| match (&proc, ev.decision) {
+            (Some((info, ids)), Decision::Deny) if ids.is_empty() => {
+                crate::verify::refusal(&info.exec, &[])
+            }
+            _ => None,
+        });
         self.emit(Audit {
             tgid: ev.tgid,
             tid: ev.pid,
             comm: ev.comm.clone(),
             uid: ev.uid,
             gid: ev.gid,
-            proc: self.decided_by(ev),
+            proc,
             dst: std::net::SocketAddr::new(ev.addr, ev.port),
             proto: ev.proto,
             hook: format!("{:?}", ev.hook).to_lowercase(),
@@ -808,8 +954,56 @@ impl Enforcement {
             verdict,
             rule,
             held: ev.decision == Decision::Held,
-            reason: None,
+            reason,
+            extra,
         });
+    }
+
+    /// Who a pid is, as far as /proc tells now (for naming a tracer or the
+    /// target of a mark; unverified, like any unattested process).
+    fn actor(&self, pid: u32) -> serde_json::Value {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        serde_json::json!({ "pid": pid, "exe": exe, "comm": comm.trim() })
+    }
+
+    /// A process was marked: someone traced it, wrote its memory or
+    /// re-pointed its exe. One record naming both, and whether the one who
+    /// did it was killed.
+    fn audit_taint(&self, ev: &tether_kernel::Event) {
+        use tether_kernel::Reason;
+        let (what, killed) = match ev.reason {
+            Reason::Killed => (ev.aux2, true),
+            r => (r as u32, false),
+        };
+        let how = match what {
+            2 => "traced at exec",
+            4 => "ptrace attach",
+            5 => "process_vm_writev",
+            6 => "/proc/PID/mem opened for writing",
+            7 => "prctl(PR_SET_MM)",
+            _ => "unknown",
+        };
+        let mut rec = serde_json::json!({
+            "event": "taint",
+            "verdict": "deny",
+            "pid": ev.tgid,
+            "tid": ev.pid,
+            "comm": ev.comm,
+            "uid": ev.uid,
+            "exe": std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            "target": self.actor(ev.aux),
+            "reason": format!("{how}: pid {} has no authority until it execs again", ev.aux),
+        });
+        if killed {
+            rec["killed"] = serde_json::json!(true);
+        }
+        self.metrics.connect_decision("taint", "unattested", "");
+        self.publish(rec);
     }
 
     /// A kernel event for a held connection: the hold listener writes the
@@ -892,6 +1086,7 @@ impl Enforcement {
             rule: d.rule.clone(),
             held: true,
             reason: d.reason.clone(),
+            extra: serde_json::Map::new(),
         });
     }
 
@@ -913,6 +1108,17 @@ impl Enforcement {
                 serde_json::json!("unattested"),
             ),
         };
+        // What the kernel recorded as executed: the truth when /proc's exe
+        // link was re-pointed (a forgery shows up here as a mismatch).
+        let executed = match &a.proc {
+            Some((i, _)) => i.exec.executed.clone(),
+            None => self
+                .kernel
+                .exec_record(a.tgid)
+                .ok()
+                .flatten()
+                .map(|r| r.name),
+        };
         let time = (self.clock)();
         let mut rec = serde_json::json!({
             "time": time, "node": self.node, "pid": a.tgid, "tid": a.tid, "comm": a.comm,
@@ -926,6 +1132,12 @@ impl Enforcement {
         }
         if let Some(r) = &a.reason {
             rec["reason"] = serde_json::json!(r);
+        }
+        if let Some(x) = executed {
+            rec["executed"] = serde_json::json!(x);
+        }
+        if let Some(o) = rec.as_object_mut() {
+            o.extend(a.extra);
         }
         if a.hook == "ingress" {
             // Not a local process's connect: the peer is `destination`.
@@ -992,15 +1204,42 @@ struct Audit {
     rule: String,
     held: bool,
     reason: Option<String>,
+    /// More fields for this kind of record (tracer, owner, ...).
+    extra: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Whether a Service address is a single address of this host (binding it
-/// succeeds only then).
-fn is_local_host(ip: IpAddr, prefix_len: u8) -> bool {
-    let host = if ip.is_ipv4() { 32 } else { 128 };
-    prefix_len == host
-        && !ip.is_unspecified()
-        && std::net::UdpSocket::bind(std::net::SocketAddr::new(ip, 0)).is_ok()
+/// Whether a Service's address block reaches listeners on this host: it
+/// contains a loopback or unspecified address, or one of `host`'s.
+fn covers_local(ip: IpAddr, prefix_len: u8, host: &[IpAddr]) -> bool {
+    let contains = |a: IpAddr| in_prefix(ip, prefix_len, a);
+    let fixed: [IpAddr; 4] = [
+        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    ];
+    fixed.into_iter().any(contains)
+        || ip.to_canonical().is_loopback()
+        || host.iter().any(|h| contains(*h))
+}
+
+/// `a` lies in `net/len` (IPv4-mapped compared as IPv4).
+fn in_prefix(net: IpAddr, len: u8, a: IpAddr) -> bool {
+    match (net.to_canonical(), a.to_canonical()) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            u32::from(n) & mask == u32::from(a) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            u128::from(n) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
 }
 
 /// A nonzero id from a name (FNV-1a), probing past ids already taken.

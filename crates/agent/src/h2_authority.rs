@@ -33,6 +33,11 @@ const MAX_FRAME: usize = 16_384;
 const MAX_BLOCK: usize = 64 * 1024;
 /// Bound on the client's HPACK dynamic table we mirror.
 const MAX_TABLE: usize = 64 * 1024;
+/// Bound on a header block once decoded (names and values), as the server
+/// bounds its header list. A small block can name big table entries many
+/// times over (an "HPACK bomb"): decoding stops here, before it costs
+/// memory, and the connection is closed.
+const MAX_DECODED: usize = 16 * 1024;
 
 enum Phase {
     Preface,
@@ -256,8 +261,15 @@ impl Rewriter {
 
     fn emit(&mut self, block: PendingBlock) -> io::Result<()> {
         let mut encoded = Vec::with_capacity(block.fragment.len() + 64);
+        // RFC 7541 §4.1 counts 32 bytes of overhead per field: an empty
+        // field repeated costs too.
+        let mut decoded = 0usize;
         self.decoder
             .decode_with_cb(&block.fragment, |name, value| {
+                decoded = decoded.saturating_add(name.len() + value.len() + 32);
+                if decoded > MAX_DECODED {
+                    return;
+                }
                 if name.as_ref() == b":authority" && !valid_authority(&value) {
                     put_literal(&mut encoded, &name, b"localhost");
                 } else {
@@ -265,6 +277,11 @@ impl Rewriter {
                 }
             })
             .map_err(|e| bad(&format!("HPACK: {e:?}")))?;
+        if decoded > MAX_DECODED {
+            return Err(bad(&format!(
+                "header block decodes to more than {MAX_DECODED} bytes"
+            )));
+        }
         let mut first = true;
         let mut rest: &[u8] = &encoded;
         loop {
@@ -468,6 +485,28 @@ mod tests {
         let mut rw = Rewriter::default();
         rw.feed(&input).unwrap();
         assert_eq!(decode_all(&rw.output)[0][0].1, b"localhost:1234");
+    }
+
+    #[test]
+    fn a_header_block_that_decodes_huge_is_refused() {
+        // One 3 KB value added to the dynamic table (4 KiB by default), then
+        // referenced by index over and over: one byte on the wire per 3 KB
+        // decoded.
+        let mut block = Vec::new();
+        block.push(0x40); // literal with incremental indexing, new name
+        put_int(&mut block, 7, 0, 1);
+        block.push(b'x');
+        put_int(&mut block, 7, 0, 3000);
+        block.extend(std::iter::repeat_n(b'a', 3000));
+        for _ in 0..2000 {
+            block.push(0x80 | 62); // indexed: the entry just added
+        }
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        let mut rw = Rewriter::default();
+        let err = rw.feed(&input).expect_err("an HPACK bomb");
+        assert!(err.to_string().contains("decodes to more than"), "{err}");
+        assert!(rw.output.len() < 64 * 1024, "{}", rw.output.len());
     }
 
     #[test]

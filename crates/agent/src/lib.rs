@@ -9,11 +9,14 @@ mod admin;
 mod enforce;
 mod h2_authority;
 mod hold;
+mod host_addrs;
 mod mesh;
 mod metrics;
 mod node;
 mod registry;
+mod sender;
 mod tracker;
+mod verify;
 mod workload_api;
 
 use std::net::SocketAddr;
@@ -45,8 +48,15 @@ pub struct AgentConfig {
     pub admin_socket: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub rescan_interval: Duration,
-    /// Kernel enforcement at connect(); None leaves connections untouched.
+    /// Kernel enforcement at connect(); None leaves connections untouched
+    /// (the process tracepoints that record what each process executed are
+    /// loaded either way: attestation rests on them).
     pub enforce: Option<EnforceConfig>,
+    /// bpffs directory for pinned programs and maps, so records, verdicts
+    /// and closed destinations survive the agent (None: nothing pinned).
+    pub bpf_pin_dir: Option<PathBuf>,
+    /// Bounds on hashing executables.
+    pub hash_limits: tether_attest::HashLimits,
     /// Time source for policy conditions (injectable for tests).
     pub clock: enforce::Clock,
 }
@@ -55,9 +65,6 @@ pub struct EnforceConfig {
     /// cgroup v2 directory whose processes are enforced (the root cgroup
     /// in production; a test's own cgroup in tests).
     pub cgroup: PathBuf,
-    /// bpffs directory for pinned programs and maps (fail closed while the
-    /// agent is down; adopted on restart).
-    pub pin_dir: Option<PathBuf>,
     pub audit_log: Option<PathBuf>,
     /// Loopback port where the kernel holds connections of processes not
     /// attested yet (0: any free port).
@@ -103,6 +110,8 @@ impl AgentConfig {
             metrics: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             rescan_interval: Duration::from_secs(30),
             enforce: None,
+            bpf_pin_dir: Some(PathBuf::from(DEFAULT_PIN_DIR)),
+            hash_limits: tether_attest::HashLimits::default(),
             clock: system_clock(),
         }
     }
@@ -129,6 +138,69 @@ impl Drop for RunningAgent {
             let _ = e.kernel().remove_process(std::process::id());
         }
     }
+}
+
+/// Where programs and maps are pinned unless configured otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tether";
+
+/// Loads the kernel half: always the process tracepoints (exec records and
+/// marks), and the socket hooks on the enforced cgroup when there is one.
+fn load_kernel(cfg: &AgentConfig) -> anyhow::Result<Arc<tether_kernel::Enforcer>> {
+    if let Some(dir) = &cfg.bpf_pin_dir {
+        ensure_bpffs(dir)?;
+    }
+    let kcfg = tether_kernel::EnforcerConfig {
+        cgroup: cfg.enforce.as_ref().map(|e| e.cgroup.clone()),
+        pin_dir: cfg.bpf_pin_dir.clone(),
+    };
+    let what = match &kcfg.cgroup {
+        Some(cg) => format!("kernel enforcement for {}", cg.display()),
+        None => "the kernel's process tracking (attestation needs what each process really \
+                 executed; the agent must run as root)"
+            .to_string(),
+    };
+    tether_kernel::Enforcer::load(&kcfg)
+        .map(Arc::new)
+        .map_err(|e| anyhow::anyhow!("loading {what}: {e}"))
+}
+
+/// The default pin directory lives on /sys/fs/bpf, which some hosts do
+/// not mount: mount a bpffs there (as systemd does) when it is missing.
+fn ensure_bpffs(dir: &std::path::Path) -> anyhow::Result<()> {
+    let root = std::path::Path::new("/sys/fs/bpf");
+    if !dir.starts_with(root) {
+        return Ok(()); // the kernel crate checks other directories
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, fs) = (f.next(), f.next(), f.next());
+        at == Some("/sys/fs/bpf") && fs == Some("bpf")
+    });
+    if mounted {
+        return Ok(());
+    }
+    std::fs::create_dir_all(root)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", root.display()))?;
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let r = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        anyhow::bail!(
+            "mounting a bpffs at /sys/fs/bpf for {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    tracing::info!("mounted a bpffs at /sys/fs/bpf");
+    Ok(())
 }
 
 /// Makes the agent process non-dumpable: no core dumps with keys in them,
@@ -171,21 +243,18 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
     let reg = Registry::from_state(&cfg.trust_domain, &first)?;
     node.set_bundle(reg.bundle.clone())?;
     let (reg_tx, reg_rx) = watch::channel(Arc::new(reg));
-    let tracker = Tracker::new(reg_rx, node.clone(), metrics.clone());
+    let kernel = load_kernel(&cfg)?;
+    let tracker = Tracker::new(
+        reg_rx,
+        node.clone(),
+        metrics.clone(),
+        Some(kernel.clone()),
+        cfg.hash_limits,
+    );
     if let Some(ec) = &cfg.enforce {
-        let kernel = tether_kernel::Enforcer::load(&tether_kernel::EnforcerConfig {
-            cgroup: ec.cgroup.clone(),
-            pin_dir: ec.pin_dir.clone(),
-        })
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "loading kernel enforcement for {}: {e}",
-                ec.cgroup.display()
-            )
-        })?;
         let reg = tracker.registry.borrow().clone();
         let enforcement = enforce::Enforcement::new(
-            kernel,
+            kernel.clone(),
             cfg.node_name.clone(),
             cfg.clock.clone(),
             ec.audit_log.clone(),
@@ -193,6 +262,10 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
             reg,
         )?;
         enforcement.spawn_event_pump();
+        host_addrs::follow(enforcement.clone(), node.clone());
+        // A node SVID persisted before an address change vouches for the
+        // old set.
+        node.follow_addresses().await;
         let _ = tracker.enforcement.set(enforcement);
     }
 

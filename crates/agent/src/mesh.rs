@@ -61,6 +61,11 @@ const PREAUTH_AUDITS_PER_SEC: u64 = 20;
 /// Handshakes in progress at once (unauthenticated peers): a separate,
 /// smaller budget, so idle connections cannot take the tunnels' slots.
 const MAX_HANDSHAKES: usize = 256;
+/// Handshakes pending from one source address: one host's idle or slow
+/// connections cannot take the slots every other node needs.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
+/// A connection that sends nothing (no ClientHello) this long is closed.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Copy buffer per direction: room for four TLS records per syscall
 /// (allocated per tunnel and direction, so not larger).
 const COPY_BUF: usize = 64 * 1024;
@@ -124,6 +129,8 @@ pub struct Mesh {
     outbound_slots: Arc<tokio::sync::Semaphore>,
     /// (second, records written in it, records left out since the last one).
     preauth_audits: Mutex<(u64, u64, u64)>,
+    /// Pending handshakes per source address.
+    pending: Mutex<HashMap<std::net::IpAddr, usize>>,
 }
 
 /// Serves the node SVID (renewed under us) as the mesh server certificate.
@@ -178,6 +185,29 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
+/// A pending inbound handshake: a slot of all and one of its source's.
+struct Pending {
+    _global: tokio::sync::OwnedSemaphorePermit,
+    _source: SourceSlot,
+}
+
+struct SourceSlot {
+    mesh: Arc<Mesh>,
+    src: std::net::IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = lock(&self.mesh.pending);
+        if let Some(n) = m.get_mut(&self.src) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.src);
+            }
+        }
+    }
+}
+
 fn tls_facts(c: &rustls::CommonState) -> (String, String) {
     let version = match c.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
@@ -200,10 +230,18 @@ impl Mesh {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
         let td = node.td.clone();
-        let clients = tether_tls::SpiffeClientVerifier::new(
+        // Only mesh SVIDs: issued to another node's agent on that node's
+        // authenticated channel, never handed to a process. An SVID a
+        // workload got from the Workload API opens no tunnel.
+        let clients = tether_tls::SpiffeClientVerifier::with_check(
             node.bundle.clone(),
             Arc::new(move |id| id.trust_domain() == &td),
-            false,
+            Arc::new(|id, leaf, _| match tether_spiffe::x509::mesh_node(leaf) {
+                Some(_) => Ok(()),
+                None => Err(format!(
+                    "{id} is not a mesh SVID: only an agent's own tunnel certificate opens a tunnel"
+                )),
+            }),
         );
         let resolver = Arc::new(NodeCert {
             node: node.clone(),
@@ -225,6 +263,7 @@ impl Mesh {
             next_id: AtomicU64::new(1),
             outbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_OUTBOUND)),
             preauth_audits: Mutex::new((0, 0, 0)),
+            pending: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -344,14 +383,24 @@ impl Mesh {
                     Ok((s, peer)) => {
                         // The dual-stack listener shows IPv4 peers mapped.
                         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                        let (Ok(slot), Ok(hs)) = (
+                        let (Ok(slot), Ok(hs), Some(src)) = (
                             slots.clone().try_acquire_owned(),
                             handshakes.clone().try_acquire_owned(),
+                            me.pending_from(peer.ip()),
                         ) else {
-                            tracing::warn!(%peer, "too many mesh tunnels or handshakes; refused");
+                            tracing::warn!(%peer, "too many mesh tunnels or handshakes (in all or from this address); refused");
                             me.metrics.mesh_connection("inbound", "overload");
+                            me.audit_preauth(serde_json::json!({
+                                "direction": "inbound", "peerAddress": peer.to_string(),
+                                "verdict": "deny",
+                                "reason": "too many pending handshakes, in all or from this address",
+                            }));
                             reset(s);
                             continue;
+                        };
+                        let hs = Pending {
+                            _global: hs,
+                            _source: src,
                         };
                         let me = me.clone();
                         tokio::spawn(async move {
@@ -415,18 +464,39 @@ impl Mesh {
         }
     }
 
-    fn client_config(&self, svid: &ProcSvid) -> Result<Arc<rustls::ClientConfig>, String> {
-        if let Some(c) = svid.mesh_tls.get() {
+    async fn client_config(&self, svid: &ProcSvid) -> Result<Arc<rustls::ClientConfig>, String> {
+        let mesh = self
+            .tracker
+            .mesh_svid(svid)
+            .await
+            .map_err(|e| format!("no mesh SVID for {}: {e}", svid.spiffe_id))?;
+        if let Some(c) = mesh.tls.get() {
             return Ok(c.clone());
         }
         let td = self.node.td.clone();
-        let verifier = tether_tls::SpiffeServerVerifier::new(
+        let verifier = tether_tls::SpiffeServerVerifier::with_check(
             self.node.bundle.clone(),
-            // The far end must be an agent of this trust domain.
+            // The far end must be an agent of this trust domain...
             Arc::new(move |id| id.trust_domain() == &td && id.path().starts_with("/tether/node/")),
+            // ...and the one whose node SVID vouches for the destination
+            // address: no other node's agent, even of this trust domain,
+            // can stand in for the one that fronts the Service.
+            Arc::new(|id, leaf, ip| {
+                let ip = ip.ok_or("no destination address to check the agent against")?;
+                if tether_spiffe::x509::ip_sans(leaf)
+                    .iter()
+                    .any(|a| a.to_canonical() == ip.to_canonical())
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the agent answering at {ip} is {id}, whose node SVID does not vouch for {ip}"
+                    ))
+                }
+            }),
         );
-        let ck = tether_tls::certified_key(&svid.chain, svid.key.pkcs8_der())
-            .map_err(|e| format!("process SVID unusable for TLS: {e}"))?;
+        let ck = tether_tls::certified_key(&mesh.chain, mesh.key.pkcs8_der())
+            .map_err(|e| format!("mesh SVID unusable for TLS: {e}"))?;
         let mut cfg = tether_tls::client_config(verifier, Some(ck), &[tether_mesh::ALPN])
             .map_err(|e| format!("TLS client configuration: {e}"))?;
         cfg.resumption = rustls::client::Resumption::disabled();
@@ -434,7 +504,7 @@ impl Mesh {
         // destination may cross the wire in cleartext.
         cfg.enable_sni = false;
         let cfg = Arc::new(cfg);
-        Ok(svid.mesh_tls.get_or_init(|| cfg).clone())
+        Ok(mesh.tls.get_or_init(|| cfg).clone())
     }
 
     /// Carries an allowed connection to a meshed Service through a tunnel.
@@ -478,7 +548,7 @@ impl Mesh {
             }
         };
         base["spiffeId"] = serde_json::json!(svid.spiffe_id.to_string());
-        let cfg = match self.client_config(&svid) {
+        let cfg = match self.client_config(&svid).await {
             Ok(c) => c,
             Err(e) => {
                 return {
@@ -654,12 +724,21 @@ impl Mesh {
 
     // ---- inbound --------------------------------------------------------
 
-    async fn inbound(
-        self: &Arc<Self>,
-        tcp: TcpStream,
-        peer: SocketAddr,
-        handshake_slot: tokio::sync::OwnedSemaphorePermit,
-    ) {
+    /// Counts a pending handshake from `src`, if it has room.
+    fn pending_from(self: &Arc<Self>, src: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut m = lock(&self.pending);
+        let n = m.entry(src).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            mesh: self.clone(),
+            src,
+        })
+    }
+
+    async fn inbound(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr, handshake_slot: Pending) {
         let _ = tcp.set_nodelay(true);
         let mut base =
             serde_json::json!({ "direction": "inbound", "peerAddress": peer.to_string() });
@@ -674,6 +753,17 @@ impl Mesh {
                 self.audit(base.clone());
             }
         };
+        // A peer that says nothing is gone after a short wait.
+        if tokio::time::timeout(FIRST_BYTE_TIMEOUT, tcp.readable())
+            .await
+            .is_err()
+        {
+            return deny(
+                &mut base,
+                "handshake_failed",
+                format!("nothing received within {FIRST_BYTE_TIMEOUT:?}"),
+            );
+        }
         let tcp = Wire::with_capacity(WIRE_BUF, tcp);
         let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await
         {
@@ -703,6 +793,17 @@ impl Mesh {
         };
         let peer_id = peer_id.to_string();
         base["peerSpiffeId"] = serde_json::json!(peer_id);
+        // The node whose agent holds this mesh SVID (the verifier refused
+        // any other certificate).
+        if let Some(node) = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| tether_spiffe::x509::mesh_node(leaf))
+        {
+            base["peerNode"] = serde_json::json!(node);
+        }
         base["tls"] = serde_json::json!({ "version": version, "cipherSuite": cipher });
 
         let mut buf = Vec::with_capacity(tether_mesh::MAX_REQUEST);

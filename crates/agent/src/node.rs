@@ -50,6 +50,9 @@ pub struct NodeConn {
     identity: RwLock<Arc<NodeIdentity>>,
     channel: RwLock<Channel>,
     state_file: PathBuf,
+    /// The addresses last asked to be vouched for (the SVID may hold fewer:
+    /// the server leaves out addresses another node holds).
+    asked: std::sync::Mutex<Vec<String>>,
 }
 
 fn server_policy(td: &TrustDomain) -> tether_tls::IdPolicy {
@@ -133,6 +136,16 @@ impl NodeConn {
             tracing::info!(node = %ident.name, "reusing persisted node SVID");
             let bundle: SharedBundle = Arc::new(RwLock::new(bundle));
             let ch = channel(server, td, &bundle, Some(&ident))?;
+            // What it vouches for is what was asked last time, as far as
+            // we know; a difference shows up on the first address check.
+            let asked = ident
+                .chain
+                .first()
+                .map(|leaf| tether_spiffe::x509::ip_sans(leaf))
+                .unwrap_or_default()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             return Ok(Arc::new(NodeConn {
                 server: server.into(),
                 td: td.clone(),
@@ -140,6 +153,7 @@ impl NodeConn {
                 identity: RwLock::new(Arc::new(ident)),
                 channel: RwLock::new(ch),
                 state_file,
+                asked: std::sync::Mutex::new(asked),
             }));
         }
         let token = join_token.ok_or_else(|| {
@@ -153,11 +167,13 @@ impl NodeConn {
             .map_err(|e| anyhow!("node name: {e}"))?;
         let csr = tether_ca::build_csr(&key, &placeholder)?;
         let ch = channel(server, td, &bundle, None)?;
+        let addresses = crate::host_addrs::own();
         let svid = NodeClient::new(ch)
             .attest(AttestRequest {
                 join_token: token.to_string(),
                 csr,
                 node_name: node_name.to_string(),
+                addresses: addresses.clone(),
             })
             .await
             .map_err(|s| anyhow!("node attestation with {server} failed: {}", s.message()))?
@@ -174,9 +190,24 @@ impl NodeConn {
             channel: RwLock::new(channel(server, td, &bundle, Some(&ident))?),
             identity: RwLock::new(Arc::new(ident)),
             state_file,
+            asked: std::sync::Mutex::new(addresses),
         });
         conn.persist()?;
         Ok(conn)
+    }
+
+    /// Renews the node SVID when this host's addresses are no longer the
+    /// ones it asked to be vouched for: tunnels from other nodes accept this
+    /// agent only at an address its SVID names.
+    pub async fn follow_addresses(&self) {
+        let now = crate::host_addrs::own();
+        let changed = *self.asked.lock().unwrap_or_else(|p| p.into_inner()) != now;
+        if changed {
+            tracing::info!(addresses = ?now, "this host's addresses changed; renewing the node SVID");
+            if let Err(e) = self.renew().await {
+                tracing::warn!(error = %e, "renewing the node SVID for new addresses failed");
+            }
+        }
     }
 
     pub fn client(&self) -> NodeClient<Channel> {
@@ -206,9 +237,11 @@ impl NodeConn {
         let old = self.identity();
         let key = PrivateKey::generate()?;
         let csr = tether_ca::build_csr(&key, &old.id)?;
+        let addresses = crate::host_addrs::own();
+        *self.asked.lock().unwrap_or_else(|p| p.into_inner()) = addresses.clone();
         let svid = self
             .client()
-            .renew_node(RenewNodeRequest { csr })
+            .renew_node(RenewNodeRequest { csr, addresses })
             .await
             .map_err(|s| anyhow!("node SVID renewal failed: {}", s.message()))?
             .into_inner();

@@ -15,11 +15,16 @@ pub struct AgentIdentity {
     pub x509_ttl_secs: i64,
     pub jwt_ttl_secs: i64,
     pub workload_api: bool,
+    /// Exec checks this identity accepts (spec.allowExec).
+    pub allow_exec: Vec<String>,
 }
 
 impl AgentIdentity {
+    /// The process passes the exec checks (those this identity does not
+    /// accept by name) and one selector set.
     pub fn matches(&self, p: &ProcessInfo) -> bool {
-        self.sets.iter().any(|set| matches_all(set, p))
+        crate::verify::refusal(&p.exec, &self.allow_exec).is_none()
+            && self.sets.iter().any(|set| matches_all(set, p))
     }
 }
 
@@ -142,5 +147,6 @@ fn convert(i: &Identity) -> anyhow::Result<AgentIdentity> {
         x509_ttl_secs: i.x509_ttl_secs,
         jwt_ttl_secs: i.jwt_ttl_secs,
         workload_api: i.workload_api,
+        allow_exec: i.allow_exec.clone(),
     })
 }

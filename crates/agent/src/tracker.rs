@@ -31,9 +31,20 @@ pub struct ProcSvid {
     pub issued_at: i64,
     pub expires_at: i64,
     pub workload_api: bool,
-    /// The mesh's TLS client configuration with this SVID, built on first
-    /// use (it holds the key: it goes when the SVID does).
-    pub mesh_tls: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
+    /// The mesh SVID for this one (same SPIFFE ID, its own key, marked for
+    /// tunnels between agents), issued on first use and never handed to
+    /// the process: a key the workload can read opens no tunnel. It goes
+    /// when this SVID does (rotation, exit).
+    pub mesh: tokio::sync::OnceCell<Arc<MeshSvid>>,
+}
+
+/// An SVID for tunnels between agents, held only by this agent.
+pub struct MeshSvid {
+    pub key: PrivateKey,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<Vec<u8>>,
+    /// The mesh's TLS client configuration with it, built on first use.
+    pub tls: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
 }
 
 pub struct Tracked {
@@ -44,12 +55,16 @@ pub struct Tracked {
     pub svids: Vec<Arc<ProcSvid>>,
     /// An exit watcher is polling this instance's pidfd.
     pub watched: bool,
-    /// The kernel exec id the verdicts were written for.
-    pub exec_id: Option<tether_kernel::ExecId>,
+    /// The kernel exec id and process start the verdicts were written for.
+    pub exec: Option<(tether_kernel::ExecId, u64)>,
 }
 
 pub struct Tracker {
     pub attestor: Attestor,
+    /// The kernel's exec records (and marks): what each process really
+    /// executed. None only where the programs could not be loaded, and then
+    /// no process holds an identity.
+    pub kernel: Option<Arc<tether_kernel::Enforcer>>,
     procs: Mutex<HashMap<i32, Tracked>>,
     /// Serializes evaluation per pid so the event path and a Workload API
     /// call for the same process do not both issue.
@@ -81,9 +96,12 @@ impl Tracker {
         registry: watch::Receiver<Arc<Registry>>,
         node: Arc<NodeConn>,
         metrics: Arc<Metrics>,
+        kernel: Option<Arc<tether_kernel::Enforcer>>,
+        hash_limits: tether_attest::HashLimits,
     ) -> Arc<Self> {
         Arc::new(Tracker {
-            attestor: Attestor::new(),
+            attestor: Attestor::with_limits(hash_limits),
+            kernel,
             procs: Mutex::new(HashMap::new()),
             pid_locks: Mutex::new(HashMap::new()),
             registry,
@@ -126,14 +144,68 @@ impl Tracker {
     }
 
     /// Attests a pid on the blocking pool without tracking it (admin
-    /// queries).
+    /// queries), with the kernel's exec checks applied.
     pub async fn attest_pid(self: &Arc<Self>, pid: i32) -> Result<ProcessInfo, String> {
-        let fd = PidFd::open(pid).map_err(|e| format!("pid {pid}: {e}"))?;
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.attestor.attest(&fd))
+        let fd = Arc::new(PidFd::open(pid).map_err(|e| format!("pid {pid}: {e}"))?);
+        self.attest_checked(fd)
             .await
-            .map_err(|e| e.to_string())?
+            .map(|(info, _)| info)
             .map_err(|e| e.to_string())
+    }
+
+    /// The exec record of `pid`, if the kernel has one.
+    pub fn exec_record(&self, pid: i32) -> Option<tether_kernel::ExecRecord> {
+        let k = self.kernel.as_ref()?;
+        u32::try_from(pid)
+            .ok()
+            .and_then(|p| k.exec_record(p).ok().flatten())
+    }
+
+    /// Attests the process and applies the exec checks of its kernel
+    /// record, read before and after the /proc reads: if the process exec'd
+    /// (or the pid changed hands) in between, the reads may mix two images,
+    /// so it is attested again; a process that keeps exec'ing is refused,
+    /// never guessed. Returns the record the result belongs to.
+    async fn attest_checked(
+        self: &Arc<Self>,
+        pidfd: Arc<PidFd>,
+    ) -> Result<(ProcessInfo, Option<tether_kernel::ExecRecord>), EnsureError> {
+        let pid = pidfd.pid();
+        let key =
+            |r: &Option<tether_kernel::ExecRecord>| r.as_ref().map(|r| (r.exec_id, r.start_ns));
+        let mut before = self.exec_record(pid);
+        for _ in 0..3 {
+            let access = crate::verify::file_access(before.as_ref());
+            let me = self.clone();
+            let pfd = pidfd.clone();
+            let mut info =
+                tokio::task::spawn_blocking(move || me.attestor.attest_with(&pfd, access))
+                    .await
+                    .map_err(|e| EnsureError::Internal(e.to_string()))?
+                    .map_err(|e| {
+                        // A process that exited before we looked is not an error.
+                        if !matches!(e, tether_attest::AttestError::Exited { .. }) {
+                            self.metrics.attestation_errors.inc();
+                        }
+                        EnsureError::Attest(e.to_string())
+                    })?;
+            let after = self.exec_record(pid);
+            if key(&after) == key(&before) {
+                info.exec = if self.kernel.is_some() {
+                    crate::verify::exec_check(after.as_ref(), &info, access)
+                } else {
+                    tether_attest::ExecCheck {
+                        blocking: vec!["the agent has no kernel exec records".into()],
+                        ..tether_attest::ExecCheck::default()
+                    }
+                };
+                return Ok((info, after));
+            }
+            before = after;
+        }
+        Err(EnsureError::Attest(format!(
+            "process {pid} exec'd again each time it was attested; not guessing which image it runs"
+        )))
     }
 
     /// How many SVIDs the process with this pid holds (any instance).
@@ -238,38 +310,10 @@ impl Tracker {
         let lock = self.pid_lock(pid);
         let _guard = lock.lock().await;
         let reg = self.registry.borrow().clone();
-        // Read the kernel's exec id before attesting and again after: if the
-        // process exec'd in between, what we read may be either image, so
-        // attest again. Verdicts are keyed to the exec id, so the kernel
-        // ignores any written for an image that is gone.
-        let read_exec = || {
-            self.enforcement
-                .get()
-                .and_then(|e| e.kernel().exec_id(pid as u32).ok())
-        };
-        let mut exec_id = read_exec();
-        let mut tries = 0;
-        let info = loop {
-            let me = self.clone();
-            let pfd = pidfd.clone();
-            let info = tokio::task::spawn_blocking(move || me.attestor.attest(&pfd))
-                .await
-                .map_err(|e| EnsureError::Internal(e.to_string()))?
-                .map_err(|e| {
-                    // A process that exited before we looked is not an error.
-                    if !matches!(e, tether_attest::AttestError::Exited { .. }) {
-                        self.metrics.attestation_errors.inc();
-                    }
-                    EnsureError::Attest(e.to_string())
-                })?;
-            let after = read_exec();
-            tries += 1;
-            if after == exec_id || tries >= 3 {
-                exec_id = after;
-                break info;
-            }
-            exec_id = after;
-        };
+        let (info, rec) = self.attest_checked(pidfd.clone()).await?;
+        let exec = rec
+            .as_ref()
+            .map(|r| (tether_kernel::ExecId(r.exec_id), r.start_ns));
         // Already current for this instance and registry revision?
         {
             let procs = self.procs();
@@ -278,7 +322,8 @@ impl Tracker {
             if let Some(t) = procs.get(&pid)
                 && t.info.start_time == info.start_time
                 && t.evaluated_rev == reg.revision
-                && t.exec_id == exec_id
+                && t.exec == exec
+                && t.info.exec == info.exec
                 && t.info.selectors() == info.selectors()
             {
                 return Ok((t.info.clone(), t.svids.clone()));
@@ -313,12 +358,12 @@ impl Tracker {
         // connection waits on them, they must not depend on the server
         // being reachable, and once the process shows up as attested (SVIDs
         // listed, Workload API answers) they are in place.
-        if let (Some(e), Some(exec_id)) = (self.enforcement.get(), exec_id) {
+        if let (Some(e), Some(exec)) = (self.enforcement.get(), exec) {
             // Verdicts follow the identities the process matches, whether or
             // not their SVIDs can be issued.
             let names = wanted.iter().map(|w| w.name.clone()).collect();
             let ids = wanted.iter().map(|w| w.spiffe_id.to_string()).collect();
-            e.process_updated(&info, exec_id, names, ids);
+            e.process_updated(&info, exec, names, ids);
         }
         let missing: Vec<&AgentIdentity> = wanted
             .iter()
@@ -355,7 +400,7 @@ impl Tracker {
                 evaluated_rev: reg.revision,
                 svids: keep.clone(),
                 watched: watched || watch_now,
-                exec_id,
+                exec,
             },
         );
         if watch_now {
@@ -390,6 +435,7 @@ impl Tracker {
                 spiffe_id: i.spiffe_id.to_string(),
                 csr,
                 ttl_secs: i.x509_ttl_secs,
+                mesh: false,
             });
             keys.push(key);
         }
@@ -423,10 +469,55 @@ impl Tracker {
                 issued_at,
                 expires_at: s.expires_at,
                 workload_api: i.workload_api,
-                mesh_tls: std::sync::OnceLock::new(),
+                mesh: tokio::sync::OnceCell::new(),
             }));
         }
         Ok(out)
+    }
+
+    /// The mesh SVID for `svid`, issued on first use: same SPIFFE ID and
+    /// lifetime, a key of its own, marked by the server as this node's.
+    pub async fn mesh_svid(&self, svid: &ProcSvid) -> Result<Arc<MeshSvid>, EnsureError> {
+        svid.mesh
+            .get_or_try_init(|| async {
+                let key =
+                    PrivateKey::generate().map_err(|e| EnsureError::Internal(e.to_string()))?;
+                let csr = tether_ca::build_csr(&key, &svid.spiffe_id)
+                    .map_err(|e| EnsureError::Internal(e.to_string()))?;
+                let ttl = (svid.expires_at - now()).max(1);
+                let resp = self
+                    .node
+                    .client()
+                    .sign_x509_svids(SignX509SvidsRequest {
+                        csrs: vec![SvidCsr {
+                            spiffe_id: svid.spiffe_id.to_string(),
+                            csr,
+                            ttl_secs: ttl,
+                            mesh: true,
+                        }],
+                    })
+                    .await
+                    .map_err(|s| EnsureError::Server(s.message().to_string()))?
+                    .into_inner();
+                let s = resp
+                    .svids
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| EnsureError::Server("no mesh SVID in the answer".into()))?;
+                if !s.error.is_empty() || s.chain.is_empty() {
+                    return Err(EnsureError::Server(format!(
+                        "mesh SVID refused: {}",
+                        s.error
+                    )));
+                }
+                Ok(Arc::new(MeshSvid {
+                    key,
+                    chain: s.chain,
+                    tls: std::sync::OnceLock::new(),
+                }))
+            })
+            .await
+            .cloned()
     }
 
     /// Has the server mint a JWT-SVID for `id` (entitlement is checked

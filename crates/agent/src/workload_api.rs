@@ -1,8 +1,12 @@
 //! The SPIFFE Workload API on a Unix socket.
 //!
-//! The caller is identified by a pidfd taken from the socket at accept time
-//! (SO_PEERPIDFD), never by a PID looked up later, so a caller that exits
-//! and has its PID reused cannot hand its identity to another process.
+//! The caller is fixed at accept: a pidfd taken from the socket
+//! (SO_PEERPIDFD), never a PID looked up later, and the kernel's exec record
+//! of that process then (exec id and start). A call is answered only while
+//! that same process runs that same image: after an exec, or from any other
+//! process holding the descriptor (every byte's writer is checked, see
+//! `sender`), the connection gets nothing. Connections are capped in total
+//! and per uid.
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -19,21 +23,110 @@ use tether_proto::workload::{
     ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
     X509svid, X509svidRequest, X509svidResponse,
 };
-use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
+use crate::sender::{SenderChecked, pass_credentials};
 use crate::tracker::{EnsureError, ProcSvid, Tracker, now};
 
-/// The caller of one Workload API connection.
+/// The caller of one Workload API connection, as it was at accept.
 #[derive(Clone)]
 pub struct Caller {
     pub pidfd: Option<Arc<PidFd>>,
+    /// The kernel's (exec id, process start) for it at accept.
+    pub exec: Option<(u64, u64)>,
 }
 
-type CallerConn = tether_proto::uds::Tagged<crate::h2_authority::Rewritten<UnixStream>, Caller>;
+type CallerConn =
+    tether_proto::uds::Tagged<crate::h2_authority::Rewritten<Counted<SenderChecked>>, Caller>;
+
+/// Connections at once, in all and per uid: a flood from one user cannot
+/// take the socket from everyone else.
+const MAX_CONNECTIONS: usize = 1024;
+const MAX_PER_UID: usize = 64;
+/// Header list size the HTTP/2 server accepts (the `:authority` shim bounds
+/// decoded header blocks the same way).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// Counts open connections per uid; a connection holds its slot until it
+/// is dropped.
+#[derive(Default)]
+struct Slots {
+    per_uid: std::sync::Mutex<HashMap<u32, usize>>,
+}
+
+impl Slots {
+    fn take(self: &Arc<Self>, uid: u32) -> Option<Slot> {
+        let mut m = self.per_uid.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = m.values().sum();
+        let mine = m.entry(uid).or_insert(0);
+        if total >= MAX_CONNECTIONS || *mine >= MAX_PER_UID {
+            return None;
+        }
+        *mine += 1;
+        Some(Slot {
+            slots: self.clone(),
+            uid,
+        })
+    }
+}
+
+struct Slot {
+    slots: Arc<Slots>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.slots.per_uid.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// A stream that holds its connection slot.
+pub struct Counted<S> {
+    inner: S,
+    _slot: Slot,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 pub struct WorkloadApi {
     tracker: Arc<Tracker>,
@@ -61,14 +154,16 @@ fn concat(chain: &[Vec<u8>]) -> Vec<u8> {
 
 impl WorkloadApi {
     fn caller<T>(&self, req: &Request<T>) -> Result<Arc<PidFd>, Status> {
-        req.extensions()
-            .get::<Caller>()
-            .and_then(|c| c.pidfd.clone())
-            .ok_or_else(|| {
-                Status::permission_denied(
-                    "could not identify the calling process (no pidfd for the peer)",
-                )
-            })
+        let c = req.extensions().get::<Caller>().ok_or_else(|| {
+            Status::permission_denied("could not identify the calling process (no connection info)")
+        })?;
+        let pidfd = c.pidfd.clone().ok_or_else(|| {
+            Status::permission_denied(
+                "could not identify the calling process (no pidfd for the peer)",
+            )
+        })?;
+        still_bound(&self.tracker, &pidfd, c.exec)?;
+        Ok(pidfd)
     }
 
     /// The caller's SVIDs that may be delivered through this API.
@@ -122,6 +217,30 @@ impl WorkloadApi {
         };
         self.metrics.workload_api_requests(method, &code);
     }
+}
+
+/// The connection still belongs to the process and image that made it:
+/// alive, same exec record (no exec since, same process), not marked.
+fn still_bound(tracker: &Tracker, pidfd: &PidFd, exec: Option<(u64, u64)>) -> Result<(), Status> {
+    let pid = pidfd.pid();
+    if !pidfd.is_alive() {
+        return Err(Status::permission_denied(format!(
+            "pid {pid}, which made this connection, has exited"
+        )));
+    }
+    let now = tracker.exec_record(pid);
+    if now.as_ref().map(|r| (r.exec_id, r.start_ns)) != exec || exec.is_none() {
+        return Err(Status::permission_denied(format!(
+            "pid {pid} has exec'd since it connected (or was never recorded): a connection serves \
+             only the image that made it; connect again"
+        )));
+    }
+    if now.is_some_and(|r| r.flags.tainted()) {
+        return Err(Status::permission_denied(format!(
+            "pid {pid} was traced or had its memory or exe changed since its exec"
+        )));
+    }
+    Ok(())
 }
 
 /// A stream that sends a message now and again after every change, until
@@ -182,12 +301,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let mut initial = Some(svids);
         let pid = pidfd.pid();
         let start_time = info.start_time;
+        let exec = req.extensions().get::<Caller>().and_then(|c| c.exec);
         Ok(Response::new(follow(tracker.clone(), move || {
             let svids = match initial.take() {
                 Some(s) => s,
                 None => {
                     if !pidfd.is_alive() {
                         return Some(Err(Status::cancelled("caller exited")));
+                    }
+                    if let Err(s) = still_bound(&tracker, &pidfd, exec) {
+                        return Some(Err(s));
                     }
                     let s: Vec<_> = tracker
                         .svids_of(pid, start_time)?
@@ -392,11 +515,26 @@ pub fn serve(
 ) -> anyhow::Result<JoinHandle<()>> {
     let listener = tether_proto::uds::bind(path, 0o777)
         .map_err(|e| anyhow::anyhow!("binding Workload API socket {}: {e}", path.display()))?;
+    pass_credentials(listener.as_fd()).map_err(|e| {
+        anyhow::anyhow!(
+            "SO_PASSCRED on the Workload API socket {}: {e}",
+            path.display()
+        )
+    })?;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<CallerConn>>(64);
+    let slots = Arc::new(Slots::default());
+    let t = tracker.clone();
+    let m = metrics.clone();
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((s, _)) => {
+                    let uid = s.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+                    let Some(slot) = slots.take(uid) else {
+                        tracing::warn!(uid, "Workload API: too many connections; closing one");
+                        m.workload_api_requests("connect", "resource_exhausted");
+                        continue;
+                    };
                     let pidfd = match tether_attest::peer_pidfd(s.as_fd()) {
                         Ok(p) => Some(Arc::new(p)),
                         Err(e) => {
@@ -404,8 +542,18 @@ pub fn serve(
                             None
                         }
                     };
-                    let conn =
-                        CallerConn::new(crate::h2_authority::Rewritten::new(s), Caller { pidfd });
+                    let pid = pidfd.as_ref().map_or(0, |p| p.pid());
+                    // The image that made the connection: read now, checked
+                    // on every call.
+                    let exec = t.exec_record(pid).map(|r| (r.exec_id, r.start_ns));
+                    let stream = Counted {
+                        inner: SenderChecked::new(s, pid),
+                        _slot: slot,
+                    };
+                    let conn = CallerConn::new(
+                        crate::h2_authority::Rewritten::new(stream),
+                        Caller { pidfd, exec },
+                    );
                     if tx.send(Ok(conn)).await.is_err() {
                         return;
                     }
@@ -420,6 +568,8 @@ pub fn serve(
     let svc = SpiffeWorkloadApiServer::new(WorkloadApi { tracker, metrics });
     Ok(tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
+            .http2_max_header_list_size(MAX_HEADER_LIST)
+            .concurrency_limit_per_connection(16)
             .add_service(svc)
             .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await

@@ -71,8 +71,54 @@ pub enum AttestError {
     },
 }
 
+/// What the kernel's record of a process's exec says about it, filled in
+/// by whoever owns that record (the agent). A process with `blocking`
+/// entries holds no identity; `findings` name the checks it failed that an
+/// identity may explicitly accept (`spec.allowExec`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ExecCheck {
+    /// Failed checks an identity may accept by name: `LD_PRELOAD`,
+    /// `LD_AUDIT`, `LD_LIBRARY_PATH`, `LD_*`, `GCONV_PATH`,
+    /// `GLIBC_TUNABLES`, `mount-namespace`, `chroot`, `filesystem`,
+    /// `interpreter`.
+    pub findings: Vec<String>,
+    /// Why no identity is possible at all (not recorded, the exe is not
+    /// what was executed, marked since).
+    pub blocking: Vec<String>,
+    /// The name of the file the kernel recorded as executed (what audit
+    /// shows when /proc's exe link says something else).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub executed: Option<String>,
+}
+
+/// The names of [`ExecCheck::findings`] an identity may accept.
+pub const EXEC_CHECKS: [&str; 10] = [
+    "LD_PRELOAD",
+    "LD_AUDIT",
+    "LD_LIBRARY_PATH",
+    "LD_*",
+    "GCONV_PATH",
+    "GLIBC_TUNABLES",
+    "mount-namespace",
+    "chroot",
+    "filesystem",
+    "interpreter",
+];
+
+/// How far attestation may touch the executable file itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileAccess {
+    /// Open, hash and parse it (a local filesystem of the host's).
+    #[default]
+    Full,
+    /// Read only links: the file may be served by its own user (FUSE) or
+    /// live in someone's private mounts, where opening it can block or
+    /// lie. No hash, no path check, no interpreter.
+    LinksOnly,
+}
+
 /// What attestation learned about one process.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct ProcessInfo {
     pub pid: i32,
     pub ppid: i32,
@@ -88,8 +134,28 @@ pub struct ProcessInfo {
     pub exe_path: String,
     /// The executable's inode has no links left (replaced or removed).
     pub exe_deleted: bool,
-    /// SHA-256 of the executable inode actually mapped, lowercase hex.
+    /// Device (`st_dev`) and inode of the file /proc/PID/exe opens.
+    pub exe_dev: u64,
+    pub exe_ino: u64,
+    /// `exe_path` names that same file in this agent's (the host's) view of
+    /// the filesystem. Only then can a `process:path` selector match.
+    pub exe_path_host: bool,
+    /// SHA-256 of the executable inode actually mapped, lowercase hex;
+    /// empty when it was not hashed (see `sha256_skipped`).
     pub sha256: String,
+    /// Why the executable was not hashed (too large, too slow, not a file
+    /// we may open).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256_skipped: Option<String>,
+    /// The ELF interpreter (PT_INTERP) the executable names, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interpreter: Option<String>,
+    /// The interpreter is a standard one: an `ld-*.so*` under the system
+    /// library directories, owned by root and writable by root only (or
+    /// there is none: a static executable).
+    pub interpreter_standard: bool,
+    /// The kernel's exec record checks (filled in by the agent).
+    pub exec: ExecCheck,
     /// /proc/PID/comm; set by the process itself, so weak on its own.
     pub name: String,
     /// /proc/PID/cmdline; lives in the process's memory, so weak on its own.
@@ -111,7 +177,6 @@ impl ProcessInfo {
         let mut all = vec![
             Selector::Uid(self.uid),
             Selector::Gid(self.gid),
-            Selector::Path(self.exe_path.clone()),
             Selector::Sha256(self.sha256.clone()),
             Selector::Name(self.name.clone()),
             Selector::Cmdline(self.cmdline.join(" ")),
@@ -129,12 +194,15 @@ impl ProcessInfo {
                 all.push(make(v.clone()));
             }
         }
+        if self.exe_path_host {
+            all.push(Selector::Path(self.exe_path.clone()));
+        }
         // Keep only what a manifest could actually contain, so every listed
         // string parses back to a selector that matches this process.
         let mut strings: Vec<String> = all
             .iter()
             .map(ToString::to_string)
-            .filter(|s| Selector::parse(s).is_ok_and(|p| all.contains(&p)))
+            .filter(|s| Selector::parse(s).is_ok_and(|p| all.contains(&p) && p.matches(self)))
             .collect();
         strings.sort();
         strings.dedup();
@@ -499,6 +567,16 @@ impl ProcDir {
         Ok(buf)
     }
 
+    /// The exe link target only (nothing is opened), without a
+    /// " (deleted)" suffix.
+    fn exe_link(&self) -> Result<String, AttestError> {
+        let link = String::from_utf8_lossy(&self.readlink(c"exe")?).into_owned();
+        Ok(match link.strip_suffix(" (deleted)") {
+            Some(p) => p.to_owned(),
+            None => link,
+        })
+    }
+
     /// The exe link target and the open executable. The path loses a
     /// " (deleted)" suffix only when the inode really has no links, so a file
     /// literally named "x (deleted)" keeps its name.
@@ -515,11 +593,92 @@ impl ProcDir {
     }
 }
 
+/// Bounds on hashing executables: an attacker can exec a huge (sparse)
+/// file or many of them, and hashing must never stall attestation of
+/// everyone else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashLimits {
+    /// Larger executables are not hashed (their `process:sha256` selectors
+    /// cannot match).
+    pub max_bytes: u64,
+    /// Hashing one file stops after this long.
+    pub max_time: std::time::Duration,
+    /// Hashes running at once, and per uid of the process being attested.
+    pub parallel: usize,
+    pub per_uid: usize,
+}
+
+impl Default for HashLimits {
+    fn default() -> Self {
+        HashLimits {
+            max_bytes: 1 << 30,
+            max_time: std::time::Duration::from_secs(10),
+            parallel: 2,
+            per_uid: 1,
+        }
+    }
+}
+
+/// Admission to hashing: `parallel` at once, `per_uid` for any one uid, so
+/// one user's processes cannot take every slot. Waiting is bounded too.
+struct HashGate {
+    state: Mutex<(usize, HashMap<u32, usize>)>,
+    freed: std::sync::Condvar,
+    limits: HashLimits,
+}
+
+struct HashSlot<'a> {
+    gate: &'a HashGate,
+    uid: u32,
+}
+
+impl HashGate {
+    fn enter(&self, uid: u32, deadline: std::time::Instant) -> Option<HashSlot<'_>> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let mine = st.1.get(&uid).copied().unwrap_or(0);
+            if st.0 < self.limits.parallel && mine < self.limits.per_uid {
+                st.0 += 1;
+                *st.1.entry(uid).or_insert(0) += 1;
+                return Some(HashSlot { gate: self, uid });
+            }
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            st = self
+                .freed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for HashSlot<'_> {
+    fn drop(&mut self) {
+        let mut st = self.gate.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 = st.0.saturating_sub(1);
+        if let Some(n) = st.1.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.1.remove(&self.uid);
+            }
+        }
+        self.gate.freed.notify_all();
+    }
+}
+
+/// Why an executable was not hashed: the attestation goes on without a
+/// hash (and `process:sha256` selectors cannot match).
+enum HashSkip {
+    Skipped(String),
+    Failed(AttestError),
+}
+
 /// Reads process attributes and caches executable hashes.
 pub struct Attestor {
     hashes: Mutex<HashMap<ExeKey, String>>,
     users: IdNames,
     groups: IdNames,
+    gate: HashGate,
 }
 
 impl Default for Attestor {
@@ -528,12 +687,35 @@ impl Default for Attestor {
     }
 }
 
+/// How much of an executable is read to find its ELF interpreter: program
+/// headers and PT_INTERP sit at the start of every real ELF file.
+const ELF_HEAD: u64 = 64 * 1024;
+
+/// Directories a standard ELF interpreter lives in.
+const LOADER_DIRS: [&str; 6] = [
+    "/lib",
+    "/lib64",
+    "/lib32",
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/lib32",
+];
+
 impl Attestor {
     pub fn new() -> Attestor {
+        Self::with_limits(HashLimits::default())
+    }
+
+    pub fn with_limits(limits: HashLimits) -> Attestor {
         Attestor {
             hashes: Mutex::new(HashMap::new()),
             users: IdNames::new("/etc/passwd"),
             groups: IdNames::new("/etc/group"),
+            gate: HashGate {
+                state: Mutex::new((0, HashMap::new())),
+                freed: std::sync::Condvar::new(),
+                limits,
+            },
         }
     }
 
@@ -541,10 +723,20 @@ impl Attestor {
     /// if it is gone by the end of the reads, because then the pid may have
     /// been reused mid-way and the data cannot be attributed to it.
     pub fn attest(&self, pidfd: &PidFd) -> Result<ProcessInfo, AttestError> {
+        self.attest_with(pidfd, FileAccess::Full)
+    }
+
+    /// As [`attest`](Self::attest), touching the executable only as
+    /// `access` allows.
+    pub fn attest_with(
+        &self,
+        pidfd: &PidFd,
+        access: FileAccess,
+    ) -> Result<ProcessInfo, AttestError> {
         let pid = pidfd.pid();
         let mut result = Err(AttestError::Unstable { pid });
         for _ in 0..ATTEMPTS {
-            result = self.read_process(pid);
+            result = self.read_process(pid, access);
             if !matches!(result, Err(AttestError::Unstable { .. })) {
                 break;
             }
@@ -567,7 +759,7 @@ impl Attestor {
         self.hashes.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    fn read_process(&self, pid: i32) -> Result<ProcessInfo, AttestError> {
+    fn read_process(&self, pid: i32, access: FileAccess) -> Result<ProcessInfo, AttestError> {
         let dir = ProcDir::open(pid)?;
         let first = parse_stat(pid, &dir.read(c"stat", SMALL_FILE_LIMIT)?)?;
         // Zombies have no exe or memory left to read.
@@ -575,17 +767,49 @@ impl Attestor {
             return Err(AttestError::Exited { pid });
         }
         let (uid, gid) = parse_status(pid, &dir.read(c"status", SMALL_FILE_LIMIT)?)?;
-        let (exe, exe_path, exe_deleted) = dir.exe()?;
-        let sha256 = self.hash_exe(&dir, &exe)?;
+        let mut info = ProcessInfo {
+            pid,
+            uid,
+            gid,
+            start_time: first.start_time,
+            ..ProcessInfo::default()
+        };
+        let exe = match access {
+            FileAccess::Full => {
+                let (exe, exe_path, exe_deleted) = dir.exe()?;
+                let md = exe.metadata().map_err(|e| dir.io_err(c"exe", e))?;
+                info.exe_dev = md.dev();
+                info.exe_ino = md.ino();
+                // The same file at the same path from where we stand: the
+                // path means what the host means by it.
+                info.exe_path_host = !exe_deleted
+                    && std::fs::metadata(&exe_path)
+                        .is_ok_and(|h| (h.dev(), h.ino()) == (md.dev(), md.ino()));
+                info.exe_path = exe_path;
+                info.exe_deleted = exe_deleted;
+                match self.hash_exe(&dir, &exe, uid) {
+                    Ok(h) => info.sha256 = h,
+                    Err(HashSkip::Skipped(why)) => info.sha256_skipped = Some(why),
+                    Err(HashSkip::Failed(e)) => return Err(e),
+                }
+                let (interp, standard) = elf_interpreter(&exe);
+                info.interpreter = interp;
+                info.interpreter_standard = standard;
+                Some(exe)
+            }
+            FileAccess::LinksOnly => {
+                info.exe_path = dir.exe_link()?;
+                info.sha256_skipped = Some("the executable's filesystem is not trusted".into());
+                None
+            }
+        };
         let comm = dir.read(c"comm", SMALL_FILE_LIMIT)?;
-        let name = String::from_utf8_lossy(comm.strip_suffix(b"\n").unwrap_or(&comm)).into_owned();
-        let cmdline = parse_cmdline(&dir.read(c"cmdline", CMDLINE_LIMIT)?);
-        let cgroup = parse_cgroup(pid, &dir.read(c"cgroup", SMALL_FILE_LIMIT)?)?;
+        info.name = String::from_utf8_lossy(comm.strip_suffix(b"\n").unwrap_or(&comm)).into_owned();
+        info.cmdline = parse_cmdline(&dir.read(c"cmdline", CMDLINE_LIMIT)?);
+        info.cgroup = parse_cgroup(pid, &dir.read(c"cgroup", SMALL_FILE_LIMIT)?)?;
+        // The parent's link only: opening its file could block as above.
         let mut parent_path = if first.ppid > 0 {
-            ProcDir::open(first.ppid)
-                .and_then(|p| p.exe())
-                .ok()
-                .map(|(_, path, _)| path)
+            ProcDir::open(first.ppid).and_then(|p| p.exe_link()).ok()
         } else {
             None
         };
@@ -600,37 +824,31 @@ impl Attestor {
             parent_path = None;
         }
         // An exec during the reads would mix two programs' attributes.
-        let md_now = dir
-            .open_file(c"exe")?
-            .metadata()
-            .map_err(|e| dir.io_err(c"exe", e))?;
-        let md_then = exe.metadata().map_err(|e| dir.io_err(c"exe", e))?;
-        if (md_now.dev(), md_now.ino()) != (md_then.dev(), md_then.ino()) {
+        if let Some(exe) = exe {
+            let md_now = dir
+                .open_file(c"exe")?
+                .metadata()
+                .map_err(|e| dir.io_err(c"exe", e))?;
+            let md_then = exe.metadata().map_err(|e| dir.io_err(c"exe", e))?;
+            if (md_now.dev(), md_now.ino()) != (md_then.dev(), md_then.ino()) {
+                return Err(AttestError::Unstable { pid });
+            }
+        } else if dir.exe_link()? != info.exe_path {
             return Err(AttestError::Unstable { pid });
         }
-
-        Ok(ProcessInfo {
-            pid,
-            ppid: last.ppid,
-            start_time: first.start_time,
-            uid,
-            gid,
-            user: self.users.name_of(uid),
-            group: self.groups.name_of(gid),
-            exe_path,
-            exe_deleted,
-            sha256,
-            name,
-            cmdline,
-            parent_path,
-            container_id: container_id_from_cgroup(&cgroup),
-            systemd_unit: systemd_unit_from_cgroup(&cgroup),
-            cgroup,
-        })
+        info.ppid = last.ppid;
+        info.user = self.users.name_of(uid);
+        info.group = self.groups.name_of(gid);
+        info.parent_path = parent_path;
+        info.container_id = container_id_from_cgroup(&info.cgroup);
+        info.systemd_unit = systemd_unit_from_cgroup(&info.cgroup);
+        Ok(info)
     }
 
-    fn hash_exe(&self, dir: &ProcDir, exe: &File) -> Result<String, AttestError> {
-        let before = exe.metadata().map_err(|e| dir.io_err(c"exe", e))?;
+    fn hash_exe(&self, dir: &ProcDir, exe: &File, uid: u32) -> Result<String, HashSkip> {
+        let before = exe
+            .metadata()
+            .map_err(|e| HashSkip::Failed(dir.io_err(c"exe", e)))?;
         let key = ExeKey::of(&before);
         if let Some(h) = self
             .hashes
@@ -640,29 +858,56 @@ impl Attestor {
         {
             return Ok(h.clone());
         }
+        let limits = self.gate.limits;
+        if key.size > limits.max_bytes {
+            return Err(HashSkip::Skipped(format!(
+                "executable is {} bytes; files over {} are not hashed",
+                key.size, limits.max_bytes
+            )));
+        }
+        let deadline = std::time::Instant::now() + limits.max_time;
+        let Some(_slot) = self.gate.enter(uid, deadline) else {
+            return Err(HashSkip::Skipped(format!(
+                "no hashing slot for uid {uid} within {:?}",
+                limits.max_time
+            )));
+        };
         let mut ctx = digest::Context::new(&digest::SHA256);
         let mut buf = vec![0u8; 64 * 1024];
         let mut total: u64 = 0;
         let mut reader = exe;
         loop {
+            if std::time::Instant::now() > deadline {
+                return Err(HashSkip::Skipped(format!(
+                    "hashing took longer than {:?}",
+                    limits.max_time
+                )));
+            }
             match reader.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
                     ctx.update(&buf[..n]);
                     total = total.saturating_add(n as u64);
+                    // A file that grows while we read is not what was
+                    // measured, and must not keep us reading.
+                    if total > key.size {
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(dir.io_err(c"exe", e)),
+                Err(e) => return Err(HashSkip::Failed(dir.io_err(c"exe", e))),
             }
         }
-        let after = exe.metadata().map_err(|e| dir.io_err(c"exe", e))?;
+        let after = exe
+            .metadata()
+            .map_err(|e| HashSkip::Failed(dir.io_err(c"exe", e)))?;
         // A file written while we read it yields a hash of no real content.
         if ExeKey::of(&after) != key || total != key.size {
-            return Err(AttestError::Parse {
+            return Err(HashSkip::Failed(AttestError::Parse {
                 pid: dir.pid,
                 file: dir.name(c"exe"),
                 what: "executable changed while it was being hashed".into(),
-            });
+            }));
         }
         let hex = hex::encode(ctx.finish().as_ref());
         let mut cache = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
@@ -675,6 +920,84 @@ impl Attestor {
         cache.insert(key, hex.clone());
         Ok(hex)
     }
+}
+
+/// The PT_INTERP of an ELF executable, and whether it is a standard one.
+/// Not ELF (a script's interpreter is the exe itself), static, or
+/// unreadable: no interpreter; unreadable counts as non-standard.
+fn elf_interpreter(exe: &File) -> (Option<String>, bool) {
+    use std::os::unix::fs::FileExt as _;
+    let mut head = vec![0u8; ELF_HEAD as usize];
+    let mut got = 0usize;
+    while got < head.len() {
+        match exe.read_at(&mut head[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return (None, false),
+        }
+    }
+    head.truncate(got);
+    match parse_interp(&head) {
+        Ok(None) => (None, true),
+        Ok(Some(path)) => {
+            let standard = is_standard_loader(&path);
+            (Some(path), standard)
+        }
+        Err(()) => (None, false),
+    }
+}
+
+/// PT_INTERP from the first bytes of an ELF file. `Ok(None)`: not ELF or no
+/// interpreter; `Err`: ELF whose headers we cannot read from `head`.
+pub fn parse_interp(head: &[u8]) -> Result<Option<String>, ()> {
+    use object::read::elf::ProgramHeader as _;
+    if !head.starts_with(b"\x7fELF") {
+        return Ok(None);
+    }
+    fn interp<E: object::read::elf::FileHeader>(head: &[u8]) -> Result<Option<String>, ()> {
+        let hdr = E::parse(head).map_err(|_| ())?;
+        let endian = hdr.endian().map_err(|_| ())?;
+        for ph in hdr.program_headers(endian, head).map_err(|_| ())? {
+            if ph.p_type(endian) == object::elf::PT_INTERP {
+                let raw = ph.data(endian, head).map_err(|_| ())?;
+                let raw = raw.split(|&b| b == 0).next().unwrap_or(raw);
+                return Ok(Some(String::from_utf8_lossy(raw).into_owned()));
+            }
+        }
+        Ok(None)
+    }
+    match head.get(4) {
+        Some(2) => interp::<object::elf::FileHeader64<object::Endianness>>(head),
+        Some(1) => interp::<object::elf::FileHeader32<object::Endianness>>(head),
+        _ => Err(()),
+    }
+}
+
+/// A standard dynamic loader: `ld-*.so*` directly in (or in a multiarch
+/// directory of) a system library directory, a regular file owned by root
+/// that only root can write.
+fn is_standard_loader(path: &str) -> bool {
+    let p = std::path::Path::new(path);
+    let name_ok = p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("ld-") && n.contains(".so"));
+    let dir_ok = p.parent().and_then(|d| d.to_str()).is_some_and(|d| {
+        LOADER_DIRS.iter().any(|l| {
+            d == *l
+                || d.strip_prefix(l)
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    .is_some_and(|sub| !sub.is_empty() && !sub.contains('/'))
+        })
+    });
+    if !name_ok || !dir_ok || path.contains("/../") || path.contains("/./") {
+        return false;
+    }
+    std::fs::metadata(p).is_ok_and(|m| {
+        use std::os::unix::fs::PermissionsExt as _;
+        m.is_file() && m.uid() == 0 && m.permissions().mode() & 0o022 == 0
+    })
 }
 
 /// Pids of all processes visible in /proc (threads are not listed there at
@@ -848,6 +1171,45 @@ mod tests {
         for (path, want) in cases {
             assert_eq!(systemd_unit_from_cgroup(path).as_deref(), want, "{path}");
         }
+    }
+
+    #[test]
+    fn elf_interpreters() {
+        let f = File::open("/bin/true").expect("/bin/true");
+        let (interp, standard) = elf_interpreter(&f);
+        let interp = interp.expect("a dynamic executable");
+        assert!(interp.contains("/ld-"), "{interp}");
+        assert!(standard, "{interp} is the system loader");
+        // Not ELF, truncated ELF, garbage: never a panic.
+        assert_eq!(parse_interp(b"#!/bin/sh\n"), Ok(None));
+        assert_eq!(parse_interp(b"\x7fELF\x02\x01"), Err(()));
+        let head = std::fs::read("/bin/true").expect("read");
+        for cut in [16, 64, 100, 200] {
+            let _ = parse_interp(&head[..cut]);
+        }
+        assert!(!is_standard_loader("/tmp/ld-linux-x86-64.so.2"));
+        assert!(!is_standard_loader("/lib64/../tmp/ld-x.so"));
+        assert!(!is_standard_loader("/lib/x86_64-linux-gnu/evil.so"));
+        assert!(!is_standard_loader("/lib/a/b/ld-linux.so.2"));
+    }
+
+    #[test]
+    fn hashing_is_bounded_and_fair() {
+        let gate = HashGate {
+            state: Mutex::new((0, HashMap::new())),
+            freed: std::sync::Condvar::new(),
+            limits: HashLimits::default(),
+        };
+        let soon = std::time::Instant::now() + std::time::Duration::from_millis(50);
+        let a = gate.enter(7, soon).expect("first slot");
+        // Uid 7 holds its one slot: a second waits, then gives up.
+        assert!(gate.enter(7, soon).is_none());
+        // Another uid gets the second slot; a third uid none.
+        let b = gate.enter(8, soon).expect("other uid");
+        assert!(gate.enter(9, std::time::Instant::now()).is_none());
+        drop(a);
+        assert!(gate.enter(9, soon).is_some());
+        drop(b);
     }
 
     #[test]

@@ -247,7 +247,9 @@ impl Selector {
             Selector::Gid(g) => p.gid == *g,
             Selector::User(v) => opt_eq(&p.user, v),
             Selector::Group(v) => opt_eq(&p.group, v),
-            Selector::Path(v) => p.exe_path == *v,
+            // The path as the host sees it, never one a private mount
+            // namespace or chroot made up.
+            Selector::Path(v) => p.exe_path_host && p.exe_path == *v,
             Selector::Sha256(v) => p.sha256 == *v,
             Selector::Name(v) => p.name == *v,
             Selector::Cmdline(v) => p.cmdline.join(" ") == *v,
@@ -312,7 +314,7 @@ mod tests {
             user: Some("alice".into()),
             group: Some("users".into()),
             exe_path: "/usr/bin/python3.11".into(),
-            exe_deleted: false,
+            exe_path_host: true,
             sha256: "ab".repeat(32),
             name: "python3".into(),
             cmdline: vec!["/usr/bin/python3".into(), "app.py".into()],
@@ -320,6 +322,7 @@ mod tests {
             cgroup: "/system.slice/app.service".into(),
             container_id: None,
             systemd_unit: Some("app.service".into()),
+            ..ProcessInfo::default()
         }
     }
 

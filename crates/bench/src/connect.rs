@@ -440,13 +440,13 @@ fn measure() -> anyhow::Result<String> {
 
         let t0 = Instant::now();
         let enf = Enforcer::load(&EnforcerConfig {
-            cgroup: cg.path.clone(),
+            cgroup: Some(cg.path.clone()),
             pin_dir: None,
         })
         .map_err(|e| anyhow::anyhow!("loading the enforcer on {}: {e}", cg.path.display()))?;
         load_times.push(t0.elapsed());
         enf.set_service(decoy, DECOY_SERVICE)?;
-        enf.set_verdict(SUBJECT_ALLOWED, SERVICE, true, RULE)?;
+        enf.set_verdict(SUBJECT_ALLOWED, SERVICE, true, RULE, 0)?;
         let before = enf.stats()?;
 
         // Read the decision events the way the agent's audit pump does
@@ -473,13 +473,11 @@ fn measure() -> anyhow::Result<String> {
                 enf.set_service(protected, SERVICE)?;
                 // (b) allowed.
                 let c = LoopChild::spawn(&cg, port, CONNECTS)?;
-                let id = enf.exec_id(c.pid)?;
-                enf.set_process(c.pid, SUBJECT_ALLOWED, id)?;
+                attest(&enf, c.pid, SUBJECT_ALLOWED)?;
                 let allowed = c.measure(false)?;
                 // (c) denied: attested, but the subject has no verdict.
                 let c = LoopChild::spawn(&cg, port, CONNECTS)?;
-                let id = enf.exec_id(c.pid)?;
-                enf.set_process(c.pid, SUBJECT_NO_VERDICT, id)?;
+                attest(&enf, c.pid, SUBJECT_NO_VERDICT)?;
                 let denied = c.measure(true)?;
                 enf.remove_service(protected)?;
                 Ok([unprot, allowed, denied])
@@ -584,4 +582,18 @@ fn measure() -> anyhow::Result<String> {
     )?;
     writeln!(t)?;
     Ok(t)
+}
+
+/// Writes `pid`'s kernel entry as the agent does: from its exec record.
+fn attest(enf: &Enforcer, pid: u32, subject: u32) -> anyhow::Result<()> {
+    let rec = enf
+        .exec_record(pid)?
+        .ok_or_else(|| anyhow::anyhow!("pid {pid} has no exec record"))?;
+    enf.set_process(
+        pid,
+        subject,
+        tether_kernel::ExecId(rec.exec_id),
+        rec.start_ns,
+    )?;
+    Ok(())
 }

@@ -151,6 +151,7 @@ async fn issuance() -> anyhow::Result<()> {
                             spiffe_id: id.to_string(),
                             csr,
                             ttl_secs: 0,
+                            mesh: false,
                         }],
                     })
                     .await
@@ -177,6 +178,7 @@ async fn issuance() -> anyhow::Result<()> {
                         spiffe_id: id.to_string(),
                         csr: tether_ca::build_csr(&k, &id).expect("csr"),
                         ttl_secs: 0,
+                        mesh: false,
                     });
                     keys.push(k);
                 }
@@ -280,7 +282,6 @@ async fn issuance() -> anyhow::Result<()> {
     let cg = connect::BenchCgroup::new("held")?;
     let enforce = tether_agent::EnforceConfig {
         cgroup: cg.path.clone(),
-        pin_dir: None,
         audit_log: None,
         hold_port: 0,
         mesh_port: None,
@@ -343,6 +344,8 @@ async fn start_agent(
     acfg.admin_socket = base.join("a.sock");
     acfg.metrics = None;
     acfg.enforce = enforce;
+    // The bench's agents are throwaway: nothing pinned.
+    acfg.bpf_pin_dir = None;
     tether_agent::start(acfg).await
 }
 

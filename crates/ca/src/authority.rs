@@ -189,6 +189,17 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
+/// What an SVID carries besides its SPIFFE ID.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SvidExtras<'a> {
+    pub dns_names: &'a [String],
+    /// IP SANs: the addresses a node SVID vouches for.
+    pub ip_addresses: &'a [std::net::IpAddr],
+    /// Marks a mesh SVID issued at this node's request (see
+    /// `tether_spiffe::x509::mesh_node`).
+    pub mesh_node: Option<&'a str>,
+}
+
 /// A leaf certificate and the intermediates that go with it.
 #[derive(Debug, Clone)]
 pub struct SignedCert {
@@ -229,17 +240,34 @@ impl Signer {
         self.not_after
     }
 
+    /// Signs an X.509-SVID for `id` over the public key in `csr_der`, with
+    /// DNS SANs (see [`sign_svid_with`](Self::sign_svid_with)).
+    pub fn sign_svid(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        dns_names: &[String],
+        ttl_secs: i64,
+        now: i64,
+    ) -> Result<SignedCert, CaError> {
+        let extras = SvidExtras {
+            dns_names,
+            ..SvidExtras::default()
+        };
+        self.sign_svid_with(csr_der, id, &extras, ttl_secs, now)
+    }
+
     /// Signs an X.509-SVID for `id` over the public key in `csr_der`.
     ///
     /// The caller has already decided that the requester may hold `id`; this
     /// checks proof of possession and that the CSR does not ask for another
     /// identity, then issues a certificate built only from Tether's own
     /// parameters. The lifetime is capped at the CA's.
-    pub fn sign_svid(
+    pub fn sign_svid_with(
         &self,
         csr_der: &[u8],
         id: &SpiffeId,
-        dns_names: &[String],
+        extras: &SvidExtras<'_>,
         ttl_secs: i64,
         now: i64,
     ) -> Result<SignedCert, CaError> {
@@ -266,17 +294,26 @@ impl Signer {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Tether");
+        if let Some(node) = extras.mesh_node {
+            // An SVID for tunnels between agents only: the node that asked
+            // for it (on its authenticated channel) is named in the subject.
+            dn.push(DnType::OrganizationalUnitName, tether_spiffe::x509::MESH_OU);
+            dn.push(DnType::CommonName, node);
+        }
         params.distinguished_name = dn;
         let mut sans =
             vec![SanType::URI(id.as_str().try_into().map_err(|e| {
                 CaError::Cert(format!("SPIFFE ID as URI SAN: {e}"))
             })?)];
-        for d in dns_names {
+        for d in extras.dns_names {
             sans.push(SanType::DnsName(
                 d.as_str()
                     .try_into()
                     .map_err(|e| CaError::Cert(format!("DNS name {d:?}: {e}")))?,
             ));
+        }
+        for ip in extras.ip_addresses {
+            sans.push(SanType::IpAddress(*ip));
         }
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;

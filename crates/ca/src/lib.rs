@@ -12,7 +12,7 @@ mod csr;
 mod key;
 
 pub use authority::{
-    CaMaterial, SignedCert, Signer, Upstream, new_intermediate_ca, new_self_signed_ca,
+    CaMaterial, SignedCert, Signer, SvidExtras, Upstream, new_intermediate_ca, new_self_signed_ca,
 };
 pub use csr::{CsrInfo, build_csr, parse_csr};
 pub use key::{PrivateKey, pem_encode};

@@ -135,11 +135,11 @@ enum Cmd {
     /// Remove every program, link and map the agent attached (works while
     /// the agent is stopped).
     Detach {
-        /// The cgroup the agent enforced.
+        /// The cgroup the agent enforced (none: only what is pinned).
         #[arg(long)]
-        cgroup: PathBuf,
+        cgroup: Option<PathBuf>,
         /// The agent's bpffs pin directory.
-        #[arg(long)]
+        #[arg(long, default_value = tether_agent::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
     /// Per-process SVIDs the agent holds now.
@@ -248,10 +248,11 @@ struct AgentOpts {
     /// cgroup2 mount point for the whole node).
     #[arg(long)]
     enforce_cgroup: Option<PathBuf>,
-    /// bpffs directory to pin programs and maps in, so protected
-    /// destinations stay closed while the agent is down.
-    #[arg(long, requires = "enforce_cgroup")]
-    bpf_pin_dir: Option<PathBuf>,
+    /// bpffs directory to pin programs and maps in, so exec records survive
+    /// the agent and protected destinations stay closed while it is down
+    /// ("none": pin nothing; a bpffs is mounted at /sys/fs/bpf if needed).
+    #[arg(long, default_value = tether_agent::DEFAULT_PIN_DIR)]
+    bpf_pin_dir: String,
     /// Audit log (JSON lines) of connection decisions.
     #[arg(long)]
     audit_log: Option<PathBuf>,
@@ -406,10 +407,10 @@ fn agent_config(
         )
     };
     cfg.rescan_interval = Duration::from_secs(duration("--rescan", &o.rescan)?.max(1) as u64);
+    cfg.bpf_pin_dir = (o.bpf_pin_dir != "none").then(|| PathBuf::from(&o.bpf_pin_dir));
     if let Some(cg) = &o.enforce_cgroup {
         cfg.enforce = Some(tether_agent::EnforceConfig {
             cgroup: cg.clone(),
-            pin_dir: o.bpf_pin_dir.clone(),
             audit_log: o.audit_log.clone(),
             hold_port: o.hold_port,
             mesh_port: (o.mesh_port != 0).then_some(o.mesh_port),
@@ -613,13 +614,19 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Detach { cgroup, pin_dir } => {
-            tether_kernel::Enforcer::detach_all(&pin_dir, &cgroup)
+            tether_kernel::Enforcer::detach_all(&pin_dir, cgroup.as_deref())
                 .map_err(|e| anyhow!("detaching: {e}"))?;
-            println!(
-                "removed Tether's programs, links and maps from {} and {}",
-                cgroup.display(),
-                pin_dir.display()
-            );
+            match &cgroup {
+                Some(cg) => println!(
+                    "removed Tether's programs, links and maps from {} and {}",
+                    cg.display(),
+                    pin_dir.display()
+                ),
+                None => println!(
+                    "removed Tether's pinned programs, links and maps from {}",
+                    pin_dir.display()
+                ),
+            }
             Ok(())
         }
         Cmd::Fetch {

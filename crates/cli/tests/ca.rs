@@ -475,6 +475,8 @@ fn up_expecting_failure(dir: &Path, extra: &[&str]) -> (std::process::ExitStatus
     let mut child = Command::new(TETHER)
         .args([
             "up",
+            "--bpf-pin-dir",
+            "none",
             "--log-format",
             "json",
             "--listen",

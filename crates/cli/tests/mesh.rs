@@ -64,7 +64,14 @@ impl Agent {
                 "--join-token",
                 &token,
             ])
-            .args(["--metrics", "off", "--rescan", "5s"])
+            .args([
+                "--metrics",
+                "off",
+                "--rescan",
+                "5s",
+                "--bpf-pin-dir",
+                "none",
+            ])
             .arg("--trust-bundle")
             .arg(d.join("bundle.json"))
             .arg("--data-dir")
@@ -1293,7 +1300,10 @@ fn permissive_mode_accepts_plaintext_from_hosts_without_an_agent_and_audits_it()
             .command("c", python())
             .args([
                 "-c",
-                &format!("import socket\nfor i in range({n}):\n    socket.create_connection(('{b_ip}', {MESH_PORT}), 5).close()"),
+                // A connection over the per-source handshake budget is
+                // reset as soon as it is accepted, which a fast client can
+                // see as a failed connect: a scanner does not care.
+                &format!("import socket\nfor i in range({n}):\n    try:\n        socket.create_connection(('{b_ip}', {MESH_PORT}), 5).close()\n    except OSError:\n        pass"),
             ])
             .output()
             .expect("scan");

@@ -45,6 +45,8 @@ fn run_agent(up: &Up, name: &str, token: &str) -> (bool, bool, String) {
     let mut c = Command::new(TETHER)
         .args([
             "agent",
+            "--bpf-pin-dir",
+            "none",
             "--server",
             &up.node_api,
             "--node-name",
@@ -211,6 +213,7 @@ async fn node_api_refuses_bad_csrs_and_entitlement_overreach() {
             join_token: token.clone(),
             csr: b"not a csr".to_vec(),
             node_name: "n1".into(),
+            addresses: vec![],
         })
         .await
         .expect_err("malformed CSR accepted");
@@ -248,31 +251,37 @@ async fn node_api_refuses_bad_csrs_and_entitlement_overreach() {
             spiffe_id: web.to_string(),
             csr: b"\x30\x03\x02\x01\x00".to_vec(),
             ttl_secs: 0,
+            mesh: false,
         },
         SvidCsr {
             spiffe_id: web.to_string(),
             csr: tampered,
             ttl_secs: 0,
+            mesh: false,
         },
         SvidCsr {
             spiffe_id: admin_id.to_string(),
             csr: tether_ca::build_csr(&key, &admin_id).expect("csr"),
             ttl_secs: 0,
+            mesh: false,
         },
         SvidCsr {
             spiffe_id: web.to_string(),
             csr: tether_ca::build_csr(&key, &admin_id).expect("csr"),
             ttl_secs: 0,
+            mesh: false,
         },
         SvidCsr {
             spiffe_id: "spiffe://Example.org/web".into(),
             csr: good.clone(),
             ttl_secs: 0,
+            mesh: false,
         },
         SvidCsr {
             spiffe_id: web.to_string(),
             csr: good,
             ttl_secs: 999_999,
+            mesh: false,
         },
     ];
     let resp = conn

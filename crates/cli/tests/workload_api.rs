@@ -450,7 +450,7 @@ try:
 except Exception as e:
     print("wrong audience rejected")
 "#;
-    let o = Command::new(&python)
+    let o = no_loader_env(&mut Command::new(&python))
         .args(["-c", script])
         .env(
             "SPIFFE_ENDPOINT_SOCKET",
@@ -504,41 +504,36 @@ async fn workload_api_requires_metadata_and_an_identity() {
     assert!(up.metrics_text().contains("code=\"invalidargument\""));
 }
 
-#[tokio::test]
-async fn svids_rotate_at_half_life_and_the_stream_pushes_them() {
-    use futures_util::StreamExt as _;
+#[test]
+fn svids_rotate_at_half_life_and_the_stream_pushes_them() {
     let up = Up::start();
-    let me = std::fs::canonicalize(std::env::current_exe().expect("exe")).expect("canonical");
-    // This test process is the workload; 10 s TTL rotates at 5 s.
+    let exe = workload_binary(up.dir.path(), "rotating");
+    // 10 s TTL rotates at 5 s.
     up.apply_ok(
         &(identity(
             "self",
-            &[&format!("process:path:{}", me.display()), "unix:uid:0"],
+            &[&format!("process:path:{}", exe.display()), "unix:uid:0"],
         )
         .replace("selectors:", "x509Ttl: 10s\n  selectors:")),
     );
-    let client =
-        spiffe::WorkloadApiClient::connect_to(format!("unix://{}", up.workload_socket().display()))
-            .await
-            .expect("connect");
-    let mut stream = client.stream_x509_svids().await.expect("stream");
-    let mut serials = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while serials.len() < 2 {
-        let next = tokio::time::timeout_at(deadline, stream.next())
-            .await
-            .expect("no rotation pushed within 20 s");
-        let svid = next.expect("stream ended").expect("stream error");
-        assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/self");
-        let leaf = svid.cert_chain()[0].as_bytes().to_vec();
-        let key = svid.private_key().as_bytes().to_vec();
-        if !serials.iter().any(|(l, _)| l == &leaf) {
-            serials.push((leaf, key));
-        }
-    }
-    assert_ne!(
-        serials[0].1, serials[1].1,
-        "rotation must also replace the key"
+    let r = run_workload(
+        &exe,
+        0,
+        &up.workload_socket(),
+        &up.dir.path().join("o"),
+        "rotate",
+    );
+    assert_eq!(
+        r.spiffe_id(),
+        "spiffe://example.org/self",
+        "{}",
+        r.describe()
+    );
+    assert_eq!(
+        r.read("key_changed"),
+        "true",
+        "rotation must also replace the key: {}",
+        r.describe()
     );
     assert!(up.metric("tether_agent_svids_rotated_total") >= 1.0);
 }

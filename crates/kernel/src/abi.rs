@@ -166,6 +166,7 @@ pub(crate) struct ProcState {
     pub(crate) subject: u32,
     pub(crate) flags: u32,
     pub(crate) exec_id: u64,
+    pub(crate) start_ns: u64,
 }
 
 /// `struct policy_key`.
@@ -182,6 +183,134 @@ pub(crate) struct PolicyKey {
 pub(crate) struct VerdictValue {
     pub(crate) allow: u32,
     pub(crate) rule: u32,
+    /// CLOCK_BOOTTIME ns after which it no longer allows; 0: never.
+    pub(crate) expires_ns: u64,
+}
+
+/// `struct scope`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ScopeValue {
+    pub(crate) cgroup_id: u64,
+    pub(crate) level: u32,
+    pub(crate) agent_tgid: u32,
+}
+
+/// `struct exec_rec`, as bytes (parsed field by field).
+#[repr(C, align(8))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ExecRaw(pub(crate) [u8; 80]);
+
+/// What the kernel recorded at a process's last exec, before any of the
+/// new image's code ran (see `struct exec_rec` in tether.bpf.c).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRecord {
+    /// CLOCK_BOOTTIME ns of the exec; 0 when the process exec'd before the
+    /// programs were loaded (nothing is known about what it runs).
+    pub exec_id: u64,
+    /// Process start, CLOCK_BOOTTIME ns.
+    pub start_ns: u64,
+    /// The executed file's inode number and device (userspace `st_dev`
+    /// encoding, comparable with `stat`).
+    pub ino: u64,
+    pub dev: u64,
+    pub flags: ExecFlags,
+    /// Who marked it (tgid), when a taint flag is set.
+    pub tracer: u32,
+    /// The executed file's name (its last path component).
+    pub name: String,
+}
+
+impl ExecRaw {
+    pub(crate) fn parse(&self) -> ExecRecord {
+        let b = &self.0;
+        let kdev = u32_at(b, 32);
+        let name = &b[48..80];
+        let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+        ExecRecord {
+            exec_id: u64_at(b, 0),
+            start_ns: u64_at(b, 8),
+            ino: u64_at(b, 24),
+            dev: user_dev(kdev),
+            flags: ExecFlags(u32_at(b, 36)),
+            tracer: u32_at(b, 40),
+            name: String::from_utf8_lossy(&name[..end]).into_owned(),
+        }
+    }
+}
+
+/// A kernel-internal dev_t (major << 20 | minor) in the encoding `stat`
+/// reports (glibc's makedev).
+fn user_dev(kdev: u32) -> u64 {
+    let major = u64::from(kdev >> 20);
+    let minor = u64::from(kdev & 0xf_ffff);
+    ((major & 0xffff_f000) << 32)
+        | ((major & 0xfff) << 8)
+        | ((minor & 0xffff_ff00) << 12)
+        | (minor & 0xff)
+}
+
+/// `exec_rec.flags`: what was wrong with the exec, and marks since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct ExecFlags(pub u32);
+
+impl ExecFlags {
+    pub const LD_PRELOAD: u32 = 1 << 0;
+    pub const LD_AUDIT: u32 = 1 << 1;
+    pub const LD_LIBRARY_PATH: u32 = 1 << 2;
+    pub const LD_OTHER: u32 = 1 << 3;
+    pub const GCONV_PATH: u32 = 1 << 4;
+    pub const GLIBC_TUNABLES: u32 = 1 << 5;
+    pub const ENV_UNSCANNED: u32 = 1 << 6;
+    pub const USERNS_MOUNTS: u32 = 1 << 8;
+    pub const CHROOT: u32 = 1 << 9;
+    pub const UNTRUSTED_FS: u32 = 1 << 10;
+    pub const TRACED_AT_EXEC: u32 = 1 << 16;
+    pub const PTRACE: u32 = 1 << 17;
+    pub const MEM_WRITE: u32 = 1 << 18;
+    pub const SET_MM: u32 = 1 << 19;
+    pub const TAINTS: u32 = 0xff << 16;
+    /// Every environment flag: what an unscanned environment counts as.
+    pub const ENV: u32 = Self::LD_PRELOAD
+        | Self::LD_AUDIT
+        | Self::LD_LIBRARY_PATH
+        | Self::LD_OTHER
+        | Self::GCONV_PATH
+        | Self::GLIBC_TUNABLES;
+
+    pub fn has(self, bit: u32) -> bool {
+        self.0 & bit != 0
+    }
+
+    /// Marked since its exec: no authority until it execs again.
+    pub fn tainted(self) -> bool {
+        self.0 & Self::TAINTS != 0
+    }
+
+    /// Human-readable names of the set flags (for audit and whoami).
+    pub fn names(self) -> Vec<&'static str> {
+        const NAMES: [(u32, &str); 14] = [
+            (ExecFlags::LD_PRELOAD, "LD_PRELOAD"),
+            (ExecFlags::LD_AUDIT, "LD_AUDIT"),
+            (ExecFlags::LD_LIBRARY_PATH, "LD_LIBRARY_PATH"),
+            (ExecFlags::LD_OTHER, "LD_*"),
+            (ExecFlags::GCONV_PATH, "GCONV_PATH"),
+            (ExecFlags::GLIBC_TUNABLES, "GLIBC_TUNABLES"),
+            (ExecFlags::ENV_UNSCANNED, "environment too large to scan"),
+            (ExecFlags::USERNS_MOUNTS, "mount-namespace"),
+            (ExecFlags::CHROOT, "chroot"),
+            (ExecFlags::UNTRUSTED_FS, "filesystem"),
+            (ExecFlags::TRACED_AT_EXEC, "traced at exec"),
+            (ExecFlags::PTRACE, "ptrace attach"),
+            (ExecFlags::MEM_WRITE, "memory written by another process"),
+            (ExecFlags::SET_MM, "prctl(PR_SET_MM)"),
+        ];
+        NAMES
+            .iter()
+            .filter(|(b, _)| self.0 & b != 0)
+            .map(|(_, n)| *n)
+            .collect()
+    }
 }
 
 /// `proc_state.flags`: the entry is the agent itself.
@@ -270,9 +399,13 @@ impl HeldRaw {
     }
 }
 
-// SAFETY: plain `repr(C)` integers without padding (16, 8 and 8 bytes), so
+// SAFETY: plain `repr(C)` integers without padding (4 + 4 + 8 + 8 bytes), so
 // every bit pattern is valid and no uninitialised bytes reach the kernel.
 unsafe impl aya::Pod for ProcState {}
+// SAFETY: as above (8 + 4 + 4 bytes).
+unsafe impl aya::Pod for ScopeValue {}
+// SAFETY: a byte array.
+unsafe impl aya::Pod for ExecRaw {}
 // SAFETY: as above (4 + 2 + 1 + 1 + 8 = 16 bytes, no padding).
 unsafe impl aya::Pod for HoldCfg {}
 // SAFETY: as above (16 + 2 + 1 + 1 bytes).
@@ -283,7 +416,7 @@ unsafe impl aya::Pod for HeldRaw {}
 unsafe impl aya::Pod for PolicyKey {}
 // SAFETY: as above (two u32).
 unsafe impl aya::Pod for SvcValue {}
-// SAFETY: as above.
+// SAFETY: as above (4 + 4 + 8 bytes).
 unsafe impl aya::Pod for VerdictValue {}
 
 /// Indexes of the `stats` per-CPU array.
@@ -294,6 +427,12 @@ pub(crate) const STAT_DROPPED_EVENTS: u32 = 3;
 pub(crate) const STAT_HELD: u32 = 4;
 pub(crate) const STAT_MESH: u32 = 5;
 pub(crate) const STAT_INGRESS_DROPPED: u32 = 6;
+pub(crate) const STAT_TAINTED: u32 = 7;
+pub(crate) const STAT_SEND_DENIED: u32 = 8;
+pub(crate) const STAT_UNGUARDED: u32 = 9;
+pub(crate) const STAT_SOCKET_DENIED: u32 = 10;
+/// Entries of the `stats` array.
+pub(crate) const STAT_MAX: u32 = 16;
 
 /// The decision recorded in an [`Event`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -316,6 +455,58 @@ pub enum Decision {
     /// A permissive Service on this host accepted a plaintext connection
     /// from another host ([`Hook::Ingress`]; `addr`/`port` are the peer's).
     Plaintext,
+    /// A process was marked ([`Hook::Taint`]): `tgid` did it to `aux`.
+    Taint,
+}
+
+/// Why, beyond the verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    None,
+    /// Marked earlier (ptrace, memory written, PR_SET_MM, traced at exec);
+    /// `aux` names who did it.
+    Tainted,
+    /// The calling thread is being traced now; `aux` is the tracer.
+    Traced,
+    /// Its exe link no longer names the file it executed.
+    ExeChanged,
+    /// [`Hook::Taint`]: a ptrace attach.
+    Ptrace,
+    /// [`Hook::Taint`]: process_vm_writev.
+    MemWrite,
+    /// [`Hook::Taint`]: /proc/PID/mem opened for writing.
+    ProcMem,
+    /// [`Hook::Taint`]: prctl(PR_SET_MM).
+    SetMm,
+    /// [`Hook::Send`]: a send on a protected connection by a process that
+    /// neither made it nor may reach its Service; `aux` is the owner.
+    Borrowed,
+    /// [`Hook::Socket`]: a raw or packet socket.
+    RawSocket,
+    /// A conditional verdict the agent did not refresh in time.
+    Expired,
+    /// [`Hook::Taint`]: the caller was killed; `aux2` holds the reason.
+    Killed,
+}
+
+impl Reason {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::None,
+            1 => Self::Tainted,
+            2 => Self::Traced,
+            3 => Self::ExeChanged,
+            4 => Self::Ptrace,
+            5 => Self::MemWrite,
+            6 => Self::ProcMem,
+            7 => Self::SetMm,
+            8 => Self::Borrowed,
+            9 => Self::RawSocket,
+            10 => Self::Expired,
+            11 => Self::Killed,
+            _ => return None,
+        })
+    }
 }
 
 /// Which hook made the decision.
@@ -327,6 +518,12 @@ pub enum Hook {
     Sendmsg6,
     /// A connection accepted on this host (sock_ops), not a connect().
     Ingress,
+    /// A process was marked (syscall and exec tracepoints).
+    Taint,
+    /// A send on a protected connection (sk_msg).
+    Send,
+    /// Socket creation or a socket option (raw and packet sockets).
+    Socket,
 }
 
 /// One decision on a protected destination, as read from the ring buffer.
@@ -355,10 +552,18 @@ pub struct Event {
     pub hook: Hook,
     /// The task's comm (untrusted: set by the process itself).
     pub comm: String,
+    pub reason: Reason,
+    /// The tracer, the target of a taint, or a connection's owner.
+    pub aux: u32,
+    /// The caller's exec record flags at the decision.
+    pub flags: ExecFlags,
+    /// [`Hook::Socket`]: family << 16 | type; [`Hook::Taint`]: the reason
+    /// code of a kill; [`Hook::Send`]: the connection's owner.
+    pub aux2: u32,
 }
 
 /// `sizeof(struct event)`.
-pub(crate) const EVENT_LEN: usize = 88;
+pub(crate) const EVENT_LEN: usize = 96;
 
 /// Why a ring buffer record could not be parsed. Records come from our own
 /// program, so any of these means a version mismatch or memory corruption.
@@ -372,6 +577,8 @@ pub enum EventError {
     Proto(u8),
     #[error("event has unknown hook {0}")]
     Hook(u8),
+    #[error("event has unknown reason {0}")]
+    Reason(u8),
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
@@ -400,15 +607,23 @@ impl Event {
             4 => Decision::Mesh,
             5 => Decision::MeshDown,
             6 => Decision::Plaintext,
+            7 => Decision::Taint,
             v => return Err(EventError::Verdict(v)),
         };
-        let proto = Proto::from_number(b[45]).ok_or(EventError::Proto(b[45]))?;
+        // Taint and socket events carry no transport (or a raw protocol).
+        let proto = match b[64] {
+            5..=7 => Proto::from_number(b[45]).unwrap_or(Proto::Tcp),
+            _ => Proto::from_number(b[45]).ok_or(EventError::Proto(b[45]))?,
+        };
         let hook = match b[64] {
             0 => Hook::Connect4,
             1 => Hook::Connect6,
             2 => Hook::Sendmsg4,
             3 => Hook::Sendmsg6,
             4 => Hook::Ingress,
+            5 => Hook::Taint,
+            6 => Hook::Send,
+            7 => Hook::Socket,
             v => return Err(EventError::Hook(v)),
         };
         let mut octets = [0u8; 16];
@@ -431,6 +646,10 @@ impl Event {
             port: u16::from_be_bytes([b[46], b[47]]),
             hook,
             comm: String::from_utf8_lossy(&comm[..comm_len]).into_owned(),
+            reason: Reason::from_u8(b[81]).ok_or(EventError::Reason(b[81]))?,
+            aux: u32_at(b, 84),
+            flags: ExecFlags(u32_at(b, 88)),
+            aux2: u32_at(b, 92),
         })
     }
 }
@@ -443,10 +662,12 @@ mod tests {
 
     #[test]
     fn layouts_match_the_c_side() {
-        assert_eq!(size_of::<ProcState>(), 16);
+        assert_eq!(size_of::<ProcState>(), 24);
         assert_eq!(size_of::<SvcValue>(), 8);
         assert_eq!(size_of::<PolicyKey>(), 8);
-        assert_eq!(size_of::<VerdictValue>(), 8);
+        assert_eq!(size_of::<VerdictValue>(), 16);
+        assert_eq!(size_of::<ScopeValue>(), 16);
+        assert_eq!(size_of::<ExecRaw>(), 80);
         assert_eq!(size_of::<HoldCfg>(), 16);
         assert_eq!(size_of::<HeldKey>(), 20);
         assert_eq!(size_of::<HeldRaw>(), 80);
@@ -514,6 +735,27 @@ mod tests {
         assert_eq!((h.tgid, h.service_id, h.local_port), (1234, 9, 40000));
         assert_eq!((h.exec_id, h.socket_cookie, h.flow_v6), (77, 5, false));
         assert_eq!((h.pid, h.uid, h.start_boottime_ns), (1235, 1000, 42));
+    }
+
+    #[test]
+    fn exec_record_fields() {
+        let mut b = [0u8; 80];
+        b[0..8].copy_from_slice(&7u64.to_ne_bytes());
+        b[8..16].copy_from_slice(&9u64.to_ne_bytes());
+        b[24..32].copy_from_slice(&1234u64.to_ne_bytes());
+        b[32..36].copy_from_slice(&(254u32 << 20).to_ne_bytes());
+        b[36..40].copy_from_slice(&(ExecFlags::LD_PRELOAD | ExecFlags::PTRACE).to_ne_bytes());
+        b[40..44].copy_from_slice(&77u32.to_ne_bytes());
+        b[48..53].copy_from_slice(b"forge");
+        let r = ExecRaw(b).parse();
+        assert_eq!((r.exec_id, r.start_ns, r.ino, r.tracer), (7, 9, 1234, 77));
+        // 254:0 as stat(2) encodes it.
+        assert_eq!(r.dev, 0xfe00);
+        assert_eq!(r.name, "forge");
+        assert!(r.flags.tainted() && r.flags.has(ExecFlags::LD_PRELOAD));
+        assert_eq!(r.flags.names(), vec!["LD_PRELOAD", "ptrace attach"]);
+        // Large minors and majors use the split encoding.
+        assert_eq!(user_dev((259 << 20) | 0x12345), libc::makedev(259, 0x12345));
     }
 
     #[test]

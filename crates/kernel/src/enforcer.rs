@@ -7,8 +7,17 @@
 //! of the agent process:
 //!
 //! ```text
-//! <pin_dir>/maps/{services,procs,execs,policy,events,stats,config,redirects,held,mesh_ports}
-//! <pin_dir>/links/{connect4,connect6,sendmsg4,sendmsg6,peer4,peer6,sockops,exec,fork,exit}
+//! <pin_dir>/maps/{services,procs,execs,policy,events,stats,config,scope,redirects,guards,
+//!                 guarded,held,local_ports,local_addrs,scratch}
+//! <pin_dir>/links/{connect4,connect6,sendmsg4,sendmsg6,peer4,peer6,sockops,ingress,socket,
+//!                  sockopt,exec,fork,exit,sysenter,sysexit}
+//! ```
+//!
+//! The sk_msg program is attached to the pinned `guarded` map itself
+//! (BPF_PROG_ATTACH): it stays with the map, and a new agent's attach
+//! replaces it.
+//!
+//! ```text
 //! ```
 //!
 //! Pinned links keep the programs attached when the agent dies, so protected
@@ -61,16 +70,19 @@ use aya::{
         Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, MapType, PerCpuArray,
         lpm_trie::Key,
     },
-    programs::{CgroupSkb, CgroupSockAddr, RawTracePoint, SockOps},
+    programs::{
+        CgroupSkb, CgroupSock, CgroupSockAddr, CgroupSockopt, RawTracePoint, SkMsg, SockOps,
+    },
 };
 
 use crate::{
     KernelError,
     abi::{
-        DstKeyData, DstPrefix, HOLD_V4, HOLD_V6, HeldConnection, HeldKey, HeldRaw, HoldCfg,
-        PROC_AGENT, PolicyKey, ProcState, Proto, STAT_ALLOW, STAT_DENY, STAT_DROPPED_EVENTS,
-        STAT_HELD, STAT_INGRESS_DROPPED, STAT_MESH, STAT_UNATTESTED, ServiceFlags, SvcValue,
-        VerdictValue,
+        DstKeyData, DstPrefix, ExecRaw, ExecRecord, HOLD_V4, HOLD_V6, HeldConnection, HeldKey,
+        HeldRaw, HoldCfg, PROC_AGENT, PolicyKey, ProcState, Proto, STAT_ALLOW, STAT_DENY,
+        STAT_DROPPED_EVENTS, STAT_HELD, STAT_INGRESS_DROPPED, STAT_MAX, STAT_MESH,
+        STAT_SEND_DENIED, STAT_SOCKET_DENIED, STAT_TAINTED, STAT_UNATTESTED, STAT_UNGUARDED,
+        ScopeValue, ServiceFlags, SvcValue, VerdictValue,
     },
     error::{chain, map_err, program_err},
     events::EventReader,
@@ -84,8 +96,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/te
 pub struct EnforcerConfig {
     /// The cgroup v2 directory whose processes (and descendants) are
     /// enforced: the cgroup2 root in production, a test's own cgroup in
-    /// tests.
-    pub cgroup: PathBuf,
+    /// tests. None: only the process tracepoints (exec records and marks,
+    /// for attestation), no socket hooks.
+    pub cgroup: Option<PathBuf>,
     /// A directory on a bpffs for pinned maps and links. With it, the
     /// programs stay attached (fail closed) while the agent is down, and the
     /// next [`Enforcer::load`] adopts them. Without it, dropping the
@@ -105,6 +118,15 @@ pub struct Stats {
     pub meshed: u64,
     /// Packets from other hosts dropped at a Service agents front.
     pub ingress_dropped: u64,
+    /// Processes marked (ptrace, memory written, PR_SET_MM, traced at exec).
+    pub tainted: u64,
+    /// Sends refused on protected connections (a socket used by a process
+    /// that neither made it nor may reach its Service).
+    pub sends_denied: u64,
+    /// Protected connections the guard map had no room for.
+    pub unguarded: u64,
+    /// Raw and packet sockets refused.
+    pub sockets_denied: u64,
     /// Events lost because the ring buffer was full (the decisions were
     /// still made and counted above).
     pub dropped_events: u64,
@@ -122,6 +144,8 @@ pub struct ExecId(pub u64);
 pub struct ProcessEntry {
     pub subject: u32,
     pub exec_id: ExecId,
+    /// Process start (CLOCK_BOOTTIME ns), from its exec record.
+    pub start_ns: u64,
 }
 
 /// A `policy` entry.
@@ -131,6 +155,8 @@ pub struct VerdictEntry {
     pub service_id: u32,
     pub allow: bool,
     pub rule: u32,
+    /// CLOCK_BOOTTIME ns after which it no longer allows; 0: never.
+    pub expires_ns: u64,
 }
 
 /// What [`Enforcer::detach_all`] removed.
@@ -161,6 +187,8 @@ enum CgroupProg {
     SockAddr,
     SockOps,
     Skb,
+    Sock,
+    Sockopt,
 }
 
 #[derive(Clone, Copy)]
@@ -171,6 +199,8 @@ enum Attach {
         kind: CgroupProg,
     },
     RawTp(&'static str),
+    /// An sk_msg verdict program on the named sockhash.
+    SockMap(&'static str),
 }
 
 struct ProgSpec {
@@ -188,9 +218,16 @@ const fn sock_addr(attach_type: u32) -> Attach {
     }
 }
 
-/// sock_ops goes first: once connect4/6 start holding connections, the
-/// port record each held connection needs must already be published.
-const PROGRAMS: [ProgSpec; 11] = [
+/// The sk_msg program goes first (sockets added to `guarded` before it is
+/// attached would not get it), then sock_ops: once connect4/6 start holding
+/// connections, the port record each held connection needs must already be
+/// published.
+const PROGRAMS: [ProgSpec; 16] = [
+    ProgSpec {
+        func: "tether_send",
+        link: "send",
+        hook: Attach::SockMap("guarded"),
+    },
     ProgSpec {
         func: "tether_sockops",
         link: "sockops",
@@ -205,6 +242,22 @@ const PROGRAMS: [ProgSpec; 11] = [
         hook: Attach::Cgroup {
             attach_type: 0, // BPF_CGROUP_INET_INGRESS
             kind: CgroupProg::Skb,
+        },
+    },
+    ProgSpec {
+        func: "tether_socket",
+        link: "socket",
+        hook: Attach::Cgroup {
+            attach_type: 2, // BPF_CGROUP_INET_SOCK_CREATE
+            kind: CgroupProg::Sock,
+        },
+    },
+    ProgSpec {
+        func: "tether_sockopt",
+        link: "sockopt",
+        hook: Attach::Cgroup {
+            attach_type: 22, // BPF_CGROUP_SETSOCKOPT
+            kind: CgroupProg::Sockopt,
         },
     },
     ProgSpec {
@@ -252,6 +305,16 @@ const PROGRAMS: [ProgSpec; 11] = [
         link: "exit",
         hook: Attach::RawTp("sched_process_exit"),
     },
+    ProgSpec {
+        func: "tether_sysenter",
+        link: "sysenter",
+        hook: Attach::RawTp("sys_enter"),
+    },
+    ProgSpec {
+        func: "tether_sysexit",
+        link: "sysexit",
+        hook: Attach::RawTp("sys_exit"),
+    },
 ];
 
 struct MapSpec {
@@ -264,7 +327,7 @@ struct MapSpec {
 
 /// Must match the definitions in bpf/tether.bpf.c; checked against pinned
 /// maps before adopting them.
-const MAPS: [MapSpec; 10] = [
+const MAPS: [MapSpec; 15] = [
     MapSpec {
         name: "services",
         kind: MapType::LpmTrie,
@@ -276,21 +339,21 @@ const MAPS: [MapSpec; 10] = [
         name: "procs",
         kind: MapType::Hash,
         key: 4,
-        value: 16,
+        value: 24,
         max_entries: 65536,
     },
     MapSpec {
         name: "execs",
         kind: MapType::Hash,
         key: 4,
-        value: 8,
-        max_entries: 131072,
+        value: 80,
+        max_entries: 65536,
     },
     MapSpec {
         name: "policy",
         kind: MapType::Hash,
         key: 8,
-        value: 8,
+        value: 16,
         max_entries: 65536,
     },
     MapSpec {
@@ -305,10 +368,17 @@ const MAPS: [MapSpec; 10] = [
         kind: MapType::PerCpuArray,
         key: 4,
         value: 8,
-        max_entries: 8,
+        max_entries: STAT_MAX,
     },
     MapSpec {
         name: "config",
+        kind: MapType::Array,
+        key: 4,
+        value: 16,
+        max_entries: 1,
+    },
+    MapSpec {
+        name: "scope",
         kind: MapType::Array,
         key: 4,
         value: 16,
@@ -322,6 +392,20 @@ const MAPS: [MapSpec; 10] = [
         max_entries: 0,
     },
     MapSpec {
+        name: "guards",
+        kind: MapType::SkStorage,
+        key: 4,
+        value: 24,
+        max_entries: 0,
+    },
+    MapSpec {
+        name: "guarded",
+        kind: MapType::SockHash,
+        key: 8,
+        value: 8,
+        max_entries: 65536,
+    },
+    MapSpec {
         name: "held",
         kind: MapType::LruHash,
         key: 20,
@@ -329,11 +413,25 @@ const MAPS: [MapSpec; 10] = [
         max_entries: 16384,
     },
     MapSpec {
-        name: "mesh_ports",
+        name: "local_ports",
         kind: MapType::Hash,
         key: 4,
         value: 8,
         max_entries: 4096,
+    },
+    MapSpec {
+        name: "local_addrs",
+        kind: MapType::Hash,
+        key: 16,
+        value: 4,
+        max_entries: 4096,
+    },
+    MapSpec {
+        name: "scratch",
+        kind: MapType::PerCpuArray,
+        key: 4,
+        value: 256,
+        max_entries: 1,
     },
 ];
 
@@ -349,12 +447,16 @@ pub struct Enforcer {
     _links: Vec<HeldLink>,
     services: Mutex<LpmTrie<MapData, DstKeyData, SvcValue>>,
     procs: Mutex<HashMap<MapData, u32, ProcState>>,
-    execs: HashMap<MapData, u32, u64>,
+    execs: HashMap<MapData, u32, ExecRaw>,
     policy: Mutex<HashMap<MapData, PolicyKey, VerdictValue>>,
     stats: PerCpuArray<MapData, u64>,
     config: Mutex<Array<MapData, HoldCfg>>,
+    scope: Mutex<Array<MapData, ScopeValue>>,
     held: Mutex<HashMap<MapData, HeldKey, HeldRaw>>,
-    mesh_ports: Mutex<HashMap<MapData, u32, SvcValue>>,
+    local_ports: Mutex<HashMap<MapData, u32, SvcValue>>,
+    local_addrs: Mutex<HashMap<MapData, [u8; 16], u32>>,
+    cgroup_id: u64,
+    cgroup_level: u32,
     events_id: u32,
     adopted: bool,
 }
@@ -379,6 +481,18 @@ fn is_not_found(e: &MapError) -> bool {
         MapError::KeyNotFound => true,
         MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
         _ => false,
+    }
+}
+
+fn local_port_key(proto: Proto, port: u16) -> u32 {
+    (u32::from(proto.number()) << 16) | u32::from(port)
+}
+
+/// An address as the hooks key it: IPv4 as IPv4-mapped IPv6.
+fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
     }
 }
 
@@ -633,13 +747,53 @@ where
     T::try_from(map).map_err(|e| map_err(name, "open", &e))
 }
 
+/// Depth of a cgroup below the cgroup2 root it is mounted from: what
+/// `bpf_get_current_ancestor_cgroup_id` takes to name it.
+fn cgroup_level(path: &Path) -> u32 {
+    let root = crate::cgroup2_mount();
+    let rel = match &root {
+        Some(r) => path.strip_prefix(r).unwrap_or(path),
+        None => path,
+    };
+    rel.components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .count() as u32
+}
+
+/// Attaches an sk_msg program to one of the object's sockhash maps.
+fn attach_to_map(
+    bpf: &Ebpf,
+    spec: &ProgSpec,
+    map: &'static str,
+    prog: BorrowedFd<'_>,
+) -> Result<(), KernelError> {
+    let data = match bpf.map(map) {
+        Some(Map::SockHash(d)) => d,
+        _ => {
+            return Err(KernelError::Map {
+                map,
+                op: "find in object",
+                detail: "missing or not a sockhash".to_owned(),
+            });
+        }
+    };
+    // BPF_SK_MSG_VERDICT
+    sys::prog_attach(data.fd().as_fd(), prog, 7).map_err(|source| KernelError::Link {
+        link: spec.link,
+        path: PathBuf::from(map),
+        op: "attach the sk_msg program to its sockhash",
+        source,
+    })
+}
+
 impl Enforcer {
-    /// Loads the programs, attaches the eight socket programs (decision,
-    /// getpeername, sock_ops and ingress hooks) to `cfg.cgroup` and the three
-    /// process tracepoints, and (with `cfg.pin_dir`) pins or adopts
-    /// them; see the module docs.
+    /// Loads the programs, attaches the socket programs (decision,
+    /// getpeername, sock_ops, ingress, socket creation and option hooks, and
+    /// the sk_msg program) to `cfg.cgroup` when there is one, and the five
+    /// process and syscall tracepoints, and (with `cfg.pin_dir`) pins or
+    /// adopts them; see the module docs.
     pub fn load(cfg: &EnforcerConfig) -> Result<Self, KernelError> {
-        let (cgroup, cgroup_id) = open_cgroup(&cfg.cgroup)?;
+        let cgroup = cfg.cgroup.as_deref().map(open_cgroup).transpose()?;
         let pins = cfg.pin_dir.as_deref().map(PinDir::prepare).transpose()?;
 
         let mut loader = EbpfLoader::new();
@@ -658,6 +812,10 @@ impl Enforcer {
 
         let mut links = Vec::new();
         for spec in &PROGRAMS {
+            let cgroup = match (spec.hook, &cgroup) {
+                (Attach::Cgroup { .. } | Attach::SockMap(_), None) => continue,
+                (_, c) => c.as_ref(),
+            };
             let prog = bpf
                 .program_mut(spec.func)
                 .ok_or_else(|| KernelError::Program {
@@ -689,13 +847,30 @@ impl Enforcer {
                             p.load().map_err(|e| program_err(spec.func, "load", &e))?;
                             prog_fd(spec, p.fd())?
                         }
+                        CgroupProg::Sock => {
+                            let p: &mut CgroupSock = prog
+                                .try_into()
+                                .map_err(|e| program_err(spec.func, "type check", &e))?;
+                            p.load().map_err(|e| program_err(spec.func, "load", &e))?;
+                            prog_fd(spec, p.fd())?
+                        }
+                        CgroupProg::Sockopt => {
+                            let p: &mut CgroupSockopt = prog
+                                .try_into()
+                                .map_err(|e| program_err(spec.func, "type check", &e))?;
+                            p.load().map_err(|e| program_err(spec.func, "load", &e))?;
+                            prog_fd(spec, p.fd())?
+                        }
+                    };
+                    let Some((cgroup, cgroup_id)) = cgroup else {
+                        continue;
                     };
                     install_cgroup(
                         spec,
                         attach_type,
                         fd.as_fd(),
-                        &cgroup,
-                        cgroup_id,
+                        cgroup,
+                        *cgroup_id,
                         pins.as_ref(),
                     )?
                 }
@@ -706,6 +881,17 @@ impl Enforcer {
                     p.load().map_err(|e| program_err(spec.func, "load", &e))?;
                     let fd = prog_fd(spec, p.fd())?;
                     install_raw_tp(spec, tp, fd.as_fd(), pins.as_ref())?
+                }
+                Attach::SockMap(map) => {
+                    let p: &mut SkMsg = prog
+                        .try_into()
+                        .map_err(|e| program_err(spec.func, "type check", &e))?;
+                    p.load().map_err(|e| program_err(spec.func, "load", &e))?;
+                    let fd = prog_fd(spec, p.fd())?;
+                    attach_to_map(&bpf, spec, map, fd.as_fd())?;
+                    // The map holds the attachment; keep the program's fd
+                    // with the others for the Enforcer's lifetime.
+                    fd
                 }
             };
             links.push(held);
@@ -726,20 +912,28 @@ impl Enforcer {
             .map_err(|e| map_err("events", "read info", &e))?
             .id();
 
-        Ok(Self {
+        let enforcer = Self {
             services: Mutex::new(take_map(&mut bpf, "services")?),
             procs: Mutex::new(take_map(&mut bpf, "procs")?),
             execs: take_map(&mut bpf, "execs")?,
             policy: Mutex::new(take_map(&mut bpf, "policy")?),
             stats: take_map(&mut bpf, "stats")?,
             config: Mutex::new(take_map(&mut bpf, "config")?),
+            scope: Mutex::new(take_map(&mut bpf, "scope")?),
             held: Mutex::new(take_map(&mut bpf, "held")?),
-            mesh_ports: Mutex::new(take_map(&mut bpf, "mesh_ports")?),
+            local_ports: Mutex::new(take_map(&mut bpf, "local_ports")?),
+            local_addrs: Mutex::new(take_map(&mut bpf, "local_addrs")?),
+            cgroup_id: cgroup.as_ref().map_or(0, |(_, id)| *id),
+            cgroup_level: cfg.cgroup.as_deref().map_or(0, cgroup_level),
             events_id,
             adopted,
             _links: links,
             _bpf: bpf,
-        })
+        };
+        // The syscall hooks see every process; they act on the workload
+        // (the enforced cgroup) only. Set before anything can be held.
+        enforcer.set_scope(0)?;
+        Ok(enforcer)
     }
 
     /// Whether [`load`](Self::load) found pinned maps from a previous agent
@@ -781,12 +975,15 @@ impl Enforcer {
         }
     }
 
-    /// Marks `port` as a meshed Service listening on this host, on any
-    /// address: packets from other hosts to it are dropped (unless
-    /// permissive) and local connects over loopback are judged as connects
-    /// to `service_id`.
-    pub fn set_mesh_port(
+    /// Marks (proto, `port`) as a Service of this host (`port` 0: every
+    /// port): connects and datagrams to it at any local destination
+    /// (loopback, unspecified, multicast, broadcast, any address in
+    /// [`set_local_addrs`](Self::set_local_addrs)) are judged as reaching
+    /// `service_id`, and for a meshed one packets from other hosts to the
+    /// port are dropped (unless permissive).
+    pub fn set_local_port(
         &self,
+        proto: Proto,
         port: u16,
         service_id: u32,
         flags: ServiceFlags,
@@ -795,35 +992,74 @@ impl Enforcer {
             service_id,
             flags: flags.bits(),
         };
-        lock(&self.mesh_ports)
-            .insert(u32::from(port), v, 0)
-            .map_err(|e| map_err("mesh_ports", "insert", &e))
+        lock(&self.local_ports)
+            .insert(local_port_key(proto, port), v, 0)
+            .map_err(|e| map_err("local_ports", "insert", &e))
     }
 
     /// Removing an absent port is not an error.
-    pub fn remove_mesh_port(&self, port: u16) -> Result<(), KernelError> {
-        match lock(&self.mesh_ports).remove(&u32::from(port)) {
-            Err(e) if !is_not_found(&e) => Err(map_err("mesh_ports", "remove", &e)),
+    pub fn remove_local_port(&self, proto: Proto, port: u16) -> Result<(), KernelError> {
+        match lock(&self.local_ports).remove(&local_port_key(proto, port)) {
+            Err(e) if !is_not_found(&e) => Err(map_err("local_ports", "remove", &e)),
             _ => Ok(()),
         }
     }
 
-    /// Ports currently marked with [`set_mesh_port`](Self::set_mesh_port).
-    pub fn mesh_ports(&self) -> Result<Vec<u16>, KernelError> {
-        let map = lock(&self.mesh_ports);
+    /// Ports currently marked with [`set_local_port`](Self::set_local_port).
+    pub fn local_ports(&self) -> Result<Vec<(Proto, u16)>, KernelError> {
+        let map = lock(&self.local_ports);
         let mut out = Vec::new();
         for k in map.keys() {
-            let k = k.map_err(|e| map_err("mesh_ports", "iterate", &e))?;
-            if let Ok(p) = u16::try_from(k) {
-                out.push(p);
+            let k = k.map_err(|e| map_err("local_ports", "iterate", &e))?;
+            if let Some(proto) = Proto::from_number((k >> 16) as u8) {
+                out.push((proto, (k & 0xffff) as u16));
             }
         }
         Ok(out)
     }
 
+    /// Replaces the set of this host's addresses (interface and broadcast
+    /// addresses) the hooks treat as local destinations. New ones are added
+    /// before old ones go, so no address is ever briefly unprotected.
+    pub fn set_local_addrs(&self, addrs: &[IpAddr]) -> Result<(), KernelError> {
+        let want: std::collections::HashSet<[u8; 16]> = addrs.iter().map(|a| mapped(*a)).collect();
+        let mut map = lock(&self.local_addrs);
+        for a in &want {
+            map.insert(*a, 1, 0)
+                .map_err(|e| map_err("local_addrs", "insert", &e))?;
+        }
+        let mut stale = Vec::new();
+        for k in map.keys() {
+            let k = k.map_err(|e| map_err("local_addrs", "iterate", &e))?;
+            if !want.contains(&k) {
+                stale.push(k);
+            }
+        }
+        for k in stale {
+            match map.remove(&k) {
+                Err(e) if !is_not_found(&e) => return Err(map_err("local_addrs", "remove", &e)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the hooks treat `ip` as a destination on this host.
+    pub fn is_local_destination(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let fixed = match ip {
+            IpAddr::V4(a) => {
+                a.is_loopback() || a.octets()[0] == 0 || a.is_multicast() || a.is_broadcast()
+            }
+            IpAddr::V6(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast(),
+        };
+        fixed || lock(&self.local_addrs).get(&mapped(ip), 0).is_ok()
+    }
+
     /// The Service the connect hook finds for `dst`: exact port before
-    /// any port, longest prefix; failing that, a meshed port of this host
-    /// reached over loopback (decided locally, so without the mesh flag).
+    /// any port, longest prefix; failing that, a Service of this host's
+    /// reached at a local destination (decided locally, so without the
+    /// mesh flag).
     pub fn service_for(
         &self,
         dst: SocketAddr,
@@ -845,14 +1081,18 @@ impl Enforcer {
             }
         }
         drop(services);
-        if !dst.ip().to_canonical().is_loopback() {
+        if !self.is_local_destination(dst.ip()) {
             return Ok(None);
         }
-        match lock(&self.mesh_ports).get(&u32::from(dst.port()), 0) {
-            Ok(v) => Ok(Some((v.service_id, ServiceFlags::default()))),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(map_err("mesh_ports", "lookup", &e)),
+        let ports = lock(&self.local_ports);
+        for port in [dst.port(), 0] {
+            match ports.get(&local_port_key(proto, port), 0) {
+                Ok(v) => return Ok(Some((v.service_id, ServiceFlags::default()))),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err("local_ports", "lookup", &e)),
+            }
         }
+        Ok(None)
     }
 
     /// All protected destinations.
@@ -869,24 +1109,38 @@ impl Enforcer {
         Ok(out)
     }
 
-    /// The kernel's exec id for `tgid`. Read it *before* attesting the
-    /// process and pass it to [`set_process`](Self::set_process).
+    /// The kernel's exec id for `tgid` (0 when it has no record).
     pub fn exec_id(&self, tgid: u32) -> Result<ExecId, KernelError> {
+        Ok(ExecId(self.exec_record(tgid)?.map_or(0, |r| r.exec_id)))
+    }
+
+    /// What the kernel recorded at `tgid`'s last exec (and marks since).
+    /// Read it *before* attesting the process and pass its exec id and
+    /// start to [`set_process`](Self::set_process).
+    pub fn exec_record(&self, tgid: u32) -> Result<Option<ExecRecord>, KernelError> {
         match self.execs.get(&tgid, 0) {
-            Ok(v) => Ok(ExecId(v)),
-            Err(e) if is_not_found(&e) => Ok(ExecId(0)),
+            Ok(v) => Ok(Some(v.parse())),
+            Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(map_err("execs", "lookup", &e)),
         }
     }
 
-    /// Records an attested process. `exec_id` must have been read with
-    /// [`exec_id`](Self::exec_id) before the attestation; if the process has
-    /// exec'd since, the kernel treats it as unattested.
-    pub fn set_process(&self, tgid: u32, subject: u32, exec_id: ExecId) -> Result<(), KernelError> {
+    /// Records an attested process. `exec_id` and `start_ns` must come
+    /// from the [`exec_record`](Self::exec_record) read before the
+    /// attestation; if the process has exec'd since (or the pid is another
+    /// process's now), the kernel treats it as unattested.
+    pub fn set_process(
+        &self,
+        tgid: u32,
+        subject: u32,
+        exec_id: ExecId,
+        start_ns: u64,
+    ) -> Result<(), KernelError> {
         let v = ProcState {
             subject,
             flags: 0,
             exec_id: exec_id.0,
+            start_ns,
         };
         lock(&self.procs)
             .insert(tgid, v, 0)
@@ -907,6 +1161,7 @@ impl Enforcer {
             Ok(v) => Ok(Some(ProcessEntry {
                 subject: v.subject,
                 exec_id: ExecId(v.exec_id),
+                start_ns: v.start_ns,
             })),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(map_err("procs", "lookup", &e)),
@@ -924,6 +1179,7 @@ impl Enforcer {
                 ProcessEntry {
                     subject: v.subject,
                     exec_id: ExecId(v.exec_id),
+                    start_ns: v.start_ns,
                 },
             ));
         }
@@ -936,15 +1192,30 @@ impl Enforcer {
     /// when the process dies, so a dead agent's hold port is never used
     /// (nobody else could be listening there).
     pub fn set_agent(&self, tgid: u32) -> Result<(), KernelError> {
-        let exec_id = self.exec_id(tgid)?;
+        let rec = self.exec_record(tgid)?;
         let v = ProcState {
             subject: 0,
             flags: PROC_AGENT,
-            exec_id: exec_id.0,
+            exec_id: rec.as_ref().map_or(0, |r| r.exec_id),
+            start_ns: rec.as_ref().map_or(0, |r| r.start_ns),
         };
         lock(&self.procs)
             .insert(tgid, v, 0)
-            .map_err(|e| map_err("procs", "insert", &e))
+            .map_err(|e| map_err("procs", "insert", &e))?;
+        self.set_scope(tgid)
+    }
+
+    /// Tells the syscall hooks which cgroup is the workload (and who the
+    /// agent is: its own calls are never marked).
+    fn set_scope(&self, agent_tgid: u32) -> Result<(), KernelError> {
+        let v = ScopeValue {
+            cgroup_id: self.cgroup_id,
+            level: self.cgroup_level,
+            agent_tgid,
+        };
+        lock(&self.scope)
+            .set(0, v, 0)
+            .map_err(|e| map_err("scope", "update", &e))
     }
 
     /// Starts holding connections of unattested processes for the agent
@@ -1012,12 +1283,16 @@ impl Enforcer {
 
     /// Sets the verdict for (subject, service). `rule` names the policy
     /// rule that decided, for audit.
+    /// `expires_ns` (CLOCK_BOOTTIME, 0: never) makes the verdict lapse
+    /// unless it is written again before then: for verdicts that depend on
+    /// a condition such as a time window.
     pub fn set_verdict(
         &self,
         subject: u32,
         service_id: u32,
         allow: bool,
         rule: u32,
+        expires_ns: u64,
     ) -> Result<(), KernelError> {
         let k = PolicyKey {
             subject,
@@ -1026,6 +1301,7 @@ impl Enforcer {
         let v = VerdictValue {
             allow: u32::from(allow),
             rule,
+            expires_ns,
         };
         lock(&self.policy)
             .insert(k, v, 0)
@@ -1055,6 +1331,7 @@ impl Enforcer {
                 service_id: k.service_id,
                 allow: v.allow != 0,
                 rule: v.rule,
+                expires_ns: v.expires_ns,
             });
         }
         Ok(out)
@@ -1081,6 +1358,10 @@ impl Enforcer {
             held: get(STAT_HELD)?,
             meshed: get(STAT_MESH)?,
             ingress_dropped: get(STAT_INGRESS_DROPPED)?,
+            tainted: get(STAT_TAINTED)?,
+            sends_denied: get(STAT_SEND_DENIED)?,
+            unguarded: get(STAT_UNGUARDED)?,
+            sockets_denied: get(STAT_SOCKET_DENIED)?,
             dropped_events: get(STAT_DROPPED_EVENTS)?,
         })
     }
@@ -1090,7 +1371,7 @@ impl Enforcer {
     /// `cgroup` (pinned elsewhere or held by a live agent), and unpins the
     /// maps. Safe to run repeatedly; missing pieces are skipped. Backend of
     /// the documented "remove everything" command.
-    pub fn detach_all(pin_dir: &Path, cgroup: &Path) -> Result<DetachReport, KernelError> {
+    pub fn detach_all(pin_dir: &Path, cgroup: Option<&Path>) -> Result<DetachReport, KernelError> {
         let mut report = DetachReport::default();
         let pins = PinDir::new(pin_dir);
 
@@ -1109,11 +1390,13 @@ impl Enforcer {
             remove_pin(&path, &mut report)?;
         }
 
-        match open_cgroup(cgroup) {
-            Ok((_, cgroup_id)) => report.links_detached += detach_cgroup_links(cgroup_id)?,
+        match cgroup.map(open_cgroup) {
+            None => {}
+            Some(Ok((_, cgroup_id))) => report.links_detached += detach_cgroup_links(cgroup_id)?,
             // A removed cgroup has nothing attached.
-            Err(KernelError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+            Some(Err(KernelError::Io { source, .. }))
+                if source.kind() == io::ErrorKind::NotFound => {}
+            Some(Err(e)) => return Err(e),
         }
 
         for path in read_dir_if_exists(&pins.maps)? {

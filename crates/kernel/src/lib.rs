@@ -29,12 +29,29 @@ mod sys;
 
 use std::path::PathBuf;
 
-pub use abi::{Decision, DstPrefix, Event, EventError, HeldConnection, Hook, Proto, ServiceFlags};
+pub use abi::{
+    Decision, DstPrefix, Event, EventError, ExecFlags, ExecRecord, HeldConnection, Hook, Proto,
+    Reason, ServiceFlags,
+};
 pub use enforcer::{
     DetachReport, Enforcer, EnforcerConfig, ExecId, HoldConfig, ProcessEntry, Stats, VerdictEntry,
 };
 pub use error::KernelError;
 pub use events::EventReader;
+
+/// CLOCK_BOOTTIME in nanoseconds: the clock of exec ids, process starts,
+/// event times and verdict expiry.
+pub fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) } != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
 
 /// Where cgroup v2 is mounted, from `/proc/mounts` (the first `cgroup2`
 /// entry). Never hard-code it: hosts mount it at `/sys/fs/cgroup` or, in

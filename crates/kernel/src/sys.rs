@@ -3,7 +3,8 @@
 //! link is made here the same way), replacing the program of a live link
 //! (BPF_LINK_UPDATE), forcing a link off its hook (BPF_LINK_DETACH), reading
 //! a cgroup link's target, and walking all links. Also statfs checks for
-//! bpffs and cgroup2, and the network namespace cookie.
+//! bpffs and cgroup2, the network namespace cookie, and attaching the sk_msg
+//! program to its sockhash.
 
 use std::{
     ffi::CString,
@@ -15,6 +16,7 @@ use std::{
     path::Path,
 };
 
+const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
@@ -100,6 +102,22 @@ pub(crate) fn link_create(
     attr.0[1] = raw(target);
     attr.0[2] = attach_type;
     fd_result(bpf(BPF_LINK_CREATE, &mut attr)?)
+}
+
+/// Attaches `prog` to a map (an sk_msg program to a sockhash) the old way,
+/// BPF_PROG_ATTACH: the attachment lives as long as the map, so a pinned
+/// map keeps it while the agent is down, and attaching again replaces the
+/// program.
+pub(crate) fn prog_attach(
+    target: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    let mut attr = Attr::default();
+    attr.0[0] = raw(target);
+    attr.0[1] = raw(prog);
+    attr.0[2] = attach_type;
+    bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
 }
 
 /// Attaches `prog` to the raw tracepoint `name`; the fd is a bpf_link.

@@ -7,7 +7,7 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::{Client, EPERM, TestCgroup, attest, can_run, drain, tcp_listeners, udp_server};
-use tether_kernel::{Decision, DstPrefix, Enforcer, Hook, Proto};
+use tether_kernel::{Decision, DstPrefix, Enforcer, ExecId, Hook, Proto};
 
 const LO4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const LO6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
@@ -27,7 +27,7 @@ fn tcp_allow_deny_and_untouched() {
     // Attested, with an allow verdict.
     let mut ok = Client::spawn(&cg);
     attest(&e, ok.pid, 7);
-    e.set_verdict(7, 1, true, 42).expect("verdict");
+    e.set_verdict(7, 1, true, 42, 0).expect("verdict");
     assert_eq!(
         ok.run(&format!("connect 4 127.0.0.1 {}", protected.port)),
         "OK"
@@ -42,7 +42,7 @@ fn tcp_allow_deny_and_untouched() {
     );
 
     // Explicit deny.
-    e.set_verdict(8, 1, false, 43).expect("verdict");
+    e.set_verdict(8, 1, false, 43, 0).expect("verdict");
     assert_eq!(
         no_rule.run(&format!("connect 4 127.0.0.1 {}", protected.port)),
         EPERM
@@ -115,7 +115,7 @@ fn cidr_and_any_port_services() {
         .expect("service");
     let mut c = Client::spawn(&cg);
     attest(&e, c.pid, 1);
-    e.set_verdict(1, 6, true, 1).expect("verdict");
+    e.set_verdict(1, 6, true, 1, 0).expect("verdict");
     assert_eq!(
         c.run(&format!("connect 4 127.0.0.1 {}", a.port)),
         EPERM,
@@ -126,7 +126,7 @@ fn cidr_and_any_port_services() {
         "OK",
         "exact port wins"
     );
-    e.set_verdict(1, 5, true, 2).expect("verdict");
+    e.set_verdict(1, 5, true, 2, 0).expect("verdict");
     assert_eq!(c.run(&format!("connect 4 127.0.0.1 {}", a.port)), "OK");
 
     let listed = e.services().expect("services");
@@ -165,7 +165,7 @@ fn ipv6_and_ipv4_mapped_hit_the_same_policy() {
 
     let mut allowed = Client::spawn(&cg);
     attest(&e, allowed.pid, 3);
-    e.set_verdict(3, 1, true, 9).expect("verdict");
+    e.set_verdict(3, 1, true, 9, 0).expect("verdict");
     assert_eq!(allowed.run(&format!("connect 6 ::1 {}", l.port)), "OK");
     assert_eq!(
         allowed.run(&format!("connect 6 ::ffff:127.0.0.1 {}", l.port)),
@@ -222,7 +222,7 @@ fn udp_sendto_and_connected_udp_are_enforced() {
         .expect("remove");
 
     attest(&e, c.pid, 4);
-    e.set_verdict(4, 2, true, 1).expect("verdict");
+    e.set_verdict(4, 2, true, 1, 0).expect("verdict");
     assert_eq!(c.run(&format!("sendto 4 127.0.0.1 {port}")), "OK");
     let mut buf = [0u8; 8];
     let (n, _) = server.recv_from(&mut buf).expect("datagram arrives");
@@ -253,7 +253,7 @@ fn exec_clears_fork_inherits_threads_share() {
     let l = tcp_listeners();
     e.set_service(DstPrefix::host(LO4, l.port, Proto::Tcp), 1)
         .expect("service");
-    e.set_verdict(5, 1, true, 1).expect("verdict");
+    e.set_verdict(5, 1, true, 1, 0).expect("verdict");
     let connect = format!("connect 4 127.0.0.1 {}", l.port);
 
     let mut c = Client::spawn(&cg);
@@ -308,15 +308,19 @@ fn a_verdict_written_for_the_previous_image_never_applies() {
     let l = tcp_listeners();
     e.set_service(DstPrefix::host(LO4, l.port, Proto::Tcp), 1)
         .expect("service");
-    e.set_verdict(5, 1, true, 1).expect("verdict");
+    e.set_verdict(5, 1, true, 1, 0).expect("verdict");
 
     let mut c = Client::spawn(&cg);
     // The agent reads the exec id and starts attesting the old image...
-    let stale = e.exec_id(c.pid).expect("exec_id");
+    let stale = e
+        .exec_record(c.pid)
+        .expect("exec record")
+        .expect("a record");
     // ...the process execs meanwhile...
     c.exec();
     // ...and the agent's write lands late.
-    e.set_process(c.pid, 5, stale).expect("set_process");
+    e.set_process(c.pid, 5, ExecId(stale.exec_id), stale.start_ns)
+        .expect("set_process");
     assert_eq!(c.run(&format!("connect 4 127.0.0.1 {}", l.port)), EPERM);
     let ev = drain(&e).pop().expect("event");
     assert_eq!(ev.decision, Decision::Unattested);
@@ -374,7 +378,7 @@ fn tcp_fast_open_and_mptcp_are_enforced() {
     assert!(mptcp == EPERM || mptcp == "UNSUPPORTED", "{mptcp}");
 
     attest(&e, c.pid, 2);
-    e.set_verdict(2, 1, true, 1).expect("verdict");
+    e.set_verdict(2, 1, true, 1, 0).expect("verdict");
     assert_eq!(c.run(&format!("fastopen 4 127.0.0.1 {}", l.port)), "OK");
     if mptcp == EPERM {
         assert_eq!(c.run(&format!("mptcp 4 127.0.0.1 {}", l.port)), "OK");
@@ -392,8 +396,8 @@ fn every_decision_is_one_event() {
     let open = tcp_listeners();
     e.set_service(DstPrefix::host(LO4, l.port, Proto::Tcp), 11)
         .expect("service");
-    e.set_verdict(21, 11, true, 31).expect("verdict");
-    e.set_verdict(22, 11, false, 32).expect("verdict");
+    e.set_verdict(21, 11, true, 31, 0).expect("verdict");
+    e.set_verdict(22, 11, false, 32, 0).expect("verdict");
     let mut reader = e.events().expect("events");
 
     let mut allowed = Client::spawn(&cg);

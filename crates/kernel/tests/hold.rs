@@ -205,7 +205,7 @@ fn unattested_tcp_is_held_for_the_agent() {
 
     // An attested process is decided in the kernel, never held.
     attest(&e, c.pid, 9);
-    e.set_verdict(9, 3, true, 1).expect("verdict");
+    e.set_verdict(9, 3, true, 1, 0).expect("verdict");
     assert_eq!(c.run(&format!("connect 4 127.0.0.1 {port}")), "OK");
     let (_s, _) = protected
         .v4

@@ -169,7 +169,7 @@ fn io_uring_connect_is_enforced_inline_async_and_sqpoll() {
         1,
     )
     .expect("service");
-    e.set_verdict(9, 1, true, 1).expect("verdict");
+    e.set_verdict(9, 1, true, 1, 0).expect("verdict");
 
     let mut denied = Helper::spawn(&cg);
     let mut allowed = Helper::spawn(&cg);

@@ -28,7 +28,7 @@ fn a_crashed_agent_stays_closed_and_the_next_one_adopts() {
     first
         .set_service(DstPrefix::host(LO4, l.port, Proto::Tcp), 1)
         .expect("service");
-    first.set_verdict(7, 1, true, 70).expect("verdict");
+    first.set_verdict(7, 1, true, 70, 0).expect("verdict");
     let mut old = Client::spawn(&cg);
     attest(&first, old.pid, 7);
     assert_eq!(old.run(&connect), "OK");
@@ -73,7 +73,8 @@ fn a_crashed_agent_stays_closed_and_the_next_one_adopts() {
             subject: 7,
             service_id: 1,
             allow: true,
-            rule: 70
+            rule: 70,
+            expires_ns: 0
         }]
     );
     assert_eq!(
@@ -109,14 +110,15 @@ fn a_crashed_agent_stays_closed_and_the_next_one_adopts() {
     assert_eq!(drain(&third).len(), 1);
 
     // The documented removal command: nothing attached, nothing pinned.
-    let report = Enforcer::detach_all(&fs.pin_dir(), &cg.path).expect("detach_all");
-    // The eight socket hooks (connect, sendmsg, getpeername, sock_ops,
-    // ingress) are forced off. Tracepoint links cannot be (BPF_LINK_DETACH is
-    // unsupported for them); unpinned, they go away with the last fd, here
-    // `third`'s.
-    assert_eq!(report.links_detached, 8, "{report:?}");
-    // 11 links and 10 maps.
-    assert_eq!(report.pins_removed, 21, "{report:?}");
+    let report = Enforcer::detach_all(&fs.pin_dir(), Some(&cg.path)).expect("detach_all");
+    // The ten socket hooks (connect, sendmsg, getpeername, sock_ops,
+    // ingress, socket creation, setsockopt) are forced off. Tracepoint links
+    // cannot be (BPF_LINK_DETACH is unsupported for them); unpinned, they go
+    // away with the last fd, here `third`'s. The sk_msg program goes with
+    // its map.
+    assert_eq!(report.links_detached, 10, "{report:?}");
+    // 15 links and 15 maps.
+    assert_eq!(report.pins_removed, 30, "{report:?}");
     assert!(!fs.pin_dir().exists());
     assert_eq!(old.run(&connect), "OK", "no longer enforced");
     drop(third);
@@ -138,10 +140,10 @@ fn detach_all_removes_a_live_agents_unpinned_links() {
     assert_eq!(c.run(&connect), EPERM);
 
     let nowhere = std::env::temp_dir().join(format!("tether-no-pins-{}", std::process::id()));
-    let report = Enforcer::detach_all(&nowhere, &cg.path).expect("detach_all");
+    let report = Enforcer::detach_all(&nowhere, Some(&cg.path)).expect("detach_all");
     assert_eq!(
-        report.links_detached, 8,
-        "the eight socket hooks on this cgroup: {report:?}"
+        report.links_detached, 10,
+        "the ten socket hooks on this cgroup: {report:?}"
     );
     assert_eq!(report.pins_removed, 0);
     assert_eq!(c.run(&connect), "OK");
@@ -189,7 +191,7 @@ fn refuses_a_directory_that_is_not_a_cgroup() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = tether_kernel::EnforcerConfig {
-        cgroup: dir.path().to_path_buf(),
+        cgroup: Some(dir.path().to_path_buf()),
         pin_dir: None,
     };
     assert!(matches!(

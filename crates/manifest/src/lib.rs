@@ -59,6 +59,10 @@ pub struct WorkloadIdentitySpec {
     pub nodes: Vec<String>,
     /// Whether the key may be handed to the process via the Workload API.
     pub workload_api: bool,
+    /// Exec checks this identity accepts by name (see
+    /// `tether_attest::EXEC_CHECKS`); empty: every check must pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_exec: Vec<String>,
 }
 
 impl WorkloadIdentitySpec {
@@ -98,8 +102,15 @@ pub enum Protocol {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceAddress {
-    /// Canonical "ip/prefix".
+    /// Canonical "ip/prefix"; empty for a `local` entry.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cidr: String,
+    /// This host, at every address that reaches its listeners: loopback,
+    /// unspecified, multicast and broadcast, and every address it has
+    /// (followed as they change). A Service that names a loopback address
+    /// or one of the host's gets the same protection for those ports.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
     /// Empty means every port.
     #[serde(default)]
     pub ports: Vec<u16>,
@@ -334,12 +345,15 @@ struct RawIdentity {
     #[serde(default)]
     nodes: Vec<String>,
     workload_api: Option<bool>,
+    #[serde(default)]
+    allow_exec: Vec<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawAddress {
     cidr: Option<String>,
+    local: Option<bool>,
     #[serde(default)]
     ports: Vec<i64>,
     protocol: Option<String>,
@@ -523,6 +537,14 @@ fn validate_identity(raw: RawIdentity) -> Result<WorkloadIdentitySpec, (String, 
         .spiffe_id
         .ok_or_else(|| ("spec.spiffeId".to_string(), "missing".to_string()))?;
     let id = SpiffeId::parse(&id).map_err(|e| ("spec.spiffeId".to_string(), e.to_string()))?;
+    // Tether's own identities (node and server SVIDs) live under /tether:
+    // a workload identity there could stand in for an agent or the server.
+    if id.path() == "/tether" || id.path().starts_with("/tether/") {
+        return Err((
+            "spec.spiffeId".to_string(),
+            format!("{id}: paths under /tether are reserved for Tether's own nodes and servers"),
+        ));
+    }
     let sets = raw.selectors.ok_or_else(|| {
         (
             "spec.selectors".to_string(),
@@ -562,6 +584,21 @@ fn validate_identity(raw: RawIdentity) -> Result<WorkloadIdentitySpec, (String, 
             validate_name(n).map_err(|m| (format!("spec.nodes[{i}]"), m))?;
         }
     }
+    let mut allow_exec = Vec::with_capacity(raw.allow_exec.len());
+    for (i, a) in raw.allow_exec.iter().enumerate() {
+        if !tether_attest::EXEC_CHECKS.contains(&a.as_str()) {
+            return Err((
+                format!("spec.allowExec[{i}]"),
+                format!(
+                    "{a:?} is not an exec check; valid names: {}",
+                    tether_attest::EXEC_CHECKS.join(", ")
+                ),
+            ));
+        }
+        allow_exec.push(a.clone());
+    }
+    allow_exec.sort();
+    allow_exec.dedup();
     Ok(WorkloadIdentitySpec {
         spiffe_id: id.to_string(),
         selectors,
@@ -570,6 +607,7 @@ fn validate_identity(raw: RawIdentity) -> Result<WorkloadIdentitySpec, (String, 
         dns_names: raw.dns_names,
         nodes: raw.nodes,
         workload_api: raw.workload_api.unwrap_or(true),
+        allow_exec,
     })
 }
 
@@ -619,11 +657,28 @@ fn validate_service(raw: RawService) -> Result<ServiceSpec, (String, String)> {
     }
     let mut addresses = Vec::new();
     for (i, a) in raw.addresses.iter().enumerate() {
-        let cidr = a
-            .cidr
-            .as_deref()
-            .ok_or_else(|| (format!("spec.addresses[{i}].cidr"), "missing".to_string()))?;
-        let (ip, len) = parse_cidr(cidr).map_err(|m| (format!("spec.addresses[{i}].cidr"), m))?;
+        let local = a.local.unwrap_or(false);
+        let cidr = match (a.cidr.as_deref(), local) {
+            (Some(_), true) => {
+                return Err((
+                    format!("spec.addresses[{i}]"),
+                    "give either cidr or `local: true`, not both".to_string(),
+                ));
+            }
+            (None, true) => String::new(),
+            (Some(c), false) => {
+                let (ip, len) =
+                    parse_cidr(c).map_err(|m| (format!("spec.addresses[{i}].cidr"), m))?;
+                format!("{ip}/{len}")
+            }
+            (None, false) => {
+                return Err((
+                    format!("spec.addresses[{i}].cidr"),
+                    "missing (or say `local: true` for this host at every local address)"
+                        .to_string(),
+                ));
+            }
+        };
         let protocol = match a.protocol.as_deref().unwrap_or("tcp") {
             "tcp" => Protocol::Tcp,
             "udp" => Protocol::Udp,
@@ -636,7 +691,8 @@ fn validate_service(raw: RawService) -> Result<ServiceSpec, (String, String)> {
             }
         };
         addresses.push(ServiceAddress {
-            cidr: format!("{ip}/{len}"),
+            cidr,
+            local,
             ports: ports(&a.ports, &format!("spec.addresses[{i}].ports"))?,
             protocol,
         });

@@ -30,6 +30,22 @@ pub struct NodePeer {
     pub addr: SocketAddr,
     /// The verified node SVID's ID; None before attestation.
     pub id: Option<SpiffeId>,
+    /// Its serial number (lowercase hex): only the node's current SVID is
+    /// accepted, so a renewed one (or a copy of an old one) opens nothing.
+    pub serial: Option<String>,
+}
+
+/// The serial number of a verified peer leaf, as the store keeps it.
+fn leaf_serial(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Option<String> {
+    use x509_parser::prelude::FromDer as _;
+    let leaf = certs?.first()?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf).ok()?;
+    Some(
+        cert.raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 pub type TlsConn = tether_proto::uds::Tagged<tokio_rustls::server::TlsStream<TcpStream>, NodePeer>;
@@ -77,12 +93,14 @@ pub async fn serve_node_api(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let id = tether_tls::peer_id(tls.get_ref().1.peer_certificates());
+                        let serial = leaf_serial(tls.get_ref().1.peer_certificates());
                         let _ = tx
                             .send(Ok(TlsConn::new(
                                 tls,
                                 NodePeer {
                                     addr: peer_addr,
                                     id,
+                                    serial,
                                 },
                             )))
                             .await;
@@ -95,7 +113,10 @@ pub async fn serve_node_api(
             });
         }
     });
-    let svc = NodeServer::new(NodeApi { state });
+    let svc = NodeServer::new(NodeApi {
+        state,
+        node_signing: std::sync::Mutex::new(()),
+    });
     let serve = tokio::spawn(async move {
         let res = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -19,11 +19,53 @@ use crate::{ServerError, State, token_hash};
 
 /// Limits on what one call may ask for.
 const MAX_CSRS_PER_CALL: usize = 512;
+const MAX_NODE_ADDRESSES: usize = 64;
 const MAX_AUDIENCES: usize = 16;
 const MAX_AUDIENCE_LEN: usize = 256;
 
 pub struct NodeApi {
     pub state: Arc<State>,
+    /// Node SVIDs are signed one at a time, so two nodes can never both be
+    /// vouched for at one address.
+    pub node_signing: std::sync::Mutex<()>,
+}
+
+/// The addresses a node SVID may vouch for: parsed, and none that many
+/// hosts share (loopback, unspecified, link-local, multicast).
+fn vouchable(addresses: &[String]) -> Result<Vec<std::net::IpAddr>, Status> {
+    if addresses.len() > MAX_NODE_ADDRESSES {
+        return Err(Status::invalid_argument(format!(
+            "{} addresses; limit {MAX_NODE_ADDRESSES}",
+            addresses.len()
+        )));
+    }
+    let mut out = Vec::new();
+    for (i, a) in addresses.iter().enumerate() {
+        let ip: std::net::IpAddr = a.parse().map_err(|_| {
+            Status::invalid_argument(format!("addresses[{i}]: {a:?} is not an IP address"))
+        })?;
+        let ip = ip.to_canonical();
+        let shared = match ip {
+            std::net::IpAddr::V4(v) => {
+                v.is_loopback()
+                    || v.is_unspecified()
+                    || v.is_link_local()
+                    || v.is_multicast()
+                    || v.is_broadcast()
+            }
+            std::net::IpAddr::V6(v) => {
+                v.is_loopback()
+                    || v.is_unspecified()
+                    || v.is_multicast()
+                    || v.is_unicast_link_local()
+            }
+        };
+        if !shared && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Identities (name, spec) that apply to `node`.
@@ -60,7 +102,13 @@ impl NodeApi {
             .ok_or_else(|| Status::permission_denied(format!("{id} is not a node identity")))?
             .to_string();
         match self.state.store.node(&name).map_err(ServerError::from)? {
-            Some(_) => Ok(name),
+            Some(row) if Some(&row.svid_serial) == peer.serial.as_ref() => Ok(name),
+            Some(row) => Err(Status::permission_denied(format!(
+                "node {name:?} presented an SVID (serial {}) that is not its current one ({}): \
+                 renewed since, or copied",
+                peer.serial.as_deref().unwrap_or("?"),
+                row.svid_serial
+            ))),
             None => Err(Status::permission_denied(format!(
                 "node {name:?} is not registered (evicted?)"
             ))),
@@ -72,14 +120,44 @@ impl NodeApi {
         name: &str,
         csr: &[u8],
         attested_at: Option<i64>,
+        addresses: &[String],
     ) -> Result<NodeSvid, Status> {
         let st = &self.state;
+        let _one_at_a_time = self.node_signing.lock().unwrap_or_else(|p| p.into_inner());
         let now = st.now();
         let id = st.node_id(name)?;
+        let mut ips = vouchable(addresses)?;
+        // First come, first served: an address another node's current SVID
+        // vouches for is not vouched for again (a node that moved gets it
+        // once the other's SVID expires or that node is removed).
+        let taken: std::collections::HashSet<std::net::IpAddr> = st
+            .store
+            .nodes()
+            .map_err(ServerError::from)?
+            .into_iter()
+            .filter(|n| n.name != name && n.svid_expires_at > now)
+            .flat_map(|n| {
+                n.addresses
+                    .split(',')
+                    .filter_map(|a| a.parse().ok())
+                    .collect::<Vec<std::net::IpAddr>>()
+            })
+            .collect();
+        ips.retain(|ip| {
+            let free = !taken.contains(ip);
+            if !free {
+                tracing::warn!(node = %name, address = %ip, "address already vouched for by another node; left out of this node's SVID");
+            }
+            free
+        });
+        let extras = tether_ca::SvidExtras {
+            ip_addresses: &ips,
+            ..tether_ca::SvidExtras::default()
+        };
         let cert = st
             .keys()
             .signer
-            .sign_svid(csr, &id, &[], st.node_svid_ttl_secs, now)
+            .sign_svid_with(csr, &id, &extras, st.node_svid_ttl_secs, now)
             .map_err(ServerError::from)?;
         let prev = st.store.node(name).map_err(ServerError::from)?;
         st.store
@@ -90,6 +168,11 @@ impl NodeApi {
                 svid_serial: cert.serial_hex.clone(),
                 svid_expires_at: cert.not_after,
                 last_seen: now,
+                addresses: ips
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
             })
             .map_err(ServerError::from)?;
         Ok(NodeSvid {
@@ -132,6 +215,7 @@ fn to_proto(name: String, s: WorkloadIdentitySpec) -> Identity {
         jwt_ttl_secs: s.jwt_ttl_secs,
         dns_names: s.dns_names,
         workload_api: s.workload_api,
+        allow_exec: s.allow_exec,
     }
 }
 
@@ -164,7 +248,7 @@ impl Node for NodeApi {
                 "node attestation refused: {why}"
             )));
         }
-        let svid = self.sign_node_svid(&r.node_name, &r.csr, Some(now))?;
+        let svid = self.sign_node_svid(&r.node_name, &r.csr, Some(now), &r.addresses)?;
         tracing::info!(node = %r.node_name, %peer, "node attested");
         Ok(Response::new(svid))
     }
@@ -174,7 +258,8 @@ impl Node for NodeApi {
         req: Request<RenewNodeRequest>,
     ) -> Result<Response<NodeSvid>, Status> {
         let node = self.node(&req)?;
-        let svid = self.sign_node_svid(&node, &req.into_inner().csr, None)?;
+        let r = req.into_inner();
+        let svid = self.sign_node_svid(&node, &r.csr, None, &r.addresses)?;
         tracing::info!(%node, "node SVID renewed");
         Ok(Response::new(svid))
     }
@@ -211,9 +296,14 @@ impl Node for NodeApi {
                     .collect();
                 dns.sort();
                 dns.dedup();
+                let extras = tether_ca::SvidExtras {
+                    dns_names: if c.mesh { &[] } else { &dns },
+                    mesh_node: c.mesh.then_some(node.as_str()),
+                    ..tether_ca::SvidExtras::default()
+                };
                 let cert = keys
                     .signer
-                    .sign_svid(&c.csr, &id, &dns, ttl, now)
+                    .sign_svid_with(&c.csr, &id, &extras, ttl, now)
                     .map_err(ServerError::from)?;
                 Ok(SignedSvid {
                     spiffe_id: id.to_string(),

@@ -351,6 +351,51 @@ pub fn split_certificates(mut der: &[u8]) -> Result<Vec<Vec<u8>>, SvidError> {
     Ok(out)
 }
 
+/// The organizational unit of mesh SVIDs: certificates a node's agent
+/// holds for tunnels to other agents and never hands to a process. Only
+/// the server issues them, only on the asking node's authenticated channel,
+/// and it names that node in the subject's common name.
+pub const MESH_OU: &str = "tether-mesh";
+
+/// The node a mesh SVID was issued to, or None for any other certificate
+/// (a workload's SVID from the Workload API among them).
+pub fn mesh_node(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let ou_ok = subject
+        .iter_organizational_unit()
+        .any(|a| a.as_str() == Ok(MESH_OU));
+    if !ou_ok {
+        return None;
+    }
+    let mut cns = subject.iter_common_name();
+    let cn = cns.next()?.as_str().ok()?.to_string();
+    // Exactly one name: an ambiguous subject names no node.
+    cns.next().is_none().then_some(cn)
+}
+
+/// The IP address SANs of a certificate (what a node SVID vouches for).
+pub fn ip_sans(der: &[u8]) -> Vec<std::net::IpAddr> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                16 => <[u8; 16]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
 /// The certificate's notAfter as Unix time, if it parses.
 pub fn not_after(der: &[u8]) -> Option<i64> {
     x509_parser::parse_x509_certificate(der)

@@ -71,6 +71,9 @@ const MIGRATIONS: &[&str] = &[
         not_after BIGINT NOT NULL,
         created_at BIGINT NOT NULL
      );",
+    // 2: the addresses each node's SVID vouches for (comma-separated), so
+    // two nodes can never both be vouched for at one address.
+    "ALTER TABLE nodes ADD COLUMN addresses TEXT NOT NULL DEFAULT ''",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +116,8 @@ pub struct NodeRow {
     pub svid_serial: String,
     pub svid_expires_at: i64,
     pub last_seen: i64,
+    /// Addresses in its current SVID (IP SANs), comma-separated.
+    pub addresses: String,
 }
 
 /// Lifecycle of a signing key (X.509 CA or JWT key).
@@ -467,11 +472,12 @@ impl Store {
 
     pub fn upsert_node(&self, n: &NodeRow) -> Result<()> {
         self.conn().execute(
-            "INSERT INTO nodes (name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO nodes (name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (name) DO UPDATE SET spiffe_id = excluded.spiffe_id, attested_at = excluded.attested_at,
-               svid_serial = excluded.svid_serial, svid_expires_at = excluded.svid_expires_at, last_seen = excluded.last_seen",
-            params![n.name, n.spiffe_id, n.attested_at, n.svid_serial, n.svid_expires_at, n.last_seen],
+               svid_serial = excluded.svid_serial, svid_expires_at = excluded.svid_expires_at, last_seen = excluded.last_seen,
+               addresses = excluded.addresses",
+            params![n.name, n.spiffe_id, n.attested_at, n.svid_serial, n.svid_expires_at, n.last_seen, n.addresses],
         )?;
         Ok(())
     }
@@ -480,7 +486,7 @@ impl Store {
         Ok(self
             .conn()
             .query_row(
-                "SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen FROM nodes WHERE name = ?1",
+                "SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses FROM nodes WHERE name = ?1",
                 params![name],
                 node_row,
             )
@@ -490,7 +496,7 @@ impl Store {
     pub fn nodes(&self) -> Result<Vec<NodeRow>> {
         let conn = self.conn();
         let mut st =
-            conn.prepare("SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen FROM nodes ORDER BY name")?;
+            conn.prepare("SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses FROM nodes ORDER BY name")?;
         let rows = st
             .query_map([], node_row)?
             .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -619,6 +625,7 @@ fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
         svid_serial: r.get(3)?,
         svid_expires_at: r.get(4)?,
         last_seen: r.get(5)?,
+        addresses: r.get(6)?,
     })
 }
 

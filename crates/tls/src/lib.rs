@@ -30,6 +30,12 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Which peer SPIFFE IDs a verifier accepts.
 pub type IdPolicy = Arc<dyn Fn(&SpiffeId) -> bool + Send + Sync>;
 
+/// A further check of a verified peer: its SPIFFE ID, leaf certificate
+/// (DER) and, on the client side, the IP address the connection was made
+/// to. Err(why) fails the handshake.
+pub type LeafCheck =
+    Arc<dyn Fn(&SpiffeId, &[u8], Option<std::net::IpAddr>) -> Result<(), String> + Send + Sync>;
+
 fn now_unix(now: UnixTime) -> i64 {
     i64::try_from(now.as_secs()).unwrap_or(i64::MAX)
 }
@@ -89,6 +95,7 @@ macro_rules! handshake_signatures {
 pub struct SpiffeServerVerifier {
     bundle: SharedBundle,
     accept: IdPolicy,
+    check: Option<LeafCheck>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -103,6 +110,17 @@ impl SpiffeServerVerifier {
         Arc::new(SpiffeServerVerifier {
             bundle,
             accept,
+            check: None,
+            provider: provider(),
+        })
+    }
+
+    /// As [`new`](Self::new), with a further check of the server's leaf.
+    pub fn with_check(bundle: SharedBundle, accept: IdPolicy, check: LeafCheck) -> Arc<Self> {
+        Arc::new(SpiffeServerVerifier {
+            bundle,
+            accept,
+            check: Some(check),
             provider: provider(),
         })
     }
@@ -113,7 +131,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
@@ -122,6 +140,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             return Err(TlsError::General(format!(
                 "server identity {id} is not the one expected"
             )));
+        }
+        if let Some(check) = &self.check {
+            let ip = match server_name {
+                ServerName::IpAddress(ip) => Some(std::net::IpAddr::from(*ip)),
+                _ => None,
+            };
+            check(&id, end_entity, ip).map_err(TlsError::General)?;
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -136,6 +161,7 @@ pub struct SpiffeClientVerifier {
     bundle: SharedBundle,
     accept: IdPolicy,
     optional: bool,
+    check: Option<LeafCheck>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -151,6 +177,19 @@ impl SpiffeClientVerifier {
             bundle,
             accept,
             optional,
+            check: None,
+            provider: provider(),
+        })
+    }
+
+    /// As [`new`](Self::new) (certificate mandatory), with a further check
+    /// of the client's leaf.
+    pub fn with_check(bundle: SharedBundle, accept: IdPolicy, check: LeafCheck) -> Arc<Self> {
+        Arc::new(SpiffeClientVerifier {
+            bundle,
+            accept,
+            optional: false,
+            check: Some(check),
             provider: provider(),
         })
     }
@@ -180,6 +219,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             return Err(TlsError::General(format!(
                 "client identity {id} is not allowed here"
             )));
+        }
+        if let Some(check) = &self.check {
+            check(&id, end_entity, None).map_err(TlsError::General)?;
         }
         Ok(ClientCertVerified::assertion())
     }

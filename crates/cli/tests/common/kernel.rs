@@ -25,8 +25,11 @@ impl Cgroup {
     }
 }
 
-/// Makes `cmd` join the cgroup at `dir` before it execs.
+/// Makes `cmd` join the cgroup at `dir` before it execs. It also drops the
+/// loader variables cargo sets for test binaries (LD_LIBRARY_PATH): a
+/// workload started with them has its loader steered, and no identity.
 pub fn enter_cgroup(dir: &std::path::Path, cmd: &mut Command) {
+    super::no_loader_env(cmd);
     let procs = dir.join("cgroup.procs");
     // SAFETY: the closure only writes a file (no locks shared with the
     // parent are taken).

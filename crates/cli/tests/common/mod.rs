@@ -31,6 +31,13 @@ pub struct Up {
     netns_fd: Option<i32>,
 }
 
+/// Removes the loader variables `cargo test` puts in our environment
+/// (LD_LIBRARY_PATH): a process exec'd with them has its loader steered and
+/// gets no identity unless the identity accepts that.
+pub fn no_loader_env(cmd: &mut Command) -> &mut Command {
+    cmd.env_remove("LD_LIBRARY_PATH").env_remove("LD_PRELOAD")
+}
+
 /// A world-traversable temp dir, so workloads running as other uids can
 /// reach the sockets in it.
 pub fn open_tempdir() -> tempfile::TempDir {
@@ -90,9 +97,17 @@ impl Up {
     fn spawn(&mut self) {
         let logf = std::fs::File::create(&self.log).expect("log file");
         let mut cmd = Command::new(TETHER);
+        no_loader_env(&mut cmd);
         if let Some(fd) = self.netns_fd {
             netns::enter_fd(fd, &mut cmd);
         }
+        // Tests run many agents at once: nothing pinned unless a test says
+        // where (the default pin directory is one per host).
+        let pin: &[&str] = if self.extra.iter().any(|a| a == "--bpf-pin-dir") {
+            &[]
+        } else {
+            &["--bpf-pin-dir", "none"]
+        };
         let child = cmd
             .args([
                 "up",
@@ -110,6 +125,7 @@ impl Up {
             .arg("--run-dir")
             .arg(&self.run)
             .args(&self.extra)
+            .args(pin)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -330,6 +346,7 @@ pub fn workload_command(exe: &Path, uid: u32, socket: &Path, out: &Path, mode: &
     std::fs::create_dir_all(out).expect("mkdir out");
     std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o777)).expect("chmod out");
     let mut c = Command::new(exe);
+    no_loader_env(&mut c);
     c.args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
         .env("TETHER_TEST_CHILD", mode)
         .env("TETHER_TEST_OUT", out)
@@ -389,10 +406,42 @@ pub fn pem(label: &str, der: &[u8]) -> String {
     tether_ca::pem_encode(label, der)
 }
 
+/// Follows the X.509-SVID stream until it has pushed two different
+/// certificates (a rotation), then writes their SPIFFE ID, whether the key
+/// changed too, and its pid.
+async fn rotate(client: &spiffe::WorkloadApiClient, out: &Path) -> Result<(), String> {
+    use futures_util::StreamExt as _;
+    let mut stream = client
+        .stream_x509_svids()
+        .await
+        .map_err(|e| format!("stream: {e}"))?;
+    let mut seen: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen.len() < 2 {
+        let next = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .map_err(|_| "no rotation pushed within 20 s".to_string())?
+            .ok_or("stream ended")?
+            .map_err(|e| format!("stream error: {e}"))?;
+        std::fs::write(out.join("spiffe_id"), next.spiffe_id().to_string())
+            .map_err(|e| e.to_string())?;
+        let leaf = next.cert_chain()[0].as_bytes().to_vec();
+        if !seen.iter().any(|(l, _)| l == &leaf) {
+            seen.push((leaf, next.private_key().as_bytes().to_vec()));
+        }
+    }
+    std::fs::write(
+        out.join("key_changed"),
+        (seen[0].1 != seen[1].1).to_string(),
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// The workload side, run inside the copied test binary. Modes:
 /// "fetch": fetch X.509-SVID, bundle and a JWT-SVID, write them out, exit;
 /// "hold": fetch, write, then wait to be killed;
-/// "sleep": only wait to be killed.
+/// "sleep": only wait to be killed;
+/// "rotate": follow the SVID stream through one rotation.
 pub fn child_main(mode: &str, out: &Path) {
     if mode == "sleep" {
         // Just be a live process to attest.
@@ -408,6 +457,9 @@ pub fn child_main(mode: &str, out: &Path) {
         let client = spiffe::WorkloadApiClient::connect_to(&ep)
             .await
             .map_err(|e| format!("connect: {e}"))?;
+        if mode == "rotate" {
+            return rotate(&client, out).await;
+        }
         let svid = client
             .fetch_x509_svid()
             .await

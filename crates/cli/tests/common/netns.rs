@@ -106,6 +106,7 @@ impl Lan {
     /// A command on `host`.
     pub fn command(&self, host: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new(program);
+        super::no_loader_env(&mut c);
         self.enter(host, &mut c);
         c
     }

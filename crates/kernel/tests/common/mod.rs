@@ -19,27 +19,27 @@ use std::{
 
 use tether_kernel::{Enforcer, EnforcerConfig, Event};
 
-/// True when the tests can run (root, cgroup2, python3). Otherwise prints
-/// why and the test returns early.
+/// The kernel tests load BPF programs into a cgroup of their own: they
+/// need root, cgroup2 and python3 (the test clients). Without them a test
+/// fails with the reason; it never passes having done nothing.
 pub fn can_run() -> bool {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: the kernel tests load BPF programs and need root");
-        return false;
-    }
-    if tether_kernel::cgroup2_mount().is_none() {
-        eprintln!("skipped: no cgroup2 mount in /proc/mounts");
-        return false;
-    }
-    if !Command::new("python3")
-        .arg("-c")
-        .arg("")
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        eprintln!("skipped: python3 is needed for the test clients");
-        return false;
-    }
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the kernel tests load BPF programs and need root"
+    );
+    assert!(
+        tether_kernel::cgroup2_mount().is_some(),
+        "no cgroup2 mount in /proc/mounts"
+    );
+    assert!(
+        Command::new("python3")
+            .arg("-c")
+            .arg("")
+            .status()
+            .is_ok_and(|s| s.success()),
+        "python3 is needed for the test clients"
+    );
     true
 }
 
@@ -68,7 +68,7 @@ impl TestCgroup {
 
     pub fn config(&self, pin_dir: Option<&Path>) -> EnforcerConfig {
         EnforcerConfig {
-            cgroup: self.path.clone(),
+            cgroup: Some(self.path.clone()),
             pin_dir: pin_dir.map(Path::to_path_buf),
         }
     }
@@ -299,6 +299,75 @@ def in_thread(f):
     t.join()
     return box["out"] + " tid=%d" % box["tid"]
 
+HELD = []
+
+def hold(v, host, port):
+    # Connects and keeps the socket; answers with its index.
+    s = socket.socket(fam(v), socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect((host, int(port)))
+    HELD.append(s)
+    return "%d fd=%d" % (len(HELD) - 1, s.fileno())
+
+def holdsend(i, data):
+    HELD[int(i)].sendall(data.encode() + b"\n")
+
+LIBC = None
+def libc():
+    global LIBC
+    if LIBC is None:
+        import ctypes
+        LIBC = ctypes.CDLL(None, use_errno=True)
+    return LIBC
+
+def check(r):
+    import ctypes
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return r
+
+def raw(family, proto):
+    socket.socket(int(family), socket.SOCK_RAW, int(proto)).close()
+
+def hdrincl():
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    try:
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+    finally:
+        s.close()
+
+def packet():
+    socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0).close()
+
+def vmwrite(pid):
+    # process_vm_writev(pid, local iov, 1, remote iov, 1, 0): one byte to
+    # the target's first writable mapping.
+    import ctypes
+    class Iov(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+    addr = None
+    for line in open("/proc/%s/maps" % pid):
+        f = line.split()
+        if f[1].startswith("rw"):
+            addr = int(f[0].split("-")[0], 16)
+            break
+    buf = ctypes.create_string_buffer(b"\0")
+    local = Iov(ctypes.cast(buf, ctypes.c_void_p), 1)
+    remote = Iov(addr, 0)
+    return check(libc().syscall(311, int(pid), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))
+
+def procmem(pid):
+    os.close(os.open("/proc/%s/mem" % pid, os.O_RDWR))
+
+def setmm(path):
+    # prctl(PR_SET_MM, PR_SET_MM_EXE_FILE, fd): re-points /proc/self/exe.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        check(libc().prctl(35, 13, fd, 0, 0))
+    finally:
+        os.close(fd)
+
 # The readiness line doubles as "this image is the final one": a launcher
 # (pyenv shims, for one) may exec several times before we get here.
 print("READY %d" % os.getpid(), flush=True)
@@ -327,6 +396,22 @@ for line in sys.stdin:
         out = in_fork(lambda: connect(*args))
     elif cmd == "thread-connect":
         out = in_thread(lambda: connect(*args))
+    elif cmd == "hold":
+        out = attempt(lambda: hold(*args))
+    elif cmd == "holdsend":
+        out = attempt(lambda: holdsend(*args))
+    elif cmd == "raw":
+        out = attempt(lambda: raw(*args))
+    elif cmd == "hdrincl":
+        out = attempt(hdrincl)
+    elif cmd == "packet":
+        out = attempt(packet)
+    elif cmd == "vmwrite":
+        out = attempt(lambda: vmwrite(*args))
+    elif cmd == "procmem":
+        out = attempt(lambda: procmem(*args))
+    elif cmd == "setmm":
+        out = attempt(lambda: setmm(*args))
     elif cmd == "exec":
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-c", BOOT])
@@ -349,7 +434,19 @@ pub struct Client {
 
 impl Client {
     pub fn spawn(cg: &TestCgroup) -> Self {
-        let mut child = Command::new("python3")
+        Self::spawn_with_env(cg, &[])
+    }
+
+    /// As [`spawn`](Self::spawn), with extra environment variables (and
+    /// none of the loader's inherited from the test runner: cargo sets
+    /// LD_LIBRARY_PATH for tests).
+    pub fn spawn_with_env(cg: &TestCgroup, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new("python3");
+        cmd.env_remove("LD_LIBRARY_PATH").env_remove("LD_PRELOAD");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .arg("-c")
             .arg(BOOT)
             .env("TETHER_CLIENT", CLIENT)
@@ -379,6 +476,28 @@ impl Client {
             format!("READY {}", self.pid),
             "client start-up"
         );
+    }
+
+    /// Sends one command and returns the answer line, or None when the
+    /// client died (killed) before answering.
+    pub fn try_run(&mut self, cmd: &str) -> Option<String> {
+        writeln!(self.stdin, "{cmd}").ok()?;
+        self.stdin.flush().ok()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).ok()?;
+        (!line.is_empty()).then(|| line.trim().to_owned())
+    }
+
+    /// How the client ended, once it has (None while it runs).
+    pub fn exit_signal(&mut self) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt as _;
+        for _ in 0..200 {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.signal();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 
     /// Sends one command and returns the answer line.
@@ -414,10 +533,35 @@ impl Drop for Client {
 
 pub const EPERM: &str = "ERR 1 EPERM";
 
-/// Attests `pid` as `subject` the way the agent must: exec id first.
+/// Compiles `tests/attacks/<name>.c` (repository root) with cc into `dir`.
+pub fn compile_attack(name: &str, dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/attacks")
+        .join(format!("{name}.c"));
+    let out = dir.join(name);
+    let st = Command::new("cc")
+        .args(["-O2", "-Wall", "-Wl,-z,now", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("run cc");
+    assert!(st.success(), "compiling {}", src.display());
+    out
+}
+
+/// Attests `pid` as `subject` the way the agent must: exec record first.
 pub fn attest(e: &Enforcer, pid: u32, subject: u32) {
-    let exec_id = e.exec_id(pid).expect("exec_id");
-    e.set_process(pid, subject, exec_id).expect("set_process");
+    let rec = e
+        .exec_record(pid)
+        .expect("exec record")
+        .unwrap_or_else(|| panic!("pid {pid} has no exec record (exec'd before the load?)"));
+    e.set_process(
+        pid,
+        subject,
+        tether_kernel::ExecId(rec.exec_id),
+        rec.start_ns,
+    )
+    .expect("set_process");
 }
 
 /// Events currently in the ring buffer.

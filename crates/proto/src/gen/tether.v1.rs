@@ -10,12 +10,20 @@ pub struct AttestRequest {
     /// The name the agent asks for (normally the host name).
     #[prost(string, tag = "3")]
     pub node_name: ::prost::alloc::string::String,
+    /// The node's own IP addresses: its SVID vouches for those no other node
+    /// holds, and agents of other nodes open tunnels only to the node whose
+    /// SVID names the destination address.
+    #[prost(string, repeated, tag = "4")]
+    pub addresses: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RenewNodeRequest {
     #[prost(bytes = "vec", tag = "1")]
     pub csr: ::prost::alloc::vec::Vec<u8>,
+    /// As in AttestRequest.
+    #[prost(string, repeated, tag = "2")]
+    pub addresses: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -43,6 +51,11 @@ pub struct SvidCsr {
     /// Requested lifetime; the server caps it at the identity's x509 TTL.
     #[prost(int64, tag = "3")]
     pub ttl_secs: i64,
+    /// An SVID for tunnels between agents, held by the asking node's agent and
+    /// never handed to a process: issued with the node named in its subject
+    /// (see tether_spiffe::x509::mesh_node).
+    #[prost(bool, tag = "4")]
+    pub mesh: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -111,6 +124,10 @@ pub struct Identity {
     pub dns_names: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(bool, tag = "7")]
     pub workload_api: bool,
+    /// Exec checks this identity accepts by name (LD_PRELOAD, mount-namespace,
+    /// ...): a process that failed only these may still hold it.
+    #[prost(string, repeated, tag = "8")]
+    pub allow_exec: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// Any other registry resource, as its validated spec in JSON.
 #[allow(clippy::all)]
