@@ -269,13 +269,14 @@ struct event {
 	__u32 aux;   /* the tracer, the target of a taint, a connection's owner */
 	__u32 flags; /* exec record flags of the caller */
 	__u32 aux2;  /* HOOK_SOCKET: family << 16 | type; HOOK_TAINT: detail */
+	char exe[16]; /* start of the name the caller's exec record holds */
 };
 
 _Static_assert(sizeof(struct dst_key) == 24, "dst_key ABI");
 _Static_assert(sizeof(struct proc_state) == 24, "proc_state ABI");
 _Static_assert(sizeof(struct exec_rec) == 80, "exec_rec ABI");
 _Static_assert(sizeof(struct verdict) == 16, "verdict ABI");
-_Static_assert(sizeof(struct event) == 96, "event ABI");
+_Static_assert(sizeof(struct event) == 112, "event ABI");
 _Static_assert(sizeof(struct hold_cfg) == 16, "hold_cfg ABI");
 _Static_assert(sizeof(struct scope) == 16, "scope ABI");
 _Static_assert(sizeof(struct redirect) == 72, "redirect ABI");
@@ -644,8 +645,16 @@ static __always_inline void emit_full(__u64 cookie, __u64 pid_tgid, __u64 uid_gi
 	e->aux = aux;
 	e->flags = flags;
 	e->aux2 = aux2;
-	if (pid_tgid)
+	if (pid_tgid) {
+		/* What it really executed: it may be gone (or lying in /proc)
+		 * by the time the agent reads this. */
+		__u32 tgid = pid_tgid >> 32;
+		struct exec_rec *x = bpf_map_lookup_elem(&execs, &tgid);
+
 		bpf_get_current_comm(e->comm, sizeof(e->comm));
+		if (x)
+			__builtin_memcpy(e->exe, x->name, sizeof(e->exe));
+	}
 	/* Waking the reader on every decision costs the connecting process a
 	 * context switch (measured: allowed connect 1.3x slower). The agent
 	 * drains on a short timer instead and is woken only when the buffer

@@ -17,8 +17,10 @@ show() { echo "\$ $*"; "$@"; }
 CG_ROOT=$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)
 CG=${CG_ROOT:+$CG_ROOT/tether-demo}
 
+PIN=/sys/fs/bpf/tether-demo
 cleanup() {
   [ -n "${UP_PID:-}" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null || true
+  "$TETHER" detach --pin-dir "$PIN" ${CG:+--cgroup "$CG"} >/dev/null 2>&1 || true
   [ -n "${HOLD_PID:-}" ] && kill "$HOLD_PID" 2>/dev/null || true
   [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
   if [ -n "$CG" ] && [ -d "$CG" ]; then
@@ -39,9 +41,9 @@ install -m 755 "$TETHER" "$DEMO/bin/app"
 install -m 755 "$TETHER" "$DEMO/bin/intruder"
 
 step "1. Start Tether on this machine: server (CA, registry) + node agent, one process"
-echo "\$ tether up --data-dir $DEMO/data --run-dir $RUN --enforce-cgroup $CG &"
+echo "\$ tether up --data-dir $DEMO/data --run-dir $RUN --enforce-cgroup $CG --bpf-pin-dir $PIN &"
 "$TETHER" up --log-format text --data-dir "$DEMO/data" --run-dir "$RUN" \
-  --listen 127.0.0.1:0 --metrics 127.0.0.1:0 \
+  --listen 127.0.0.1:0 --metrics 127.0.0.1:0 --bpf-pin-dir "$PIN" \
   --enforce-cgroup "$CG" --audit-log "$DEMO/audit.log" >"$DEMO/tether.log" 2>&1 &
 UP_PID=$!
 for _ in $(seq 100); do grep -q "tether is up" "$DEMO/tether.log" 2>/dev/null && break; sleep 0.1; done
@@ -115,6 +117,8 @@ in_cg "$RC" -h ::1 -p 7379 GET report | sed 's/^/    /'
 echo "Everything else is refused at connect(), password or not:"
 echo "\$ bash -c 'echo AUTH \$REDISCLI_AUTH > /dev/tcp/127.0.0.1/7379'   # a shell"
 in_cg /bin/bash -c 'sleep 0.2; echo "AUTH $REDISCLI_AUTH" > /dev/tcp/127.0.0.1/7379' 2>&1 | sed 's/^/    /' || true
+echo "\$ bash -c 'echo AUTH \$REDISCLI_AUTH > /dev/tcp/0.0.0.0/7379'     # the same port at another address"
+in_cg /bin/bash -c 'sleep 0.2; echo "AUTH $REDISCLI_AUTH" > /dev/tcp/0.0.0.0/7379' 2>&1 | sed 's/^/    /' || true
 echo "\$ python3 -c 'socket.create_connection((\"::1\", 7379))'      # another tool, over IPv6"
 in_cg python3 -c 'import socket, time
 time.sleep(0.2)
@@ -127,6 +131,10 @@ echo "\$ $DEMO/bin/redis-cli -p 7379 GET report   # the same bytes at another pa
 in_cg "$DEMO/bin/redis-cli" -p 7379 GET report 2>&1 | sed 's/^/    /' || true
 echo "\$ setpriv --reuid=nobody ... redis-cli -p 7379 GET report     # the real one, another user"
 in_cg setpriv --reuid=nobody --regid=nogroup --clear-groups "$RC" -p 7379 GET report 2>&1 | sed 's/^/    /' || true
+cc -shared -fPIC -o "$DEMO/bin/evil.so" tests/attacks/evil_preload.c
+echo "\$ LD_PRELOAD=$DEMO/bin/evil.so redis-cli -p 7379 GET report   # code injected into the real one"
+in_cg env LD_PRELOAD="$DEMO/bin/evil.so" "$RC" -p 7379 GET report 2>&1 | sed 's/^/    /' || true
+echo "    (the kernel recorded LD_PRELOAD at exec, before the loader ran: no identity)"
 echo "Redis accepted only the authorized connections (and this query's):"
 redis-cli -p 7379 INFO stats | tr -d '\r' | grep total_connections_received | sed 's/^/    /'
 
@@ -136,8 +144,12 @@ echo "\$ tether events"
 "$TETHER" events | python3 -c 'import json,sys
 for l in sys.stdin:
     e = json.loads(l)
-    who = e["spiffeId"] if isinstance(e["spiffeId"], str) else (",".join(e["spiffeId"]) or "no identity")
-    print("    {:6} {:9} pid {:<7} {:30} -> {:16} rule={}{}".format(e["verdict"], e["comm"], e["pid"], who, e["destination"], e["rule"], " (held)" if e.get("held") else ""))'
+    if "destination" not in e:
+        continue
+    s = e.get("spiffeId", "")
+    who = s if isinstance(s, str) else (",".join(s) or "no identity")
+    why = ("  (" + e["reason"] + ")") if e.get("reason") else ""
+    print("    {:6} {:9} pid {:<7} {:30} -> {:16} rule={}{}{}".format(e["verdict"], e.get("comm", ""), e.get("pid", ""), who, e["destination"], e["rule"], " (held)" if e.get("held") else "", why))'
 show "$TETHER" policy check --identity redis-cli --to 127.0.0.1:7379
 curl -s "http://$METRICS/metrics" | grep -E '^tether_agent_(connect_decisions|held_connections)_total' | sed 's/^/    /'
 

@@ -55,7 +55,12 @@ impl AgentAdmin for AdminApi {
                     serde_json::json!({ "selectors": raw, "failed": failed })
                 })
                 .collect();
-            let entry = serde_json::json!({ "identity": ident.name, "spiffeId": ident.spiffe_id.to_string(), "selectorSets": sets });
+            let mut entry = serde_json::json!({ "identity": ident.name, "spiffeId": ident.spiffe_id.to_string(), "selectorSets": sets });
+            // The exec checks come before any selector: name them when
+            // they are why.
+            if let Some(why) = crate::verify::refusal(&info.exec, &ident.allow_exec) {
+                entry["execChecks"] = serde_json::json!(why);
+            }
             if ident.matches(&info) {
                 matched.push(entry);
             } else {

@@ -925,7 +925,8 @@ impl Enforcement {
             }
             other => Some(format!("{other:?}")),
         };
-        if matches!(ev.reason, Reason::Tainted | Reason::Traced) && ev.aux != 0 {
+        if matches!(ev.reason, Reason::Tainted | Reason::Traced) && ev.aux != 0 && ev.aux != ev.tgid
+        {
             extra.insert("tracer".into(), self.actor(ev.aux));
         }
         if ev.reason == Reason::Borrowed {
@@ -956,6 +957,7 @@ impl Enforcement {
             held: ev.decision == Decision::Held,
             reason,
             extra,
+            executed: (!ev.executed.is_empty()).then(|| ev.executed.clone()),
         });
     }
 
@@ -996,6 +998,7 @@ impl Enforcement {
             "exe": std::fs::read_link(format!("/proc/{}/exe", ev.tgid))
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
+            "executed": ev.executed,
             "target": self.actor(ev.aux),
             "reason": format!("{how}: pid {} has no authority until it execs again", ev.aux),
         });
@@ -1087,6 +1090,7 @@ impl Enforcement {
             held: true,
             reason: d.reason.clone(),
             extra: serde_json::Map::new(),
+            executed: None,
         });
     }
 
@@ -1110,15 +1114,18 @@ impl Enforcement {
         };
         // What the kernel recorded as executed: the truth when /proc's exe
         // link was re-pointed (a forgery shows up here as a mismatch).
-        let executed = match &a.proc {
-            Some((i, _)) => i.exec.executed.clone(),
-            None => self
-                .kernel
-                .exec_record(a.tgid)
-                .ok()
-                .flatten()
-                .map(|r| r.name),
-        };
+        let executed = a
+            .proc
+            .as_ref()
+            .and_then(|(i, _)| i.exec.executed.clone())
+            .or_else(|| a.executed.clone())
+            .or_else(|| {
+                self.kernel
+                    .exec_record(a.tgid)
+                    .ok()
+                    .flatten()
+                    .map(|r| r.name)
+            });
         let time = (self.clock)();
         let mut rec = serde_json::json!({
             "time": time, "node": self.node, "pid": a.tgid, "tid": a.tid, "comm": a.comm,
@@ -1206,6 +1213,9 @@ struct Audit {
     reason: Option<String>,
     /// More fields for this kind of record (tracer, owner, ...).
     extra: serde_json::Map<String, serde_json::Value>,
+    /// What the kernel's record says the caller executed, as the event
+    /// carried it.
+    executed: Option<String>,
 }
 
 /// Whether a Service's address block reaches listeners on this host: it

@@ -116,6 +116,10 @@ impl Agent {
         self.dir.path().join("agent.sock")
     }
 
+    fn workload_socket(&self) -> PathBuf {
+        self.dir.path().join("workload.sock")
+    }
+
     fn audit(&self) -> Vec<serde_json::Value> {
         json_lines(&self.dir.path().join("audit.log"))
     }
@@ -827,6 +831,73 @@ spec:
         "the other trust domain's SVID was not rejected as such: {c_denials:?}"
     );
     assert_eq!(w.redis.connections_received() - before, 2);
+
+    // An SVID this trust domain issued, through A's Workload API, to a
+    // process that has an identity: valid, but no agent's mesh SVID. Taken
+    // to C, a host without an agent, it opens no tunnel.
+    let fetch = format!(
+        "from spiffe import WorkloadApiClient\n\
+         from cryptography.hazmat.primitives import serialization as s\n\
+         v = WorkloadApiClient().fetch_x509_svid()\n\
+         open({crt:?}, 'wb').write(b''.join(c.public_bytes(s.Encoding.PEM) for c in v.cert_chain))\n\
+         open({key:?}, 'wb').write(v.private_key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()))\n\
+         print(v.spiffe_id)\n",
+        crt = dir.path().join("wl.pem").display().to_string(),
+        key = dir.path().join("wl.key").display().to_string(),
+    );
+    let o = w
+        .on_a(python())
+        .args(["-c", &fetch])
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", w.a.workload_socket().display()),
+        )
+        .output()
+        .expect("python on A");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("spiffe://example.org/streamer"),
+        "no Workload API SVID on A: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let before_wl = inbound_denials_from(&w.audit_b(), &c_ip).len();
+    let o = w
+        .lan
+        .command("c", "openssl")
+        .args([
+            "s_client",
+            "-tls1_3",
+            "-connect",
+            &format!("{b_ip}:{MESH_PORT}"),
+        ])
+        .arg("-cert")
+        .arg(dir.path().join("wl.pem"))
+        .arg("-key")
+        .arg(dir.path().join("wl.key"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut ch| {
+            use std::io::Write as _;
+            if let Some(mut i) = ch.stdin.take() {
+                let _ = i.write_all(b"TTHR\x01\x04");
+            }
+            ch.wait_with_output()
+        })
+        .expect("openssl s_client");
+    let refused = wait_until(Duration::from_secs(5), || {
+        inbound_denials_from(&w.audit_b(), &c_ip).len() > before_wl
+    });
+    let wl_denial = inbound_denials_from(&w.audit_b(), &c_ip);
+    assert!(
+        refused
+            && wl_denial[before_wl..].iter().any(|r| r["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("not a mesh SVID"))),
+        "a Workload API SVID was not refused as such at B: {wl_denial:?}\n{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(w.redis.connections_received() - before, 3);
 
     // --- ingress policy on B, evaluated with B's own context ---
     w.set_clock("b", NIGHT);

@@ -560,10 +560,15 @@ pub struct Event {
     /// [`Hook::Socket`]: family << 16 | type; [`Hook::Taint`]: the reason
     /// code of a kill; [`Hook::Send`]: the connection's owner.
     pub aux2: u32,
+    /// The start of the name of the file the caller executed, from its
+    /// exec record (empty when it has none): the truth even when the
+    /// caller is gone, or its /proc exe link was re-pointed, by the time
+    /// the event is read.
+    pub executed: String,
 }
 
 /// `sizeof(struct event)`.
-pub(crate) const EVENT_LEN: usize = 96;
+pub(crate) const EVENT_LEN: usize = 112;
 
 /// Why a ring buffer record could not be parsed. Records come from our own
 /// program, so any of these means a version mismatch or memory corruption.
@@ -650,6 +655,11 @@ impl Event {
             aux: u32_at(b, 84),
             flags: ExecFlags(u32_at(b, 88)),
             aux2: u32_at(b, 92),
+            executed: {
+                let n = &b[96..112];
+                let end = n.iter().position(|&c| c == 0).unwrap_or(n.len());
+                String::from_utf8_lossy(&n[..end]).into_owned()
+            },
         })
     }
 }

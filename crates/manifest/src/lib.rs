@@ -252,6 +252,8 @@ impl Resource {
             #[serde(skip_serializing_if = "Vec::is_empty")]
             nodes: &'a Vec<String>,
             workload_api: bool,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            allow_exec: &'a Vec<String>,
         }
         #[derive(Serialize)]
         #[serde(rename_all = "camelCase")]
@@ -278,6 +280,7 @@ impl Resource {
                     dns_names: &spec.dns_names,
                     nodes: &spec.nodes,
                     workload_api: spec.workload_api,
+                    allow_exec: &spec.allow_exec,
                 },
             })
             .unwrap_or_default(),
@@ -999,6 +1002,70 @@ spec:
         );
         let e = error_of("key: [unclosed");
         assert!(e.contains("invalid YAML"), "{e}");
+    }
+
+    #[test]
+    fn exec_checks_reserved_ids_and_local_services() {
+        let ident = |extra: &str, id: &str| {
+            format!(
+                "apiVersion: tether.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {{name: w}}\nspec:\n  spiffeId: {id}\n  selectors: [[\"unix:uid:1\"]]\n{extra}"
+            )
+        };
+        let r = parse(
+            "ok",
+            ident(
+                "  allowExec: [mount-namespace, LD_LIBRARY_PATH, mount-namespace]\n",
+                "spiffe://example.org/w",
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let Resource::WorkloadIdentity { spec, .. } = &r[0] else {
+            panic!("not an identity")
+        };
+        assert_eq!(spec.allow_exec, ["LD_LIBRARY_PATH", "mount-namespace"]);
+        let again = parse("again", r[0].to_yaml().as_bytes()).unwrap();
+        assert_eq!(again[0], r[0]);
+        let e = error_of(&ident("  allowExec: [ptrace]\n", "spiffe://example.org/w"));
+        assert!(
+            e.contains("spec.allowExec[0]") && e.contains("LD_PRELOAD"),
+            "{e}"
+        );
+        // Tether's own identities cannot be claimed by a workload.
+        for id in [
+            "spiffe://example.org/tether/node/n1",
+            "spiffe://example.org/tether/server",
+            "spiffe://example.org/tether",
+        ] {
+            let e = error_of(&ident("", id));
+            assert!(e.contains("spec.spiffeId") && e.contains("reserved"), "{e}");
+        }
+        assert!(parse("ok", ident("", "spiffe://example.org/tethered").as_bytes()).is_ok());
+
+        let svc = |addrs: &str| {
+            format!(
+                "apiVersion: tether.dev/v1alpha1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  addresses: [{addrs}]\n"
+            )
+        };
+        let r = parse(
+            "ok",
+            svc("{local: true, ports: [6379], protocol: both}").as_bytes(),
+        )
+        .unwrap();
+        let Resource::Service { spec, .. } = &r[0] else {
+            panic!("not a service")
+        };
+        assert!(spec.addresses[0].local && spec.addresses[0].cidr.is_empty());
+        assert_eq!(spec.addresses[0].network(), None);
+        let again = parse("again", r[0].to_yaml().as_bytes()).unwrap();
+        assert_eq!(again[0], r[0]);
+        let e = error_of(&svc("{local: true, cidr: 127.0.0.1/32, ports: [1]}"));
+        assert!(
+            e.contains("spec.addresses[0]") && e.contains("not both"),
+            "{e}"
+        );
+        let e = error_of(&svc("{ports: [1]}"));
+        assert!(e.contains("spec.addresses[0].cidr"), "{e}");
     }
 
     #[test]

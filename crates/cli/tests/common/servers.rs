@@ -52,7 +52,8 @@ impl Redis {
         Self::start_in(Some(lan.fd(host)), Some(&cgroup.0), "0.0.0.0")
     }
 
-    fn start_in(netns_fd: Option<i32>, cgroup: Option<&PathBuf>, bind: &str) -> Redis {
+    /// In a host's network namespace and/or a cgroup, listening on `bind`.
+    pub fn start_in(netns_fd: Option<i32>, cgroup: Option<&PathBuf>, bind: &str) -> Redis {
         let dir = open_tempdir();
         let port = free_port();
         let mut cmd = Command::new(which("redis-server"));
