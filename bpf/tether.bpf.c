@@ -84,7 +84,7 @@ struct exec_rec {
 	__u32 dev;      /* kernel dev_t (major << 20 | minor) */
 	__u32 flags;    /* EXEC_* and TAINT_* */
 	__u32 tracer;   /* who tainted it (tgid), for audit */
-	__u32 pad;
+	__u32 mnt_ns;   /* its mount namespace (inode number) at exec */
 	char name[32];  /* the executed file's name, for audit */
 };
 
@@ -106,6 +106,12 @@ struct exec_rec {
 /* The executable lives on FUSE or on a filesystem mounted in a user
  * namespace: its content can change between the exec and our hash. */
 #define EXEC_UNTRUSTED_FS (1u << 10)
+/* A seccomp filter with a user-space listener was inherited: its
+ * supervisor can answer the loader's opens with descriptors of its own. */
+#define EXEC_SECCOMP_NOTIFY (1u << 11)
+/* Exec'd inside a non-initial user namespace, where it may hold every
+ * capability (and forge pids in SCM_CREDENTIALS, among other things). */
+#define EXEC_USER_NS (1u << 12)
 /* Taints: the process's memory or image may no longer be what was
  * executed. Sticky until the next exec; the hooks refuse it. */
 #define TAINT_TRACED_AT_EXEC (1u << 16)
@@ -153,6 +159,8 @@ enum {
 	REASON_RAW_SOCKET = 9,  /* HOOK_SOCKET: raw or packet socket */
 	REASON_EXPIRED = 10,    /* conditional verdict not refreshed in time */
 	REASON_KILLED = 11,     /* HOOK_TAINT: as the reason in aux2, caller killed */
+	REASON_COMPAT = 12,     /* HOOK_TAINT: a watched syscall made the 32-bit way */
+	REASON_GETFD = 13,      /* HOOK_TAINT: pidfd_getfd from another process */
 };
 
 /* config[0]: where to hold connections of processes not attested yet. */
@@ -446,6 +454,7 @@ struct super_block {
 struct inode {
 	unsigned long i_ino;
 	struct super_block *i_sb;
+	void *i_private;
 } __attribute__((preserve_access_index));
 
 struct dentry {
@@ -462,6 +471,7 @@ struct path {
 } __attribute__((preserve_access_index));
 
 struct file {
+	unsigned int f_mode;
 	struct inode *f_inode;
 	struct path f_path;
 	void *private_data;
@@ -478,6 +488,7 @@ struct ns_common {
 } __attribute__((preserve_access_index));
 
 struct mnt_namespace {
+	struct ns_common ns;
 	struct mount *root;
 	struct user_namespace *user_ns;
 } __attribute__((preserve_access_index));
@@ -499,10 +510,30 @@ struct files_struct {
 	struct fdtable *fdt;
 } __attribute__((preserve_access_index));
 
+struct task_struct;
+
 struct mm_struct {
 	struct file *exe_file;
 	unsigned long env_start;
 	unsigned long env_end;
+	struct task_struct *owner;
+} __attribute__((preserve_access_index));
+
+struct thread_info {
+	unsigned int status;
+} __attribute__((preserve_access_index));
+
+struct cred {
+	struct user_namespace *user_ns;
+} __attribute__((preserve_access_index));
+
+struct seccomp_filter {
+	struct seccomp_filter *prev;
+	void *notif;
+} __attribute__((preserve_access_index));
+
+struct seccomp {
+	struct seccomp_filter *filter;
 } __attribute__((preserve_access_index));
 
 struct hlist_node {
@@ -519,6 +550,7 @@ struct pid {
 } __attribute__((preserve_access_index));
 
 struct task_struct {
+	struct thread_info thread_info;
 	int pid;
 	int tgid;
 	unsigned int ptrace;
@@ -533,6 +565,8 @@ struct task_struct {
 	struct fs_struct *fs;
 	struct files_struct *files;
 	struct nsproxy *nsproxy;
+	const struct cred *cred;
+	struct seccomp seccomp;
 } __attribute__((preserve_access_index));
 
 struct proc_inode {
@@ -610,6 +644,39 @@ static __always_inline bool is_local_dst(const __u8 a[16])
 			return true; /* :: and ::1 */
 	}
 	return bpf_map_lookup_elem(&local_addrs, a) != 0;
+}
+
+/* Whether a socket in the caller's network namespace is bound to exactly
+ * this destination (a listener, or a bound UDP socket): covers addresses
+ * the agent does not follow (another network namespace's). A wildcard
+ * socket does not count: the lookup matches it for any address, remote
+ * ones included, so whether the address is local is is_local_dst's call. */
+static __always_inline bool local_listener(struct bpf_sock_addr *ctx, const struct dst_key *key,
+					   bool ipv6)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	__u32 len;
+
+	if (ipv6) {
+		__builtin_memcpy(t.ipv6.daddr, key->addr, 16);
+		t.ipv6.dport = key->port;
+		len = sizeof(t.ipv6);
+	} else {
+		__builtin_memcpy(&t.ipv4.daddr, &key->addr[12], 4);
+		t.ipv4.dport = key->port;
+		len = sizeof(t.ipv4);
+	}
+	if (key->proto == IPPROTO_TCP)
+		sk = bpf_sk_lookup_tcp(ctx, &t, len, BPF_F_CURRENT_NETNS, 0);
+	else
+		sk = bpf_sk_lookup_udp(ctx, &t, len, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return false;
+	bool bound = ipv6 ? (sk->src_ip6[0] | sk->src_ip6[1] | sk->src_ip6[2] | sk->src_ip6[3]) != 0
+			  : sk->src_ip4 != 0;
+	bpf_sk_release(sk);
+	return bound;
 }
 
 /* Posts one decision for the agent's audit. Never waits for the reader: a
@@ -877,12 +944,14 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 		__builtin_memcpy(&key.addr[12], &a, 4);
 	}
 
-	struct svc *svc = service_of(&key);
-	bool local = false;
-	if (!svc && is_local_dst(key.addr)) {
-		svc = local_port(key.proto, bpf_ntohs(key.port));
-		local = svc != 0;
-	}
+	/* A port a Service of this host owns, at a destination that reaches
+	 * this host (a known local address, or any address a local listener
+	 * answers on in this network namespace): that Service decides, even
+	 * if a broader Service also covers the address. */
+	struct svc *svc = local_port(key.proto, bpf_ntohs(key.port));
+	bool local = svc && (is_local_dst(key.addr) || local_listener(ctx, &key, v6 && !mapped));
+	if (!local)
+		svc = service_of(&key);
 	if (!svc)
 		return 1; /* not protected: untouched */
 	__u32 service_id = svc->service_id;
@@ -1457,6 +1526,21 @@ int tether_exec(struct bpf_raw_tracepoint_args *ctx)
 		rec.flags |= EXEC_USERNS_MOUNTS;
 	if (!ns || !rooted_at_namespace(task, ns))
 		rec.flags |= EXEC_CHROOT;
+	if (ns)
+		rec.mnt_ns = BPF_CORE_READ(ns, ns.inum);
+	if (BPF_CORE_READ(task, cred, user_ns, level) > 0)
+		rec.flags |= EXEC_USER_NS;
+	struct seccomp_filter *f = BPF_CORE_READ(task, seccomp.filter);
+	for (int i = 0; i < 32 && f; i++) {
+		if (BPF_CORE_READ(f, notif)) {
+			rec.flags |= EXEC_SECCOMP_NOTIFY;
+			break;
+		}
+		f = BPF_CORE_READ(f, prev);
+	}
+	/* 32 filters deep without an answer: assume the worst. */
+	if (f && !(rec.flags & EXEC_SECCOMP_NOTIFY) && BPF_CORE_READ(f, prev))
+		rec.flags |= EXEC_SECCOMP_NOTIFY;
 
 	if (BPF_CORE_READ(task, ptrace)) {
 		rec.flags |= TAINT_TRACED_AT_EXEC;
@@ -1575,6 +1659,7 @@ struct pt_regs {
 #define NR_openat 257
 #define NR_process_vm_writev 311
 #define NR_openat2 437
+#define NR_pidfd_getfd 438
 #define ARG0(r) BPF_CORE_READ(r, di)
 #define ARG1(r) BPF_CORE_READ(r, si)
 #define ARG2(r) BPF_CORE_READ(r, dx)
@@ -1587,6 +1672,8 @@ struct pt_regs {
 #define PR_SET_MM 35
 #define O_ACCMODE 3
 #define PROC_SUPER_MAGIC 0x9fa0
+#define FMODE_WRITE 0x2
+#define SOCK_PACKET 10
 #define SIGKILL 9
 
 /* Whether the caller is inside the enforced cgroup (the workload). */
@@ -1605,7 +1692,7 @@ static __always_inline void taint(__u32 target, __u32 bit, __u8 reason, bool kil
 	__u32 me = id >> 32;
 	struct exec_rec *rec = bpf_map_lookup_elem(&execs, &target);
 
-	if (rec) {
+	if (rec && bit) {
 		__sync_fetch_and_or(&rec->flags, bit);
 		rec->tracer = me;
 	}
@@ -1614,15 +1701,67 @@ static __always_inline void taint(__u32 target, __u32 bit, __u8 reason, bool kil
 		  killed ? REASON_KILLED : reason, target, rec ? rec->flags : 0, reason);
 }
 
-/* The thread group of the task behind a struct pid (its first task). */
-static __always_inline __u32 tgid_of_pid(struct pid *p)
+/* Marks the process of `t`, and the process that owns its memory when
+ * that is another (a vfork child shares its parent's: code written
+ * through the child runs in the parent). */
+static __always_inline void taint_task(struct task_struct *t, __u32 bit, __u8 reason, bool killed)
+{
+	__u32 tgid = BPF_CORE_READ(t, tgid);
+
+	taint(tgid, bit, reason, killed);
+	if (bpf_core_field_exists(((struct mm_struct *)0)->owner)) {
+		__u32 owner = BPF_CORE_READ(t, mm, owner, tgid);
+
+		if (owner && owner != tgid)
+			taint(owner, bit, reason, killed);
+	}
+}
+
+/* The task behind a struct pid (its first task). */
+static __always_inline struct task_struct *task_of_pid(struct pid *p)
 {
 	struct hlist_node *first = BPF_CORE_READ(p, tasks[0].first);
 
 	if (!first)
 		return 0;
-	struct task_struct *t = core_container_of(first, struct task_struct, pid_links[0]);
-	return BPF_CORE_READ(t, tgid);
+	return core_container_of(first, struct task_struct, pid_links[0]);
+}
+
+/* The file at descriptor `fd` of the current task. */
+static __always_inline struct file *file_of_fd(struct task_struct *task, long fd)
+{
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds;
+	struct file *f = 0;
+
+	if (!fdt || fd < 0 || fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	fds = BPF_CORE_READ(fdt, fd);
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	return f;
+}
+
+/* i386 syscall numbers that matter here. A 64-bit process can make them
+ * with `int $0x80` (IA32 emulation): the numbers and registers differ from
+ * x86-64's, so rather than decode them, in the workload they are fatal. */
+#define IA32_open 5
+#define IA32_ptrace 26
+#define IA32_socketcall 102
+#define IA32_prctl 172
+#define IA32_openat 295
+#define IA32_process_vm_writev 348
+#define IA32_socket 359
+#define IA32_setsockopt 366
+#define IA32_openat2 437
+#define IA32_pidfd_getfd 438
+#define TS_COMPAT 0x0002
+
+static __always_inline bool ia32_watched(long nr)
+{
+	return nr == IA32_open || nr == IA32_ptrace || nr == IA32_socketcall ||
+	       nr == IA32_prctl || nr == IA32_openat || nr == IA32_process_vm_writev ||
+	       nr == IA32_socket || nr == IA32_setsockopt || nr == IA32_openat2 ||
+	       nr == IA32_pidfd_getfd;
 }
 
 SEC("raw_tp/sys_enter")
@@ -1631,6 +1770,16 @@ int tether_sysenter(struct bpf_raw_tracepoint_args *ctx)
 #ifdef SYSCALL_HOOKS
 	long nr = ctx->args[1];
 
+	if (ia32_watched(nr)) {
+		struct task_struct *task = current_task();
+
+		if ((BPF_CORE_READ(task, thread_info.status) & TS_COMPAT) && in_workload() &&
+		    !is_agent(bpf_get_current_pid_tgid() >> 32)) {
+			taint(0, 0, REASON_COMPAT, true);
+			bpf_send_signal(SIGKILL);
+			return 0;
+		}
+	}
 	if (nr != NR_process_vm_writev && nr != NR_prctl && nr != NR_socket)
 		return 0;
 	struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
@@ -1639,11 +1788,14 @@ int tether_sysenter(struct bpf_raw_tracepoint_args *ctx)
 	if (nr == NR_socket) {
 		/* Packet and XDP sockets never pass the cgroup socket hooks
 		 * (those are for IP sockets): in the workload, creating one
-		 * is fatal before the call returns. */
-		__u32 family = (__u32)ARG0(regs);
+		 * is fatal before the call returns. The kernel turns the old
+		 * (AF_INET, SOCK_PACKET) into a packet socket too. */
+		__u32 family = (__u32)ARG0(regs), type = (__u32)ARG1(regs) & 0xf;
 
-		if ((family == AF_PACKET || family == AF_XDP) && in_workload() && !is_agent(me)) {
-			socket_refused(family, (__u32)ARG1(regs) & 0xf, (__u32)ARG2(regs));
+		if ((family == AF_PACKET || family == AF_XDP ||
+		     (family == AF_INET && type == SOCK_PACKET)) &&
+		    in_workload() && !is_agent(me)) {
+			socket_refused(family, type, (__u32)ARG2(regs));
 			bpf_send_signal(SIGKILL);
 		}
 		return 0;
@@ -1688,7 +1840,8 @@ int tether_sysexit(struct bpf_raw_tracepoint_args *ctx)
 	struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
 	long nr = SYSCALL_NR(regs);
 
-	if (nr != NR_ptrace && nr != NR_open && nr != NR_openat && nr != NR_openat2)
+	if (nr != NR_ptrace && nr != NR_open && nr != NR_openat && nr != NR_openat2 &&
+	    nr != NR_pidfd_getfd)
 		return 0;
 	struct task_struct *task = current_task();
 	__u32 me = bpf_get_current_pid_tgid() >> 32;
@@ -1705,31 +1858,43 @@ int tether_sysexit(struct bpf_raw_tracepoint_args *ctx)
 		if (!first || (void *)first == head)
 			return 0;
 		struct task_struct *tracee = core_container_of(first, struct task_struct, ptrace_entry);
-		taint(BPF_CORE_READ(tracee, tgid), TAINT_PTRACE, REASON_PTRACE, false);
+		taint_task(tracee, TAINT_PTRACE, REASON_PTRACE, false);
 		return 0;
 	}
 
-	/* An open for writing that returned a /proc/<pid>/mem file. */
-	unsigned long flags;
-	if (nr == NR_open) {
-		flags = ARG1(regs);
-	} else if (nr == NR_openat) {
-		flags = ARG2(regs);
-	} else {
-		__u64 how_flags = 0;
-
-		bpf_probe_read_user(&how_flags, sizeof(how_flags), (void *)ARG2(regs));
-		flags = how_flags;
-	}
-	if ((flags & O_ACCMODE) == 0)
-		return 0;
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	if (!fdt || ret >= BPF_CORE_READ(fdt, max_fds))
-		return 0;
-	struct file **fds = BPF_CORE_READ(fdt, fd);
-	struct file *f = 0;
-	bpf_probe_read_kernel(&f, sizeof(f), &fds[ret]);
+	/* The file the call just installed at `ret`. */
+	struct file *f = file_of_fd(task, ret);
 	if (!f)
+		return 0;
+
+	if (nr == NR_pidfd_getfd) {
+		/* A descriptor taken out of another process without its
+		 * consent: from the workload, fatal before it can be used (a
+		 * protected socket is refused to it anyway, but one that is
+		 * still connecting is not guarded yet). */
+		struct file *pidfd = file_of_fd(task, ARG0(regs));
+		struct pid *p = 0;
+
+		/* pidfs (6.9+) keeps the struct pid in the inode; an anonymous
+		 * inode pidfd (before) in the file. */
+		if (pidfd) {
+			p = BPF_CORE_READ(pidfd, f_inode, i_private);
+			if (!p)
+				p = BPF_CORE_READ(pidfd, private_data);
+		}
+		struct task_struct *owner = p ? task_of_pid(p) : 0;
+		__u32 target = owner ? BPF_CORE_READ(owner, tgid) : 0;
+
+		if (target != me && in_workload() && !is_agent(me)) {
+			taint(target, 0, REASON_GETFD, true);
+			bpf_send_signal(SIGKILL);
+		}
+		return 0;
+	}
+
+	/* An open for writing that returned a /proc/<pid>/mem file (the
+	 * file's own mode: the call's flags could be changed under us). */
+	if (!(BPF_CORE_READ(f, f_mode) & FMODE_WRITE))
 		return 0;
 	struct inode *inode = BPF_CORE_READ(f, f_inode);
 	if (BPF_CORE_READ(inode, i_sb, s_magic) != PROC_SUPER_MAGIC)
@@ -1739,11 +1904,11 @@ int tether_sysexit(struct bpf_raw_tracepoint_args *ctx)
 	if (name[0] != 'm' || name[1] != 'e' || name[2] != 'm' || name[3] != 0)
 		return 0;
 	struct proc_inode *pi = core_container_of(inode, struct proc_inode, vfs_inode);
-	__u32 target = tgid_of_pid(BPF_CORE_READ(pi, pid));
-	if (!target || target == me || is_agent(me))
+	struct task_struct *target = task_of_pid(BPF_CORE_READ(pi, pid));
+	if (!target || BPF_CORE_READ(target, tgid) == me || is_agent(me))
 		return 0;
 	bool kill = in_workload();
-	taint(target, TAINT_MEM_WRITE, REASON_PROC_MEM, kill);
+	taint_task(target, TAINT_MEM_WRITE, REASON_PROC_MEM, kill);
 	if (kill)
 		bpf_send_signal(SIGKILL);
 #endif

@@ -676,19 +676,19 @@ impl Enforcement {
     /// no verdicts that could change; when they gain an identity the tracker
     /// re-attests them.
     pub fn recompile_all(&self) {
-        let snapshot: Vec<(ProcessInfo, (ExecId, u64), Vec<String>, Vec<String>)> =
-            Self::lock(&self.procs)
-                .values()
-                .filter(|p| !p.identities.is_empty())
-                .map(|p| {
-                    (
-                        p.info.clone(),
-                        (p.exec_id, p.start_ns),
-                        p.identities.clone(),
-                        p.spiffe_ids.clone(),
-                    )
-                })
-                .collect();
+        type Entry = (ProcessInfo, (ExecId, u64), Vec<String>, Vec<String>);
+        let snapshot: Vec<Entry> = Self::lock(&self.procs)
+            .values()
+            .filter(|p| !p.identities.is_empty())
+            .map(|p| {
+                (
+                    p.info.clone(),
+                    (p.exec_id, p.start_ns),
+                    p.identities.clone(),
+                    p.spiffe_ids.clone(),
+                )
+            })
+            .collect();
         for (info, exec, ids, sids) in snapshot {
             self.process_updated(&info, exec, ids, sids);
         }
@@ -986,7 +986,18 @@ impl Enforcement {
             5 => "process_vm_writev",
             6 => "/proc/PID/mem opened for writing",
             7 => "prctl(PR_SET_MM)",
+            12 => "a watched system call made through the 32-bit entry",
+            13 => "pidfd_getfd took a descriptor of another process",
             _ => "unknown",
+        };
+        let reason = match what {
+            // No target: the caller itself was the problem.
+            12 => format!("{how}: the caller was killed"),
+            13 => format!("{how} (pid {}): the caller was killed", ev.aux),
+            _ => format!(
+                "{how}: pid {} has no authority until it execs again",
+                ev.aux
+            ),
         };
         let mut rec = serde_json::json!({
             "event": "taint",
@@ -1000,7 +1011,7 @@ impl Enforcement {
                 .unwrap_or_default(),
             "executed": ev.executed,
             "target": self.actor(ev.aux),
-            "reason": format!("{how}: pid {} has no authority until it execs again", ev.aux),
+            "reason": reason,
         });
         if killed {
             rec["killed"] = serde_json::json!(true);

@@ -30,6 +30,45 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Held connections being decided or spliced at once; beyond it new ones
 /// are reset, so a connect flood cannot exhaust the agent's descriptors.
 const MAX_HELD: usize = 4096;
+/// Held connections of one process being decided at once: a process that
+/// floods connects waits for its own attestation, not everyone's slots.
+const MAX_DECIDING_PER_PROCESS: usize = 64;
+
+/// Counts held connections being decided, per process.
+#[derive(Default)]
+struct Deciding(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+
+struct DecidingSlot {
+    table: Arc<Deciding>,
+    tgid: u32,
+}
+
+impl Deciding {
+    fn enter(self: &Arc<Self>, tgid: u32) -> Option<DecidingSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(tgid).or_insert(0);
+        if *n >= MAX_DECIDING_PER_PROCESS {
+            return None;
+        }
+        *n += 1;
+        Some(DecidingSlot {
+            table: self.clone(),
+            tgid,
+        })
+    }
+}
+
+impl Drop for DecidingSlot {
+    fn drop(&mut self) {
+        let mut m = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.tgid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.tgid);
+            }
+        }
+    }
+}
 
 pub struct HoldListeners {
     v4: TcpListener,
@@ -90,12 +129,14 @@ impl HoldListeners {
     ) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HELD));
+        let deciding = Arc::new(Deciding::default());
         for l in std::iter::once(self.v4).chain(self.v6) {
-            let (t, e, m, slots) = (
+            let (t, e, m, slots, d) = (
                 tracker.clone(),
                 enforcement.clone(),
                 metrics.clone(),
                 slots.clone(),
+                deciding.clone(),
             );
             tasks.push(tokio::spawn(async move {
                 loop {
@@ -107,8 +148,8 @@ impl HoldListeners {
                                 reset(s);
                                 continue;
                             };
-                            let (t, e, m) = (t.clone(), e.clone(), m.clone());
-                            tokio::spawn(handle(s, peer, t, e, m, slot));
+                            let (t, e, m, d) = (t.clone(), e.clone(), m.clone(), d.clone());
+                            tokio::spawn(handle(s, peer, t, e, m, slot, d));
                         }
                         Err(err) => {
                             // EMFILE and friends: back off rather than spin.
@@ -139,6 +180,7 @@ async fn handle(
     enf: Arc<Enforcement>,
     metrics: Arc<Metrics>,
     slot: tokio::sync::OwnedSemaphorePermit,
+    deciding: Arc<Deciding>,
 ) {
     let _ = client.set_nodelay(true);
     // Only the kernel's record (keyed by the full client address) makes a
@@ -157,7 +199,16 @@ async fn handle(
             return reset(client);
         }
     };
+    let Some(deciding) = deciding.enter(rec.tgid) else {
+        tracing::warn!(
+            pid = rec.tgid,
+            "too many held connections of one process being decided; reset"
+        );
+        metrics.held_connection("overload");
+        return reset(client);
+    };
     let decision = decide(&tracker, &enf, &rec).await;
+    drop(deciding);
     let meshed = enf
         .service_by_id(rec.service_id)
         .filter(|s| s.spec.mesh.is_some());

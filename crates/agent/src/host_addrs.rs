@@ -65,8 +65,20 @@ pub fn own() -> Vec<String> {
         .collect();
     out.sort();
     out.dedup();
+    if out.len() > MAX_VOUCHED {
+        // The server refuses more in one node SVID; the mesh reaches this
+        // host at the others only through an address it does vouch for.
+        tracing::warn!(
+            addresses = out.len(),
+            "more host addresses than a node SVID vouches for; keeping the first {MAX_VOUCHED}"
+        );
+        out.truncate(MAX_VOUCHED);
+    }
     out
 }
+
+/// How many addresses the server puts in one node SVID.
+const MAX_VOUCHED: usize = 64;
 
 /// Every address of every interface, and IPv4 broadcast addresses, sorted.
 pub fn read() -> Vec<IpAddr> {

@@ -153,6 +153,15 @@ impl Tracker {
             .map_err(|e| e.to_string())
     }
 
+    /// The (exec id, process start) the tracked entry of `pid` was
+    /// attested for: whose SVIDs it holds.
+    pub fn exec_of(&self, pid: i32) -> Option<(u64, u64)> {
+        self.procs()
+            .get(&pid)
+            .and_then(|t| t.exec)
+            .map(|(id, start)| (id.0, start))
+    }
+
     /// The exec record of `pid`, if the kernel has one.
     pub fn exec_record(&self, pid: i32) -> Option<tether_kernel::ExecRecord> {
         let k = self.kernel.as_ref()?;

@@ -95,6 +95,16 @@ pub fn exec_check(rec: Option<&ExecRecord>, info: &ProcessInfo, access: FileAcce
     if f.has(ExecFlags::UNTRUSTED_FS) {
         c.findings.push("filesystem".into());
     }
+    // A seccomp supervisor can answer the loader's opens with its own
+    // descriptors (SECCOMP_IOCTL_NOTIF_ADDFD): code the file never had.
+    if f.has(ExecFlags::SECCOMP_NOTIFY) {
+        c.findings.push("seccomp-notify".into());
+    }
+    // Inside a user namespace it may hold every capability there (rootless
+    // containers do); acceptable only where an identity says so.
+    if f.has(ExecFlags::USER_NS) {
+        c.findings.push("user-namespace".into());
+    }
     if access == FileAccess::Full && !info.interpreter_standard {
         c.findings.push("interpreter".into());
     }
@@ -133,6 +143,7 @@ mod tests {
             dev: 7,
             flags: ExecFlags(flags),
             tracer: 99,
+            mnt_ns: 4026531841,
             name: "redis-cli".into(),
         }
     }
@@ -200,5 +211,12 @@ mod tests {
         i.interpreter_standard = false;
         let c = exec_check(Some(&rec(0)), &i, FileAccess::Full);
         assert_eq!(c.findings, ["interpreter"]);
+        // A seccomp listener inherited, a user namespace.
+        let c = exec_check(
+            Some(&rec(ExecFlags::SECCOMP_NOTIFY | ExecFlags::USER_NS)),
+            &info(),
+            FileAccess::Full,
+        );
+        assert_eq!(c.findings, ["seccomp-notify", "user-namespace"]);
     }
 }

@@ -31,6 +31,9 @@ use crate::metrics::Metrics;
 use crate::sender::{SenderChecked, pass_credentials};
 use crate::tracker::{EnsureError, ProcSvid, Tracker, now};
 
+/// (exec id, process start) of an image, as the kernel recorded it.
+type ExecKey = Option<(u64, u64)>;
+
 /// The caller of one Workload API connection, as it was at accept.
 #[derive(Clone)]
 pub struct Caller {
@@ -153,7 +156,7 @@ fn concat(chain: &[Vec<u8>]) -> Vec<u8> {
 }
 
 impl WorkloadApi {
-    fn caller<T>(&self, req: &Request<T>) -> Result<Arc<PidFd>, Status> {
+    fn caller<T>(&self, req: &Request<T>) -> Result<(Arc<PidFd>, ExecKey), Status> {
         let c = req.extensions().get::<Caller>().ok_or_else(|| {
             Status::permission_denied("could not identify the calling process (no connection info)")
         })?;
@@ -163,13 +166,15 @@ impl WorkloadApi {
             )
         })?;
         still_bound(&self.tracker, &pidfd, c.exec)?;
-        Ok(pidfd)
+        Ok((pidfd, c.exec))
     }
 
-    /// The caller's SVIDs that may be delivered through this API.
+    /// The caller's SVIDs that may be delivered through this API: those of
+    /// the image that made the connection (`exec`), never of one it exec'd
+    /// while the call was being served.
     async fn deliverable(
         &self,
-        pidfd: Arc<PidFd>,
+        (pidfd, exec): (Arc<PidFd>, ExecKey),
     ) -> Result<(tether_attest::ProcessInfo, Vec<Arc<ProcSvid>>), Status> {
         let pid = pidfd.pid();
         let (info, svids) = self.tracker.ensure(pidfd).await.map_err(|e| match e {
@@ -179,6 +184,12 @@ impl WorkloadApi {
             EnsureError::Server(m) => Status::unavailable(format!("could not obtain an SVID: {m}")),
             EnsureError::Internal(m) => Status::internal(m),
         })?;
+        if exec.is_none() || self.tracker.exec_of(pid) != exec {
+            return Err(Status::permission_denied(format!(
+                "pid {pid} exec'd while this call was served: a connection serves only the image \
+                 that made it; connect again"
+            )));
+        }
         let ok: Vec<_> = svids.into_iter().filter(|s| s.workload_api).collect();
         if ok.is_empty() {
             tracing::info!(pid, exe = %info.exe_path, uid = info.uid, "Workload API: no identity for caller");
@@ -282,14 +293,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
             check_header(&req)?;
             self.caller(&req)
         })();
-        let pidfd = match r {
+        let (pidfd, exec) = match r {
             Ok(p) => p,
             Err(s) => {
                 self.count("FetchX509SVID", &Err(&s));
                 return Err(s);
             }
         };
-        let first = self.deliverable(pidfd.clone()).await;
+        let first = self.deliverable((pidfd.clone(), exec)).await;
         self.count("FetchX509SVID", &first.as_ref().map(|_| ()));
         let (info, svids) = first?;
         let tracker = self.tracker.clone();
@@ -301,7 +312,6 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let mut initial = Some(svids);
         let pid = pidfd.pid();
         let start_time = info.start_time;
-        let exec = req.extensions().get::<Caller>().and_then(|c| c.exec);
         Ok(Response::new(follow(tracker.clone(), move || {
             let svids = match initial.take() {
                 Some(s) => s,
@@ -311,6 +321,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     }
                     if let Err(s) = still_bound(&tracker, &pidfd, exec) {
                         return Some(Err(s));
+                    }
+                    if tracker.exec_of(pid) != exec {
+                        // Re-attested as another image: not this connection's.
+                        return Some(Err(Status::permission_denied(
+                            "the caller exec'd since it connected",
+                        )));
                     }
                     let s: Vec<_> = tracker
                         .svids_of(pid, start_time)?
@@ -426,8 +442,8 @@ impl WorkloadApi {
         T: Send + 'static,
     {
         check_header(&req).inspect_err(|s| self.count(method, &Err(s)))?;
-        let pidfd = self.caller(&req)?;
-        let r = self.deliverable(pidfd).await.map(|_| ());
+        let caller = self.caller(&req)?;
+        let r = self.deliverable(caller).await.map(|_| ());
         self.count(method, &r.as_ref().map(|_| ()));
         r?;
         let tracker = self.tracker.clone();
@@ -447,12 +463,12 @@ impl WorkloadApi {
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&req)?;
-        let pidfd = self.caller(&req)?;
+        let caller = self.caller(&req)?;
         let r = req.get_ref().clone();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
         }
-        let (_, svids) = self.deliverable(pidfd).await?;
+        let (_, svids) = self.deliverable(caller).await?;
         let mut ids: Vec<&ProcSvid> = svids.iter().map(|s| s.as_ref()).collect();
         if !r.spiffe_id.is_empty() {
             ids.retain(|s| s.spiffe_id.as_str() == r.spiffe_id);

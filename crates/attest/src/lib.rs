@@ -20,7 +20,7 @@ pub mod selector;
 pub use events::{ProcConnector, ProcEvent, parse_datagram};
 pub use pidfd::{PidFd, peer_pidfd};
 pub use process::{
-    AttestError, Attestor, EXEC_CHECKS, ExecCheck, FileAccess, HashLimits, ProcessInfo, list_pids,
-    parse_interp,
+    AttestError, Attestor, EXEC_CHECKS, ExecCheck, FileAccess, HashLimits, ProcessInfo,
+    UnreadableElf, list_pids, parse_interp,
 };
 pub use selector::{Selector, SelectorError, matches_all};

@@ -80,7 +80,7 @@ pub struct ExecCheck {
     /// Failed checks an identity may accept by name: `LD_PRELOAD`,
     /// `LD_AUDIT`, `LD_LIBRARY_PATH`, `LD_*`, `GCONV_PATH`,
     /// `GLIBC_TUNABLES`, `mount-namespace`, `chroot`, `filesystem`,
-    /// `interpreter`.
+    /// `interpreter`, `seccomp-notify`, `user-namespace`.
     pub findings: Vec<String>,
     /// Why no identity is possible at all (not recorded, the exe is not
     /// what was executed, marked since).
@@ -92,7 +92,7 @@ pub struct ExecCheck {
 }
 
 /// The names of [`ExecCheck::findings`] an identity may accept.
-pub const EXEC_CHECKS: [&str; 10] = [
+pub const EXEC_CHECKS: [&str; 12] = [
     "LD_PRELOAD",
     "LD_AUDIT",
     "LD_LIBRARY_PATH",
@@ -103,6 +103,8 @@ pub const EXEC_CHECKS: [&str; 10] = [
     "chroot",
     "filesystem",
     "interpreter",
+    "seccomp-notify",
+    "user-namespace",
 ];
 
 /// How far attestation may touch the executable file itself.
@@ -944,23 +946,33 @@ fn elf_interpreter(exe: &File) -> (Option<String>, bool) {
             let standard = is_standard_loader(&path);
             (Some(path), standard)
         }
-        Err(()) => (None, false),
+        Err(UnreadableElf) => (None, false),
     }
 }
 
+/// An ELF file whose headers cannot be read from the bytes given (the
+/// caller treats its interpreter as non-standard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnreadableElf;
+
 /// PT_INTERP from the first bytes of an ELF file. `Ok(None)`: not ELF or no
 /// interpreter; `Err`: ELF whose headers we cannot read from `head`.
-pub fn parse_interp(head: &[u8]) -> Result<Option<String>, ()> {
+pub fn parse_interp(head: &[u8]) -> Result<Option<String>, UnreadableElf> {
     use object::read::elf::ProgramHeader as _;
     if !head.starts_with(b"\x7fELF") {
         return Ok(None);
     }
-    fn interp<E: object::read::elf::FileHeader>(head: &[u8]) -> Result<Option<String>, ()> {
-        let hdr = E::parse(head).map_err(|_| ())?;
-        let endian = hdr.endian().map_err(|_| ())?;
-        for ph in hdr.program_headers(endian, head).map_err(|_| ())? {
+    fn interp<E: object::read::elf::FileHeader>(
+        head: &[u8],
+    ) -> Result<Option<String>, UnreadableElf> {
+        let hdr = E::parse(head).map_err(|_| UnreadableElf)?;
+        let endian = hdr.endian().map_err(|_| UnreadableElf)?;
+        for ph in hdr
+            .program_headers(endian, head)
+            .map_err(|_| UnreadableElf)?
+        {
             if ph.p_type(endian) == object::elf::PT_INTERP {
-                let raw = ph.data(endian, head).map_err(|_| ())?;
+                let raw = ph.data(endian, head).map_err(|_| UnreadableElf)?;
                 let raw = raw.split(|&b| b == 0).next().unwrap_or(raw);
                 return Ok(Some(String::from_utf8_lossy(raw).into_owned()));
             }
@@ -970,7 +982,7 @@ pub fn parse_interp(head: &[u8]) -> Result<Option<String>, ()> {
     match head.get(4) {
         Some(2) => interp::<object::elf::FileHeader64<object::Endianness>>(head),
         Some(1) => interp::<object::elf::FileHeader32<object::Endianness>>(head),
-        _ => Err(()),
+        _ => Err(UnreadableElf),
     }
 }
 
@@ -1182,7 +1194,7 @@ mod tests {
         assert!(standard, "{interp} is the system loader");
         // Not ELF, truncated ELF, garbage: never a panic.
         assert_eq!(parse_interp(b"#!/bin/sh\n"), Ok(None));
-        assert_eq!(parse_interp(b"\x7fELF\x02\x01"), Err(()));
+        assert_eq!(parse_interp(b"\x7fELF\x02\x01"), Err(UnreadableElf));
         let head = std::fs::read("/bin/true").expect("read");
         for cut in [16, 64, 100, 200] {
             let _ = parse_interp(&head[..cut]);

@@ -434,9 +434,15 @@ fn measure() -> anyhow::Result<String> {
     let mut results: Vec<Vec<Sample>> = vec![Vec::new(); CONFIGS.len()];
     let mut dropped_events = 0u64;
     let mut load_times = Vec::new();
+    // ns per call of [getppid, prctl] without and with the programs loaded.
+    let mut sys_off: [Vec<f64>; 2] = Default::default();
+    let mut sys_on: [Vec<f64>; 2] = Default::default();
     for _ in 0..ROUNDS {
         // (a) nothing attached.
         results[0].push(LoopChild::spawn(&cg, port, CONNECTS)?.measure(false)?);
+        for (i, v) in syscall_costs().into_iter().enumerate() {
+            sys_off[i].push(v);
+        }
 
         let t0 = Instant::now();
         let enf = Enforcer::load(&EnforcerConfig {
@@ -447,6 +453,9 @@ fn measure() -> anyhow::Result<String> {
         load_times.push(t0.elapsed());
         enf.set_service(decoy, DECOY_SERVICE)?;
         enf.set_verdict(SUBJECT_ALLOWED, SERVICE, true, RULE, 0)?;
+        for (i, v) in syscall_costs().into_iter().enumerate() {
+            sys_on[i].push(v);
+        }
         let before = enf.stats()?;
 
         // Read the decision events the way the agent's audit pump does
@@ -581,7 +590,68 @@ fn measure() -> anyhow::Result<String> {
         2 * ROUNDS as u64 * (CONNECTS + WARMUP) as u64
     )?;
     writeln!(t)?;
+
+    // Every syscall on the host passes the sys_enter/sys_exit programs.
+    let fmed = |v: &[f64]| -> (f64, f64, f64) {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        (
+            v[v.len() / 2],
+            v.first().copied().unwrap_or(0.0),
+            v.last().copied().unwrap_or(0.0),
+        )
+    };
+    writeln!(
+        t,
+        "| system call from a process outside the workload, {SYSCALLS} per run, median of {ROUNDS} | not loaded | loaded | added | ratio | range not loaded | range loaded |"
+    )?;
+    writeln!(t, "|---|---|---|---|---|---|---|")?;
+    for (i, name) in [
+        "getppid (not watched: the programs compare the number and return)",
+        "prctl(PR_GET_DUMPABLE) (watched: its arguments are read)",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (off, off_lo, off_hi) = fmed(&sys_off[i]);
+        let (on, on_lo, on_hi) = fmed(&sys_on[i]);
+        writeln!(
+            t,
+            "| {name} | {off:.0} ns | {on:.0} ns | {:.0} ns | {:.2} | {off_lo:.0}–{off_hi:.0} ns | {on_lo:.0}–{on_hi:.0} ns |",
+            on - off,
+            on / off.max(1.0)
+        )?;
+    }
+    writeln!(t)?;
     Ok(t)
+}
+
+/// System calls per measurement of [`syscall_costs`].
+const SYSCALLS: u32 = 200_000;
+
+/// Mean ns per call of getppid and of prctl(PR_GET_DUMPABLE), made by this
+/// process (outside the enforced cgroup, like any other on the host).
+fn syscall_costs() -> [f64; 2] {
+    let time = |f: &dyn Fn()| {
+        for _ in 0..SYSCALLS / 10 {
+            f();
+        }
+        let t0 = Instant::now();
+        for _ in 0..SYSCALLS {
+            f();
+        }
+        t0.elapsed().as_nanos() as f64 / f64::from(SYSCALLS)
+    };
+    [
+        // SAFETY: plain system calls without pointers.
+        time(&|| unsafe {
+            libc::syscall(libc::SYS_getppid);
+        }),
+        // SAFETY: as above.
+        time(&|| unsafe {
+            libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0);
+        }),
+    ]
 }
 
 /// Writes `pid`'s kernel entry as the agent does: from its exec record.

@@ -427,7 +427,14 @@ pub fn run() -> anyhow::Result<String> {
         "--listen",
         &format!("{B}:{SERVER_PORT}"),
     ])
-    .args(["--metrics", "off", "--node-name", "host-b"])
+    .args([
+        "--metrics",
+        "off",
+        "--node-name",
+        "host-b",
+        "--bpf-pin-dir",
+        "none",
+    ])
     .arg("--data-dir")
     .arg(d.join("b"))
     .arg("--run-dir")
@@ -468,6 +475,8 @@ pub fn run() -> anyhow::Result<String> {
             token.trim(),
             "--metrics",
             "off",
+            "--bpf-pin-dir",
+            "none",
         ])
         .arg("--trust-bundle")
         .arg(d.join("bundle.json"))

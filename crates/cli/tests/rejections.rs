@@ -337,6 +337,29 @@ async fn node_api_refuses_bad_csrs_and_entitlement_overreach() {
         .await
         .expect_err("JWT outside entitlement");
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    // After a renewal the old node SVID (say, a copy someone kept) opens
+    // nothing: only the node's current serial is accepted.
+    let old = NodeClient::new(
+        tether_agent::server_channel(&addr, &td, &conn.bundle, Some(&conn.identity()))
+            .expect("channel"),
+    );
+    old.clone()
+        .sign_x509_svids(SignX509SvidsRequest { csrs: vec![] })
+        .await
+        .expect("the current node SVID works");
+    conn.renew().await.expect("renew");
+    let err = old
+        .clone()
+        .sign_x509_svids(SignX509SvidsRequest { csrs: vec![] })
+        .await
+        .expect_err("a replaced node SVID was accepted");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("not its current one"), "{err:?}");
+    conn.client()
+        .sign_x509_svids(SignX509SvidsRequest { csrs: vec![] })
+        .await
+        .expect("the renewed node SVID works");
 }
 
 #[test]

@@ -217,6 +217,8 @@ pub struct ExecRecord {
     pub flags: ExecFlags,
     /// Who marked it (tgid), when a taint flag is set.
     pub tracer: u32,
+    /// Its mount namespace (inode number) at exec.
+    pub mnt_ns: u32,
     /// The executed file's name (its last path component).
     pub name: String,
 }
@@ -234,6 +236,7 @@ impl ExecRaw {
             dev: user_dev(kdev),
             flags: ExecFlags(u32_at(b, 36)),
             tracer: u32_at(b, 40),
+            mnt_ns: u32_at(b, 44),
             name: String::from_utf8_lossy(&name[..end]).into_owned(),
         }
     }
@@ -265,6 +268,8 @@ impl ExecFlags {
     pub const USERNS_MOUNTS: u32 = 1 << 8;
     pub const CHROOT: u32 = 1 << 9;
     pub const UNTRUSTED_FS: u32 = 1 << 10;
+    pub const SECCOMP_NOTIFY: u32 = 1 << 11;
+    pub const USER_NS: u32 = 1 << 12;
     pub const TRACED_AT_EXEC: u32 = 1 << 16;
     pub const PTRACE: u32 = 1 << 17;
     pub const MEM_WRITE: u32 = 1 << 18;
@@ -289,7 +294,7 @@ impl ExecFlags {
 
     /// Human-readable names of the set flags (for audit and whoami).
     pub fn names(self) -> Vec<&'static str> {
-        const NAMES: [(u32, &str); 14] = [
+        const NAMES: [(u32, &str); 16] = [
             (ExecFlags::LD_PRELOAD, "LD_PRELOAD"),
             (ExecFlags::LD_AUDIT, "LD_AUDIT"),
             (ExecFlags::LD_LIBRARY_PATH, "LD_LIBRARY_PATH"),
@@ -300,6 +305,8 @@ impl ExecFlags {
             (ExecFlags::USERNS_MOUNTS, "mount-namespace"),
             (ExecFlags::CHROOT, "chroot"),
             (ExecFlags::UNTRUSTED_FS, "filesystem"),
+            (ExecFlags::SECCOMP_NOTIFY, "seccomp-notify"),
+            (ExecFlags::USER_NS, "user-namespace"),
             (ExecFlags::TRACED_AT_EXEC, "traced at exec"),
             (ExecFlags::PTRACE, "ptrace attach"),
             (ExecFlags::MEM_WRITE, "memory written by another process"),
@@ -487,6 +494,10 @@ pub enum Reason {
     Expired,
     /// [`Hook::Taint`]: the caller was killed; `aux2` holds the reason.
     Killed,
+    /// [`Hook::Taint`]: a watched syscall made through the 32-bit entry.
+    Compat,
+    /// [`Hook::Taint`]: pidfd_getfd took a descriptor from another process.
+    Getfd,
 }
 
 impl Reason {
@@ -504,6 +515,8 @@ impl Reason {
             9 => Self::RawSocket,
             10 => Self::Expired,
             11 => Self::Killed,
+            12 => Self::Compat,
+            13 => Self::Getfd,
             _ => return None,
         })
     }
@@ -756,12 +769,14 @@ mod tests {
         b[32..36].copy_from_slice(&(254u32 << 20).to_ne_bytes());
         b[36..40].copy_from_slice(&(ExecFlags::LD_PRELOAD | ExecFlags::PTRACE).to_ne_bytes());
         b[40..44].copy_from_slice(&77u32.to_ne_bytes());
+        b[44..48].copy_from_slice(&4026531841u32.to_ne_bytes());
         b[48..53].copy_from_slice(b"forge");
         let r = ExecRaw(b).parse();
         assert_eq!((r.exec_id, r.start_ns, r.ino, r.tracer), (7, 9, 1234, 77));
         // 254:0 as stat(2) encodes it.
         assert_eq!(r.dev, 0xfe00);
         assert_eq!(r.name, "forge");
+        assert_eq!(r.mnt_ns, 4026531841);
         assert!(r.flags.tainted() && r.flags.has(ExecFlags::LD_PRELOAD));
         assert_eq!(r.flags.names(), vec!["LD_PRELOAD", "ptrace attach"]);
         // Large minors and majors use the split encoding.

@@ -46,6 +46,8 @@ fn the_exec_record_names_the_file_and_the_loaders_environment() {
         real.file_name().and_then(|n| n.to_str())
     );
     assert!(rec.exec_id > 0 && rec.start_ns > 0);
+    let my_mnt = std::fs::metadata("/proc/self/ns/mnt").expect("mnt ns");
+    assert_eq!(u64::from(rec.mnt_ns), my_mnt.ino());
     assert_eq!(
         rec.flags.0 & !ExecFlags::CHROOT,
         0,
@@ -92,6 +94,82 @@ fn the_exec_record_names_the_file_and_the_loaders_environment() {
         .flags;
     assert!(f.has(ExecFlags::LD_PRELOAD), "{:?}", f.names());
     assert!(!f.has(ExecFlags::ENV_UNSCANNED));
+
+    // Exec'd in a user namespace of its own (its mounts still the host's).
+    let f = flags_of_exec(
+        &e,
+        "import ctypes\nassert ctypes.CDLL(None).unshare(0x10000000) == 0\nnow_exec()",
+    );
+    assert!(f.has(ExecFlags::USER_NS), "{:?}", f.names());
+    assert!(!f.has(ExecFlags::USERNS_MOUNTS), "{:?}", f.names());
+    // With a seccomp filter whose listener another process holds.
+    let f = flags_of_exec(
+        &e,
+        "import ctypes, struct\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         assert libc.prctl(38, 1, 0, 0, 0) == 0\n\
+         insn = ctypes.create_string_buffer(struct.pack('HBBI', 0x06, 0, 0, 0x7fff0000))\n\
+         class Prog(ctypes.Structure):\n\
+         \x20   _fields_ = [('len', ctypes.c_ushort), ('insns', ctypes.c_void_p)]\n\
+         prog = Prog(1, ctypes.addressof(insn))\n\
+         listener = libc.syscall(317, 1, 8, ctypes.byref(prog))\n\
+         assert listener >= 0, ctypes.get_errno()\n\
+         now_exec()",
+    );
+    assert!(f.has(ExecFlags::SECCOMP_NOTIFY), "{:?}", f.names());
+    assert!(!f.has(ExecFlags::USER_NS), "{:?}", f.names());
+}
+
+/// The flags of the exec record of a `sleep` that Python forks and execs
+/// after running `setup` (which calls `now_exec()` at its end). The parent
+/// stays alive meanwhile, holding whatever `setup` opened.
+fn flags_of_exec(e: &Enforcer, setup: &str) -> ExecFlags {
+    let script = format!(
+        "import os, sys, time\n\
+         def now_exec():\n\
+         \x20   r, w = os.pipe()\n\
+         \x20   pid = os.fork()\n\
+         \x20   if pid == 0:\n\
+         \x20       os.close(w)\n\
+         \x20       os.read(r, 1)\n\
+         \x20       os.execv('/bin/sleep', ['sleep', '5'])\n\
+         \x20   print(pid, flush=True)\n\
+         \x20   os.write(w, b'x')\n\
+         \x20   time.sleep(5)\n\
+         {setup}\n"
+    );
+    let mut child = std::process::Command::new("python3")
+        .env_remove("LD_LIBRARY_PATH")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read");
+    let pid: u32 = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid from the setup: {line:?}"));
+    let mut rec = None;
+    for _ in 0..300 {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        if exe.file_name().is_some_and(|n| n == "sleep") {
+            rec = e.exec_record(pid).expect("lookup");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill(2) on our own child's child and our child.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    rec.expect("a record for the exec'd sleep").flags
 }
 
 #[test]
@@ -401,6 +479,41 @@ fn raw_and_packet_sockets_are_not_created_in_the_workload() {
     );
     assert_eq!(evs[6].aux2 >> 16, 17, "AF_PACKET");
     assert_eq!(e.stats().expect("stats").sockets_denied, 7);
+}
+
+#[test]
+fn the_old_ways_to_the_same_calls_are_fatal_in_the_workload() {
+    assert!(can_run());
+    let cg = TestCgroup::new();
+    let e = Enforcer::load(&cg.config(None)).expect("load");
+    // A 32-bit system call nobody watches works (getpid: 20)...
+    let mut c = Client::spawn(&cg);
+    assert_eq!(c.run("int80 20"), format!("RET {}", c.pid));
+    // ...a watched one (prctl: 172) is not decoded: fatal before it runs.
+    assert_eq!(c.try_run("int80 172"), None);
+    assert_eq!(c.exit_signal(), Some(libc::SIGKILL));
+    let ev = drain(&e)
+        .into_iter()
+        .find(|ev| ev.hook == Hook::Taint)
+        .expect("taint event");
+    assert_eq!((ev.tgid, ev.reason, ev.aux2), (c.pid, Reason::Killed, 12));
+    // socket(AF_INET, SOCK_PACKET) is a packet socket too.
+    let mut c = Client::spawn(&cg);
+    assert_eq!(c.try_run("sockpacket"), None);
+    assert_eq!(c.exit_signal(), Some(libc::SIGKILL));
+    // Outside the workload neither is fatal.
+    let mut out = std::process::Command::new("python3")
+        .env_remove("LD_LIBRARY_PATH")
+        .args([
+            "-c",
+            "import socket\ntry:\n socket.socket(2, 10, 0)\nexcept OSError:\n pass\nprint('ALIVE')",
+        ])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{out:?}");
+    out.stdout.retain(|b| !b.is_ascii_whitespace());
+    assert_eq!(out.stdout, b"ALIVE");
+    assert_eq!(e.stats().expect("stats").sockets_denied, 1);
 }
 
 #[test]

@@ -340,6 +340,21 @@ def hdrincl():
 def packet():
     socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0).close()
 
+def sockpacket():
+    # The old way to a packet socket: the kernel makes it one.
+    socket.socket(socket.AF_INET, 10, 0).close()
+
+def int80(nr):
+    # One system call through the 32-bit entry from this 64-bit process:
+    # mov eax, nr; xor ebx, ebx; int 0x80; ret.
+    import ctypes, mmap, struct
+    code = b"\xb8" + struct.pack("<I", int(nr)) + b"\x31\xdb\xcd\x80\xc3"
+    m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    m.write(code)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    r = ctypes.CFUNCTYPE(ctypes.c_int)(addr)()
+    return "RET %d" % r
+
 def vmwrite(pid):
     # process_vm_writev(pid, local iov, 1, remote iov, 1, 0): one byte to
     # the target's first writable mapping.
@@ -406,6 +421,10 @@ for line in sys.stdin:
         out = attempt(hdrincl)
     elif cmd == "packet":
         out = attempt(packet)
+    elif cmd == "sockpacket":
+        out = attempt(sockpacket)
+    elif cmd == "int80":
+        out = int80(*args)
     elif cmd == "vmwrite":
         out = attempt(lambda: vmwrite(*args))
     elif cmd == "procmem":
