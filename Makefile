@@ -52,4 +52,4 @@ clean:
 
 # Compiles every fuzz target on stable (running them needs cargo-fuzz).
 fuzz-check:
-	cd fuzz && $(CARGO) check --bins
+	cd fuzz && CARGO_TARGET_DIR=$(CURDIR)/target $(CARGO) check --bins

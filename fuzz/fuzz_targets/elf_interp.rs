@@ -2,6 +2,4 @@
 //! attacker's own, so its headers are untrusted input. Must never panic.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = tether_attest::parse_interp(data);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tether_fuzz_bodies::elf_interp(data));

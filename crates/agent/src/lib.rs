@@ -7,7 +7,7 @@
 
 mod admin;
 mod enforce;
-mod h2_authority;
+pub mod h2_authority;
 mod hold;
 mod host_addrs;
 mod mesh;

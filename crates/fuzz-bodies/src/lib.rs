@@ -1,0 +1,218 @@
+//! What each fuzz target does with its input, as plain functions: the
+//! libFuzzer binaries in `fuzz/` call them, and `tests/seeds.rs` feeds
+//! them every seed in `fuzz/corpus/<target>/` on every `make test`. Each
+//! must never panic on any input; the asserts state properties of what a
+//! parser accepts (round trips, bounds).
+
+use std::sync::OnceLock;
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tether_spiffe::jwt::{self, JwtKey};
+use tether_spiffe::{Bundle, SpiffeId, TrustDomain};
+
+/// A target's body.
+pub type Body = fn(&[u8]);
+
+/// Every target by the name of its binary and corpus directory.
+pub const TARGETS: &[(&str, Body)] = &[
+    ("bundle_json", bundle_json),
+    ("csr_parse", csr_parse),
+    ("elf_interp", elf_interp),
+    ("h2_authority", h2_authority),
+    ("jwt_validate", jwt_validate),
+    ("manifest_parse", manifest_parse),
+    ("proc_events", proc_events),
+    ("selector_parse", selector_parse),
+    ("spiffe_id", spiffe_id),
+    ("tunnel_request", tunnel_request),
+];
+
+/// SPIFFE bundle documents (federation, the Workload API's bundles).
+pub fn bundle_json(data: &[u8]) {
+    let td = TrustDomain::new("example.org").expect("valid td");
+    let Ok(bundle) = Bundle::from_json(td.clone(), data) else {
+        return;
+    };
+    let json = bundle.to_json().expect("a parsed bundle must serialise");
+    let back = Bundle::from_json(td, json.as_bytes()).expect("a serialised bundle must parse");
+    assert_eq!(back, bundle);
+    let _ = bundle
+        .jwks_json()
+        .expect("parsed JWT authorities must serialise");
+    let _ = bundle.x509_authorities_der_concat();
+}
+
+/// CSRs from agents.
+pub fn csr_parse(data: &[u8]) {
+    let _ = tether_ca::parse_csr(data);
+}
+
+/// An executable's ELF headers (the file is the workload's own).
+pub fn elf_interp(data: &[u8]) {
+    if let Ok(Some(path)) = tether_attest::parse_interp(data) {
+        assert!(
+            path.len() <= data.len() * 3,
+            "a lossy path is at most 3 bytes per byte"
+        );
+    }
+}
+
+/// Workload API clients' HTTP/2 bytes through the `:authority` shim, fed
+/// whole and split at every 7th byte (frames arrive in pieces).
+pub fn h2_authority(data: &[u8]) {
+    let mut whole = tether_agent::h2_authority::Rewriter::default();
+    let whole_ok = whole.feed(data).is_ok();
+    let mut pieces = tether_agent::h2_authority::Rewriter::default();
+    let mut pieces_ok = true;
+    for chunk in data.chunks(7) {
+        if pieces.feed(chunk).is_err() {
+            pieces_ok = false;
+            break;
+        }
+    }
+    assert_eq!(
+        whole_ok, pieces_ok,
+        "the verdict must not depend on how bytes arrive"
+    );
+}
+
+struct JwtFixture {
+    pair: EcdsaKeyPair,
+    bundle: Bundle,
+}
+
+fn jwt_fixture() -> &'static JwtFixture {
+    static FIXTURE: OnceLock<JwtFixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let key = JwtKey::generate("fuzz").expect("key generation");
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, key.pkcs8_der())
+            .expect("own key reloads");
+        let mut bundle = Bundle::new(TrustDomain::new("example.org").expect("valid td"));
+        bundle.jwt_authorities.push(key.authority());
+        JwtFixture { pair, bundle }
+    })
+}
+
+fn signed(f: &JwtFixture, header: &[u8], claims: &[u8]) -> String {
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(claims)
+    );
+    let sig = f
+        .pair
+        .sign(&SystemRandom::new(), input.as_bytes())
+        .expect("signing");
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+}
+
+/// JWT-SVIDs (ValidateJWTSVID). The first byte picks what the rest is: 0
+/// the token itself, 1 the claims of a correctly signed token, 2 its header.
+pub fn jwt_validate(data: &[u8]) {
+    const NOW: i64 = 1_700_000_000;
+    let f = jwt_fixture();
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let token = match mode % 3 {
+        0 => match std::str::from_utf8(rest) {
+            Ok(s) => s.to_owned(),
+            Err(_) => return,
+        },
+        1 => signed(f, br#"{"alg":"ES256","kid":"fuzz","typ":"JWT"}"#, rest),
+        _ => signed(
+            f,
+            rest,
+            br#"{"sub":"spiffe://example.org/w","aud":"svc","exp":1700000100}"#,
+        ),
+    };
+    let _ = jwt::peek_subject(&token);
+    if let Ok((id, claims)) = jwt::validate(&token, "svc", &f.bundle, NOW) {
+        // Whatever passes must satisfy the spec's requirements.
+        assert_eq!(id.trust_domain(), &f.bundle.trust_domain);
+        assert_eq!(claims.sub, id.as_str());
+        assert!(claims.aud.iter().any(|a| a == "svc"));
+        assert!(claims.exp + jwt::CLOCK_SKEW_LEEWAY_SECS > NOW);
+    }
+}
+
+/// Manifests (`tether apply`).
+pub fn manifest_parse(data: &[u8]) {
+    if let Ok(resources) = tether_manifest::parse("fuzz.yaml", data) {
+        for r in resources {
+            let again = tether_manifest::parse("again.yaml", r.to_yaml().as_bytes())
+                .expect("own output must parse");
+            assert_eq!(again, vec![r]);
+        }
+    }
+}
+
+/// Kernel process-event datagrams (netlink proc connector).
+pub fn proc_events(data: &[u8]) {
+    use tether_attest::ProcEvent;
+    let mut out = Vec::new();
+    tether_attest::parse_datagram(data, &mut out);
+    for ev in &out {
+        match *ev {
+            ProcEvent::Exec { pid } | ProcEvent::Exit { pid } | ProcEvent::Uid { pid } => {
+                assert!(pid > 0)
+            }
+            ProcEvent::Fork { parent, child } => assert!(parent > 0 && child > 0),
+            ProcEvent::Overrun => panic!("Overrun only comes from the socket"),
+        }
+    }
+}
+
+/// Selectors (manifests, the CLI).
+pub fn selector_parse(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(sel) = tether_attest::Selector::parse(text) {
+        let canonical = sel.to_string();
+        let again = tether_attest::Selector::parse(&canonical).expect("canonical form must parse");
+        assert_eq!(again, sel);
+        assert_eq!(again.to_string(), canonical);
+    }
+}
+
+/// SPIFFE IDs and trust domains (everywhere).
+pub fn spiffe_id(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(id) = SpiffeId::parse(s) {
+        assert_eq!(id.as_str(), s);
+        assert!(s.len() <= 2048);
+        assert_eq!(format!("spiffe://{}{}", id.trust_domain(), id.path()), s);
+        let rebuilt = SpiffeId::new(id.trust_domain(), id.path())
+            .expect("the parts of a valid ID must rebuild it");
+        assert_eq!(rebuilt, id);
+        let json = serde_json::to_string(&id).expect("serialising an ID cannot fail");
+        let back: SpiffeId = serde_json::from_str(&json).expect("a serialised ID must parse");
+        assert_eq!(back, id);
+    }
+    if let Ok(td) = TrustDomain::new(s) {
+        assert!(td.as_str().len() <= 255);
+        assert_eq!(TrustDomain::new(&td.id_string()).ok(), Some(td.clone()));
+        assert_eq!(td.to_spiffe_id().trust_domain(), &td);
+    }
+}
+
+/// The mesh's tunnel request and the PROXY v2 header it hands servers.
+pub fn tunnel_request(data: &[u8]) {
+    if let Ok(Some((r, used))) = tether_mesh::Request::parse(data) {
+        assert!(used <= data.len());
+        assert_eq!(
+            tether_mesh::Request::parse(&r.encode()),
+            Ok(Some((r, used)))
+        );
+    }
+    if let Ok(Some((h, used))) = tether_mesh::proxy_v2::ProxyHeader::parse(data) {
+        assert!(used <= data.len());
+        let _ = h.encode();
+    }
+}

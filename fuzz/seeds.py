@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora in fuzz/corpus/<target>/ (committed; run again
+only to change them). `make test` feeds every seed to its target's body
+(crates/fuzz-bodies); `cargo +nightly fuzz run <target>` starts from them.
+
+Needs openssl (for the CSR and the bundle's certificate and key)."""
+
+import base64
+import json
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "corpus")
+
+
+def put(target, name, data):
+    d = os.path.join(OUT, target)
+    os.makedirs(d, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def b64u(b):
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def openssl(*args, inp=None):
+    return subprocess.run(["openssl", *args], input=inp, capture_output=True, check=True).stdout
+
+
+def spiffe_id():
+    for i, s in enumerate([
+        "spiffe://example.org/workload",
+        "spiffe://example.org",
+        "spiffe://example.org/a/b/c.d-e_f",
+        "spiffe://EXAMPLE.org/upper",
+        "spiffe://example.org/%41",
+        "spiffe://example.org//double",
+        "spiffe://example.org/./dot",
+        "spiffe://user@example.org/x",
+        "spiffe://example.org:8080/x",
+        "https://example.org/x",
+        "spiffe://" + "a" * 256 + "/x",
+        "",
+    ]):
+        put("spiffe_id", f"seed-{i:02}", s)
+
+
+def selector_parse():
+    for i, s in enumerate([
+        "unix:uid:0",
+        "unix:gid:1000",
+        "unix:user:redis",
+        "process:path:/usr/bin/redis-cli",
+        "process:sha256:" + "ab" * 32,
+        "process:name:redis-cli",
+        "process:cmdline:redis-cli -p 6379",
+        "systemd:unit:nginx.service",
+        "cgroup:path:/system.slice/nginx.service",
+        "container:id:" + "0f" * 32,
+        "unix:uid:-1",
+        "unix:uid",
+        "nonsense",
+        "process:sha256:xyz",
+    ]):
+        put("selector_parse", f"seed-{i:02}", s)
+
+
+def manifest_parse():
+    put("manifest_parse", "identity.yaml", """apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {name: redis-cli}
+spec:
+  spiffeId: spiffe://example.org/redis-cli
+  selectors: [["process:path:/usr/bin/redis-cli", "unix:uid:0"]]
+  allowExec: [LD_LIBRARY_PATH]
+""")
+    put("manifest_parse", "service-policy.yaml", """apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {name: redis}
+spec:
+  addresses:
+    - {cidr: 10.0.0.5/32, ports: [6379]}
+    - {cidr: "2001:db8::5/128", ports: [6379]}
+    - {local: true, ports: [6380]}
+  mesh: {mode: mutual}
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: redis-clients}
+spec:
+  services: [redis]
+  identities: [redis-cli]
+  when: 'context.time.hour >= 8 && context.time.hour < 18'
+""")
+    put("manifest_parse", "bad-kind.yaml", "apiVersion: tether.dev/v1alpha1\nkind: Nope\nmetadata: {name: x}\n")
+    put("manifest_parse", "anchors.yaml", "a: &a [*a]\n")
+    put("manifest_parse", "empty.yaml", "")
+
+
+def csr_parse():
+    with tempfile.TemporaryDirectory() as d:
+        key = os.path.join(d, "k.pem")
+        openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key)
+        der = openssl("req", "-new", "-key", key, "-subj", "/", "-addext",
+                      "subjectAltName=URI:spiffe://example.org/w", "-outform", "DER")
+        put("csr_parse", "p256-uri-san.der", der)
+        put("csr_parse", "truncated.der", der[: len(der) // 2])
+        flipped = bytearray(der)
+        flipped[-5] ^= 0xFF
+        put("csr_parse", "bad-signature.der", bytes(flipped))
+        rsa = os.path.join(d, "r.pem")
+        openssl("genrsa", "-out", rsa, "1024")
+        put("csr_parse", "rsa.der", openssl("req", "-new", "-key", rsa, "-subj", "/CN=x", "-outform", "DER"))
+    put("csr_parse", "empty.der", b"")
+
+
+def ec_xy(pem_key):
+    # The uncompressed point is the last 65 bytes of the DER public key.
+    pub = openssl("ec", "-pubout", "-outform", "DER", inp=pem_key)
+    pt = pub[-65:]
+    assert pt[0] == 4
+    return b64u(pt[1:33]), b64u(pt[33:])
+
+
+def bundle_json():
+    with tempfile.TemporaryDirectory() as d:
+        key = os.path.join(d, "k.pem")
+        openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key)
+        cert = openssl("req", "-new", "-x509", "-key", key, "-subj", "/O=example", "-days", "3650",
+                       "-addext", "subjectAltName=URI:spiffe://example.org", "-outform", "DER")
+        x, y = ec_xy(open(key, "rb").read())
+    doc = {
+        "keys": [
+            {"use": "x509-svid", "kty": "EC", "crv": "P-256", "x": x, "y": y,
+             "x5c": [base64.b64encode(cert).decode()]},
+            {"use": "jwt-svid", "kty": "EC", "kid": "k1", "crv": "P-256", "x": x, "y": y},
+        ],
+        "spiffe_sequence": 7,
+        "spiffe_refresh_hint": 300,
+    }
+    put("bundle_json", "x509-and-jwt.json", json.dumps(doc))
+    put("bundle_json", "empty-keys.json", '{"keys": []}')
+    doc["keys"][1]["kid"] = ""
+    put("bundle_json", "empty-kid.json", json.dumps(doc))
+    put("bundle_json", "duplicate-member.json", '{"keys": [], "keys": []}')
+    put("bundle_json", "not-object.json", "[1, 2]")
+
+
+def jwt_validate():
+    # Byte 0 picks the mode (see the target): 0 the token as text, 1 a
+    # signed token with these claims, 2 a signed token with this header.
+    claims = {"sub": "spiffe://example.org/w", "aud": "svc", "exp": 1700000100}
+    put("jwt_validate", "claims-good", b"\x01" + json.dumps(claims).encode())
+    put("jwt_validate", "claims-aud-list", b"\x01" + json.dumps({**claims, "aud": ["x", "svc"]}).encode())
+    put("jwt_validate", "claims-expired", b"\x01" + json.dumps({**claims, "exp": 1}).encode())
+    put("jwt_validate", "claims-other-td", b"\x01" + json.dumps({**claims, "sub": "spiffe://other.org/w"}).encode())
+    put("jwt_validate", "header-good", b"\x02" + b'{"alg":"ES256","kid":"fuzz","typ":"JWT"}')
+    put("jwt_validate", "header-none", b"\x02" + b'{"alg":"none","kid":"fuzz"}')
+    put("jwt_validate", "header-unknown-kid", b"\x02" + b'{"alg":"ES256","kid":"other"}')
+    put("jwt_validate", "text-garbage", b"\x00" + b"a.b.c")
+    put("jwt_validate", "text-empty", b"\x00")
+
+
+def proc_events():
+    def dgram(what, data):
+        ev = struct.pack("=IIQ", what, 0, 123456789) + data
+        cn = struct.pack("=IIIIHH", 1, 1, 0, 0, len(ev), 0) + ev
+        return struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn
+    put("proc_events", "exec", dgram(2, struct.pack("=II", 1234, 1234)))
+    put("proc_events", "fork", dgram(1, struct.pack("=IIII", 1, 1, 1235, 1235)))
+    put("proc_events", "exit", dgram(0x80000000, struct.pack("=IIIIII", 1235, 1235, 0, 17, 1, 1)))
+    put("proc_events", "uid", dgram(4, struct.pack("=IIII", 1234, 1234, 1000, 1000)))
+    put("proc_events", "two", dgram(2, struct.pack("=II", 7, 7)) + dgram(1, struct.pack("=IIII", 7, 7, 8, 8)))
+    put("proc_events", "pid-zero", dgram(2, struct.pack("=II", 0, 0)))
+    put("proc_events", "short", dgram(2, b"")[:30])
+
+
+def tunnel_request():
+    put("tunnel_request", "v4", b"TTHR\x01\x04" + bytes([10, 0, 0, 7]) + struct.pack(">H", 6379) + b"PING")
+    put("tunnel_request", "v6", b"TTHR\x01\x06" + bytes(15) + b"\x01" + struct.pack(">H", 5432))
+    put("tunnel_request", "port-zero", b"TTHR\x01\x04" + bytes(4) + b"\x00\x00")
+    put("tunnel_request", "partial", b"TTHR\x01")
+    sig = b"\r\n\r\n\x00\r\nQUIT\n"
+    spiffe = b"spiffe://example.org/w"
+    tlv = bytes([0xE0]) + struct.pack(">H", len(spiffe)) + spiffe
+    addrs = bytes([10, 0, 0, 1, 10, 0, 0, 2]) + struct.pack(">HH", 40000, 6379)
+    body = addrs + tlv
+    put("tunnel_request", "proxy-v2-tcp4", sig + b"\x21\x11" + struct.pack(">H", len(body)) + body)
+    put("tunnel_request", "proxy-v2-local", sig + b"\x20\x00\x00\x00")
+    put("tunnel_request", "proxy-v2-long", sig + b"\x21\x11\xff\xff" + addrs)
+
+
+def elf(bits, interp=b"/lib64/ld-linux-x86-64.so.2\x00", phnum=1, cut=None):
+    if bits == 64:
+        ehsize, phsize = 64, 56
+        hdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+        hdr += struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, ehsize, 0, 0, ehsize, phsize, phnum, 64, 0, 0)
+        off = ehsize + phsize * phnum
+        ph = struct.pack("<IIQQQQQQ", 3, 4, off, off, off, len(interp), len(interp), 1)
+    else:
+        ehsize, phsize = 52, 32
+        hdr = b"\x7fELF" + bytes([1, 1, 1, 0]) + bytes(8)
+        hdr += struct.pack("<HHIIIIIHHHHHH", 3, 3, 1, 0, ehsize, 0, 0, ehsize, phsize, phnum, 40, 0, 0)
+        off = ehsize + phsize * phnum
+        ph = struct.pack("<IIIIIIII", 3, off, off, off, len(interp), len(interp), 4, 1)
+    out = hdr + ph * phnum + interp
+    return out[:cut] if cut else out
+
+
+def elf_interp():
+    put("elf_interp", "elf64", elf(64))
+    put("elf_interp", "elf32", elf(32, b"/lib/ld-linux.so.2\x00"))
+    put("elf_interp", "elf64-evil-interp", elf(64, b"/tmp/evil/ld.so\x00"))
+    put("elf_interp", "elf64-truncated", elf(64, cut=80))
+    put("elf_interp", "elf64-many-phdrs", elf(64, phnum=0xFFFF, cut=4096))
+    put("elf_interp", "script", b"#!/bin/sh\necho hi\n")
+
+
+def h2_authority():
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+    def frame(ftype, flags, stream, payload):
+        return struct.pack(">I", len(payload))[1:] + bytes([ftype, flags]) + struct.pack(">I", stream) + payload
+
+    def lit(name, value):
+        # Literal without indexing, new name.
+        return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+    block = (b"\x83\x86" + lit(b":path", b"/SpiffeWorkloadAPI/FetchX509SVID")
+             + lit(b":authority", b"/run/tether/workload.sock") + lit(b"workload.spiffe.io", b"true"))
+    settings = frame(4, 0, 0, b"")
+    put("h2_authority", "grpc-unix-authority", preface + settings + frame(1, 4, 1, block) + frame(0, 1, 1, bytes(5)))
+    put("h2_authority", "split-continuation", preface + frame(1, 0, 1, block[:10]) + frame(9, 4, 1, block[10:]))
+    # Incremental indexing of a large value, then indexed references to it.
+    bomb = b"\x40" + bytes([5]) + b"x-big" + b"\x7f" + bytes([0xB9, 0x16]) + b"a" * 3000 + bytes([0x80 | 62]) * 50
+    put("h2_authority", "hpack-bomb", preface + frame(1, 4, 1, bomb))
+    put("h2_authority", "padded-priority", preface + frame(1, 0x4 | 0x8 | 0x20, 1, b"\x02" + bytes(5) + block + bytes(2)))
+    put("h2_authority", "http1", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+if __name__ == "__main__":
+    shutil.rmtree(OUT, ignore_errors=True)
+    for f in [spiffe_id, selector_parse, manifest_parse, csr_parse, bundle_json, jwt_validate,
+              proc_events, tunnel_request, elf_interp, h2_authority]:
+        f()
