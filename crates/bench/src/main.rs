@@ -70,6 +70,11 @@ fn main() -> anyhow::Result<()> {
         print!("{}", mesh::run()?);
         return Ok(());
     }
+    // `tether-bench connect`: only the connect() section.
+    if args.get(1).map(String::as_str) == Some("connect") {
+        print!("{}", connect::run());
+        return Ok(());
+    }
     // Before the server and agent exist: the agent follows every exec on the
     // machine, and this benchmark's children would keep it busy meanwhile.
     let connect_section = connect::run();

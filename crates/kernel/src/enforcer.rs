@@ -1342,6 +1342,23 @@ impl Enforcer {
         EventReader::open(self.events_id)
     }
 
+    /// Cumulative run time (ns) and run count of each of this enforcer's
+    /// programs, by function name. Zero unless run-time accounting is on
+    /// ([`enable_run_stats`]); for benchmarks.
+    pub fn program_run_stats(&self) -> Vec<(String, u64, u64)> {
+        let mut out: Vec<(String, u64, u64)> = self
+            ._bpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let fd = p.fd().ok()?;
+                let (ns, n) = crate::sys::prog_run_stats(fd.as_fd()).ok()?;
+                Some((name.to_owned(), ns, n))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Decision counters, summed over CPUs.
     pub fn stats(&self) -> Result<Stats, KernelError> {
         let get = |idx: u32| -> Result<u64, KernelError> {
@@ -1467,6 +1484,17 @@ fn detach_cgroup_links(cgroup_id: u64) -> Result<usize, KernelError> {
         }
     }
     Ok(n)
+}
+
+/// Turns on the kernel's per-program run-time accounting (for
+/// [`Enforcer::program_run_stats`]) until the returned fd is closed. It
+/// adds a clock read around every program run: for benchmarks only.
+pub fn enable_run_stats() -> Result<OwnedFd, KernelError> {
+    crate::sys::enable_run_stats().map_err(|source| KernelError::Io {
+        path: PathBuf::from("bpf(BPF_ENABLE_STATS)"),
+        op: "enable run-time stats",
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ pub use abi::{
 };
 pub use enforcer::{
     DetachReport, Enforcer, EnforcerConfig, ExecId, HoldConfig, ProcessEntry, Stats, VerdictEntry,
+    enable_run_stats,
 };
 pub use error::KernelError;
 pub use events::EventReader;

@@ -27,6 +27,7 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_ENABLE_STATS: libc::c_long = 32;
 
 pub(crate) const BPF_LINK_TYPE_CGROUP: u32 = 3;
 
@@ -225,6 +226,24 @@ pub(crate) fn prog_name(prog_id: u32) -> io::Result<String> {
     let bytes: Vec<u8> = buf[8..10].iter().flat_map(|w| w.to_ne_bytes()).collect();
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
+}
+
+/// Cumulative (run time ns, run count) of a program, counted only while
+/// some process holds a [`enable_run_stats`] fd.
+pub(crate) fn prog_run_stats(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    // struct bpf_prog_info: run_time_ns u64 at byte 192, run_cnt at 200.
+    let mut buf = [0u64; 26];
+    obj_info(fd, &mut buf)?;
+    Ok((buf[24], buf[25]))
+}
+
+/// Turns on the kernel's per-program run-time accounting until the
+/// returned fd is closed (BPF_ENABLE_STATS, BPF_STATS_RUN_TIME). Costs a
+/// clock read around every program run: for measuring, not production.
+pub(crate) fn enable_run_stats() -> io::Result<OwnedFd> {
+    let mut attr = Attr::default();
+    attr.0[0] = 0; // BPF_STATS_RUN_TIME
+    fd_result(bpf(BPF_ENABLE_STATS, &mut attr)?)
 }
 
 /// All link ids in the system (a snapshot; links may come and go).
