@@ -111,6 +111,18 @@ fn protos(p: Protocol) -> &'static [Proto] {
     }
 }
 
+/// The kernel flags of a Service: fronted by agents (mesh), and whether
+/// plaintext from other hosts is still accepted (permissive).
+fn service_flags(spec: &tether_manifest::ServiceSpec) -> ServiceFlags {
+    ServiceFlags {
+        mesh: spec.mesh.is_some(),
+        permissive: spec
+            .mesh
+            .as_ref()
+            .is_some_and(|m| m.mode == tether_manifest::TlsMode::Permissive),
+    }
+}
+
 /// Every kernel key for a Service, hostnames resolved now.
 fn prefixes(spec: &tether_manifest::ServiceSpec) -> Vec<DstPrefix> {
     let mut out = Vec::new();
@@ -255,14 +267,7 @@ impl Enforcement {
         let mut wanted: HashMap<DstPrefix, (u32, ServiceFlags)> = HashMap::new();
         for s in &reg.services {
             let id = c.services[&s.name];
-            let flags = ServiceFlags {
-                mesh: s.spec.mesh.is_some(),
-                permissive: s
-                    .spec
-                    .mesh
-                    .as_ref()
-                    .is_some_and(|m| m.mode == tether_manifest::TlsMode::Permissive),
-            };
+            let flags = service_flags(&s.spec);
             for p in prefixes(&s.spec) {
                 wanted.insert(p, (id, flags));
             }
@@ -299,14 +304,7 @@ impl Enforcement {
         let host = Self::lock(&self.host_addrs).clone();
         let mut ports: HashMap<(Proto, u16), (u32, ServiceFlags, String)> = HashMap::new();
         for s in &reg.services {
-            let flags = ServiceFlags {
-                mesh: s.spec.mesh.is_some(),
-                permissive: s
-                    .spec
-                    .mesh
-                    .as_ref()
-                    .is_some_and(|m| m.mode == tether_manifest::TlsMode::Permissive),
-            };
+            let flags = service_flags(&s.spec);
             for a in &s.spec.addresses {
                 let local = a.local
                     || a.network()

@@ -44,19 +44,7 @@ pub fn exec_check(rec: Option<&ExecRecord>, info: &ProcessInfo, access: FileAcce
     c.executed = Some(rec.name.clone());
     let f = rec.flags;
     if f.tainted() {
-        let marks: Vec<&str> = f
-            .names()
-            .into_iter()
-            .filter(|n| {
-                matches!(
-                    *n,
-                    "traced at exec"
-                        | "ptrace attach"
-                        | "memory written by another process"
-                        | "prctl(PR_SET_MM)"
-                )
-            })
-            .collect();
+        let marks = ExecFlags(f.0 & ExecFlags::TAINTS).names();
         c.blocking.push(format!(
             "marked since its exec ({}) by pid {}: its memory or image may not be what was executed",
             marks.join(", "),
@@ -69,42 +57,29 @@ pub fn exec_check(rec: Option<&ExecRecord>, info: &ProcessInfo, access: FileAcce
             info.exe_dev, info.exe_ino, rec.dev, rec.ino, rec.name
         ));
     }
+    // An environment too large to scan counts as every loader variable.
+    // The rest: user-owned mounts, a chroot, a filesystem its user
+    // controls, an inherited seccomp listener (its supervisor can answer
+    // the loader's opens with descriptors of its own) and a user namespace
+    // (where it may hold every capability; rootless containers do). Each
+    // acceptable by name with spec.allowExec.
     let env = if f.has(ExecFlags::ENV_UNSCANNED) {
-        ExecFlags(ExecFlags::ENV)
+        ExecFlags::ENV
     } else {
-        f
+        0
     };
-    for (bit, name) in [
-        (ExecFlags::LD_PRELOAD, "LD_PRELOAD"),
-        (ExecFlags::LD_AUDIT, "LD_AUDIT"),
-        (ExecFlags::LD_LIBRARY_PATH, "LD_LIBRARY_PATH"),
-        (ExecFlags::LD_OTHER, "LD_*"),
-        (ExecFlags::GCONV_PATH, "GCONV_PATH"),
-        (ExecFlags::GLIBC_TUNABLES, "GLIBC_TUNABLES"),
-    ] {
-        if env.has(bit) {
-            c.findings.push(name.into());
-        }
-    }
-    if f.has(ExecFlags::USERNS_MOUNTS) {
-        c.findings.push("mount-namespace".into());
-    }
-    if f.has(ExecFlags::CHROOT) {
-        c.findings.push("chroot".into());
-    }
-    if f.has(ExecFlags::UNTRUSTED_FS) {
-        c.findings.push("filesystem".into());
-    }
-    // A seccomp supervisor can answer the loader's opens with its own
-    // descriptors (SECCOMP_IOCTL_NOTIF_ADDFD): code the file never had.
-    if f.has(ExecFlags::SECCOMP_NOTIFY) {
-        c.findings.push("seccomp-notify".into());
-    }
-    // Inside a user namespace it may hold every capability there (rootless
-    // containers do); acceptable only where an identity says so.
-    if f.has(ExecFlags::USER_NS) {
-        c.findings.push("user-namespace".into());
-    }
+    let acceptable = ExecFlags::ENV
+        | ExecFlags::USERNS_MOUNTS
+        | ExecFlags::CHROOT
+        | ExecFlags::UNTRUSTED_FS
+        | ExecFlags::SECCOMP_NOTIFY
+        | ExecFlags::USER_NS;
+    c.findings.extend(
+        ExecFlags((f.0 | env) & acceptable)
+            .names()
+            .into_iter()
+            .map(String::from),
+    );
     if access == FileAccess::Full && !info.interpreter_standard {
         c.findings.push("interpreter".into());
     }
@@ -184,6 +159,22 @@ mod tests {
         let c = exec_check(Some(&r), &info(), FileAccess::LinksOnly);
         assert!(c.blocking[0].contains("ptrace attach") && c.blocking[0].contains("99"));
         assert!(refusal(&c, &["LD_PRELOAD".into()]).is_some());
+    }
+
+    #[test]
+    fn every_finding_has_a_name_an_identity_can_accept() {
+        let mut i = info();
+        i.interpreter_standard = false;
+        let c = exec_check(Some(&rec(!ExecFlags::TAINTS)), &i, FileAccess::Full);
+        assert!(c.blocking.is_empty(), "{c:?}");
+        let mut found = c.findings.clone();
+        found.sort();
+        let mut all: Vec<String> = tether_attest::EXEC_CHECKS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        all.sort();
+        assert_eq!(found, all);
     }
 
     #[test]
