@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Writes the seed corpora in fuzz/corpus/<target>/ (committed; run again
+"""Writes the seed corpora in fuzz/seeds/<target>/ (committed; run again
 only to change them). `make test` feeds every seed to its target's body
-(crates/fuzz-bodies); `cargo +nightly fuzz run <target>` starts from them.
+(crates/fuzz-bodies); pass the directory to `cargo +nightly fuzz run
+<target> fuzz/corpus/<target> fuzz/seeds/<target>` to start from them
+(fuzz/corpus, where cargo-fuzz writes what it finds, is not committed).
 
 Needs openssl (for the CSR and the bundle's certificate and key)."""
 
@@ -14,7 +16,7 @@ import subprocess
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(HERE, "corpus")
+OUT = os.path.join(HERE, "seeds")
 
 
 def put(target, name, data):

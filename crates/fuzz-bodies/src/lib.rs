@@ -1,6 +1,6 @@
 //! What each fuzz target does with its input, as plain functions: the
 //! libFuzzer binaries in `fuzz/` call them, and `tests/seeds.rs` feeds
-//! them every seed in `fuzz/corpus/<target>/` on every `make test`. Each
+//! them every seed in `fuzz/seeds/<target>/` on every `make test`. Each
 //! must never panic on any input; the asserts state properties of what a
 //! parser accepts (round trips, bounds).
 

@@ -40,7 +40,7 @@ fn every_target_has_a_body_and_seeds() {
 #[test]
 fn every_seed_passes_its_target() {
     for (name, body) in tether_fuzz_bodies::TARGETS {
-        let dir = fuzz_dir().join("corpus").join(name);
+        let dir = fuzz_dir().join("seeds").join(name);
         let mut seeds: Vec<PathBuf> = std::fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -60,7 +60,7 @@ fn every_seed_passes_its_target() {
 }
 
 fn seed(target: &str, name: &str) -> Vec<u8> {
-    let p = fuzz_dir().join("corpus").join(target).join(name);
+    let p = fuzz_dir().join("seeds").join(target).join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
