@@ -975,23 +975,22 @@ impl Enforcement {
     fn audit_taint(&self, ev: &tether_kernel::Event) {
         use tether_kernel::Reason;
         let (what, killed) = match ev.reason {
-            Reason::Killed => (ev.aux2, true),
-            r => (r as u32, false),
+            Reason::Killed => (Reason::from_code(ev.aux2), true),
+            r => (Some(r), false),
         };
         let how = match what {
-            2 => "traced at exec",
-            4 => "ptrace attach",
-            5 => "process_vm_writev",
-            6 => "/proc/PID/mem opened for writing",
-            7 => "prctl(PR_SET_MM)",
-            12 => "a watched system call made through the 32-bit entry",
-            13 => "pidfd_getfd took a descriptor of another process",
+            Some(Reason::Ptrace) => "ptrace attach",
+            Some(Reason::MemWrite) => "process_vm_writev",
+            Some(Reason::ProcMem) => "/proc/PID/mem opened for writing",
+            Some(Reason::SetMm) => "prctl(PR_SET_MM)",
+            Some(Reason::Compat) => "a watched system call made through the 32-bit entry",
+            Some(Reason::Getfd) => "pidfd_getfd took a descriptor of another process",
             _ => "unknown",
         };
         let reason = match what {
             // No target: the caller itself was the problem.
-            12 => format!("{how}: the caller was killed"),
-            13 => format!("{how} (pid {}): the caller was killed", ev.aux),
+            Some(Reason::Compat) => format!("{how}: the caller was killed"),
+            Some(Reason::Getfd) => format!("{how} (pid {}): the caller was killed", ev.aux),
             _ => format!(
                 "{how}: pid {} has no authority until it execs again",
                 ev.aux

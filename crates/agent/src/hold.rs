@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::enforce::{Enforcement, HeldDecision};
 use crate::metrics::Metrics;
+use crate::slots::KeyedSlots;
 use crate::tracker::Tracker;
 
 /// How long a held connection may wait for its process to be attested.
@@ -33,42 +34,6 @@ const MAX_HELD: usize = 4096;
 /// Held connections of one process being decided at once: a process that
 /// floods connects waits for its own attestation, not everyone's slots.
 const MAX_DECIDING_PER_PROCESS: usize = 64;
-
-/// Counts held connections being decided, per process.
-#[derive(Default)]
-struct Deciding(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
-
-struct DecidingSlot {
-    table: Arc<Deciding>,
-    tgid: u32,
-}
-
-impl Deciding {
-    fn enter(self: &Arc<Self>, tgid: u32) -> Option<DecidingSlot> {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(tgid).or_insert(0);
-        if *n >= MAX_DECIDING_PER_PROCESS {
-            return None;
-        }
-        *n += 1;
-        Some(DecidingSlot {
-            table: self.clone(),
-            tgid,
-        })
-    }
-}
-
-impl Drop for DecidingSlot {
-    fn drop(&mut self) {
-        let mut m = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.tgid) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.tgid);
-            }
-        }
-    }
-}
 
 pub struct HoldListeners {
     v4: TcpListener,
@@ -129,7 +94,7 @@ impl HoldListeners {
     ) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HELD));
-        let deciding = Arc::new(Deciding::default());
+        let deciding = KeyedSlots::new(MAX_DECIDING_PER_PROCESS, MAX_HELD);
         for l in std::iter::once(self.v4).chain(self.v6) {
             let (t, e, m, slots, d) = (
                 tracker.clone(),
@@ -180,7 +145,7 @@ async fn handle(
     enf: Arc<Enforcement>,
     metrics: Arc<Metrics>,
     slot: tokio::sync::OwnedSemaphorePermit,
-    deciding: Arc<Deciding>,
+    deciding: Arc<KeyedSlots<u32>>,
 ) {
     let _ = client.set_nodelay(true);
     // Only the kernel's record (keyed by the full client address) makes a
@@ -199,7 +164,7 @@ async fn handle(
             return reset(client);
         }
     };
-    let Some(deciding) = deciding.enter(rec.tgid) else {
+    let Some(deciding) = deciding.take(rec.tgid) else {
         tracing::warn!(
             pid = rec.tgid,
             "too many held connections of one process being decided; reset"

@@ -15,6 +15,7 @@ mod metrics;
 mod node;
 mod registry;
 mod sender;
+mod slots;
 mod tracker;
 mod verify;
 mod workload_api;

@@ -39,6 +39,7 @@ use crate::enforce::Enforcement;
 use crate::metrics::Metrics;
 use crate::node::NodeConn;
 use crate::registry::AgentService;
+use crate::slots::{KeyedSlot, KeyedSlots};
 use crate::tracker::{ProcSvid, Tracker};
 
 /// Default mesh port (every agent of a deployment must use the same).
@@ -129,8 +130,8 @@ pub struct Mesh {
     outbound_slots: Arc<tokio::sync::Semaphore>,
     /// (second, records written in it, records left out since the last one).
     preauth_audits: Mutex<(u64, u64, u64)>,
-    /// Pending handshakes per source address.
-    pending: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Pending handshakes, per source address and in all.
+    pending: Arc<KeyedSlots<std::net::IpAddr>>,
 }
 
 /// Serves the node SVID (renewed under us) as the mesh server certificate.
@@ -185,28 +186,8 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
-/// A pending inbound handshake: a slot of all and one of its source's.
-struct Pending {
-    _global: tokio::sync::OwnedSemaphorePermit,
-    _source: SourceSlot,
-}
-
-struct SourceSlot {
-    mesh: Arc<Mesh>,
-    src: std::net::IpAddr,
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut m = lock(&self.mesh.pending);
-        if let Some(n) = m.get_mut(&self.src) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.src);
-            }
-        }
-    }
-}
+/// A pending inbound handshake's slot: of its source's and of all.
+type Pending = KeyedSlot<std::net::IpAddr>;
 
 fn tls_facts(c: &rustls::CommonState) -> (String, String) {
     let version = match c.protocol_version() {
@@ -263,7 +244,7 @@ impl Mesh {
             next_id: AtomicU64::new(1),
             outbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_OUTBOUND)),
             preauth_audits: Mutex::new((0, 0, 0)),
-            pending: Mutex::new(HashMap::new()),
+            pending: KeyedSlots::new(MAX_HANDSHAKES_PER_SOURCE, MAX_HANDSHAKES),
         }))
     }
 
@@ -363,10 +344,9 @@ impl Mesh {
 
     pub fn serve(self: &Arc<Self>, listeners: Vec<TcpListener>) -> Vec<JoinHandle<()>> {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND));
-        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         listeners
             .into_iter()
-            .map(|l| self.serve_one(l, slots.clone(), handshakes.clone()))
+            .map(|l| self.serve_one(l, slots.clone()))
             .collect()
     }
 
@@ -374,7 +354,6 @@ impl Mesh {
         self: &Arc<Self>,
         listener: TcpListener,
         slots: Arc<tokio::sync::Semaphore>,
-        handshakes: Arc<tokio::sync::Semaphore>,
     ) -> JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
@@ -383,10 +362,9 @@ impl Mesh {
                     Ok((s, peer)) => {
                         // The dual-stack listener shows IPv4 peers mapped.
                         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                        let (Ok(slot), Ok(hs), Some(src)) = (
+                        let (Ok(slot), Some(hs)) = (
                             slots.clone().try_acquire_owned(),
-                            handshakes.clone().try_acquire_owned(),
-                            me.pending_from(peer.ip()),
+                            me.pending.take(peer.ip()),
                         ) else {
                             tracing::warn!(%peer, "too many mesh tunnels or handshakes (in all or from this address); refused");
                             me.metrics.mesh_connection("inbound", "overload");
@@ -397,10 +375,6 @@ impl Mesh {
                             }));
                             reset(s);
                             continue;
-                        };
-                        let hs = Pending {
-                            _global: hs,
-                            _source: src,
                         };
                         let me = me.clone();
                         tokio::spawn(async move {
@@ -723,20 +697,6 @@ impl Mesh {
     }
 
     // ---- inbound --------------------------------------------------------
-
-    /// Counts a pending handshake from `src`, if it has room.
-    fn pending_from(self: &Arc<Self>, src: std::net::IpAddr) -> Option<SourceSlot> {
-        let mut m = lock(&self.pending);
-        let n = m.entry(src).or_insert(0);
-        if *n >= MAX_HANDSHAKES_PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot {
-            mesh: self.clone(),
-            src,
-        })
-    }
 
     async fn inbound(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr, handshake_slot: Pending) {
         let _ = tcp.set_nodelay(true);

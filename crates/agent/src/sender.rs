@@ -57,9 +57,9 @@ impl SenderChecked {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         };
-        // Room for one SCM_CREDENTIALS message (and a stray SCM_RIGHTS,
-        // which the kernel closes for us with MSG_CMSG_CLOEXEC... not at
-        // all: we never ask for fds, and a stream socket drops them).
+        // Room for one SCM_CREDENTIALS message and a few descriptors a
+        // client may pass (SCM_RIGHTS): those are closed below; any that do
+        // not fit the kernel closes itself (MSG_CTRUNC).
         let mut cmsg = [0u64; 16];
         // SAFETY: zeroed msghdr is valid; pointers set below outlive the call.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -119,7 +119,7 @@ impl AsyncRead for SenderChecked {
             let unfilled = buf.initialize_unfilled();
             let res = this
                 .inner
-                .try_io(tokio::io::Interest::READABLE, || this.recv_ref(unfilled));
+                .try_io(tokio::io::Interest::READABLE, || this.recv(unfilled));
             match res {
                 Ok((n, writer)) => {
                     if n > 0 && writer != this.pid {
@@ -138,14 +138,6 @@ impl AsyncRead for SenderChecked {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
-    }
-}
-
-impl SenderChecked {
-    // `try_io` wants a closure borrowing self immutably while `buf` is
-    // borrowed mutably from the caller: a small shim.
-    fn recv_ref(&self, buf: &mut [u8]) -> io::Result<(usize, i32)> {
-        self.recv(buf)
     }
 }
 

@@ -29,6 +29,7 @@ use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
 use crate::sender::{SenderChecked, pass_credentials};
+use crate::slots::{KeyedSlot, KeyedSlots};
 use crate::tracker::{EnsureError, ProcSvid, Tracker, now};
 
 /// (exec id, process start) of an image, as the kernel recorded it.
@@ -39,11 +40,13 @@ type ExecKey = Option<(u64, u64)>;
 pub struct Caller {
     pub pidfd: Option<Arc<PidFd>>,
     /// The kernel's (exec id, process start) for it at accept.
-    pub exec: Option<(u64, u64)>,
+    pub exec: ExecKey,
+    /// The connection's slot of its uid's (and of all): held while the
+    /// connection (or a request of it) lives.
+    _slot: Arc<KeyedSlot<u32>>,
 }
 
-type CallerConn =
-    tether_proto::uds::Tagged<crate::h2_authority::Rewritten<Counted<SenderChecked>>, Caller>;
+type CallerConn = tether_proto::uds::Tagged<crate::h2_authority::Rewritten<SenderChecked>, Caller>;
 
 /// Connections at once, in all and per uid: a flood from one user cannot
 /// take the socket from everyone else.
@@ -52,84 +55,6 @@ const MAX_PER_UID: usize = 64;
 /// Header list size the HTTP/2 server accepts (the `:authority` shim bounds
 /// decoded header blocks the same way).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
-
-/// Counts open connections per uid; a connection holds its slot until it
-/// is dropped.
-#[derive(Default)]
-struct Slots {
-    per_uid: std::sync::Mutex<HashMap<u32, usize>>,
-}
-
-impl Slots {
-    fn take(self: &Arc<Self>, uid: u32) -> Option<Slot> {
-        let mut m = self.per_uid.lock().unwrap_or_else(|p| p.into_inner());
-        let total: usize = m.values().sum();
-        let mine = m.entry(uid).or_insert(0);
-        if total >= MAX_CONNECTIONS || *mine >= MAX_PER_UID {
-            return None;
-        }
-        *mine += 1;
-        Some(Slot {
-            slots: self.clone(),
-            uid,
-        })
-    }
-}
-
-struct Slot {
-    slots: Arc<Slots>,
-    uid: u32,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut m = self.slots.per_uid.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.uid) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.uid);
-            }
-        }
-    }
-}
-
-/// A stream that holds its connection slot.
-pub struct Counted<S> {
-    inner: S,
-    _slot: Slot,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
 
 pub struct WorkloadApi {
     tracker: Arc<Tracker>,
@@ -232,7 +157,7 @@ impl WorkloadApi {
 
 /// The connection still belongs to the process and image that made it:
 /// alive, same exec record (no exec since, same process), not marked.
-fn still_bound(tracker: &Tracker, pidfd: &PidFd, exec: Option<(u64, u64)>) -> Result<(), Status> {
+fn still_bound(tracker: &Tracker, pidfd: &PidFd, exec: ExecKey) -> Result<(), Status> {
     let pid = pidfd.pid();
     if !pidfd.is_alive() {
         return Err(Status::permission_denied(format!(
@@ -538,7 +463,7 @@ pub fn serve(
         )
     })?;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<CallerConn>>(64);
-    let slots = Arc::new(Slots::default());
+    let slots = KeyedSlots::new(MAX_PER_UID, MAX_CONNECTIONS);
     let t = tracker.clone();
     let m = metrics.clone();
     tokio::spawn(async move {
@@ -562,13 +487,13 @@ pub fn serve(
                     // The image that made the connection: read now, checked
                     // on every call.
                     let exec = t.exec_record(pid).map(|r| (r.exec_id, r.start_ns));
-                    let stream = Counted {
-                        inner: SenderChecked::new(s, pid),
-                        _slot: slot,
-                    };
                     let conn = CallerConn::new(
-                        crate::h2_authority::Rewritten::new(stream),
-                        Caller { pidfd, exec },
+                        crate::h2_authority::Rewritten::new(SenderChecked::new(s, pid)),
+                        Caller {
+                            pidfd,
+                            exec,
+                            _slot: Arc::new(slot),
+                        },
                     );
                     if tx.send(Ok(conn)).await.is_err() {
                         return;

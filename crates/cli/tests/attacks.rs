@@ -115,14 +115,7 @@ fn python() -> PathBuf {
 /// only 127.0.0.1 (TCP and UDP), and the policy letting redis-cli reach it.
 fn apply_redis_policy(up: &Up, redis_cli: &Path, port: u16, extra: &str) {
     up.apply_ok(&format!(
-        "apiVersion: tether.dev/v1alpha1
-kind: WorkloadIdentity
-metadata: {{name: redis-cli}}
-spec:
-  spiffeId: spiffe://example.org/redis-cli
-  selectors: [[\"process:sha256:{sha}\", \"process:path:{path}\", \"unix:uid:0\"]]
----
-apiVersion: tether.dev/v1alpha1
+        "{identity}apiVersion: tether.dev/v1alpha1
 kind: Service
 metadata: {{name: redis}}
 spec:
@@ -136,8 +129,7 @@ spec:
   services: [redis]
   identities: [redis-cli]
 {extra}",
-        sha = sha256_file(redis_cli),
-        path = redis_cli.display(),
+        identity = binary_identity("redis-cli", redis_cli),
     ));
     let to = format!("127.0.0.1:{port}");
     let ready = wait_until(Duration::from_secs(10), || {

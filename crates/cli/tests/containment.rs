@@ -55,21 +55,7 @@ impl World {
         let (rp, pp) = (self.redis.port, self.pg.port);
         let psql = self.pg.psql();
         self.up.apply_ok(&format!(
-            "apiVersion: tether.dev/v1alpha1
-kind: WorkloadIdentity
-metadata: {{name: redis-cli}}
-spec:
-  spiffeId: spiffe://example.org/redis-cli
-  selectors: [[\"process:sha256:{rs}\", \"process:path:{rc}\", \"unix:uid:0\"]]
----
-apiVersion: tether.dev/v1alpha1
-kind: WorkloadIdentity
-metadata: {{name: psql}}
-spec:
-  spiffeId: spiffe://example.org/psql
-  selectors: [[\"process:sha256:{ps}\", \"process:path:{pc}\", \"unix:uid:0\"]]
----
-apiVersion: tether.dev/v1alpha1
+            "{rid}{pid}apiVersion: tether.dev/v1alpha1
 kind: Service
 metadata: {{name: redis}}
 spec:
@@ -99,10 +85,8 @@ spec:
   services: [postgres]
   identities: [psql]
 ",
-            rs = sha256_file(&self.redis_cli),
-            rc = self.redis_cli.display(),
-            ps = sha256_file(&psql),
-            pc = psql.display(),
+            rid = binary_identity("redis-cli", &self.redis_cli),
+            pid = binary_identity("psql", &psql),
         ));
         // The registry has reached the agent once it explains the rule.
         let to = format!("127.0.0.1:{rp}");

@@ -484,14 +484,7 @@ fn redis_and_postgres_through_the_mesh() {
     let psql = real(&pg.psql());
     w.apply(&format!(
         "---
-apiVersion: tether.dev/v1alpha1
-kind: WorkloadIdentity
-metadata: {{name: psql}}
-spec:
-  spiffeId: spiffe://example.org/psql
-  selectors: [[\"process:sha256:{ps}\", \"process:path:{pc}\", \"unix:uid:0\"]]
----
-apiVersion: tether.dev/v1alpha1
+{identity}apiVersion: tether.dev/v1alpha1
 kind: Service
 metadata: {{name: postgres}}
 spec:
@@ -505,8 +498,7 @@ spec:
   services: [postgres]
   identities: [psql]
 ",
-        ps = sha256_file(&psql),
-        pc = psql.display(),
+        identity = binary_identity("psql", &psql),
         b = w.b(),
         pp = pg.port,
     ));

@@ -501,7 +501,9 @@ pub enum Reason {
 }
 
 impl Reason {
-    fn from_u8(v: u8) -> Option<Self> {
+    /// The reason with this number in the kernel's events (`REASON_*`): a
+    /// [`Reason::Killed`] event carries the original one in `aux2`.
+    pub fn from_code(v: u32) -> Option<Self> {
         Some(match v {
             0 => Self::None,
             1 => Self::Tainted,
@@ -664,7 +666,7 @@ impl Event {
             port: u16::from_be_bytes([b[46], b[47]]),
             hook,
             comm: String::from_utf8_lossy(&comm[..comm_len]).into_owned(),
-            reason: Reason::from_u8(b[81]).ok_or(EventError::Reason(b[81]))?,
+            reason: Reason::from_code(u32::from(b[81])).ok_or(EventError::Reason(b[81]))?,
             aux: u32_at(b, 84),
             flags: ExecFlags(u32_at(b, 88)),
             aux2: u32_at(b, 92),

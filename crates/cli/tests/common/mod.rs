@@ -313,6 +313,24 @@ pub fn sha256_file(p: &Path) -> String {
         .to_string()
 }
 
+/// A WorkloadIdentity `name` (`spiffe://example.org/NAME`) for the binary
+/// `exe`, by its sha256 and path, run as root; a YAML document ending with
+/// `---`, to put before the rest of a manifest.
+pub fn binary_identity(name: &str, exe: &Path) -> String {
+    format!(
+        "apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {{name: {name}}}
+spec:
+  spiffeId: spiffe://example.org/{name}
+  selectors: [[\"process:sha256:{}\", \"process:path:{}\", \"unix:uid:0\"]]
+---
+",
+        sha256_file(exe),
+        exe.display()
+    )
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
