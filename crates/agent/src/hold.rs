@@ -21,8 +21,8 @@ use tokio::task::JoinHandle;
 
 use crate::enforce::{Enforcement, HeldDecision};
 use crate::metrics::Metrics;
-use crate::slots::KeyedSlots;
 use crate::tracker::Tracker;
+use tether_attest::KeyedSlots;
 
 /// How long a held connection may wait for its process to be attested.
 const ATTEST_TIMEOUT: Duration = Duration::from_secs(10);

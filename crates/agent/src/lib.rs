@@ -15,7 +15,6 @@ mod metrics;
 mod node;
 mod registry;
 mod sender;
-mod slots;
 mod tracker;
 mod verify;
 mod workload_api;

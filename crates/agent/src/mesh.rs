@@ -39,8 +39,8 @@ use crate::enforce::Enforcement;
 use crate::metrics::Metrics;
 use crate::node::NodeConn;
 use crate::registry::AgentService;
-use crate::slots::{KeyedSlot, KeyedSlots};
 use crate::tracker::{ProcSvid, Tracker};
+use tether_attest::{KeyedSlot, KeyedSlots};
 
 /// Default mesh port (every agent of a deployment must use the same).
 pub const DEFAULT_PORT: u16 = 15443;

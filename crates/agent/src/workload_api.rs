@@ -29,8 +29,8 @@ use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
 use crate::sender::{SenderChecked, pass_credentials};
-use crate::slots::{KeyedSlot, KeyedSlots};
 use crate::tracker::{EnsureError, ProcSvid, Tracker, now};
+use tether_attest::{KeyedSlot, KeyedSlots};
 
 /// (exec id, process start) of an image, as the kernel recorded it.
 type ExecKey = Option<(u64, u64)>;

@@ -16,6 +16,7 @@ pub mod events;
 pub mod pidfd;
 pub mod process;
 pub mod selector;
+pub mod slots;
 
 pub use events::{ProcConnector, ProcEvent, parse_datagram};
 pub use pidfd::{PidFd, peer_pidfd};
@@ -24,3 +25,4 @@ pub use process::{
     UnreadableElf, list_pids, parse_interp,
 };
 pub use selector::{Selector, SelectorError, matches_all};
+pub use slots::{KeyedSlot, KeyedSlots};

@@ -12,7 +12,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use aws_lc_rs::digest;
 use serde::Serialize;
@@ -621,53 +621,6 @@ impl Default for HashLimits {
     }
 }
 
-/// Admission to hashing: `parallel` at once, `per_uid` for any one uid, so
-/// one user's processes cannot take every slot. Waiting is bounded too.
-struct HashGate {
-    state: Mutex<(usize, HashMap<u32, usize>)>,
-    freed: std::sync::Condvar,
-    limits: HashLimits,
-}
-
-struct HashSlot<'a> {
-    gate: &'a HashGate,
-    uid: u32,
-}
-
-impl HashGate {
-    fn enter(&self, uid: u32, deadline: std::time::Instant) -> Option<HashSlot<'_>> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            let mine = st.1.get(&uid).copied().unwrap_or(0);
-            if st.0 < self.limits.parallel && mine < self.limits.per_uid {
-                st.0 += 1;
-                *st.1.entry(uid).or_insert(0) += 1;
-                return Some(HashSlot { gate: self, uid });
-            }
-            let left = deadline.checked_duration_since(std::time::Instant::now())?;
-            st = self
-                .freed
-                .wait_timeout(st, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-}
-
-impl Drop for HashSlot<'_> {
-    fn drop(&mut self) {
-        let mut st = self.gate.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.0 = st.0.saturating_sub(1);
-        if let Some(n) = st.1.get_mut(&self.uid) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                st.1.remove(&self.uid);
-            }
-        }
-        self.gate.freed.notify_all();
-    }
-}
-
 /// Why an executable was not hashed: the attestation goes on without a
 /// hash (and `process:sha256` selectors cannot match).
 enum HashSkip {
@@ -680,7 +633,10 @@ pub struct Attestor {
     hashes: Mutex<HashMap<ExeKey, String>>,
     users: IdNames,
     groups: IdNames,
-    gate: HashGate,
+    /// Admission to hashing: `parallel` at once, `per_uid` for any one
+    /// uid, so one user's processes cannot take every slot.
+    gate: Arc<crate::slots::KeyedSlots<u32>>,
+    limits: HashLimits,
 }
 
 impl Default for Attestor {
@@ -713,11 +669,8 @@ impl Attestor {
             hashes: Mutex::new(HashMap::new()),
             users: IdNames::new("/etc/passwd"),
             groups: IdNames::new("/etc/group"),
-            gate: HashGate {
-                state: Mutex::new((0, HashMap::new())),
-                freed: std::sync::Condvar::new(),
-                limits,
-            },
+            gate: crate::slots::KeyedSlots::new(limits.per_uid, limits.parallel),
+            limits,
         }
     }
 
@@ -860,7 +813,7 @@ impl Attestor {
         {
             return Ok(h.clone());
         }
-        let limits = self.gate.limits;
+        let limits = self.limits;
         if key.size > limits.max_bytes {
             return Err(HashSkip::Skipped(format!(
                 "executable is {} bytes; files over {} are not hashed",
@@ -868,7 +821,7 @@ impl Attestor {
             )));
         }
         let deadline = std::time::Instant::now() + limits.max_time;
-        let Some(_slot) = self.gate.enter(uid, deadline) else {
+        let Some(_slot) = self.gate.take_until(uid, deadline) else {
             return Err(HashSkip::Skipped(format!(
                 "no hashing slot for uid {uid} within {:?}",
                 limits.max_time
@@ -1203,25 +1156,6 @@ mod tests {
         assert!(!is_standard_loader("/lib64/../tmp/ld-x.so"));
         assert!(!is_standard_loader("/lib/x86_64-linux-gnu/evil.so"));
         assert!(!is_standard_loader("/lib/a/b/ld-linux.so.2"));
-    }
-
-    #[test]
-    fn hashing_is_bounded_and_fair() {
-        let gate = HashGate {
-            state: Mutex::new((0, HashMap::new())),
-            freed: std::sync::Condvar::new(),
-            limits: HashLimits::default(),
-        };
-        let soon = std::time::Instant::now() + std::time::Duration::from_millis(50);
-        let a = gate.enter(7, soon).expect("first slot");
-        // Uid 7 holds its one slot: a second waits, then gives up.
-        assert!(gate.enter(7, soon).is_none());
-        // Another uid gets the second slot; a third uid none.
-        let b = gate.enter(8, soon).expect("other uid");
-        assert!(gate.enter(9, std::time::Instant::now()).is_none());
-        drop(a);
-        assert!(gate.enter(9, soon).is_some());
-        drop(b);
     }
 
     #[test]
