@@ -97,6 +97,10 @@ struct exec_rec {
 #define EXEC_GLIBC_TUNABLES (1u << 5)
 /* Too large to scan: treated as all of the above by the agent. */
 #define EXEC_ENV_UNSCANNED (1u << 6)
+/* Variables that make common libraries and runtimes load code of the
+ * caller's choosing into a native binary (OpenSSL, SASL, GStreamer, Qt,
+ * GIO, GTK, the JVM's options, .NET's hooks and profilers). */
+#define EXEC_RUNTIME_ENV (1u << 13)
 /* Mounts the process sees may be a user's own (a mount namespace owned by
  * a non-initial user namespace): /etc/ld.so.preload, the loader and the
  * binary itself may not be the host's. */
@@ -161,6 +165,7 @@ enum {
 	REASON_KILLED = 11,     /* HOOK_TAINT: as the reason in aux2, caller killed */
 	REASON_COMPAT = 12,     /* HOOK_TAINT: a watched syscall made the 32-bit way */
 	REASON_GETFD = 13,      /* HOOK_TAINT: pidfd_getfd from another process */
+	REASON_UNGUARDED = 14,  /* no room to record who made the connection */
 };
 
 /* config[0]: where to hold connections of processes not attested yet. */
@@ -372,7 +377,10 @@ struct {
  * Entries go when the socket closes. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
-	__uint(max_entries, 65536);
+	/* Room for every protected connection a host keeps open (entries are
+	 * allocated as used; the bound is what one user's open sockets would
+	 * have to fill before connections go unguarded). */
+	__uint(max_entries, 262144);
 	__type(key, __u64); /* socket cookie */
 	__type(value, __u64);
 } guarded SEC(".maps");
@@ -881,17 +889,18 @@ static __always_inline bool to_agent(struct bpf_sock_addr *ctx, __u8 hook, __u32
 
 /* Remembers who made a protected TCP connection; sock_ops puts the socket
  * in `guarded` once it is established. */
-static __always_inline void guard_socket(struct bpf_sock_addr *ctx, __u32 tgid, __u32 service_id,
+static __always_inline bool guard_socket(struct bpf_sock_addr *ctx, __u32 tgid, __u32 service_id,
 					 struct exec_rec *rec)
 {
 	struct guard *g = bpf_sk_storage_get(&guards, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 
 	if (!g)
-		return;
+		return false;
 	g->tgid = tgid;
 	g->service_id = service_id;
 	g->exec_id = rec ? rec->exec_id : 0;
 	g->start_ns = rec ? rec->start_ns : 0;
+	return true;
 }
 
 static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
@@ -1006,8 +1015,13 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 					 : STAT_UNATTESTED);
 
 	bool pass = verdict == VERDICT_ALLOW || verdict == VERDICT_HELD || verdict == VERDICT_MESH;
-	if (pass && tcp_connect)
-		guard_socket(ctx, tgid, service_id, rec);
+	/* A connection that could not be guarded is not made (counted). */
+	if (pass && tcp_connect && !guard_socket(ctx, tgid, service_id, rec)) {
+		bump(STAT_UNGUARDED);
+		pass = false;
+		verdict = VERDICT_DENY;
+		reason = REASON_UNGUARDED;
+	}
 
 	emit_full(bpf_get_socket_cookie(ctx), id, ug, subject, service_id, rule, verdict,
 		  key.proto, key.port, key.addr, hook, reason, aux, rec ? rec->flags : 0, 0);
@@ -1410,6 +1424,33 @@ static __always_inline bool prefix(const char *s, const char *p, int n)
 	return true;
 }
 
+/* See EXEC_RUNTIME_ENV. */
+static __always_inline bool runtime_env(const char *b)
+{
+	switch (b[0]) {
+	case 'O':
+		return prefix(b, "OPENSSL_CONF=", 13) || prefix(b, "OPENSSL_MODULES=", 16) ||
+		       prefix(b, "OPENSSL_ENGINES=", 16);
+	case 'J':
+		return prefix(b, "JAVA_TOOL_OPTIONS=", 18) || prefix(b, "JDK_JAVA_OPTIONS=", 17);
+	case '_':
+		return prefix(b, "_JAVA_OPTIONS=", 14);
+	case 'D':
+		return prefix(b, "DOTNET_STARTUP_HOOKS=", 21) || prefix(b, "DOTNET_PROFILER", 15);
+	case 'C':
+		return prefix(b, "CORECLR_", 8) || prefix(b, "COR_PROFILER", 12) ||
+		       prefix(b, "COR_ENABLE_PROFILING=", 21);
+	case 'S':
+		return prefix(b, "SASL_PATH=", 10);
+	case 'G':
+		return prefix(b, "GST_PLUGIN_", 11) || prefix(b, "GIO_EXTRA_MODULES=", 18) ||
+		       prefix(b, "GTK_MODULES=", 12) || prefix(b, "GTK3_MODULES=", 13);
+	case 'Q':
+		return prefix(b, "QT_PLUGIN_PATH=", 15);
+	}
+	return false;
+}
+
 /* One step over the new image's environment strings (in its own stack, as
  * the loader will read them): read up to ENV_CHUNK bytes; classify a string
  * at its start; continue past its end. */
@@ -1445,6 +1486,8 @@ static long env_step(__u64 index, struct env_scan *s)
 			s->flags |= EXEC_GCONV_PATH;
 		} else if (prefix(buf, "GLIBC_TUNABLES=", 15)) {
 			s->flags |= EXEC_GLIBC_TUNABLES;
+		} else if (runtime_env(buf)) {
+			s->flags |= EXEC_RUNTIME_ENV;
 		}
 	}
 	/* n counts the NUL; a full chunk may end mid-string. */
@@ -1654,6 +1697,7 @@ struct pt_regs {
 
 #define NR_open 2
 #define NR_socket 41
+#define NR_creat 85
 #define NR_ptrace 101
 #define NR_prctl 157
 #define NR_openat 257
@@ -1745,6 +1789,7 @@ static __always_inline struct file *file_of_fd(struct task_struct *task, long fd
  * with `int $0x80` (IA32 emulation): the numbers and registers differ from
  * x86-64's, so rather than decode them, in the workload they are fatal. */
 #define IA32_open 5
+#define IA32_creat 8
 #define IA32_ptrace 26
 #define IA32_socketcall 102
 #define IA32_prctl 172
@@ -1755,13 +1800,41 @@ static __always_inline struct file *file_of_fd(struct task_struct *task, long fd
 #define IA32_openat2 437
 #define IA32_pidfd_getfd 438
 #define TS_COMPAT 0x0002
+/* x32 system calls carry this bit in their number; none are decoded (the
+ * ABI is off on most kernels): in the workload every one is fatal. */
+#define X32_SYSCALL_BIT 0x40000000
 
 static __always_inline bool ia32_watched(long nr)
 {
-	return nr == IA32_open || nr == IA32_ptrace || nr == IA32_socketcall ||
+	return nr == IA32_open || nr == IA32_creat || nr == IA32_ptrace || nr == IA32_socketcall ||
 	       nr == IA32_prctl || nr == IA32_openat || nr == IA32_process_vm_writev ||
 	       nr == IA32_socket || nr == IA32_setsockopt || nr == IA32_openat2 ||
 	       nr == IA32_pidfd_getfd;
+}
+
+/* Tracees walked per ptrace attach; a tracer with more, in the workload,
+ * is killed. */
+#define MAX_TRACEES 1024
+
+struct tracee_walk {
+	struct list_head *pos;
+	void *head;
+};
+
+/* One step along a tracer thread's `ptraced` list: marks a tracee not
+ * marked for ptrace yet (one audit record per tracee, not per attach). */
+static long mark_tracee(__u64 index, struct tracee_walk *w)
+{
+	if (!w->pos || (void *)w->pos == w->head)
+		return 1;
+	struct task_struct *t = core_container_of(w->pos, struct task_struct, ptrace_entry);
+	__u32 tgid = BPF_CORE_READ(t, tgid);
+	struct exec_rec *rec = bpf_map_lookup_elem(&execs, &tgid);
+
+	if (!rec || !(rec->flags & TAINT_PTRACE))
+		taint_task(t, TAINT_PTRACE, REASON_PTRACE, false);
+	w->pos = BPF_CORE_READ(t, ptrace_entry.next);
+	return 0;
 }
 
 SEC("raw_tp/sys_enter")
@@ -1770,20 +1843,46 @@ int tether_sysenter(struct bpf_raw_tracepoint_args *ctx)
 #ifdef SYSCALL_HOOKS
 	long nr = ctx->args[1];
 
-	if (ia32_watched(nr)) {
+	if (ia32_watched(nr) || (nr & X32_SYSCALL_BIT)) {
 		struct task_struct *task = current_task();
 
-		if ((BPF_CORE_READ(task, thread_info.status) & TS_COMPAT) && in_workload() &&
-		    !is_agent(bpf_get_current_pid_tgid() >> 32)) {
+		if (((nr & X32_SYSCALL_BIT) ||
+		     (BPF_CORE_READ(task, thread_info.status) & TS_COMPAT)) &&
+		    in_workload() && !is_agent(bpf_get_current_pid_tgid() >> 32)) {
 			taint(0, 0, REASON_COMPAT, true);
 			bpf_send_signal(SIGKILL);
 			return 0;
 		}
 	}
-	if (nr != NR_process_vm_writev && nr != NR_prctl && nr != NR_socket)
+	if (nr != NR_process_vm_writev && nr != NR_prctl && nr != NR_socket &&
+	    nr != NR_pidfd_getfd)
 		return 0;
 	struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
 	__u32 me = bpf_get_current_pid_tgid() >> 32;
+
+	if (nr == NR_pidfd_getfd) {
+		/* A descriptor taken out of another process: from the workload,
+		 * fatal before the call runs, whatever it names (what the
+		 * descriptors say at exit could be swapped by another thread).
+		 * The target is looked up only to name it in the audit. */
+		if (!in_workload() || is_agent(me))
+			return 0;
+		struct file *pidfd = file_of_fd(current_task(), (int)ARG0(regs));
+		struct pid *p = 0;
+
+		/* pidfs (6.9+) keeps the struct pid in the inode; an anonymous
+		 * inode pidfd (before) in the file. */
+		if (pidfd) {
+			p = BPF_CORE_READ(pidfd, f_inode, i_private);
+			if (!p)
+				p = BPF_CORE_READ(pidfd, private_data);
+		}
+		struct task_struct *owner = p ? task_of_pid(p) : 0;
+
+		taint(owner ? BPF_CORE_READ(owner, tgid) : 0, 0, REASON_GETFD, true);
+		bpf_send_signal(SIGKILL);
+		return 0;
+	}
 
 	if (nr == NR_socket) {
 		/* Packet and XDP sockets never pass the cgroup socket hooks
@@ -1804,7 +1903,8 @@ int tether_sysenter(struct bpf_raw_tracepoint_args *ctx)
 	if (nr == NR_prctl) {
 		/* Any PR_SET_MM (exe file, memory map) rewrites what /proc
 		 * says this process is. */
-		if (ARG0(regs) == PR_SET_MM)
+		/* The kernel takes the option as an int: compare only that. */
+		if ((int)ARG0(regs) == PR_SET_MM)
 			taint(me, TAINT_SET_MM, REASON_SET_MM, false);
 		return 0;
 	}
@@ -1841,7 +1941,7 @@ int tether_sysexit(struct bpf_raw_tracepoint_args *ctx)
 	long nr = SYSCALL_NR(regs);
 
 	if (nr != NR_ptrace && nr != NR_open && nr != NR_openat && nr != NR_openat2 &&
-	    nr != NR_pidfd_getfd)
+	    nr != NR_creat)
 		return 0;
 	struct task_struct *task = current_task();
 	__u32 me = bpf_get_current_pid_tgid() >> 32;
@@ -1851,14 +1951,21 @@ int tether_sysexit(struct bpf_raw_tracepoint_args *ctx)
 
 		if (req != PTRACE_ATTACH && req != PTRACE_SEIZE)
 			return 0;
-		/* __ptrace_link adds the new tracee at the head of our list. */
-		struct list_head *first = BPF_CORE_READ(task, ptraced.next);
-		void *head = (void *)task + bpf_core_field_offset(struct task_struct, ptraced);
+		/* The new tracee is on this thread's list, but not surely at
+		 * its head: children of its other tracees auto-attached since
+		 * (CLONE_PTRACE, PTRACE_O_TRACECLONE) go there too. Every
+		 * process on the list is being traced: mark them all. */
+		struct tracee_walk w = {
+			.pos = BPF_CORE_READ(task, ptraced.next),
+			.head = (void *)task + bpf_core_field_offset(struct task_struct, ptraced),
+		};
 
-		if (!first || (void *)first == head)
-			return 0;
-		struct task_struct *tracee = core_container_of(first, struct task_struct, ptrace_entry);
-		taint_task(tracee, TAINT_PTRACE, REASON_PTRACE, false);
+		bpf_loop(MAX_TRACEES, mark_tracee, &w, 0);
+		if (w.pos && (void *)w.pos != w.head && in_workload() && !is_agent(me)) {
+			/* More than we walk: from the workload, fatal. */
+			taint(0, 0, REASON_PTRACE, true);
+			bpf_send_signal(SIGKILL);
+		}
 		return 0;
 	}
 
@@ -1866,31 +1973,6 @@ int tether_sysexit(struct bpf_raw_tracepoint_args *ctx)
 	struct file *f = file_of_fd(task, ret);
 	if (!f)
 		return 0;
-
-	if (nr == NR_pidfd_getfd) {
-		/* A descriptor taken out of another process without its
-		 * consent: from the workload, fatal before it can be used (a
-		 * protected socket is refused to it anyway, but one that is
-		 * still connecting is not guarded yet). */
-		struct file *pidfd = file_of_fd(task, ARG0(regs));
-		struct pid *p = 0;
-
-		/* pidfs (6.9+) keeps the struct pid in the inode; an anonymous
-		 * inode pidfd (before) in the file. */
-		if (pidfd) {
-			p = BPF_CORE_READ(pidfd, f_inode, i_private);
-			if (!p)
-				p = BPF_CORE_READ(pidfd, private_data);
-		}
-		struct task_struct *owner = p ? task_of_pid(p) : 0;
-		__u32 target = owner ? BPF_CORE_READ(owner, tgid) : 0;
-
-		if (target != me && in_workload() && !is_agent(me)) {
-			taint(target, 0, REASON_GETFD, true);
-			bpf_send_signal(SIGKILL);
-		}
-		return 0;
-	}
 
 	/* An open for writing that returned a /proc/<pid>/mem file (the
 	 * file's own mode: the call's flags could be changed under us). */

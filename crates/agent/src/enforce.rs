@@ -879,6 +879,7 @@ impl Enforcement {
             (_, Reason::Borrowed) => "borrowed-socket".to_string(),
             (_, Reason::RawSocket) => "raw-socket".to_string(),
             (_, Reason::Expired) => "expired".to_string(),
+            (_, Reason::Unguarded) => "unguarded".to_string(),
             (Decision::Allow | Decision::Mesh | Decision::MeshDown, _) => {
                 c.rule_names.get(&ev.rule).cloned().unwrap_or_default()
             }
@@ -921,6 +922,10 @@ impl Enforcement {
             Reason::Expired => {
                 Some("a conditional verdict the agent did not refresh in time".to_string())
             }
+            Reason::Unguarded => Some(
+                "no room in the kernel to record who made the connection (fails closed)"
+                    .to_string(),
+            ),
             other => Some(format!("{other:?}")),
         };
         if matches!(ev.reason, Reason::Tainted | Reason::Traced) && ev.aux != 0 && ev.aux != ev.tgid

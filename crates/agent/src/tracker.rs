@@ -65,6 +65,10 @@ pub struct Tracker {
     /// executed. None only where the programs could not be loaded, and then
     /// no process holds an identity.
     pub kernel: Option<Arc<tether_kernel::Enforcer>>,
+    /// The agent's own mount namespace (inode): the host's view. A process
+    /// in another one fails the `mount-namespace` exec check. 0 when it
+    /// cannot be read, and then every process does.
+    host_mnt_ns: u32,
     procs: Mutex<HashMap<i32, Tracked>>,
     /// Serializes evaluation per pid so the event path and a Workload API
     /// call for the same process do not both issue.
@@ -102,6 +106,9 @@ impl Tracker {
         Arc::new(Tracker {
             attestor: Attestor::with_limits(hash_limits),
             kernel,
+            host_mnt_ns: std::fs::metadata("/proc/self/ns/mnt")
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
+                .unwrap_or(0),
             procs: Mutex::new(HashMap::new()),
             pid_locks: Mutex::new(HashMap::new()),
             registry,
@@ -201,7 +208,7 @@ impl Tracker {
             let after = self.exec_record(pid);
             if key(&after) == key(&before) {
                 info.exec = if self.kernel.is_some() {
-                    crate::verify::exec_check(after.as_ref(), &info, access)
+                    crate::verify::exec_check(after.as_ref(), &info, access, self.host_mnt_ns)
                 } else {
                     tether_attest::ExecCheck {
                         blocking: vec!["the agent has no kernel exec records".into()],

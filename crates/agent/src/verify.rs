@@ -31,7 +31,13 @@ pub fn file_access(rec: Option<&ExecRecord>) -> FileAccess {
 }
 
 /// The checks for a process attested with `access`, against its record.
-pub fn exec_check(rec: Option<&ExecRecord>, info: &ProcessInfo, access: FileAccess) -> ExecCheck {
+/// `host_mnt_ns` is the agent's own mount namespace (the host's view).
+pub fn exec_check(
+    rec: Option<&ExecRecord>,
+    info: &ProcessInfo,
+    access: FileAccess,
+    host_mnt_ns: u32,
+) -> ExecCheck {
     let mut c = ExecCheck::default();
     let Some(rec) = rec.filter(|r| r.exec_id != 0) else {
         c.blocking.push(
@@ -80,6 +86,13 @@ pub fn exec_check(rec: Option<&ExecRecord>, info: &ProcessInfo, access: FileAcce
             .into_iter()
             .map(String::from),
     );
+    // Another mount namespace than the host's, even one root made (a
+    // container's, a sandboxed unit's): its /etc/ld.so.preload, loader and
+    // libraries may not be the host's, and whoever is root there can write
+    // them. A user's own (USERNS_MOUNTS) is named the same.
+    if rec.mnt_ns != host_mnt_ns && !c.findings.iter().any(|f| f == "mount-namespace") {
+        c.findings.push("mount-namespace".into());
+    }
     if access == FileAccess::Full && !info.interpreter_standard {
         c.findings.push("interpreter".into());
     }
@@ -110,6 +123,8 @@ pub fn refusal(check: &ExecCheck, allowed: &[String]) -> Option<String> {
 mod tests {
     use super::*;
 
+    const HOST_MNT: u32 = 4026531841;
+
     fn rec(flags: u32) -> ExecRecord {
         ExecRecord {
             exec_id: 5,
@@ -118,7 +133,7 @@ mod tests {
             dev: 7,
             flags: ExecFlags(flags),
             tracer: 99,
-            mnt_ns: 4026531841,
+            mnt_ns: HOST_MNT,
             name: "redis-cli".into(),
         }
     }
@@ -136,7 +151,7 @@ mod tests {
     fn a_clean_exec_passes() {
         let r = rec(0);
         assert_eq!(file_access(Some(&r)), FileAccess::Full);
-        let c = exec_check(Some(&r), &info(), FileAccess::Full);
+        let c = exec_check(Some(&r), &info(), FileAccess::Full, HOST_MNT);
         assert!(c.findings.is_empty() && c.blocking.is_empty(), "{c:?}");
         assert_eq!(c.executed.as_deref(), Some("redis-cli"));
         assert_eq!(refusal(&c, &[]), None);
@@ -145,18 +160,18 @@ mod tests {
     #[test]
     fn what_cannot_be_accepted() {
         // No record.
-        let c = exec_check(None, &info(), FileAccess::LinksOnly);
+        let c = exec_check(None, &info(), FileAccess::LinksOnly, HOST_MNT);
         assert!(c.blocking[0].contains("no exec record"));
         assert_eq!(file_access(None), FileAccess::LinksOnly);
         // A forged exe link.
         let mut i = info();
         i.exe_ino = 43;
-        let c = exec_check(Some(&rec(0)), &i, FileAccess::Full);
+        let c = exec_check(Some(&rec(0)), &i, FileAccess::Full, HOST_MNT);
         assert!(c.blocking[0].contains("another file"), "{c:?}");
         // Marked.
         let r = rec(ExecFlags::PTRACE);
         assert_eq!(file_access(Some(&r)), FileAccess::LinksOnly);
-        let c = exec_check(Some(&r), &info(), FileAccess::LinksOnly);
+        let c = exec_check(Some(&r), &info(), FileAccess::LinksOnly, HOST_MNT);
         assert!(c.blocking[0].contains("ptrace attach") && c.blocking[0].contains("99"));
         assert!(refusal(&c, &["LD_PRELOAD".into()]).is_some());
     }
@@ -165,7 +180,12 @@ mod tests {
     fn every_finding_has_a_name_an_identity_can_accept() {
         let mut i = info();
         i.interpreter_standard = false;
-        let c = exec_check(Some(&rec(!ExecFlags::TAINTS)), &i, FileAccess::Full);
+        let c = exec_check(
+            Some(&rec(!ExecFlags::TAINTS)),
+            &i,
+            FileAccess::Full,
+            HOST_MNT,
+        );
         assert!(c.blocking.is_empty(), "{c:?}");
         let mut found = c.findings.clone();
         found.sort();
@@ -181,7 +201,7 @@ mod tests {
     fn what_an_identity_may_accept() {
         let r = rec(ExecFlags::LD_PRELOAD | ExecFlags::USERNS_MOUNTS);
         assert_eq!(file_access(Some(&r)), FileAccess::LinksOnly);
-        let c = exec_check(Some(&r), &info(), FileAccess::LinksOnly);
+        let c = exec_check(Some(&r), &info(), FileAccess::LinksOnly, HOST_MNT);
         assert_eq!(c.findings, ["LD_PRELOAD", "mount-namespace"]);
         assert!(c.blocking.is_empty());
         let why = refusal(&c, &["LD_PRELOAD".into()]).expect("refused");
@@ -195,19 +215,31 @@ mod tests {
             Some(&rec(ExecFlags::ENV_UNSCANNED)),
             &info(),
             FileAccess::Full,
+            HOST_MNT,
         );
-        assert_eq!(c.findings.len(), 6);
+        assert_eq!(c.findings.len(), 7);
+        assert!(c.findings.iter().any(|f| f == "runtime-env"));
         // A non-standard ELF interpreter.
         let mut i = info();
         i.interpreter_standard = false;
-        let c = exec_check(Some(&rec(0)), &i, FileAccess::Full);
+        let c = exec_check(Some(&rec(0)), &i, FileAccess::Full, HOST_MNT);
         assert_eq!(c.findings, ["interpreter"]);
         // A seccomp listener inherited, a user namespace.
         let c = exec_check(
             Some(&rec(ExecFlags::SECCOMP_NOTIFY | ExecFlags::USER_NS)),
             &info(),
             FileAccess::Full,
+            HOST_MNT,
         );
         assert_eq!(c.findings, ["seccomp-notify", "user-namespace"]);
+        // Another mount namespace than the host's, though root made it (a
+        // container's): named once, also with user-owned mounts.
+        let mut r = rec(0);
+        r.mnt_ns = HOST_MNT + 1;
+        let c = exec_check(Some(&r), &info(), FileAccess::Full, HOST_MNT);
+        assert_eq!(c.findings, ["mount-namespace"]);
+        r.flags = ExecFlags(ExecFlags::USERNS_MOUNTS);
+        let c = exec_check(Some(&r), &info(), FileAccess::Full, HOST_MNT);
+        assert_eq!(c.findings, ["mount-namespace"]);
     }
 }

@@ -79,8 +79,8 @@ pub enum AttestError {
 pub struct ExecCheck {
     /// Failed checks an identity may accept by name: `LD_PRELOAD`,
     /// `LD_AUDIT`, `LD_LIBRARY_PATH`, `LD_*`, `GCONV_PATH`,
-    /// `GLIBC_TUNABLES`, `mount-namespace`, `chroot`, `filesystem`,
-    /// `interpreter`, `seccomp-notify`, `user-namespace`.
+    /// `GLIBC_TUNABLES`, `runtime-env`, `mount-namespace`, `chroot`,
+    /// `filesystem`, `interpreter`, `seccomp-notify`, `user-namespace`.
     pub findings: Vec<String>,
     /// Why no identity is possible at all (not recorded, the exe is not
     /// what was executed, marked since).
@@ -92,13 +92,14 @@ pub struct ExecCheck {
 }
 
 /// The names of [`ExecCheck::findings`] an identity may accept.
-pub const EXEC_CHECKS: [&str; 12] = [
+pub const EXEC_CHECKS: [&str; 13] = [
     "LD_PRELOAD",
     "LD_AUDIT",
     "LD_LIBRARY_PATH",
     "LD_*",
     "GCONV_PATH",
     "GLIBC_TUNABLES",
+    "runtime-env",
     "mount-namespace",
     "chroot",
     "filesystem",

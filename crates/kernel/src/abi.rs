@@ -270,6 +270,7 @@ impl ExecFlags {
     pub const UNTRUSTED_FS: u32 = 1 << 10;
     pub const SECCOMP_NOTIFY: u32 = 1 << 11;
     pub const USER_NS: u32 = 1 << 12;
+    pub const RUNTIME_ENV: u32 = 1 << 13;
     pub const TRACED_AT_EXEC: u32 = 1 << 16;
     pub const PTRACE: u32 = 1 << 17;
     pub const MEM_WRITE: u32 = 1 << 18;
@@ -281,7 +282,8 @@ impl ExecFlags {
         | Self::LD_LIBRARY_PATH
         | Self::LD_OTHER
         | Self::GCONV_PATH
-        | Self::GLIBC_TUNABLES;
+        | Self::GLIBC_TUNABLES
+        | Self::RUNTIME_ENV;
 
     pub fn has(self, bit: u32) -> bool {
         self.0 & bit != 0
@@ -294,13 +296,14 @@ impl ExecFlags {
 
     /// Human-readable names of the set flags (for audit and whoami).
     pub fn names(self) -> Vec<&'static str> {
-        const NAMES: [(u32, &str); 16] = [
+        const NAMES: [(u32, &str); 17] = [
             (ExecFlags::LD_PRELOAD, "LD_PRELOAD"),
             (ExecFlags::LD_AUDIT, "LD_AUDIT"),
             (ExecFlags::LD_LIBRARY_PATH, "LD_LIBRARY_PATH"),
             (ExecFlags::LD_OTHER, "LD_*"),
             (ExecFlags::GCONV_PATH, "GCONV_PATH"),
             (ExecFlags::GLIBC_TUNABLES, "GLIBC_TUNABLES"),
+            (ExecFlags::RUNTIME_ENV, "runtime-env"),
             (ExecFlags::ENV_UNSCANNED, "environment too large to scan"),
             (ExecFlags::USERNS_MOUNTS, "mount-namespace"),
             (ExecFlags::CHROOT, "chroot"),
@@ -498,6 +501,8 @@ pub enum Reason {
     Compat,
     /// [`Hook::Taint`]: pidfd_getfd took a descriptor from another process.
     Getfd,
+    /// No room to record who made the connection: not made.
+    Unguarded,
 }
 
 impl Reason {
@@ -519,6 +524,7 @@ impl Reason {
             11 => Self::Killed,
             12 => Self::Compat,
             13 => Self::Getfd,
+            14 => Self::Unguarded,
             _ => return None,
         })
     }

@@ -403,7 +403,7 @@ const MAPS: [MapSpec; 15] = [
         kind: MapType::SockHash,
         key: 8,
         value: 8,
-        max_entries: 65536,
+        max_entries: 262144,
     },
     MapSpec {
         name: "held",

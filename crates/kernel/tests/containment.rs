@@ -63,6 +63,7 @@ fn the_exec_record_names_the_file_and_the_loaders_environment() {
             ("LD_LIBRARY_PATH", "/nonexistent"),
             ("LD_BIND_NOW", "1"),
             ("GCONV_PATH", "/nonexistent"),
+            ("OPENSSL_CONF", "/nonexistent/openssl.cnf"),
         ],
     );
     let f = e
@@ -76,6 +77,7 @@ fn the_exec_record_names_the_file_and_the_loaders_environment() {
         ExecFlags::LD_LIBRARY_PATH,
         ExecFlags::LD_OTHER,
         ExecFlags::GCONV_PATH,
+        ExecFlags::RUNTIME_ENV,
     ] {
         assert!(f.has(bit), "{bit:#x} missing from {:?}", f.names());
     }
@@ -230,6 +232,51 @@ fn a_traced_process_loses_its_authority_until_it_execs() {
 }
 
 #[test]
+fn an_attach_marks_every_process_the_tracer_thread_traces() {
+    assert!(can_run());
+    let cg = TestCgroup::new();
+    let e = Enforcer::load(&cg.config(None)).expect("load");
+    let mut a = Client::spawn(&cg);
+    let b = Client::spawn(&cg);
+    let seize = |pid: u32| {
+        // SAFETY: PTRACE_SEIZE on our own child; detached below.
+        let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid as i32, 0, 0) };
+        assert_eq!(r, 0, "PTRACE_SEIZE: {}", std::io::Error::last_os_error());
+    };
+    seize(a.pid);
+    // A new image of A, still traced: its record says "traced at exec",
+    // not the ptrace mark (that went with the old image).
+    a.exec();
+    let rec = e.exec_record(a.pid).expect("lookup").expect("record");
+    assert!(
+        rec.flags.has(ExecFlags::TRACED_AT_EXEC) && !rec.flags.has(ExecFlags::PTRACE),
+        "{:?}",
+        rec.flags.names()
+    );
+    // Attaching to B puts B at the head of this thread's list, A behind
+    // it: the attach marks everyone on the list, not only the head (a
+    // tracee auto-attached in between would be the head otherwise).
+    seize(b.pid);
+    for (who, pid) in [("B", b.pid), ("A", a.pid)] {
+        let rec = e.exec_record(pid).expect("lookup").expect("record");
+        assert!(
+            rec.flags.has(ExecFlags::PTRACE),
+            "{who}: {:?}",
+            rec.flags.names()
+        );
+    }
+    for pid in [a.pid, b.pid] {
+        // SAFETY: stopping and detaching our own tracees.
+        unsafe {
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, pid as i32, 0, 0), 0);
+            let mut status = 0;
+            libc::waitpid(pid as i32, &mut status, libc::__WALL);
+            assert_eq!(libc::ptrace(libc::PTRACE_DETACH, pid as i32, 0, 0), 0);
+        }
+    }
+}
+
+#[test]
 fn writing_another_process_memory_from_the_workload_is_fatal_and_marks_the_target() {
     assert!(can_run());
     let cg = TestCgroup::new();
@@ -239,7 +286,7 @@ fn writing_another_process_memory_from_the_workload_is_fatal_and_marks_the_targe
     e.set_verdict(4, 1, true, 9, 0).expect("verdict");
     let connect = format!("connect 4 127.0.0.1 {}", l.port);
 
-    for how in ["vmwrite", "procmem"] {
+    for how in ["vmwrite", "procmem", "creatmem"] {
         let mut victim = Client::spawn(&cg);
         attest(&e, victim.pid, 4);
         assert_eq!(victim.run(&connect), "OK");
@@ -501,6 +548,20 @@ fn the_old_ways_to_the_same_calls_are_fatal_in_the_workload() {
     let mut c = Client::spawn(&cg);
     assert_eq!(c.try_run("sockpacket"), None);
     assert_eq!(c.exit_signal(), Some(libc::SIGKILL));
+    // Any x32 system call (here getpid's number with the x32 bit).
+    let mut c = Client::spawn(&cg);
+    assert_eq!(c.try_run("x32 39"), None);
+    assert_eq!(c.exit_signal(), Some(libc::SIGKILL));
+    // PR_SET_MM with high bits in the option register is still PR_SET_MM
+    // (the kernel reads an int): marked, whether or not it succeeds.
+    let mut c = Client::spawn(&cg);
+    let answer = c.run("setmmhi /bin/true");
+    let rec = e.exec_record(c.pid).expect("lookup").expect("record");
+    assert!(
+        rec.flags.has(ExecFlags::SET_MM),
+        "{answer}: {:?}",
+        rec.flags.names()
+    );
     // Outside the workload neither is fatal.
     let mut out = std::process::Command::new("python3")
         .env_remove("LD_LIBRARY_PATH")

@@ -340,6 +340,25 @@ def hdrincl():
 def packet():
     socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0).close()
 
+def creatmem(pid):
+    # creat(2) is an open for writing too.
+    os.close(check(libc().creat(("/proc/%s/mem" % pid).encode(), 0)))
+
+def x32(nr):
+    # An x32 system call number (the ABI bit set): ENOSYS where x32 is off.
+    import ctypes
+    return check(libc().syscall(ctypes.c_long(0x40000000 | int(nr))))
+
+def setmmhi(path):
+    # PR_SET_MM with bits above the int the kernel reads the option as.
+    import ctypes
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        L = ctypes.c_long
+        check(libc().syscall(L(157), L(0x100000000 | 35), L(13), L(fd), L(0), L(0)))
+    finally:
+        os.close(fd)
+
 def sockpacket():
     # The old way to a packet socket: the kernel makes it one.
     socket.socket(socket.AF_INET, 10, 0).close()
@@ -421,6 +440,12 @@ for line in sys.stdin:
         out = attempt(hdrincl)
     elif cmd == "packet":
         out = attempt(packet)
+    elif cmd == "creatmem":
+        out = attempt(lambda: creatmem(*args))
+    elif cmd == "x32":
+        out = attempt(lambda: x32(*args))
+    elif cmd == "setmmhi":
+        out = attempt(lambda: setmmhi(*args))
     elif cmd == "sockpacket":
         out = attempt(sockpacket)
     elif cmd == "int80":
