@@ -70,45 +70,8 @@ fn run(cmd: &mut Command) -> (u32, String) {
     (pid, output_text(&child.wait_with_output().expect("wait")))
 }
 
-fn events(up: &Up) -> Vec<serde_json::Value> {
-    up.ok(&["events"])
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-/// Waits until the audit stream has a record for `pid` matching `pred`.
-fn audited(up: &Up, pid: u32, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
-    let mut last = Vec::new();
-    let found = wait_until(Duration::from_secs(10), || {
-        last = events(up);
-        last.iter().any(|e| e["pid"] == pid && pred(e))
-    });
-    let mine: Vec<String> = last
-        .iter()
-        .filter(|e| e["pid"] == pid)
-        .map(|e| e.to_string())
-        .collect();
-    assert!(
-        found,
-        "no audit record for {what} (pid {pid}); its records: {mine:#?}"
-    );
-}
-
 fn denied(e: &serde_json::Value) -> bool {
     e["verdict"].as_str().is_some_and(|v| v.starts_with("deny"))
-}
-
-/// Python's own interpreter (not a launcher script that execs it).
-fn python() -> PathBuf {
-    let o = Command::new("python3")
-        .args([
-            "-c",
-            "import os, sys; print(os.path.realpath(sys.executable))",
-        ])
-        .output()
-        .expect("python3");
-    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
 }
 
 /// The redis-cli identity (by sha256, path and uid 0), a Service naming
@@ -365,7 +328,7 @@ fn every_address_that_reaches_a_local_redis_is_protected() {
             !out.contains("PONG") && !out.contains("+OK"),
             "bash to {t}: {out}"
         );
-        audited(&up, pid, &format!("bash to {t}"), |e| {
+        up.audited(pid, &format!("bash to {t}"), |e| {
             denied(e)
                 && (e["executed"] == "bash"
                     || e["exe"].as_str().is_some_and(|x| x.ends_with("/bash")))
@@ -402,7 +365,7 @@ fn every_address_that_reaches_a_local_redis_is_protected() {
     );
     for t in targets {
         let want: std::net::IpAddr = t.parse().expect("ip");
-        audited(&up, py_pid, &format!("python to {t}"), |e| {
+        up.audited(py_pid, &format!("python to {t}"), |e| {
             denied(e)
                 && e["service"] == "redis"
                 && e["destination"].as_str().is_some_and(|d| {
@@ -411,7 +374,7 @@ fn every_address_that_reaches_a_local_redis_is_protected() {
                 })
         });
     }
-    audited(&up, py_pid, "the raw socket", |e| {
+    up.audited(py_pid, "the raw socket", |e| {
         denied(e) && e["hook"] == "socket"
     });
     // Nothing reached Redis or the UDP service: only our own INFO queries.
@@ -569,7 +532,7 @@ spec:
         !out.contains("FAIL prctl"),
         "the forgery itself failed: {out}"
     );
-    audited(&s.up, pid, "forged exe, network", |e| {
+    s.up.audited(pid, "forged exe, network", |e| {
         denied(e) && e["executed"] == "forge_exe" && e["service"] == "redis"
     });
     let o = in_workload(&s.cg, &forge)
@@ -612,7 +575,7 @@ fn code_put_into_redis_cli_through_its_loader_is_refused() {
         !out.contains("PONG"),
         "LD_PRELOAD'ed redis-cli reached Redis: {out}"
     );
-    audited(&s.up, pid, "LD_PRELOAD", |e| {
+    s.up.audited(pid, "LD_PRELOAD", |e| {
         denied(e)
             && e["exe"] == s.redis_cli.display().to_string()
             && e["reason"]
@@ -644,7 +607,7 @@ fn code_put_into_redis_cli_through_its_loader_is_refused() {
         "redis-cli with a private ld.so.preload reached Redis: {out}"
     );
     let _ = pid; // unshare execs sh, which execs redis-cli: same pid.
-    audited(&s.up, pid, "ld.so.preload in a user namespace", |e| {
+    s.up.audited(pid, "ld.so.preload in a user namespace", |e| {
         denied(e)
             && e["reason"]
                 .as_str()
@@ -708,7 +671,7 @@ fn a_debugger_attached_to_a_running_redis_cli_gets_nothing() {
         "the command arrived"
     );
     // The marks, naming gdb (what it executed, its pid) and redis-cli.
-    audited(&s.up, gdb_pid, "the ptrace attach", |e| {
+    s.up.audited(gdb_pid, "the ptrace attach", |e| {
         e["event"] == "taint" && e["executed"] == "gdb" && e["target"]["pid"] == vpid
     });
     // Whatever gdb managed before it died, redis-cli has no authority now:
@@ -727,7 +690,7 @@ fn a_debugger_attached_to_a_running_redis_cli_gets_nothing() {
         "",
         "the marked client wrote"
     );
-    audited(&s.up, vpid, "redis-cli's write after the attach", |e| {
+    s.up.audited(vpid, "redis-cli's write after the attach", |e| {
         denied(e) && e["hook"] == "send" && e["tracer"]["pid"] == gdb_pid
     });
     assert_eq!(
@@ -775,7 +738,7 @@ fn a_socket_taken_with_pidfd_getfd_carries_nothing() {
     );
     assert!(!out.contains("GOT ") && !out.contains("SENT"), "{out}");
     assert_eq!(s.redis.admin(&["GET", "stolen"]), "", "the command arrived");
-    audited(&s.up, pid, "the pidfd_getfd", |e| {
+    s.up.audited(pid, "the pidfd_getfd", |e| {
         e["event"] == "taint"
             && e["killed"] == true
             && e["target"]["pid"] == vpid
@@ -950,18 +913,27 @@ spec:
         );
         let rss = rss_kib(agent);
         assert!(rss < 512 * 1024, "{what}: the agent uses {rss} KiB");
-        let t = Instant::now();
-        let (_, out) = s.ping();
-        let took = t.elapsed();
-        assert_eq!(
-            out.trim(),
-            "PONG",
-            "{what}: a fresh client:\n{}",
-            s.up.logs()
-        );
+        // Every fresh client gets through; one of up to three within the
+        // second (a stalled agent makes all of them slow; a busy 2-core
+        // machine now and then one).
+        let mut took = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            let (_, out) = s.ping();
+            took.push(t.elapsed());
+            assert_eq!(
+                out.trim(),
+                "PONG",
+                "{what}: a fresh client:\n{}",
+                s.up.logs()
+            );
+            if took.last().is_some_and(|d| *d < Duration::from_secs(1)) {
+                break;
+            }
+        }
         assert!(
-            took < Duration::from_secs(1),
-            "{what}: a fresh client took {took:?}"
+            took.last().is_some_and(|d| *d < Duration::from_secs(1)),
+            "{what}: fresh clients took {took:?}"
         );
         let o = s.up.tether(&["delete", "accesspolicy", "redis-clients"]);
         assert!(o.status.success(), "{}", output_text(&o));

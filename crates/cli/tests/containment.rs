@@ -149,32 +149,6 @@ spec:
         let pid = child.id();
         (pid, output_text(&child.wait_with_output().expect("wait")))
     }
-
-    fn events(&self) -> Vec<serde_json::Value> {
-        self.up
-            .ok(&["events"])
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// Waits until the audit stream has a record for `pid` matching `pred`.
-    fn audited(&self, pid: u32, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
-        let mut last = Vec::new();
-        let found = wait_until(Duration::from_secs(5), || {
-            last = self.events();
-            last.iter().any(|e| e["pid"] == pid && pred(e))
-        });
-        let mine: Vec<String> = last
-            .iter()
-            .filter(|e| e["pid"] == pid)
-            .map(|e| e.to_string())
-            .collect();
-        assert!(
-            found,
-            "no audit record for {what} (pid {pid}); its records: {mine:#?}"
-        );
-    }
 }
 
 /// Deploys a copy of `src` at `dst` with `pad_mib` MiB of zeros appended
@@ -202,18 +176,6 @@ fn output_text(o: &Output) -> String {
 
 fn denied(e: &serde_json::Value) -> bool {
     e["verdict"] == "deny"
-}
-
-/// Python's own interpreter (not a launcher script that execs it).
-fn python() -> PathBuf {
-    let o = Command::new("python3")
-        .args([
-            "-c",
-            "import os, sys; print(os.path.realpath(sys.executable))",
-        ])
-        .output()
-        .expect("python3");
-    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
 }
 
 #[test]
@@ -335,7 +297,7 @@ fn containment_exercise_with_redis_and_postgresql() {
     );
 
     // Each refusal is in the audit stream, naming the process.
-    w.audited(bash_pid, "bash /dev/tcp", |e| {
+    w.up.audited(bash_pid, "bash /dev/tcp", |e| {
         denied(e) && e["comm"] == "bash" && e["service"] == "redis"
     });
     for (proto, dst) in [
@@ -344,19 +306,19 @@ fn containment_exercise_with_redis_and_postgresql() {
         ("udp", format!("127.0.0.1:{rp}")),
         ("tcp", format!("127.0.0.1:{pp}")),
     ] {
-        w.audited(py_pid, &format!("python {proto} {dst}"), |e| {
+        w.up.audited(py_pid, &format!("python {proto} {dst}"), |e| {
             denied(e) && e["protocol"] == proto && e["destination"] == dst.as_str()
         });
     }
-    w.audited(copy_pid, "copied redis-cli", |e| {
+    w.up.audited(copy_pid, "copied redis-cli", |e| {
         denied(e)
             && e["exe"] == copy.display().to_string()
             && e["spiffeId"] == serde_json::json!([])
     });
-    w.audited(other_pid, "redis-cli as another uid", |e| {
+    w.up.audited(other_pid, "redis-cli as another uid", |e| {
         denied(e) && e["uid"] == OTHER_UID
     });
-    let shell_denied = w.events().iter().any(|e| {
+    let shell_denied = w.up.events().iter().any(|e| {
         denied(e)
             && e["comm"] == "bash"
             && e["pid"] != bash_pid
@@ -364,14 +326,14 @@ fn containment_exercise_with_redis_and_postgresql() {
     });
     assert!(shell_denied, "no deny record for the shell psql ran");
     // The authorized connections are there too, naming the rule.
-    let allowed = w
-        .events()
-        .iter()
-        .filter(|e| e["verdict"] == "allow" && e["rule"] == "redis-clients")
-        .count();
+    let allowed =
+        w.up.events()
+            .iter()
+            .filter(|e| e["verdict"] == "allow" && e["rule"] == "redis-clients")
+            .count();
     assert!(allowed >= 2, "allow records for redis-cli: {allowed}");
     assert!(
-        w.events()
+        w.up.events()
             .iter()
             .any(|e| e["verdict"] == "allow" && e["rule"] == "psql-clients")
     );
@@ -404,7 +366,7 @@ fn a_process_connecting_before_it_is_attested_is_held_never_allowed_blind() {
         // win the race: then the kernel refuses the first connect itself.
         if out.contains("I/O error") {
             held_runs += 1.0;
-            w.audited(pid, "held, then refused", |e| {
+            w.up.audited(pid, "held, then refused", |e| {
                 denied(e)
                     && e["held"] == true
                     && e["rule"] == "default-deny"
@@ -495,10 +457,11 @@ spec:
         // Nearly always held (the agent is still hashing 32 MiB when the
         // client connects); on a loaded machine the agent can win the race
         // and the kernel decides. Either way: allowed, and audited once.
-        w.audited(pid, "allowed", |e| {
+        w.up.audited(pid, "allowed", |e| {
             e["verdict"] == "allow" && e["rule"] == "redis-deployed"
         });
-        if w.events()
+        if w.up
+            .events()
             .iter()
             .any(|e| e["pid"] == pid && e["held"] == true)
         {

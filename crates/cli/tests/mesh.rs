@@ -20,17 +20,6 @@ const MESH_PORT: u16 = 15443;
 const DAY: i64 = 1_699_956_000;
 const NIGHT: i64 = 1_700_004_600;
 
-fn python() -> PathBuf {
-    let o = Command::new("python3")
-        .args([
-            "-c",
-            "import os,sys; print(os.path.realpath(sys.executable))",
-        ])
-        .output()
-        .expect("python3");
-    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
-}
-
 fn real(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).expect("canonicalize")
 }

@@ -199,6 +199,33 @@ impl Up {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// The audit records so far, parsed.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.ok(&["events"])
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until the audit stream has a record for `pid` matching `pred`;
+    /// fails naming `what` and listing the pid's records.
+    pub fn audited(&self, pid: u32, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+        let mut last = Vec::new();
+        let found = wait_until(Duration::from_secs(10), || {
+            last = self.events();
+            last.iter().any(|e| e["pid"] == pid && pred(e))
+        });
+        let mine: Vec<String> = last
+            .iter()
+            .filter(|e| e["pid"] == pid)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            found,
+            "no audit record for {what} (pid {pid}); its records: {mine:#?}"
+        );
+    }
+
     pub fn apply(&self, yaml: &str) -> Output {
         let f = self
             .dir
@@ -329,6 +356,18 @@ spec:
         sha256_file(exe),
         exe.display()
     )
+}
+
+/// Python's own interpreter (not a launcher script that execs it).
+pub fn python() -> PathBuf {
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+        .expect("python3");
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
