@@ -52,10 +52,12 @@ struct svc {
 /* Agents front the Service: allowed connects go to the local agent, which
  * tunnels them over mutual TLS to the agent on the service's host; there,
  * packets from other hosts to the service itself are dropped. */
-#define SVC_MESH 1
-/* Migration: the service's host still accepts plaintext from other hosts,
- * and reports each such connection for audit. */
-#define SVC_PERMISSIVE 2
+enum svc_flag {
+	SVC_MESH = 1,
+	/* Migration: the service's host still accepts plaintext from other hosts,
+	 * and reports each such connection for audit. */
+	SVC_PERMISSIVE = 2,
+};
 
 /* exec_id is the value of execs[tgid].exec_id when the agent started
  * attesting, start_ns the process's start: a process that exec'd in
@@ -72,7 +74,7 @@ struct proc_state {
 /* The agent itself: its connections (completing held ones) pass unchecked,
  * and while this entry lives (the exit tracepoint frees it when the agent
  * dies) unattested connections are held for it rather than refused. */
-#define PROC_AGENT 1
+enum proc_flag { PROC_AGENT = 1 };
 
 /* What the kernel saw at a process's last exec, before any of the new
  * image's code ran. The agent trusts this over anything /proc says later. */
@@ -89,40 +91,42 @@ struct exec_rec {
 };
 
 /* The environment steers the dynamic loader (or glibc's module loading). */
-#define EXEC_LD_PRELOAD (1u << 0)
-#define EXEC_LD_AUDIT (1u << 1)
-#define EXEC_LD_LIBRARY_PATH (1u << 2)
-#define EXEC_LD_OTHER (1u << 3)
-#define EXEC_GCONV_PATH (1u << 4)
-#define EXEC_GLIBC_TUNABLES (1u << 5)
-/* Too large to scan: treated as all of the above by the agent. */
-#define EXEC_ENV_UNSCANNED (1u << 6)
-/* Variables that make common libraries and runtimes load code of the
- * caller's choosing into a native binary (OpenSSL, SASL, GStreamer, Qt,
- * GIO, GTK, the JVM's options, .NET's hooks and profilers). */
-#define EXEC_RUNTIME_ENV (1u << 13)
-/* Mounts the process sees may be a user's own (a mount namespace owned by
- * a non-initial user namespace): /etc/ld.so.preload, the loader and the
- * binary itself may not be the host's. */
-#define EXEC_USERNS_MOUNTS (1u << 8)
-/* The process's root is not its mount namespace's root (chroot). */
-#define EXEC_CHROOT (1u << 9)
-/* The executable lives on FUSE or on a filesystem mounted in a user
- * namespace: its content can change between the exec and our hash. */
-#define EXEC_UNTRUSTED_FS (1u << 10)
-/* A seccomp filter with a user-space listener was inherited: its
- * supervisor can answer the loader's opens with descriptors of its own. */
-#define EXEC_SECCOMP_NOTIFY (1u << 11)
-/* Exec'd inside a non-initial user namespace, where it may hold every
- * capability (and forge pids in SCM_CREDENTIALS, among other things). */
-#define EXEC_USER_NS (1u << 12)
-/* Taints: the process's memory or image may no longer be what was
- * executed. Sticky until the next exec; the hooks refuse it. */
-#define TAINT_TRACED_AT_EXEC (1u << 16)
-#define TAINT_PTRACE (1u << 17)
-#define TAINT_MEM_WRITE (1u << 18)
-#define TAINT_SET_MM (1u << 19)
-#define TAINTS (0xffu << 16)
+enum exec_flag {
+	EXEC_LD_PRELOAD = 1u << 0,
+	EXEC_LD_AUDIT = 1u << 1,
+	EXEC_LD_LIBRARY_PATH = 1u << 2,
+	EXEC_LD_OTHER = 1u << 3,
+	EXEC_GCONV_PATH = 1u << 4,
+	EXEC_GLIBC_TUNABLES = 1u << 5,
+	/* Too large to scan: treated as all of the above by the agent. */
+	EXEC_ENV_UNSCANNED = 1u << 6,
+	/* Variables that make common libraries and runtimes load code of the
+	 * caller's choosing into a native binary (OpenSSL, SASL, GStreamer, Qt,
+	 * GIO, GTK, the JVM's options, .NET's hooks and profilers). */
+	EXEC_RUNTIME_ENV = 1u << 13,
+	/* Mounts the process sees may be a user's own (a mount namespace owned by
+	 * a non-initial user namespace): /etc/ld.so.preload, the loader and the
+	 * binary itself may not be the host's. */
+	EXEC_USERNS_MOUNTS = 1u << 8,
+	/* The process's root is not its mount namespace's root (chroot). */
+	EXEC_CHROOT = 1u << 9,
+	/* The executable lives on FUSE or on a filesystem mounted in a user
+	 * namespace: its content can change between the exec and our hash. */
+	EXEC_UNTRUSTED_FS = 1u << 10,
+	/* A seccomp filter with a user-space listener was inherited: its
+	 * supervisor can answer the loader's opens with descriptors of its own. */
+	EXEC_SECCOMP_NOTIFY = 1u << 11,
+	/* Exec'd inside a non-initial user namespace, where it may hold every
+	 * capability (and forge pids in SCM_CREDENTIALS, among other things). */
+	EXEC_USER_NS = 1u << 12,
+	/* Taints: the process's memory or image may no longer be what was
+	 * executed. Sticky until the next exec; the hooks refuse it. */
+	TAINT_TRACED_AT_EXEC = 1u << 16,
+	TAINT_PTRACE = 1u << 17,
+	TAINT_MEM_WRITE = 1u << 18,
+	TAINT_SET_MM = 1u << 19,
+	TAINTS = 0xffu << 16,
+};
 
 struct policy_key {
 	__u32 subject;
@@ -138,7 +142,7 @@ struct verdict {
 	__u64 expires_ns;
 };
 
-enum {
+enum verdict_code {
 	VERDICT_DENY = 0,
 	VERDICT_ALLOW = 1,
 	VERDICT_UNATTESTED = 2, /* refused: no agent to hold it for, or UDP */
@@ -150,7 +154,7 @@ enum {
 };
 
 /* Why a decision went the way it did, beyond the verdict. */
-enum {
+enum reason_code {
 	REASON_NONE = 0,
 	REASON_TAINTED = 1,     /* marked earlier (ptrace, memory write, ...) */
 	REASON_TRACED = 2,      /* the calling thread is being traced now */
@@ -177,8 +181,10 @@ struct hold_cfg {
 	__u64 netns; /* the agent's network namespace cookie */
 };
 
-#define HOLD_V4 1
-#define HOLD_V6 2
+enum hold_flag {
+	HOLD_V4 = 1,
+	HOLD_V6 = 2,
+};
 
 /* scope[0]: the enforced cgroup, so the syscall hooks (which see every
  * process) know who is inside the workload. */
@@ -211,8 +217,10 @@ struct redirect {
 /* The client's full address, not just its port: a process binding another
  * loopback address with the same port must not match someone else's
  * record. */
-#define REDIRECT_HELD 0 /* unattested: the agent decides */
-#define REDIRECT_MESH 1 /* allowed: the agent tunnels */
+enum redirect_kind {
+	REDIRECT_HELD = 0, /* unattested: the agent decides */
+	REDIRECT_MESH = 1, /* allowed: the agent tunnels */
+};
 
 struct held_key {
 	__u8 addr[16]; /* IPv4-mapped for IPv4 flows */
@@ -235,7 +243,7 @@ struct guard {
 	__u64 start_ns;
 };
 
-enum {
+enum hook_code {
 	HOOK_CONNECT4 = 0,
 	HOOK_CONNECT6 = 1,
 	HOOK_SENDMSG4 = 2,
@@ -246,7 +254,7 @@ enum {
 	HOOK_SOCKET = 7,  /* socket creation (raw, packet) or setsockopt */
 };
 
-enum {
+enum stat_index {
 	STAT_ALLOW = 0,
 	STAT_DENY = 1,
 	STAT_UNATTESTED = 2,
@@ -284,6 +292,35 @@ struct event {
 	__u32 aux2;  /* HOOK_SOCKET: family << 16 | type; HOOK_TAINT: detail */
 	char exe[16]; /* start of the name the caller's exec record holds */
 };
+
+/* Every layout and constant crates/kernel/src/abi.rs mirrors, gathered in
+ * one variable so the object's BTF describes them all: a Rust test checks
+ * its side against that BTF. The section holding it is never loaded. */
+struct tether_abi {
+	struct dst_key dst_key;
+	struct svc svc;
+	struct proc_state proc_state;
+	struct exec_rec exec_rec;
+	struct policy_key policy_key;
+	struct verdict verdict;
+	struct hold_cfg hold_cfg;
+	struct scope scope;
+	struct redirect redirect;
+	struct held_key held_key;
+	struct held held;
+	struct guard guard;
+	struct event event;
+	enum svc_flag svc_flag;
+	enum proc_flag proc_flag;
+	enum exec_flag exec_flag;
+	enum verdict_code verdict_code;
+	enum reason_code reason_code;
+	enum hold_flag hold_flag;
+	enum redirect_kind redirect_kind;
+	enum hook_code hook_code;
+	enum stat_index stat_index;
+};
+struct tether_abi tether_abi SEC(".tether_abi") __attribute__((used));
 
 _Static_assert(sizeof(struct dst_key) == 24, "dst_key ABI");
 _Static_assert(sizeof(struct proc_state) == 24, "proc_state ABI");

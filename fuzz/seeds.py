@@ -247,8 +247,52 @@ def h2_authority():
     put("h2_authority", "http1", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
+def x509_svid():
+    with tempfile.TemporaryDirectory() as d:
+        ca_key, ca = os.path.join(d, "ca.key"), os.path.join(d, "ca.pem")
+        openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", ca_key)
+        openssl("req", "-new", "-x509", "-key", ca_key, "-subj", "/O=example", "-days", "36500",
+                "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                "-addext", "subjectAltName=URI:spiffe://example.org", "-out", ca)
+        ca_der = openssl("x509", "-in", ca, "-outform", "DER")
+
+        def leaf(name, subj, san, days="36500"):
+            key, csr, ext = (os.path.join(d, f"{name}.{x}") for x in ("key", "csr", "ext"))
+            openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key)
+            openssl("req", "-new", "-key", key, "-subj", subj, "-out", csr)
+            with open(ext, "w") as f:
+                f.write("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                        # An empty subject makes the SAN critical (RFC 5280, and
+                        # the SPIFFE X.509-SVID checks enforce it).
+                        + (f"subjectAltName={'critical,' if subj == '/' else ''}{san}\n" if san else ""))
+            return openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-days", days,
+                           "-extfile", ext, "-outform", "DER")
+
+        w = leaf("w", "/", "URI:spiffe://example.org/w")
+        put("x509_svid", "leaf.der", w)
+        put("x509_svid", "chain.der", w + ca_der)
+        mesh = leaf("mesh", "/OU=tether-mesh/CN=node1", "URI:spiffe://example.org/w")
+        put("x509_svid", "mesh-chain.der", mesh + ca_der)
+        node = leaf("node", "/", "URI:spiffe://example.org/tether/node/n1,IP:10.0.0.1,IP:::1")
+        put("x509_svid", "node-ip-sans.der", node + ca_der)
+        put("x509_svid", "no-san.der", leaf("nosan", "/CN=x", None) + ca_der)
+        put("x509_svid", "two-uris.der", leaf("two", "/", "URI:spiffe://example.org/a,URI:spiffe://example.org/b") + ca_der)
+        put("x509_svid", "other-td.der", leaf("other", "/", "URI:spiffe://other.org/w") + ca_der)
+        put("x509_svid", "ca-only.der", ca_der)
+        put("x509_svid", "truncated.der", (w + ca_der)[: len(w) + 40])
+        put("x509_svid", "garbage", b"\x30\x82\xff\xff" + b"\x00" * 16)
+
+
+ALL = [spiffe_id, selector_parse, manifest_parse, csr_parse, bundle_json, jwt_validate,
+       proc_events, tunnel_request, elf_interp, h2_authority, x509_svid]
+
 if __name__ == "__main__":
-    shutil.rmtree(OUT, ignore_errors=True)
-    for f in [spiffe_id, selector_parse, manifest_parse, csr_parse, bundle_json, jwt_validate,
-              proc_events, tunnel_request, elf_interp, h2_authority]:
+    import sys
+    # With target names, only those corpora are written again.
+    chosen = [f for f in ALL if f.__name__ in sys.argv[1:]] if sys.argv[1:] else ALL
+    if not sys.argv[1:]:
+        shutil.rmtree(OUT, ignore_errors=True)
+    for f in chosen:
+        shutil.rmtree(os.path.join(OUT, f.__name__), ignore_errors=True)
         f()

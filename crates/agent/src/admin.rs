@@ -14,9 +14,12 @@ use tonic::{Request, Response, Status};
 
 use crate::tracker::Tracker;
 
+/// A read-only view: it is handed each part it reports on.
 pub struct AdminApi {
-    tracker: Arc<Tracker>,
-    node: String,
+    pub tracker: Arc<Tracker>,
+    pub enforcement: Option<Arc<crate::enforce::Enforcement>>,
+    pub mesh: Option<Arc<crate::mesh::Mesh>>,
+    pub node: String,
 }
 
 #[tonic::async_trait]
@@ -102,7 +105,7 @@ impl AgentAdmin for AdminApi {
         &self,
         _req: Request<ConnectionsRequest>,
     ) -> Result<Response<JsonResponse>, Status> {
-        let m = self.tracker.mesh.get().ok_or_else(|| {
+        let m = self.mesh.as_ref().ok_or_else(|| {
             Status::failed_precondition(
                 "the mesh is not enabled on this agent (--enforce-cgroup and --mesh-port)",
             )
@@ -120,7 +123,7 @@ impl AgentAdmin for AdminApi {
         req: Request<PolicyCheckRequest>,
     ) -> Result<Response<JsonResponse>, Status> {
         let r = req.into_inner();
-        let e = self.tracker.enforcement.get().ok_or_else(|| {
+        let e = self.enforcement.as_ref().ok_or_else(|| {
             Status::failed_precondition(
                 "kernel enforcement is not enabled on this agent (--enforce-cgroup)",
             )
@@ -190,9 +193,8 @@ impl AgentAdmin for AdminApi {
     ) -> Result<Response<Self::EventsStream>, Status> {
         let follow = req.into_inner().follow;
         let e = self
-            .tracker
             .enforcement
-            .get()
+            .as_ref()
             .ok_or_else(|| {
                 Status::failed_precondition(
                     "kernel enforcement is not enabled on this agent (--enforce-cgroup)",
@@ -260,12 +262,12 @@ impl AgentAdmin for AdminApi {
     }
 }
 
-pub fn serve(tracker: Arc<Tracker>, node: String, path: &Path) -> anyhow::Result<JoinHandle<()>> {
+pub fn serve(api: AdminApi, path: &Path) -> anyhow::Result<JoinHandle<()>> {
     let listener = tether_proto::uds::bind(path, 0o600)
         .map_err(|e| anyhow::anyhow!("binding agent admin socket {}: {e}", path.display()))?;
     let me = tether_proto::uds::euid();
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    let svc = AgentAdminServer::new(AdminApi { tracker, node });
+    let svc = AgentAdminServer::new(api);
     Ok(tokio::spawn(async move {
         use tokio_stream::StreamExt as _;
         // Socket permissions are the first gate, peer credentials the second.

@@ -1279,3 +1279,32 @@ fn stable_id(name: &str, taken: &HashMap<u32, String>) -> u32 {
         h = h.wrapping_add(1);
     }
 }
+
+/// Kernel verdicts follow the process table: written when a process is
+/// attested (before its SVIDs exist), removed when it goes, recompiled when
+/// the registry changes or a time window opens or closes.
+impl crate::tracker::ProcessObserver for Enforcement {
+    fn registry_changed(&self, registry: &Arc<Registry>) {
+        self.sync_registry(registry.clone());
+    }
+
+    fn process_updated(
+        &self,
+        info: &ProcessInfo,
+        exec: (ExecId, u64),
+        identities: Vec<String>,
+        spiffe_ids: Vec<String>,
+    ) {
+        Enforcement::process_updated(self, info, exec, identities, spiffe_ids);
+    }
+
+    fn process_removed(&self, pid: i32) {
+        Enforcement::process_removed(self, pid);
+    }
+
+    fn tick(&self) {
+        if self.has_conditions() {
+            self.recompile_all();
+        }
+    }
+}

@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::enforce::{Enforcement, HeldDecision};
+use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::tracker::Tracker;
 use tether_attest::KeyedSlots;
@@ -34,6 +35,18 @@ const MAX_HELD: usize = 4096;
 /// Held connections of one process being decided at once: a process that
 /// floods connects waits for its own attestation, not everyone's slots.
 const MAX_DECIDING_PER_PROCESS: usize = 64;
+
+/// What every held connection's task shares.
+struct Ctx {
+    tracker: Arc<Tracker>,
+    enf: Arc<Enforcement>,
+    /// The mesh, when this agent runs one: allowed connects to meshed
+    /// Services are tunnelled.
+    mesh: Option<Arc<Mesh>>,
+    metrics: Arc<Metrics>,
+    /// Held connections being decided, per process.
+    deciding: Arc<KeyedSlots<u32>>,
+}
 
 pub struct HoldListeners {
     v4: TcpListener,
@@ -85,24 +98,27 @@ impl HoldListeners {
         self.v6.is_some()
     }
 
-    /// Accepts on both listeners; one task per held connection.
+    /// Accepts on both listeners; one task per held connection (each gets
+    /// the shared [`Ctx`]).
     pub fn serve(
         self,
         tracker: Arc<Tracker>,
         enforcement: Arc<Enforcement>,
+        mesh: Option<Arc<Mesh>>,
         metrics: Arc<Metrics>,
     ) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HELD));
-        let deciding = KeyedSlots::new(MAX_DECIDING_PER_PROCESS, MAX_HELD);
+        let ctx = Arc::new(Ctx {
+            tracker,
+            enf: enforcement,
+            mesh,
+            metrics,
+            deciding: KeyedSlots::new(MAX_DECIDING_PER_PROCESS, MAX_HELD),
+        });
         for l in std::iter::once(self.v4).chain(self.v6) {
-            let (t, e, m, slots, d) = (
-                tracker.clone(),
-                enforcement.clone(),
-                metrics.clone(),
-                slots.clone(),
-                deciding.clone(),
-            );
+            let (ctx, slots) = (ctx.clone(), slots.clone());
+            let m = ctx.metrics.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     match l.accept().await {
@@ -113,8 +129,7 @@ impl HoldListeners {
                                 reset(s);
                                 continue;
                             };
-                            let (t, e, m, d) = (t.clone(), e.clone(), m.clone(), d.clone());
-                            tokio::spawn(handle(s, peer, t, e, m, slot, d));
+                            tokio::spawn(handle(s, peer, ctx.clone(), slot));
                         }
                         Err(err) => {
                             // EMFILE and friends: back off rather than spin.
@@ -141,12 +156,16 @@ fn reset(s: TcpStream) {
 async fn handle(
     client: TcpStream,
     peer: SocketAddr,
-    tracker: Arc<Tracker>,
-    enf: Arc<Enforcement>,
-    metrics: Arc<Metrics>,
+    ctx: Arc<Ctx>,
     slot: tokio::sync::OwnedSemaphorePermit,
-    deciding: Arc<KeyedSlots<u32>>,
 ) {
+    let Ctx {
+        tracker,
+        enf,
+        mesh,
+        metrics,
+        deciding,
+    } = &*ctx;
     let _ = client.set_nodelay(true);
     // Only the kernel's record (keyed by the full client address) makes a
     // connection here legitimate; a client bound to a non-loopback source
@@ -172,12 +191,12 @@ async fn handle(
         metrics.held_connection("overload");
         return reset(client);
     };
-    let decision = decide(&tracker, &enf, &rec).await;
+    let decision = decide(tracker, enf, &rec).await;
     drop(deciding);
     let meshed = enf
         .service_by_id(rec.service_id)
         .filter(|s| s.spec.mesh.is_some());
-    let mesh = tracker.mesh.get().cloned();
+    let mesh = mesh.clone();
     // A connect the kernel already allowed into the mesh has its record
     // (allow-mesh) and the tunnel adds its own; anything else that differs
     // from what the kernel recorded gets a record here.

@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 pub use metrics::Metrics;
 pub use node::{NodeConn, NodeIdentity, channel as server_channel};
 pub use registry::Registry;
-pub use tracker::Tracker;
+pub use tracker::{Tracker, live_keys};
 
 pub struct AgentConfig {
     /// host:port of the server's node API.
@@ -119,6 +119,7 @@ impl AgentConfig {
 
 pub struct RunningAgent {
     pub tracker: Arc<Tracker>,
+    enforcement: Option<Arc<enforce::Enforcement>>,
     pub metrics: Arc<Metrics>,
     pub metrics_addr: Option<SocketAddr>,
     pub node: Arc<NodeConn>,
@@ -130,10 +131,12 @@ impl Drop for RunningAgent {
         for t in &self.tasks {
             t.abort();
         }
+        // Keys go now, not when the last per-connection task lets go.
+        self.tracker.shutdown();
         // The hold listener is gone with the tasks: stop sending held
         // connections to a port anyone could now bind. (A crash needs no
         // such step: the exit tracepoint frees the agent's entry.)
-        if let Some(e) = self.tracker.enforcement.get() {
+        if let Some(e) = &self.enforcement {
             let _ = e.kernel().clear_hold();
             let _ = e.kernel().remove_process(std::process::id());
         }
@@ -244,37 +247,53 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
     node.set_bundle(reg.bundle.clone())?;
     let (reg_tx, reg_rx) = watch::channel(Arc::new(reg));
     let kernel = load_kernel(&cfg)?;
+
+    // Built in dependency order, each part handed what it uses: the
+    // process table (tracker) tells enforcement and the tunnel table about
+    // processes; hold, mesh, Workload API and admin read the table. Nothing
+    // points back, so dropping the agent frees everything.
+    let enforcement = match &cfg.enforce {
+        Some(ec) => {
+            let e = enforce::Enforcement::new(
+                kernel.clone(),
+                cfg.node_name.clone(),
+                cfg.clock.clone(),
+                ec.audit_log.clone(),
+                metrics.clone(),
+                reg_rx.borrow().clone(),
+            )?;
+            e.spawn_event_pump();
+            host_addrs::follow(e.clone(), node.clone());
+            // A node SVID persisted before an address change vouches for
+            // the old set.
+            node.follow_addresses().await;
+            Some(e)
+        }
+        None => None,
+    };
+    let tunnels = mesh::Tunnels::new();
+    // Verdicts first: they must be in place before a process's SVIDs exist.
+    let mut observers: Vec<Arc<dyn tracker::ProcessObserver>> = Vec::new();
+    if let Some(e) = &enforcement {
+        observers.push(e.clone());
+    }
+    observers.push(tunnels.clone());
     let tracker = Tracker::new(
         reg_rx,
         node.clone(),
         metrics.clone(),
         Some(kernel.clone()),
         cfg.hash_limits,
+        observers,
     );
-    if let Some(ec) = &cfg.enforce {
-        let reg = tracker.registry.borrow().clone();
-        let enforcement = enforce::Enforcement::new(
-            kernel.clone(),
-            cfg.node_name.clone(),
-            cfg.clock.clone(),
-            ec.audit_log.clone(),
-            metrics.clone(),
-            reg,
-        )?;
-        enforcement.spawn_event_pump();
-        host_addrs::follow(enforcement.clone(), node.clone());
-        // A node SVID persisted before an address change vouches for the
-        // old set.
-        node.follow_addresses().await;
-        let _ = tracker.enforcement.set(enforcement);
-    }
 
     let mut tasks = Vec::new();
-    if let (Some(ec), Some(e)) = (&cfg.enforce, tracker.enforcement.get()) {
+    let mut mesh = None;
+    if let (Some(ec), Some(e)) = (&cfg.enforce, &enforcement) {
         // Listen before telling the kernel where to send held connections.
         let hold = hold::HoldListeners::bind(ec.hold_port).await?;
         let me = std::process::id();
-        let cfg = tether_kernel::HoldConfig {
+        let hcfg = tether_kernel::HoldConfig {
             port: hold.port,
             v4: true,
             v6: hold.has_v6(),
@@ -284,7 +303,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         let registered = e
             .kernel()
             .set_agent(me)
-            .and_then(|()| e.kernel().set_hold(me, cfg));
+            .and_then(|()| e.kernel().set_hold(me, hcfg));
         match registered {
             Ok(()) => {
                 tracing::info!(cgroup = %ec.cgroup.display(), hold_port = hold.port, "kernel enforcement active")
@@ -294,7 +313,6 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
                 "kernel enforcement active, but connections of processes not attested yet cannot be held; they are refused"
             ),
         }
-        tasks.extend(hold.serve(tracker.clone(), e.clone(), metrics.clone()));
         if let Some(port) = ec.mesh_port {
             // Without the mesh port, meshed Services are unreachable from
             // here (their connections are reset): closed, not open.
@@ -306,10 +324,11 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
                         tracker.clone(),
                         e.clone(),
                         metrics.clone(),
+                        tunnels.clone(),
                     )?;
                     tasks.extend(m.serve(listeners));
-                    let _ = tracker.mesh.set(m);
                     tracing::info!(mesh_port = port, "mesh active");
+                    mesh = Some(m);
                 }
                 Err(err) => tracing::error!(
                     error = %err,
@@ -317,6 +336,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
                 ),
             }
         }
+        tasks.extend(hold.serve(tracker.clone(), e.clone(), mesh.clone(), metrics.clone()));
     }
     tasks.push(tokio::spawn(watch_registry(
         node.clone(),
@@ -329,7 +349,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
     let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(4096);
     tracker::spawn_event_reader(ev_tx)?;
     tracker.rescan().await;
-    if let Some(e) = tracker.enforcement.get()
+    if let Some(e) = &enforcement
         && e.kernel().adopted()
     {
         e.collect_adopted();
@@ -346,8 +366,12 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         &cfg.workload_socket,
     )?);
     tasks.push(admin::serve(
-        tracker.clone(),
-        cfg.node_name.clone(),
+        admin::AdminApi {
+            tracker: tracker.clone(),
+            enforcement: enforcement.clone(),
+            mesh,
+            node: cfg.node_name.clone(),
+        },
         &cfg.admin_socket,
     )?);
     let metrics_addr = match cfg.metrics {
@@ -367,6 +391,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
     );
     Ok(RunningAgent {
         tracker,
+        enforcement,
         metrics,
         metrics_addr,
         node,

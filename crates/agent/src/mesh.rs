@@ -118,6 +118,71 @@ struct Table {
     by_pid: HashMap<u32, Vec<u64>>,
 }
 
+/// The connection table: every live tunnel, closed when its process exits
+/// or the agent stops. Built before the process table, which tells it about
+/// exits (it holds nothing of the process table, so no cycle).
+#[derive(Default)]
+pub struct Tunnels {
+    table: Mutex<Table>,
+}
+
+impl Tunnels {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Live tunnels, oldest first.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        let mut v: Vec<Arc<Conn>> = lock(&self.table).conns.values().cloned().collect();
+        v.sort_by_key(|c| c.id);
+        v.iter().map(|c| c.json()).collect()
+    }
+
+    fn register(&self, c: Conn) -> Arc<Conn> {
+        let c = Arc::new(c);
+        let mut t = lock(&self.table);
+        t.conns.insert(c.id, c.clone());
+        if let Some(pid) = c.pid {
+            t.by_pid.entry(pid).or_default().push(c.id);
+        }
+        c
+    }
+
+    fn unregister(&self, id: u64) {
+        let mut t = lock(&self.table);
+        let Some(c) = t.conns.remove(&id) else { return };
+        if let Some(pid) = c.pid
+            && let Some(ids) = t.by_pid.get_mut(&pid)
+        {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                t.by_pid.remove(&pid);
+            }
+        }
+    }
+}
+
+impl crate::tracker::ProcessObserver for Tunnels {
+    /// The process exited: close its tunnels (their key is being
+    /// destroyed). Called for every process exit on the host, so it looks
+    /// the pid up rather than scanning the table.
+    fn process_removed(&self, pid: i32) {
+        let t = lock(&self.table);
+        for id in t.by_pid.get(&(pid as u32)).into_iter().flatten() {
+            if let Some(c) = t.conns.get(id) {
+                c.close.notify_one();
+            }
+        }
+    }
+
+    /// Every tunnel ends: each holds its process's mesh key.
+    fn shutdown(&self) {
+        for c in lock(&self.table).conns.values() {
+            c.close.notify_one();
+        }
+    }
+}
+
 pub struct Mesh {
     port: u16,
     node: Arc<NodeConn>,
@@ -125,7 +190,7 @@ pub struct Mesh {
     enf: Arc<Enforcement>,
     metrics: Arc<Metrics>,
     acceptor: tokio_rustls::TlsAcceptor,
-    table: Mutex<Table>,
+    tunnels: Arc<Tunnels>,
     next_id: AtomicU64,
     outbound_slots: Arc<tokio::sync::Semaphore>,
     /// (second, records written in it, records left out since the last one).
@@ -209,6 +274,7 @@ impl Mesh {
         tracker: Arc<Tracker>,
         enf: Arc<Enforcement>,
         metrics: Arc<Metrics>,
+        tunnels: Arc<Tunnels>,
     ) -> anyhow::Result<Arc<Self>> {
         let td = node.td.clone();
         // Only mesh SVIDs: issued to another node's agent on that node's
@@ -240,7 +306,7 @@ impl Mesh {
             enf,
             metrics,
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
-            table: Mutex::new(Table::default()),
+            tunnels,
             next_id: AtomicU64::new(1),
             outbound_slots: Arc::new(tokio::sync::Semaphore::new(MAX_OUTBOUND)),
             preauth_audits: Mutex::new((0, 0, 0)),
@@ -254,44 +320,15 @@ impl Mesh {
 
     /// Live tunnels, oldest first.
     pub fn connections(&self) -> Vec<serde_json::Value> {
-        let mut v: Vec<Arc<Conn>> = lock(&self.table).conns.values().cloned().collect();
-        v.sort_by_key(|c| c.id);
-        v.iter().map(|c| c.json()).collect()
-    }
-
-    /// The process exited: close its tunnels (their key is being destroyed).
-    /// Called for every process exit on the host, so it looks the pid up
-    /// rather than scanning the table.
-    pub fn process_exited(&self, pid: i32) {
-        let t = lock(&self.table);
-        for id in t.by_pid.get(&(pid as u32)).into_iter().flatten() {
-            if let Some(c) = t.conns.get(id) {
-                c.close.notify_one();
-            }
-        }
+        self.tunnels.list()
     }
 
     fn register(&self, c: Conn) -> Arc<Conn> {
-        let c = Arc::new(c);
-        let mut t = lock(&self.table);
-        t.conns.insert(c.id, c.clone());
-        if let Some(pid) = c.pid {
-            t.by_pid.entry(pid).or_default().push(c.id);
-        }
-        c
+        self.tunnels.register(c)
     }
 
     fn unregister(&self, id: u64) {
-        let mut t = lock(&self.table);
-        let Some(c) = t.conns.remove(&id) else { return };
-        if let Some(pid) = c.pid
-            && let Some(ids) = t.by_pid.get_mut(&pid)
-        {
-            ids.retain(|i| *i != id);
-            if ids.is_empty() {
-                t.by_pid.remove(&pid);
-            }
-        }
+        self.tunnels.unregister(id)
     }
 
     fn audit(&self, mut rec: serde_json::Value) {

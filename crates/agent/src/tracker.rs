@@ -21,6 +21,58 @@ use crate::metrics::Metrics;
 use crate::node::NodeConn;
 use crate::registry::{AgentIdentity, Registry};
 
+/// What the process table tells the parts that act on processes. The
+/// table calls its observers in the order the agent registered them (kernel
+/// verdicts first, so they are in place before any SVID exists), and holds
+/// no other reference to them: an observer may depend on the table, never
+/// the reverse.
+pub trait ProcessObserver: Send + Sync {
+    /// A new registry, before any process is evaluated against it.
+    fn registry_changed(&self, _registry: &Arc<Registry>) {}
+    /// A process was attested (again) and matches these identities (names
+    /// and SPIFFE IDs); called before any SVID for it is issued. `exec` is
+    /// the kernel's (exec id, start) read before the attestation.
+    fn process_updated(
+        &self,
+        _info: &ProcessInfo,
+        _exec: (tether_kernel::ExecId, u64),
+        _identities: Vec<String>,
+        _spiffe_ids: Vec<String>,
+    ) {
+    }
+    /// The process is gone (or lost its identity): its keys are destroyed.
+    fn process_removed(&self, _pid: i32) {}
+    /// Twice a second, for what changes with time alone (time windows).
+    fn tick(&self) {}
+    /// The agent is stopping: let go of every per-process key.
+    fn shutdown(&self) {}
+}
+
+/// Per-process private keys alive in this process (process and mesh SVIDs):
+/// what a stopped agent must bring back to zero.
+static LIVE_KEYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts one per-process key for as long as it lives.
+pub struct LiveKey(());
+
+impl LiveKey {
+    fn new() -> Self {
+        LIVE_KEYS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        LiveKey(())
+    }
+}
+
+impl Drop for LiveKey {
+    fn drop(&mut self) {
+        LIVE_KEYS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Per-process keys alive in this process, across every agent it runs.
+pub fn live_keys() -> usize {
+    LIVE_KEYS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// One X.509-SVID held for one process instance.
 pub struct ProcSvid {
     pub identity: String,
@@ -36,6 +88,7 @@ pub struct ProcSvid {
     /// the process: a key the workload can read opens no tunnel. It goes
     /// when this SVID does (rotation, exit).
     pub mesh: tokio::sync::OnceCell<Arc<MeshSvid>>,
+    pub live: LiveKey,
 }
 
 /// An SVID for tunnels between agents, held only by this agent.
@@ -45,6 +98,7 @@ pub struct MeshSvid {
     pub chain: Vec<Vec<u8>>,
     /// The mesh's TLS client configuration with it, built on first use.
     pub tls: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
+    pub live: LiveKey,
 }
 
 pub struct Tracked {
@@ -75,10 +129,10 @@ pub struct Tracker {
     pid_locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
     pub registry: watch::Receiver<Arc<Registry>>,
     node: Arc<NodeConn>,
-    /// Kernel enforcement, when configured: told about every attestation.
-    pub enforcement: std::sync::OnceLock<Arc<crate::enforce::Enforcement>>,
-    /// The mesh, when enabled: closes a process's tunnels when it exits.
-    pub mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
+    /// Told about every change, in this order (see [`ProcessObserver`]).
+    observers: Vec<Arc<dyn ProcessObserver>>,
+    /// Set once the agent stops: nothing is attested or issued after it.
+    stopped: watch::Sender<bool>,
     /// Pids with a rotation in flight, so the 1 s rotation tick does not
     /// start a second one.
     rotating: Mutex<std::collections::HashSet<i32>>,
@@ -102,6 +156,7 @@ impl Tracker {
         metrics: Arc<Metrics>,
         kernel: Option<Arc<tether_kernel::Enforcer>>,
         hash_limits: tether_attest::HashLimits,
+        observers: Vec<Arc<dyn ProcessObserver>>,
     ) -> Arc<Self> {
         Arc::new(Tracker {
             attestor: Attestor::with_limits(hash_limits),
@@ -114,8 +169,8 @@ impl Tracker {
             registry,
             node,
             rotating: Mutex::new(Default::default()),
-            enforcement: std::sync::OnceLock::new(),
-            mesh: std::sync::OnceLock::new(),
+            observers,
+            stopped: watch::channel(false).0,
             changes: watch::channel(0).0,
             metrics,
         })
@@ -251,27 +306,37 @@ impl Tracker {
                 self.0.as_fd().as_raw_fd()
             }
         }
-        let t = self.clone();
+        // Weak, and ended by shutdown: a watcher of a long-lived process
+        // must not keep a stopped agent's table (and keys) alive.
+        let t = Arc::downgrade(self);
+        let mut stopped = self.stopped();
         tokio::spawn(async move {
-            // SAFETY: `Fd` owns an Arc of the PidFd, so the descriptor stays
-            // open and unchanged for as long as the AsyncFd exists.
-            let registered = unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(
-                    Fd(pidfd.clone()),
-                    tokio::io::Interest::READABLE,
-                )
-            };
-            match registered {
-                Ok(afd) => {
-                    let _ = afd.readable().await;
-                }
-                Err(e) => {
-                    tracing::warn!(pid, error = %e, "cannot poll pidfd; falling back to checking every 200ms");
-                    while pidfd.is_alive() {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+            let exited = async {
+                // SAFETY: `Fd` owns an Arc of the PidFd, so the descriptor
+                // stays open and unchanged for as long as the AsyncFd exists.
+                let registered = unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        Fd(pidfd.clone()),
+                        tokio::io::Interest::READABLE,
+                    )
+                };
+                match registered {
+                    Ok(afd) => {
+                        let _ = afd.readable().await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(pid, error = %e, "cannot poll pidfd; falling back to checking every 200ms");
+                        while pidfd.is_alive() {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
                     }
                 }
+            };
+            tokio::select! {
+                () = exited => {}
+                _ = stopped.wait_for(|s| *s) => return,
             }
+            let Some(t) = t.upgrade() else { return };
             let same = t
                 .procs()
                 .get(&pid)
@@ -291,6 +356,26 @@ impl Tracker {
         }
     }
 
+    /// The agent is stopping: every process's keys are destroyed now, not
+    /// whenever the last task that can reach the table lets go of it, and
+    /// nothing is issued after. Kernel verdicts stay (they outlive the
+    /// agent by design); tunnels and Workload API streams end.
+    pub fn shutdown(&self) {
+        self.stopped.send_replace(true);
+        let all: Vec<Tracked> = self.procs().drain().map(|(_, t)| t).collect();
+        drop(all);
+        for o in &self.observers {
+            o.shutdown();
+        }
+        self.changes.send_modify(|v| *v += 1);
+        self.update_gauges();
+    }
+
+    /// Becomes true when the agent stops.
+    pub fn stopped(&self) -> watch::Receiver<bool> {
+        self.stopped.subscribe()
+    }
+
     /// Forgets a process and destroys its keys.
     pub fn remove(&self, pid: i32) {
         let removed = self.procs().remove(&pid);
@@ -298,11 +383,8 @@ impl Tracker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&pid);
-        if let Some(e) = self.enforcement.get() {
-            e.process_removed(pid);
-        }
-        if let Some(m) = self.mesh.get() {
-            m.process_exited(pid);
+        for o in &self.observers {
+            o.process_removed(pid);
         }
         if let Some(t) = removed {
             let n = t.svids.len();
@@ -374,12 +456,14 @@ impl Tracker {
         // connection waits on them, they must not depend on the server
         // being reachable, and once the process shows up as attested (SVIDs
         // listed, Workload API answers) they are in place.
-        if let (Some(e), Some(exec)) = (self.enforcement.get(), exec) {
+        if let Some(exec) = exec {
             // Verdicts follow the identities the process matches, whether or
             // not their SVIDs can be issued.
-            let names = wanted.iter().map(|w| w.name.clone()).collect();
-            let ids = wanted.iter().map(|w| w.spiffe_id.to_string()).collect();
-            e.process_updated(&info, exec, names, ids);
+            let names: Vec<String> = wanted.iter().map(|w| w.name.clone()).collect();
+            let ids: Vec<String> = wanted.iter().map(|w| w.spiffe_id.to_string()).collect();
+            for o in &self.observers {
+                o.process_updated(&info, exec, names.clone(), ids.clone());
+            }
         }
         let missing: Vec<&AgentIdentity> = wanted
             .iter()
@@ -408,17 +492,25 @@ impl Tracker {
                 .is_some_and(|t| t.watched && t.info.start_time == info.start_time)
         };
         let watch_now = !keep.is_empty() && !watched;
-        let replaced = self.procs().insert(
-            pid,
-            Tracked {
-                pidfd: pidfd.clone(),
-                info: info.clone(),
-                evaluated_rev: reg.revision,
-                svids: keep.clone(),
-                watched: watched || watch_now,
-                exec,
-            },
-        );
+        let replaced = {
+            let mut procs = self.procs();
+            // Checked under the table's lock, which shutdown drains under:
+            // keys issued while the agent stopped are dropped here.
+            if *self.stopped.borrow() {
+                return Err(EnsureError::Stopped);
+            }
+            procs.insert(
+                pid,
+                Tracked {
+                    pidfd: pidfd.clone(),
+                    info: info.clone(),
+                    evaluated_rev: reg.revision,
+                    svids: keep.clone(),
+                    watched: watched || watch_now,
+                    exec,
+                },
+            )
+        };
         if watch_now {
             self.watch_exit(pid, info.start_time, pidfd);
         }
@@ -486,6 +578,7 @@ impl Tracker {
                 expires_at: s.expires_at,
                 workload_api: i.workload_api,
                 mesh: tokio::sync::OnceCell::new(),
+                live: LiveKey::new(),
             }));
         }
         Ok(out)
@@ -530,6 +623,7 @@ impl Tracker {
                     key,
                     chain: s.chain,
                     tls: std::sync::OnceLock::new(),
+                    live: LiveKey::new(),
                 }))
             })
             .await
@@ -672,6 +766,8 @@ pub enum EnsureError {
     Server(String),
     #[error("internal: {0}")]
     Internal(String),
+    #[error("the agent is stopping")]
+    Stopped,
 }
 
 /// Reads proc connector events on a dedicated thread (the socket is
@@ -797,17 +893,16 @@ pub async fn run(
             r = registry.changed() => {
                 if r.is_err() { return; }
                 registry.mark_unchanged();
-                if let Some(e) = tracker.enforcement.get() {
-                    e.sync_registry(registry.borrow().clone());
+                let reg = registry.borrow().clone();
+                for o in &tracker.observers {
+                    o.registry_changed(&reg);
                 }
                 tracker.reevaluate_all().await;
             }
             _ = conditions.tick() => {
                 // Time-window conditions change verdicts without any event.
-                if let Some(e) = tracker.enforcement.get()
-                    && e.has_conditions()
-                {
-                    e.recompile_all();
+                for o in &tracker.observers {
+                    o.tick();
                 }
             }
         }

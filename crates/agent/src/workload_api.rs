@@ -108,6 +108,7 @@ impl WorkloadApi {
             }
             EnsureError::Server(m) => Status::unavailable(format!("could not obtain an SVID: {m}")),
             EnsureError::Internal(m) => Status::internal(m),
+            EnsureError::Stopped => Status::unavailable("the agent is stopping"),
         })?;
         if exec.is_none() || self.tracker.exec_of(pid) != exec {
             return Err(Status::permission_denied(format!(
@@ -187,6 +188,7 @@ fn follow<T: Send + 'static>(
 ) -> RpcStream<T> {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let mut changes = tracker.changes.subscribe();
+    let mut stopped = tracker.stopped();
     tokio::spawn(async move {
         loop {
             changes.mark_unchanged();
@@ -200,6 +202,7 @@ fn follow<T: Send + 'static>(
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
                 _ = tx.closed() => return,
+                _ = stopped.wait_for(|s| *s) => return,
             }
         }
     });

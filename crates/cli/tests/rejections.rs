@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -18,12 +17,7 @@ use tether_spiffe::{SpiffeId, TrustDomain};
 
 #[test]
 fn child_entry() {
-    if let (Ok(mode), Ok(out)) = (
-        std::env::var("TETHER_TEST_CHILD"),
-        std::env::var("TETHER_TEST_OUT"),
-    ) {
-        child_main(&mode, Path::new(&out));
-    }
+    child_entry_if_asked();
 }
 
 const IDENTITY: &str = "apiVersion: tether.dev/v1alpha1

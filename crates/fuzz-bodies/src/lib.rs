@@ -28,6 +28,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("selector_parse", selector_parse),
     ("spiffe_id", spiffe_id),
     ("tunnel_request", tunnel_request),
+    ("x509_svid", x509_svid),
 ];
 
 /// SPIFFE bundle documents (federation, the Workload API's bundles).
@@ -214,5 +215,39 @@ pub fn tunnel_request(data: &[u8]) {
     if let Ok(Some((h, used))) = tether_mesh::proxy_v2::ProxyHeader::parse(data) {
         assert!(used <= data.len());
         let _ = h.encode();
+    }
+}
+
+/// A peer's X.509-SVID chain as the mesh and the server's node API see it
+/// (concatenated DER): split, leaf checks, the mesh marker, IP SANs, and
+/// full path validation against a bundle holding the chain's last
+/// certificate (so a well-formed seed reaches signature checks).
+pub fn x509_svid(data: &[u8]) {
+    use tether_spiffe::x509;
+    let _ = x509::check_x509_svid_leaf(data);
+    let _ = x509::mesh_node(data);
+    let _ = x509::ip_sans(data);
+    let _ = x509::not_after(data);
+    let Ok(chain) = x509::split_certificates(data) else {
+        return;
+    };
+    assert_eq!(
+        chain.iter().map(Vec::len).sum::<usize>(),
+        data.len(),
+        "split certificates cover the input exactly"
+    );
+    let (Some(leaf), Some(anchor)) = (chain.first(), chain.last()) else {
+        return;
+    };
+    let mut bundle = Bundle::new(TrustDomain::new("example.org").expect("valid td"));
+    bundle.x509_authorities.push(anchor.clone());
+    let body = if chain.len() > 1 {
+        &chain[..chain.len() - 1]
+    } else {
+        &chain[..]
+    };
+    if let Ok(id) = x509::verify_x509_svid(body, &bundle, 1_800_000_000) {
+        assert_eq!(id.trust_domain(), &bundle.trust_domain);
+        assert_eq!(x509::check_x509_svid_leaf(leaf).ok(), Some(id));
     }
 }

@@ -110,4 +110,29 @@ fn the_well_formed_seeds_are_accepted() {
         .expect("a gRPC request with a socket path as :authority");
     let mut rw = tether_agent::h2_authority::Rewriter::default();
     assert!(rw.feed(&seed("h2_authority", "hpack-bomb")).is_err());
+    // A peer chain that validates, a mesh SVID and IP SANs are among them.
+    use tether_spiffe::x509;
+    let chain = x509::split_certificates(&seed("x509_svid", "chain.der")).expect("chain");
+    let mut bundle =
+        tether_spiffe::Bundle::new(tether_spiffe::TrustDomain::new("example.org").expect("td"));
+    bundle.x509_authorities.push(chain[1].clone());
+    assert_eq!(
+        x509::verify_x509_svid(&chain[..1], &bundle, 1_800_000_000)
+            .expect("the seed chain validates")
+            .to_string(),
+        "spiffe://example.org/w"
+    );
+    assert_eq!(
+        x509::mesh_node(
+            &x509::split_certificates(&seed("x509_svid", "mesh-chain.der")).expect("mesh")[0]
+        ),
+        Some("node1".into())
+    );
+    assert_eq!(
+        x509::ip_sans(
+            &x509::split_certificates(&seed("x509_svid", "node-ip-sans.der")).expect("node")[0]
+        )
+        .len(),
+        2
+    );
 }

@@ -48,6 +48,67 @@ pub struct DstPrefix {
 /// Bytes of `dst_key` after `prefixlen`: proto, pad, port (BE), addr[16].
 pub(crate) type DstKeyData = [u8; 20];
 
+/// Byte offsets of the fields read by position from records the kernel
+/// writes. `abi_btf` checks each against the compiled object's BTF, so a
+/// field moved on the C side fails a test instead of misreading records.
+pub(crate) mod at {
+    /// `struct exec_rec`.
+    pub(crate) mod exec_rec {
+        pub(crate) const EXEC_ID: usize = 0;
+        pub(crate) const START_NS: usize = 8;
+        pub(crate) const INO: usize = 24;
+        pub(crate) const DEV: usize = 32;
+        pub(crate) const FLAGS: usize = 36;
+        pub(crate) const TRACER: usize = 40;
+        pub(crate) const MNT_NS: usize = 44;
+        pub(crate) const NAME: usize = 48;
+        pub(crate) const NAME_LEN: usize = 32;
+    }
+    /// `struct redirect`, which `struct held` starts with.
+    pub(crate) mod redirect {
+        pub(crate) const ADDR: usize = 0;
+        pub(crate) const PORT: usize = 16;
+        pub(crate) const FLOW_V6: usize = 18;
+        pub(crate) const KIND: usize = 19;
+        pub(crate) const TGID: usize = 20;
+        pub(crate) const PID: usize = 24;
+        pub(crate) const UID: usize = 28;
+        pub(crate) const SERVICE_ID: usize = 32;
+        pub(crate) const LOCAL_PORT: usize = 36;
+        pub(crate) const EXEC_ID: usize = 40;
+        pub(crate) const START_NS: usize = 48;
+    }
+    /// `struct held`.
+    pub(crate) mod held {
+        pub(crate) const COOKIE: usize = 72;
+    }
+    /// `struct event`.
+    pub(crate) mod event {
+        pub(crate) const TS_NS: usize = 0;
+        pub(crate) const COOKIE: usize = 8;
+        pub(crate) const TGID: usize = 16;
+        pub(crate) const PID: usize = 20;
+        pub(crate) const UID: usize = 24;
+        pub(crate) const GID: usize = 28;
+        pub(crate) const SUBJECT: usize = 32;
+        pub(crate) const SERVICE_ID: usize = 36;
+        pub(crate) const RULE: usize = 40;
+        pub(crate) const VERDICT: usize = 44;
+        pub(crate) const PROTO: usize = 45;
+        pub(crate) const PORT: usize = 46;
+        pub(crate) const ADDR: usize = 48;
+        pub(crate) const HOOK: usize = 64;
+        pub(crate) const COMM: usize = 65;
+        pub(crate) const COMM_LEN: usize = 16;
+        pub(crate) const REASON: usize = 81;
+        pub(crate) const AUX: usize = 84;
+        pub(crate) const FLAGS: usize = 88;
+        pub(crate) const AUX2: usize = 92;
+        pub(crate) const EXE: usize = 96;
+        pub(crate) const EXE_LEN: usize = 16;
+    }
+}
+
 /// Bits of proto + pad + port that precede the address in the LPM key.
 const KEY_HEADER_BITS: u32 = 32;
 
@@ -225,19 +286,17 @@ pub struct ExecRecord {
 
 impl ExecRaw {
     pub(crate) fn parse(&self) -> ExecRecord {
+        use at::exec_rec as f;
         let b = &self.0;
-        let kdev = u32_at(b, 32);
-        let name = &b[48..80];
-        let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
         ExecRecord {
-            exec_id: u64_at(b, 0),
-            start_ns: u64_at(b, 8),
-            ino: u64_at(b, 24),
-            dev: user_dev(kdev),
-            flags: ExecFlags(u32_at(b, 36)),
-            tracer: u32_at(b, 40),
-            mnt_ns: u32_at(b, 44),
-            name: String::from_utf8_lossy(&name[..end]).into_owned(),
+            exec_id: u64_at(b, f::EXEC_ID),
+            start_ns: u64_at(b, f::START_NS),
+            ino: u64_at(b, f::INO),
+            dev: user_dev(u32_at(b, f::DEV)),
+            flags: ExecFlags(u32_at(b, f::FLAGS)),
+            tracer: u32_at(b, f::TRACER),
+            mnt_ns: u32_at(b, f::MNT_NS),
+            name: c_str(&b[f::NAME..f::NAME + f::NAME_LEN]),
         }
     }
 }
@@ -338,6 +397,10 @@ pub(crate) struct HoldCfg {
     pub(crate) netns: u64,
 }
 
+/// `redirect.kind`: an allowed connect to a meshed Service (the other
+/// kind, 0, is a connection held for attestation).
+pub(crate) const REDIRECT_MESH: u8 = 1;
+
 pub(crate) const HOLD_V4: u8 = 1;
 pub(crate) const HOLD_V6: u8 = 2;
 
@@ -387,24 +450,25 @@ pub struct HeldConnection {
 
 impl HeldRaw {
     pub(crate) fn parse(&self) -> HeldConnection {
+        use at::redirect as f;
         let b = &self.0;
         let mut octets = [0u8; 16];
-        octets.copy_from_slice(&b[0..16]);
+        octets.copy_from_slice(&b[f::ADDR..f::ADDR + 16]);
         HeldConnection {
             original_dst: SocketAddr::new(
                 Ipv6Addr::from(octets).to_canonical(),
-                u16::from_be_bytes([b[16], b[17]]),
+                u16::from_be_bytes([b[f::PORT], b[f::PORT + 1]]),
             ),
-            flow_v6: b[18] != 0,
-            mesh: b[19] == 1,
-            tgid: u32_at(b, 20),
-            pid: u32_at(b, 24),
-            uid: u32_at(b, 28),
-            service_id: u32_at(b, 32),
-            local_port: u16::from_ne_bytes([b[36], b[37]]),
-            exec_id: u64_at(b, 40),
-            start_boottime_ns: u64_at(b, 48),
-            socket_cookie: u64_at(b, 72),
+            flow_v6: b[f::FLOW_V6] != 0,
+            mesh: b[f::KIND] == REDIRECT_MESH,
+            tgid: u32_at(b, f::TGID),
+            pid: u32_at(b, f::PID),
+            uid: u32_at(b, f::UID),
+            service_id: u32_at(b, f::SERVICE_ID),
+            local_port: u16::from_ne_bytes([b[f::LOCAL_PORT], b[f::LOCAL_PORT + 1]]),
+            exec_id: u64_at(b, f::EXEC_ID),
+            start_boottime_ns: u64_at(b, f::START_NS),
+            socket_cookie: u64_at(b, at::held::COOKIE),
         }
     }
 }
@@ -467,6 +531,23 @@ pub enum Decision {
     Plaintext,
     /// A process was marked ([`Hook::Taint`]): `tgid` did it to `aux`.
     Taint,
+}
+
+impl Decision {
+    /// The decision with this number in the kernel's events (`VERDICT_*`).
+    pub fn from_code(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::Deny,
+            1 => Self::Allow,
+            2 => Self::Unattested,
+            3 => Self::Held,
+            4 => Self::Mesh,
+            5 => Self::MeshDown,
+            6 => Self::Plaintext,
+            7 => Self::Taint,
+            _ => return None,
+        })
+    }
 }
 
 /// Why, beyond the verdict.
@@ -547,6 +628,28 @@ pub enum Hook {
     Socket,
 }
 
+impl Hook {
+    /// The hook with this number in the kernel's events (`HOOK_*`).
+    pub fn from_code(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::Connect4,
+            1 => Self::Connect6,
+            2 => Self::Sendmsg4,
+            3 => Self::Sendmsg6,
+            4 => Self::Ingress,
+            5 => Self::Taint,
+            6 => Self::Send,
+            7 => Self::Socket,
+            _ => return None,
+        })
+    }
+
+    /// Hooks whose events carry no transport (or a raw protocol number).
+    fn without_transport(self) -> bool {
+        matches!(self, Self::Taint | Self::Send | Self::Socket)
+    }
+}
+
 /// One decision on a protected destination, as read from the ring buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -622,67 +725,50 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 impl Event {
     /// Parses one ring buffer record (`struct event`).
     pub fn parse(b: &[u8]) -> Result<Self, EventError> {
+        use at::event as f;
         if b.len() < EVENT_LEN {
             return Err(EventError::Short(b.len()));
         }
-        let decision = match b[44] {
-            0 => Decision::Deny,
-            1 => Decision::Allow,
-            2 => Decision::Unattested,
-            3 => Decision::Held,
-            4 => Decision::Mesh,
-            5 => Decision::MeshDown,
-            6 => Decision::Plaintext,
-            7 => Decision::Taint,
-            v => return Err(EventError::Verdict(v)),
-        };
-        // Taint and socket events carry no transport (or a raw protocol).
-        let proto = match b[64] {
-            5..=7 => Proto::from_number(b[45]).unwrap_or(Proto::Tcp),
-            _ => Proto::from_number(b[45]).ok_or(EventError::Proto(b[45]))?,
-        };
-        let hook = match b[64] {
-            0 => Hook::Connect4,
-            1 => Hook::Connect6,
-            2 => Hook::Sendmsg4,
-            3 => Hook::Sendmsg6,
-            4 => Hook::Ingress,
-            5 => Hook::Taint,
-            6 => Hook::Send,
-            7 => Hook::Socket,
-            v => return Err(EventError::Hook(v)),
+        let decision =
+            Decision::from_code(b[f::VERDICT]).ok_or(EventError::Verdict(b[f::VERDICT]))?;
+        let hook = Hook::from_code(b[f::HOOK]).ok_or(EventError::Hook(b[f::HOOK]))?;
+        let proto = match Proto::from_number(b[f::PROTO]) {
+            Some(p) => p,
+            None if hook.without_transport() => Proto::Tcp,
+            None => return Err(EventError::Proto(b[f::PROTO])),
         };
         let mut octets = [0u8; 16];
-        octets.copy_from_slice(&b[48..64]);
-        let comm = &b[65..81];
-        let comm_len = comm.iter().position(|&c| c == 0).unwrap_or(comm.len());
+        octets.copy_from_slice(&b[f::ADDR..f::ADDR + 16]);
         Ok(Self {
-            ts_boot_ns: u64_at(b, 0),
-            socket_cookie: u64_at(b, 8),
-            tgid: u32_at(b, 16),
-            pid: u32_at(b, 20),
-            uid: u32_at(b, 24),
-            gid: u32_at(b, 28),
-            subject: u32_at(b, 32),
-            service_id: u32_at(b, 36),
-            rule: u32_at(b, 40),
+            ts_boot_ns: u64_at(b, f::TS_NS),
+            socket_cookie: u64_at(b, f::COOKIE),
+            tgid: u32_at(b, f::TGID),
+            pid: u32_at(b, f::PID),
+            uid: u32_at(b, f::UID),
+            gid: u32_at(b, f::GID),
+            subject: u32_at(b, f::SUBJECT),
+            service_id: u32_at(b, f::SERVICE_ID),
+            rule: u32_at(b, f::RULE),
             decision,
             proto,
             addr: Ipv6Addr::from(octets).to_canonical(),
-            port: u16::from_be_bytes([b[46], b[47]]),
+            port: u16::from_be_bytes([b[f::PORT], b[f::PORT + 1]]),
             hook,
-            comm: String::from_utf8_lossy(&comm[..comm_len]).into_owned(),
-            reason: Reason::from_code(u32::from(b[81])).ok_or(EventError::Reason(b[81]))?,
-            aux: u32_at(b, 84),
-            flags: ExecFlags(u32_at(b, 88)),
-            aux2: u32_at(b, 92),
-            executed: {
-                let n = &b[96..112];
-                let end = n.iter().position(|&c| c == 0).unwrap_or(n.len());
-                String::from_utf8_lossy(&n[..end]).into_owned()
-            },
+            comm: c_str(&b[f::COMM..f::COMM + f::COMM_LEN]),
+            reason: Reason::from_code(u32::from(b[f::REASON]))
+                .ok_or(EventError::Reason(b[f::REASON]))?,
+            aux: u32_at(b, f::AUX),
+            flags: ExecFlags(u32_at(b, f::FLAGS)),
+            aux2: u32_at(b, f::AUX2),
+            executed: c_str(&b[f::EXE..f::EXE + f::EXE_LEN]),
         })
     }
+}
+
+/// A NUL-terminated (or full-width) C string, lossily as UTF-8.
+fn c_str(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
 #[cfg(test)]

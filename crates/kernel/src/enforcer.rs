@@ -89,7 +89,8 @@ use crate::{
     sys,
 };
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tether.bpf.o"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tether.bpf.o"));
 
 /// Where to attach and whether to pin.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,6 +22,8 @@
 //! stores decisions where the kernel can apply them.
 
 mod abi;
+#[cfg(test)]
+mod abi_btf;
 mod enforcer;
 mod error;
 mod events;

@@ -73,10 +73,20 @@ impl Up {
         let dir = open_tempdir();
         let run = dir.path().join("run");
         let log = dir.path().join("tether.log");
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        // Agents in the host's network namespace run side by side: each
+        // gets a mesh port of its own (the default one would go to the
+        // first, and the others would silently run without a mesh).
+        if netns_fd.is_none()
+            && extra.iter().any(|a| a == "--enforce-cgroup")
+            && !extra.iter().any(|a| a == "--mesh-port")
+        {
+            extra.extend(["--mesh-port".to_string(), free_port().to_string()]);
+        }
         let mut up = Up {
             dir,
             child: None,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
             run,
             node_api: String::new(),
             metrics: String::new(),
@@ -494,11 +504,48 @@ async fn rotate(client: &spiffe::WorkloadApiClient, out: &Path) -> Result<(), St
     .map_err(|e| e.to_string())
 }
 
+/// Follows the X.509-SVID stream: writes `ready` at the first SVID and
+/// `ended` (with how) when the stream stops.
+async fn follow(client: &spiffe::WorkloadApiClient, out: &Path) -> Result<(), String> {
+    use futures_util::StreamExt as _;
+    let mut stream = client
+        .stream_x509_svids()
+        .await
+        .map_err(|e| format!("stream: {e}"))?;
+    let mut n = 0;
+    let how = loop {
+        match stream.next().await {
+            Some(Ok(_)) => {
+                n += 1;
+                if n == 1 {
+                    std::fs::write(out.join("ready"), "").map_err(|e| e.to_string())?;
+                }
+            }
+            Some(Err(e)) => break format!("error after {n} SVIDs: {e}"),
+            None => break format!("closed after {n} SVIDs"),
+        }
+    };
+    std::fs::write(out.join("ended"), how).map_err(|e| e.to_string())
+}
+
+/// The body of each test binary's `child_entry` test: runs the workload
+/// side when this process was started as a workload child
+/// (see [`workload_command`]), does nothing in a normal run.
+pub fn child_entry_if_asked() {
+    if let (Ok(mode), Ok(out)) = (
+        std::env::var("TETHER_TEST_CHILD"),
+        std::env::var("TETHER_TEST_OUT"),
+    ) {
+        child_main(&mode, Path::new(&out));
+    }
+}
+
 /// The workload side, run inside the copied test binary. Modes:
 /// "fetch": fetch X.509-SVID, bundle and a JWT-SVID, write them out, exit;
 /// "hold": fetch, write, then wait to be killed;
 /// "sleep": only wait to be killed;
-/// "rotate": follow the SVID stream through one rotation.
+/// "rotate": follow the SVID stream through one rotation;
+/// "follow": follow the SVID stream until it ends.
 pub fn child_main(mode: &str, out: &Path) {
     if mode == "sleep" {
         // Just be a live process to attest.
@@ -516,6 +563,9 @@ pub fn child_main(mode: &str, out: &Path) {
             .map_err(|e| format!("connect: {e}"))?;
         if mode == "rotate" {
             return rotate(&client, out).await;
+        }
+        if mode == "follow" {
+            return follow(&client, out).await;
         }
         let svid = client
             .fetch_x509_svid()
