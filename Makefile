@@ -7,7 +7,7 @@ TEST_APT_PACKAGES := redis-server redis-tools postgresql postgresql-client iprou
 BENCH_APT_PACKAGES := iperf3 stunnel4
 PY_SPIFFE := spiffe==0.3.2
 
-.PHONY: demo test bench deps test-deps build build-release fuzz-check clean
+.PHONY: demo test bench deps test-deps build build-release fuzz fuzz-check clean
 
 # Installs only the packages in $(1) that are missing; apt-get update runs
 # only when something is.
@@ -53,3 +53,16 @@ clean:
 # Compiles every fuzz target on stable (running them needs cargo-fuzz).
 fuzz-check:
 	cd fuzz && CARGO_TARGET_DIR=$(CURDIR)/target $(CARGO) check --bins
+
+# Runs every fuzz target for FUZZ_SECONDS (default 60) each with cargo-fuzz,
+# starting from the committed seeds. cargo-fuzz needs the nightly toolchain
+# for its sanitizer build; only this target uses it, never the product.
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	@set -e; for t in $$(sed -n 's/^name = "\(.*\)"/\1/p' fuzz/Cargo.toml | grep -v '^tether-fuzz$$'); do \
+	  mkdir -p fuzz/corpus/$$t; \
+	  echo "== $$t ($(FUZZ_SECONDS) s)"; \
+	  (cd fuzz && CARGO_TARGET_DIR=$(CURDIR)/target/fuzz $(CARGO) +nightly fuzz run $$t corpus/$$t seeds/$$t -- -max_total_time=$(FUZZ_SECONDS)); \
+	done

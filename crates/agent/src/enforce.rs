@@ -8,7 +8,7 @@
 //! connect; no entry means deny. Verdicts are written before the process's
 //! subject, so a process never runs with half its verdicts.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -16,15 +16,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tether_attest::ProcessInfo;
-use tether_kernel::{Decision, DstPrefix, Enforcer, ExecId, Proto, ServiceFlags};
-use tether_manifest::Protocol;
+use tether_kernel::{Decision, DstPrefix, Enforcer, ExecId, Proto};
 use tokio::sync::{broadcast, watch};
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
-/// Rule id 0 is the default: a protected Service with no allowing policy.
-pub const DEFAULT_DENY: &str = "default-deny";
+pub use crate::decide::DEFAULT_DENY;
+use crate::decide::{self, Names, Subject};
 
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
@@ -44,10 +43,7 @@ struct ProcEntry {
 
 #[derive(Default)]
 struct Compiled {
-    services: HashMap<String, u32>,
-    service_names: HashMap<u32, String>,
-    rules: HashMap<String, u32>,
-    rule_names: HashMap<u32, String>,
+    names: Names,
     installed: HashSet<DstPrefix>,
     local_ports: HashSet<(Proto, u16)>,
 }
@@ -102,70 +98,6 @@ const RETIRED: usize = 4096;
 /// without being refreshed: the agent refreshes every 500 ms, so a stalled
 /// agent's conditional verdicts lapse in the kernel within this.
 const CONDITIONAL_TTL_NS: u64 = 2_000_000_000;
-
-fn protos(p: Protocol) -> &'static [Proto] {
-    match p {
-        Protocol::Tcp => &[Proto::Tcp],
-        Protocol::Udp => &[Proto::Udp],
-        Protocol::Both => &[Proto::Tcp, Proto::Udp],
-    }
-}
-
-/// The kernel flags of a Service: fronted by agents (mesh), and whether
-/// plaintext from other hosts is still accepted (permissive).
-fn service_flags(spec: &tether_manifest::ServiceSpec) -> ServiceFlags {
-    ServiceFlags {
-        mesh: spec.mesh.is_some(),
-        permissive: spec
-            .mesh
-            .as_ref()
-            .is_some_and(|m| m.mode == tether_manifest::TlsMode::Permissive),
-    }
-}
-
-/// Every kernel key for a Service, hostnames resolved now.
-fn prefixes(spec: &tether_manifest::ServiceSpec) -> Vec<DstPrefix> {
-    let mut out = Vec::new();
-    let mut push = |net: IpAddr, prefix_len: u8, ports: &[u16], protocol: Protocol| {
-        for proto in protos(protocol) {
-            if ports.is_empty() {
-                out.push(DstPrefix {
-                    net,
-                    prefix_len,
-                    port: 0,
-                    proto: *proto,
-                });
-            }
-            for port in ports {
-                out.push(DstPrefix {
-                    net,
-                    prefix_len,
-                    port: *port,
-                    proto: *proto,
-                });
-            }
-        }
-    };
-    for a in &spec.addresses {
-        if let Some((ip, len)) = a.network() {
-            push(ip, len, &a.ports, a.protocol);
-        }
-    }
-    for h in &spec.hostnames {
-        match std::net::ToSocketAddrs::to_socket_addrs(&(h.as_str(), 0)) {
-            Ok(addrs) => {
-                for a in addrs {
-                    let len = if a.ip().is_ipv4() { 32 } else { 128 };
-                    push(a.ip(), len, &spec.host_ports, Protocol::Both);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(hostname = %h, error = %e, "cannot resolve Service hostname; retrying later")
-            }
-        }
-    }
-    out
-}
 
 impl Enforcement {
     pub fn new(
@@ -247,31 +179,8 @@ impl Enforcement {
     pub fn sync_registry(&self, reg: Arc<Registry>) {
         *Self::lock(&self.registry) = reg.clone();
         let mut c = Self::lock(&self.compiled);
-        // Ids are derived from names, not from order, so an agent restarted
-        // over adopted kernel maps agrees with its predecessor about which
-        // service a surviving verdict refers to.
-        for s in &reg.services {
-            if !c.services.contains_key(&s.name) {
-                let id = stable_id(&s.name, &c.service_names);
-                c.services.insert(s.name.clone(), id);
-                c.service_names.insert(id, s.name.clone());
-            }
-        }
-        for p in &reg.policies {
-            if !c.rules.contains_key(&p.name) {
-                let id = stable_id(&p.name, &c.rule_names);
-                c.rules.insert(p.name.clone(), id);
-                c.rule_names.insert(id, p.name.clone());
-            }
-        }
-        let mut wanted: HashMap<DstPrefix, (u32, ServiceFlags)> = HashMap::new();
-        for s in &reg.services {
-            let id = c.services[&s.name];
-            let flags = service_flags(&s.spec);
-            for p in prefixes(&s.spec) {
-                wanted.insert(p, (id, flags));
-            }
-        }
+        c.names.assign(&reg);
+        let wanted = decide::service_keys(&reg, &c.names, &resolve_host);
         for (k, (id, flags)) in &wanted {
             if let Err(e) = self.kernel.set_service_flags(*k, *id, *flags) {
                 tracing::error!(error = %e, "installing Service in the kernel failed");
@@ -297,41 +206,10 @@ impl Enforcement {
             let _ = self.kernel.remove_service(k);
         }
         c.installed = wanted.into_keys().collect();
-        // Services of this host (naming a loopback, unspecified or own
-        // address, or `local: true`): their ports are protected at every
-        // local destination, and a meshed one's are closed to other hosts
-        // on every address, not only the ones named.
+        // Services of this host: their ports are protected at every local
+        // destination (see decide::local_ports).
         let host = Self::lock(&self.host_addrs).clone();
-        let mut ports: HashMap<(Proto, u16), (u32, ServiceFlags, String)> = HashMap::new();
-        for s in &reg.services {
-            let flags = service_flags(&s.spec);
-            for a in &s.spec.addresses {
-                let local = a.local
-                    || a.network()
-                        .is_some_and(|(ip, len)| covers_local(ip, len, &host));
-                if !local {
-                    continue;
-                }
-                let list: &[u16] = if a.ports.is_empty() { &[0] } else { &a.ports };
-                for proto in protos(a.protocol) {
-                    for p in list {
-                        match ports.get(&(*proto, *p)) {
-                            Some((_, _, other)) if other != &s.name => tracing::warn!(
-                                port = p, service = %s.name, kept = %other,
-                                "two Services claim the same port of this host; keeping the first by name"
-                            ),
-                            Some(_) => {}
-                            None => {
-                                ports.insert(
-                                    (*proto, *p),
-                                    (c.services[&s.name], flags, s.name.clone()),
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        let ports = decide::local_ports(&reg, &c.names, &host);
         for ((proto, p), (id, flags, _)) in &ports {
             if let Err(e) = self.kernel.set_local_port(*proto, *p, *id, *flags) {
                 tracing::error!(port = p, error = %e, "protecting a Service's port of this host failed");
@@ -373,100 +251,26 @@ impl Enforcement {
         }
     }
 
-    /// Ingress verdicts for a peer: the identities registered under its
-    /// SPIFFE ID, with this node's time. Neither `context.node` (this node
-    /// is not the client's) nor the client's process details (attested by
-    /// its own node) are present, so conditions on them deny here.
-    fn evaluate_ingress(
-        &self,
-        reg: &Registry,
-        identities: &[String],
-        peer_id: &str,
-    ) -> BTreeMap<u32, u32> {
-        let ctx = serde_json::json!({
-            "time": tether_policy::time_context((self.clock)()),
-            "direction": "ingress",
-            "process": { "identities": identities, "spiffeIds": [peer_id] },
-        });
-        self.allowed_by(reg, identities, &ctx).0
-    }
-
-    /// The verdicts a process gets now: service id -> allowing rule id, and
-    /// which of them rest on a condition.
+    /// The verdicts `who` gets now (see decide::evaluate).
     fn evaluate(
         &self,
         reg: &Registry,
         info: Option<&ProcessInfo>,
         identities: &[String],
         spiffe_ids: &[String],
-    ) -> (BTreeMap<u32, u32>, BTreeSet<u32>) {
-        // Policies allow identities only; most processes on a host have none.
-        if identities.is_empty() {
-            return (BTreeMap::new(), BTreeSet::new());
-        }
-        let process = match info {
-            Some(info) => serde_json::json!({
-                "pid": info.pid, "uid": info.uid, "gid": info.gid,
-                "user": info.user.clone().unwrap_or_default(), "group": info.group.clone().unwrap_or_default(),
-                "path": info.exe_path, "sha256": info.sha256, "name": info.name,
-                "cgroup": info.cgroup, "identities": identities, "spiffeIds": spiffe_ids,
-            }),
-            // `policy check --identity`: only what the identity implies.
-            None => serde_json::json!({ "identities": identities, "spiffeIds": spiffe_ids }),
-        };
-        let ctx = serde_json::json!({
-            "time": tether_policy::time_context((self.clock)()),
-            "node": self.node,
-            "process": process,
-        });
-        self.allowed_by(reg, identities, &ctx)
-    }
-
-    /// Service id -> allowing rule id, for the policies naming one of
-    /// `identities` whose condition holds in `ctx`; and which of those
-    /// services are allowed only by a conditional policy.
-    fn allowed_by(
-        &self,
-        reg: &Registry,
-        identities: &[String],
-        ctx: &serde_json::Value,
-    ) -> (BTreeMap<u32, u32>, BTreeSet<u32>) {
+    ) -> decide::Verdicts {
         let c = Self::lock(&self.compiled);
-        let mut out = BTreeMap::new();
-        let mut unconditional = BTreeSet::new();
-        for p in &reg.policies {
-            if !p.spec.identities.iter().any(|i| identities.contains(i)) {
-                continue;
-            }
-            let holds = match &p.condition {
-                None => true,
-                Some(cond) => match cond.holds(ctx) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::debug!(policy = %p.name, error = %e, "condition did not evaluate; not allowing");
-                        false
-                    }
-                },
-            };
-            if !holds {
-                continue;
-            }
-            let rule = c.rules.get(&p.name).copied().unwrap_or(0);
-            for s in &p.spec.services {
-                if let Some(id) = c.services.get(s) {
-                    out.entry(*id).or_insert(rule);
-                    if p.condition.is_none() {
-                        unconditional.insert(*id);
-                    }
-                }
-            }
-        }
-        let conditional = out
-            .keys()
-            .filter(|id| !unconditional.contains(id))
-            .copied()
-            .collect();
-        (out, conditional)
+        decide::evaluate(
+            reg,
+            &c.names,
+            &self.node,
+            (self.clock)(),
+            &Subject {
+                info,
+                identities,
+                spiffe_ids,
+            },
+        )
     }
 
     /// A process was attested (again): give it a subject and verdicts.
@@ -486,7 +290,10 @@ impl Enforcement {
         }
         let (exec_id, start_ns) = exec;
         let reg = Self::lock(&self.registry).clone();
-        let (allowed, conditional) = self.evaluate(&reg, Some(info), &identities, &spiffe_ids);
+        let decide::Verdicts {
+            allowed,
+            conditional,
+        } = self.evaluate(&reg, Some(info), &identities, &spiffe_ids);
         let expires = tether_kernel::boottime_ns().saturating_add(CONDITIONAL_TTL_NS);
         let expiry = |svc: &u32| {
             if conditional.contains(svc) {
@@ -595,7 +402,7 @@ impl Enforcement {
         Some(match rule {
             Some(r) => HeldDecision {
                 allow: true,
-                rule: c.rule_names.get(&r).cloned().unwrap_or_default(),
+                rule: c.names.rule_name(r),
                 reason: None,
                 proc,
             },
@@ -716,36 +523,21 @@ impl Enforcement {
 
     /// The Service behind a kernel service id.
     pub fn service_by_id(&self, id: u32) -> Option<crate::registry::AgentService> {
-        let name = Self::lock(&self.compiled).service_names.get(&id).cloned()?;
+        let name = Self::lock(&self.compiled)
+            .names
+            .service_names
+            .get(&id)
+            .cloned()?;
         let reg = Self::lock(&self.registry).clone();
         reg.services.iter().find(|s| s.name == name).cloned()
     }
 
-    /// Ingress policy: may a peer presenting `peer_id` reach `service`?
-    /// Evaluated with what this node knows: the identities registered
-    /// under that SPIFFE ID, and the same Cedar conditions and context as
-    /// on connect (without the client's process details, which only its
-    /// own node attested). Ok(rule) or Err(why).
-    pub fn ingress(&self, service: &str, peer_id: &str) -> Result<String, String> {
+    /// Ingress policy: may a peer presenting `peer_id` reach `service`
+    /// now? Ok(rule name). See decide::ingress.
+    pub fn ingress(&self, service: &str, peer_id: &str) -> Result<String, decide::IngressRefusal> {
         let reg = Self::lock(&self.registry).clone();
-        let identities: Vec<String> = reg
-            .identities
-            .iter()
-            .filter(|i| i.spiffe_id.to_string() == peer_id)
-            .map(|i| i.name.clone())
-            .collect();
-        if identities.is_empty() {
-            return Err(format!("no WorkloadIdentity has SPIFFE ID {peer_id}"));
-        }
-        let allowed = self.evaluate_ingress(&reg, &identities, peer_id);
         let c = Self::lock(&self.compiled);
-        let sid = c.services.get(service).copied().unwrap_or(0);
-        match allowed.get(&sid) {
-            Some(rule) => Ok(c.rule_names.get(rule).cloned().unwrap_or_default()),
-            None => Err(format!(
-                "no AccessPolicy lets {identities:?} reach {service} now"
-            )),
-        }
+        decide::ingress(&reg, &c.names, (self.clock)(), service, peer_id)
     }
 
     /// Explains the verdict for a process or identity and a destination.
@@ -760,45 +552,20 @@ impl Enforcement {
         let reg = Self::lock(&self.registry).clone();
         // What the connect hook would find, not a second lookup of our own.
         let found = self.kernel.service_for(dst, proto).ok().flatten();
-        let Some(service) = found.and_then(|(id, _)| self.service_by_id(id)) else {
-            return serde_json::json!({ "verdict": "untouched", "reason": "no Service covers this destination" });
-        };
-        let (allowed, _) = self.evaluate(&reg, info, identities, spiffe_ids);
+        let service = found.and_then(|(id, _)| self.service_by_id(id));
         let c = Self::lock(&self.compiled);
-        let sid = c.services.get(&service.name).copied().unwrap_or(0);
-        match allowed.get(&sid) {
-            Some(rule) => serde_json::json!({
-                "verdict": "allow", "service": service.name,
-                "rule": c.rule_names.get(rule).cloned().unwrap_or_default(), "identities": identities,
-            }),
-            None => {
-                // Name the policies that mention this service and why they
-                // did not allow.
-                let near: Vec<serde_json::Value> = reg
-                    .policies
-                    .iter()
-                    .filter(|p| p.spec.services.contains(&service.name))
-                    .map(|p| {
-                        let why = if !p.spec.identities.iter().any(|i| identities.contains(i)) {
-                            format!(
-                                "allows identities {:?}, caller has {:?}",
-                                p.spec.identities, identities
-                            )
-                        } else {
-                            format!(
-                                "condition `{}` does not hold now",
-                                p.spec.when.clone().unwrap_or_default()
-                            )
-                        };
-                        serde_json::json!({ "policy": p.name, "why": why })
-                    })
-                    .collect();
-                serde_json::json!({
-                    "verdict": "deny", "service": service.name, "rule": DEFAULT_DENY,
-                    "identities": identities, "policies": near,
-                })
-            }
-        }
+        decide::explain(
+            &reg,
+            &c.names,
+            &self.node,
+            (self.clock)(),
+            &Subject {
+                info,
+                identities,
+                spiffe_ids,
+            },
+            service.as_ref().map(|s| s.name.as_str()),
+        )
     }
 
     /// Reads kernel decision events and writes audit records; runs on its
@@ -870,6 +637,7 @@ impl Enforcement {
         }
         let c = Self::lock(&self.compiled);
         let service = c
+            .names
             .service_names
             .get(&ev.service_id)
             .cloned()
@@ -881,7 +649,7 @@ impl Enforcement {
             (_, Reason::Expired) => "expired".to_string(),
             (_, Reason::Unguarded) => "unguarded".to_string(),
             (Decision::Allow | Decision::Mesh | Decision::MeshDown, _) => {
-                c.rule_names.get(&ev.rule).cloned().unwrap_or_default()
+                c.names.rule_name(ev.rule)
             }
             (Decision::Unattested | Decision::Held, _) => "unattested".to_string(),
             (Decision::Deny | Decision::Taint, _) => DEFAULT_DENY.to_string(),
@@ -1066,6 +834,7 @@ impl Enforcement {
             }
         };
         let service = Self::lock(&self.compiled)
+            .names
             .service_names
             .get(&rec.service_id)
             .cloned()
@@ -1231,55 +1000,6 @@ struct Audit {
     executed: Option<String>,
 }
 
-/// Whether a Service's address block reaches listeners on this host: it
-/// contains a loopback or unspecified address, or one of `host`'s.
-fn covers_local(ip: IpAddr, prefix_len: u8, host: &[IpAddr]) -> bool {
-    let contains = |a: IpAddr| in_prefix(ip, prefix_len, a);
-    let fixed: [IpAddr; 4] = [
-        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
-        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-    ];
-    fixed.into_iter().any(contains)
-        || ip.to_canonical().is_loopback()
-        || host.iter().any(|h| contains(*h))
-}
-
-/// `a` lies in `net/len` (IPv4-mapped compared as IPv4).
-fn in_prefix(net: IpAddr, len: u8, a: IpAddr) -> bool {
-    match (net.to_canonical(), a.to_canonical()) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(len.min(32)))
-                .unwrap_or(0);
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(len.min(128)))
-                .unwrap_or(0);
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
-    }
-}
-
-/// A nonzero id from a name (FNV-1a), probing past ids already taken.
-fn stable_id(name: &str, taken: &HashMap<u32, String>) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in name.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    loop {
-        if h != 0 && !taken.contains_key(&h) {
-            return h;
-        }
-        h = h.wrapping_add(1);
-    }
-}
-
 /// Kernel verdicts follow the process table: written when a process is
 /// attested (before its SVIDs exist), removed when it goes, recompiled when
 /// the registry changes or a time window opens or closes.
@@ -1305,6 +1025,18 @@ impl crate::tracker::ProcessObserver for Enforcement {
     fn tick(&self) {
         if self.has_conditions() {
             self.recompile_all();
+        }
+    }
+}
+
+/// Hostnames of Services, resolved now (a failure adds nothing; the next
+/// registry sync tries again).
+fn resolve_host(h: &str) -> Vec<IpAddr> {
+    match std::net::ToSocketAddrs::to_socket_addrs(&(h, 0)) {
+        Ok(addrs) => addrs.map(|a| a.ip()).collect(),
+        Err(e) => {
+            tracing::warn!(hostname = %h, error = %e, "cannot resolve Service hostname; retrying later");
+            Vec::new()
         }
     }
 }

@@ -6,6 +6,7 @@
 //! stream, node SVID renewal, the Workload API, the admin API and metrics.
 
 mod admin;
+mod decide;
 mod enforce;
 pub mod h2_authority;
 mod hold;

@@ -874,7 +874,7 @@ impl Mesh {
             Err(why) => {
                 base["rule"] = serde_json::json!(crate::enforce::DEFAULT_DENY);
                 refuse(&mut tls, Status::Denied).await;
-                return deny(&mut base, "denied", why);
+                return deny(&mut base, "denied", why.to_string());
             }
         };
         base["rule"] = serde_json::json!(rule);

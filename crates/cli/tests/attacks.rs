@@ -96,8 +96,8 @@ spec:
     ));
     let to = format!("127.0.0.1:{port}");
     let ready = wait_until(Duration::from_secs(10), || {
-        up.ok(&["policy", "check", "--identity", "redis-cli", "--to", &to])
-            .contains("redis-clients")
+        up.try_ok(&["policy", "check", "--identity", "redis-cli", "--to", &to])
+            .is_some_and(|o| o.contains("redis-clients"))
     });
     assert!(ready, "policies never reached the agent:\n{}", up.logs());
 }
@@ -291,14 +291,16 @@ fn every_address_that_reaches_a_local_redis_is_protected() {
     let later = "10.99.0.77";
     let to_later = format!("{later}:{port}");
     let seen = wait_until(Duration::from_secs(10), || {
-        let out = up.ok(&[
-            "policy",
-            "check",
-            "--identity",
-            "redis-cli",
-            "--to",
-            &to_later,
-        ]);
+        let out = up
+            .try_ok(&[
+                "policy",
+                "check",
+                "--identity",
+                "redis-cli",
+                "--to",
+                &to_later,
+            ])
+            .unwrap_or_default();
         serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|v| v["service"] == "redis")
     });
     assert!(seen, "the new address never reached the agent");

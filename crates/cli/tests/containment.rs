@@ -92,8 +92,8 @@ spec:
         let to = format!("127.0.0.1:{rp}");
         let ready = wait_until(Duration::from_secs(10), || {
             self.up
-                .ok(&["policy", "check", "--identity", "redis-cli", "--to", &to])
-                .contains("redis-clients")
+                .try_ok(&["policy", "check", "--identity", "redis-cli", "--to", &to])
+                .is_some_and(|o| o.contains("redis-clients"))
         });
         assert!(
             ready,
@@ -131,7 +131,8 @@ spec:
         let attested = wait_until(Duration::from_secs(10), || {
             let out = self
                 .up
-                .ok(&["policy", "check", "--pid", &pid.to_string(), "--to", &to]);
+                .try_ok(&["policy", "check", "--pid", &pid.to_string(), "--to", &to])
+                .unwrap_or_default();
             serde_json::from_str::<serde_json::Value>(&out)
                 .is_ok_and(|v| v["kernel"]["attested"] == true)
         });
@@ -431,7 +432,7 @@ spec:
     ));
     let to = format!("127.0.0.1:{}", w.redis.port);
     assert!(wait_until(Duration::from_secs(10), || {
-        w.up.ok(&[
+        w.up.try_ok(&[
             "policy",
             "check",
             "--identity",
@@ -439,7 +440,7 @@ spec:
             "--to",
             &to,
         ])
-        .contains("\"allow\"")
+        .is_some_and(|o| o.contains("\"allow\""))
     }));
     let held_before =
         w.up.metric("tether_agent_held_connections_total{outcome=\"allowed\"}");

@@ -9,6 +9,8 @@ use std::net::{TcpListener, UdpSocket};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::kernel::{BpfMount, Cgroup};
@@ -63,11 +65,47 @@ fn connect_main(out: &Path) {
                 .and_then(|s| s.send_to(b"x", addr))
                 .map(|_| ())
         } else {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map(|_| ())
+            // Connected is not enough: a held connection is accepted by the
+            // agent first. Only the server's greeting proves it got there.
+            let t0 = std::time::Instant::now();
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::EPERM) => e,
+                    _ => std::io::Error::new(
+                        e.kind(),
+                        format!("connect after {:?}: {e}", t0.elapsed()),
+                    ),
+                })
+                .and_then(|mut s| {
+                    // Longer than the agent's 10 s bound on deciding a held
+                    // connection (attestation hashes the binary first).
+                    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+                    let mut b = [0u8; 1];
+                    match std::io::Read::read(&mut s, &mut b) {
+                        Ok(1) if b[0] == b'+' => Ok(()),
+                        Ok(_) => Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Err(e),
+                        // A guarded connection (the kernel's send guard attaches
+                        // a psock) reports a peer's reset to a blocking read as
+                        // EAGAIN, well before the read timeout.
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                && t0.elapsed() < Duration::from_secs(14) =>
+                        {
+                            Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+                        }
+                        Err(e) => Err(std::io::Error::other(format!(
+                            "read after {:?}: {e}",
+                            t0.elapsed()
+                        ))),
+                    }
+                })
         };
         let r = match res {
             Ok(()) => "ok".to_string(),
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => "EPERM".to_string(),
+            // Held, then refused by the agent.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset".to_string(),
             Err(e) => format!("error: {e}"),
         };
         lines.push(format!("{t} => {r}"));
@@ -89,13 +127,20 @@ struct Fixture {
     exe: PathBuf,
     _tcp4: TcpListener,
     _tcp6: Option<TcpListener>,
+    /// Connections the protected TCP server accepted (its own count).
+    accepted: Arc<AtomicUsize>,
     _udp: UdpSocket,
 }
 
-fn accept_forever(l: TcpListener) {
+/// Greets every connection with one byte (what clients wait for) and
+/// counts it.
+fn accept_forever(l: TcpListener, accepted: Arc<AtomicUsize>) {
     std::thread::spawn(move || {
         for s in l.incoming() {
-            drop(s);
+            if let Ok(mut s) = s {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let _ = std::io::Write::write_all(&mut s, b"+");
+            }
         }
     });
 }
@@ -119,9 +164,10 @@ impl Fixture {
         let tcp6 = TcpListener::bind(("::1", port)).ok();
         let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
         let udp_port = udp.local_addr().expect("addr").port();
-        accept_forever(tcp4.try_clone().expect("clone"));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        accept_forever(tcp4.try_clone().expect("clone"), accepted.clone());
         if let Some(l) = &tcp6 {
-            accept_forever(l.try_clone().expect("clone"));
+            accept_forever(l.try_clone().expect("clone"), accepted.clone());
         }
         let exe = workload_binary(up.dir.path(), "client");
         let sha = sha256_file(&exe);
@@ -163,6 +209,7 @@ spec:
             exe,
             _tcp4: tcp4,
             _tcp6: tcp6,
+            accepted,
             _udp: udp,
         }
     }
@@ -307,6 +354,15 @@ fn all(res: &str, want: &str) -> bool {
     !res.is_empty() && res.lines().all(|l| l.ends_with(&format!("=> {want}")))
 }
 
+/// Every attempt refused: in the kernel (EPERM), or, for TCP from a process
+/// the agent had not attested yet, held and then refused by the agent.
+fn refused(res: &str) -> bool {
+    !res.is_empty()
+        && res
+            .lines()
+            .all(|l| l.ends_with("=> EPERM") || (l.starts_with("tcp ") && l.ends_with("=> reset")))
+}
+
 #[test]
 fn only_the_authorized_process_connects_and_every_decision_is_audited() {
     let f = Fixture::new("contain", None, &[]);
@@ -322,11 +378,17 @@ fn only_the_authorized_process_connects_and_every_decision_is_audited() {
     // Same bytes at another path.
     let copy = f.exe.with_file_name("client-copy");
     std::fs::copy(&f.exe, &copy).expect("copy");
+    let before = f.accepted.load(Ordering::SeqCst);
     let r = f.run(&copy, None, "copy", 400);
-    assert!(all(&r, "EPERM"), "copy at another path:\n{r}");
+    assert!(refused(&r), "copy at another path:\n{r}");
     // Same binary, another uid.
     let r = f.run(&f.exe, Some(1001), "other-uid", 400);
-    assert!(all(&r, "EPERM"), "other uid:\n{r}");
+    assert!(refused(&r), "other uid:\n{r}");
+    assert_eq!(
+        f.accepted.load(Ordering::SeqCst),
+        before,
+        "the server accepted a connection from an unauthorized process"
+    );
     // bash /dev/tcp and a python socket, with the "password" at hand.
     f.shell_connect_refused("export REDISCLI_AUTH=secret; sleep 0.3;")
         .unwrap_or_else(|e| panic!("bash /dev/tcp: {e}"));

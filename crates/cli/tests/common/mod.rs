@@ -198,6 +198,15 @@ impl Up {
     }
 
     /// Runs the CLI and insists that it succeeds; returns stdout.
+    /// Its output when the command succeeds, None when it fails: for
+    /// polling until something has reached the agent.
+    pub fn try_ok(&self, args: &[&str]) -> Option<String> {
+        let o = self.tether(args);
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
     pub fn ok(&self, args: &[&str]) -> String {
         let o = self.tether(args);
         assert!(
