@@ -264,7 +264,7 @@ fn every_address_that_reaches_a_local_redis_is_protected() {
     let up = Up::start_on(
         &lan,
         "a",
-        &["--enforce-cgroup", &cg.0.display().to_string()],
+        &["--enforce-cgroup", &cg.path.display().to_string()],
     );
     // Redis listens on every address of its host (IPv4 and IPv6), outside
     // the enforced cgroup; a UDP service of our own shares its port.
@@ -413,7 +413,10 @@ struct Stage {
 impl Stage {
     fn new(tag: &str, extra_args: &[&str], extra_manifest: &str) -> Stage {
         let cg = Cgroup::new(tag);
-        let mut args = vec!["--enforce-cgroup".to_string(), cg.0.display().to_string()];
+        let mut args = vec![
+            "--enforce-cgroup".to_string(),
+            cg.path.display().to_string(),
+        ];
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let up = Up::start_with(&a);

@@ -33,7 +33,7 @@ impl World {
         let audit = format!("{}/audit-{tag}.log", std::env::temp_dir().display());
         let up = Up::start_with(&[
             "--enforce-cgroup",
-            &cg.0.display().to_string(),
+            &cg.path.display().to_string(),
             "--audit-log",
             &audit,
         ]);

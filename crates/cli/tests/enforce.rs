@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::kernel::{BpfMount, Cgroup};
+use common::kernel::{BpfFs, Cgroup};
 use common::*;
 
 #[test]
@@ -152,7 +152,7 @@ impl Fixture {
         let _ = std::fs::remove_file(&clock);
         let mut args = vec![
             "--enforce-cgroup".to_string(),
-            cg.0.display().to_string(),
+            cg.path.display().to_string(),
             "--clock-file".into(),
             clock.display().to_string(),
         ];
@@ -200,7 +200,16 @@ spec:
 {when}",
             exe.display()
         ));
-        std::thread::sleep(Duration::from_millis(300)); // registry reaches the agent
+        // The registry has reached the agent once it explains the rule.
+        let to = format!("127.0.0.1:{port}");
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                up.try_ok(&["policy", "check", "--identity", "client", "--to", &to])
+                    .is_some_and(|o| o.contains("db-clients") || o.contains("does not hold"))
+            }),
+            "policies never reached the agent:\n{}",
+            up.logs()
+        );
         Fixture {
             up,
             cg,
@@ -536,8 +545,8 @@ fn time_window_condition_allows_inside_and_denies_outside() {
 
 #[test]
 fn agent_sigkill_keeps_destinations_closed_and_a_restart_adopts_without_help() {
-    let bpffs = BpfMount::new();
-    let pin = bpffs.0.path().join("tether");
+    let bpffs = BpfFs::new();
+    let pin = bpffs.pin_dir();
     let pin_s = pin.display().to_string();
     let mut f = Fixture::new("failclosed", None, &["--bpf-pin-dir", &pin_s]);
     let r = f.run_attested(&f.exe, "before");
@@ -576,7 +585,7 @@ fn agent_sigkill_keeps_destinations_closed_and_a_restart_adopts_without_help() {
         .args([
             "detach",
             "--cgroup",
-            &f.cg.0.display().to_string(),
+            &f.cg.path.display().to_string(),
             "--pin-dir",
             &pin_s,
         ])

@@ -70,7 +70,7 @@ impl Agent {
             .arg("--admin-socket")
             .arg(d.join("agent.sock"))
             .arg("--enforce-cgroup")
-            .arg(&cg.0)
+            .arg(&cg.path)
             .arg("--audit-log")
             .arg(d.join("audit.log"))
             .arg("--clock-file")
@@ -180,7 +180,7 @@ impl World {
                 "--node-name",
                 "host-b",
                 "--enforce-cgroup",
-                &cg_b.0.display().to_string(),
+                &cg_b.path.display().to_string(),
                 "--audit-log",
                 &audit_b.display().to_string(),
                 "--clock-file",

@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Client, EPERM, TestCgroup, attest, can_run, drain, tcp_listeners};
+use common::{Client, EPERM, EnforceHere as _, TestCgroup, attest, can_run, drain, tcp_listeners};
 use tether_kernel::{Decision, DstPrefix, Enforcer, ExecFlags, Hook, Proto, Reason, ServiceFlags};
 
 const LO4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -30,7 +30,7 @@ fn protect(e: &Enforcer, port: u16) {
 #[test]
 fn the_exec_record_names_the_file_and_the_loaders_environment() {
     assert!(can_run());
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
 
     let plain = Client::spawn(&cg);
@@ -177,7 +177,7 @@ fn flags_of_exec(e: &Enforcer, setup: &str) -> ExecFlags {
 #[test]
 fn a_traced_process_loses_its_authority_until_it_execs() {
     assert!(can_run());
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let l = tcp_listeners();
     protect(&e, l.port);
@@ -234,7 +234,7 @@ fn a_traced_process_loses_its_authority_until_it_execs() {
 #[test]
 fn an_attach_marks_every_process_the_tracer_thread_traces() {
     assert!(can_run());
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let mut a = Client::spawn(&cg);
     let b = Client::spawn(&cg);
@@ -279,7 +279,7 @@ fn an_attach_marks_every_process_the_tracer_thread_traces() {
 #[test]
 fn writing_another_process_memory_from_the_workload_is_fatal_and_marks_the_target() {
     assert!(can_run());
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let l = tcp_listeners();
     protect(&e, l.port);
@@ -321,7 +321,7 @@ fn writing_another_process_memory_from_the_workload_is_fatal_and_marks_the_targe
 #[test]
 fn re_pointing_the_exe_link_marks_the_process() {
     assert!(can_run());
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let dir = tempfile::tempdir().expect("tempdir");
     let forge = common::compile_attack("forge_exe", dir.path());
@@ -364,7 +364,7 @@ fn re_pointing_the_exe_link_marks_the_process() {
 #[test]
 fn a_local_port_is_protected_at_every_address_that_reaches_it() {
     assert!(can_run());
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     // A listener on every address, as Redis with `bind * -::*`.
     let l = std::net::TcpListener::bind("[::]:0").expect("bind [::]");
@@ -433,7 +433,7 @@ fn a_local_port_is_protected_at_every_address_that_reaches_it() {
 #[test]
 fn a_socket_used_by_a_process_that_did_not_make_it_sends_nothing() {
     assert!(can_run());
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let l = tcp_listeners();
     protect(&e, l.port);
@@ -497,7 +497,7 @@ fn a_socket_used_by_a_process_that_did_not_make_it_sends_nothing() {
 #[test]
 fn raw_and_packet_sockets_are_not_created_in_the_workload() {
     assert!(can_run());
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let mut c = Client::spawn(&cg);
     // Raw IPv4 and IPv6 sockets for UDP, TCP and IPPROTO_RAW.
@@ -531,7 +531,7 @@ fn raw_and_packet_sockets_are_not_created_in_the_workload() {
 #[test]
 fn the_old_ways_to_the_same_calls_are_fatal_in_the_workload() {
     assert!(can_run());
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     // A 32-bit system call nobody watches works (getpid: 20)...
     let mut c = Client::spawn(&cg);
@@ -580,7 +580,7 @@ fn the_old_ways_to_the_same_calls_are_fatal_in_the_workload() {
 #[test]
 fn a_conditional_verdict_lapses_without_the_agent() {
     assert!(can_run());
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let l = tcp_listeners();
     protect(&e, l.port);

@@ -6,7 +6,9 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use common::{Client, EPERM, TestCgroup, attest, can_run, drain, tcp_listeners, udp_server};
+use common::{
+    Client, EPERM, EnforceHere as _, TestCgroup, attest, can_run, drain, tcp_listeners, udp_server,
+};
 use tether_kernel::{Decision, DstPrefix, Enforcer, ExecId, Hook, Proto};
 
 const LO4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -17,7 +19,7 @@ fn tcp_allow_deny_and_untouched() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let protected = tcp_listeners();
     let open = tcp_listeners();
@@ -96,7 +98,7 @@ fn cidr_and_any_port_services() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let a = tcp_listeners();
     let b = tcp_listeners();
@@ -147,7 +149,7 @@ fn ipv6_and_ipv4_mapped_hit_the_same_policy() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let l = tcp_listeners();
     assert!(l.v6.is_some(), "this test needs IPv6 loopback");
@@ -202,7 +204,7 @@ fn udp_sendto_and_connected_udp_are_enforced() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let (server, port) = udp_server();
     let (_other, open_port) = udp_server();
@@ -248,7 +250,7 @@ fn exec_clears_fork_inherits_threads_share() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let l = tcp_listeners();
     e.set_service(DstPrefix::host(LO4, l.port, Proto::Tcp), 1)
@@ -303,7 +305,7 @@ fn a_verdict_written_for_the_previous_image_never_applies() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let l = tcp_listeners();
     e.set_service(DstPrefix::host(LO4, l.port, Proto::Tcp), 1)
@@ -335,7 +337,7 @@ fn bash_dev_tcp_is_refused() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let l = tcp_listeners();
     e.set_service(DstPrefix::host(LO4, l.port, Proto::Tcp), 1)
@@ -365,7 +367,7 @@ fn tcp_fast_open_and_mptcp_are_enforced() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let l = tcp_listeners();
     e.set_service(DstPrefix::host(LO4, l.port, Proto::Tcp), 1)
@@ -390,7 +392,7 @@ fn every_decision_is_one_event() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let l = tcp_listeners();
     let open = tcp_listeners();

@@ -12,7 +12,9 @@ use std::{
     time::Duration,
 };
 
-use common::{Client, EPERM, TestCgroup, attest, can_run, drain, tcp_listeners, udp_server};
+use common::{
+    Client, EPERM, EnforceHere as _, TestCgroup, attest, can_run, drain, tcp_listeners, udp_server,
+};
 use tether_kernel::{Decision, DstPrefix, Enforcer, HeldConnection, HoldConfig, Proto};
 
 const LO4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -145,7 +147,7 @@ fn unattested_tcp_is_held_for_the_agent() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let protected = tcp_listeners();
     let port = protected.port;
@@ -232,7 +234,7 @@ fn a_connection_the_kernel_did_not_redirect_has_no_record() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let (h4, _h6, hold_port) = hold_listeners();
     register_agent(&e, hold_port);
@@ -257,7 +259,7 @@ fn without_a_live_agent_unattested_connections_are_refused() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let protected = tcp_listeners();
     e.set_service(DstPrefix::host(LO4, protected.port, Proto::Tcp), 3)

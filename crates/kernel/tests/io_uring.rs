@@ -13,7 +13,7 @@ use std::{
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
 };
 
-use common::{TestCgroup, attest, can_run, drain, tcp_listeners};
+use common::{EnforceHere as _, TestCgroup, attest, can_run, drain, tcp_listeners};
 use tether_kernel::{Decision, DstPrefix, Enforcer, Proto};
 
 const HELPER_ENV: &str = "TETHER_KERNEL_IO_URING_HELPER";
@@ -161,7 +161,7 @@ fn io_uring_connect_is_enforced_inline_async_and_sqpoll() {
     if !can_run() || std::env::var_os(HELPER_ENV).is_some() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let e = Enforcer::load(&cg.config(None)).expect("load");
     let l = tcp_listeners();
     e.set_service(

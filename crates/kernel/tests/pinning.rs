@@ -7,7 +7,9 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use common::{BpfFs, Client, EPERM, TestCgroup, attest, can_run, drain, tcp_listeners};
+use common::{
+    BpfFs, Client, EPERM, EnforceHere as _, TestCgroup, attest, can_run, drain, tcp_listeners,
+};
 use tether_kernel::{Decision, DstPrefix, Enforcer, KernelError, Proto, VerdictEntry};
 
 const LO4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -17,7 +19,7 @@ fn a_crashed_agent_stays_closed_and_the_next_one_adopts() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let fs = BpfFs::new();
     let cfg = cg.config(Some(&fs.pin_dir()));
     let l = tcp_listeners();
@@ -130,7 +132,7 @@ fn detach_all_removes_a_live_agents_unpinned_links() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let l = tcp_listeners();
     let e = Enforcer::load(&cg.config(None)).expect("load");
     e.set_service(DstPrefix::host(LO4, l.port, Proto::Tcp), 1)
@@ -154,7 +156,7 @@ fn an_incompatible_pinned_map_is_refused() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let fs = BpfFs::new();
     let maps = fs.pin_dir().join("maps");
     std::fs::create_dir_all(&maps).expect("mkdir");
@@ -176,7 +178,7 @@ fn pins_must_be_on_bpffs() {
     if !can_run() {
         return;
     }
-    let cg = TestCgroup::new();
+    let cg = TestCgroup::new("kernel");
     let dir = tempfile::tempdir().expect("tempdir");
     match Enforcer::load(&cg.config(Some(dir.path()))) {
         Err(e @ KernelError::NotBpffs { .. }) => assert!(e.to_string().contains("mount -t bpf")),

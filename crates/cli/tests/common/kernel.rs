@@ -3,85 +3,10 @@
 //! right after exec so a test can decide when the agent has attested them.
 
 use std::os::unix::process::CommandExt as _;
-use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::time::Duration;
 
-/// A cgroup of this test's own, removed (after killing what is left in it)
-/// on drop.
-pub struct Cgroup(pub PathBuf);
-
-impl Cgroup {
-    pub fn new(tag: &str) -> Cgroup {
-        let mnt = tether_kernel::cgroup2_mount().expect("cgroup2 mount");
-        let p = mnt.join(format!("tether-cli-test-{}-{tag}", std::process::id()));
-        std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
-        Cgroup(p)
-    }
-
-    /// Makes `cmd` join this cgroup before it execs (while still root).
-    pub fn enter(&self, cmd: &mut Command) {
-        enter_cgroup(&self.0, cmd);
-    }
-}
-
-/// Makes `cmd` join the cgroup at `dir` before it execs. It also drops the
-/// loader variables cargo sets for test binaries (LD_LIBRARY_PATH): a
-/// workload started with them has its loader steered, and no identity.
-pub fn enter_cgroup(dir: &std::path::Path, cmd: &mut Command) {
-    super::no_loader_env(cmd);
-    let procs = dir.join("cgroup.procs");
-    // SAFETY: the closure only writes a file (no locks shared with the
-    // parent are taken).
-    unsafe {
-        cmd.pre_exec(move || std::fs::write(&procs, "0"));
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        for _ in 0..300 {
-            let procs = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
-            if procs.trim().is_empty() {
-                break;
-            }
-            for pid in procs
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                // SAFETY: kill(2) on processes this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// A private bpffs for pinned programs and maps, unmounted on drop.
-pub struct BpfMount(pub tempfile::TempDir);
-
-impl BpfMount {
-    pub fn new() -> BpfMount {
-        let d = tempfile::Builder::new()
-            .prefix("tether-cli-bpffs-")
-            .tempdir()
-            .expect("tempdir");
-        let st = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(d.path())
-            .status()
-            .expect("mount");
-        assert!(st.success(), "mounting bpffs failed");
-        BpfMount(d)
-    }
-}
-
-impl Drop for BpfMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
+#[allow(unused_imports, reason = "each test binary uses a different subset")]
+pub use tether_test_support::{BpfFs, Cgroup, enter_cgroup};
 
 /// Switches to `uid` (and gid = uid, no supplementary groups) just before
 /// exec. Registered after [`Cgroup::enter`], so the cgroup move still runs

@@ -31,12 +31,7 @@ pub struct Up {
     netns_fd: Option<i32>,
 }
 
-/// Removes the loader variables `cargo test` puts in our environment
-/// (LD_LIBRARY_PATH): a process exec'd with them has its loader steered and
-/// gets no identity unless the identity accepts that.
-pub fn no_loader_env(cmd: &mut Command) -> &mut Command {
-    cmd.env_remove("LD_LIBRARY_PATH").env_remove("LD_PRELOAD")
-}
+pub use tether_test_support::{free_port, no_loader_env, wait_until};
 
 /// A world-traversable temp dir, so workloads running as other uids can
 /// reach the sockets in it.
@@ -311,19 +306,6 @@ impl Drop for Up {
     }
 }
 
-/// A port free on both 127.0.0.1 and [::1] (for servers that listen on
-/// both).
-pub fn free_port() -> u16 {
-    for _ in 0..50 {
-        let v4 = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = v4.local_addr().expect("addr").port();
-        if std::net::TcpListener::bind(("::1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no port free on both loopback addresses");
-}
-
 pub fn rand_suffix() -> String {
     format!(
         "{:x}",
@@ -387,20 +369,6 @@ pub fn python() -> PathBuf {
         .output()
         .expect("python3");
     PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
-}
-
-/// Polls `f` until it returns true or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A copy of the running test binary in a world-readable directory, to run

@@ -49,7 +49,7 @@ impl Redis {
     /// On `host`, in `cgroup`, listening on every IPv4 address (as many
     /// servers do: the Service names only some of them).
     pub fn start_on(lan: &Lan, host: &str, cgroup: &Cgroup) -> Redis {
-        Self::start_in(Some(lan.fd(host)), Some(&cgroup.0), "0.0.0.0")
+        Self::start_in(Some(lan.fd(host)), Some(&cgroup.path), "0.0.0.0")
     }
 
     /// In a host's network namespace and/or a cgroup, listening on `bind`.
@@ -164,7 +164,7 @@ impl Postgres {
     /// loopback, with TLS (a self-signed certificate) available to clients.
     pub fn start_on(lan: &Lan, host: &str, cgroup: &Cgroup) -> Postgres {
         let listen = format!("{},127.0.0.1", lan.addr(host));
-        Self::start_in(Some(lan.fd(host)), Some(&cgroup.0), &listen, true)
+        Self::start_in(Some(lan.fd(host)), Some(&cgroup.path), &listen, true)
     }
 
     fn start_in(

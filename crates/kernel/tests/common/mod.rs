@@ -6,14 +6,10 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::{
-    ffi::CString,
-    fs,
     io::{BufRead as _, BufReader, Write as _},
     net::{TcpListener, UdpSocket},
-    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
@@ -43,143 +39,20 @@ pub fn can_run() -> bool {
     true
 }
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
+#[allow(unused_imports, reason = "each test binary uses a different subset")]
+pub use tether_test_support::{BpfFs, Cgroup as TestCgroup};
 
-/// `<cgroup2 mount>/tether-kernel-test-<pid>-<n>`, removed on drop after
-/// killing whatever is still inside (only our own children can be).
-pub struct TestCgroup {
-    pub path: PathBuf,
+/// The enforcer's configuration for a test cgroup.
+pub trait EnforceHere {
+    fn config(&self, pin_dir: Option<&Path>) -> EnforcerConfig;
 }
 
-impl TestCgroup {
-    pub fn new() -> Self {
-        let mnt = tether_kernel::cgroup2_mount().expect("cgroup2 mount");
-        sweep_stale(&mnt);
-        let n = SEQ.fetch_add(1, Ordering::SeqCst);
-        let path = mnt.join(format!("tether-kernel-test-{}-{n}", std::process::id()));
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        Self { path }
-    }
-
-    pub fn add(&self, pid: u32) {
-        fs::write(self.path.join("cgroup.procs"), pid.to_string())
-            .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", self.path.display()));
-    }
-
-    pub fn config(&self, pin_dir: Option<&Path>) -> EnforcerConfig {
+impl EnforceHere for TestCgroup {
+    fn config(&self, pin_dir: Option<&Path>) -> EnforcerConfig {
         EnforcerConfig {
             cgroup: Some(self.path.clone()),
             pin_dir: pin_dir.map(Path::to_path_buf),
         }
-    }
-}
-
-fn pid_is_gone(name: &str, prefix: &str) -> bool {
-    name.strip_prefix(prefix)
-        .and_then(|rest| rest.split('-').next())
-        .and_then(|pid| pid.parse::<u32>().ok())
-        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-}
-
-/// Drop cannot run when a test run is killed (a timeout's SIGTERM, say), so
-/// leftovers of dead test processes are removed by the next run: empty
-/// cgroups and bpffs mounts named after a pid that no longer exists.
-fn sweep_stale(cgroup_mnt: &Path) {
-    if let Ok(entries) = fs::read_dir(cgroup_mnt) {
-        for e in entries.flatten() {
-            if pid_is_gone(&e.file_name().to_string_lossy(), "tether-kernel-test-") {
-                let _ = fs::remove_dir(e.path());
-            }
-        }
-    }
-    let tmp = std::env::temp_dir();
-    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-    for line in mounts.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(_), Some(dir), Some("bpf")) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        let dir = Path::new(dir);
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if dir.parent() == Some(tmp.as_path()) && pid_is_gone(&name, "tether-bpffs-") {
-            let Ok(c) = CString::new(dir.as_os_str().as_bytes()) else {
-                continue;
-            };
-            // SAFETY: valid NUL-terminated path of a mount only our tests make.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            let _ = fs::remove_dir(dir);
-        }
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for _ in 0..500 {
-            let procs = fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
-            if procs.trim().is_empty() {
-                break;
-            }
-            for pid in procs
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                // SAFETY: plain kill(2); these are children this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if let Err(e) = fs::remove_dir(&self.path) {
-            eprintln!("warning: could not remove {}: {e}", self.path.display());
-        }
-    }
-}
-
-/// A private bpffs instance on a temporary directory. Unmounting it drops
-/// every pin made in it.
-pub struct BpfFs {
-    dir: tempfile::TempDir,
-}
-
-impl BpfFs {
-    pub fn new() -> Self {
-        let prefix = format!("tether-bpffs-{}-", std::process::id());
-        let dir = tempfile::Builder::new()
-            .prefix(&prefix)
-            .tempdir()
-            .expect("tempdir");
-        let target = CString::new(dir.path().as_os_str().as_bytes()).expect("path");
-        // SAFETY: valid NUL-terminated strings; no data argument.
-        let r = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(r, 0, "mount bpffs: {}", std::io::Error::last_os_error());
-        Self { dir }
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    pub fn pin_dir(&self) -> PathBuf {
-        self.dir.path().join("tether")
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let target = CString::new(self.dir.path().as_os_str().as_bytes()).expect("path");
-        // SAFETY: valid NUL-terminated path. MNT_DETACH so an fd still open
-        // somewhere cannot keep the mount point busy.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     }
 }
 
