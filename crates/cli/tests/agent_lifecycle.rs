@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tether_proto::tether::{ApplyRequest, CreateJoinTokenRequest, admin_client::AdminClient};
+use tether_proto::tether::{ApplyRequest, CreateJoinTokenRequest};
 use tether_spiffe::TrustDomain;
 
 /// Entry point for the workload child (see `common::workload_command`); a
@@ -33,11 +33,7 @@ impl Drop for Kill {
 async fn dropping_a_running_agent_frees_every_process_key() {
     let dir = open_tempdir();
     let td = TrustDomain::new("example.org").expect("td");
-    let mut scfg = tether_server::ServerConfig::new(td.clone(), dir.path().join("server"));
-    scfg.listen = "127.0.0.1:0".parse().expect("addr");
-    scfg.admin_socket = dir.path().join("admin.sock");
-    let server = tether_server::start(scfg).await.expect("server");
-    let admin = AdminClient::new(tether_proto::uds::channel(&dir.path().join("admin.sock")));
+    let (server, admin) = in_process_server(dir.path(), "server").await;
     let exe = workload_binary(dir.path(), "lifecycle-workload");
     admin
         .clone()

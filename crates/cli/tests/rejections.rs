@@ -8,7 +8,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use common::*;
-use tether_proto::tether::admin_client::AdminClient;
 use tether_proto::tether::node_client::NodeClient;
 use tether_proto::tether::{
     ApplyRequest, AttestRequest, CreateJoinTokenRequest, SignX509SvidsRequest, SvidCsr,
@@ -172,12 +171,8 @@ fn node_svid_is_renewed_and_the_agent_keeps_working() {
 async fn node_api_refuses_bad_csrs_and_entitlement_overreach() {
     let dir = open_tempdir();
     let td = TrustDomain::new("example.org").expect("td");
-    let mut cfg = tether_server::ServerConfig::new(td.clone(), dir.path().join("data"));
-    cfg.listen = "127.0.0.1:0".parse().expect("addr");
-    cfg.admin_socket = dir.path().join("admin.sock");
-    let server = tether_server::start(cfg).await.expect("server");
+    let (server, admin) = in_process_server(dir.path(), "data").await;
     let addr = server.node_addr.to_string();
-    let admin = AdminClient::new(tether_proto::uds::channel(&dir.path().join("admin.sock")));
     admin
         .clone()
         .apply(ApplyRequest {

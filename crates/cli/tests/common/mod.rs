@@ -33,6 +33,27 @@ pub struct Up {
 
 pub use tether_test_support::{free_port, no_loader_env, wait_until};
 
+/// A server in this process (trust domain example.org, node API on a free
+/// loopback port), its data under `dir/<data>` and its admin API on
+/// `dir/admin.sock`.
+pub async fn in_process_server(
+    dir: &Path,
+    data: &str,
+) -> (
+    tether_server::RunningServer,
+    tether_proto::tether::admin_client::AdminClient<tonic::transport::Channel>,
+) {
+    let td = tether_spiffe::TrustDomain::new("example.org").expect("td");
+    let mut cfg = tether_server::ServerConfig::new(td, dir.join(data));
+    cfg.listen = "127.0.0.1:0".parse().expect("addr");
+    cfg.admin_socket = dir.join("admin.sock");
+    let server = tether_server::start(cfg).await.expect("server");
+    let admin = tether_proto::tether::admin_client::AdminClient::new(tether_proto::uds::channel(
+        &dir.join("admin.sock"),
+    ));
+    (server, admin)
+}
+
 /// A world-traversable temp dir, so workloads running as other uids can
 /// reach the sockets in it.
 pub fn open_tempdir() -> tempfile::TempDir {
