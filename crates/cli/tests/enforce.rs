@@ -345,9 +345,11 @@ spec:
 }
 
 /// Audit records are drained on a short timer: poll until one matches.
+/// A held connection is decided within the agent's 10 s attestation bound
+/// (hashing under load can take most of it), so wait longer than that.
 fn wait_event(up: &Up, pred: impl Fn(&serde_json::Value) -> bool) -> Result<(), String> {
     let mut last = String::new();
-    if wait_until(Duration::from_secs(5), || {
+    if wait_until(Duration::from_secs(15), || {
         last = up.ok(&["events"]);
         last.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
