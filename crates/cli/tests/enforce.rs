@@ -280,7 +280,19 @@ spec:
             cmd.env("TETHER_TEST_WAIT", "1");
         }
         self.cg.enter(&mut cmd);
-        let mut child = cmd.spawn().expect("run client");
+        // A binary copied just now can still be open for writing in a child
+        // another test thread forked meanwhile (until that child execs):
+        // ETXTBSY then, briefly.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => break r.expect("run client"),
+            }
+        };
         if attested {
             self.release_when_attested(&out, child.id());
         }
