@@ -398,6 +398,116 @@ fn in_prefix(net: IpAddr, len: u8, a: IpAddr) -> bool {
     }
 }
 
+/// What the connect hook finds for a destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub service_id: u32,
+    /// Cleared for a Service of this host reached locally: decided here,
+    /// never tunnelled to ourselves.
+    pub flags: ServiceFlags,
+    /// Found through `local_ports` (a port of this host's Service at a
+    /// destination that reaches this host).
+    pub local: bool,
+}
+
+/// The kernel maps the connect hook reads, as [`service_keys`] and
+/// [`local_ports`] compute them, plus the host's addresses (`local_addrs`).
+pub struct ConnectMaps<'a> {
+    pub services: &'a HashMap<DstPrefix, (u32, ServiceFlags)>,
+    pub local_ports: &'a HashMap<(Proto, u16), (u32, ServiceFlags, String)>,
+    pub host: &'a [IpAddr],
+}
+
+/// A model of the connect hook's Service lookup (`decide()` in
+/// tether.bpf.c), step for step, so the middle tier can check every case
+/// against the maps this module fills, and `policy check` can say what
+/// the hook would find. `socket_proto` is the socket's IPPROTO_* number;
+/// `listener_bound` says whether a socket in the caller's namespace is
+/// bound to exactly that address and port (the hook's bpf_sk_lookup; a
+/// wildcard listener does not count).
+pub fn connect_lookup(
+    maps: &ConnectMaps,
+    socket_proto: i32,
+    dst: std::net::SocketAddr,
+    listener_bound: &dyn Fn(std::net::SocketAddr, Proto) -> bool,
+) -> Option<Found> {
+    // MPTCP is TCP and UDP-Lite is UDP to the hook; nothing else can be a
+    // protected destination.
+    let proto = match socket_proto {
+        libc::IPPROTO_TCP | libc::IPPROTO_MPTCP => Proto::Tcp,
+        libc::IPPROTO_UDP | libc::IPPROTO_UDPLITE => Proto::Udp,
+        _ => return None,
+    };
+    let addr = mapped_bits(dst.ip());
+    let port = dst.port();
+    // A port a Service of this host owns, at a destination that reaches
+    // this host, is decided by that Service even if a broader one also
+    // covers the address.
+    let owned = maps
+        .local_ports
+        .get(&(proto, port))
+        .or_else(|| maps.local_ports.get(&(proto, 0)));
+    if let Some((id, _, _)) = owned {
+        let here = std::net::SocketAddr::new(dst.ip().to_canonical(), port);
+        if is_local_dst(dst.ip(), maps.host) || listener_bound(here, proto) {
+            return Some(Found {
+                service_id: *id,
+                flags: ServiceFlags::default(),
+                local: true,
+            });
+        }
+    }
+    // The LPM trie: the exact port's longest prefix, then the any-port
+    // entries' (the port is part of the key, so an exact-port /8 beats an
+    // any-port /32).
+    [port, 0].into_iter().find_map(|p| {
+        maps.services
+            .iter()
+            .filter(|(k, _)| k.proto == proto && k.port == p)
+            .filter_map(|(k, v)| {
+                let (net, bits) = prefix_bits(k);
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                (net & mask == addr & mask).then_some((bits, *v))
+            })
+            .max_by_key(|(bits, _)| *bits)
+            .map(|(_, (id, flags))| Found {
+                service_id: id,
+                flags,
+                local: false,
+            })
+    })
+}
+
+/// An address as the kernel keys it: IPv4 as IPv4-mapped IPv6.
+fn mapped_bits(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+/// A prefix in the kernel's 128-bit address space.
+fn prefix_bits(k: &DstPrefix) -> (u128, u32) {
+    let bits = match k.net {
+        IpAddr::V4(_) => 96 + u32::from(k.prefix_len.min(32)),
+        IpAddr::V6(_) => u32::from(k.prefix_len.min(128)),
+    };
+    (mapped_bits(k.net), bits)
+}
+
+/// The hook's `is_local_dst`: where the kernel would deliver to a listener
+/// on this host (loopback, unspecified, multicast, IPv4 broadcast, and the
+/// host's own addresses).
+pub fn is_local_dst(ip: IpAddr, host: &[IpAddr]) -> bool {
+    let fixed = match ip.to_canonical() {
+        IpAddr::V4(a) => {
+            a.is_loopback() || a.octets()[0] == 0 || a.is_multicast() || a.is_broadcast()
+        }
+        IpAddr::V6(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast(),
+    };
+    fixed || host.iter().any(|h| h.to_canonical() == ip.to_canonical())
+}
+
 /// A nonzero id from a name (FNV-1a), probing past ids already taken.
 fn stable_id(name: &str, taken: &HashMap<u32, String>) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
@@ -806,5 +916,173 @@ mod tests {
         assert!(!covers_local(ip("10.0.0.1"), 32, &[]));
         assert!(covers_local(ip("10.0.0.0"), 24, &[ip("::ffff:10.0.0.5")]));
         assert!(!covers_local(ip("10.0.0.0"), 24, &[ip("10.0.1.5")]));
+    }
+
+    /// The connect hook's view of a registry on a host with `host`
+    /// addresses: (Service name, local) per destination, or None.
+    struct Hook {
+        services: HashMap<DstPrefix, (u32, ServiceFlags)>,
+        ports: HashMap<(Proto, u16), (u32, ServiceFlags, String)>,
+        host: Vec<IpAddr>,
+        names: Names,
+    }
+
+    impl Hook {
+        fn new(yaml: &str, host: &[&str]) -> Self {
+            let (reg, names) = registry(&[], yaml);
+            let host: Vec<IpAddr> = host.iter().map(|h| h.parse().expect("ip")).collect();
+            let resolve = |h: &str| -> Vec<IpAddr> {
+                match h {
+                    "db.example" => vec!["203.0.113.9".parse().expect("ip")],
+                    _ => Vec::new(),
+                }
+            };
+            Hook {
+                services: service_keys(&reg, &names, &resolve),
+                ports: local_ports(&reg, &names, &host),
+                host,
+                names,
+            }
+        }
+
+        fn find_with(
+            &self,
+            proto: i32,
+            dst: &str,
+            listener: &dyn Fn(std::net::SocketAddr, Proto) -> bool,
+        ) -> Option<(String, bool, ServiceFlags)> {
+            let maps = ConnectMaps {
+                services: &self.services,
+                local_ports: &self.ports,
+                host: &self.host,
+            };
+            connect_lookup(&maps, proto, dst.parse().expect("dst"), listener).map(|f| {
+                (
+                    self.names.service_names[&f.service_id].clone(),
+                    f.local,
+                    f.flags,
+                )
+            })
+        }
+
+        /// TCP, no listener bound to exactly the destination.
+        fn find(&self, dst: &str) -> Option<(String, bool)> {
+            self.find_with(libc::IPPROTO_TCP, dst, &|_, _| false)
+                .map(|(n, l, _)| (n, l))
+        }
+    }
+
+    fn hit(name: &str, local: bool) -> Option<(String, bool)> {
+        Some((name.to_owned(), local))
+    }
+
+    #[test]
+    fn connect_lookup_prefers_the_exact_port_then_the_longest_prefix() {
+        let yaml = service("wide-port", "    - {cidr: 10.0.0.0/8, ports: [443]}")
+            + &service("narrow-any", "    - {cidr: 10.1.2.3/32}")
+            + &service("mid-port", "    - {cidr: 10.1.0.0/16, ports: [443]}")
+            + &service("v6", "    - {cidr: \"2001:db8::/32\", ports: [443]}");
+        let hook = Hook::new(&yaml, &[]);
+        // The port is part of the key: an exact-port /8 beats an any-port
+        // /32, and among exact-port entries the longest prefix wins.
+        assert_eq!(hook.find("10.1.2.3:443"), hit("mid-port", false));
+        assert_eq!(hook.find("10.9.9.9:443"), hit("wide-port", false));
+        assert_eq!(hook.find("10.1.2.3:80"), hit("narrow-any", false));
+        assert_eq!(hook.find("10.1.2.4:80"), None, "unprotected");
+        assert_eq!(hook.find("11.0.0.1:443"), None);
+        assert_eq!(hook.find("[2001:db8::1]:443"), hit("v6", false));
+        assert_eq!(hook.find("[2001:db9::1]:443"), None);
+    }
+
+    #[test]
+    fn connect_lookup_sees_ipv4_through_mapped_ipv6_and_protocol_aliases() {
+        let yaml = service("tcp", "    - {cidr: 192.0.2.0/24, ports: [5432]}")
+            + &service(
+                "udp",
+                "    - {cidr: 192.0.2.0/24, ports: [53], protocol: udp}",
+            )
+            + &service("all-v6", "    - {cidr: \"::/0\", ports: [7000]}");
+        let hook = Hook::new(&yaml, &[]);
+        // connect6 on a dual-stack socket reaches the IPv4 entry.
+        assert_eq!(hook.find("[::ffff:192.0.2.5]:5432"), hit("tcp", false));
+        // MPTCP is TCP and UDP-Lite is UDP; other protocols are never
+        // protected destinations.
+        let none = |_: std::net::SocketAddr, _: Proto| false;
+        let find = |proto, dst| hook.find_with(proto, dst, &none).map(|(n, _, _)| n);
+        assert_eq!(
+            find(libc::IPPROTO_MPTCP, "192.0.2.5:5432"),
+            Some("tcp".into())
+        );
+        assert_eq!(find(libc::IPPROTO_UDP, "192.0.2.5:5432"), None);
+        assert_eq!(
+            find(libc::IPPROTO_UDPLITE, "192.0.2.5:53"),
+            Some("udp".into())
+        );
+        assert_eq!(find(libc::IPPROTO_TCP, "192.0.2.5:53"), None);
+        assert_eq!(find(libc::IPPROTO_SCTP, "192.0.2.5:5432"), None);
+        // An IPv6 ::/0 block is a zero-bit prefix of the whole key space,
+        // IPv4-mapped addresses included.
+        assert_eq!(hook.find("192.0.2.5:7000"), hit("all-v6", false));
+    }
+
+    #[test]
+    fn connect_lookup_resolves_hostnames_on_their_ports() {
+        let yaml = "apiVersion: tether.dev/v1alpha1\nkind: Service\nmetadata: {name: db}\nspec:\n  hostnames: [db.example, unknown.example]\n  hostPorts: [5432]\n";
+        let hook = Hook::new(yaml, &[]);
+        assert_eq!(hook.find("203.0.113.9:5432"), hit("db", false));
+        assert_eq!(hook.find("203.0.113.9:5433"), None);
+        let udp = hook
+            .find_with(libc::IPPROTO_UDP, "203.0.113.9:5432", &|_, _| false)
+            .map(|(n, _, _)| n);
+        assert_eq!(udp, Some("db".into()), "hostnames cover both protocols");
+    }
+
+    #[test]
+    fn connect_lookup_lets_this_hosts_service_decide_at_every_local_destination() {
+        let yaml = service("cache", "    - {cidr: 127.0.0.1/32, ports: [6379]}")
+            + &service("net", "    - {cidr: 0.0.0.0/0, ports: [6379]}")
+            + &service(
+                "meshed",
+                "    - {cidr: 192.0.2.7/32, ports: [8443]}\n  mesh: {}",
+            );
+        let hook = Hook::new(&yaml, &["192.0.2.7"]);
+        // "net" also covers 127.0.0.1 (and "cache" owns 6379 on this host
+        // since 0.0.0.0/0 covers loopback, first by name): a local
+        // destination is decided by the port's owner, locally.
+        let owner = hook.ports[&(Proto::Tcp, 6379)].2.clone();
+        for dst in [
+            "127.0.0.1:6379",
+            "127.9.9.9:6379",
+            "0.0.0.0:6379",
+            "[::1]:6379",
+            "[::]:6379",
+            "[::ffff:127.0.0.1]:6379",
+            "192.0.2.7:6379",
+            "224.0.0.1:6379",
+            "255.255.255.255:6379",
+        ] {
+            assert_eq!(hook.find(dst), hit(&owner, true), "{dst}");
+        }
+        // Another host's address: the network-wide Service.
+        assert_eq!(hook.find("198.51.100.1:6379"), hit("net", false));
+        // ... unless a socket here is bound to exactly that address (an
+        // address of another namespace's the agent does not follow).
+        let bound = |a: std::net::SocketAddr, p: Proto| {
+            p == Proto::Tcp && a == "198.51.100.1:6379".parse().expect("addr")
+        };
+        let found = hook.find_with(libc::IPPROTO_TCP, "198.51.100.1:6379", &bound);
+        assert_eq!(found.map(|(n, l, _)| (n, l)), hit(&owner, true));
+        // A meshed Service reached on this host is decided here, without
+        // the mesh flag (no tunnel to ourselves); from elsewhere it is
+        // meshed.
+        let (name, local, flags) = hook
+            .find_with(libc::IPPROTO_TCP, "192.0.2.7:8443", &|_, _| false)
+            .expect("meshed, locally");
+        assert_eq!((name.as_str(), local, flags.mesh), ("meshed", true, false));
+        let remote = Hook::new(&yaml, &[]);
+        let (_, local, flags) = remote
+            .find_with(libc::IPPROTO_TCP, "192.0.2.7:8443", &|_, _| false)
+            .expect("meshed, remotely");
+        assert!(!local && flags.mesh);
     }
 }

@@ -76,6 +76,7 @@ pub struct Enforcement {
 }
 
 /// What the hold listener decided for a held connection.
+#[derive(Debug, Clone)]
 pub struct HeldDecision {
     pub allow: bool,
     pub rule: String,

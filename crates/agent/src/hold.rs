@@ -10,20 +10,23 @@
 //! connection to this port that the kernel did not redirect has no record
 //! and is reset too.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_attest::PidFd;
+use tether_attest::{KeyedSlots, PidFd};
 use tether_kernel::{ExecId, HeldConnection};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::enforce::{Enforcement, HeldDecision};
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
+use crate::registry::AgentService;
 use crate::tracker::Tracker;
-use tether_attest::KeyedSlots;
 
 /// How long a held connection may wait for its process to be attested.
 const ATTEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,16 +39,131 @@ const MAX_HELD: usize = 4096;
 /// floods connects waits for its own attestation, not everyone's slots.
 const MAX_DECIDING_PER_PROCESS: usize = 64;
 
+/// How a held connection ended, as the `held_connections` metric counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldOutcome {
+    /// No kernel record: nobody was redirected here from that address.
+    Unredirected,
+    /// The kernel record could not be read.
+    Error,
+    /// Too many held connections (in all, or of one process).
+    Overload,
+    Denied,
+    Allowed,
+    /// Allowed, but the original destination could not be reached.
+    UpstreamFailed,
+}
+
+impl HeldOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            HeldOutcome::Unredirected => "unredirected",
+            HeldOutcome::Error => "error",
+            HeldOutcome::Overload => "overload",
+            HeldOutcome::Denied => "denied",
+            HeldOutcome::Allowed => "allowed",
+            HeldOutcome::UpstreamFailed => "upstream_failed",
+        }
+    }
+}
+
+/// A boxed future (the seam's attestation), so the trait stays object safe
+/// without another crate.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What the hold path needs from the rest of the agent. [`AgentPorts`] is
+/// the real thing (the kernel's held map, the tracker, the verdicts); the
+/// middle-tier tests below put a fake kernel map and a scripted attester
+/// behind it.
+pub trait HoldPorts: Send + Sync + 'static {
+    /// Claims the kernel's record for a connection from `peer` (single
+    /// use: the record is gone afterwards).
+    fn take_held(&self, peer: SocketAddr) -> Result<Option<HeldConnection>, String>;
+    /// The verdict for the record's exact process instance and image, once
+    /// the agent has attested it.
+    fn verdict(&self, rec: &HeldConnection, start_ticks: u64) -> Option<HeldDecision>;
+    /// Bumped whenever verdicts change.
+    fn verdict_changes(&self) -> watch::Receiver<u64>;
+    /// Attests and tracks the process; resolves once its verdicts are
+    /// written, or with why it could not be attested.
+    fn attest(&self, pid: i32) -> BoxFuture<Result<(), String>>;
+    /// The Service with this kernel id, if it is meshed.
+    fn meshed(&self, service_id: u32) -> Option<AgentService>;
+    /// Records the decision (paired with the kernel's own event).
+    fn audit(&self, rec: &HeldConnection, d: &HeldDecision);
+}
+
+/// The agent's own [`HoldPorts`].
+pub struct AgentPorts {
+    pub tracker: Arc<Tracker>,
+    pub enf: Arc<Enforcement>,
+}
+
+impl HoldPorts for AgentPorts {
+    fn take_held(&self, peer: SocketAddr) -> Result<Option<HeldConnection>, String> {
+        self.enf.kernel().take_held(peer).map_err(|e| e.to_string())
+    }
+
+    fn verdict(&self, rec: &HeldConnection, start_ticks: u64) -> Option<HeldDecision> {
+        self.enf.held_verdict(
+            rec.tgid as i32,
+            ExecId(rec.exec_id),
+            start_ticks,
+            rec.service_id,
+        )
+    }
+
+    fn verdict_changes(&self) -> watch::Receiver<u64> {
+        self.enf.subscribe_verdicts()
+    }
+
+    fn attest(&self, pid: i32) -> BoxFuture<Result<(), String>> {
+        let tracker = self.tracker.clone();
+        Box::pin(async move {
+            let pidfd = PidFd::open(pid).map_err(|e| format!("the process is gone ({e})"))?;
+            tracker
+                .ensure(Arc::new(pidfd))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn meshed(&self, service_id: u32) -> Option<AgentService> {
+        self.enf
+            .service_by_id(service_id)
+            .filter(|s| s.spec.mesh.is_some())
+    }
+
+    fn audit(&self, rec: &HeldConnection, d: &HeldDecision) {
+        self.enf.audit_held(rec, d)
+    }
+}
+
 /// What every held connection's task shares.
 struct Ctx {
-    tracker: Arc<Tracker>,
-    enf: Arc<Enforcement>,
+    ports: Arc<dyn HoldPorts>,
     /// The mesh, when this agent runs one: allowed connects to meshed
     /// Services are tunnelled.
     mesh: Option<Arc<Mesh>>,
     metrics: Arc<Metrics>,
     /// Held connections being decided, per process.
     deciding: Arc<KeyedSlots<u32>>,
+    attest_timeout: Duration,
+}
+
+/// What to do with a held connection, decided before any byte moves.
+#[derive(Debug)]
+pub enum Plan {
+    Reset(HeldOutcome),
+    /// Allowed: connect to the original destination and splice.
+    Direct(HeldConnection),
+    /// Allowed to a meshed Service: the tunnel takes it.
+    Mesh {
+        rec: HeldConnection,
+        decision: HeldDecision,
+        service: AgentService,
+    },
 }
 
 pub struct HoldListeners {
@@ -102,19 +220,18 @@ impl HoldListeners {
     /// the shared [`Ctx`]).
     pub fn serve(
         self,
-        tracker: Arc<Tracker>,
-        enforcement: Arc<Enforcement>,
+        ports: Arc<dyn HoldPorts>,
         mesh: Option<Arc<Mesh>>,
         metrics: Arc<Metrics>,
     ) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HELD));
         let ctx = Arc::new(Ctx {
-            tracker,
-            enf: enforcement,
+            ports,
             mesh,
             metrics,
             deciding: KeyedSlots::new(MAX_DECIDING_PER_PROCESS, MAX_HELD),
+            attest_timeout: ATTEST_TIMEOUT,
         });
         for l in std::iter::once(self.v4).chain(self.v6) {
             let (ctx, slots) = (ctx.clone(), slots.clone());
@@ -125,7 +242,7 @@ impl HoldListeners {
                         Ok((s, peer)) => {
                             let Ok(slot) = slots.clone().try_acquire_owned() else {
                                 tracing::warn!(%peer, "too many held connections; reset");
-                                m.held_connection("overload");
+                                m.held_connection(HeldOutcome::Overload.label());
                                 reset(s);
                                 continue;
                             };
@@ -159,70 +276,42 @@ async fn handle(
     ctx: Arc<Ctx>,
     slot: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let Ctx {
-        tracker,
-        enf,
-        mesh,
-        metrics,
-        deciding,
-    } = &*ctx;
     let _ = client.set_nodelay(true);
-    // Only the kernel's record (keyed by the full client address) makes a
-    // connection here legitimate; a client bound to a non-loopback source
-    // still has one.
-    let rec = match enf.kernel().take_held(peer) {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            tracing::warn!(%peer, "connection to the hold port that the kernel did not redirect; reset");
-            metrics.held_connection("unredirected");
+    let metrics = &ctx.metrics;
+    let plan = plan(
+        &*ctx.ports,
+        peer,
+        ctx.mesh.is_some(),
+        &ctx.deciding,
+        ctx.attest_timeout,
+    )
+    .await;
+    let rec = match plan {
+        Plan::Reset(outcome) => {
+            metrics.held_connection(outcome.label());
             return reset(client);
         }
-        Err(e) => {
-            tracing::error!(%peer, error = %e, "reading the held connection record failed; reset");
-            metrics.held_connection("error");
-            return reset(client);
+        Plan::Mesh {
+            rec,
+            decision,
+            service,
+        } => {
+            let Some(mesh) = ctx.mesh.clone() else {
+                // plan() never tunnels without a mesh.
+                metrics.held_connection(HeldOutcome::Error.label());
+                return reset(client);
+            };
+            if !rec.mesh {
+                metrics.held_connection(HeldOutcome::Allowed.label());
+            }
+            let ticks = start_ticks(&rec);
+            drop(slot);
+            mesh.outbound(client, &rec, ticks, &service, &decision.rule, decision.proc)
+                .await;
+            return;
         }
+        Plan::Direct(rec) => rec,
     };
-    let Some(deciding) = deciding.take(rec.tgid) else {
-        tracing::warn!(
-            pid = rec.tgid,
-            "too many held connections of one process being decided; reset"
-        );
-        metrics.held_connection("overload");
-        return reset(client);
-    };
-    let decision = decide(tracker, enf, &rec).await;
-    drop(deciding);
-    let meshed = enf
-        .service_by_id(rec.service_id)
-        .filter(|s| s.spec.mesh.is_some());
-    let mesh = mesh.clone();
-    // A connect the kernel already allowed into the mesh has its record
-    // (allow-mesh) and the tunnel adds its own; anything else that differs
-    // from what the kernel recorded gets a record here.
-    let mut decision = decision;
-    if decision.allow && meshed.is_some() && mesh.is_none() {
-        decision.allow = false;
-        decision.reason =
-            Some("the Service is meshed, but this agent runs without a mesh port".into());
-    }
-    if !rec.mesh || !decision.allow || meshed.is_none() {
-        enf.audit_held(&rec, &decision);
-    }
-    if !decision.allow {
-        metrics.held_connection("denied");
-        return reset(client);
-    }
-    if let (Some(service), Some(mesh)) = (meshed, mesh) {
-        if !rec.mesh {
-            metrics.held_connection("allowed");
-        }
-        let ticks = start_ticks(&rec);
-        drop(slot);
-        mesh.outbound(client, &rec, ticks, &service, &decision.rule, decision.proc)
-            .await;
-        return;
-    }
     let upstream = match tokio::time::timeout(
         UPSTREAM_TIMEOUT,
         TcpStream::connect(rec.original_dst),
@@ -232,18 +321,76 @@ async fn handle(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(dst = %rec.original_dst, error = %e, "held connection allowed, but the destination refused");
-            metrics.held_connection("upstream_failed");
+            metrics.held_connection(HeldOutcome::UpstreamFailed.label());
             return reset(client);
         }
         Err(_) => {
             tracing::info!(dst = %rec.original_dst, "held connection allowed, but the destination did not answer");
-            metrics.held_connection("upstream_failed");
+            metrics.held_connection(HeldOutcome::UpstreamFailed.label());
             return reset(client);
         }
     };
-    metrics.held_connection("allowed");
+    metrics.held_connection(HeldOutcome::Allowed.label());
     let _ = upstream.set_nodelay(true);
     splice(client, upstream).await;
+}
+
+/// The hold state machine up to the first byte: claim the kernel's record,
+/// take a per-process slot, decide, audit, and choose the path. Every
+/// failure resets.
+pub async fn plan(
+    ports: &dyn HoldPorts,
+    peer: SocketAddr,
+    has_mesh: bool,
+    deciding: &Arc<KeyedSlots<u32>>,
+    attest_timeout: Duration,
+) -> Plan {
+    // Only the kernel's record (keyed by the full client address) makes a
+    // connection here legitimate; a client bound to a non-loopback source
+    // still has one.
+    let rec = match ports.take_held(peer) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            tracing::warn!(%peer, "connection to the hold port that the kernel did not redirect; reset");
+            return Plan::Reset(HeldOutcome::Unredirected);
+        }
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "reading the held connection record failed; reset");
+            return Plan::Reset(HeldOutcome::Error);
+        }
+    };
+    let Some(slot) = deciding.take(rec.tgid) else {
+        tracing::warn!(
+            pid = rec.tgid,
+            "too many held connections of one process being decided; reset"
+        );
+        return Plan::Reset(HeldOutcome::Overload);
+    };
+    let mut decision = decide(ports, &rec, attest_timeout).await;
+    drop(slot);
+    let meshed = ports.meshed(rec.service_id);
+    if decision.allow && meshed.is_some() && !has_mesh {
+        decision.allow = false;
+        decision.reason =
+            Some("the Service is meshed, but this agent runs without a mesh port".into());
+    }
+    // A connect the kernel already allowed into the mesh has its record
+    // (allow-mesh) and the tunnel adds its own; anything else that differs
+    // from what the kernel recorded gets a record here.
+    if !rec.mesh || !decision.allow || meshed.is_none() {
+        ports.audit(&rec, &decision);
+    }
+    if !decision.allow {
+        return Plan::Reset(HeldOutcome::Denied);
+    }
+    match meshed {
+        Some(service) => Plan::Mesh {
+            rec,
+            decision,
+            service,
+        },
+        None => Plan::Direct(rec),
+    }
 }
 
 /// Copies both ways until both sides are done, passing half-closes on.
@@ -281,35 +428,25 @@ fn start_ticks(rec: &HeldConnection) -> u64 {
 /// verdict for it. Only the exact instance (pid and start time) and image
 /// (exec id) that called connect() counts: anything else is a denial.
 async fn decide(
-    tracker: &Arc<Tracker>,
-    enf: &Arc<Enforcement>,
+    ports: &dyn HoldPorts,
     rec: &HeldConnection,
+    attest_timeout: Duration,
 ) -> HeldDecision {
     let pid = rec.tgid as i32;
     let start_ticks = start_ticks(rec);
-    let exec_id = ExecId(rec.exec_id);
-    let mut changes = enf.subscribe_verdicts();
+    let mut changes = ports.verdict_changes();
     // Already attested since it connected?
-    if let Some(d) = enf.held_verdict(pid, exec_id, start_ticks, rec.service_id) {
+    if let Some(d) = ports.verdict(rec, start_ticks) {
         return d;
     }
-    let pidfd = match PidFd::open(pid) {
-        Ok(fd) => Arc::new(fd),
-        Err(e) => {
-            return deny(format!(
-                "process {pid} is gone ({e}); it could not be attested"
-            ));
-        }
-    };
     // Its own task: the attestation (and SVID issuance) completes even if
     // the verdict is known first.
-    let t = tracker.clone();
-    let mut ensure = tokio::spawn(async move { t.ensure(pidfd).await.map(|_| ()) });
-    let deadline = tokio::time::sleep(ATTEST_TIMEOUT);
+    let mut ensure = tokio::spawn(ports.attest(pid));
+    let deadline = tokio::time::sleep(attest_timeout);
     tokio::pin!(deadline);
     let mut ensured: Option<Result<(), String>> = None;
     loop {
-        if let Some(d) = enf.held_verdict(pid, exec_id, start_ticks, rec.service_id) {
+        if let Some(d) = ports.verdict(rec, start_ticks) {
             return d;
         }
         if let Some(done) = &ensured {
@@ -323,8 +460,7 @@ async fn decide(
         tokio::select! {
             r = &mut ensure, if ensured.is_none() => {
                 ensured = Some(match r {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
+                    Ok(r) => r,
                     Err(e) => Err(e.to_string()),
                 });
             }
@@ -333,7 +469,387 @@ async fn decide(
                     return deny("agent shutting down".to_string());
                 }
             }
-            _ = &mut deadline => return deny(format!("attesting process {pid} took longer than {ATTEST_TIMEOUT:?}")),
+            _ = &mut deadline => return deny(format!("attesting process {pid} took longer than {attest_timeout:?}")),
         }
+    }
+}
+
+/// The middle tier: the hold state machine in process, no root, no
+/// kernel. A fake kernel map and a scripted attester stand behind
+/// [`HoldPorts`]; the sockets are real loopback ones.
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// What attesting the process does.
+    #[derive(Clone)]
+    enum Attest {
+        /// Writes this verdict for the process, then resolves.
+        Grants(bool),
+        /// Resolves, but no verdict matches (it exec'd since).
+        NoVerdict,
+        Fails(&'static str),
+        /// Never resolves.
+        Hangs,
+    }
+
+    struct Fake {
+        /// The kernel's held map, by client address.
+        held: Mutex<HashMap<SocketAddr, HeldConnection>>,
+        map_broken: bool,
+        verdict: Arc<Mutex<Option<HeldDecision>>>,
+        changes: Arc<watch::Sender<u64>>,
+        attest: Attest,
+        meshed: Option<AgentService>,
+        audited: Mutex<Vec<HeldDecision>>,
+    }
+
+    impl Fake {
+        fn new(attest: Attest) -> Self {
+            Fake {
+                held: Mutex::new(HashMap::new()),
+                map_broken: false,
+                verdict: Arc::new(Mutex::new(None)),
+                changes: Arc::new(watch::channel(0).0),
+                attest,
+                meshed: None,
+                audited: Mutex::new(Vec::new()),
+            }
+        }
+
+        fn hold(&self, peer: SocketAddr, rec: HeldConnection) {
+            self.held.lock().expect("held").insert(peer, rec);
+        }
+
+        fn audited(&self) -> Vec<(bool, Option<String>)> {
+            let a = self.audited.lock().expect("audited");
+            a.iter().map(|d| (d.allow, d.reason.clone())).collect()
+        }
+    }
+
+    fn decision(allow: bool) -> HeldDecision {
+        HeldDecision {
+            allow,
+            rule: if allow {
+                "p".into()
+            } else {
+                "default-deny".into()
+            },
+            reason: None,
+            proc: None,
+        }
+    }
+
+    impl HoldPorts for Fake {
+        fn take_held(&self, peer: SocketAddr) -> Result<Option<HeldConnection>, String> {
+            if self.map_broken {
+                return Err("held: lookup failed: EIO".into());
+            }
+            Ok(self.held.lock().expect("held").remove(&peer))
+        }
+
+        fn verdict(&self, _rec: &HeldConnection, _ticks: u64) -> Option<HeldDecision> {
+            self.verdict.lock().expect("verdict").clone()
+        }
+
+        fn verdict_changes(&self) -> watch::Receiver<u64> {
+            self.changes.subscribe()
+        }
+
+        fn attest(&self, _pid: i32) -> BoxFuture<Result<(), String>> {
+            let (verdict, changes, script) = (
+                self.verdict.clone(),
+                self.changes.clone(),
+                self.attest.clone(),
+            );
+            Box::pin(async move {
+                match script {
+                    Attest::Grants(allow) => {
+                        *verdict.lock().expect("verdict") = Some(decision(allow));
+                        changes.send_modify(|v| *v += 1);
+                        Ok(())
+                    }
+                    Attest::NoVerdict => Ok(()),
+                    Attest::Fails(why) => Err(why.to_owned()),
+                    Attest::Hangs => std::future::pending().await,
+                }
+            })
+        }
+
+        fn meshed(&self, _service_id: u32) -> Option<AgentService> {
+            self.meshed.clone()
+        }
+
+        fn audit(&self, _rec: &HeldConnection, d: &HeldDecision) {
+            self.audited.lock().expect("audited").push(d.clone());
+        }
+    }
+
+    fn record(dst: SocketAddr, mesh: bool) -> HeldConnection {
+        HeldConnection {
+            original_dst: dst,
+            tgid: 4242,
+            pid: 4242,
+            uid: 1000,
+            service_id: 7,
+            local_port: 40000,
+            flow_v6: false,
+            mesh,
+            exec_id: 1,
+            start_boottime_ns: 1_000_000_000,
+            socket_cookie: 99,
+        }
+    }
+
+    fn meshed_service() -> AgentService {
+        let yaml = "apiVersion: tether.dev/v1alpha1\nkind: Service\nmetadata: {name: db}\nspec:\n  addresses: [{cidr: 192.0.2.7/32, ports: [5432]}]\n  mesh: {}\n";
+        match tether_manifest::parse("t.yaml", yaml.as_bytes())
+            .expect("manifest")
+            .remove(0)
+        {
+            tether_manifest::Resource::Service { name, spec } => AgentService { name, spec },
+            other => panic!("unexpected {}", other.kind()),
+        }
+    }
+
+    const PEER: &str = "127.0.0.1:40000";
+    const DST: &str = "192.0.2.7:5432";
+    /// Long enough never to fire in a test that does not wait for it.
+    const NEVER: Duration = Duration::from_secs(600);
+
+    fn slots() -> Arc<KeyedSlots<u32>> {
+        KeyedSlots::new(MAX_DECIDING_PER_PROCESS, MAX_HELD)
+    }
+
+    async fn run(fake: &Fake, has_mesh: bool, timeout: Duration) -> Plan {
+        plan(
+            fake,
+            PEER.parse().expect("peer"),
+            has_mesh,
+            &slots(),
+            timeout,
+        )
+        .await
+    }
+
+    fn held(attest: Attest, mesh: bool) -> Fake {
+        let fake = Fake::new(attest);
+        fake.hold(
+            PEER.parse().expect("peer"),
+            record(DST.parse().expect("dst"), mesh),
+        );
+        fake
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_kernel_did_not_redirect_is_reset() {
+        let fake = Fake::new(Attest::Grants(true));
+        assert!(matches!(
+            run(&fake, false, NEVER).await,
+            Plan::Reset(HeldOutcome::Unredirected)
+        ));
+        let mut broken = held(Attest::Grants(true), false);
+        broken.map_broken = true;
+        assert!(matches!(
+            run(&broken, false, NEVER).await,
+            Plan::Reset(HeldOutcome::Error)
+        ));
+        assert!(fake.audited().is_empty() && broken.audited().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_record_is_claimed_once() {
+        let fake = held(Attest::Grants(true), false);
+        assert!(matches!(run(&fake, false, NEVER).await, Plan::Direct(_)));
+        assert!(matches!(
+            run(&fake, false, NEVER).await,
+            Plan::Reset(HeldOutcome::Unredirected)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_verdict_already_written_decides_without_attesting() {
+        // The attester would hang: the verdict is found first.
+        let fake = held(Attest::Hangs, false);
+        *fake.verdict.lock().expect("verdict") = Some(decision(true));
+        match run(&fake, false, NEVER).await {
+            Plan::Direct(rec) => assert_eq!(rec.original_dst, DST.parse().expect("dst")),
+            other => panic!("expected a direct splice, got {other:?}"),
+        }
+        assert_eq!(fake.audited(), vec![(true, None)]);
+    }
+
+    #[tokio::test]
+    async fn attestation_decides_allow_and_deny() {
+        let fake = held(Attest::Grants(true), false);
+        assert!(matches!(run(&fake, false, NEVER).await, Plan::Direct(_)));
+        assert_eq!(fake.audited(), vec![(true, None)]);
+
+        let fake = held(Attest::Grants(false), false);
+        assert!(matches!(
+            run(&fake, false, NEVER).await,
+            Plan::Reset(HeldOutcome::Denied)
+        ));
+        assert_eq!(fake.audited(), vec![(false, None)]);
+    }
+
+    #[tokio::test]
+    async fn what_cannot_be_attested_is_denied_and_audited_with_why() {
+        let cases = [
+            (Attest::NoVerdict, "is not the one that connected"),
+            (
+                Attest::Fails("the process is gone"),
+                "failed: the process is gone",
+            ),
+            (Attest::Hangs, "took longer than"),
+        ];
+        for (script, why) in cases {
+            let fake = held(script, false);
+            // Only the hanging attester ever waits for this.
+            let plan = run(&fake, false, Duration::from_millis(50)).await;
+            assert!(matches!(plan, Plan::Reset(HeldOutcome::Denied)), "{why}");
+            let audited = fake.audited();
+            assert_eq!(audited.len(), 1, "{why}");
+            assert!(!audited[0].0);
+            let reason = audited[0].1.clone().unwrap_or_default();
+            assert!(reason.contains(why), "{reason:?} should say {why:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn one_process_cannot_take_every_deciding_slot() {
+        let fake = held(Attest::Grants(true), false);
+        let deciding = KeyedSlots::new(1, MAX_HELD);
+        let _busy = deciding.take(4242).expect("first slot");
+        let first = plan(&fake, PEER.parse().expect("peer"), false, &deciding, NEVER).await;
+        assert!(matches!(first, Plan::Reset(HeldOutcome::Overload)));
+        assert!(fake.audited().is_empty(), "nothing was decided");
+        // Another process still gets its slot.
+        let other = Fake::new(Attest::Grants(true));
+        let mut rec = record(DST.parse().expect("dst"), false);
+        rec.tgid = 4343;
+        other.hold(PEER.parse().expect("peer"), rec);
+        let second = plan(&other, PEER.parse().expect("peer"), false, &deciding, NEVER).await;
+        assert!(matches!(second, Plan::Direct(_)));
+    }
+
+    #[tokio::test]
+    async fn meshed_services_go_to_the_tunnel_or_are_refused_without_one() {
+        // Held (not yet attested) connect to a meshed Service: audited here,
+        // then tunnelled.
+        let mut fake = held(Attest::Grants(true), false);
+        fake.meshed = Some(meshed_service());
+        assert!(matches!(run(&fake, true, NEVER).await, Plan::Mesh { .. }));
+        assert_eq!(fake.audited().len(), 1);
+
+        // Allowed by the kernel into the mesh: the tunnel audits, not us.
+        let mut fake = held(Attest::Grants(true), true);
+        fake.meshed = Some(meshed_service());
+        assert!(matches!(run(&fake, true, NEVER).await, Plan::Mesh { .. }));
+        assert!(fake.audited().is_empty());
+
+        // No mesh port on this agent: refused, with why.
+        let mut fake = held(Attest::Grants(true), true);
+        fake.meshed = Some(meshed_service());
+        assert!(matches!(
+            run(&fake, false, NEVER).await,
+            Plan::Reset(HeldOutcome::Denied)
+        ));
+        let audited = fake.audited();
+        assert_eq!(audited.len(), 1);
+        assert!(
+            audited[0]
+                .1
+                .as_deref()
+                .unwrap_or("")
+                .contains("without a mesh port")
+        );
+    }
+
+    /// A loopback server that echoes and counts its connections.
+    async fn echo_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// One held connection through `handle`: the client's bytes reach the
+    /// echo server and come back, or the client sees a reset.
+    async fn through_handle(
+        attest: Attest,
+        upstream: Option<SocketAddr>,
+    ) -> (Result<Vec<u8>, std::io::Error>, String) {
+        let hold = TcpListener::bind("127.0.0.1:0").await.expect("bind hold");
+        let hold_addr = hold.local_addr().expect("addr");
+        let client = TcpStream::connect(hold_addr).await.expect("connect");
+        let (server_side, peer) = hold.accept().await.expect("accept");
+        assert_eq!(peer, client.local_addr().expect("local"));
+        let fake = Fake::new(attest);
+        // Nothing listens on a port just bound and released.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        fake.hold(peer, record(upstream.unwrap_or(closed), false));
+        let metrics = Metrics::new();
+        let ctx = Arc::new(Ctx {
+            ports: Arc::new(fake),
+            mesh: None,
+            metrics: metrics.clone(),
+            deciding: slots(),
+            attest_timeout: NEVER,
+        });
+        let slot = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("slot");
+        tokio::spawn(handle(server_side, peer, ctx, slot));
+        let mut client = client;
+        let result = async {
+            client.write_all(b"ping").await?;
+            let mut buf = [0u8; 4];
+            client.read_exact(&mut buf).await?;
+            Ok(buf.to_vec())
+        }
+        .await;
+        (result, metrics.encode())
+    }
+
+    #[tokio::test]
+    async fn handle_splices_allowed_connections_and_resets_the_rest() {
+        let (echo, accepted) = echo_server().await;
+        let (r, m) = through_handle(Attest::Grants(true), Some(echo)).await;
+        assert_eq!(r.expect("allowed connection echoes"), b"ping");
+        assert!(m.contains(r#"outcome="allowed"} 1"#), "{m}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        let (r, m) = through_handle(Attest::Grants(false), Some(echo)).await;
+        let err = r.expect_err("a denied connection is reset");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+        assert!(m.contains(r#"outcome="denied"} 1"#), "{m}");
+        // Refused at the destination too: the server saw no new connection.
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        let (r, m) = through_handle(Attest::Grants(true), None).await;
+        assert_eq!(
+            r.expect_err("an unreachable destination resets").kind(),
+            std::io::ErrorKind::ConnectionReset
+        );
+        assert!(m.contains(r#"outcome="upstream_failed"} 1"#), "{m}");
     }
 }

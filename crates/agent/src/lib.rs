@@ -337,7 +337,11 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
                 ),
             }
         }
-        tasks.extend(hold.serve(tracker.clone(), e.clone(), mesh.clone(), metrics.clone()));
+        let ports = Arc::new(hold::AgentPorts {
+            tracker: tracker.clone(),
+            enf: e.clone(),
+        });
+        tasks.extend(hold.serve(ports, mesh.clone(), metrics.clone()));
     }
     tasks.push(tokio::spawn(watch_registry(
         node.clone(),

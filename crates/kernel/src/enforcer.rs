@@ -1057,15 +1057,28 @@ impl Enforcer {
         fixed || lock(&self.local_addrs).get(&mapped(ip), 0).is_ok()
     }
 
-    /// The Service the connect hook finds for `dst`: exact port before
-    /// any port, longest prefix; failing that, a Service of this host's
-    /// reached at a local destination (decided locally, so without the
-    /// mesh flag).
+    /// The Service the connect hook finds for `dst`, in the hook's order:
+    /// a port of this host's Service at a local destination first (decided
+    /// locally, so without the mesh flag), then exact port before any
+    /// port, longest prefix. Unlike the hook it cannot see sockets of other
+    /// network namespaces bound to exactly `dst`; such a destination is
+    /// judged as remote here. (tether-agent's `decide::connect_lookup`
+    /// models the hook in full.)
     pub fn service_for(
         &self,
         dst: SocketAddr,
         proto: Proto,
     ) -> Result<Option<(u32, ServiceFlags)>, KernelError> {
+        if self.is_local_destination(dst.ip()) {
+            let ports = lock(&self.local_ports);
+            for port in [dst.port(), 0] {
+                match ports.get(&local_port_key(proto, port), 0) {
+                    Ok(v) => return Ok(Some((v.service_id, ServiceFlags::default()))),
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(map_err("local_ports", "lookup", &e)),
+                }
+            }
+        }
         let services = lock(&self.services);
         for port in [dst.port(), 0] {
             let key = DstPrefix {
@@ -1079,18 +1092,6 @@ impl Enforcer {
                 Ok(v) => return Ok(Some((v.service_id, ServiceFlags::from_bits(v.flags)))),
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(map_err("services", "lookup", &e)),
-            }
-        }
-        drop(services);
-        if !self.is_local_destination(dst.ip()) {
-            return Ok(None);
-        }
-        let ports = lock(&self.local_ports);
-        for port in [dst.port(), 0] {
-            match ports.get(&local_port_key(proto, port), 0) {
-                Ok(v) => return Ok(Some((v.service_id, ServiceFlags::default()))),
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(map_err("local_ports", "lookup", &e)),
             }
         }
         Ok(None)
