@@ -184,6 +184,30 @@ def proc_events():
     put("proc_events", "short", dgram(2, b"")[:30])
 
 
+def kernel_records():
+    # First byte: 0 held, 1 exec, 2 event (see tether_fuzz_bodies).
+    v4 = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 7])
+    held = (v4 + struct.pack(">H", 6379) + bytes([0, 1]) + struct.pack("=IIIIHxxQQ", 4242, 4243, 1000, 7, 40000, 9, 10**9)
+            + bytes(16) + struct.pack("=Q", 99))
+    assert len(held) == 80
+    put("kernel_records", "held-v4", b"\x00" + held)
+    put("kernel_records", "held-v6", b"\x00" + bytes(15) + b"\x01" + held[16:])
+    put("kernel_records", "held-short", b"\x00" + held[:79])
+    name = b"redis-cli".ljust(32, b"\x00")
+    ex = struct.pack("=QQQQIIII", 9, 10**9, 0, 1234, 2049, 0, 0, 4026531840) + name
+    assert len(ex) == 80
+    put("kernel_records", "exec", b"\x01" + ex)
+    put("kernel_records", "exec-name-unterminated", b"\x01" + ex[:48] + b"\xff" * 32)
+    ev = (struct.pack("=QQIIIIIII", 10**9, 99, 4242, 4242, 1000, 1000, 1, 7, 3) + bytes([1, 6])
+          + struct.pack(">H", 6379) + v4 + bytes([1]) + b"redis-cli".ljust(16, b"\x00") + bytes(3)
+          + struct.pack("=III", 0, 0, 0) + b"redis-cli".ljust(16, b"\x00"))
+    assert len(ev) == 112, len(ev)
+    put("kernel_records", "event-allow", b"\x02" + ev)
+    put("kernel_records", "event-bad-verdict", b"\x02" + ev[:44] + b"\xee" + ev[45:])
+    put("kernel_records", "event-bad-hook", b"\x02" + ev[:64] + b"\xee" + ev[65:])
+    put("kernel_records", "event-short", b"\x02" + ev[:100])
+
+
 def tunnel_request():
     put("tunnel_request", "v4", b"TTHR\x01\x04" + bytes([10, 0, 0, 7]) + struct.pack(">H", 6379) + b"PING")
     put("tunnel_request", "v6", b"TTHR\x01\x06" + bytes(15) + b"\x01" + struct.pack(">H", 5432))
@@ -285,7 +309,7 @@ def x509_svid():
 
 
 ALL = [spiffe_id, selector_parse, manifest_parse, csr_parse, bundle_json, jwt_validate,
-       proc_events, tunnel_request, elf_interp, h2_authority, x509_svid]
+       proc_events, kernel_records, tunnel_request, elf_interp, h2_authority, x509_svid]
 
 if __name__ == "__main__":
     import sys

@@ -23,6 +23,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("elf_interp", elf_interp),
     ("h2_authority", h2_authority),
     ("jwt_validate", jwt_validate),
+    ("kernel_records", kernel_records),
     ("manifest_parse", manifest_parse),
     ("proc_events", proc_events),
     ("selector_parse", selector_parse),
@@ -44,6 +45,38 @@ pub fn bundle_json(data: &[u8]) {
         .jwks_json()
         .expect("parsed JWT authorities must serialise");
     let _ = bundle.x509_authorities_der_concat();
+}
+
+/// Records the kernel writes (held connections, exec records, audit
+/// events). The kernel is trusted, but a layout drift or a record from
+/// another writer of a pinned map must decode to an error, never a panic.
+/// The first byte picks the decoder.
+pub fn kernel_records(data: &[u8]) {
+    let Some((which, rec)) = data.split_first() else {
+        return;
+    };
+    match which % 3 {
+        0 => {
+            if let Some(h) = tether_kernel::decode::held(rec) {
+                assert_eq!(rec.len(), 80);
+                // IPv4 comes back as IPv4, never as a mapped IPv6 address.
+                assert_eq!(h.original_dst.ip(), h.original_dst.ip().to_canonical());
+            }
+        }
+        1 => {
+            if let Some(x) = tether_kernel::decode::exec(rec) {
+                assert_eq!(rec.len(), 80);
+                assert!(x.name.len() <= 32 * 3, "a lossy name is at most 3 bytes per byte");
+            }
+        }
+        _ => {
+            if let Ok(ev) = tether_kernel::decode::event(rec) {
+                assert!(rec.len() >= 112);
+                assert_eq!(ev.addr, ev.addr.to_canonical());
+                assert!(ev.comm.len() <= 16 * 3 && ev.executed.len() <= 16 * 3);
+            }
+        }
+    }
 }
 
 /// CSRs from agents.

@@ -93,6 +93,22 @@ fn the_well_formed_seeds_are_accepted() {
         tether_attest::parse_interp(&seed("elf_interp", "elf32")),
         Ok(Some("/lib/ld-linux.so.2".into()))
     );
+    let held = tether_kernel::decode::held(&seed("kernel_records", "held-v4")[1..]).expect("held");
+    assert_eq!(held.original_dst, "10.0.0.7:6379".parse().expect("addr"));
+    assert_eq!((held.tgid, held.service_id, held.socket_cookie), (4242, 7, 99));
+    assert!(tether_kernel::decode::held(&seed("kernel_records", "held-short")[1..]).is_none());
+    let exec = tether_kernel::decode::exec(&seed("kernel_records", "exec")[1..]).expect("exec");
+    assert_eq!(exec.name, "redis-cli");
+    let ev = tether_kernel::decode::event(&seed("kernel_records", "event-allow")[1..])
+        .expect("event");
+    assert_eq!(ev.decision, tether_kernel::Decision::Allow);
+    assert_eq!((ev.port, ev.comm.as_str()), (6379, "redis-cli"));
+    for bad in ["event-bad-verdict", "event-bad-hook", "event-short"] {
+        assert!(
+            tether_kernel::decode::event(&seed("kernel_records", bad)[1..]).is_err(),
+            "{bad}"
+        );
+    }
     let mut evs = Vec::new();
     tether_attest::parse_datagram(&seed("proc_events", "two"), &mut evs);
     assert_eq!(evs.len(), 2, "{evs:?}");

@@ -508,6 +508,28 @@ pub(crate) const STAT_SOCKET_DENIED: u32 = 10;
 /// Entries of the `stats` array.
 pub(crate) const STAT_MAX: u32 = 16;
 
+/// The kernel's records decoded from raw bytes: what the agent reads
+/// through the held and exec maps and the event ring, exposed for the
+/// fuzz targets (tether-fuzz-bodies) and their seed corpora.
+pub mod decode {
+    use super::{Event, EventError, ExecRaw, ExecRecord, HeldConnection, HeldRaw};
+
+    /// A `struct held` value; None unless it is exactly that size.
+    pub fn held(b: &[u8]) -> Option<HeldConnection> {
+        Some(HeldRaw(b.try_into().ok()?).parse())
+    }
+
+    /// A `struct exec_rec` value; None unless it is exactly that size.
+    pub fn exec(b: &[u8]) -> Option<ExecRecord> {
+        Some(ExecRaw(b.try_into().ok()?).parse())
+    }
+
+    /// One ring buffer record (`struct event`).
+    pub fn event(b: &[u8]) -> Result<Event, EventError> {
+        Event::parse(b)
+    }
+}
+
 /// The decision recorded in an [`Event`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Decision {

@@ -32,7 +32,7 @@ mod sys;
 use std::path::PathBuf;
 
 pub use abi::{
-    Decision, DstPrefix, Event, EventError, ExecFlags, ExecRecord, HeldConnection, Hook, Proto,
+    decode, Decision, DstPrefix, Event, EventError, ExecFlags, ExecRecord, HeldConnection, Hook, Proto,
     Reason, ServiceFlags,
 };
 pub use enforcer::{
