@@ -398,114 +398,124 @@ fn in_prefix(net: IpAddr, len: u8, a: IpAddr) -> bool {
     }
 }
 
-/// What the connect hook finds for a destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Found {
-    pub service_id: u32,
-    /// Cleared for a Service of this host reached locally: decided here,
-    /// never tunnelled to ourselves.
-    pub flags: ServiceFlags,
-    /// Found through `local_ports` (a port of this host's Service at a
-    /// destination that reaches this host).
-    pub local: bool,
-}
-
-/// The kernel maps the connect hook reads, as [`service_keys`] and
-/// [`local_ports`] compute them, plus the host's addresses (`local_addrs`).
-pub struct ConnectMaps<'a> {
-    pub services: &'a HashMap<DstPrefix, (u32, ServiceFlags)>,
-    pub local_ports: &'a HashMap<(Proto, u16), (u32, ServiceFlags, String)>,
-    pub host: &'a [IpAddr],
-}
-
 /// A model of the connect hook's Service lookup (`decide()` in
-/// tether.bpf.c), step for step, so the middle tier can check every case
-/// against the maps this module fills, and `policy check` can say what
-/// the hook would find. `socket_proto` is the socket's IPPROTO_* number;
-/// `listener_bound` says whether a socket in the caller's namespace is
-/// bound to exactly that address and port (the hook's bpf_sk_lookup; a
-/// wildcard listener does not count).
-pub fn connect_lookup(
-    maps: &ConnectMaps,
-    socket_proto: i32,
-    dst: std::net::SocketAddr,
-    listener_bound: &dyn Fn(std::net::SocketAddr, Proto) -> bool,
-) -> Option<Found> {
-    // MPTCP is TCP and UDP-Lite is UDP to the hook; nothing else can be a
-    // protected destination.
-    let proto = match socket_proto {
-        libc::IPPROTO_TCP | libc::IPPROTO_MPTCP => Proto::Tcp,
-        libc::IPPROTO_UDP | libc::IPPROTO_UDPLITE => Proto::Udp,
-        _ => return None,
-    };
-    let addr = mapped_bits(dst.ip());
-    let port = dst.port();
-    // A port a Service of this host owns, at a destination that reaches
-    // this host, is decided by that Service even if a broader one also
-    // covers the address.
-    let owned = maps
-        .local_ports
-        .get(&(proto, port))
-        .or_else(|| maps.local_ports.get(&(proto, 0)));
-    if let Some((id, _, _)) = owned {
-        let here = std::net::SocketAddr::new(dst.ip().to_canonical(), port);
-        if is_local_dst(dst.ip(), maps.host) || listener_bound(here, proto) {
-            return Some(Found {
-                service_id: *id,
-                flags: ServiceFlags::default(),
-                local: true,
-            });
+/// tether.bpf.c), step for step: the middle tier's oracle, checked in
+/// every lookup case against the maps this module fills. Test-only: the
+/// agent itself asks the kernel's maps (`Enforcer::service_for`).
+#[cfg(test)]
+pub mod hook_model {
+    use std::collections::HashMap;
+    use std::net::IpAddr;
+
+    use tether_kernel::{DstPrefix, Proto, ServiceFlags};
+
+    /// What the connect hook finds for a destination.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Found {
+        pub service_id: u32,
+        /// Cleared for a Service of this host reached locally: decided here,
+        /// never tunnelled to ourselves.
+        pub flags: ServiceFlags,
+        /// Found through `local_ports` (a port of this host's Service at a
+        /// destination that reaches this host).
+        pub local: bool,
+    }
+
+    /// The kernel maps the connect hook reads, as [`service_keys`] and
+    /// [`local_ports`] compute them, plus the host's addresses (`local_addrs`).
+    pub struct ConnectMaps<'a> {
+        pub services: &'a HashMap<DstPrefix, (u32, ServiceFlags)>,
+        pub local_ports: &'a HashMap<(Proto, u16), (u32, ServiceFlags, String)>,
+        pub host: &'a [IpAddr],
+    }
+
+    /// What the hook finds for `dst`. `socket_proto` is the socket's
+    /// IPPROTO_* number;
+    /// `listener_bound` says whether a socket in the caller's namespace is
+    /// bound to exactly that address and port (the hook's bpf_sk_lookup; a
+    /// wildcard listener does not count).
+    pub fn connect_lookup(
+        maps: &ConnectMaps,
+        socket_proto: i32,
+        dst: std::net::SocketAddr,
+        listener_bound: &dyn Fn(std::net::SocketAddr, Proto) -> bool,
+    ) -> Option<Found> {
+        // MPTCP is TCP and UDP-Lite is UDP to the hook; nothing else can be a
+        // protected destination.
+        let proto = match socket_proto {
+            libc::IPPROTO_TCP | libc::IPPROTO_MPTCP => Proto::Tcp,
+            libc::IPPROTO_UDP | libc::IPPROTO_UDPLITE => Proto::Udp,
+            _ => return None,
+        };
+        let addr = mapped_bits(dst.ip());
+        let port = dst.port();
+        // A port a Service of this host owns, at a destination that reaches
+        // this host, is decided by that Service even if a broader one also
+        // covers the address.
+        let owned = maps
+            .local_ports
+            .get(&(proto, port))
+            .or_else(|| maps.local_ports.get(&(proto, 0)));
+        if let Some((id, _, _)) = owned {
+            let here = std::net::SocketAddr::new(dst.ip().to_canonical(), port);
+            if is_local_dst(dst.ip(), maps.host) || listener_bound(here, proto) {
+                return Some(Found {
+                    service_id: *id,
+                    flags: ServiceFlags::default(),
+                    local: true,
+                });
+            }
+        }
+        // The LPM trie: the exact port's longest prefix, then the any-port
+        // entries' (the port is part of the key, so an exact-port /8 beats an
+        // any-port /32).
+        [port, 0].into_iter().find_map(|p| {
+            maps.services
+                .iter()
+                .filter(|(k, _)| k.proto == proto && k.port == p)
+                .filter_map(|(k, v)| {
+                    let (net, bits) = prefix_bits(k);
+                    let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                    (net & mask == addr & mask).then_some((bits, *v))
+                })
+                .max_by_key(|(bits, _)| *bits)
+                .map(|(_, (id, flags))| Found {
+                    service_id: id,
+                    flags,
+                    local: false,
+                })
+        })
+    }
+
+    /// An address as the kernel keys it: IPv4 as IPv4-mapped IPv6.
+    fn mapped_bits(ip: IpAddr) -> u128 {
+        match ip {
+            IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+            IpAddr::V6(v6) => u128::from(v6),
         }
     }
-    // The LPM trie: the exact port's longest prefix, then the any-port
-    // entries' (the port is part of the key, so an exact-port /8 beats an
-    // any-port /32).
-    [port, 0].into_iter().find_map(|p| {
-        maps.services
-            .iter()
-            .filter(|(k, _)| k.proto == proto && k.port == p)
-            .filter_map(|(k, v)| {
-                let (net, bits) = prefix_bits(k);
-                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-                (net & mask == addr & mask).then_some((bits, *v))
-            })
-            .max_by_key(|(bits, _)| *bits)
-            .map(|(_, (id, flags))| Found {
-                service_id: id,
-                flags,
-                local: false,
-            })
-    })
-}
 
-/// An address as the kernel keys it: IPv4 as IPv4-mapped IPv6.
-fn mapped_bits(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
-        IpAddr::V6(v6) => u128::from(v6),
+    /// A prefix in the kernel's 128-bit address space.
+    fn prefix_bits(k: &DstPrefix) -> (u128, u32) {
+        let bits = match k.net {
+            IpAddr::V4(_) => 96 + u32::from(k.prefix_len.min(32)),
+            IpAddr::V6(_) => u32::from(k.prefix_len.min(128)),
+        };
+        (mapped_bits(k.net), bits)
     }
-}
 
-/// A prefix in the kernel's 128-bit address space.
-fn prefix_bits(k: &DstPrefix) -> (u128, u32) {
-    let bits = match k.net {
-        IpAddr::V4(_) => 96 + u32::from(k.prefix_len.min(32)),
-        IpAddr::V6(_) => u32::from(k.prefix_len.min(128)),
-    };
-    (mapped_bits(k.net), bits)
-}
-
-/// The hook's `is_local_dst`: where the kernel would deliver to a listener
-/// on this host (loopback, unspecified, multicast, IPv4 broadcast, and the
-/// host's own addresses).
-pub fn is_local_dst(ip: IpAddr, host: &[IpAddr]) -> bool {
-    let fixed = match ip.to_canonical() {
-        IpAddr::V4(a) => {
-            a.is_loopback() || a.octets()[0] == 0 || a.is_multicast() || a.is_broadcast()
-        }
-        IpAddr::V6(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast(),
-    };
-    fixed || host.iter().any(|h| h.to_canonical() == ip.to_canonical())
+    /// The hook's `is_local_dst`: where the kernel would deliver to a listener
+    /// on this host (loopback, unspecified, multicast, IPv4 broadcast, and the
+    /// host's own addresses).
+    pub fn is_local_dst(ip: IpAddr, host: &[IpAddr]) -> bool {
+        let fixed = match ip.to_canonical() {
+            IpAddr::V4(a) => {
+                a.is_loopback() || a.octets()[0] == 0 || a.is_multicast() || a.is_broadcast()
+            }
+            IpAddr::V6(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast(),
+        };
+        fixed || host.iter().any(|h| h.to_canonical() == ip.to_canonical())
+    }
 }
 
 /// A nonzero id from a name (FNV-1a), probing past ids already taken.
@@ -532,6 +542,7 @@ mod tests {
     use tether_kernel::{DstPrefix, Proto};
     use tether_spiffe::{Bundle, SpiffeId, TrustDomain};
 
+    use super::hook_model::{ConnectMaps, connect_lookup};
     use super::*;
     use crate::registry::{AgentIdentity, AgentPolicy, AgentService, Registry};
 

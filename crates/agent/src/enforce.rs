@@ -9,7 +9,6 @@
 //! subject, so a process never runs with half its verdicts.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -17,15 +16,16 @@ use std::sync::{Arc, Mutex};
 
 use tether_attest::ProcessInfo;
 use tether_kernel::{Decision, DstPrefix, Enforcer, ExecId, Proto};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
+use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
 pub use crate::decide::DEFAULT_DENY;
 use crate::decide::{self, Names, Subject};
 
-pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+pub use crate::clock::Clock;
 
 struct ProcEntry {
     start_time: u64,
@@ -61,9 +61,8 @@ pub struct Enforcement {
     retired: Mutex<std::collections::VecDeque<(u32, ProcessInfo, Vec<String>)>>,
     compiled: Mutex<Compiled>,
     registry: Mutex<Arc<Registry>>,
-    pub audit: broadcast::Sender<String>,
-    recent: Mutex<std::collections::VecDeque<String>>,
-    audit_file: Option<Mutex<std::fs::File>>,
+    /// Where every decision record goes.
+    pub audit: AuditLog,
     metrics: Arc<Metrics>,
     /// Bumped whenever a process's kernel entry is written or removed; the
     /// hold path waits on it.
@@ -92,8 +91,6 @@ pub struct HeldDecision {
 const HOLD_UNCLAIMED_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 /// A decision whose kernel event never came (ring buffer full) is forgotten.
 const HOLD_FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
-
-const RECENT: usize = 1000;
 const RETIRED: usize = 4096;
 /// How long a verdict that rests on a condition (a time window) allows
 /// without being refreshed: the agent refreshes every 500 ms, so a stalled
@@ -109,23 +106,7 @@ impl Enforcement {
         metrics: Arc<Metrics>,
         registry: Arc<Registry>,
     ) -> anyhow::Result<Arc<Self>> {
-        let audit_file = match audit_path {
-            Some(p) => {
-                if let Some(d) = p.parent() {
-                    std::fs::create_dir_all(d)?;
-                }
-                use std::os::unix::fs::OpenOptionsExt as _;
-                Some(Mutex::new(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .mode(0o600)
-                        .open(&p)
-                        .map_err(|e| anyhow::anyhow!("opening audit log {}: {e}", p.display()))?,
-                ))
-            }
-            None => None,
-        };
+        let audit = AuditLog::open(audit_path.as_deref(), node.clone(), clock.clone())?;
         // Over adopted maps, continue numbering after the previous agent's
         // subjects so none of its still-valid verdicts is reused.
         let first_subject = if kernel.adopted() {
@@ -155,9 +136,7 @@ impl Enforcement {
             retired: Mutex::new(Default::default()),
             compiled: Mutex::new(Compiled::default()),
             registry: Mutex::new(registry.clone()),
-            audit: broadcast::channel(4096).0,
-            recent: Mutex::new(Default::default()),
-            audit_file,
+            audit,
             metrics,
             verdicts_changed: watch::channel(0).0,
             holds: Mutex::new(HashMap::new()),
@@ -949,32 +928,13 @@ impl Enforcement {
         self.publish(rec);
     }
 
-    /// Writes one audit record (a JSON object) to the log, the recent
-    /// buffer and live followers, stamped with time and node.
-    pub fn publish(&self, mut rec: serde_json::Value) {
-        if rec.get("time").is_none() {
-            rec["time"] = serde_json::json!((self.clock)());
-        }
-        if rec.get("node").is_none() {
-            rec["node"] = serde_json::json!(self.node);
-        }
-        let line = rec.to_string();
-        if let Some(f) = &self.audit_file {
-            let mut f = Self::lock(f);
-            let _ = writeln!(f, "{line}");
-        }
-        {
-            let mut r = Self::lock(&self.recent);
-            if r.len() >= RECENT {
-                r.pop_front();
-            }
-            r.push_back(line.clone());
-        }
-        let _ = self.audit.send(line);
+    /// Writes one audit record (see [`AuditLog::publish`]).
+    pub fn publish(&self, rec: serde_json::Value) {
+        self.audit.publish(rec)
     }
 
     pub fn recent_events(&self) -> Vec<String> {
-        Self::lock(&self.recent).iter().cloned().collect()
+        self.audit.recent()
     }
 }
 

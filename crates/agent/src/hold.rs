@@ -10,9 +10,7 @@
 //! connection to this port that the kernel did not redirect has no record
 //! and is reset too.
 
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::BoxFuture;
 use crate::enforce::{Enforcement, HeldDecision};
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
@@ -66,10 +65,6 @@ impl HeldOutcome {
         }
     }
 }
-
-/// A boxed future (the seam's attestation), so the trait stays object safe
-/// without another crate.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// What the hold path needs from the rest of the agent. [`AgentPorts`] is
 /// the real thing (the kernel's held map, the tracker, the verdicts); the

@@ -6,11 +6,14 @@
 //! stream, node SVID renewal, the Workload API, the admin API and metrics.
 
 mod admin;
+mod audit;
+mod clock;
 mod decide;
 mod enforce;
 pub mod h2_authority;
 mod hold;
 mod host_addrs;
+mod identity;
 mod mesh;
 mod metrics;
 mod node;
@@ -19,6 +22,10 @@ mod sender;
 mod tracker;
 mod verify;
 mod workload_api;
+
+/// A boxed future: what the seams' traits return, so they stay object
+/// safe without another crate.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,7 +66,7 @@ pub struct AgentConfig {
     /// Bounds on hashing executables.
     pub hash_limits: tether_attest::HashLimits,
     /// Time source for policy conditions (injectable for tests).
-    pub clock: enforce::Clock,
+    pub clock: Clock,
 }
 
 pub struct EnforceConfig {
@@ -77,20 +84,7 @@ pub struct EnforceConfig {
 
 pub use mesh::DEFAULT_PORT as DEFAULT_MESH_PORT;
 
-pub fn system_clock() -> enforce::Clock {
-    std::sync::Arc::new(tracker::now)
-}
-
-/// A clock that reads Unix time from a file (tests move time by writing
-/// it), falling back to the system clock.
-pub fn file_clock(path: PathBuf) -> enforce::Clock {
-    std::sync::Arc::new(move || {
-        std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(tracker::now)
-    })
-}
+pub use clock::{Clock, file as file_clock, system as system_clock};
 
 impl AgentConfig {
     pub fn new(
@@ -281,7 +275,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
     observers.push(tunnels.clone());
     let tracker = Tracker::new(
         reg_rx,
-        node.clone(),
+        Arc::new(identity::NodeSigner(node.clone())),
         metrics.clone(),
         Some(kernel.clone()),
         cfg.hash_limits,

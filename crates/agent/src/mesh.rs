@@ -240,9 +240,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn unix_now() -> i64 {
-    crate::tracker::now()
-}
+use crate::clock::unix_now;
 
 /// Closes with a reset: the application sees a failure, never a clean EOF
 /// that could pass for an empty answer.

@@ -16,7 +16,7 @@ use tether_tls::SharedBundle;
 use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
-use crate::tracker::now;
+use crate::clock::unix_now as now;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 

@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether_attest::{Attestor, PidFd, ProcEvent, ProcessInfo};
-use tether_ca::PrivateKey;
-use tether_proto::tether::{SignX509SvidsRequest, SvidCsr};
 use tether_spiffe::SpiffeId;
 use tokio::sync::{mpsc, watch};
 
+pub use crate::clock::unix_now as now;
+use crate::identity::Issuer;
+pub use crate::identity::{IssueError, MeshSvid, ProcSvid, live_keys};
 use crate::metrics::Metrics;
-use crate::node::NodeConn;
 use crate::registry::{AgentIdentity, Registry};
 
 /// What the process table tells the parts that act on processes. The
@@ -48,59 +48,6 @@ pub trait ProcessObserver: Send + Sync {
     fn shutdown(&self) {}
 }
 
-/// Per-process private keys alive in this process (process and mesh SVIDs):
-/// what a stopped agent must bring back to zero.
-static LIVE_KEYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Counts one per-process key for as long as it lives.
-pub struct LiveKey(());
-
-impl LiveKey {
-    fn new() -> Self {
-        LIVE_KEYS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        LiveKey(())
-    }
-}
-
-impl Drop for LiveKey {
-    fn drop(&mut self) {
-        LIVE_KEYS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Per-process keys alive in this process, across every agent it runs.
-pub fn live_keys() -> usize {
-    LIVE_KEYS.load(std::sync::atomic::Ordering::SeqCst)
-}
-
-/// One X.509-SVID held for one process instance.
-pub struct ProcSvid {
-    pub identity: String,
-    pub spiffe_id: SpiffeId,
-    pub key: Arc<PrivateKey>,
-    /// Leaf first, then intermediates.
-    pub chain: Vec<Vec<u8>>,
-    pub issued_at: i64,
-    pub expires_at: i64,
-    pub workload_api: bool,
-    /// The mesh SVID for this one (same SPIFFE ID, its own key, marked for
-    /// tunnels between agents), issued on first use and never handed to
-    /// the process: a key the workload can read opens no tunnel. It goes
-    /// when this SVID does (rotation, exit).
-    pub mesh: tokio::sync::OnceCell<Arc<MeshSvid>>,
-    pub live: LiveKey,
-}
-
-/// An SVID for tunnels between agents, held only by this agent.
-pub struct MeshSvid {
-    pub key: PrivateKey,
-    /// Leaf first, then intermediates.
-    pub chain: Vec<Vec<u8>>,
-    /// The mesh's TLS client configuration with it, built on first use.
-    pub tls: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
-    pub live: LiveKey,
-}
-
 pub struct Tracked {
     pub pidfd: Arc<PidFd>,
     pub info: ProcessInfo,
@@ -128,7 +75,8 @@ pub struct Tracker {
     /// call for the same process do not both issue.
     pid_locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
     pub registry: watch::Receiver<Arc<Registry>>,
-    node: Arc<NodeConn>,
+    /// Keys and their signing.
+    issuer: Issuer,
     /// Told about every change, in this order (see [`ProcessObserver`]).
     observers: Vec<Arc<dyn ProcessObserver>>,
     /// Set once the agent stops: nothing is attested or issued after it.
@@ -142,17 +90,10 @@ pub struct Tracker {
     metrics: Arc<Metrics>,
 }
 
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 impl Tracker {
     pub fn new(
         registry: watch::Receiver<Arc<Registry>>,
-        node: Arc<NodeConn>,
+        signer: Arc<dyn crate::identity::Signer>,
         metrics: Arc<Metrics>,
         kernel: Option<Arc<tether_kernel::Enforcer>>,
         hash_limits: tether_attest::HashLimits,
@@ -167,7 +108,7 @@ impl Tracker {
             procs: Mutex::new(HashMap::new()),
             pid_locks: Mutex::new(HashMap::new()),
             registry,
-            node,
+            issuer: Issuer::new(signer, metrics.clone()),
             rotating: Mutex::new(Default::default()),
             observers,
             stopped: watch::channel(false).0,
@@ -472,7 +413,7 @@ impl Tracker {
         let mut issued = if missing.is_empty() {
             Vec::new()
         } else {
-            self.issue(&missing).await?
+            self.issuer.issue(&missing).await?
         };
         if !pidfd.is_alive() {
             // It exited while we were issuing: nothing to keep.
@@ -531,117 +472,14 @@ impl Tracker {
         Ok((info, keep))
     }
 
-    /// Generates a key per identity and has the server sign them in one call.
-    async fn issue(&self, ids: &[&AgentIdentity]) -> Result<Vec<Arc<ProcSvid>>, EnsureError> {
-        let mut keys = Vec::with_capacity(ids.len());
-        let mut csrs = Vec::with_capacity(ids.len());
-        for i in ids {
-            let key = PrivateKey::generate().map_err(|e| EnsureError::Internal(e.to_string()))?;
-            let csr = tether_ca::build_csr(&key, &i.spiffe_id)
-                .map_err(|e| EnsureError::Internal(e.to_string()))?;
-            csrs.push(SvidCsr {
-                spiffe_id: i.spiffe_id.to_string(),
-                csr,
-                ttl_secs: i.x509_ttl_secs,
-                mesh: false,
-            });
-            keys.push(key);
-        }
-        let resp = self
-            .node
-            .client()
-            .sign_x509_svids(SignX509SvidsRequest { csrs })
-            .await
-            .map_err(|s| EnsureError::Server(s.message().to_string()))?
-            .into_inner();
-        if resp.svids.len() != ids.len() {
-            return Err(EnsureError::Server(format!(
-                "asked for {} SVIDs, got {}",
-                ids.len(),
-                resp.svids.len()
-            )));
-        }
-        let issued_at = now();
-        let mut out = Vec::new();
-        for ((i, key), s) in ids.iter().zip(keys).zip(resp.svids) {
-            if !s.error.is_empty() || s.chain.is_empty() {
-                tracing::warn!(identity = %i.name, error = %s.error, "server refused SVID");
-                continue;
-            }
-            self.metrics.svids_issued.inc();
-            out.push(Arc::new(ProcSvid {
-                identity: i.name.clone(),
-                spiffe_id: i.spiffe_id.clone(),
-                key: Arc::new(key),
-                chain: s.chain,
-                issued_at,
-                expires_at: s.expires_at,
-                workload_api: i.workload_api,
-                mesh: tokio::sync::OnceCell::new(),
-                live: LiveKey::new(),
-            }));
-        }
-        Ok(out)
-    }
-
-    /// The mesh SVID for `svid`, issued on first use: same SPIFFE ID and
-    /// lifetime, a key of its own, marked by the server as this node's.
+    /// The mesh SVID for `svid` (see [`Issuer::mesh_svid`]).
     pub async fn mesh_svid(&self, svid: &ProcSvid) -> Result<Arc<MeshSvid>, EnsureError> {
-        svid.mesh
-            .get_or_try_init(|| async {
-                let key =
-                    PrivateKey::generate().map_err(|e| EnsureError::Internal(e.to_string()))?;
-                let csr = tether_ca::build_csr(&key, &svid.spiffe_id)
-                    .map_err(|e| EnsureError::Internal(e.to_string()))?;
-                let ttl = (svid.expires_at - now()).max(1);
-                let resp = self
-                    .node
-                    .client()
-                    .sign_x509_svids(SignX509SvidsRequest {
-                        csrs: vec![SvidCsr {
-                            spiffe_id: svid.spiffe_id.to_string(),
-                            csr,
-                            ttl_secs: ttl,
-                            mesh: true,
-                        }],
-                    })
-                    .await
-                    .map_err(|s| EnsureError::Server(s.message().to_string()))?
-                    .into_inner();
-                let s = resp
-                    .svids
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| EnsureError::Server("no mesh SVID in the answer".into()))?;
-                if !s.error.is_empty() || s.chain.is_empty() {
-                    return Err(EnsureError::Server(format!(
-                        "mesh SVID refused: {}",
-                        s.error
-                    )));
-                }
-                Ok(Arc::new(MeshSvid {
-                    key,
-                    chain: s.chain,
-                    tls: std::sync::OnceLock::new(),
-                    live: LiveKey::new(),
-                }))
-            })
-            .await
-            .cloned()
+        Ok(self.issuer.mesh_svid(svid).await?)
     }
 
-    /// Has the server mint a JWT-SVID for `id` (entitlement is checked
-    /// there too).
+    /// Has the server mint a JWT-SVID for `id` (see [`Issuer::mint_jwt`]).
     pub async fn mint_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<String, String> {
-        self.node
-            .client()
-            .mint_jwt_svid(tether_proto::tether::MintJwtSvidRequest {
-                spiffe_id: id.to_string(),
-                audience: audience.to_vec(),
-            })
-            .await
-            .map(|r| r.into_inner().token)
-            .map_err(|s| s.message().to_string())
+        self.issuer.mint_jwt(id, audience).await
     }
 
     /// Pids whose SVIDs passed half their lifetime.
@@ -699,7 +537,7 @@ impl Tracker {
             return;
         }
         let refs: Vec<&AgentIdentity> = due.iter().collect();
-        match self.issue(&refs).await {
+        match self.issuer.issue(&refs).await {
             Ok(fresh) => {
                 let _g = lock.lock().await;
                 let mut procs = self.procs();
@@ -762,8 +600,8 @@ impl Tracker {
 pub enum EnsureError {
     #[error("attestation failed: {0}")]
     Attest(String),
-    #[error("server refused: {0}")]
-    Server(String),
+    #[error(transparent)]
+    Issue(#[from] IssueError),
     #[error("internal: {0}")]
     Internal(String),
     #[error("the agent is stopping")]

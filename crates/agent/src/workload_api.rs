@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
 use crate::sender::{SenderChecked, pass_credentials};
-use crate::tracker::{EnsureError, ProcSvid, Tracker, now};
+use crate::tracker::{EnsureError, IssueError, ProcSvid, Tracker, now};
 use tether_attest::{KeyedSlot, KeyedSlots};
 
 /// (exec id, process start) of an image, as the kernel recorded it.
@@ -106,8 +106,12 @@ impl WorkloadApi {
             EnsureError::Attest(m) => {
                 Status::permission_denied(format!("could not attest caller: {m}"))
             }
-            EnsureError::Server(m) => Status::unavailable(format!("could not obtain an SVID: {m}")),
-            EnsureError::Internal(m) => Status::internal(m),
+            EnsureError::Issue(IssueError::Server(m)) => {
+                Status::unavailable(format!("could not obtain an SVID: {m}"))
+            }
+            EnsureError::Issue(IssueError::Internal(m)) | EnsureError::Internal(m) => {
+                Status::internal(m)
+            }
             EnsureError::Stopped => Status::unavailable("the agent is stopping"),
         })?;
         if exec.is_none() || self.tracker.exec_of(pid) != exec {

@@ -66,7 +66,10 @@ pub fn kernel_records(data: &[u8]) {
         1 => {
             if let Some(x) = tether_kernel::decode::exec(rec) {
                 assert_eq!(rec.len(), 80);
-                assert!(x.name.len() <= 32 * 3, "a lossy name is at most 3 bytes per byte");
+                assert!(
+                    x.name.len() <= 32 * 3,
+                    "a lossy name is at most 3 bytes per byte"
+                );
             }
         }
         _ => {

@@ -95,12 +95,15 @@ fn the_well_formed_seeds_are_accepted() {
     );
     let held = tether_kernel::decode::held(&seed("kernel_records", "held-v4")[1..]).expect("held");
     assert_eq!(held.original_dst, "10.0.0.7:6379".parse().expect("addr"));
-    assert_eq!((held.tgid, held.service_id, held.socket_cookie), (4242, 7, 99));
+    assert_eq!(
+        (held.tgid, held.service_id, held.socket_cookie),
+        (4242, 7, 99)
+    );
     assert!(tether_kernel::decode::held(&seed("kernel_records", "held-short")[1..]).is_none());
     let exec = tether_kernel::decode::exec(&seed("kernel_records", "exec")[1..]).expect("exec");
     assert_eq!(exec.name, "redis-cli");
-    let ev = tether_kernel::decode::event(&seed("kernel_records", "event-allow")[1..])
-        .expect("event");
+    let ev =
+        tether_kernel::decode::event(&seed("kernel_records", "event-allow")[1..]).expect("event");
     assert_eq!(ev.decision, tether_kernel::Decision::Allow);
     assert_eq!((ev.port, ev.comm.as_str()), (6379, "redis-cli"));
     for bad in ["event-bad-verdict", "event-bad-hook", "event-short"] {

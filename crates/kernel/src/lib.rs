@@ -32,8 +32,8 @@ mod sys;
 use std::path::PathBuf;
 
 pub use abi::{
-    decode, Decision, DstPrefix, Event, EventError, ExecFlags, ExecRecord, HeldConnection, Hook, Proto,
-    Reason, ServiceFlags,
+    Decision, DstPrefix, Event, EventError, ExecFlags, ExecRecord, HeldConnection, Hook, Proto,
+    Reason, ServiceFlags, decode,
 };
 pub use enforcer::{
     DetachReport, Enforcer, EnforcerConfig, ExecId, HoldConfig, ProcessEntry, Stats, VerdictEntry,
