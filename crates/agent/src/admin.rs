@@ -12,13 +12,13 @@ use tether_proto::tether::{
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
-use crate::tracker::Tracker;
+use crate::state::tracker::Tracker;
 
 /// A read-only view: it is handed each part it reports on.
 pub struct AdminApi {
     pub tracker: Arc<Tracker>,
     pub enforcement: Option<Arc<crate::enforce::Enforcement>>,
-    pub mesh: Option<Arc<crate::mesh::Mesh>>,
+    pub mesh: Option<Arc<crate::proxy::mesh::Mesh>>,
     pub node: String,
 }
 
@@ -61,7 +61,7 @@ impl AgentAdmin for AdminApi {
             let mut entry = serde_json::json!({ "identity": ident.name, "spiffeId": ident.spiffe_id.to_string(), "selectorSets": sets });
             // The exec checks come before any selector: name them when
             // they are why.
-            if let Some(why) = crate::verify::refusal(&info.exec, &ident.allow_exec) {
+            if let Some(why) = crate::state::verify::refusal(&info.exec, &ident.allow_exec) {
                 entry["execChecks"] = serde_json::json!(why);
             }
             if ident.matches(&info) {

@@ -10,7 +10,7 @@ use tether_attest::ProcessInfo;
 use tether_kernel::{DstPrefix, Proto, ServiceFlags};
 use tether_manifest::Protocol;
 
-use crate::registry::Registry;
+use crate::state::registry::Registry;
 
 /// Rule id 0 is the default: a protected Service with no allowing policy.
 pub const DEFAULT_DENY: &str = "default-deny";
@@ -270,7 +270,7 @@ pub fn local_ports(
     host: &[IpAddr],
 ) -> HashMap<(Proto, u16), (u32, ServiceFlags, String)> {
     let mut ports: HashMap<(Proto, u16), (u32, ServiceFlags, String)> = HashMap::new();
-    let mut by_name: Vec<&crate::registry::AgentService> = reg.services.iter().collect();
+    let mut by_name: Vec<&crate::state::registry::AgentService> = reg.services.iter().collect();
     by_name.sort_by(|a, b| a.name.cmp(&b.name));
     for s in by_name {
         let Some(id) = names.services.get(&s.name).copied() else {
@@ -544,7 +544,7 @@ mod tests {
 
     use super::hook_model::{ConnectMaps, connect_lookup};
     use super::*;
-    use crate::registry::{AgentIdentity, AgentPolicy, AgentService, Registry};
+    use crate::state::registry::{AgentIdentity, AgentPolicy, AgentService, Registry};
 
     const NODE: &str = "n1";
     /// 1970-01-01 10:00 and 13:00 UTC.

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::state::registry::Registry;
 
 pub use crate::decide::DEFAULT_DENY;
 use crate::decide::{self, Names, Subject};
@@ -392,7 +392,7 @@ impl Enforcement {
                 // No identity because of the exec checks? Say so.
                 reason: proc.as_ref().and_then(|(info, ids)| {
                     ids.is_empty()
-                        .then(|| crate::verify::refusal(&info.exec, &[]))
+                        .then(|| crate::state::verify::refusal(&info.exec, &[]))
                         .flatten()
                 }),
                 proc,
@@ -491,7 +491,7 @@ impl Enforcement {
     pub fn meshed_service_at(
         &self,
         dst: std::net::SocketAddr,
-    ) -> Option<crate::registry::AgentService> {
+    ) -> Option<crate::state::registry::AgentService> {
         // The kernel's lookup, so the Service judged here is the one the
         // client's kernel chose.
         let (id, flags) = self.kernel.service_for(dst, Proto::Tcp).ok().flatten()?;
@@ -502,7 +502,7 @@ impl Enforcement {
     }
 
     /// The Service behind a kernel service id.
-    pub fn service_by_id(&self, id: u32) -> Option<crate::registry::AgentService> {
+    pub fn service_by_id(&self, id: u32) -> Option<crate::state::registry::AgentService> {
         let name = Self::lock(&self.compiled)
             .names
             .service_names
@@ -688,7 +688,7 @@ impl Enforcement {
         // checks kept it from one, when they did.
         let reason = reason.or_else(|| match (&proc, ev.decision) {
             (Some((info, ids)), Decision::Deny) if ids.is_empty() => {
-                crate::verify::refusal(&info.exec, &[])
+                crate::state::verify::refusal(&info.exec, &[])
             }
             _ => None,
         });
@@ -964,7 +964,7 @@ struct Audit {
 /// Kernel verdicts follow the process table: written when a process is
 /// attested (before its SVIDs exist), removed when it goes, recompiled when
 /// the registry changes or a time window opens or closes.
-impl crate::tracker::ProcessObserver for Enforcement {
+impl crate::state::tracker::ProcessObserver for Enforcement {
     fn registry_changed(&self, registry: &Arc<Registry>) {
         self.sync_registry(registry.clone());
     }

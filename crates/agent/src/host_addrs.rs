@@ -9,22 +9,17 @@
 //! "read again". A periodic re-read covers anything missed.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
 use std::time::Duration;
-
-use crate::enforce::Enforcement;
 
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 /// Re-read even without a notification this often.
 const REFRESH: Duration = Duration::from_secs(30);
 
-/// Reads the addresses now (so the first registry sync has them) and
-/// starts the thread that follows them; on a change the node SVID is
-/// renewed to vouch for the new set.
-pub fn follow(enforcement: Arc<Enforcement>, node: Arc<crate::node::NodeConn>) {
-    let rt = tokio::runtime::Handle::current();
-    enforcement.set_host_addrs(read());
+/// Calls `changed` with the addresses now (so the first registry sync has
+/// them), then starts the thread that calls it again on every change.
+pub fn follow(mut changed: impl FnMut(Vec<IpAddr>) + Send + 'static) {
+    changed(read());
     let socket = match subscribe() {
         Ok(s) => Some(s),
         Err(e) => {
@@ -41,9 +36,7 @@ pub fn follow(enforcement: Arc<Enforcement>, node: Arc<crate::node::NodeConn>) {
                     Some(fd) => wait(fd, &mut buf),
                     None => std::thread::sleep(REFRESH),
                 }
-                enforcement.set_host_addrs(read());
-                let node = node.clone();
-                rt.spawn(async move { node.follow_addresses().await });
+                changed(read());
             }
         });
     if let Err(e) = spawned {

@@ -136,11 +136,9 @@ struct Fixture {
 /// counts it.
 fn accept_forever(l: TcpListener, accepted: Arc<AtomicUsize>) {
     std::thread::spawn(move || {
-        for s in l.incoming() {
-            if let Ok(mut s) = s {
-                accepted.fetch_add(1, Ordering::SeqCst);
-                let _ = std::io::Write::write_all(&mut s, b"+");
-            }
+        for mut s in l.incoming().flatten() {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let _ = std::io::Write::write_all(&mut s, b"+");
         }
     });
 }

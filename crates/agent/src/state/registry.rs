@@ -23,7 +23,7 @@ impl AgentIdentity {
     /// The process passes the exec checks (those this identity does not
     /// accept by name) and one selector set.
     pub fn matches(&self, p: &ProcessInfo) -> bool {
-        crate::verify::refusal(&p.exec, &self.allow_exec).is_none()
+        crate::state::verify::refusal(&p.exec, &self.allow_exec).is_none()
             && self.sets.iter().any(|set| matches_all(set, p))
     }
 }
@@ -149,4 +149,19 @@ fn convert(i: &Identity) -> anyhow::Result<AgentIdentity> {
         workload_api: i.workload_api,
         allow_exec: i.allow_exec.clone(),
     })
+}
+
+impl crate::identity::Wanted for AgentIdentity {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn spiffe_id(&self) -> &SpiffeId {
+        &self.spiffe_id
+    }
+    fn x509_ttl_secs(&self) -> i64 {
+        self.x509_ttl_secs
+    }
+    fn workload_api(&self) -> bool {
+        self.workload_api
+    }
 }

@@ -17,9 +17,9 @@ use tokio::sync::{mpsc, watch};
 
 pub use crate::clock::unix_now as now;
 use crate::identity::Issuer;
-pub use crate::identity::{IssueError, MeshSvid, ProcSvid, live_keys};
+pub use crate::identity::{IssueError, MeshSvid, ProcSvid};
 use crate::metrics::Metrics;
-use crate::registry::{AgentIdentity, Registry};
+use crate::state::registry::{AgentIdentity, Registry};
 
 /// What the process table tells the parts that act on processes. The
 /// table calls its observers in the order the agent registered them (kernel
@@ -187,7 +187,7 @@ impl Tracker {
             |r: &Option<tether_kernel::ExecRecord>| r.as_ref().map(|r| (r.exec_id, r.start_ns));
         let mut before = self.exec_record(pid);
         for _ in 0..3 {
-            let access = crate::verify::file_access(before.as_ref());
+            let access = crate::state::verify::file_access(before.as_ref());
             let me = self.clone();
             let pfd = pidfd.clone();
             let mut info =
@@ -204,7 +204,12 @@ impl Tracker {
             let after = self.exec_record(pid);
             if key(&after) == key(&before) {
                 info.exec = if self.kernel.is_some() {
-                    crate::verify::exec_check(after.as_ref(), &info, access, self.host_mnt_ns)
+                    crate::state::verify::exec_check(
+                        after.as_ref(),
+                        &info,
+                        access,
+                        self.host_mnt_ns,
+                    )
                 } else {
                     tether_attest::ExecCheck {
                         blocking: vec!["the agent has no kernel exec records".into()],

@@ -22,10 +22,10 @@ use tokio::task::JoinHandle;
 
 use crate::BoxFuture;
 use crate::enforce::{Enforcement, HeldDecision};
-use crate::mesh::Mesh;
 use crate::metrics::Metrics;
-use crate::registry::AgentService;
-use crate::tracker::Tracker;
+use crate::proxy::mesh::Mesh;
+use crate::state::registry::AgentService;
+use crate::state::tracker::Tracker;
 
 /// How long a held connection may wait for its process to be attested.
 const ATTEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -156,8 +156,8 @@ pub enum Plan {
     /// Allowed to a meshed Service: the tunnel takes it.
     Mesh {
         rec: HeldConnection,
-        decision: HeldDecision,
-        service: AgentService,
+        decision: Box<HeldDecision>,
+        service: Box<AgentService>,
     },
 }
 
@@ -381,8 +381,8 @@ pub async fn plan(
     match meshed {
         Some(service) => Plan::Mesh {
             rec,
-            decision,
-            service,
+            decision: Box::new(decision),
+            service: Box::new(service),
         },
         None => Plan::Direct(rec),
     }

@@ -36,10 +36,10 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::enforce::Enforcement;
+use crate::identity::node::NodeConn;
 use crate::metrics::Metrics;
-use crate::node::NodeConn;
-use crate::registry::AgentService;
-use crate::tracker::{ProcSvid, Tracker};
+use crate::state::registry::AgentService;
+use crate::state::tracker::{ProcSvid, Tracker};
 use tether_attest::{KeyedSlot, KeyedSlots};
 
 /// Default mesh port (every agent of a deployment must use the same).
@@ -162,7 +162,7 @@ impl Tunnels {
     }
 }
 
-impl crate::tracker::ProcessObserver for Tunnels {
+impl crate::state::tracker::ProcessObserver for Tunnels {
     /// The process exited: close its tunnels (their key is being
     /// destroyed). Called for every process exit on the host, so it looks
     /// the pid up rather than scanning the table.

@@ -7,6 +7,8 @@
 //! process gets, rotates or loses its SVIDs; this module decides nothing
 //! about processes.
 
+pub mod node;
+
 use std::sync::Arc;
 
 use tether_ca::PrivateKey;
@@ -16,8 +18,7 @@ use tether_spiffe::SpiffeId;
 use crate::BoxFuture;
 use crate::clock::unix_now;
 use crate::metrics::Metrics;
-use crate::node::NodeConn;
-use crate::registry::AgentIdentity;
+use node::NodeConn;
 
 /// Per-process private keys alive in this process (process and mesh SVIDs):
 /// what a stopped agent must bring back to zero.
@@ -144,6 +145,16 @@ impl Signer for NodeSigner {
     }
 }
 
+/// What an SVID is issued for: an identity the process table decided the
+/// process holds (the registry's identities implement it).
+pub trait Wanted {
+    fn name(&self) -> &str;
+    fn spiffe_id(&self) -> &SpiffeId;
+    fn x509_ttl_secs(&self) -> i64;
+    /// The process may fetch it over the Workload API.
+    fn workload_api(&self) -> bool;
+}
+
 /// Makes keys and has them signed.
 pub struct Issuer {
     signer: Arc<dyn Signer>,
@@ -157,17 +168,20 @@ impl Issuer {
 
     /// A fresh key per identity, signed in one call. Identities the signer
     /// refuses are left out (logged); the call fails only as a whole.
-    pub async fn issue(&self, ids: &[&AgentIdentity]) -> Result<Vec<Arc<ProcSvid>>, IssueError> {
+    pub async fn issue<W: Wanted + Sync>(
+        &self,
+        ids: &[&W],
+    ) -> Result<Vec<Arc<ProcSvid>>, IssueError> {
         let mut keys = Vec::with_capacity(ids.len());
         let mut csrs = Vec::with_capacity(ids.len());
         for i in ids {
             let key = PrivateKey::generate().map_err(|e| IssueError::Internal(e.to_string()))?;
-            let csr = tether_ca::build_csr(&key, &i.spiffe_id)
+            let csr = tether_ca::build_csr(&key, i.spiffe_id())
                 .map_err(|e| IssueError::Internal(e.to_string()))?;
             csrs.push(SvidCsr {
-                spiffe_id: i.spiffe_id.to_string(),
+                spiffe_id: i.spiffe_id().to_string(),
                 csr,
-                ttl_secs: i.x509_ttl_secs,
+                ttl_secs: i.x509_ttl_secs(),
                 mesh: false,
             });
             keys.push(key);
@@ -186,19 +200,19 @@ impl Issuer {
             let (chain, expires_at) = match s {
                 Ok(c) => c,
                 Err(error) => {
-                    tracing::warn!(identity = %i.name, %error, "server refused SVID");
+                    tracing::warn!(identity = %i.name(), %error, "server refused SVID");
                     continue;
                 }
             };
             self.metrics.svids_issued.inc();
             out.push(Arc::new(ProcSvid {
-                identity: i.name.clone(),
-                spiffe_id: i.spiffe_id.clone(),
+                identity: i.name().to_owned(),
+                spiffe_id: i.spiffe_id().clone(),
                 key: Arc::new(key),
                 chain,
                 issued_at,
                 expires_at,
-                workload_api: i.workload_api,
+                workload_api: i.workload_api(),
                 mesh: tokio::sync::OnceCell::new(),
                 live: LiveKey::new(),
             }));
@@ -311,17 +325,28 @@ mod tests {
         }
     }
 
-    fn identity(name: &str) -> AgentIdentity {
-        AgentIdentity {
-            name: name.to_owned(),
-            spiffe_id: SpiffeId::parse(&format!("spiffe://example.org/{name}")).expect("id"),
-            sets: Vec::new(),
-            raw_sets: Vec::new(),
-            x509_ttl_secs: 600,
-            jwt_ttl_secs: 300,
-            workload_api: true,
-            allow_exec: Vec::new(),
+    struct Want(String, SpiffeId);
+
+    impl Wanted for Want {
+        fn name(&self) -> &str {
+            &self.0
         }
+        fn spiffe_id(&self) -> &SpiffeId {
+            &self.1
+        }
+        fn x509_ttl_secs(&self) -> i64 {
+            600
+        }
+        fn workload_api(&self) -> bool {
+            true
+        }
+    }
+
+    fn identity(name: &str) -> Want {
+        Want(
+            name.to_owned(),
+            SpiffeId::parse(&format!("spiffe://example.org/{name}")).expect("id"),
+        )
     }
 
     /// The URI SAN of a DER leaf.

@@ -27,9 +27,9 @@ use tokio::task::JoinHandle;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::deliver::sender::{SenderChecked, pass_credentials};
 use crate::metrics::Metrics;
-use crate::sender::{SenderChecked, pass_credentials};
-use crate::tracker::{EnsureError, IssueError, ProcSvid, Tracker, now};
+use crate::state::tracker::{EnsureError, IssueError, ProcSvid, Tracker, now};
 use tether_attest::{KeyedSlot, KeyedSlots};
 
 /// (exec id, process start) of an image, as the kernel recorded it.
@@ -46,7 +46,8 @@ pub struct Caller {
     _slot: Arc<KeyedSlot<u32>>,
 }
 
-type CallerConn = tether_proto::uds::Tagged<crate::h2_authority::Rewritten<SenderChecked>, Caller>;
+type CallerConn =
+    tether_proto::uds::Tagged<crate::deliver::h2_authority::Rewritten<SenderChecked>, Caller>;
 
 /// Connections at once, in all and per uid: a flood from one user cannot
 /// take the socket from everyone else.
@@ -495,7 +496,7 @@ pub fn serve(
                     // on every call.
                     let exec = t.exec_record(pid).map(|r| (r.exec_id, r.start_ns));
                     let conn = CallerConn::new(
-                        crate::h2_authority::Rewritten::new(SenderChecked::new(s, pid)),
+                        crate::deliver::h2_authority::Rewritten::new(SenderChecked::new(s, pid)),
                         Caller {
                             pidfd,
                             exec,
