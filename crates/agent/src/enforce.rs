@@ -41,8 +41,10 @@ struct ProcEntry {
     allowed: BTreeMap<u32, u32>,
 }
 
-#[derive(Default)]
+/// The registry and what was compiled from it, under one lock so no reader
+/// ever pairs a registry with another registry's numbering.
 struct Compiled {
+    registry: Arc<Registry>,
     names: Names,
     installed: HashSet<DstPrefix>,
     local_ports: HashSet<(Proto, u16)>,
@@ -60,7 +62,6 @@ pub struct Enforcement {
     /// read after the process changed still name who decided (bounded).
     retired: Mutex<std::collections::VecDeque<(u32, ProcessInfo, Vec<String>)>>,
     compiled: Mutex<Compiled>,
-    registry: Mutex<Arc<Registry>>,
     /// Where every decision record goes.
     pub audit: AuditLog,
     metrics: Arc<Metrics>,
@@ -134,8 +135,12 @@ impl Enforcement {
             next_subject: AtomicU32::new(first_subject),
             procs: Mutex::new(HashMap::new()),
             retired: Mutex::new(Default::default()),
-            compiled: Mutex::new(Compiled::default()),
-            registry: Mutex::new(registry.clone()),
+            compiled: Mutex::new(Compiled {
+                registry: registry.clone(),
+                names: Names::default(),
+                installed: HashSet::new(),
+                local_ports: HashSet::new(),
+            }),
             audit,
             metrics,
             verdicts_changed: watch::channel(0).0,
@@ -157,8 +162,8 @@ impl Enforcement {
     /// before removing old ones, so no protected address is ever open) and
     /// recompiles every process.
     pub fn sync_registry(&self, reg: Arc<Registry>) {
-        *Self::lock(&self.registry) = reg.clone();
         let mut c = Self::lock(&self.compiled);
+        c.registry = reg.clone();
         c.names.assign(&reg);
         let wanted = decide::service_keys(&reg, &c.names, &resolve_host);
         for (k, (id, flags)) in &wanted {
@@ -226,7 +231,7 @@ impl Enforcement {
             changed
         };
         if changed {
-            let reg = Self::lock(&self.registry).clone();
+            let reg = Self::lock(&self.compiled).registry.clone();
             self.sync_registry(reg);
         }
     }
@@ -234,14 +239,13 @@ impl Enforcement {
     /// The verdicts `who` gets now (see decide::evaluate).
     fn evaluate(
         &self,
-        reg: &Registry,
         info: Option<&ProcessInfo>,
         identities: &[String],
         spiffe_ids: &[String],
     ) -> decide::Verdicts {
         let c = Self::lock(&self.compiled);
         decide::evaluate(
-            reg,
+            &c.registry,
             &c.names,
             &self.node,
             (self.clock)(),
@@ -269,11 +273,10 @@ impl Enforcement {
             return;
         }
         let (exec_id, start_ns) = exec;
-        let reg = Self::lock(&self.registry).clone();
         let decide::Verdicts {
             allowed,
             conditional,
-        } = self.evaluate(&reg, Some(info), &identities, &spiffe_ids);
+        } = self.evaluate(Some(info), &identities, &spiffe_ids);
         let expires = tether_kernel::boottime_ns().saturating_add(CONDITIONAL_TTL_NS);
         let expiry = |svc: &u32| {
             if conditional.contains(svc) {
@@ -480,7 +483,8 @@ impl Enforcement {
     }
 
     pub fn has_conditions(&self) -> bool {
-        Self::lock(&self.registry)
+        Self::lock(&self.compiled)
+            .registry
             .policies
             .iter()
             .any(|p| p.condition.is_some())
@@ -492,9 +496,14 @@ impl Enforcement {
         &self,
         dst: std::net::SocketAddr,
     ) -> Option<crate::state::registry::AgentService> {
-        // The kernel's lookup, so the Service judged here is the one the
-        // client's kernel chose.
-        let (id, flags) = self.kernel.service_for(dst, Proto::Tcp).ok().flatten()?;
+        // The lookup a client's kernel on another host made (the Services
+        // map, not this host's local ports), so the Service judged here is
+        // the one that client's kernel chose.
+        let (id, flags) = self
+            .kernel
+            .remote_service_for(dst, Proto::Tcp)
+            .ok()
+            .flatten()?;
         if !flags.mesh {
             return None;
         }
@@ -503,21 +512,20 @@ impl Enforcement {
 
     /// The Service behind a kernel service id.
     pub fn service_by_id(&self, id: u32) -> Option<crate::state::registry::AgentService> {
-        let name = Self::lock(&self.compiled)
-            .names
-            .service_names
-            .get(&id)
-            .cloned()?;
-        let reg = Self::lock(&self.registry).clone();
-        reg.services.iter().find(|s| s.name == name).cloned()
+        let c = Self::lock(&self.compiled);
+        let name = c.names.service_names.get(&id)?;
+        c.registry
+            .services
+            .iter()
+            .find(|s| &s.name == name)
+            .cloned()
     }
 
     /// Ingress policy: may a peer presenting `peer_id` reach `service`
     /// now? Ok(rule name). See decide::ingress.
     pub fn ingress(&self, service: &str, peer_id: &str) -> Result<String, decide::IngressRefusal> {
-        let reg = Self::lock(&self.registry).clone();
         let c = Self::lock(&self.compiled);
-        decide::ingress(&reg, &c.names, (self.clock)(), service, peer_id)
+        decide::ingress(&c.registry, &c.names, (self.clock)(), service, peer_id)
     }
 
     /// Explains the verdict for a process or identity and a destination.
@@ -529,7 +537,7 @@ impl Enforcement {
         dst: std::net::SocketAddr,
         proto: Proto,
     ) -> serde_json::Value {
-        let reg = Self::lock(&self.registry).clone();
+        let reg = Self::lock(&self.compiled).registry.clone();
         // What the connect hook would find, not a second lookup of our own.
         let found = self.kernel.service_for(dst, proto).ok().flatten();
         let service = found.and_then(|(id, _)| self.service_by_id(id));

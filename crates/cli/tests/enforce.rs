@@ -310,8 +310,14 @@ spec:
         });
         assert!(
             seen,
-            "agent never attested the client {pid}:\n{}",
-            self.up.logs()
+            "agent never attested the client {pid}:\n{}\nwhoami:\n{}",
+            self.up.logs(),
+            String::from_utf8_lossy(
+                &self
+                    .up
+                    .tether(&["whoami", "--pid", &pid.to_string()])
+                    .stdout
+            )
         );
         std::fs::write(out.join("go"), "").expect("go");
     }

@@ -80,8 +80,11 @@ fn openssl_mtls(server: &Path, client_cert: &Path, client_key: &Path, ca: &Path)
         .stderr(Stdio::piped())
         .spawn()
         .expect("s_server");
-    // s_server prints nothing machine-readable when it listens; give it time.
-    std::thread::sleep(Duration::from_millis(300));
+    // s_server prints nothing machine-readable when it listens.
+    let listening = wait_until(Duration::from_secs(10), || {
+        tether_test_support::listening(port.parse().expect("port"))
+    });
+    assert!(listening, "openssl s_server did not listen on {port}");
     let mut cli = Command::new("openssl")
         .args([
             "s_client",
@@ -292,6 +295,72 @@ fn two_users_get_their_identities_rust_client_and_openssl_accept_them() {
         !ok,
         "a client certificate from another trust domain was accepted:\n{t}"
     );
+
+    // Tether's own verifier (the one its mesh uses on every peer) draws the
+    // same line: it accepts b's SVID against the bundle the Workload API
+    // served, refuses the other trust domain's, and refuses a certificate
+    // that claims this trust domain but chains to the other CA.
+    std::fs::write(other.join("forged.cnf"), "subjectAltName=URI:spiffe://example.org/alpha\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\nbasicConstraints=critical,CA:FALSE\n").expect("ext");
+    let o = openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("req.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &p("forged.cnf"),
+        "-out",
+        &p("forged.pem"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let der = |pem: &Path| -> Vec<u8> {
+        let o = openssl(&["x509", "-in", &pem.display().to_string(), "-outform", "DER"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        o.stdout
+    };
+    let mut bundle =
+        tether_spiffe::Bundle::new(tether_spiffe::TrustDomain::new("example.org").expect("td"));
+    bundle.x509_authorities.push(der(&b.out.join("bundle.pem")));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs() as i64;
+    let verify = |leaf: &Path| {
+        let mut chain = vec![der(leaf)];
+        let extra = leaf.with_file_name("chain.pem");
+        if std::fs::metadata(&extra).is_ok_and(|m| m.len() > 0) {
+            chain.push(der(&extra));
+        }
+        tether_spiffe::x509::verify_x509_svid(&chain, &bundle, now)
+    };
+    let id = verify(&b.out.join("svid.pem")).expect("b's SVID verifies");
+    assert_eq!(
+        id.to_string(),
+        b.spiffe_id().to_string(),
+        "b's SVID names b"
+    );
+    let err = verify(&other.join("svid.pem")).expect_err("another trust domain");
+    assert!(
+        matches!(
+            err,
+            tether_spiffe::x509::SvidError::TrustDomainMismatch { .. }
+        ),
+        "{err}"
+    );
+    let err = verify(&other.join("forged.pem")).expect_err("forged issuer");
+    assert!(
+        !matches!(
+            err,
+            tether_spiffe::x509::SvidError::TrustDomainMismatch { .. }
+        ),
+        "refused by the chain, not the name: {err}"
+    );
 }
 
 #[test]
@@ -360,7 +429,11 @@ fn copy_with_one_byte_changed_is_denied() {
     )
     .spawn()
     .expect("spawn");
-    std::thread::sleep(Duration::from_millis(200));
+    let evil_path = std::fs::canonicalize(&evil).expect("evil path");
+    let execd = wait_until(Duration::from_secs(10), || {
+        std::fs::read_link(format!("/proc/{}/exe", child.id())).is_ok_and(|l| l == evil_path)
+    });
+    assert!(execd, "the workload did not exec");
     let pid = child.id().to_string();
     let text = up.ok(&["whoami", "--pid", &pid]);
     let _ = child.kill();

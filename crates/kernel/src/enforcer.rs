@@ -1059,10 +1059,10 @@ impl Enforcer {
 
     /// The Service the connect hook finds for `dst`, in the hook's order:
     /// a port of this host's Service at a local destination first (decided
-    /// locally, so without the mesh flag), then exact port before any
-    /// port, longest prefix. Unlike the hook it cannot see sockets of other
-    /// network namespaces bound to exactly `dst`; such a destination is
-    /// judged as remote here. (tether-agent's `decide::connect_lookup`
+    /// locally, so without the mesh flag), then what
+    /// [`Self::remote_service_for`] finds. Unlike the hook it cannot see sockets of
+    /// other network namespaces bound to exactly `dst`; such a destination
+    /// is judged as remote here. (tether-agent's `decide::hook_model`
     /// models the hook in full.)
     pub fn service_for(
         &self,
@@ -1079,6 +1079,17 @@ impl Enforcer {
                 }
             }
         }
+        self.remote_service_for(dst, proto)
+    }
+
+    /// The Service a connect hook on another host finds for `dst` (the
+    /// Services map alone: exact port before any port, longest prefix),
+    /// with its flags: what a tunnel from that host was allowed to name.
+    pub fn remote_service_for(
+        &self,
+        dst: SocketAddr,
+        proto: Proto,
+    ) -> Result<Option<(u32, ServiceFlags)>, KernelError> {
         let services = lock(&self.services);
         for port in [dst.port(), 0] {
             let key = DstPrefix {

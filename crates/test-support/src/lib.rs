@@ -214,3 +214,48 @@ pub fn free_port() -> u16 {
     }
     panic!("no port free on both loopback addresses");
 }
+
+/// The variable that lets a test whose requirement is missing skip instead
+/// of failing. `make test` never sets it.
+pub const ALLOW_SKIP: &str = "TETHER_TEST_ALLOW_SKIP";
+
+/// A test's requirement: true when `ok`. Otherwise the test fails naming
+/// `what`, unless the run sets [`ALLOW_SKIP`]`=1`; then it returns false
+/// (the caller returns) and prints `SKIPPED` with the test's name straight
+/// to the terminal's stderr, past libtest's capture, so the skip shows in
+/// the run's output even though the test reports ok.
+pub fn require(what: &str, ok: bool) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var_os(ALLOW_SKIP).is_none_or(|v| v != "1") {
+        panic!("{what} (set {ALLOW_SKIP}=1 to skip instead)");
+    }
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
+    let line = format!("SKIPPED {test}: {what}\n");
+    // libtest captures the print macros only; a write to the stderr handle
+    // itself goes straight to fd 2.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    false
+}
+
+/// Whether a TCP socket listens on `port` (any address) in this network
+/// namespace, read from /proc/net/tcp and tcp6: for servers that print
+/// nothing when they are ready.
+pub fn listening(port: u16) -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        fs::read_to_string(f).is_ok_and(|t| {
+            t.lines().skip(1).any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                // local_address is HEXIP:HEXPORT; state 0A is LISTEN.
+                cols.len() > 3
+                    && cols[3] == "0A"
+                    && cols[1]
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                        == Some(port)
+            })
+        })
+    })
+}

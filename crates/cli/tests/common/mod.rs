@@ -393,14 +393,30 @@ pub fn python() -> PathBuf {
 }
 
 /// A copy of the running test binary in a world-readable directory, to run
-/// as a workload (as any uid). `name` becomes its file name.
+/// as a workload (as any uid). `name` becomes its file name. Debug info is
+/// stripped (binutils, from build-essential): the agent hashes every
+/// workload executable within a time limit, and the debug build is over
+/// 200 MB, which a page cache crowded by the build can take longer than
+/// that to read; then no `process:sha256` selector matches.
 pub fn workload_binary(dir: &Path, name: &str) -> PathBuf {
     let me = std::env::current_exe().expect("current_exe");
     let wdir = dir.join("bin");
     std::fs::create_dir_all(&wdir).expect("mkdir bin");
     std::fs::set_permissions(&wdir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let dst = wdir.join(name);
-    std::fs::copy(&me, &dst).expect("copy test binary");
+    let o = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&dst)
+        .arg(&me)
+        .output()
+        .expect("strip (binutils) runs");
+    assert!(
+        o.status.success(),
+        "strip {}: {}",
+        me.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
     std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     dst
 }

@@ -17,26 +17,26 @@ use tether_kernel::{Enforcer, EnforcerConfig, Event};
 
 /// The kernel tests load BPF programs into a cgroup of their own: they
 /// need root, cgroup2 and python3 (the test clients). Without them a test
-/// fails with the reason; it never passes having done nothing.
+/// fails naming what is missing; it never passes having done nothing
+/// (unless the run sets `TETHER_TEST_ALLOW_SKIP=1`, and then the skip is
+/// printed; see `tether_test_support::require`).
 pub fn can_run() -> bool {
+    use tether_test_support::require;
     // SAFETY: geteuid has no preconditions.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "the kernel tests load BPF programs and need root"
-    );
-    assert!(
-        tether_kernel::cgroup2_mount().is_some(),
-        "no cgroup2 mount in /proc/mounts"
-    );
-    assert!(
-        Command::new("python3")
-            .arg("-c")
-            .arg("")
-            .status()
-            .is_ok_and(|s| s.success()),
-        "python3 is needed for the test clients"
-    );
-    true
+    let root = unsafe { libc::geteuid() } == 0;
+    require("the kernel tests load BPF programs and need root", root)
+        && require(
+            "the kernel tests need a cgroup2 mount (none in /proc/mounts)",
+            tether_kernel::cgroup2_mount().is_some(),
+        )
+        && require(
+            "the kernel tests need python3 for the test clients",
+            Command::new("python3")
+                .arg("-c")
+                .arg("")
+                .status()
+                .is_ok_and(|s| s.success()),
+        )
 }
 
 #[allow(unused_imports, reason = "each test binary uses a different subset")]
