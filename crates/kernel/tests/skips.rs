@@ -11,9 +11,8 @@ use std::process::Command;
 #[test]
 #[ignore = "run by as_non_root_a_kernel_test_fails_naming_root"]
 fn needs_the_kernel() {
-    if !common::can_run() {
-        return; // skipped, and said so (only with the allow-skip variable)
-    }
+    // False only when skipping is allowed; the skip is printed then.
+    let _ = common::can_run();
 }
 
 fn run_as_nobody(allow_skip: bool) -> (bool, String) {
