@@ -266,25 +266,30 @@ fn two_users_get_their_identities_rust_client_and_openssl_accept_them() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
-    std::fs::write(other.join("ext.cnf"), "subjectAltName=URI:spiffe://other.org/alpha\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\nbasicConstraints=critical,CA:FALSE\n").expect("ext");
-    let o = openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &p("req.csr"),
-        "-CA",
-        &p("ca.pem"),
-        "-CAkey",
-        &p("ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        &p("ext.cnf"),
-        "-out",
-        &p("svid.pem"),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Leaf certificates for `uri`, signed by the other trust domain's CA.
+    let sign_other = |uri: &str, out: &str| {
+        let ext = p(&format!("{out}.cnf"));
+        std::fs::write(&ext, format!("subjectAltName=URI:{uri}\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\nbasicConstraints=critical,CA:FALSE\n")).expect("ext");
+        let o = openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &p("req.csr"),
+            "-CA",
+            &p("ca.pem"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+            "-out",
+            &p(out),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    sign_other("spiffe://other.org/alpha", "svid.pem");
     let (ok, t) = openssl_mtls(
         &a.out,
         &other.join("svid.pem"),
@@ -300,25 +305,7 @@ fn two_users_get_their_identities_rust_client_and_openssl_accept_them() {
     // same line: it accepts b's SVID against the bundle the Workload API
     // served, refuses the other trust domain's, and refuses a certificate
     // that claims this trust domain but chains to the other CA.
-    std::fs::write(other.join("forged.cnf"), "subjectAltName=URI:spiffe://example.org/alpha\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\nbasicConstraints=critical,CA:FALSE\n").expect("ext");
-    let o = openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &p("req.csr"),
-        "-CA",
-        &p("ca.pem"),
-        "-CAkey",
-        &p("ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        &p("forged.cnf"),
-        "-out",
-        &p("forged.pem"),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    sign_other("spiffe://example.org/alpha", "forged.pem");
     let der = |pem: &Path| -> Vec<u8> {
         let o = openssl(&["x509", "-in", &pem.display().to_string(), "-outform", "DER"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
