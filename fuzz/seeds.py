@@ -101,6 +101,26 @@ spec:
   identities: [redis-cli]
   when: 'context.time.hour >= 8 && context.time.hour < 18'
 """)
+    put("manifest_parse", "credentials.yaml", """apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {name: aws}
+spec:
+  awsSts: {roleArn: 'arn:aws:iam::123456789012:role/app', duration: 1h, endpoint: 'http://127.0.0.1:5000', region: us-east-1}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {name: idp}
+spec:
+  oauth2: {tokenEndpoint: 'https://idp.example/token', grant: clientCredentials, clientId: app, scope: [read]}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {name: app-aws}
+spec:
+  identity: app
+  source: aws
+  file: {name: aws-credentials, format: env, mode: '0400'}
+""")
     put("manifest_parse", "bad-kind.yaml", "apiVersion: tether.dev/v1alpha1\nkind: Nope\nmetadata: {name: x}\n")
     put("manifest_parse", "anchors.yaml", "a: &a [*a]\n")
     put("manifest_parse", "empty.yaml", "")

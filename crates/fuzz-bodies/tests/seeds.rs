@@ -77,6 +77,12 @@ fn the_well_formed_seeds_are_accepted() {
             .len(),
         2
     );
+    assert_eq!(
+        tether_manifest::parse("s", &seed("manifest_parse", "credentials.yaml"))
+            .expect("credentials manifest")
+            .len(),
+        3
+    );
     let csr = tether_ca::parse_csr(&seed("csr_parse", "p256-uri-san.der"))
         .unwrap_or_else(|e| panic!("csr: {e}"));
     assert_eq!(csr.uri_sans, ["spiffe://example.org/w"]);

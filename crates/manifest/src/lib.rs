@@ -6,8 +6,15 @@
 //! file, the document, the resource and the field path, and says what is
 //! wrong. Nothing is applied unless every document in the file is valid.
 
+mod credentials;
+
 use std::collections::BTreeSet;
 use std::fmt;
+
+pub use credentials::{
+    CredentialBindingSpec, CredentialFile, CredentialSourceSpec, FileFormat, MAX_STATIC_BYTES,
+    OAuthGrant, REDACTED,
+};
 
 use serde::{Deserialize, Serialize};
 use tether_attest::Selector;
@@ -16,7 +23,13 @@ use tether_spiffe::SpiffeId;
 pub const API_VERSION: &str = "tether.dev/v1alpha1";
 
 /// Kinds the registry stores.
-pub const KINDS: &[&str] = &["WorkloadIdentity", "Service", "AccessPolicy"];
+pub const KINDS: &[&str] = &[
+    "WorkloadIdentity",
+    "Service",
+    "AccessPolicy",
+    "CredentialSource",
+    "CredentialBinding",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestError {
@@ -210,6 +223,14 @@ pub enum Resource {
         name: String,
         spec: AccessPolicySpec,
     },
+    CredentialSource {
+        name: String,
+        spec: CredentialSourceSpec,
+    },
+    CredentialBinding {
+        name: String,
+        spec: CredentialBindingSpec,
+    },
 }
 
 impl Resource {
@@ -218,13 +239,17 @@ impl Resource {
             Resource::WorkloadIdentity { .. } => "WorkloadIdentity",
             Resource::Service { .. } => "Service",
             Resource::AccessPolicy { .. } => "AccessPolicy",
+            Resource::CredentialSource { .. } => "CredentialSource",
+            Resource::CredentialBinding { .. } => "CredentialBinding",
         }
     }
     pub fn name(&self) -> &str {
         match self {
             Resource::WorkloadIdentity { name, .. }
             | Resource::Service { name, .. }
-            | Resource::AccessPolicy { name, .. } => name,
+            | Resource::AccessPolicy { name, .. }
+            | Resource::CredentialSource { name, .. }
+            | Resource::CredentialBinding { name, .. } => name,
         }
     }
     /// Canonical JSON of the spec: equal specs give equal strings, which is
@@ -236,6 +261,12 @@ impl Resource {
             }
             Resource::Service { spec, .. } => serde_json::to_string(spec).unwrap_or_default(),
             Resource::AccessPolicy { spec, .. } => serde_json::to_string(spec).unwrap_or_default(),
+            Resource::CredentialSource { spec, .. } => {
+                serde_json::to_string(spec).unwrap_or_default()
+            }
+            Resource::CredentialBinding { spec, .. } => {
+                serde_json::to_string(spec).unwrap_or_default()
+            }
         }
     }
     /// The resource as a YAML manifest again (for `tether get`).
@@ -286,6 +317,12 @@ impl Resource {
             .unwrap_or_default(),
             Resource::Service { name, spec } => generic_yaml("Service", name, spec),
             Resource::AccessPolicy { name, spec } => generic_yaml("AccessPolicy", name, spec),
+            Resource::CredentialSource { name, spec } => {
+                generic_yaml("CredentialSource", name, &spec.manifest_value())
+            }
+            Resource::CredentialBinding { name, spec } => {
+                generic_yaml("CredentialBinding", name, &spec.manifest_value())
+            }
         }
     }
 
@@ -309,6 +346,22 @@ impl Resource {
                 serde_json::from_str(spec_json)
                     .ok()
                     .map(|spec| Resource::AccessPolicy {
+                        name: name.to_string(),
+                        spec,
+                    })
+            }
+            "CredentialSource" => {
+                serde_json::from_str(spec_json)
+                    .ok()
+                    .map(|spec| Resource::CredentialSource {
+                        name: name.to_string(),
+                        spec,
+                    })
+            }
+            "CredentialBinding" => {
+                serde_json::from_str(spec_json)
+                    .ok()
+                    .map(|spec| Resource::CredentialBinding {
                         name: name.to_string(),
                         spec,
                     })
@@ -495,6 +548,20 @@ pub fn parse(source: &str, text: &[u8]) -> Result<Vec<Resource>, ManifestError> 
                 let spec =
                     validate_policy(&name, raw).map_err(|(f, m)| err(doc, label.clone(), &f, m))?;
                 Resource::AccessPolicy { name, spec }
+            }
+            "CredentialSource" => {
+                let raw: credentials::RawSource = serde_norway::from_value(spec)
+                    .map_err(|e| err(doc, label.clone(), "spec", e.to_string()))?;
+                let spec = credentials::validate_source(raw)
+                    .map_err(|(f, m)| err(doc, label.clone(), &f, m))?;
+                Resource::CredentialSource { name, spec }
+            }
+            "CredentialBinding" => {
+                let raw: credentials::RawBinding = serde_norway::from_value(spec)
+                    .map_err(|e| err(doc, label.clone(), "spec", e.to_string()))?;
+                let spec = credentials::validate_binding(raw)
+                    .map_err(|(f, m)| err(doc, label.clone(), &f, m))?;
+                Resource::CredentialBinding { name, spec }
             }
             other => {
                 return Err(err(

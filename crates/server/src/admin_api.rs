@@ -26,13 +26,92 @@ fn canonical_kind(kind: &str) -> Option<&'static str> {
         }
         "service" | "services" | "svc" => Some("Service"),
         "accesspolicy" | "accesspolicies" | "policy" | "policies" | "ap" => Some("AccessPolicy"),
+        "credentialsource" | "credentialsources" | "cs" => Some("CredentialSource"),
+        "credentialbinding" | "credentialbindings" | "cb" => Some("CredentialBinding"),
         "node" | "nodes" => Some("Node"),
         "bundle" => Some("Bundle"),
         _ => None,
     }
 }
 
-const KNOWN: &str = "WorkloadIdentity (wi), Service (svc), AccessPolicy (ap), Node, Bundle";
+const KNOWN: &str = "WorkloadIdentity (wi), Service (svc), AccessPolicy (ap), CredentialSource (cs), CredentialBinding (cb), Node, Bundle";
+
+impl AdminApi {
+    /// A binding must name an identity and a source that exist, in this
+    /// apply or already stored.
+    fn check_bindings(&self, source: &str, resources: &[Resource]) -> Result<(), Status> {
+        let exists = |kind: &str, name: &str| -> Result<bool, Status> {
+            if resources
+                .iter()
+                .any(|r| r.kind() == kind && r.name() == name)
+            {
+                return Ok(true);
+            }
+            Ok(self
+                .state
+                .store
+                .get(kind, name)
+                .map_err(ServerError::from)?
+                .is_some())
+        };
+        for (i, res) in resources.iter().enumerate() {
+            let Resource::CredentialBinding { name, spec } = res else {
+                continue;
+            };
+            for (field, kind, target) in [
+                ("spec.identity", "WorkloadIdentity", &spec.identity),
+                ("spec.source", "CredentialSource", &spec.source),
+            ] {
+                if !exists(kind, target)? {
+                    return Err(Status::invalid_argument(format!(
+                        "{source}: resource {} (CredentialBinding {name:?}): {field}: {kind} {target:?} does not exist",
+                        i + 1
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Static secrets are stored sealed (see `secrets`); applying the same
+    /// secret again keeps the stored value, so it reads as unchanged.
+    fn seal_secrets(&self, resources: Vec<Resource>) -> Result<Vec<Resource>, Status> {
+        use tether_manifest::CredentialSourceSpec;
+        resources
+            .into_iter()
+            .map(|r| match r {
+                Resource::CredentialSource {
+                    name,
+                    spec: CredentialSourceSpec::Static { value },
+                } => {
+                    let stored = self
+                        .state
+                        .store
+                        .get("CredentialSource", &name)
+                        .map_err(ServerError::from)?
+                        .and_then(|row| Resource::from_stored(&row.kind, &row.name, &row.spec));
+                    let stored = match &stored {
+                        Some(Resource::CredentialSource {
+                            spec: CredentialSourceSpec::Static { value },
+                            ..
+                        }) => Some(value.as_str()),
+                        _ => None,
+                    };
+                    let sealed = self
+                        .state
+                        .sealer
+                        .seal(&value, stored)
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    Ok(Resource::CredentialSource {
+                        name,
+                        spec: CredentialSourceSpec::Static { value: sealed },
+                    })
+                }
+                other => Ok(other),
+            })
+            .collect()
+    }
+}
 
 #[tonic::async_trait]
 impl Admin for AdminApi {
@@ -61,6 +140,8 @@ impl Admin for AdminApi {
                 )));
             }
         }
+        self.check_bindings(&source, &resources)?;
+        let resources = self.seal_secrets(resources)?;
         let changes: Vec<Change> = resources
             .iter()
             .map(|r| Change::Upsert {

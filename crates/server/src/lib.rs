@@ -9,6 +9,7 @@ mod admin_api;
 mod keys;
 mod listen;
 mod node_api;
+pub mod secrets;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -118,6 +119,8 @@ pub struct State {
     pub updates: watch::Sender<u64>,
     pub node_svid_ttl_secs: i64,
     pub clock: Clock,
+    /// Seals static secrets before they are stored.
+    pub sealer: secrets::Sealer,
 }
 
 impl State {
@@ -276,6 +279,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         updates,
         node_svid_ttl_secs: cfg.node_svid_ttl_secs,
         clock: cfg.clock.clone(),
+        sealer: secrets::Sealer::load_or_create(&cfg.data_dir.join("secrets.key"))?,
     });
 
     let mut tasks = Vec::new();
