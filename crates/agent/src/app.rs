@@ -444,7 +444,7 @@ async fn watch_registry(
 async fn renew_node_svid(node: Arc<NodeConn>) {
     loop {
         let id = node.identity();
-        let now = tracker::now();
+        let now = clock::unix_now();
         let at = id.issued_at + (id.expires_at - id.issued_at) / 2;
         let wait = (at - now).max(1) as u64;
         tokio::time::sleep(Duration::from_secs(wait)).await;

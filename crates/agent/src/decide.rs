@@ -504,17 +504,11 @@ pub mod hook_model {
         (mapped_bits(k.net), bits)
     }
 
-    /// The hook's `is_local_dst`: where the kernel would deliver to a listener
-    /// on this host (loopback, unspecified, multicast, IPv4 broadcast, and the
-    /// host's own addresses).
+    /// The hook's `is_local_dst`: where the kernel would deliver to a
+    /// listener on this host (the fixed set, and the host's own addresses).
     pub fn is_local_dst(ip: IpAddr, host: &[IpAddr]) -> bool {
-        let fixed = match ip.to_canonical() {
-            IpAddr::V4(a) => {
-                a.is_loopback() || a.octets()[0] == 0 || a.is_multicast() || a.is_broadcast()
-            }
-            IpAddr::V6(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast(),
-        };
-        fixed || host.iter().any(|h| h.to_canonical() == ip.to_canonical())
+        tether_kernel::always_local(ip)
+            || host.iter().any(|h| h.to_canonical() == ip.to_canonical())
     }
 }
 

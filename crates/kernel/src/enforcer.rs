@@ -1048,13 +1048,7 @@ impl Enforcer {
     /// Whether the hooks treat `ip` as a destination on this host.
     pub fn is_local_destination(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        let fixed = match ip {
-            IpAddr::V4(a) => {
-                a.is_loopback() || a.octets()[0] == 0 || a.is_multicast() || a.is_broadcast()
-            }
-            IpAddr::V6(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast(),
-        };
-        fixed || lock(&self.local_addrs).get(&mapped(ip), 0).is_ok()
+        always_local(ip) || lock(&self.local_addrs).get(&mapped(ip), 0).is_ok()
     }
 
     /// The Service the connect hook finds for `dst`, in the hook's order:
@@ -1510,6 +1504,19 @@ pub fn enable_run_stats() -> Result<OwnedFd, KernelError> {
     })
 }
 
+/// The destinations the hooks' `is_local_dst` treats as this host's
+/// whatever its addresses: loopback, unspecified (connect() to 0.0.0.0 or
+/// :: means this host), multicast and IPv4 broadcast (looped back to local
+/// wildcard sockets). IPv4-mapped addresses count as IPv4.
+pub fn always_local(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => {
+            a.is_loopback() || a.octets()[0] == 0 || a.is_multicast() || a.is_broadcast()
+        }
+        IpAddr::V6(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1533,3 +1540,4 @@ mod tests {
         assert!(OBJECT.starts_with(b"\x7fELF"));
     }
 }
+

@@ -37,7 +37,7 @@ pub use abi::{
 };
 pub use enforcer::{
     DetachReport, Enforcer, EnforcerConfig, ExecId, HoldConfig, ProcessEntry, Stats, VerdictEntry,
-    enable_run_stats,
+    always_local, enable_run_stats,
 };
 pub use error::KernelError;
 pub use events::EventReader;

@@ -100,7 +100,7 @@ impl Sealer {
     }
 
     fn tag(&self, plain: &[u8]) -> String {
-        hex(hmac::sign(&self.mac, plain).as_ref())
+        hex::encode(hmac::sign(&self.mac, plain).as_ref())
     }
 
     /// Seals `plain`, unless `stored` already seals the same plaintext (then
@@ -147,10 +147,6 @@ impl Sealer {
             .map_err(|_| SealError::Open)?;
         String::from_utf8(plain.to_vec()).map_err(|_| SealError::Open)
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -27,9 +27,10 @@ use tokio::task::JoinHandle;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::clock::unix_now;
 use crate::deliver::sender::{SenderChecked, pass_credentials};
 use crate::metrics::Metrics;
-use crate::state::tracker::{EnsureError, IssueError, ProcSvid, Tracker, now};
+use crate::state::tracker::{EnsureError, IssueError, ProcSvid, Tracker};
 use tether_attest::{KeyedSlot, KeyedSlots};
 
 /// (exec id, process start) of an image, as the kernel recorded it.
@@ -348,7 +349,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             }
             let bundle = self.tracker.registry.borrow().bundle.clone();
             let (id, claims) =
-                tether_spiffe::jwt::validate(&r.svid, &r.audience, &bundle, now())
+                tether_spiffe::jwt::validate(&r.svid, &r.audience, &bundle, unix_now())
                     .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
             let value =
                 serde_json::to_value(&claims).map_err(|e| Status::internal(e.to_string()))?;

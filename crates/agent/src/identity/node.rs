@@ -16,7 +16,7 @@ use tether_tls::SharedBundle;
 use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
-use crate::clock::unix_now as now;
+use crate::clock::unix_now;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -109,7 +109,7 @@ fn identity_from(svid: &NodeSvid, key: PrivateKey) -> anyhow::Result<NodeIdentit
         id,
         chain: svid.chain.clone(),
         key,
-        issued_at: now(),
+        issued_at: unix_now(),
         expires_at: svid.expires_at,
     })
 }
@@ -129,7 +129,7 @@ impl NodeConn {
             .with_context(|| format!("creating {}", data_dir.display()))?;
         let state_file = data_dir.join("node.json");
         if let Some(p) = load(&state_file, td)?
-            && p.0.expires_at > now() + 60
+            && p.0.expires_at > unix_now() + 60
             && p.0.name == node_name
         {
             let (ident, bundle) = p;
@@ -315,7 +315,7 @@ fn load(path: &Path, td: &TrustDomain) -> anyhow::Result<Option<(NodeIdentity, B
     // this agent process started.
     let issued_at = x509_parser::parse_x509_certificate(leaf)
         .map(|(_, c)| c.validity().not_before.timestamp())
-        .unwrap_or_else(|_| now());
+        .unwrap_or_else(|_| unix_now());
     Ok(Some((
         NodeIdentity {
             name: p.node_name,

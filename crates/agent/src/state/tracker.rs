@@ -15,7 +15,7 @@ use tether_attest::{Attestor, PidFd, ProcEvent, ProcessInfo};
 use tether_spiffe::SpiffeId;
 use tokio::sync::{mpsc, watch};
 
-pub use crate::clock::unix_now as now;
+use crate::clock::unix_now;
 use crate::identity::Issuer;
 pub use crate::identity::{IssueError, MeshSvid, ProcSvid};
 use crate::metrics::Metrics;
@@ -516,7 +516,7 @@ impl Tracker {
     async fn rotate(self: &Arc<Self>, pid: i32, pidfd: Arc<PidFd>) {
         let lock = self.pid_lock(pid);
         let guard = lock.lock().await;
-        let now_s = now();
+        let now_s = unix_now();
         let due: Vec<AgentIdentity> = {
             let reg = self.registry.borrow().clone();
             let procs = self.procs();
@@ -725,7 +725,7 @@ pub async fn run(
             }
             _ = rescan.tick() => tracker.rescan().await,
             _ = rotation.tick() => {
-                for (pid, fd) in tracker.due_for_rotation(now()) {
+                for (pid, fd) in tracker.due_for_rotation(unix_now()) {
                     let t = tracker.clone();
                     tokio::spawn(async move {
                         t.rotate(pid, fd).await;
