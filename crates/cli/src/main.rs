@@ -221,6 +221,20 @@ struct ServerOpts {
     /// Lifetime of node SVIDs.
     #[arg(long, default_value = "1h")]
     node_svid_ttl: String,
+    /// Publish the JWT keys for OIDC discovery under this issuer URL
+    /// (https://host[:port][/path]); JWT-SVIDs then carry it as `iss`.
+    #[arg(long, requires_all = ["oidc_listen", "oidc_tls_cert", "oidc_tls_key"])]
+    oidc_issuer: Option<String>,
+    /// Address the OIDC discovery endpoint listens on (HTTPS).
+    #[arg(long, requires = "oidc_issuer")]
+    oidc_listen: Option<SocketAddr>,
+    /// Certificate chain (PEM) for the issuer's host, from the operator's
+    /// web PKI; re-read when the file changes.
+    #[arg(long, requires = "oidc_issuer")]
+    oidc_tls_cert: Option<PathBuf>,
+    /// Key (PEM) of --oidc-tls-cert.
+    #[arg(long, requires = "oidc_issuer")]
+    oidc_tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -365,6 +379,20 @@ fn server_config(
     cfg.upstream = o.upstream_ca_cert.clone().zip(o.upstream_ca_key.clone());
     cfg.ca_ttl_secs = duration("--ca-ttl", &o.ca_ttl)?;
     cfg.node_svid_ttl_secs = duration("--node-svid-ttl", &o.node_svid_ttl)?;
+    if let (Some(issuer), Some(listen), Some(cert), Some(key)) = (
+        &o.oidc_issuer,
+        o.oidc_listen,
+        &o.oidc_tls_cert,
+        &o.oidc_tls_key,
+    ) {
+        cfg.oidc = Some(tether_server::OidcConfig {
+            issuer: tether_server::Issuer::parse(issuer)
+                .map_err(|e| anyhow!("--oidc-issuer: {e}"))?,
+            listen,
+            cert_pem: cert.clone(),
+            key_pem: key.clone(),
+        });
+    }
     Ok(cfg)
 }
 

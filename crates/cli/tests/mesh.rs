@@ -369,76 +369,7 @@ impl Drop for Capture {
 
 /// A certificate authority and an X.509-SVID of another trust domain.
 fn foreign_svid(dir: &Path) -> (PathBuf, PathBuf) {
-    let run = |args: &[&str]| {
-        let o = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            o.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    run(&[
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "1",
-            "-subj",
-            "/O=other.org",
-        ],
-    ]
-    .concat());
-    run(&[
-        &["req"][..],
-        &ec,
-        &[
-            "-keyout",
-            "svid.key",
-            "-out",
-            "svid.csr",
-            "-subj",
-            "/O=other.org",
-        ],
-    ]
-    .concat());
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=URI:spiffe://other.org/redis-cli\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\nbasicConstraints=critical,CA:FALSE\n",
-    )
-    .expect("ext");
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "svid.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "svid.crt",
-    ]);
-    (dir.join("svid.crt"), dir.join("svid.key"))
+    pki::OpensslCa::new(dir, "ca", "/O=other.org").leaf("svid", "URI:spiffe://other.org/redis-cli")
 }
 
 /// A shell holding the password sends AUTH and PING to Redis over

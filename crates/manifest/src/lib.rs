@@ -453,6 +453,9 @@ pub const DEFAULT_X509_TTL_SECS: i64 = 3600;
 pub const DEFAULT_JWT_TTL_SECS: i64 = 300;
 const MIN_TTL_SECS: i64 = 10;
 const MAX_X509_TTL_SECS: i64 = 30 * 86400;
+/// The longest JWT-SVID lifetime an identity may ask for; the server relies
+/// on it to bound how long a retired JWT key's tokens can live.
+pub const MAX_JWT_TTL_SECS: i64 = 86400;
 
 /// Manifests larger than this are refused outright.
 pub const MAX_MANIFEST_LEN: usize = 4 * 1024 * 1024;
@@ -644,7 +647,7 @@ fn validate_identity(raw: RawIdentity) -> Result<WorkloadIdentitySpec, (String, 
     }
     let x509 = ttl(raw.x509_ttl, DEFAULT_X509_TTL_SECS, MAX_X509_TTL_SECS)
         .map_err(|m| ("spec.x509Ttl".to_string(), m))?;
-    let jwt = ttl(raw.jwt_ttl, DEFAULT_JWT_TTL_SECS, 86400)
+    let jwt = ttl(raw.jwt_ttl, DEFAULT_JWT_TTL_SECS, MAX_JWT_TTL_SECS)
         .map_err(|m| ("spec.jwtTtl".to_string(), m))?;
     for (i, d) in raw.dns_names.iter().enumerate() {
         validate_dns(d).map_err(|m| (format!("spec.dnsNames[{i}]"), m))?;

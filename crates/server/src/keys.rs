@@ -16,6 +16,63 @@ use zeroize::Zeroizing;
 
 use crate::ServerError;
 
+/// What is known about the tokens the active JWT key has signed, so that
+/// when it is retired it stays published exactly as long as they live.
+///
+/// Kept in this server process only: with several servers on one database
+/// each would know its own tokens, which is why an unknown history falls
+/// back to the longest lifetime any token can have.
+pub struct JwtIssued {
+    kid: String,
+    /// The latest `exp` it signed; None when it may have signed before this
+    /// process started.
+    last_exp: Option<i64>,
+}
+
+impl JwtIssued {
+    /// For a key found active at start: what it signed before is unknown.
+    pub fn unknown(kid: &str) -> Self {
+        JwtIssued {
+            kid: kid.to_owned(),
+            last_exp: None,
+        }
+    }
+
+    /// For a key that became active at `now` in this process.
+    pub fn fresh(kid: &str, now: i64) -> Self {
+        JwtIssued {
+            kid: kid.to_owned(),
+            last_exp: Some(now),
+        }
+    }
+
+    pub fn note(&mut self, kid: &str, exp: i64) {
+        if self.kid == kid {
+            self.last_exp = self.last_exp.map(|e| e.max(exp));
+        }
+    }
+
+    /// When a retirement of `kid` at `now` may end its publication: after
+    /// its last token's expiry plus the leeway validators allow for skew.
+    /// Unknown history: no token outlives `now` plus the longest JWT TTL.
+    pub fn retire_until(&self, kid: &str, now: i64) -> Option<i64> {
+        if self.kid != kid {
+            return None;
+        }
+        let last = self
+            .last_exp
+            .unwrap_or(now.saturating_add(tether_manifest::MAX_JWT_TTL_SECS));
+        Some(last.saturating_add(tether_spiffe::jwt::CLOCK_SKEW_LEEWAY_SECS))
+    }
+
+    /// After `kid` became the active key at `now`: it has signed nothing.
+    pub fn activated(&mut self, kid: &str, now: i64) {
+        if self.kid != kid {
+            *self = JwtIssued::fresh(kid, now);
+        }
+    }
+}
+
 /// The bundle's refresh hint: how often relying parties should re-fetch.
 const REFRESH_HINT_SECS: u64 = 300;
 
@@ -82,11 +139,16 @@ impl KeyManager {
     /// `force`d by an operator), prunes expired keys and returns the active
     /// keys with a freshly built bundle. `changed` tells whether the bundle
     /// content changed (so its sequence number was bumped).
+    ///
+    /// `jwt_retire_until` is when the last token signed by the active JWT
+    /// key expires, if the caller knows: a key retired by this call leaves
+    /// the bundle then instead of at the end of its own life.
     pub fn reconcile(
         &self,
         store: &Store,
         now: i64,
         force: Option<&str>,
+        jwt_retire_until: Option<i64>,
     ) -> Result<(ActiveKeys, bool), ServerError> {
         let before = self.bundle_keys(store, now)?;
         let cas = store.cas()?;
@@ -136,7 +198,7 @@ impl KeyManager {
             .iter()
             .find(|k| k.state == KeyState::Prepared && k.not_after > now);
         match (active, prepared) {
-            (None, Some(p)) => store.activate_jwt_key(&p.kid)?,
+            (None, Some(p)) => store.activate_jwt_key(&p.kid, jwt_retire_until)?,
             (None, None) => {
                 self.insert_jwt(store, KeyState::Active, now)?;
             }
@@ -151,7 +213,7 @@ impl KeyManager {
                 if force == Some("activate")
                     || lifetime_fraction_passed(a.created_at, a.not_after, now, 5, 6)
                 {
-                    store.activate_jwt_key(&p.kid)?;
+                    store.activate_jwt_key(&p.kid, jwt_retire_until)?;
                 }
             }
         }
@@ -244,4 +306,37 @@ pub fn issue_server_svid(
 
 pub fn server_id(td: &TrustDomain) -> Result<SpiffeId, ServerError> {
     SpiffeId::new(td, "/tether/server").map_err(|e| ServerError::Internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JwtIssued;
+    use tether_spiffe::jwt::CLOCK_SKEW_LEEWAY_SECS as LEEWAY;
+
+    #[test]
+    fn a_retired_jwt_key_lives_as_long_as_its_last_token() {
+        let mut i = JwtIssued::fresh("a", 1000);
+        i.note("a", 1300);
+        i.note("a", 1100);
+        i.note("b", 9999); // not the active key: ignored
+        assert_eq!(i.retire_until("a", 1200), Some(1300 + LEEWAY));
+        assert_eq!(i.retire_until("b", 1200), None);
+        // A fresh key that signed nothing can go once the leeway passes.
+        i.activated("b", 2000);
+        assert_eq!(i.retire_until("b", 2000), Some(2000 + LEEWAY));
+        // Re-activating the same key keeps its history.
+        i.note("b", 2500);
+        i.activated("b", 2100);
+        assert_eq!(i.retire_until("b", 2100), Some(2500 + LEEWAY));
+    }
+
+    #[test]
+    fn an_unknown_history_is_bounded_by_the_longest_jwt_ttl() {
+        let mut i = JwtIssued::unknown("a");
+        i.note("a", 1300); // still unknown what came before
+        assert_eq!(
+            i.retire_until("a", 1000),
+            Some(1000 + tether_manifest::MAX_JWT_TTL_SECS + LEEWAY)
+        );
+    }
 }

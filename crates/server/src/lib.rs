@@ -9,11 +9,12 @@ mod admin_api;
 mod keys;
 mod listen;
 mod node_api;
+pub mod oidc;
 pub mod secrets;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tether_ca::Upstream;
@@ -24,7 +25,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use keys::server_id;
-use keys::{ActiveKeys, KeyManager};
+use keys::{ActiveKeys, JwtIssued, KeyManager};
+pub use oidc::{Issuer, OidcConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -88,6 +90,9 @@ pub struct ServerConfig {
     /// How often due CA/JWT key rotation steps are checked.
     pub rotation_check: Duration,
     pub clock: Clock,
+    /// Publishes the JWT keys for OIDC discovery and puts the issuer into
+    /// every JWT-SVID.
+    pub oidc: Option<OidcConfig>,
 }
 
 impl ServerConfig {
@@ -102,6 +107,7 @@ impl ServerConfig {
             node_svid_ttl_secs: 3600,
             rotation_check: Duration::from_secs(30),
             clock: system_clock(),
+            oidc: None,
         }
     }
 }
@@ -121,6 +127,11 @@ pub struct State {
     pub clock: Clock,
     /// Seals static secrets before they are stored.
     pub sealer: secrets::Sealer,
+    /// The OIDC issuer URL JWT-SVIDs carry as `iss`, when discovery is on.
+    pub issuer: Option<String>,
+    /// Held while a JWT-SVID is signed and while keys rotate, so a key is
+    /// never retired between signing a token and noting its expiry.
+    jwt_issued: Mutex<JwtIssued>,
 }
 
 impl State {
@@ -147,7 +158,13 @@ impl State {
     /// step) and publishes the result.
     pub fn reconcile_keys(&self, force: Option<&str>) -> Result<(), ServerError> {
         let now = self.now();
-        let (keys, changed) = self.key_manager.reconcile(&self.store, now, force)?;
+        let mut issued = self.jwt_issued.lock().unwrap_or_else(|p| p.into_inner());
+        let retire_until = issued.retire_until(self.keys().jwt.kid(), now);
+        let (keys, changed) = self
+            .key_manager
+            .reconcile(&self.store, now, force, retire_until)?;
+        issued.activated(keys.jwt.kid(), now);
+        drop(issued);
         let signer_changed = self.keys().signer_id != keys.signer_id;
         *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = keys.bundle.clone();
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
@@ -166,6 +183,25 @@ impl State {
             self.notify();
         }
         Ok(())
+    }
+
+    /// Signs a JWT-SVID for `id` valid `ttl` seconds from now, with the
+    /// issuer when OIDC discovery is on. Returns the token and its expiry.
+    pub fn mint_jwt(
+        &self,
+        id: &SpiffeId,
+        audience: &[String],
+        ttl: i64,
+    ) -> Result<(String, i64), ServerError> {
+        let mut issued = self.jwt_issued.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = self.keys();
+        let now = self.now();
+        let exp = now + ttl;
+        let token =
+            tether_spiffe::jwt::sign_as(&keys.jwt, self.issuer.as_deref(), id, audience, now, exp)
+                .map_err(|e| ServerError::Internal(format!("signing JWT-SVID: {e}")))?;
+        issued.note(keys.jwt.kid(), exp);
+        Ok((token, exp))
     }
 
     fn renew_server_svid(&self, now: i64) -> Result<(), ServerError> {
@@ -219,6 +255,8 @@ pub(crate) fn token_hash(token: &str) -> String {
 pub struct RunningServer {
     pub state: Arc<State>,
     pub node_addr: SocketAddr,
+    /// Where OIDC discovery is served, when it is on.
+    pub oidc_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -261,9 +299,20 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         upstream,
     };
     let now = (cfg.clock)();
+    // A key found active may have signed anything up to the longest TTL
+    // ago; one this start makes active has signed nothing yet.
+    let active_before = store
+        .jwt_keys()?
+        .into_iter()
+        .find(|k| k.state == tether_store::KeyState::Active && k.not_after > now)
+        .map(|k| k.kid)
+        .unwrap_or_default();
+    let mut issued = JwtIssued::unknown(&active_before);
     let (keys, _) = km
-        .reconcile(&store, now, None)
+        .reconcile(&store, now, None, issued.retire_until(&active_before, now))
         .context("initialising CA and JWT keys")?;
+    issued.activated(keys.jwt.kid(), now);
+    let jwt_issued = Mutex::new(issued);
     let (chain, key, not_after) = keys::issue_server_svid(&keys, &cfg.trust_domain, now)?;
     let ck = tether_tls::certified_key(&chain, key.pkcs8_der())
         .map_err(|e| anyhow::anyhow!("server SVID: {e}"))?;
@@ -280,6 +329,8 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         node_svid_ttl_secs: cfg.node_svid_ttl_secs,
         clock: cfg.clock.clone(),
         sealer: secrets::Sealer::load_or_create(&cfg.data_dir.join("secrets.key"))?,
+        issuer: cfg.oidc.as_ref().map(|o| o.issuer.as_str().to_owned()),
+        jwt_issued,
     });
 
     let mut tasks = Vec::new();
@@ -287,6 +338,15 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         listen::serve_node_api(state.clone(), cfg.listen, state.server_cert.clone()).await?;
     tasks.push(t);
     tasks.push(listen::serve_admin_api(state.clone(), &cfg.admin_socket)?);
+    let oidc_addr = match &cfg.oidc {
+        Some(o) => {
+            let (addr, t) = oidc::serve(state.clone(), o).await?;
+            tasks.extend(t);
+            tracing::info!(issuer = o.issuer.as_str(), oidc = %addr, "OIDC discovery served");
+            Some(addr)
+        }
+        None => None,
+    };
     let st = state.clone();
     let every = cfg.rotation_check;
     tasks.push(tokio::spawn(async move {
@@ -303,6 +363,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     Ok(RunningServer {
         state,
         node_addr,
+        oidc_addr,
         tasks,
     })
 }

@@ -343,14 +343,8 @@ impl Node for NodeApi {
         }
         let specs = self.entitled(&node, &id)?;
         let ttl = specs.iter().map(|s| s.jwt_ttl_secs).min().unwrap_or(300);
-        let now = self.state.now();
-        let token =
-            tether_spiffe::jwt::sign(&self.state.keys().jwt, &id, &r.audience, now, now + ttl)
-                .map_err(|e| Status::internal(format!("signing JWT-SVID: {e}")))?;
-        Ok(Response::new(MintJwtSvidResponse {
-            token,
-            expires_at: now + ttl,
-        }))
+        let (token, expires_at) = self.state.mint_jwt(&id, &r.audience, ttl)?;
+        Ok(Response::new(MintJwtSvidResponse { token, expires_at }))
     }
 
     type WatchStream =

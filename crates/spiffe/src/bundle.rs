@@ -146,6 +146,21 @@ impl JwtAuthority {
     }
 
     fn to_jwk(&self) -> Result<Value, BundleError> {
+        self.jwk_with_use(USE_JWT_SVID)
+    }
+
+    /// The key as an OIDC relying party expects it in a `jwks_uri` document:
+    /// `"use": "sig"` (RFC 7517 4.2; JWKS clients skip other uses) and the
+    /// one algorithm it signs with.
+    pub fn to_oidc_jwk(&self) -> Result<Value, BundleError> {
+        let mut jwk = self.jwk_with_use("sig")?;
+        if let Some(o) = jwk.as_object_mut() {
+            o.insert("alg".to_owned(), json!(self.alg_curve.jws_alg()));
+        }
+        Ok(jwk)
+    }
+
+    fn jwk_with_use(&self, use_: &str) -> Result<Value, BundleError> {
         let (x, y) = self
             .coordinates()
             .map_err(|problem| BundleError::JwtAuthority {
@@ -153,7 +168,7 @@ impl JwtAuthority {
                 problem,
             })?;
         Ok(json!({
-            "use": USE_JWT_SVID,
+            "use": use_,
             "kty": "EC",
             "kid": self.kid,
             "crv": self.alg_curve.jwk_crv(),

@@ -269,6 +269,20 @@ pub fn sign(
     iat: i64,
     exp: i64,
 ) -> Result<String, JwtError> {
+    sign_as(key, None, sub, audience, iat, exp)
+}
+
+/// [`sign`], with an `iss` claim when `issuer` is set: the OIDC issuer URL
+/// under which the trust domain's JWT keys are published, so relying
+/// parties outside SPIFFE (cloud STS, OAuth servers) can discover them.
+pub fn sign_as(
+    key: &JwtKey,
+    issuer: Option<&str>,
+    sub: &SpiffeId,
+    audience: &[String],
+    iat: i64,
+    exp: i64,
+) -> Result<String, JwtError> {
     if audience.is_empty() || audience.iter().any(String::is_empty) {
         return Err(JwtError::EmptyAudience);
     }
@@ -280,7 +294,10 @@ pub fn sign(
         [one] => json!(one),
         many => json!(many),
     };
-    let claims = json!({ "sub": sub.as_str(), "aud": aud, "exp": exp, "iat": iat });
+    let mut claims = json!({ "sub": sub.as_str(), "aud": aud, "exp": exp, "iat": iat });
+    if let (Some(iss), Some(obj)) = (issuer, claims.as_object_mut()) {
+        obj.insert("iss".to_owned(), json!(iss));
+    }
     let header = serde_json::to_vec(&header).map_err(|_| JwtError::Crypto("encoding header"))?;
     let claims = serde_json::to_vec(&claims).map_err(|_| JwtError::Crypto("encoding claims"))?;
 

@@ -596,12 +596,16 @@ impl Store {
         Ok(rows)
     }
 
-    pub fn activate_jwt_key(&self, kid: &str) -> Result<()> {
+    /// Makes `kid` the signing key and retires the active one. A retired
+    /// key never signs again, so once every token it signed has expired it
+    /// is useless to relying parties: `retire_until`, when known, shortens
+    /// its life (and so its stay in the bundle and the OIDC JWKS) to then.
+    pub fn activate_jwt_key(&self, kid: &str, retire_until: Option<i64>) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
-            "UPDATE jwt_keys SET state = 'retired' WHERE state = 'active'",
-            [],
+            "UPDATE jwt_keys SET state = 'retired', not_after = MIN(not_after, COALESCE(?1, not_after)) WHERE state = 'active'",
+            params![retire_until],
         )?;
         let n = tx.execute(
             "UPDATE jwt_keys SET state = 'active' WHERE kid = ?1",

@@ -7,6 +7,7 @@
 
 pub mod kernel;
 pub mod netns;
+pub mod pki;
 pub mod servers;
 
 use std::io::{Read as _, Write as _};

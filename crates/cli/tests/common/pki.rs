@@ -1,0 +1,91 @@
+//! Certificates made by the openssl command line: a CA and leaves it signs,
+//! for parties that are not Tether (a foreign trust domain, a web PKI
+//! server certificate).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// An EC P-256 certificate authority in `dir` (files `NAME.crt`, `NAME.key`).
+pub struct OpensslCa {
+    dir: PathBuf,
+    name: String,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+const EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
+impl OpensslCa {
+    pub fn new(dir: &Path, name: &str, subject: &str) -> OpensslCa {
+        let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
+        openssl(
+            dir,
+            &[
+                &["req", "-x509"][..],
+                &EC_KEY,
+                &["-keyout", &key, "-out", &crt, "-days", "1", "-subj", subject],
+            ]
+            .concat(),
+        );
+        OpensslCa {
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+        }
+    }
+
+    pub fn cert(&self) -> PathBuf {
+        self.dir.join(format!("{}.crt", self.name))
+    }
+
+    /// A leaf `NAME.crt`/`NAME.key` with the given subjectAltName (e.g.
+    /// `URI:spiffe://...`, `IP:127.0.0.1`), usable for client and server
+    /// authentication.
+    pub fn leaf(&self, name: &str, subject_alt_name: &str) -> (PathBuf, PathBuf) {
+        let (crt, key, csr, ext) = (
+            format!("{name}.crt"),
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.cnf"),
+        );
+        openssl(
+            &self.dir,
+            &[
+                &["req"][..],
+                &EC_KEY,
+                &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={name}")],
+            ]
+            .concat(),
+        );
+        std::fs::write(
+            self.dir.join(&ext),
+            format!("subjectAltName={subject_alt_name}\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\nbasicConstraints=critical,CA:FALSE\n"),
+        )
+        .expect("extension file");
+        let (ca_crt, ca_key) = (format!("{}.crt", self.name), format!("{}.key", self.name));
+        openssl(
+            &self.dir,
+            &[
+                "x509", "-req", "-in", &csr, "-CA", &ca_crt, "-CAkey", &ca_key,
+                "-CAcreateserial", "-days", "1", "-extfile", &ext, "-out", &crt,
+            ],
+        );
+        (self.dir.join(crt), self.dir.join(key))
+    }
+}
