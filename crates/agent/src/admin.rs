@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tether_proto::tether::agent_admin_server::{AgentAdmin, AgentAdminServer};
 use tether_proto::tether::{
-    ConnectionsRequest, EventsRequest, JsonResponse, ListSvidsRequest, PolicyCheckRequest,
-    WhoAmIRequest,
+    ConnectionsRequest, CredentialsRequest, EventsRequest, JsonResponse, ListSvidsRequest,
+    PolicyCheckRequest, WhoAmIRequest,
 };
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
@@ -20,6 +20,9 @@ pub struct AdminApi {
     pub enforcement: Option<Arc<crate::enforce::Enforcement>>,
     pub mesh: Option<Arc<crate::proxy::mesh::Mesh>>,
     pub node: String,
+    /// Every audit record of this agent (connections and credentials).
+    pub audit: Arc<crate::audit::AuditLog>,
+    pub held: Arc<crate::deliver::credfs::Held>,
 }
 
 #[tonic::async_trait]
@@ -96,6 +99,17 @@ impl AgentAdmin for AdminApi {
             "notMatched": unmatched,
             "svids": held,
         });
+        Ok(Response::new(JsonResponse {
+            json: serde_json::to_string_pretty(&out).unwrap_or_default(),
+        }))
+    }
+
+    async fn credentials(
+        &self,
+        _req: Request<CredentialsRequest>,
+    ) -> Result<Response<JsonResponse>, Status> {
+        let mut out = self.held.listing(&self.tracker);
+        out["node"] = serde_json::json!(self.node);
         Ok(Response::new(JsonResponse {
             json: serde_json::to_string_pretty(&out).unwrap_or_default(),
         }))
@@ -192,18 +206,9 @@ impl AgentAdmin for AdminApi {
         req: Request<EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
         let follow = req.into_inner().follow;
-        let e = self
-            .enforcement
-            .as_ref()
-            .ok_or_else(|| {
-                Status::failed_precondition(
-                    "kernel enforcement is not enabled on this agent (--enforce-cgroup)",
-                )
-            })?
-            .clone();
         // Subscribe before reading the backlog so nothing falls in between.
-        let mut live = e.audit.subscribe();
-        let backlog = e.recent_events();
+        let mut live = self.audit.subscribe();
+        let backlog = self.audit.recent();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
             for json in backlog {

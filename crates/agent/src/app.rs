@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use crate::audit::AuditLog;
 use crate::clock::{self, Clock};
-use crate::deliver::workload_api;
+use crate::deliver::{credfs, workload_api};
 use crate::identity;
 use crate::identity::node::NodeConn;
 use crate::metrics::{self, Metrics};
@@ -48,13 +49,17 @@ pub struct AgentConfig {
     pub hash_limits: tether_attest::HashLimits,
     /// Time source for policy conditions (injectable for tests).
     pub clock: Clock,
+    /// Audit log file (JSON lines): connection decisions and credential
+    /// reads. Records also go to `tether events` either way.
+    pub audit_log: Option<PathBuf>,
+    /// Mount point of the credential filesystem (None: not mounted).
+    pub credentials_dir: Option<PathBuf>,
 }
 
 pub struct EnforceConfig {
     /// cgroup v2 directory whose processes are enforced (the root cgroup
     /// in production; a test's own cgroup in tests).
     pub cgroup: PathBuf,
-    pub audit_log: Option<PathBuf>,
     /// Loopback port where the kernel holds connections of processes not
     /// attested yet (0: any free port).
     pub hold_port: u16,
@@ -85,11 +90,15 @@ impl AgentConfig {
             bpf_pin_dir: Some(PathBuf::from(DEFAULT_PIN_DIR)),
             hash_limits: tether_attest::HashLimits::default(),
             clock: clock::system(),
+            audit_log: None,
+            credentials_dir: Some(PathBuf::from(credfs::DEFAULT_DIR)),
         }
     }
 }
 
 pub struct RunningAgent {
+    /// The credential filesystem's session; unmounted first on drop.
+    credentials: Option<fuser::BackgroundSession>,
     pub tracker: Arc<Tracker>,
     enforcement: Option<Arc<enforce::Enforcement>>,
     pub metrics: Arc<Metrics>,
@@ -100,6 +109,8 @@ pub struct RunningAgent {
 
 impl Drop for RunningAgent {
     fn drop(&mut self) {
+        // Nothing readable under the mount point from here on.
+        drop(self.credentials.take());
         for t in &self.tasks {
             t.abort();
         }
@@ -219,18 +230,23 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
     node.set_bundle(reg.bundle.clone())?;
     let (reg_tx, reg_rx) = watch::channel(Arc::new(reg));
     let kernel = load_kernel(&cfg)?;
+    let audit = Arc::new(AuditLog::open(
+        cfg.audit_log.as_deref(),
+        cfg.node_name.clone(),
+        cfg.clock.clone(),
+    )?);
 
     // Built in dependency order, each part handed what it uses: the
     // process table (tracker) tells enforcement and the tunnel table about
     // processes; hold, mesh, Workload API and admin read the table. Nothing
     // points back, so dropping the agent frees everything.
     let enforcement = match &cfg.enforce {
-        Some(ec) => {
+        Some(_) => {
             let e = enforce::Enforcement::new(
                 kernel.clone(),
                 cfg.node_name.clone(),
                 cfg.clock.clone(),
-                ec.audit_log.clone(),
+                audit.clone(),
                 metrics.clone(),
                 reg_rx.borrow().clone(),
             )?;
@@ -260,6 +276,9 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         observers.push(e.clone());
     }
     observers.push(tunnels.clone());
+    // Fetched credentials go when their process does.
+    let held = Arc::new(credfs::Held::default());
+    observers.push(held.clone());
     let tracker = Tracker::new(
         reg_rx,
         Arc::new(identity::NodeSigner(node.clone())),
@@ -351,12 +370,39 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         metrics.clone(),
         &cfg.workload_socket,
     )?);
+    let credentials = match &cfg.credentials_dir {
+        Some(dir) => {
+            let fs = credfs::CredFs::new(
+                tracker.clone(),
+                held.clone(),
+                node.clone(),
+                audit.clone(),
+                metrics.clone(),
+                tokio::runtime::Handle::current(),
+            );
+            // Without it no credential is delivered (closed); the rest of
+            // the agent still serves.
+            match credfs::mount(fs, dir) {
+                Ok(session) => {
+                    tracing::info!(dir = %dir.display(), "credential filesystem mounted");
+                    Some(session)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "credential filesystem not mounted; no credential files are delivered");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     tasks.push(admin::serve(
         admin::AdminApi {
             tracker: tracker.clone(),
             enforcement: enforcement.clone(),
             mesh,
             node: cfg.node_name.clone(),
+            audit: audit.clone(),
+            held: held.clone(),
         },
         &cfg.admin_socket,
     )?);
@@ -376,6 +422,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         "agent started"
     );
     Ok(RunningAgent {
+        credentials,
         tracker,
         enforcement,
         metrics,

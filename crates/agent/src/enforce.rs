@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -63,7 +62,7 @@ pub struct Enforcement {
     retired: Mutex<std::collections::VecDeque<(u32, ProcessInfo, Vec<String>)>>,
     compiled: Mutex<Compiled>,
     /// Where every decision record goes.
-    pub audit: AuditLog,
+    pub audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     /// Bumped whenever a process's kernel entry is written or removed; the
     /// hold path waits on it.
@@ -103,11 +102,10 @@ impl Enforcement {
         kernel: Arc<Enforcer>,
         node: String,
         clock: Clock,
-        audit_path: Option<PathBuf>,
+        audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
         registry: Arc<Registry>,
     ) -> anyhow::Result<Arc<Self>> {
-        let audit = AuditLog::open(audit_path.as_deref(), node.clone(), clock.clone())?;
         // Over adopted maps, continue numbering after the previous agent's
         // subjects so none of its still-valid verdicts is reused.
         let first_subject = if kernel.adopted() {
@@ -939,10 +937,6 @@ impl Enforcement {
     /// Writes one audit record (see [`AuditLog::publish`]).
     pub fn publish(&self, rec: serde_json::Value) {
         self.audit.publish(rec)
-    }
-
-    pub fn recent_events(&self) -> Vec<String> {
-        self.audit.recent()
     }
 }
 

@@ -10,6 +10,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
@@ -37,6 +38,12 @@ pub struct ApiLabels {
     code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    source_kind: String,
+    outcome: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub tracked_processes: Gauge,
@@ -49,6 +56,9 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     held: Family<OutcomeLabels, Counter>,
     tunnels: Family<TunnelLabels, Counter>,
+    credential_reads: Family<OutcomeLabels, Counter>,
+    credential_fetches: Family<FetchLabels, Counter>,
+    pub credential_fetch_seconds: Histogram,
 }
 
 impl Metrics {
@@ -65,6 +75,12 @@ impl Metrics {
             decisions: Family::default(),
             held: Family::default(),
             tunnels: Family::default(),
+            credential_reads: Family::default(),
+            credential_fetches: Family::default(),
+            // 1 ms to about 8 s.
+            credential_fetch_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 14),
+            ),
             registry: Registry::default(),
         };
         registry.register(
@@ -117,6 +133,21 @@ impl Metrics {
             "Mesh tunnels by direction (outbound, inbound) and outcome",
             m.tunnels.clone(),
         );
+        registry.register(
+            "credential_reads",
+            "Credential filesystem requests by outcome (allowed, denied, error)",
+            m.credential_reads.clone(),
+        );
+        registry.register(
+            "credential_fetches",
+            "Credentials fetched or exchanged for a process, by source kind and outcome",
+            m.credential_fetches.clone(),
+        );
+        registry.register(
+            "credential_fetch_seconds",
+            "Time to fetch or refresh one credential",
+            m.credential_fetch_seconds.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -133,6 +164,23 @@ impl Metrics {
         self.tunnels
             .get_or_create(&TunnelLabels {
                 direction: direction.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn credential_read(&self, outcome: &str) {
+        self.credential_reads
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn credential_fetch(&self, source_kind: &str, outcome: &str) {
+        self.credential_fetches
+            .get_or_create(&FetchLabels {
+                source_kind: source_kind.to_string(),
                 outcome: outcome.to_string(),
             })
             .inc();

@@ -35,7 +35,7 @@ const NARROWER: &[(&str, &[&str])] = &[
     ("decide", &["state"]),
     (
         "deliver",
-        &["clock", "metrics", "host_addrs", "identity", "state"],
+        &["clock", "metrics", "host_addrs", "audit", "identity", "state"],
     ),
 ];
 

@@ -287,7 +287,6 @@ async fn issuance() -> anyhow::Result<()> {
     let cg = connect::BenchCgroup::new("held")?;
     let enforce = tether_agent::EnforceConfig {
         cgroup: cg.path.clone(),
-        audit_log: None,
         hold_port: 0,
         mesh_port: None,
     };
@@ -346,6 +345,7 @@ async fn start_agent(
     acfg.join_token = Some(token);
     acfg.bootstrap_bundle = Some(server.state.current_bundle());
     acfg.workload_socket = base.join("w.sock");
+    acfg.credentials_dir = Some(base.join("credentials"));
     acfg.admin_socket = base.join("a.sock");
     acfg.metrics = None;
     acfg.enforce = enforce;

@@ -11,8 +11,9 @@ use clap::{Args, Parser, Subcommand};
 use tether_proto::tether::admin_client::AdminClient;
 use tether_proto::tether::agent_admin_client::AgentAdminClient;
 use tether_proto::tether::{
-    ApplyRequest, ConnectionsRequest, CreateJoinTokenRequest, DeleteRequest, EventsRequest,
-    GetRequest, ListSvidsRequest, PolicyCheckRequest, RotateCaRequest, WhoAmIRequest,
+    ApplyRequest, ConnectionsRequest, CreateJoinTokenRequest, CredentialsRequest, DeleteRequest,
+    EventsRequest, GetRequest, ListSvidsRequest, PolicyCheckRequest, RotateCaRequest,
+    WhoAmIRequest,
 };
 use tether_spiffe::{Bundle, TrustDomain};
 
@@ -124,7 +125,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
-    /// Audit events of connection decisions.
+    /// Audit events: connection decisions and credential reads.
     Events {
         /// Keep streaming new events.
         #[arg(long, short)]
@@ -150,6 +151,12 @@ enum Cmd {
     /// Live mesh tunnels on this node: local process, SPIFFE IDs of both
     /// ends, TLS version and cipher suite, bytes each way.
     Connections {
+        #[command(flatten)]
+        sock: AgentSock,
+    },
+    /// Credential bindings each live process holds, their sources and
+    /// expiry (never a value).
+    Credentials {
         #[command(flatten)]
         sock: AgentSock,
     },
@@ -267,9 +274,13 @@ struct AgentOpts {
     /// ("none": pin nothing; a bpffs is mounted at /sys/fs/bpf if needed).
     #[arg(long, default_value = tether_agent::DEFAULT_PIN_DIR)]
     bpf_pin_dir: String,
-    /// Audit log (JSON lines) of connection decisions.
+    /// Audit log (JSON lines) of connection decisions and credential reads.
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    /// Where the credential filesystem is mounted ("none": not mounted).
+    /// Default: /run/tether/credentials (for `tether up`, RUN_DIR/credentials).
+    #[arg(long)]
+    credentials_dir: Option<String>,
     /// Loopback port where connections of processes not attested yet are
     /// held while the agent attests them (0: any free port).
     #[arg(long, default_value_t = 0, requires = "enforce_cgroup")]
@@ -439,10 +450,15 @@ fn agent_config(
     if let Some(cg) = &o.enforce_cgroup {
         cfg.enforce = Some(tether_agent::EnforceConfig {
             cgroup: cg.clone(),
-            audit_log: o.audit_log.clone(),
             hold_port: o.hold_port,
             mesh_port: (o.mesh_port != 0).then_some(o.mesh_port),
         });
+    }
+    cfg.audit_log = o.audit_log.clone();
+    match o.credentials_dir.as_deref() {
+        Some("none") => cfg.credentials_dir = None,
+        Some(d) => cfg.credentials_dir = Some(PathBuf::from(d)),
+        None => {}
     }
     if let Some(f) = &o.clock_file {
         cfg.clock = tether_agent::file_clock(f.clone());
@@ -483,6 +499,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             acfg.bootstrap_bundle = Some(server.state.current_bundle());
             acfg.workload_socket = a.run_dir.join("workload.sock");
             acfg.admin_socket = a.run_dir.join("agent.sock");
+            if a.agent.credentials_dir.is_none() {
+                acfg.credentials_dir = Some(a.run_dir.join("credentials"));
+            }
             let agent = tether_agent::start(acfg).await?;
             tracing::info!("tether is up");
             shutdown_signal().await;
@@ -674,6 +693,15 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Connections { sock } => {
             let resp = agent_admin(&sock.agent_socket)?
                 .connections(ConnectionsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{}", resp.json);
+            Ok(())
+        }
+        Cmd::Credentials { sock } => {
+            let resp = agent_admin(&sock.agent_socket)?
+                .credentials(CredentialsRequest {})
                 .await
                 .map_err(status)?
                 .into_inner();

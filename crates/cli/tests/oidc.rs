@@ -121,7 +121,11 @@ fn a_relying_party_discovers_the_issuer_and_validates_until_the_key_is_retired()
         "{first}"
     );
     let token = line(&first, "token").to_string();
-    let old_kid = line(&first, "kid").split_whitespace().next().expect("kid").to_string();
+    let old_kid = line(&first, "kid")
+        .split_whitespace()
+        .next()
+        .expect("kid")
+        .to_string();
 
     // A rotation publishes a new signing key; the retired one stays in the
     // JWKS while a token it signed is alive.
@@ -151,7 +155,8 @@ fn a_relying_party_discovers_the_issuer_and_validates_until_the_key_is_retired()
     assert!(after, "the retired key is still published");
     let refused = rp.run("check", &token);
     assert!(
-        refused.contains("refused PyJWKClientError") && refused.contains("Unable to find a signing key"),
+        refused.contains("refused PyJWKClientError")
+            && refused.contains("Unable to find a signing key"),
         "{refused}"
     );
 }

@@ -1540,4 +1540,3 @@ mod tests {
         assert!(OBJECT.starts_with(b"\x7fELF"));
     }
 }
-

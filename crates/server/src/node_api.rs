@@ -3,12 +3,12 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tether_manifest::{Resource, WorkloadIdentitySpec};
+use tether_manifest::{CredentialSourceSpec, Resource, WorkloadIdentitySpec};
 use tether_proto::tether::node_server::Node;
 use tether_proto::tether::{
-    AttestRequest, Identity, MintJwtSvidRequest, MintJwtSvidResponse, NodeState, NodeSvid,
-    RenewNodeRequest, SelectorSet, SignX509SvidsRequest, SignX509SvidsResponse, SignedSvid,
-    StoredResource, WatchRequest,
+    AttestRequest, FetchSecretRequest, FetchSecretResponse, Identity, MintJwtSvidRequest,
+    MintJwtSvidResponse, NodeState, NodeSvid, RenewNodeRequest, SelectorSet, SignX509SvidsRequest,
+    SignX509SvidsResponse, SignedSvid, StoredResource, WatchRequest,
 };
 use tether_spiffe::SpiffeId;
 use tether_store::NodeRow;
@@ -187,6 +187,53 @@ impl NodeApi {
         })
     }
 
+    /// The calling node's view of `identity`'s binding to `source`: the
+    /// identity must apply to the node and a CredentialBinding must bind
+    /// them. Returns the source's spec as stored.
+    fn bound_source(
+        &self,
+        node: &str,
+        identity: &str,
+        source: &str,
+    ) -> Result<CredentialSourceSpec, Status> {
+        if !identities_for_node(&self.state, node)?
+            .iter()
+            .any(|(n, _)| n == identity)
+        {
+            return Err(Status::permission_denied(format!(
+                "identity: node {node:?} is not entitled to WorkloadIdentity {identity:?}"
+            )));
+        }
+        let bound = self
+            .state
+            .store
+            .list("CredentialBinding")
+            .map_err(ServerError::from)?
+            .iter()
+            .filter_map(|r| Resource::from_stored(&r.kind, &r.name, &r.spec))
+            .any(|r| {
+                matches!(r, Resource::CredentialBinding { spec, .. }
+                    if spec.identity == identity && spec.source == source)
+            });
+        if !bound {
+            return Err(Status::permission_denied(format!(
+                "source: no CredentialBinding gives {source:?} to {identity:?}"
+            )));
+        }
+        let row = self
+            .state
+            .store
+            .get("CredentialSource", source)
+            .map_err(ServerError::from)?
+            .ok_or_else(|| Status::not_found(format!("source: no CredentialSource {source:?}")))?;
+        match Resource::from_stored(&row.kind, &row.name, &row.spec) {
+            Some(Resource::CredentialSource { spec, .. }) => Ok(spec),
+            _ => Err(Status::internal(format!(
+                "CredentialSource {source:?} is unreadable in the store"
+            ))),
+        }
+    }
+
     fn entitled(&self, node: &str, id: &SpiffeId) -> Result<Vec<WorkloadIdentitySpec>, Status> {
         let specs: Vec<_> = identities_for_node(&self.state, node)?
             .into_iter()
@@ -200,6 +247,51 @@ impl NodeApi {
         }
         Ok(specs)
     }
+}
+
+/// The CredentialBindings of the identities that apply to a node, and the
+/// sources they name, as the node sees them: a static source's sealed value
+/// is left out (the node asks for it with `FetchSecret` when a process
+/// there first reads it).
+fn credentials_for(
+    state: &State,
+    applying: &[(String, WorkloadIdentitySpec)],
+) -> Result<Vec<StoredResource>, ServerError> {
+    let mut out = Vec::new();
+    let mut sources = std::collections::BTreeSet::new();
+    for row in state.store.list("CredentialBinding")? {
+        if let Some(Resource::CredentialBinding { spec, .. }) =
+            Resource::from_stored(&row.kind, &row.name, &row.spec)
+            && applying.iter().any(|(n, _)| *n == spec.identity)
+        {
+            sources.insert(spec.source.clone());
+            out.push(StoredResource {
+                kind: row.kind,
+                name: row.name,
+                spec_json: row.spec,
+            });
+        }
+    }
+    for name in sources {
+        let Some(row) = state.store.get("CredentialSource", &name)? else {
+            continue;
+        };
+        let Some(Resource::CredentialSource { mut spec, .. }) =
+            Resource::from_stored(&row.kind, &row.name, &row.spec)
+        else {
+            continue;
+        };
+        if let CredentialSourceSpec::Static { value } = &mut spec {
+            value.clear();
+        }
+        out.push(StoredResource {
+            kind: row.kind,
+            name: row.name,
+            spec_json: serde_json::to_string(&spec)
+                .map_err(|e| ServerError::Internal(format!("CredentialSource {name}: {e}")))?,
+        });
+    }
+    Ok(out)
 }
 
 fn to_proto(name: String, s: WorkloadIdentitySpec) -> Identity {
@@ -347,6 +439,35 @@ impl Node for NodeApi {
         Ok(Response::new(MintJwtSvidResponse { token, expires_at }))
     }
 
+    async fn fetch_secret(
+        &self,
+        req: Request<FetchSecretRequest>,
+    ) -> Result<Response<FetchSecretResponse>, Status> {
+        let node = self.node(&req)?;
+        let r = req.into_inner();
+        for (field, v) in [("identity", &r.identity), ("source", &r.source)] {
+            tether_manifest::validate_name(v)
+                .map_err(|m| Status::invalid_argument(format!("{field}: {m}")))?;
+        }
+        let CredentialSourceSpec::Static { value: sealed } =
+            self.bound_source(&node, &r.identity, &r.source)?
+        else {
+            return Err(Status::failed_precondition(format!(
+                "source: {:?} is not a static source; it is not fetched from the server",
+                r.source
+            )));
+        };
+        let value = self
+            .state
+            .sealer
+            .open(&sealed)
+            .map_err(|e| Status::internal(format!("source {:?}: {e}", r.source)))?;
+        tracing::info!(node = %node, identity = %r.identity, source = %r.source, "static credential released to node");
+        Ok(Response::new(FetchSecretResponse {
+            value: value.into_bytes(),
+        }))
+    }
+
     type WatchStream =
         Pin<Box<dyn tokio_stream::Stream<Item = Result<NodeState, Status>> + Send + 'static>>;
 
@@ -362,11 +483,9 @@ impl Node for NodeApi {
             loop {
                 updates.mark_unchanged();
                 let snapshot = (|| -> Result<NodeState, Status> {
-                    let identities = identities_for_node(&state, &node)?
-                        .into_iter()
-                        .map(|(n, s)| to_proto(n, s))
-                        .collect();
-                    let mut resources = Vec::new();
+                    let applying = identities_for_node(&state, &node)?;
+                    let mut resources = credentials_for(&state, &applying)?;
+                    let identities = applying.into_iter().map(|(n, s)| to_proto(n, s)).collect();
                     for kind in ["Service", "AccessPolicy"] {
                         for row in state.store.list(kind).map_err(ServerError::from)? {
                             resources.push(StoredResource {

@@ -170,7 +170,11 @@ fn jwks(state: &State) -> Result<Vec<u8>, String> {
     serde_json::to_vec(&serde_json::json!({ "keys": keys })).map_err(|e| e.to_string())
 }
 
-fn respond(state: &State, issuer: &Issuer, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+fn respond(
+    state: &State,
+    issuer: &Issuer,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
     let plain = |status: StatusCode, text: &'static str| {
         let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
         *r.status_mut() = status;
@@ -178,8 +182,10 @@ fn respond(state: &State, issuer: &Issuer, req: &Request<hyper::body::Incoming>)
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
-        r.headers_mut()
-            .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
         return r;
     }
     let path = req.uri().path();

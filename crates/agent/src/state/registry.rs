@@ -43,6 +43,18 @@ pub struct AgentPolicy {
     pub condition: Option<tether_policy::Condition>,
 }
 
+/// A credential some identity of this node receives: a CredentialBinding
+/// with the source it names (a static source's value is never here; it is
+/// fetched when first read).
+#[derive(Debug, Clone)]
+pub struct AgentBinding {
+    pub name: String,
+    pub identity: String,
+    pub source: String,
+    pub source_spec: tether_manifest::CredentialSourceSpec,
+    pub file: tether_manifest::CredentialFile,
+}
+
 #[derive(Debug, Clone)]
 pub struct Registry {
     pub revision: i64,
@@ -50,6 +62,8 @@ pub struct Registry {
     pub bundle: Bundle,
     pub services: Vec<AgentService>,
     pub policies: Vec<AgentPolicy>,
+    /// Sorted by binding name.
+    pub bindings: Vec<AgentBinding>,
 }
 
 impl Registry {
@@ -60,6 +74,7 @@ impl Registry {
             bundle,
             services: Vec::new(),
             policies: Vec::new(),
+            bindings: Vec::new(),
         }
     }
 
@@ -80,6 +95,8 @@ impl Registry {
             .collect();
         let mut services = Vec::new();
         let mut policies = Vec::new();
+        let mut bindings = Vec::new();
+        let mut sources = std::collections::HashMap::new();
         for r in &s.resources {
             match tether_manifest::Resource::from_stored(&r.kind, &r.name, &r.spec_json) {
                 Some(tether_manifest::Resource::Service { name, spec }) => {
@@ -103,17 +120,42 @@ impl Registry {
                         condition,
                     });
                 }
+                Some(tether_manifest::Resource::CredentialBinding { name, spec }) => {
+                    bindings.push((name, spec))
+                }
+                Some(tether_manifest::Resource::CredentialSource { name, spec }) => {
+                    sources.insert(name, spec);
+                }
                 _ => tracing::warn!(kind = %r.kind, name = %r.name, "skipping unreadable resource"),
             }
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
         policies.sort_by(|a, b| a.name.cmp(&b.name));
+        // A binding without its source or file delivers nothing.
+        let mut bindings: Vec<AgentBinding> = bindings
+            .into_iter()
+            .filter_map(|(name, b)| {
+                let (Some(source_spec), Some(file)) = (sources.get(&b.source), b.file) else {
+                    tracing::warn!(binding = %name, source = %b.source, "skipping binding: no source or file");
+                    return None;
+                };
+                Some(AgentBinding {
+                    name,
+                    identity: b.identity,
+                    source: b.source,
+                    source_spec: source_spec.clone(),
+                    file,
+                })
+            })
+            .collect();
+        bindings.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Registry {
             revision: s.revision,
             identities,
             bundle,
             services,
             policies,
+            bindings,
         })
     }
 

@@ -60,6 +60,17 @@ pub struct Tracked {
     pub exec: Option<(tether_kernel::ExecId, u64)>,
 }
 
+/// A process instance as the table holds it now (see [`Tracker::current`]).
+#[derive(Clone)]
+pub struct Current {
+    pub pid: i32,
+    pub start_time: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub exe_path: String,
+    pub svids: Vec<Arc<ProcSvid>>,
+}
+
 pub struct Tracker {
     pub attestor: Attestor,
     /// The kernel's exec records (and marks): what each process really
@@ -144,6 +155,32 @@ impl Tracker {
         let procs = self.procs();
         let t = procs.get(&pid)?;
         (t.info.start_time == start_time).then(|| t.svids.clone())
+    }
+
+    /// The tracked instance behind `pid`, if its entry still describes it:
+    /// the kernel's exec record for `pid` is the one the entry was attested
+    /// for (same process, same image), nothing has traced or written into
+    /// it since, the process is alive, and the entry was evaluated against
+    /// the registry in force. None means "attest again", never "allowed".
+    pub fn current(&self, pid: i32) -> Option<Current> {
+        let rec = self.exec_record(pid)?;
+        if rec.flags.tainted() {
+            return None;
+        }
+        let revision = self.registry.borrow().revision;
+        let procs = self.procs();
+        let t = procs.get(&pid)?;
+        let same = t.exec == Some((tether_kernel::ExecId(rec.exec_id), rec.start_ns))
+            && t.evaluated_rev == revision
+            && t.pidfd.is_alive();
+        same.then(|| Current {
+            pid,
+            start_time: t.info.start_time,
+            uid: t.info.uid,
+            gid: t.info.gid,
+            exe_path: t.info.exe_path.clone(),
+            svids: t.svids.clone(),
+        })
     }
 
     /// Attests a pid on the blocking pool without tracking it (admin

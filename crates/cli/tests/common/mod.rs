@@ -307,6 +307,19 @@ impl Up {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // A killed agent leaves its credential mount dead (ENOTCONN), which
+        // would keep the temporary directory from being removed.
+        if let Ok(p) = std::ffi::CString::new(self.credentials_dir().as_os_str().as_encoded_bytes())
+        {
+            // SAFETY: umount2 reads a NUL-terminated path.
+            unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+
+    /// The agent's credential filesystem (`tether up` mounts it in its run
+    /// directory).
+    pub fn credentials_dir(&self) -> PathBuf {
+        self.run.join("credentials")
     }
 }
 
@@ -543,6 +556,71 @@ async fn follow(client: &spiffe::WorkloadApiClient, out: &Path) -> Result<(), St
     std::fs::write(out.join("ended"), how).map_err(|e| e.to_string())
 }
 
+/// The "creds" workload: lists TETHER_TEST_CRED_DIR into `listing` and
+/// copies each file it can read into `files/NAME` (errors into
+/// `errors/NAME`); then, if asked, rereads TETHER_TEST_CRED_REREAD for
+/// TETHER_TEST_CRED_SECS seconds counting distinct contents (`distinct`),
+/// waits to be killed (TETHER_TEST_CRED_HOLD, after writing `ready`), or
+/// execs `/bin/sh -c TETHER_TEST_CRED_EXEC` in place of itself.
+fn read_credentials(out: &Path) {
+    let var = |k: &str| std::env::var(k).ok();
+    let dir = PathBuf::from(var("TETHER_TEST_CRED_DIR").unwrap_or_default());
+    let _ = std::fs::create_dir_all(out.join("files"));
+    let _ = std::fs::create_dir_all(out.join("errors"));
+    let mut names: Vec<String> = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) => {
+            let _ = std::fs::write(out.join("listing_error"), e.to_string());
+            Vec::new()
+        }
+    };
+    names.sort();
+    let _ = std::fs::write(out.join("listing"), names.join("\n"));
+    let mut tried = names.clone();
+    if let Some(extra) = var("TETHER_TEST_CRED_TRY") {
+        tried.extend(extra.split(',').map(str::to_string));
+    }
+    for n in tried {
+        match std::fs::read(dir.join(&n)) {
+            Ok(b) => {
+                let _ = std::fs::write(out.join("files").join(&n), b);
+            }
+            Err(e) => {
+                let _ = std::fs::write(out.join("errors").join(&n), e.to_string());
+            }
+        }
+    }
+    if let Some(f) = var("TETHER_TEST_CRED_REREAD") {
+        let secs: u64 = var("TETHER_TEST_CRED_SECS")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10);
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut seen: Vec<Vec<u8>> = Vec::new();
+        let mut failures = 0;
+        while Instant::now() < deadline {
+            match std::fs::read(dir.join(&f)) {
+                Ok(b) if !seen.contains(&b) => seen.push(b),
+                Ok(_) => {}
+                Err(_) => failures += 1,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = std::fs::write(out.join("distinct"), format!("{} {failures}", seen.len()));
+    }
+    let _ = std::fs::write(out.join("pid"), std::process::id().to_string());
+    if var("TETHER_TEST_CRED_HOLD").is_some() {
+        let _ = std::fs::write(out.join("ready"), "");
+        std::thread::sleep(Duration::from_secs(600));
+    }
+    if let Some(cmd) = var("TETHER_TEST_CRED_EXEC") {
+        let e = Command::new("/bin/sh").args(["-c", &cmd]).exec();
+        let _ = std::fs::write(out.join("exec_error"), e.to_string());
+    }
+}
+
 /// The body of each test binary's `child_entry` test: runs the workload
 /// side when this process was started as a workload child
 /// (see [`workload_command`]), does nothing in a normal run.
@@ -562,6 +640,9 @@ pub fn child_entry_if_asked() {
 /// "rotate": follow the SVID stream through one rotation;
 /// "follow": follow the SVID stream until it ends.
 pub fn child_main(mode: &str, out: &Path) {
+    if mode == "creds" {
+        return read_credentials(out);
+    }
     if mode == "sleep" {
         // Just be a live process to attest.
         std::thread::sleep(Duration::from_secs(600));

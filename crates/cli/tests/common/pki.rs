@@ -40,7 +40,9 @@ impl OpensslCa {
             &[
                 &["req", "-x509"][..],
                 &EC_KEY,
-                &["-keyout", &key, "-out", &crt, "-days", "1", "-subj", subject],
+                &[
+                    "-keyout", &key, "-out", &crt, "-days", "1", "-subj", subject,
+                ],
             ]
             .concat(),
         );
@@ -69,7 +71,14 @@ impl OpensslCa {
             &[
                 &["req"][..],
                 &EC_KEY,
-                &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={name}")],
+                &[
+                    "-keyout",
+                    &key,
+                    "-out",
+                    &csr,
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
             ]
             .concat(),
         );
@@ -82,8 +91,21 @@ impl OpensslCa {
         openssl(
             &self.dir,
             &[
-                "x509", "-req", "-in", &csr, "-CA", &ca_crt, "-CAkey", &ca_key,
-                "-CAcreateserial", "-days", "1", "-extfile", &ext, "-out", &crt,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_crt,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+                "-out",
+                &crt,
             ],
         );
         (self.dir.join(crt), self.dir.join(key))

@@ -1,0 +1,992 @@
+//! The credential filesystem: a FUSE mount (default
+//! `/run/tether/credentials`) in which each process sees the files of its
+//! own CredentialBindings and nothing else.
+//!
+//! Why FUSE: every lookup, readdir, open and read reaches the agent with the
+//! requesting task's pid, so the view is decided per request by who asks,
+//! which no file mode can express (same-uid processes and root see nothing
+//! either). The kernel caches nothing that could serve one process's view to
+//! another: entries and attributes have a zero timeout, files are opened
+//! with direct I/O (no page cache), and a failed lookup leaves no negative
+//! entry. Contents live in the agent's memory only.
+//!
+//! The requester is the process instance the tracker holds for that pid,
+//! checked against the kernel's exec record on every request (same process,
+//! same image, not traced or written into since); otherwise it is attested
+//! again first. A file descriptor passed to another process reads nothing
+//! there: reads are attested too.
+//!
+//! Static secrets are fetched from the server on first read (`FetchSecret`);
+//! JWT-SVIDs are minted then. Both are cached per process instance,
+//! refreshed on a read after their refresh time (half-life, with jitter;
+//! failures back off and keep the last good value until it expires), and
+//! dropped when the process exits (a [`ProcessObserver`]). X.509-SVIDs are
+//! the tracker's own, rotated by it.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, INodeNo, LockOwner, OpenAccMode, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request,
+};
+use serde_json::json;
+use tether_manifest::{CredentialSourceSpec, FileFormat};
+use tether_proto::tether::FetchSecretRequest;
+use zeroize::Zeroizing;
+
+use crate::audit::AuditLog;
+use crate::clock::unix_now;
+use crate::identity::ProcSvid;
+use crate::identity::node::NodeConn;
+use crate::metrics::Metrics;
+use crate::state::registry::{AgentBinding, Registry};
+use crate::state::tracker::{Current, ProcessObserver, Tracker};
+
+/// The default mount point.
+pub const DEFAULT_DIR: &str = "/run/tether/credentials";
+const ROOT: INodeNo = INodeNo::ROOT;
+/// Nothing is cached by the kernel: every access asks again.
+const NO_CACHE: Duration = Duration::ZERO;
+/// A server round trip (or attestation) longer than this fails the request.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A static secret is fetched again after this long, to follow re-applies.
+const STATIC_REFRESH_SECS: i64 = 60;
+/// Backoff after a failed refresh, doubling to this.
+const MAX_BACKOFF_SECS: i64 = 30;
+/// Requests served at once (a slow fetch holds one).
+const FUSE_THREADS: usize = 4;
+/// File names ever given an inode (names are interned, never reused).
+const MAX_NAMES: usize = 65_536;
+
+/// Per-process credentials fetched so far. Shared by the filesystem and the
+/// tracker (as an observer, to drop them at exit) and read by `tether
+/// credentials`.
+#[derive(Default)]
+pub struct Held {
+    procs: Mutex<HashMap<i32, Instance>>,
+}
+
+struct Instance {
+    start_time: u64,
+    by_binding: HashMap<String, Fetched>,
+}
+
+struct Fetched {
+    value: Zeroizing<Vec<u8>>,
+    /// When it was fetched (unix seconds); the file's mtime.
+    at: i64,
+    /// A read after this fetches it again.
+    refresh_at: i64,
+    /// Never served after this (None: does not expire).
+    expires_at: Option<i64>,
+    failures: u32,
+    retry_at: i64,
+}
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Instance>> {
+        self.procs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// For `tether credentials`: each live process with bindings, what it
+    /// holds and until when. Never a value.
+    pub fn listing(&self, tracker: &Tracker) -> serde_json::Value {
+        let reg = tracker.registry.borrow().clone();
+        let procs = self.lock();
+        let mut out = Vec::new();
+        for (info, svids) in tracker.snapshot() {
+            let mut bindings = Vec::new();
+            for b in reg
+                .bindings
+                .iter()
+                .filter(|b| svids.iter().any(|s| s.identity == b.identity))
+            {
+                let fetched = procs
+                    .get(&info.pid)
+                    .filter(|i| i.start_time == info.start_time)
+                    .and_then(|i| i.by_binding.get(&b.name));
+                let expires = match &b.source_spec {
+                    CredentialSourceSpec::X509Svid {} => svids
+                        .iter()
+                        .find(|s| s.identity == b.identity)
+                        .map(|s| s.expires_at),
+                    _ => fetched.and_then(|f| f.expires_at),
+                };
+                bindings.push(json!({
+                    "binding": b.name,
+                    "identity": b.identity,
+                    "source": b.source,
+                    "kind": b.source_spec.kind(),
+                    "files": file_names(b),
+                    "fetched": fetched.map(|f| f.at),
+                    "expiresAt": expires,
+                }));
+            }
+            if !bindings.is_empty() {
+                out.push(json!({
+                    "pid": info.pid,
+                    "exe": info.exe_path,
+                    "uid": info.uid,
+                    "bindings": bindings,
+                }));
+            }
+        }
+        json!({ "processes": out })
+    }
+}
+
+impl ProcessObserver for Held {
+    fn process_removed(&self, pid: i32) {
+        self.lock().remove(&pid);
+    }
+
+    fn shutdown(&self) {
+        self.lock().clear();
+    }
+}
+
+/// Which file of a binding: x509Svid in PEM has three.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    Main,
+    Key,
+    Bundle,
+}
+
+fn parts(b: &AgentBinding) -> &'static [(Part, &'static str)] {
+    match (&b.source_spec, b.file.format) {
+        (CredentialSourceSpec::X509Svid {}, FileFormat::Json) => &[(Part::Main, "")],
+        (CredentialSourceSpec::X509Svid {}, _) => &[
+            (Part::Main, ""),
+            (Part::Key, ".key"),
+            (Part::Bundle, ".bundle"),
+        ],
+        _ => &[(Part::Main, "")],
+    }
+}
+
+fn file_names(b: &AgentBinding) -> Vec<String> {
+    parts(b)
+        .iter()
+        .map(|(_, suffix)| format!("{}{suffix}", b.file.name))
+        .collect()
+}
+
+/// A file in one process's view.
+struct ViewFile {
+    name: String,
+    binding: usize,
+    part: Part,
+    svid: Arc<ProcSvid>,
+}
+
+/// The files `c` may see: those of the bindings of the identities it holds
+/// SVIDs for (an identity not handed to the process, `workloadApi: false`,
+/// delivers no key). The first binding (by name) to claim a file name has it.
+fn view(reg: &Registry, c: &Current) -> Vec<ViewFile> {
+    let mut out: Vec<ViewFile> = Vec::new();
+    for (i, b) in reg.bindings.iter().enumerate() {
+        let Some(svid) = c.svids.iter().find(|s| s.identity == b.identity) else {
+            continue;
+        };
+        if matches!(b.source_spec, CredentialSourceSpec::X509Svid {}) && !svid.workload_api {
+            continue;
+        }
+        for (part, suffix) in parts(b) {
+            let name = format!("{}{suffix}", b.file.name);
+            if out.iter().any(|f| f.name == name) {
+                continue;
+            }
+            out.push(ViewFile {
+                name,
+                binding: i,
+                part: *part,
+                svid: svid.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// A value just fetched: refreshed on a read after `refresh_at`, never
+/// served after `expires_at`.
+struct Fresh {
+    value: Zeroizing<Vec<u8>>,
+    refresh_at: i64,
+    expires_at: Option<i64>,
+}
+
+/// A file resolved for a request: who asked, the registry it was resolved
+/// in, the file, its bytes and their time.
+struct Rendered {
+    c: Current,
+    reg: Arc<Registry>,
+    f: ViewFile,
+    bytes: Zeroizing<Vec<u8>>,
+    at: i64,
+}
+
+/// Why a request was refused (audited, then ENOENT or EACCES), and the
+/// process (thread group) that asked, when known.
+struct Refused(String, Option<i32>);
+
+pub struct CredFs {
+    tracker: Arc<Tracker>,
+    held: Arc<Held>,
+    node: Arc<NodeConn>,
+    audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
+    rt: tokio::runtime::Handle,
+    names: Mutex<(HashMap<String, u64>, Vec<String>)>,
+    mounted: SystemTime,
+}
+
+impl CredFs {
+    pub fn new(
+        tracker: Arc<Tracker>,
+        held: Arc<Held>,
+        node: Arc<NodeConn>,
+        audit: Arc<AuditLog>,
+        metrics: Arc<Metrics>,
+        rt: tokio::runtime::Handle,
+    ) -> Self {
+        CredFs {
+            tracker,
+            held,
+            node,
+            audit,
+            metrics,
+            rt,
+            names: Mutex::new((HashMap::new(), Vec::new())),
+            mounted: SystemTime::now(),
+        }
+    }
+
+    /// The inode of a file name (the same name, the same inode, whoever
+    /// asks; what it holds depends on who reads).
+    fn ino(&self, name: &str) -> Option<INodeNo> {
+        let mut n = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = n.0.get(name) {
+            return Some(INodeNo(*i));
+        }
+        if n.1.len() >= MAX_NAMES {
+            return None;
+        }
+        n.1.push(name.to_owned());
+        let i = n.1.len() as u64 + 1;
+        n.0.insert(name.to_owned(), i);
+        Some(INodeNo(i))
+    }
+
+    fn name_of(&self, ino: INodeNo) -> Option<String> {
+        let n = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        let i = usize::try_from(ino.0.checked_sub(2)?).ok()?;
+        n.1.get(i).cloned()
+    }
+
+    /// The process behind a request, as the tracker holds it now; attested
+    /// again when the table's entry is not current for it.
+    fn caller(&self, req: &Request) -> Result<Current, Refused> {
+        let pid = i32::try_from(req.pid())
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| {
+                Refused(
+                    "request from outside the agent's pid namespace".into(),
+                    None,
+                )
+            })?;
+        if let Some(c) = self.tracker.current(pid) {
+            return Ok(c);
+        }
+        // The pid of a request is the thread's; the table is by process.
+        let tgid = tgid_of(pid).map_err(|e| Refused(format!("pid {pid}: {e}"), None))?;
+        if tgid != pid
+            && let Some(c) = self.tracker.current(tgid)
+        {
+            return Ok(c);
+        }
+        let pidfd = tether_attest::PidFd::open(tgid)
+            .map_err(|e| Refused(format!("pid {tgid}: {e}"), Some(tgid)))?;
+        let tracker = self.tracker.clone();
+        let attested = self.rt.block_on(async move {
+            tokio::time::timeout(FETCH_TIMEOUT, tracker.ensure(Arc::new(pidfd))).await
+        });
+        match attested {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(Refused(format!("pid {tgid}: {e}"), Some(tgid))),
+            Err(_) => {
+                return Err(Refused(
+                    format!("pid {tgid}: attestation timed out"),
+                    Some(tgid),
+                ));
+            }
+        }
+        self.tracker.current(tgid).ok_or_else(|| {
+            Refused(
+                format!("pid {tgid} changed while it was attested"),
+                Some(tgid),
+            )
+        })
+    }
+
+    fn deny(&self, op: &str, req: &Request, file: Option<&str>, why: &Refused) {
+        self.metrics.credential_read("denied");
+        self.audit.publish(json!({
+            "event": "credential",
+            "op": op,
+            "verdict": "deny",
+            "pid": why.1.map_or(i64::from(req.pid()), i64::from),
+            "tid": req.pid(),
+            "uid": req.uid(),
+            "file": file,
+            "reason": why.0,
+        }));
+    }
+
+    /// The caller and the file `name` in its view.
+    fn resolve(
+        &self,
+        op: &str,
+        req: &Request,
+        name: &str,
+    ) -> Result<(Current, Arc<Registry>, ViewFile), Errno> {
+        let c = self.caller(req).map_err(|r| {
+            self.deny(op, req, Some(name), &r);
+            Errno::ENOENT
+        })?;
+        let reg = self.tracker.registry.borrow().clone();
+        let f = view(&reg, &c).into_iter().find(|f| f.name == name);
+        match f {
+            Some(f) => Ok((c, reg, f)),
+            None => {
+                let why = Refused(
+                    format!(
+                        "{} (pid {}, uid {}) holds no binding for this file",
+                        c.exe_path, c.pid, c.uid
+                    ),
+                    Some(c.pid),
+                );
+                self.deny(op, req, Some(name), &why);
+                Err(Errno::ENOENT)
+            }
+        }
+    }
+
+    fn content(
+        &self,
+        c: &Current,
+        reg: &Registry,
+        f: &ViewFile,
+    ) -> Result<(Zeroizing<Vec<u8>>, i64), String> {
+        let b = &reg.bindings[f.binding];
+        match &b.source_spec {
+            CredentialSourceSpec::X509Svid {} => Ok((x509_file(b, f, reg), f.svid.issued_at)),
+            CredentialSourceSpec::Static { .. } => {
+                let (value, at) = self.fetched(c, b, f)?;
+                Ok((secret_file(b, &value, None), at))
+            }
+            CredentialSourceSpec::JwtSvid { .. } => {
+                let (value, at) = self.fetched(c, b, f)?;
+                let exp = jwt_exp(&value);
+                Ok((secret_file(b, &value, exp), at))
+            }
+            CredentialSourceSpec::AwsSts { .. } | CredentialSourceSpec::OAuth2 { .. } => {
+                Err(format!(
+                    "source {:?} is {}: token exchange is not delivered by this agent yet",
+                    b.source,
+                    b.source_spec.kind()
+                ))
+            }
+        }
+    }
+
+    /// The cached value of a fetched source for this process instance,
+    /// fetched (or refreshed) now if due.
+    fn fetched(
+        &self,
+        c: &Current,
+        b: &AgentBinding,
+        f: &ViewFile,
+    ) -> Result<(Zeroizing<Vec<u8>>, i64), String> {
+        let now = unix_now();
+        let cached = {
+            let procs = self.held.lock();
+            procs
+                .get(&c.pid)
+                .filter(|i| i.start_time == c.start_time)
+                .and_then(|i| i.by_binding.get(&b.name))
+                .filter(|h| h.expires_at.is_none_or(|e| now < e))
+                .map(|h| {
+                    let fresh = now < h.refresh_at || now < h.retry_at;
+                    (h.value.clone(), h.at, fresh)
+                })
+        };
+        if let Some((value, at, true)) = &cached {
+            return Ok((value.clone(), *at));
+        }
+        let kind = b.source_spec.kind();
+        let started = Instant::now();
+        let result = self.fetch(b, f);
+        self.metrics
+            .credential_fetch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let mut procs = self.held.lock();
+        match result {
+            Ok(Fresh {
+                value,
+                refresh_at,
+                expires_at,
+            }) => {
+                self.metrics.credential_fetch(kind, "ok");
+                // Kept only while the process is the one it was fetched for
+                // (an exit observed meanwhile already dropped its entry).
+                if self
+                    .tracker
+                    .current(c.pid)
+                    .is_some_and(|n| n.start_time == c.start_time)
+                {
+                    let inst = procs.entry(c.pid).or_insert_with(|| Instance {
+                        start_time: c.start_time,
+                        by_binding: HashMap::new(),
+                    });
+                    if inst.start_time != c.start_time {
+                        inst.start_time = c.start_time;
+                        inst.by_binding.clear();
+                    }
+                    inst.by_binding.insert(
+                        b.name.clone(),
+                        Fetched {
+                            value: value.clone(),
+                            at: now,
+                            refresh_at,
+                            expires_at,
+                            failures: 0,
+                            retry_at: 0,
+                        },
+                    );
+                }
+                Ok((value, now))
+            }
+            Err(e) => {
+                self.metrics.credential_fetch(kind, "error");
+                let inst = procs
+                    .get_mut(&c.pid)
+                    .filter(|i| i.start_time == c.start_time);
+                let last_good = inst
+                    .and_then(|i| i.by_binding.get_mut(&b.name))
+                    .filter(|h| h.expires_at.is_none_or(|e| now < e));
+                let kept = last_good.map(|h| {
+                    h.failures = h.failures.saturating_add(1);
+                    let backoff = (1i64 << h.failures.min(5)).min(MAX_BACKOFF_SECS);
+                    h.retry_at = now + backoff + jitter(backoff / 2 + 1);
+                    (h.value.clone(), h.at, h.expires_at)
+                });
+                self.audit.publish(json!({
+                    "event": "credential",
+                    "op": "fetch",
+                    "verdict": "error",
+                    "pid": c.pid,
+                    "exe": c.exe_path,
+                    "identity": b.identity,
+                    "binding": b.name,
+                    "source": b.source,
+                    "sourceKind": kind,
+                    "keptUntil": kept.as_ref().map(|k| k.2),
+                    "reason": e,
+                }));
+                match kept {
+                    Some((value, at, _)) => Ok((value, at)),
+                    None => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Fetches a source's value for a process now.
+    fn fetch(&self, b: &AgentBinding, f: &ViewFile) -> Result<Fresh, String> {
+        let now = unix_now();
+        match &b.source_spec {
+            CredentialSourceSpec::Static { .. } => {
+                let mut client = self.node.client();
+                let req = FetchSecretRequest {
+                    identity: b.identity.clone(),
+                    source: b.source.clone(),
+                };
+                let r = self
+                    .rt
+                    .block_on(async move {
+                        tokio::time::timeout(FETCH_TIMEOUT, client.fetch_secret(req)).await
+                    })
+                    .map_err(|_| "the server did not answer in time".to_string())?
+                    .map_err(|s| format!("server: {}", s.message()))?;
+                let value = Zeroizing::new(r.into_inner().value);
+                if value.len() > tether_manifest::MAX_STATIC_BYTES {
+                    return Err(format!(
+                        "the server sent {} bytes for a static secret (at most {})",
+                        value.len(),
+                        tether_manifest::MAX_STATIC_BYTES
+                    ));
+                }
+                Ok(Fresh {
+                    value,
+                    refresh_at: now + STATIC_REFRESH_SECS,
+                    expires_at: None,
+                })
+            }
+            CredentialSourceSpec::JwtSvid { audience } => {
+                let tracker = self.tracker.clone();
+                let (id, aud) = (f.svid.spiffe_id.clone(), audience.clone());
+                let token = self
+                    .rt
+                    .block_on(async move {
+                        tokio::time::timeout(FETCH_TIMEOUT, tracker.mint_jwt(&id, &aud)).await
+                    })
+                    .map_err(|_| "the server did not answer in time".to_string())??;
+                let value = Zeroizing::new(token.into_bytes());
+                let exp = jwt_exp(&value).ok_or("the server's JWT-SVID has no expiry")?;
+                let life = (exp - now).max(2);
+                Ok(Fresh {
+                    value,
+                    refresh_at: now + life / 2 - jitter(life / 10 + 1),
+                    expires_at: Some(exp),
+                })
+            }
+            other => Err(format!("{} sources are not fetched here", other.kind())),
+        }
+    }
+
+    fn attr(&self, ino: INodeNo, c: &Current, mode: u32, size: usize, at: i64) -> FileAttr {
+        let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0));
+        FileAttr {
+            ino,
+            size: size as u64,
+            blocks: (size as u64).div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: FileType::RegularFile,
+            perm: (mode & 0o777) as u16,
+            nlink: 1,
+            uid: c.uid,
+            gid: c.gid,
+            rdev: 0,
+            flags: 0,
+            blksize: 4096,
+        }
+    }
+
+    fn root_attr(&self) -> FileAttr {
+        FileAttr {
+            ino: ROOT,
+            size: 0,
+            blocks: 0,
+            atime: self.mounted,
+            mtime: self.mounted,
+            ctime: self.mounted,
+            crtime: self.mounted,
+            kind: FileType::Directory,
+            perm: 0o555,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            flags: 0,
+            blksize: 4096,
+        }
+    }
+
+    /// Resolves and renders a file for a request: its attributes and bytes.
+    fn file(&self, op: &str, req: &Request, name: &str) -> Result<Rendered, Errno> {
+        let (c, reg, f) = self.resolve(op, req, name)?;
+        match self.content(&c, &reg, &f) {
+            Ok((bytes, at)) => Ok(Rendered {
+                c,
+                reg,
+                f,
+                bytes,
+                at,
+            }),
+            Err(e) => {
+                let b = &reg.bindings[f.binding];
+                self.metrics.credential_read("error");
+                self.audit.publish(json!({
+                    "event": "credential",
+                    "op": op,
+                    "verdict": "error",
+                    "pid": c.pid,
+                    "exe": c.exe_path,
+                    "uid": c.uid,
+                    "identity": b.identity,
+                    "binding": b.name,
+                    "source": b.source,
+                    "file": name,
+                    "reason": e,
+                }));
+                Err(Errno::EIO)
+            }
+        }
+    }
+}
+
+impl fuser::Filesystem for CredFs {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str().filter(|_| parent == ROOT) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.file("lookup", req, name) {
+            Ok(Rendered {
+                c,
+                reg,
+                f,
+                bytes,
+                at,
+            }) => {
+                let Some(ino) = self.ino(name) else {
+                    return reply.error(Errno::ENOSPC);
+                };
+                let mode = reg.bindings[f.binding].file.mode;
+                reply.entry(
+                    &NO_CACHE,
+                    &self.attr(ino, &c, mode, bytes.len(), at),
+                    fuser::Generation(0),
+                );
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if ino == ROOT {
+            return reply.attr(&NO_CACHE, &self.root_attr());
+        }
+        let Some(name) = self.name_of(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.file("getattr", req, &name) {
+            Ok(Rendered {
+                c,
+                reg,
+                f,
+                bytes,
+                at,
+            }) => {
+                let mode = reg.bindings[f.binding].file.mode;
+                reply.attr(&NO_CACHE, &self.attr(ino, &c, mode, bytes.len(), at));
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EACCES);
+        }
+        let Some(name) = self.name_of(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.resolve("open", req, &name) {
+            // Direct I/O: no page cache, every read comes here.
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(name) = self.name_of(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        // A descriptor handed to another process reads nothing there.
+        let Rendered {
+            c, reg, f, bytes, ..
+        } = match self.file("read", req, &name) {
+            Ok(v) => v,
+            Err(e) => return reply.error(if e == Errno::ENOENT { Errno::EACCES } else { e }),
+        };
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        let end = start.saturating_add(size as usize).min(bytes.len());
+        if end > start {
+            let b = &reg.bindings[f.binding];
+            self.metrics.credential_read("allowed");
+            self.audit.publish(json!({
+                "event": "credential",
+                "op": "read",
+                "verdict": "allow",
+                "pid": c.pid,
+                "exe": c.exe_path,
+                "uid": c.uid,
+                "identity": b.identity,
+                "spiffeId": f.svid.spiffe_id.to_string(),
+                "binding": b.name,
+                "source": b.source,
+                "sourceKind": b.source_spec.kind(),
+                "file": name,
+                "offset": offset,
+            }));
+        }
+        reply.data(&bytes[start..end]);
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino != ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let mut entries = vec![
+            (ROOT, FileType::Directory, ".".to_string()),
+            (ROOT, FileType::Directory, "..".to_string()),
+        ];
+        match self.caller(req) {
+            Ok(c) => {
+                let reg = self.tracker.registry.borrow().clone();
+                let files = view(&reg, &c);
+                if files.is_empty() && offset == 0 {
+                    self.deny(
+                        "readdir",
+                        req,
+                        None,
+                        &Refused(
+                            format!(
+                                "{} (pid {}, uid {}) holds no credential bindings",
+                                c.exe_path, c.pid, c.uid
+                            ),
+                            Some(c.pid),
+                        ),
+                    );
+                }
+                for f in files {
+                    if let Some(i) = self.ino(&f.name) {
+                        entries.push((i, FileType::RegularFile, f.name));
+                    }
+                }
+            }
+            Err(r) => {
+                if offset == 0 {
+                    self.deny("readdir", req, None, &r);
+                }
+            }
+        }
+        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(skip) {
+            if reply.add(ino, (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+/// The thread group (process) of a task id, from the kernel's own status
+/// line.
+fn tgid_of(tid: i32) -> std::io::Result<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no Tgid in its status"))
+}
+
+/// A random offset in [0, span) seconds, so refreshes of many processes do
+/// not line up.
+fn jitter(span: i64) -> i64 {
+    let mut b = [0u8; 4];
+    if span <= 0 || aws_lc_rs::rand::fill(&mut b).is_err() {
+        return 0;
+    }
+    i64::from(u32::from_le_bytes(b)) % span
+}
+
+/// `exp` of a JWT (our own server's, not verified here: it is only used to
+/// schedule the refresh).
+fn jwt_exp(token: &[u8]) -> Option<i64> {
+    use base64::Engine as _;
+    let payload = token.split(|b| *b == b'.').nth(1)?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice::<serde_json::Value>(&raw)
+        .ok()?
+        .get("exp")?
+        .as_i64()
+}
+
+/// An env-file variable name from a source name: `db-password` becomes
+/// `DB_PASSWORD`.
+fn env_name(source: &str) -> String {
+    source
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// A value for an env file, single-quoted unless it is plainly safe.
+fn env_value(v: &str) -> String {
+    if !v.is_empty()
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-./:@+=,".contains(c))
+    {
+        return v.to_owned();
+    }
+    format!("'{}'", v.replace('\'', r"'\''"))
+}
+
+/// A static secret or a token as the binding's format asks.
+fn secret_file(b: &AgentBinding, value: &[u8], expires_at: Option<i64>) -> Zeroizing<Vec<u8>> {
+    let text = || String::from_utf8_lossy(value).into_owned();
+    Zeroizing::new(match b.file.format {
+        FileFormat::Raw | FileFormat::Pem => value.to_vec(),
+        FileFormat::Env => {
+            let v = Zeroizing::new(text());
+            format!("{}={}\n", env_name(&b.source), env_value(&v)).into_bytes()
+        }
+        FileFormat::Json => {
+            let v = Zeroizing::new(text());
+            let key = if matches!(b.source_spec, CredentialSourceSpec::JwtSvid { .. }) {
+                "token"
+            } else {
+                "value"
+            };
+            let mut o = json!({ key: v.as_str() });
+            if let Some(e) = expires_at {
+                o["expiresAt"] = json!(e);
+            }
+            let mut s = o.to_string();
+            s.push('\n');
+            s.into_bytes()
+        }
+    })
+}
+
+/// One file of an X.509-SVID binding: in PEM, the chain (`NAME`), the key
+/// (`NAME.key`) and the bundle (`NAME.bundle`); in JSON all three in one.
+fn x509_file(b: &AgentBinding, f: &ViewFile, reg: &Registry) -> Zeroizing<Vec<u8>> {
+    let chain = || -> String {
+        f.svid
+            .chain
+            .iter()
+            .map(|c| tether_ca::pem_encode("CERTIFICATE", c))
+            .collect()
+    };
+    let bundle = || -> String {
+        reg.bundle
+            .x509_authorities
+            .iter()
+            .map(|c| tether_ca::pem_encode("CERTIFICATE", c))
+            .collect()
+    };
+    Zeroizing::new(match (b.file.format, f.part) {
+        (FileFormat::Json, _) => {
+            let key = f.svid.key.to_pem();
+            let mut s = json!({
+                "spiffeId": f.svid.spiffe_id.to_string(),
+                "certificates": chain(),
+                "privateKey": key.as_str(),
+                "bundle": bundle(),
+                "expiresAt": f.svid.expires_at,
+            })
+            .to_string();
+            s.push('\n');
+            s.into_bytes()
+        }
+        (_, Part::Main) => chain().into_bytes(),
+        (_, Part::Key) => f.svid.key.to_pem().as_bytes().to_vec(),
+        (_, Part::Bundle) => bundle().into_bytes(),
+    })
+}
+
+/// Mounts the filesystem at `dir` (created if missing; a dead earlier
+/// mount there is detached first). Unmounted when the session is dropped;
+/// if the agent dies instead, the kernel answers every access with ENOTCONN
+/// and nothing is readable.
+pub fn mount(fs: CredFs, dir: &Path) -> anyhow::Result<fuser::BackgroundSession> {
+    use fuser::MountOption as O;
+    if let Err(e) = std::fs::metadata(dir)
+        && e.raw_os_error() == Some(libc::ENOTCONN)
+    {
+        detach(dir);
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("creating credential directory {}: {e}", dir.display()))?;
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        O::FSName("tether".into()),
+        O::Subtype("credentials".into()),
+        O::RO,
+        O::NoSuid,
+        O::NoDev,
+        O::NoExec,
+        O::NoAtime,
+    ];
+    cfg.acl = fuser::SessionACL::All;
+    cfg.n_threads = Some(FUSE_THREADS);
+    cfg.clone_fd = true;
+    fuser::spawn_mount(fs, dir, &cfg).map_err(|e| {
+        anyhow::anyhow!(
+            "mounting the credential filesystem at {}: {e}",
+            dir.display()
+        )
+    })
+}
+
+/// Lazily detaches whatever is mounted at `dir` (a dead credential mount).
+pub fn detach(dir: &Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: umount2 reads a NUL-terminated path.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_values_are_quoted_unless_plain() {
+        assert_eq!(env_name("db-password.v2"), "DB_PASSWORD_V2");
+        assert_eq!(env_value("s3cr3t/x+y=="), "s3cr3t/x+y==");
+        assert_eq!(env_value("it's $HOME"), r"'it'\''s $HOME'");
+        assert_eq!(env_value(""), "''");
+        assert_eq!(env_value("a\nb"), "'a\nb'");
+    }
+
+    #[test]
+    fn jwt_expiry_is_read_from_the_payload_and_garbage_is_none() {
+        use base64::Engine as _;
+        let p = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"exp":1234}"#);
+        assert_eq!(jwt_exp(format!("h.{p}.s").as_bytes()), Some(1234));
+        assert_eq!(jwt_exp(b"not a jwt"), None);
+        assert_eq!(jwt_exp(b"a.!!!.c"), None);
+    }
+}

@@ -1,0 +1,358 @@
+//! The credential filesystem against the real binary: the entitled process
+//! reads its static secret and its own SVID, key and bundle from its files;
+//! a same-uid shell, root, a copy of the binary at another path and the
+//! binary after exec'ing a shell each see an empty directory and ENOENT, and
+//! each attempt is audited; fetched credentials go when the process exits,
+//! and a 10 s JWT-SVID is refreshed in place while a reader rereads it.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// Entry point for workload child processes (see common::workload_command).
+#[test]
+fn child_entry() {
+    child_entry_if_asked();
+}
+
+const SECRET: &str = "correct horse battery staple";
+const NOBODY: u32 = 65534;
+
+fn manifests(exe: &Path) -> String {
+    let hash = sha256_file(exe);
+    format!(
+        "apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {{name: reader}}
+spec:
+  spiffeId: spiffe://example.org/reader
+  jwtTtl: 10s
+  selectors: [[\"process:sha256:{hash}\", \"process:path:{path}\", \"unix:uid:{NOBODY}\"]]
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {{name: db-password}}
+spec:
+  static: {{value: \"{SECRET}\"}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {{name: own-svid}}
+spec:
+  x509Svid: {{}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {{name: api-token}}
+spec:
+  jwtSvid: {{audience: [api.example]}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {{name: reader-db}}
+spec: {{identity: reader, source: db-password, file: {{name: db-password, format: raw, mode: '0400'}}}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {{name: reader-svid}}
+spec: {{identity: reader, source: own-svid, file: {{name: svid, format: pem}}}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {{name: reader-token}}
+spec: {{identity: reader, source: api-token, file: {{name: token, format: raw}}}}
+",
+        path = exe.display()
+    )
+}
+
+fn creds_command(up: &Up, exe: &Path, uid: u32, out: &Path, env: &[(&str, &str)]) -> Command {
+    let mut c = workload_command(exe, uid, &up.workload_socket(), out, "creds");
+    c.env("TETHER_TEST_CRED_DIR", up.credentials_dir())
+        .env("TETHER_TEST_CRED_TRY", "db-password");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+fn openssl_ok(args: &[&str]) -> String {
+    let o = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A shell (as `uid`) that tries the directory itself: its own pid does the
+/// lookup (the redirect is opened by the shell, not a child).
+fn shell_attempt(up: &Up, sh: &str, uid: u32, out: &Path) -> (u32, String) {
+    std::fs::create_dir_all(out).expect("mkdir");
+    std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    let dir = up.credentials_dir();
+    let script = format!(
+        "echo $$ > {out}/pid; ls -A {dir} > {out}/listing 2>&1; if IFS= read -r l < {dir}/db-password; then echo \"READ:$l\"; else echo DENIED; fi",
+        out = out.display(),
+        dir = dir.display()
+    );
+    let mut c = Command::new(sh);
+    no_loader_env(&mut c).args(["-c", &script]);
+    if uid != 0 {
+        std::os::unix::process::CommandExt::uid(&mut c, uid);
+        std::os::unix::process::CommandExt::gid(&mut c, uid);
+    }
+    let o = c.output().expect("shell");
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    let pid = read(&out.join("pid")).trim().parse().expect("shell pid");
+    (pid, text + &read(&out.join("listing")))
+}
+
+fn denied_for(up: &Up, pid: u32, who: &str) {
+    up.audited(pid, &format!("{who}'s refused lookup"), |e| {
+        e["event"] == "credential" && e["verdict"] == "deny" && e["file"] == "db-password"
+    });
+}
+
+#[test]
+fn each_process_sees_only_its_own_credentials() {
+    let up = Up::start();
+    let exe = workload_binary(up.dir.path(), "cred-reader");
+    up.apply_ok(&manifests(&exe));
+
+    // The entitled process: its files, by content.
+    let out = up.dir.path().join("authorized");
+    let o = creds_command(&up, &exe, NOBODY, &out, &[])
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listing = read(&out.join("listing"));
+    assert_eq!(
+        listing,
+        "db-password\nsvid\nsvid.bundle\nsvid.key\ntoken",
+        "entitled listing; errors: {:?}\n{}",
+        std::fs::read_dir(out.join("errors")).map(|d| d.count()),
+        up.logs()
+    );
+    let files = out.join("files");
+    let applied = up.dir.path().join("applied-secret");
+    std::fs::write(&applied, SECRET).expect("write");
+    assert_eq!(
+        sha256_file(&files.join("db-password")),
+        sha256_file(&applied),
+        "the static secret as applied"
+    );
+    let subject = openssl_ok(&[
+        "x509",
+        "-noout",
+        "-ext",
+        "subjectAltName",
+        "-in",
+        files.join("svid").to_str().expect("utf-8"),
+    ]);
+    assert!(
+        subject.contains("URI:spiffe://example.org/reader"),
+        "{subject}"
+    );
+    let cert_key = openssl_ok(&[
+        "x509",
+        "-noout",
+        "-pubkey",
+        "-in",
+        files.join("svid").to_str().expect("utf-8"),
+    ]);
+    let own_key = openssl_ok(&[
+        "pkey",
+        "-pubout",
+        "-in",
+        files.join("svid.key").to_str().expect("utf-8"),
+    ]);
+    assert_eq!(cert_key, own_key, "the key file is the certificate's key");
+    openssl_ok(&[
+        "verify",
+        "-CAfile",
+        files.join("svid.bundle").to_str().expect("utf-8"),
+        files.join("svid").to_str().expect("utf-8"),
+    ]);
+    let token = read(&files.join("token"));
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let pid: u32 = read(&out.join("pid")).trim().parse().expect("pid");
+    up.audited(pid, "the entitled read", |e| {
+        e["event"] == "credential"
+            && e["verdict"] == "allow"
+            && e["op"] == "read"
+            && e["binding"] == "reader-db"
+            && e["source"] == "db-password"
+            && e["identity"] == "reader"
+    });
+    assert!(
+        !up.events().iter().any(|e| e.to_string().contains(SECRET)),
+        "the secret is in the audit"
+    );
+
+    // A shell of the same uid, and root.
+    for (who, uid) in [("same-uid shell", NOBODY), ("root shell", 0)] {
+        let (pid, text) = shell_attempt(
+            &up,
+            "/bin/bash",
+            uid,
+            &up.dir.path().join(who.replace(' ', "-")),
+        );
+        assert!(
+            text.contains("DENIED") && !text.contains("READ:") && !text.contains("db-password\n"),
+            "{who} saw something: {text}"
+        );
+        denied_for(&up, pid, who);
+    }
+
+    // A copy of the binary at another path (same sha256).
+    let copy_dir = up.dir.path().join("elsewhere");
+    std::fs::create_dir_all(&copy_dir).expect("mkdir");
+    std::fs::set_permissions(
+        &copy_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let copy = copy_dir.join("cred-reader");
+    std::fs::copy(&exe, &copy).expect("copy");
+    let out = up.dir.path().join("copy");
+    let o = creds_command(&up, &copy, NOBODY, &out, &[])
+        .output()
+        .expect("run copy");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read(&out.join("listing")), "", "the copy's listing");
+    assert!(
+        read(&out.join("errors/db-password")).contains("No such file"),
+        "the copy's read: {}",
+        read(&out.join("errors/db-password"))
+    );
+    denied_for(
+        &up,
+        read(&out.join("pid")).trim().parse().expect("pid"),
+        "the copy",
+    );
+
+    // The entitled binary after exec'ing a shell: the same pid, another image.
+    let out = up.dir.path().join("exec");
+    let script = format!(
+        "ls -A {dir} > {out}/exec_listing 2>&1; if IFS= read -r l < {dir}/db-password; then echo \"READ:$l\" > {out}/exec_read; else echo DENIED > {out}/exec_read; fi",
+        dir = up.credentials_dir().display(),
+        out = out.display()
+    );
+    let o = creds_command(
+        &up,
+        &exe,
+        NOBODY,
+        &out,
+        &[("TETHER_TEST_CRED_EXEC", &script)],
+    )
+    .output()
+    .expect("run exec");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        read(&out.join("listing")).contains("db-password"),
+        "before exec it is entitled"
+    );
+    assert_eq!(read(&out.join("exec_listing")), "", "after exec: listing");
+    assert_eq!(
+        read(&out.join("exec_read")).trim(),
+        "DENIED",
+        "after exec: read"
+    );
+    denied_for(
+        &up,
+        read(&out.join("pid")).trim().parse().expect("pid"),
+        "the exec'd shell",
+    );
+
+    // Nothing of it on disk: the mount is FUSE and files have no page cache.
+    let mounts = read(Path::new("/proc/self/mountinfo"));
+    let dir = up.credentials_dir();
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.contains(dir.to_str().expect("utf-8")) && l.contains(" - fuse tether ")),
+        "credential directory is not the FUSE mount:\n{mounts}"
+    );
+}
+
+#[test]
+fn fetched_credentials_go_at_exit_and_tokens_refresh_in_place() {
+    let up = Up::start();
+    let exe = workload_binary(up.dir.path(), "cred-reader");
+    up.apply_ok(&manifests(&exe));
+
+    // A holder: fetches, is listed with its bindings, then is killed.
+    let out = up.dir.path().join("holder");
+    let mut child = creds_command(&up, &exe, NOBODY, &out, &[("TETHER_TEST_CRED_HOLD", "1")])
+        .spawn()
+        .expect("spawn holder");
+    assert!(
+        wait_until(Duration::from_secs(20), || out.join("ready").exists()),
+        "holder never read its files"
+    );
+    let pid: u32 = read(&out.join("pid")).trim().parse().expect("pid");
+    let listed = |up: &Up| -> Option<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(&up.ok(&["credentials"])).ok()?;
+        v["processes"]
+            .as_array()?
+            .iter()
+            .find(|p| p["pid"] == pid)
+            .cloned()
+    };
+    let entry = listed(&up).expect("holder listed by `tether credentials`");
+    let db = entry["bindings"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["binding"] == "reader-db"))
+        .cloned()
+        .expect("reader-db listed");
+    assert!(db["fetched"].is_i64() && db["kind"] == "static", "{entry}");
+    assert!(
+        !entry.to_string().contains(SECRET),
+        "a value in the listing"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        wait_until(Duration::from_secs(1), || listed(&up).is_none()),
+        "the exited process's credentials are still held"
+    );
+
+    // A 10 s JWT-SVID reread for 14 s: refreshed in place at least twice.
+    let out = up.dir.path().join("reread");
+    let o = creds_command(
+        &up,
+        &exe,
+        NOBODY,
+        &out,
+        &[
+            ("TETHER_TEST_CRED_REREAD", "token"),
+            ("TETHER_TEST_CRED_SECS", "14"),
+        ],
+    )
+    .output()
+    .expect("run reread");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = read(&out.join("distinct"));
+    let mut it = d.split_whitespace().map(|n| n.parse::<u32>().unwrap_or(0));
+    let (distinct, failures) = (it.next().unwrap_or(0), it.next().unwrap_or(u32::MAX));
+    assert!(
+        distinct >= 3 && failures == 0,
+        "tokens seen {distinct}, failed reads {failures}\n{}",
+        up.logs()
+    );
+}
