@@ -20,6 +20,7 @@ CG=${CG_ROOT:+$CG_ROOT/tether-demo}
 PIN=/sys/fs/bpf/tether-demo
 cleanup() {
   [ -n "${UP_PID:-}" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null || true
+  umount -l "$RUN/credentials" 2>/dev/null || true
   "$TETHER" detach --pin-dir "$PIN" ${CG:+--cgroup "$CG"} >/dev/null 2>&1 || true
   [ -n "${HOLD_PID:-}" ] && kill "$HOLD_PID" 2>/dev/null || true
   [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
@@ -30,6 +31,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
+umount -l "$RUN/credentials" 2>/dev/null || true
 rm -rf "$DEMO"; mkdir -p "$DEMO/bin" "$RUN"; chmod 755 "$DEMO" "$DEMO/bin" "$RUN"
 [ -n "$CG" ] || { echo "no cgroup2 mount found in /proc/mounts"; exit 1; }
 [ -d "$CG" ] && rmdir "$CG" 2>/dev/null; mkdir -p "$CG"
@@ -39,6 +41,7 @@ in_cg() { sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG" "$@"; }
 # command (a plain SPIFFE Workload API client).
 install -m 755 "$TETHER" "$DEMO/bin/app"
 install -m 755 "$TETHER" "$DEMO/bin/intruder"
+install -m 755 "$(command -v cat)" "$DEMO/bin/dbclient"
 
 step "1. Start Tether on this machine: server (CA, registry) + node agent, one process"
 echo "\$ tether up --data-dir $DEMO/data --run-dir $RUN --enforce-cgroup $CG --bpf-pin-dir $PIN &"
@@ -138,7 +141,22 @@ echo "    (the kernel recorded LD_PRELOAD at exec, before the loader ran: no ide
 echo "Redis accepted only the authorized connections (and this query's):"
 redis-cli -p 7379 INFO stats | tr -d '\r' | grep total_connections_received | sed 's/^/    /'
 
-step "10. Every decision is audited (held ones too); policy check names the rule"
+step "10. No ambient secrets: the database password as a file only its client can see"
+show "$TETHER" apply -f examples/demo-credentials.yaml
+echo "The database client (run as nobody) reads its password from its credential file:"
+echo "\$ setpriv --reuid=nobody --regid=nogroup --clear-groups $DEMO/bin/dbclient $RUN/credentials/db-password"
+setpriv --reuid=nobody --regid=nogroup --clear-groups "$DEMO/bin/dbclient" "$RUN/credentials/db-password" | sed 's/^/    /'; echo
+echo "A shell of the same user sees an empty directory and no such file:"
+echo "\$ setpriv --reuid=nobody ... bash -c 'ls -A $RUN/credentials; cat $RUN/credentials/db-password'"
+setpriv --reuid=nobody --regid=nogroup --clear-groups bash -c "ls -A '$RUN/credentials'; cat '$RUN/credentials/db-password'" 2>&1 | sed 's/^/    /' || true
+echo "Every read and every refusal is audited (never the value):"
+"$TETHER" events | python3 -c 'import json,sys
+for l in sys.stdin:
+    e = json.loads(l)
+    if e.get("event") == "credential" and e.get("file") == "db-password":
+        print("    {:5} {:7} pid {:<7} {}".format(e["verdict"], e["op"], e["pid"], e.get("exe") or e.get("reason", "")))'
+
+step "11. Every decision is audited (held ones too); policy check names the rule"
 sleep 0.3
 echo "\$ tether events"
 "$TETHER" events | python3 -c 'import json,sys
