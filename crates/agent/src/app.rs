@@ -99,6 +99,7 @@ impl AgentConfig {
 pub struct RunningAgent {
     /// The credential filesystem's session; unmounted first on drop.
     credentials: Option<fuser::BackgroundSession>,
+    credentials_dir: Option<PathBuf>,
     pub tracker: Arc<Tracker>,
     enforcement: Option<Arc<enforce::Enforcement>>,
     pub metrics: Arc<Metrics>,
@@ -109,7 +110,12 @@ pub struct RunningAgent {
 
 impl Drop for RunningAgent {
     fn drop(&mut self) {
-        // Nothing readable under the mount point from here on.
+        // Nothing readable under the mount point from here on: detached
+        // first (a plain unmount fails while a workload holds a descriptor
+        // or its cwd there), then the session ends.
+        if let Some(dir) = &self.credentials_dir {
+            credfs::detach(dir);
+        }
         drop(self.credentials.take());
         for t in &self.tasks {
             t.abort();
@@ -422,6 +428,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         "agent started"
     );
     Ok(RunningAgent {
+        credentials_dir: credentials.as_ref().and(cfg.credentials_dir.clone()),
         credentials,
         tracker,
         enforcement,

@@ -35,7 +35,14 @@ const NARROWER: &[(&str, &[&str])] = &[
     ("decide", &["state"]),
     (
         "deliver",
-        &["clock", "metrics", "host_addrs", "audit", "identity", "state"],
+        &[
+            "clock",
+            "metrics",
+            "host_addrs",
+            "audit",
+            "identity",
+            "state",
+        ],
     ),
 ];
 

@@ -5,6 +5,7 @@
 //! loads BPF programs into a cgroup of its own).
 
 mod connect;
+mod credfs;
 mod held;
 mod mesh;
 
@@ -55,6 +56,9 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some(connect::CHILD_ARG) {
         return connect::child_main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some(credfs::CHILD_ARG) {
+        return credfs::child_main(&args[2..]);
+    }
     if args.get(1).map(String::as_str) == Some(held::CHILD_ARG) {
         return held::child_main(&args[2..]);
     }
@@ -70,6 +74,13 @@ fn main() -> anyhow::Result<()> {
         print!("{}", mesh::run()?);
         return Ok(());
     }
+    // `tether-bench credfs`: only the credential filesystem section.
+    if args.get(1).map(String::as_str) == Some("credfs") {
+        return tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(issuance(true));
+    }
     // `tether-bench connect`: only the connect() section.
     if args.get(1).map(String::as_str) == Some("connect") {
         print!("{}", connect::run());
@@ -81,14 +92,14 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(issuance())?;
+        .block_on(issuance(false))?;
     print!("{connect_section}");
     print!("{}", mesh::run()?);
     Ok(())
 }
 
 /// SVID issuance throughput and exec-to-SVID latency.
-async fn issuance() -> anyhow::Result<()> {
+async fn issuance(only_credfs: bool) -> anyhow::Result<()> {
     let reps = 5;
     let n = 300;
     let dir = tempfile::tempdir()?;
@@ -114,6 +125,11 @@ async fn issuance() -> anyhow::Result<()> {
         })
         .await?;
     let agent = start_agent(&admin, &server, &td, dir.path(), "bench", None).await?;
+    let credentials = dir.path().join("bench").join("credentials");
+    if only_credfs {
+        print!("{}", credfs::run(&admin, &credentials).await?);
+        return Ok(());
+    }
 
     let id = SpiffeId::parse("spiffe://example.org/bench")?;
     let signer = {
@@ -280,6 +296,7 @@ async fn issuance() -> anyhow::Result<()> {
     println!();
     println!("cores: {cores}");
     println!();
+    print!("{}", credfs::run(&admin, &credentials).await?);
     drop(agent);
 
     // --- first connects under enforcement ----------------------------

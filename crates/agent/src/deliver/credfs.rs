@@ -59,6 +59,8 @@ const STATIC_REFRESH_SECS: i64 = 60;
 const MAX_BACKOFF_SECS: i64 = 30;
 /// Requests served at once (a slow fetch holds one).
 const FUSE_THREADS: usize = 4;
+/// Refusal records audited per second at most.
+const DENY_AUDITS_PER_SEC: u32 = 50;
 /// File names ever given an inode (names are interned, never reused).
 const MAX_NAMES: usize = 65_536;
 
@@ -108,7 +110,7 @@ impl Held {
                 let fetched = procs
                     .get(&info.pid)
                     .filter(|i| i.start_time == info.start_time)
-                    .and_then(|i| i.by_binding.get(&b.name));
+                    .and_then(|i| i.by_binding.get(&cache_key(b)));
                 let expires = match &b.source_spec {
                     CredentialSourceSpec::X509Svid {} => svids
                         .iter()
@@ -186,14 +188,20 @@ struct ViewFile {
 
 /// The files `c` may see: those of the bindings of the identities it holds
 /// SVIDs for (an identity not handed to the process, `workloadApi: false`,
-/// delivers no key). The first binding (by name) to claim a file name has it.
+/// delivers no SVID). The first binding (by name) to claim a file name has it.
 fn view(reg: &Registry, c: &Current) -> Vec<ViewFile> {
     let mut out: Vec<ViewFile> = Vec::new();
     for (i, b) in reg.bindings.iter().enumerate() {
         let Some(svid) = c.svids.iter().find(|s| s.identity == b.identity) else {
             continue;
         };
-        if matches!(b.source_spec, CredentialSourceSpec::X509Svid {}) && !svid.workload_api {
+        // An identity whose SVIDs are not for the process (`workloadApi:
+        // false`) hands it none as a file either, X.509 or JWT.
+        if matches!(
+            b.source_spec,
+            CredentialSourceSpec::X509Svid {} | CredentialSourceSpec::JwtSvid { .. }
+        ) && !svid.workload_api
+        {
             continue;
         }
         for (part, suffix) in parts(b) {
@@ -220,6 +228,31 @@ struct Fresh {
     expires_at: Option<i64>,
 }
 
+/// Why a fetch failed; `refused` when the server said no (then the last
+/// value goes at once) rather than could not be reached.
+struct FetchError {
+    msg: String,
+    refused: bool,
+}
+
+impl FetchError {
+    fn upstream(msg: impl Into<String>) -> Self {
+        FetchError {
+            msg: msg.into(),
+            refused: false,
+        }
+    }
+}
+
+/// Where a fetched value is cached for a process: the binding and what it
+/// said when fetched, so a re-applied binding or source fetches anew.
+fn cache_key(b: &AgentBinding) -> String {
+    format!(
+        "{}\0{}\0{}\0{:?}",
+        b.name, b.identity, b.source, b.source_spec
+    )
+}
+
 /// A file resolved for a request: who asked, the registry it was resolved
 /// in, the file, its bytes and their time.
 struct Rendered {
@@ -243,6 +276,9 @@ pub struct CredFs {
     rt: tokio::runtime::Handle,
     names: Mutex<(HashMap<String, u64>, Vec<String>)>,
     mounted: SystemTime,
+    /// (second, refusals audited in it, refusals left out since the last
+    /// audited one).
+    deny_budget: Mutex<(i64, u32, u64)>,
 }
 
 impl CredFs {
@@ -263,6 +299,7 @@ impl CredFs {
             rt,
             names: Mutex::new((HashMap::new(), Vec::new())),
             mounted: SystemTime::now(),
+            deny_budget: Mutex::new((0, 0, 0)),
         }
     }
 
@@ -300,13 +337,24 @@ impl CredFs {
                     None,
                 )
             })?;
-        if let Some(c) = self.tracker.current(pid) {
+        // The entry also must carry the credentials the kernel reports for
+        // this request: a process that changed uid without exec'ing (a
+        // root daemon's worker dropping to nobody) is attested again, not
+        // served as it was.
+        let (uid, gid) = (req.uid(), req.gid());
+        let fits = |c: &Current| c.uid == uid && c.gid == gid;
+        if let Some(c) = self.tracker.current(pid).filter(fits) {
             return Ok(c);
         }
         // The pid of a request is the thread's; the table is by process.
         let tgid = tgid_of(pid).map_err(|e| Refused(format!("pid {pid}: {e}"), None))?;
+        if u32::try_from(tgid).ok() == Some(std::process::id()) {
+            // The agent itself (attesting a path under this mount, say):
+            // never block a worker on our own attestation.
+            return Err(Refused("the agent's own request".into(), Some(tgid)));
+        }
         if tgid != pid
-            && let Some(c) = self.tracker.current(tgid)
+            && let Some(c) = self.tracker.current(tgid).filter(fits)
         {
             return Ok(c);
         }
@@ -326,17 +374,44 @@ impl CredFs {
                 ));
             }
         }
-        self.tracker.current(tgid).ok_or_else(|| {
-            Refused(
+        match self.tracker.current(tgid) {
+            Some(c) if fits(&c) => Ok(c),
+            Some(c) => Err(Refused(
+                format!(
+                    "pid {tgid}: the request's uid/gid {uid}/{gid} is not the process's {}/{}",
+                    c.uid, c.gid
+                ),
+                Some(tgid),
+            )),
+            None => Err(Refused(
                 format!("pid {tgid} changed while it was attested"),
                 Some(tgid),
-            )
-        })
+            )),
+        }
     }
 
     fn deny(&self, op: &str, req: &Request, file: Option<&str>, why: &Refused) {
         self.metrics.credential_read("denied");
+        // Refusals are audited at most DENY_AUDITS_PER_SEC a second, so a
+        // process probing the directory in a loop cannot fill the disk or
+        // push other records out of the recent ring; the next record says
+        // how many were left out (the metric counts them all).
+        let left_out = {
+            let mut b = self.deny_budget.lock().unwrap_or_else(|p| p.into_inner());
+            let now = unix_now();
+            if b.0 != now {
+                b.0 = now;
+                b.1 = 0;
+            }
+            if b.1 >= DENY_AUDITS_PER_SEC {
+                b.2 += 1;
+                return;
+            }
+            b.1 += 1;
+            std::mem::take(&mut b.2)
+        };
         self.audit.publish(json!({
+            "leftOut": (left_out > 0).then_some(left_out),
             "event": "credential",
             "op": op,
             "verdict": "deny",
@@ -419,7 +494,7 @@ impl CredFs {
             procs
                 .get(&c.pid)
                 .filter(|i| i.start_time == c.start_time)
-                .and_then(|i| i.by_binding.get(&b.name))
+                .and_then(|i| i.by_binding.get(&cache_key(b)))
                 .filter(|h| h.expires_at.is_none_or(|e| now < e))
                 .map(|h| {
                     let fresh = now < h.refresh_at || now < h.retry_at;
@@ -459,7 +534,7 @@ impl CredFs {
                         inst.by_binding.clear();
                     }
                     inst.by_binding.insert(
-                        b.name.clone(),
+                        cache_key(b),
                         Fetched {
                             value: value.clone(),
                             at: now,
@@ -474,12 +549,23 @@ impl CredFs {
             }
             Err(e) => {
                 self.metrics.credential_fetch(kind, "error");
+                // A refusal by the server (binding or entitlement gone) ends
+                // the value now; an unreachable upstream keeps the last good
+                // one until it expires.
                 let inst = procs
                     .get_mut(&c.pid)
                     .filter(|i| i.start_time == c.start_time);
-                let last_good = inst
-                    .and_then(|i| i.by_binding.get_mut(&b.name))
-                    .filter(|h| h.expires_at.is_none_or(|e| now < e));
+                let last_good = match inst {
+                    Some(i) if e.refused => {
+                        i.by_binding.remove(&cache_key(b));
+                        None
+                    }
+                    Some(i) => i
+                        .by_binding
+                        .get_mut(&cache_key(b))
+                        .filter(|h| h.expires_at.is_none_or(|e| now < e)),
+                    None => None,
+                };
                 let kept = last_good.map(|h| {
                     h.failures = h.failures.saturating_add(1);
                     let backoff = (1i64 << h.failures.min(5)).min(MAX_BACKOFF_SECS);
@@ -497,18 +583,18 @@ impl CredFs {
                     "source": b.source,
                     "sourceKind": kind,
                     "keptUntil": kept.as_ref().map(|k| k.2),
-                    "reason": e,
+                    "reason": e.msg,
                 }));
                 match kept {
                     Some((value, at, _)) => Ok((value, at)),
-                    None => Err(e),
+                    None => Err(e.msg),
                 }
             }
         }
     }
 
     /// Fetches a source's value for a process now.
-    fn fetch(&self, b: &AgentBinding, f: &ViewFile) -> Result<Fresh, String> {
+    fn fetch(&self, b: &AgentBinding, f: &ViewFile) -> Result<Fresh, FetchError> {
         let now = unix_now();
         match &b.source_spec {
             CredentialSourceSpec::Static { .. } => {
@@ -522,15 +608,23 @@ impl CredFs {
                     .block_on(async move {
                         tokio::time::timeout(FETCH_TIMEOUT, client.fetch_secret(req)).await
                     })
-                    .map_err(|_| "the server did not answer in time".to_string())?
-                    .map_err(|s| format!("server: {}", s.message()))?;
+                    .map_err(|_| FetchError::upstream("the server did not answer in time"))?
+                    .map_err(|s| FetchError {
+                        refused: matches!(
+                            s.code(),
+                            tonic::Code::PermissionDenied
+                                | tonic::Code::NotFound
+                                | tonic::Code::FailedPrecondition
+                        ),
+                        msg: format!("server: {}", s.message()),
+                    })?;
                 let value = Zeroizing::new(r.into_inner().value);
                 if value.len() > tether_manifest::MAX_STATIC_BYTES {
-                    return Err(format!(
+                    return Err(FetchError::upstream(format!(
                         "the server sent {} bytes for a static secret (at most {})",
                         value.len(),
                         tether_manifest::MAX_STATIC_BYTES
-                    ));
+                    )));
                 }
                 Ok(Fresh {
                     value,
@@ -546,9 +640,11 @@ impl CredFs {
                     .block_on(async move {
                         tokio::time::timeout(FETCH_TIMEOUT, tracker.mint_jwt(&id, &aud)).await
                     })
-                    .map_err(|_| "the server did not answer in time".to_string())??;
+                    .map_err(|_| FetchError::upstream("the server did not answer in time"))?
+                    .map_err(FetchError::upstream)?;
                 let value = Zeroizing::new(token.into_bytes());
-                let exp = jwt_exp(&value).ok_or("the server's JWT-SVID has no expiry")?;
+                let exp = jwt_exp(&value)
+                    .ok_or_else(|| FetchError::upstream("the server's JWT-SVID has no expiry"))?;
                 let life = (exp - now).max(2);
                 Ok(Fresh {
                     value,
@@ -556,16 +652,25 @@ impl CredFs {
                     expires_at: Some(exp),
                 })
             }
-            other => Err(format!("{} sources are not fetched here", other.kind())),
+            other => Err(FetchError::upstream(format!(
+                "{} sources are not fetched here",
+                other.kind()
+            ))),
         }
     }
 
-    fn attr(&self, ino: INodeNo, c: &Current, mode: u32, size: usize, at: i64) -> FileAttr {
+    /// A file's attributes. The size is always 0, as in procfs: the
+    /// inode is shared by every process that has a file of that name, and
+    /// paths that bypass direct I/O (splice, sendfile and private mmap go
+    /// through the page cache) stop at i_size, so they can never fill or
+    /// serve a cache another process could read. Reads (direct I/O) go to
+    /// EOF regardless.
+    fn attr(&self, ino: INodeNo, c: &Current, mode: u32, at: i64) -> FileAttr {
         let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0));
         FileAttr {
             ino,
-            size: size as u64,
-            blocks: (size as u64).div_ceil(512),
+            size: 0,
+            blocks: 0,
             atime: t,
             mtime: t,
             ctime: t,
@@ -644,7 +749,7 @@ impl fuser::Filesystem for CredFs {
                 c,
                 reg,
                 f,
-                bytes,
+                bytes: _,
                 at,
             }) => {
                 let Some(ino) = self.ino(name) else {
@@ -653,7 +758,7 @@ impl fuser::Filesystem for CredFs {
                 let mode = reg.bindings[f.binding].file.mode;
                 reply.entry(
                     &NO_CACHE,
-                    &self.attr(ino, &c, mode, bytes.len(), at),
+                    &self.attr(ino, &c, mode, at),
                     fuser::Generation(0),
                 );
             }
@@ -673,11 +778,11 @@ impl fuser::Filesystem for CredFs {
                 c,
                 reg,
                 f,
-                bytes,
+                bytes: _,
                 at,
             }) => {
                 let mode = reg.bindings[f.binding].file.mode;
-                reply.attr(&NO_CACHE, &self.attr(ino, &c, mode, bytes.len(), at));
+                reply.attr(&NO_CACHE, &self.attr(ino, &c, mode, at));
             }
             Err(e) => reply.error(e),
         }
