@@ -86,6 +86,19 @@ mesh_doc() {
   echo "  setups alternate, 3 rounds, median. On 2 cores the client, both relays"
   echo "  (agents or stunnels) and the server share the CPUs."
 }
+credfs_doc() {
+  echo "- Readers are the bench binary re-executed (\`--cred-reader PATH N\`): each"
+  echo "  times N rounds of open, read to EOF (32 bytes), close. The binary is"
+  echo "  registered by path with a static CredentialSource bound as a file; the"
+  echo "  baseline is the same 32 bytes in a tmpfs file (/dev/shm) read the same way."
+  echo "- *cached*: reads 2..2000 of one process (attested, value fetched). *first"
+  echo "  read*: the first read of a fresh process each (its attestation, if the"
+  echo "  agent has not done it from the exec event yet, and the server round trip"
+  echo "  for the secret). *100 processes*: reads per second of wall time while 100"
+  echo "  readers run at once (spawn included, the same for both). Five rounds,"
+  echo "  baseline and credential file alternating; medians, ratio ranges."
+  echo "- \`tether-bench credfs\` runs this section alone."
+}
 out=$(mktemp)
 ./target/release/tether-bench | tee "$out"
 {
@@ -105,6 +118,7 @@ out=$(mktemp)
       "## connect() latency"*) echo; connect_doc ;;
       "## First connects"*) echo; held_doc ;;
       "## Mesh between two hosts"*) echo; mesh_doc ;;
+      "## Credential filesystem"*) echo; credfs_doc ;;
     esac
   done < "$out"
   echo
