@@ -2,7 +2,7 @@
 CARGO ?= cargo
 APT_PACKAGES := build-essential pkg-config protobuf-compiler openssl curl util-linux python3-pip clang libbpf-dev
 # Real servers and clients the integration tests start (loopback only).
-TEST_APT_PACKAGES := redis-server redis-tools postgresql postgresql-client iproute2 tshark gdb
+TEST_APT_PACKAGES := redis-server redis-tools postgresql postgresql-client iproute2 tshark gdb nginx
 # The mesh benchmark compares against these on the same namespace topology.
 BENCH_APT_PACKAGES := iperf3 stunnel4
 PY_SPIFFE := spiffe==0.3.2

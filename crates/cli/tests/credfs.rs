@@ -356,3 +356,161 @@ fn fetched_credentials_go_at_exit_and_tokens_refresh_in_place() {
         up.logs()
     );
 }
+
+/// nginx (Debian's, unmodified) serves mutual TLS with the SVID, key and
+/// bundle files the credential filesystem delivers to it, and curl
+/// authenticates with its own delivered SVID; after the agent rotates
+/// nginx's SVID, a reload (no restart) serves the new certificate.
+#[test]
+fn nginx_and_curl_use_their_delivered_svids_for_mutual_tls() {
+    // Selectors name the real file (/proc's exe link), not a symlinked
+    // directory on PATH such as /sbin.
+    let real = |p: std::path::PathBuf| std::fs::canonicalize(&p).expect("canonical path");
+    let nginx = real(common::servers::which("nginx"));
+    let curl = real(common::servers::which("curl"));
+    let up = Up::start();
+    let id = |name: &str, exe: &Path, extra: &str| {
+        format!(
+            "apiVersion: tether.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {{name: {name}}}\nspec:\n  spiffeId: spiffe://example.org/{name}\n  x509Ttl: 20s\n{extra}  selectors: [[\"process:path:{}\", \"unix:uid:0\"]]\n---\napiVersion: tether.dev/v1alpha1\nkind: CredentialBinding\nmetadata: {{name: {name}-svid}}\nspec: {{identity: {name}, source: own-svid, file: {{name: {name}, format: pem}}}}\n---\n",
+            exe.display()
+        )
+    };
+    up.apply_ok(&format!(
+        "{}{}apiVersion: tether.dev/v1alpha1\nkind: CredentialSource\nmetadata: {{name: own-svid}}\nspec: {{x509Svid: {{}}}}\n",
+        id("web", &nginx, "  dnsNames: [localhost]\n"),
+        id("client", &curl, "")
+    ));
+    let creds = up.credentials_dir();
+    let prefix = up.dir.path().join("nginx");
+    std::fs::create_dir_all(prefix.join("logs")).expect("mkdir");
+    let port = free_port();
+    let c = |n: &str| creds.join(n).display().to_string();
+    let p = |n: &str| prefix.join(n).display().to_string();
+    std::fs::write(
+        prefix.join("nginx.conf"),
+        format!(
+            "daemon off;\nmaster_process on;\nuser root;\nworker_processes 1;\npid {pid};\nerror_log {err} info;\nevents {{ worker_connections 64; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {t}/body; proxy_temp_path {t}/proxy; fastcgi_temp_path {t}/fcgi; uwsgi_temp_path {t}/uwsgi; scgi_temp_path {t}/scgi;\n  server {{\n    listen 127.0.0.1:{port} ssl;\n    server_name localhost;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    ssl_client_certificate {bundle};\n    ssl_verify_client on;\n    ssl_verify_depth 4;\n    location / {{ return 200 \"verified=$ssl_client_verify\\n\"; }}\n  }}\n}}\n",
+            pid = p("nginx.pid"),
+            err = p("logs/error.log"),
+            t = p("logs"),
+            cert = c("web"),
+            key = c("web.key"),
+            bundle = c("web.bundle"),
+        ),
+    )
+    .expect("nginx.conf");
+    // Once the agent has the bindings (the apply reaches it through the
+    // watch), `nginx -t` loads the certificate files like a start does.
+    let mut check = String::new();
+    let ready = wait_until(Duration::from_secs(20), || {
+        let o = no_loader_env(&mut Command::new(&nginx))
+            .args(["-t", "-p", &p(""), "-c", &p("nginx.conf")])
+            .output()
+            .expect("nginx -t");
+        check = String::from_utf8_lossy(&o.stderr).into_owned();
+        o.status.success()
+    });
+    assert!(ready, "nginx -t never loaded its delivered files: {check}");
+    // Without cargo's loader variables: a process started with
+    // LD_LIBRARY_PATH holds no identity (see `allowExec`).
+    let mut server = no_loader_env(&mut Command::new(&nginx))
+        .args(["-p", &p(""), "-c", &p("nginx.conf")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start nginx");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let master = server.id();
+    let get = || -> (bool, String, String) {
+        let o = no_loader_env(&mut Command::new(&curl))
+            .args(["-sS", "--max-time", "5", "--resolve"])
+            .arg(format!("localhost:{port}:127.0.0.1"))
+            .args([
+                "--cert",
+                &c("client"),
+                "--key",
+                &c("client.key"),
+                "--cacert",
+                &c("client.bundle"),
+            ])
+            .args(["-w", "%{certs}"])
+            .arg(format!("https://localhost:{port}/"))
+            .output()
+            .expect("curl");
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        (
+            o.status.success(),
+            out,
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let mut last = (false, String::new(), String::new());
+    let served = wait_until(Duration::from_secs(20), || {
+        last = get();
+        last.0
+    });
+    if !served {
+        let _ = server.kill();
+        let o = server.wait_with_output().expect("nginx output");
+        panic!(
+            "curl over mutual TLS failed: {} {}\nnginx: {}\n{}\n{}",
+            last.1,
+            last.2,
+            String::from_utf8_lossy(&o.stderr),
+            read(&prefix.join("logs/error.log")),
+            up.events()
+                .iter()
+                .filter(|e| e["event"] == "credential")
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    let server = Kill(server);
+    assert!(last.1.contains("verified=SUCCESS"), "{}", last.1);
+    let first_cert = last
+        .1
+        .split("verified=SUCCESS")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        first_cert.contains("BEGIN CERTIFICATE"),
+        "no server certificate in curl's output: {}",
+        last.1
+    );
+
+    // A curl without the client SVID is refused by nginx itself.
+    let o = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-k", "--resolve"])
+        .arg(format!("localhost:{port}:127.0.0.1"))
+        .arg(format!("https://localhost:{port}/"))
+        .output()
+        .expect("curl");
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("verified=SUCCESS"),
+        "nginx served a client without a certificate"
+    );
+
+    // The agent rotates nginx's SVID at half of its 20 s life; a reload
+    // (SIGHUP to the same master) picks up the new files.
+    let rotated = wait_until(Duration::from_secs(40), || {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(master as i32, libc::SIGHUP) };
+        std::thread::sleep(Duration::from_millis(500));
+        let (ok, out, _) = get();
+        ok && out.contains("verified=SUCCESS") && !out.ends_with(&first_cert)
+    });
+    assert!(
+        rotated,
+        "nginx never served a rotated SVID\n{}",
+        read(&prefix.join("logs/error.log"))
+    );
+    assert_eq!(server.0.id(), master, "nginx was restarted");
+}
