@@ -467,6 +467,9 @@ pub fn run() -> anyhow::Result<String> {
             "agent",
             "--server",
             &format!("{B}:{SERVER_PORT}"),
+            // Not the host's default mount point.
+            "--credentials-dir",
+            "none",
         ])
         .args([
             "--node-name",

@@ -68,7 +68,16 @@ async fn dropping_a_running_agent_frees_every_process_key() {
     acfg.admin_socket = dir.path().join("agent-admin.sock");
     acfg.metrics = None;
     acfg.bpf_pin_dir = None;
+    let creds = dir.path().join("credentials");
+    acfg.credentials_dir = Some(creds.clone());
     let agent = tether_agent::start(acfg).await.expect("agent");
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(creds.to_str().unwrap_or("?")))
+    };
+    assert!(mounted(), "the credential filesystem is mounted");
 
     // The workload fetches its SVID and keeps following the stream.
     let out = dir.path().join("out");
@@ -90,6 +99,7 @@ async fn dropping_a_running_agent_frees_every_process_key() {
     assert!(tether_agent::live_keys() >= 1, "its key is counted");
 
     drop(agent);
+    assert!(!mounted(), "the credential filesystem outlived the agent");
     let freed = wait_until(Duration::from_secs(10), || tether_agent::live_keys() == 0);
     assert!(
         freed,

@@ -47,6 +47,9 @@ impl Agent {
         let log = d.join("log");
         let mut cmd = lan.command(host, TETHER);
         cmd.args(["--log-format", "json", "agent", "--server", &up.node_api])
+            // Never the host's default mount point (agents here share the
+            // host's mount namespace).
+            .args(["--credentials-dir", "none"])
             .args([
                 "--node-name",
                 &format!("host-{host}"),

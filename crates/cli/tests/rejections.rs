@@ -40,6 +40,9 @@ fn run_agent(up: &Up, name: &str, token: &str) -> (bool, bool, String) {
             "agent",
             "--bpf-pin-dir",
             "none",
+            // Never the host's default mount point.
+            "--credentials-dir",
+            "none",
             "--server",
             &up.node_api,
             "--node-name",
