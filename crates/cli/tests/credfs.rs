@@ -85,16 +85,7 @@ fn read(p: &Path) -> String {
 }
 
 fn openssl_ok(args: &[&str]) -> String {
-    let o = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl");
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    pki::openssl(Path::new("/"), args)
 }
 
 /// A shell (as `uid`) that tries the directory itself: its own pid does the

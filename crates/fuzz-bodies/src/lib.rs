@@ -167,6 +167,7 @@ pub fn jwt_validate(data: &[u8]) {
         ),
     };
     let _ = jwt::peek_subject(&token);
+    let _ = jwt::peek_expiry(&token);
     if let Ok((id, claims)) = jwt::validate(&token, "svc", &f.bundle, NOW) {
         // Whatever passes must satisfy the spec's requirements.
         assert_eq!(id.trust_domain(), &f.bundle.trust_domain);

@@ -387,6 +387,22 @@ pub fn peek_subject(token: &str) -> Result<SpiffeId, JwtError> {
     }
 }
 
+/// Reads the `exp` claim without verifying anything (to schedule the
+/// refresh of a token this node's server just minted). Never trust it for
+/// a decision.
+pub fn peek_expiry(token: &str) -> Result<i64, JwtError> {
+    let parts = split(token)?;
+    let claims = decode_object("claims", parts.claims)?;
+    claims
+        .get("exp")
+        .ok_or(JwtError::MissingClaim("exp"))?
+        .as_i64()
+        .ok_or(JwtError::InvalidClaim {
+            claim: "exp",
+            problem: "must be an integer",
+        })
+}
+
 /// Validates a JWT-SVID against `bundle` for the audience `audience` at
 /// time `now_unix`, returning the subject and the claims.
 pub fn validate(

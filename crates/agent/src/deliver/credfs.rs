@@ -89,6 +89,15 @@ struct Fetched {
     retry_at: i64,
 }
 
+impl Fetched {
+    fn value(&self) -> Value {
+        Value {
+            bytes: self.value.clone(),
+            expires_at: self.expires_at,
+        }
+    }
+}
+
 impl Held {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Instance>> {
         self.procs.lock().unwrap_or_else(|p| p.into_inner())
@@ -253,14 +262,19 @@ fn cache_key(b: &AgentBinding) -> String {
     )
 }
 
-/// A file resolved for a request: who asked, the registry it was resolved
-/// in, the file, its bytes and their time.
+/// A file resolved and rendered for a read: who asked, the registry it was
+/// resolved in, the file and its bytes.
 struct Rendered {
     c: Current,
     reg: Arc<Registry>,
     f: ViewFile,
     bytes: Zeroizing<Vec<u8>>,
-    at: i64,
+}
+
+/// A fetched value as served: its bytes and when it expires.
+struct Value {
+    bytes: Zeroizing<Vec<u8>>,
+    expires_at: Option<i64>,
 }
 
 /// Why a request was refused (audited, then ENOENT or EACCES), and the
@@ -452,23 +466,19 @@ impl CredFs {
         }
     }
 
+    /// A file's bytes, fetching its source on the first read (and when due).
     fn content(
         &self,
         c: &Current,
         reg: &Registry,
         f: &ViewFile,
-    ) -> Result<(Zeroizing<Vec<u8>>, i64), String> {
+    ) -> Result<Zeroizing<Vec<u8>>, String> {
         let b = &reg.bindings[f.binding];
         match &b.source_spec {
-            CredentialSourceSpec::X509Svid {} => Ok((x509_file(b, f, reg), f.svid.issued_at)),
-            CredentialSourceSpec::Static { .. } => {
-                let (value, at) = self.fetched(c, b, f)?;
-                Ok((secret_file(b, &value, None), at))
-            }
-            CredentialSourceSpec::JwtSvid { .. } => {
-                let (value, at) = self.fetched(c, b, f)?;
-                let exp = jwt_exp(&value);
-                Ok((secret_file(b, &value, exp), at))
+            CredentialSourceSpec::X509Svid {} => Ok(x509_file(b, f, reg)),
+            CredentialSourceSpec::Static { .. } | CredentialSourceSpec::JwtSvid { .. } => {
+                let v = self.fetched(c, b, f)?;
+                Ok(secret_file(b, &v.bytes, v.expires_at))
             }
             CredentialSourceSpec::AwsSts { .. } | CredentialSourceSpec::OAuth2 { .. } => {
                 Err(format!(
@@ -482,12 +492,7 @@ impl CredFs {
 
     /// The cached value of a fetched source for this process instance,
     /// fetched (or refreshed) now if due.
-    fn fetched(
-        &self,
-        c: &Current,
-        b: &AgentBinding,
-        f: &ViewFile,
-    ) -> Result<(Zeroizing<Vec<u8>>, i64), String> {
+    fn fetched(&self, c: &Current, b: &AgentBinding, f: &ViewFile) -> Result<Value, String> {
         let now = unix_now();
         let cached = {
             let procs = self.held.lock();
@@ -496,13 +501,11 @@ impl CredFs {
                 .filter(|i| i.start_time == c.start_time)
                 .and_then(|i| i.by_binding.get(&cache_key(b)))
                 .filter(|h| h.expires_at.is_none_or(|e| now < e))
-                .map(|h| {
-                    let fresh = now < h.refresh_at || now < h.retry_at;
-                    (h.value.clone(), h.at, fresh)
-                })
+                .filter(|h| now < h.refresh_at || now < h.retry_at)
+                .map(Fetched::value)
         };
-        if let Some((value, at, true)) = &cached {
-            return Ok((value.clone(), *at));
+        if let Some(v) = cached {
+            return Ok(v);
         }
         let kind = b.source_spec.kind();
         let started = Instant::now();
@@ -545,7 +548,10 @@ impl CredFs {
                         },
                     );
                 }
-                Ok((value, now))
+                Ok(Value {
+                    bytes: value,
+                    expires_at,
+                })
             }
             Err(e) => {
                 self.metrics.credential_fetch(kind, "error");
@@ -570,7 +576,7 @@ impl CredFs {
                     h.failures = h.failures.saturating_add(1);
                     let backoff = (1i64 << h.failures.min(5)).min(MAX_BACKOFF_SECS);
                     h.retry_at = now + backoff + jitter(backoff / 2 + 1);
-                    (h.value.clone(), h.at, h.expires_at)
+                    h.value()
                 });
                 self.audit.publish(json!({
                     "event": "credential",
@@ -582,13 +588,10 @@ impl CredFs {
                     "binding": b.name,
                     "source": b.source,
                     "sourceKind": kind,
-                    "keptUntil": kept.as_ref().map(|k| k.2),
+                    "keptUntil": kept.as_ref().map(|k| k.expires_at),
                     "reason": e.msg,
                 }));
-                match kept {
-                    Some((value, at, _)) => Ok((value, at)),
-                    None => Err(e.msg),
-                }
+                kept.ok_or(e.msg)
             }
         }
     }
@@ -642,9 +645,9 @@ impl CredFs {
                     })
                     .map_err(|_| FetchError::upstream("the server did not answer in time"))?
                     .map_err(FetchError::upstream)?;
+                let exp = tether_spiffe::jwt::peek_expiry(&token)
+                    .map_err(|e| FetchError::upstream(format!("the server's JWT-SVID: {e}")))?;
                 let value = Zeroizing::new(token.into_bytes());
-                let exp = jwt_exp(&value)
-                    .ok_or_else(|| FetchError::upstream("the server's JWT-SVID has no expiry"))?;
                 let life = (exp - now).max(2);
                 Ok(Fresh {
                     value,
@@ -659,64 +662,28 @@ impl CredFs {
         }
     }
 
-    /// A file's attributes. The size is always 0, as in procfs: the
-    /// inode is shared by every process that has a file of that name, and
-    /// paths that bypass direct I/O (splice, sendfile and private mmap go
-    /// through the page cache) stop at i_size, so they can never fill or
-    /// serve a cache another process could read. Reads (direct I/O) go to
-    /// EOF regardless.
-    fn attr(&self, ino: INodeNo, c: &Current, mode: u32, at: i64) -> FileAttr {
+    /// A file's attributes (size 0, see [`attr`]). The time is the cached
+    /// value's or the SVID's: attributes never render or fetch (a value is
+    /// fetched on its first read).
+    fn file_attr(&self, ino: INodeNo, c: &Current, reg: &Registry, f: &ViewFile) -> FileAttr {
+        let b = &reg.bindings[f.binding];
+        let fetched_at = self
+            .held
+            .lock()
+            .get(&c.pid)
+            .filter(|i| i.start_time == c.start_time)
+            .and_then(|i| i.by_binding.get(&cache_key(b)))
+            .map(|h| h.at);
+        let at = fetched_at.unwrap_or(f.svid.issued_at);
         let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0));
-        FileAttr {
-            ino,
-            size: 0,
-            blocks: 0,
-            atime: t,
-            mtime: t,
-            ctime: t,
-            crtime: t,
-            kind: FileType::RegularFile,
-            perm: (mode & 0o777) as u16,
-            nlink: 1,
-            uid: c.uid,
-            gid: c.gid,
-            rdev: 0,
-            flags: 0,
-            blksize: 4096,
-        }
+        attr(ino, FileType::RegularFile, b.file.mode, (c.uid, c.gid), t)
     }
 
-    fn root_attr(&self) -> FileAttr {
-        FileAttr {
-            ino: ROOT,
-            size: 0,
-            blocks: 0,
-            atime: self.mounted,
-            mtime: self.mounted,
-            ctime: self.mounted,
-            crtime: self.mounted,
-            kind: FileType::Directory,
-            perm: 0o555,
-            nlink: 2,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            flags: 0,
-            blksize: 4096,
-        }
-    }
-
-    /// Resolves and renders a file for a request: its attributes and bytes.
+    /// Resolves and renders a file for a read.
     fn file(&self, op: &str, req: &Request, name: &str) -> Result<Rendered, Errno> {
         let (c, reg, f) = self.resolve(op, req, name)?;
         match self.content(&c, &reg, &f) {
-            Ok((bytes, at)) => Ok(Rendered {
-                c,
-                reg,
-                f,
-                bytes,
-                at,
-            }),
+            Ok(bytes) => Ok(Rendered { c, reg, f, bytes }),
             Err(e) => {
                 let b = &reg.bindings[f.binding];
                 self.metrics.credential_read("error");
@@ -744,23 +711,13 @@ impl fuser::Filesystem for CredFs {
         let Some(name) = name.to_str().filter(|_| parent == ROOT) else {
             return reply.error(Errno::ENOENT);
         };
-        match self.file("lookup", req, name) {
-            Ok(Rendered {
-                c,
-                reg,
-                f,
-                bytes: _,
-                at,
-            }) => {
+        match self.resolve("lookup", req, name) {
+            Ok((c, reg, f)) => {
                 let Some(ino) = self.ino(name) else {
                     return reply.error(Errno::ENOSPC);
                 };
-                let mode = reg.bindings[f.binding].file.mode;
-                reply.entry(
-                    &NO_CACHE,
-                    &self.attr(ino, &c, mode, at),
-                    fuser::Generation(0),
-                );
+                let a = self.file_attr(ino, &c, &reg, &f);
+                reply.entry(&NO_CACHE, &a, fuser::Generation(0));
             }
             Err(e) => reply.error(e),
         }
@@ -768,22 +725,14 @@ impl fuser::Filesystem for CredFs {
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         if ino == ROOT {
-            return reply.attr(&NO_CACHE, &self.root_attr());
+            let root = attr(ROOT, FileType::Directory, 0o555, (0, 0), self.mounted);
+            return reply.attr(&NO_CACHE, &root);
         }
         let Some(name) = self.name_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        match self.file("getattr", req, &name) {
-            Ok(Rendered {
-                c,
-                reg,
-                f,
-                bytes: _,
-                at,
-            }) => {
-                let mode = reg.bindings[f.binding].file.mode;
-                reply.attr(&NO_CACHE, &self.attr(ino, &c, mode, at));
-            }
+        match self.resolve("getattr", req, &name) {
+            Ok((c, reg, f)) => reply.attr(&NO_CACHE, &self.file_attr(ino, &c, &reg, &f)),
             Err(e) => reply.error(e),
         }
     }
@@ -925,18 +874,36 @@ fn jitter(span: i64) -> i64 {
     i64::from(u32::from_le_bytes(b)) % span
 }
 
-/// `exp` of a JWT (our own server's, not verified here: it is only used to
-/// schedule the refresh).
-fn jwt_exp(token: &[u8]) -> Option<i64> {
-    use base64::Engine as _;
-    let payload = token.split(|b| *b == b'.').nth(1)?;
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    serde_json::from_slice::<serde_json::Value>(&raw)
-        .ok()?
-        .get("exp")?
-        .as_i64()
+/// Attributes of a file or the root. Files report size 0, as in procfs:
+/// the inode is shared by every process that has a file of that name, and
+/// paths that bypass direct I/O (splice, sendfile and private mmap go
+/// through the page cache) stop at i_size, so they can never fill or serve
+/// a cache another process could read. Reads (direct I/O) go to EOF
+/// regardless.
+fn attr(
+    ino: INodeNo,
+    kind: FileType,
+    mode: u32,
+    (uid, gid): (u32, u32),
+    t: SystemTime,
+) -> FileAttr {
+    FileAttr {
+        ino,
+        size: 0,
+        blocks: 0,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind,
+        perm: (mode & 0o777) as u16,
+        nlink: if kind == FileType::Directory { 2 } else { 1 },
+        uid,
+        gid,
+        rdev: 0,
+        flags: 0,
+        blksize: 4096,
+    }
 }
 
 /// An env-file variable name from a source name: `db-password` becomes
@@ -1084,14 +1051,5 @@ mod tests {
         assert_eq!(env_value("it's $HOME"), r"'it'\''s $HOME'");
         assert_eq!(env_value(""), "''");
         assert_eq!(env_value("a\nb"), "'a\nb'");
-    }
-
-    #[test]
-    fn jwt_expiry_is_read_from_the_payload_and_garbage_is_none() {
-        use base64::Engine as _;
-        let p = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"exp":1234}"#);
-        assert_eq!(jwt_exp(format!("h.{p}.s").as_bytes()), Some(1234));
-        assert_eq!(jwt_exp(b"not a jwt"), None);
-        assert_eq!(jwt_exp(b"a.!!!.c"), None);
     }
 }

@@ -11,7 +11,9 @@ pub struct OpensslCa {
     name: String,
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
+/// Runs the openssl command line in `dir`; fails the test unless it
+/// succeeds, and returns what it printed.
+pub fn openssl(dir: &Path, args: &[&str]) -> String {
     let o = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -22,6 +24,7 @@ fn openssl(dir: &Path, args: &[&str]) {
         "openssl {args:?}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 const EC_KEY: [&str; 5] = [
@@ -35,7 +38,7 @@ const EC_KEY: [&str; 5] = [
 impl OpensslCa {
     pub fn new(dir: &Path, name: &str, subject: &str) -> OpensslCa {
         let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
-        openssl(
+        let _ = openssl(
             dir,
             &[
                 &["req", "-x509"][..],
@@ -66,7 +69,7 @@ impl OpensslCa {
             format!("{name}.csr"),
             format!("{name}.cnf"),
         );
-        openssl(
+        let _ = openssl(
             &self.dir,
             &[
                 &["req"][..],
@@ -88,7 +91,7 @@ impl OpensslCa {
         )
         .expect("extension file");
         let (ca_crt, ca_key) = (format!("{}.crt", self.name), format!("{}.key", self.name));
-        openssl(
+        let _ = openssl(
             &self.dir,
             &[
                 "x509",

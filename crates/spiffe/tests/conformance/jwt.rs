@@ -87,6 +87,7 @@ fn sign_then_validate() {
     assert_eq!(header, json!({"alg": "ES256", "kid": "k1", "typ": "JWT"}));
 
     assert_eq!(jwt::peek_subject(&token).unwrap(), f.sub);
+    assert_eq!(jwt::peek_expiry(&token).unwrap(), t + 300);
 }
 
 #[test]
@@ -387,6 +388,7 @@ fn malformed_tokens_rejected() {
             "{token:?}"
         );
         assert!(jwt::peek_subject(token).is_err(), "{token:?}");
+        assert!(jwt::peek_expiry(token).is_err(), "{token:?}");
     }
     let err = jwt::validate("a.b", "svc", &f.bundle, t).unwrap_err();
     assert!(matches!(err, JwtError::Malformed(_)), "{err}");
