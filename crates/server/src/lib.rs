@@ -164,10 +164,13 @@ impl State {
             .key_manager
             .reconcile(&self.store, now, force, retire_until)?;
         issued.activated(keys.jwt.kid(), now);
-        drop(issued);
         let signer_changed = self.keys().signer_id != keys.signer_id;
         *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = keys.bundle.clone();
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+        // Held until the new key is in place: a JWT minted meanwhile (under
+        // this lock) is signed by the key whose expiry it notes, never by
+        // a retired one whose publication was just cut short.
+        drop(issued);
         let (issued, expiry) = *self
             .server_cert_expiry
             .read()

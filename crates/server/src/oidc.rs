@@ -221,6 +221,9 @@ pub async fn serve(
     state: Arc<State>,
     cfg: &OidcConfig,
 ) -> anyhow::Result<(SocketAddr, Vec<JoinHandle<()>>)> {
+    // Times taken before the first load: a renewal landing in between is
+    // picked up by the first check.
+    let loaded = (modified(&cfg.cert_pem), modified(&cfg.key_pem));
     let cert = SwappableCert::new(load_cert(cfg)?);
     let mut tls = rustls::ServerConfig::builder_with_provider(tether_tls::provider())
         .with_safe_default_protocol_versions()?
@@ -265,7 +268,7 @@ pub async fn serve(
     });
     let files = cfg.clone();
     let reload = tokio::spawn(async move {
-        let mut seen = (modified(&files.cert_pem), modified(&files.key_pem));
+        let mut seen = loaded;
         loop {
             tokio::time::sleep(CERT_RELOAD_CHECK).await;
             let now = (modified(&files.cert_pem), modified(&files.key_pem));

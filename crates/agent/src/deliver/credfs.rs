@@ -837,11 +837,9 @@ impl fuser::Filesystem for CredFs {
                     }
                 }
             }
-            Err(r) => {
-                if offset == 0 {
-                    self.deny("readdir", req, None, &r);
-                }
-            }
+            // Audited at every offset: a seek on the directory reaches here
+            // without offset 0.
+            Err(r) => self.deny("readdir", req, None, &r),
         }
         let skip = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(skip) {
