@@ -506,6 +506,20 @@ spec:
         4 + 1,
         "three redis-cli runs, the BLPOP and this counter query"
     );
+    // Let the capture write out the last tunnels before stopping it (a stop
+    // right after the traffic has lost the last stream); the count is
+    // asserted below either way.
+    let tunnel_streams = |cap: &Capture| {
+        let mut t = cap.fields(
+            &[MESH_PORT, server_port],
+            &format!("tcp.dstport=={MESH_PORT}"),
+            "tcp.stream",
+        );
+        t.sort();
+        t.dedup();
+        t.len()
+    };
+    wait_until(Duration::from_secs(10), || tunnel_streams(&cap) >= 4);
     cap.stop();
 
     // Only TLS 1.3 on the link; no application byte, password, key or
