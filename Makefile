@@ -6,6 +6,11 @@ TEST_APT_PACKAGES := redis-server redis-tools postgresql postgresql-client iprou
 # The mesh benchmark compares against these on the same namespace topology.
 BENCH_APT_PACKAGES := iperf3 stunnel4
 PY_SPIFFE := spiffe==0.3.2
+# AWS for the exchange tests: moto's server, and boto3 as the unmodified client.
+PY_AWS := moto[server]==5.2.1 boto3
+# The OAuth2 server of the exchange tests (node's oidc-provider), pinned by
+# its package-lock.json.
+PEERS := crates/cli/tests/peers
 
 .PHONY: demo test bench deps test-deps build build-release fuzz fuzz-check clean
 
@@ -28,6 +33,9 @@ deps:
 test-deps: deps
 	$(call apt_install,$(TEST_APT_PACKAGES))
 	@python3 -c "import spiffe" 2>/dev/null || python3 -m pip install -q "$(PY_SPIFFE)"
+	@python3 -c "import moto.server, flask, boto3" 2>/dev/null || python3 -m pip install -q $(foreach p,$(PY_AWS),"$(p)")
+	@command -v node >/dev/null && command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+	@[ -d $(PEERS)/node_modules/oidc-provider ] || npm ci --prefix $(PEERS) --no-audit --no-fund --loglevel=error
 
 build: deps
 	$(CARGO) build --locked -p tether

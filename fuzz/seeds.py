@@ -328,8 +328,25 @@ def x509_svid():
         put("x509_svid", "garbage", b"\x30\x82\xff\xff" + b"\x00" * 16)
 
 
+def token_response():
+    creds = (b"<Credentials><AccessKeyId>ASIAEXAMPLE</AccessKeyId><SecretAccessKey>wJalrXUtnFEMI/K7MDENG</SecretAccessKey>"
+             b"<SessionToken>FQoGZXIvYXdz</SessionToken><Expiration>2026-12-03T11:00:00Z</Expiration></Credentials>")
+    put("token_response", "sts_ok.xml",
+        b'<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><AssumeRoleWithWebIdentityResult>'
+        + creds + b"</AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>")
+    put("token_response", "sts_error.xml",
+        b"<ErrorResponse><Error><Type>Sender</Type><Code>InvalidIdentityToken</Code><Message>bad token</Message></Error></ErrorResponse>")
+    put("token_response", "sts_dtd.xml", b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY b "c">]><a><Credentials>&b;</Credentials></a>')
+    put("token_response", "token_ok.json",
+        b'{"access_token":"eyJhbGciOi.abc-_~+/=","token_type":"Bearer","expires_in":3600,"scope":"read"}')
+    put("token_response", "token_error.json", b'{"error":"invalid_client","error_description":"client authentication failed"}')
+    put("token_response", "token_string_expiry.json",
+        b'{"access_token":"t","token_type":"N_A","expires_in":"60","issued_token_type":"urn:ietf:params:oauth:token-type:access_token"}')
+
+
 ALL = [spiffe_id, selector_parse, manifest_parse, csr_parse, bundle_json, jwt_validate,
-       proc_events, kernel_records, tunnel_request, elf_interp, h2_authority, x509_svid]
+       proc_events, kernel_records, tunnel_request, elf_interp, h2_authority, x509_svid,
+       token_response]
 
 if __name__ == "__main__":
     import sys

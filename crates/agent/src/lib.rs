@@ -41,7 +41,7 @@ mod app;
 
 pub use app::{AgentConfig, DEFAULT_PIN_DIR, EnforceConfig, RunningAgent, harden_process, start};
 pub use clock::{Clock, file as file_clock, system as system_clock};
-pub use deliver::h2_authority;
+pub use deliver::{exchange, h2_authority};
 pub use identity::live_keys;
 pub use identity::node::{NodeConn, NodeIdentity, channel as server_channel};
 pub use metrics::Metrics;

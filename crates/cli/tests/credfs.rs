@@ -88,31 +88,6 @@ fn openssl_ok(args: &[&str]) -> String {
     pki::openssl(Path::new("/"), args)
 }
 
-/// A shell (as `uid`) that tries the directory itself: its own pid does the
-/// lookup (the redirect is opened by the shell, not a child).
-fn shell_attempt(up: &Up, sh: &str, uid: u32, out: &Path) -> (u32, String) {
-    std::fs::create_dir_all(out).expect("mkdir");
-    std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-        .expect("chmod");
-    let dir = up.credentials_dir();
-    let script = format!(
-        "echo $$ > {out}/pid; ls -A {dir} > {out}/listing 2>&1; if IFS= read -r l < {dir}/db-password; then echo \"READ:$l\"; else echo DENIED; fi",
-        out = out.display(),
-        dir = dir.display()
-    );
-    let mut c = Command::new(sh);
-    no_loader_env(&mut c).args(["-c", &script]);
-    if uid != 0 {
-        std::os::unix::process::CommandExt::uid(&mut c, uid);
-        std::os::unix::process::CommandExt::gid(&mut c, uid);
-    }
-    let o = c.output().expect("shell");
-    let text =
-        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    let pid = read(&out.join("pid")).trim().parse().expect("shell pid");
-    (pid, text + &read(&out.join("listing")))
-}
-
 fn denied_for(up: &Up, pid: u32, who: &str) {
     up.audited(pid, &format!("{who}'s refused lookup"), |e| {
         e["event"] == "credential" && e["verdict"] == "deny" && e["file"] == "db-password"
@@ -197,10 +172,9 @@ fn each_process_sees_only_its_own_credentials() {
 
     // A shell of the same uid, and root.
     for (who, uid) in [("same-uid shell", NOBODY), ("root shell", 0)] {
-        let (pid, text) = shell_attempt(
-            &up,
-            "/bin/bash",
+        let (pid, text) = up.shell_attempt(
             uid,
+            "db-password",
             &up.dir.path().join(who.replace(' ', "-")),
         );
         assert!(

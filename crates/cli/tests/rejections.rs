@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use base64::Engine as _;
 use common::*;
 use tether_proto::tether::node_client::NodeClient;
 use tether_proto::tether::{
@@ -25,6 +26,35 @@ metadata: {name: web}
 spec:
   spiffeId: spiffe://example.org/web
   selectors: [[\"unix:uid:4242\"]]
+";
+
+const CLIENT_SOURCES: &str = "apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {name: idp}
+spec:
+  oauth2: {tokenEndpoint: 'https://idp.example/token', grant: clientCredentials, clientId: web-client}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {name: idp-unbound}
+spec:
+  oauth2: {tokenEndpoint: 'https://idp.example/token', grant: clientCredentials, clientId: other-client}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {name: pw}
+spec:
+  static: {value: hunter2}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {name: web-idp}
+spec: {identity: web, source: idp, file: {name: idp-token}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {name: web-pw}
+spec: {identity: web, source: pw, file: {name: pw}}
 ";
 
 /// Runs a standalone `tether agent` against `up` and returns (exited?,
@@ -329,6 +359,53 @@ async fn node_api_refuses_bad_csrs_and_entitlement_overreach() {
         .await
         .expect_err("JWT outside entitlement");
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    // Client assertions: only for an oauth2 source bound to an identity of
+    // this node, and only as that source's client.
+    admin
+        .clone()
+        .apply(ApplyRequest {
+            source: "c.yaml".into(),
+            manifest: CLIENT_SOURCES.as_bytes().to_vec(),
+        })
+        .await
+        .expect("apply sources");
+    let assertion = |source: &str| {
+        let mut c = conn.client();
+        let req = tether_proto::tether::FetchSecretRequest {
+            identity: "web".into(),
+            source: source.into(),
+        };
+        async move { c.mint_client_assertion(req).await }
+    };
+    let token = assertion("idp")
+        .await
+        .expect("bound oauth2 source")
+        .into_inner()
+        .token;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).expect("claims"))
+            .expect("base64"),
+    )
+    .expect("json");
+    assert_eq!(
+        (&claims["iss"], &claims["sub"], &claims["aud"]),
+        (
+            &serde_json::json!("web-client"),
+            &serde_json::json!("web-client"),
+            &serde_json::json!("https://idp.example/token")
+        ),
+        "{claims}"
+    );
+    assert!(
+        claims["jti"].as_str().is_some_and(|j| j.len() >= 32),
+        "{claims}"
+    );
+    let err = assertion("idp-unbound").await.expect_err("unbound source");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let err = assertion("pw").await.expect_err("static source");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
 
     // After a renewal the old node SVID (say, a copy someone kept) opens
     // nothing: only the node's current serial is accepted.

@@ -28,9 +28,28 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("proc_events", proc_events),
     ("selector_parse", selector_parse),
     ("spiffe_id", spiffe_id),
+    ("token_response", token_response),
     ("tunnel_request", tunnel_request),
     ("x509_svid", x509_svid),
 ];
+
+/// Token endpoints' answers (STS XML, OAuth2 JSON) under every status
+/// class: never a panic, and what is accepted is bounded and usable.
+pub fn token_response(data: &[u8]) {
+    use tether_agent::exchange::{parse_sts, parse_token};
+    for status in [200, 400, 503] {
+        if let Ok(c) = parse_sts("https://sts.example", status, data) {
+            assert_eq!(status, 200);
+            assert!(!c.access_key_id.is_empty() && c.access_key_id.len() <= 16 * 1024);
+            assert!(!c.session_token.chars().any(char::is_whitespace));
+        }
+        if let Ok(t) = parse_token("https://idp.example/token", status, data, 1000) {
+            assert_eq!(status, 200);
+            assert!(!t.access_token.is_empty() && t.access_token.len() <= 16 * 1024);
+            assert!(t.expires_at > 1000);
+        }
+    }
+}
 
 /// SPIFFE bundle documents (federation, the Workload API's bundles).
 pub fn bundle_json(data: &[u8]) {

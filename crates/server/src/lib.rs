@@ -26,6 +26,9 @@ use tokio::task::JoinHandle;
 
 pub use keys::server_id;
 use keys::{ActiveKeys, JwtIssued, KeyManager};
+
+/// A client assertion is used at once, for one token request.
+const CLIENT_ASSERTION_TTL_SECS: i64 = 60;
 pub use oidc::{Issuer, OidcConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +206,34 @@ impl State {
         let token =
             tether_spiffe::jwt::sign_as(&keys.jwt, self.issuer.as_deref(), id, audience, now, exp)
                 .map_err(|e| ServerError::Internal(format!("signing JWT-SVID: {e}")))?;
+        issued.note(keys.jwt.kid(), exp);
+        Ok((token, exp))
+    }
+
+    /// Signs an RFC 7523 client assertion for `client_id` at `token_endpoint`
+    /// (a minute's life, a random jti). Noted like a JWT-SVID, so its key
+    /// stays published until it expires.
+    pub fn mint_client_assertion(
+        &self,
+        client_id: &str,
+        token_endpoint: &str,
+    ) -> Result<(String, i64), ServerError> {
+        let mut jti = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut jti)
+            .map_err(|_| ServerError::Internal("no randomness for a jti".into()))?;
+        let mut issued = self.jwt_issued.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = self.keys();
+        let now = self.now();
+        let exp = now + CLIENT_ASSERTION_TTL_SECS;
+        let token = tether_spiffe::jwt::sign_client_assertion(
+            &keys.jwt,
+            client_id,
+            token_endpoint,
+            &hex::encode(jti),
+            now,
+            exp,
+        )
+        .map_err(|e| ServerError::Internal(format!("signing client assertion: {e}")))?;
         issued.note(keys.jwt.kid(), exp);
         Ok((token, exp))
     }

@@ -468,6 +468,43 @@ impl Node for NodeApi {
         }))
     }
 
+    async fn mint_client_assertion(
+        &self,
+        req: Request<FetchSecretRequest>,
+    ) -> Result<Response<MintJwtSvidResponse>, Status> {
+        let node = self.node(&req)?;
+        let r = req.into_inner();
+        for (field, v) in [("identity", &r.identity), ("source", &r.source)] {
+            tether_manifest::validate_name(v)
+                .map_err(|m| Status::invalid_argument(format!("{field}: {m}")))?;
+        }
+        // Only for a source the identity is bound to, and only for the
+        // client and endpoint the source names: an agent cannot ask for an
+        // assertion as any other client.
+        let CredentialSourceSpec::OAuth2 {
+            client_id,
+            token_endpoint,
+            ..
+        } = self.bound_source(&node, &r.identity, &r.source)?
+        else {
+            return Err(Status::failed_precondition(format!(
+                "source: {:?} is not an oauth2 source",
+                r.source
+            )));
+        };
+        if client_id.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "source: {:?} names no clientId to assert",
+                r.source
+            )));
+        }
+        let (token, expires_at) = self
+            .state
+            .mint_client_assertion(&client_id, &token_endpoint)?;
+        tracing::info!(node = %node, identity = %r.identity, source = %r.source, client_id = %client_id, "client assertion issued");
+        Ok(Response::new(MintJwtSvidResponse { token, expires_at }))
+    }
+
     type WatchStream =
         Pin<Box<dyn tokio_stream::Stream<Item = Result<NodeState, Status>> + Send + 'static>>;
 

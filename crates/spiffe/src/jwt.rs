@@ -289,7 +289,6 @@ pub fn sign_as(
     if exp <= iat {
         return Err(JwtError::InvalidLifetime { iat, exp });
     }
-    let header = json!({ "alg": key.curve.jws_alg(), "kid": key.kid, "typ": "JWT" });
     let aud = match audience {
         [one] => json!(one),
         many => json!(many),
@@ -298,8 +297,45 @@ pub fn sign_as(
     if let (Some(iss), Some(obj)) = (issuer, claims.as_object_mut()) {
         obj.insert("iss".to_owned(), json!(iss));
     }
+    sign_claims(key, &claims)
+}
+
+/// Signs an RFC 7523 client assertion: `iss` and `sub` are the OAuth
+/// client, `aud` the token endpoint, `jti` unique (servers refuse a
+/// replayed one). Signed with the same key as JWT-SVIDs, so an OAuth server
+/// configured with the trust domain's JWKS URL verifies it; its `sub` is
+/// not a SPIFFE ID, so no JWT-SVID validator accepts it as one.
+pub fn sign_client_assertion(
+    key: &JwtKey,
+    client_id: &str,
+    audience: &str,
+    jti: &str,
+    iat: i64,
+    exp: i64,
+) -> Result<String, JwtError> {
+    for (claim, v) in [("aud", audience), ("iss", client_id), ("jti", jti)] {
+        if v.is_empty() {
+            return Err(JwtError::InvalidClaim {
+                claim,
+                problem: "must not be empty",
+            });
+        }
+    }
+    if exp <= iat {
+        return Err(JwtError::InvalidLifetime { iat, exp });
+    }
+    let claims = json!({
+        "iss": client_id, "sub": client_id, "aud": audience,
+        "jti": jti, "iat": iat, "exp": exp,
+    });
+    sign_claims(key, &claims)
+}
+
+/// A compact JWS of `claims` signed by `key` (header: alg, kid, typ JWT).
+fn sign_claims(key: &JwtKey, claims: &Value) -> Result<String, JwtError> {
+    let header = json!({ "alg": key.curve.jws_alg(), "kid": key.kid, "typ": "JWT" });
     let header = serde_json::to_vec(&header).map_err(|_| JwtError::Crypto("encoding header"))?;
-    let claims = serde_json::to_vec(&claims).map_err(|_| JwtError::Crypto("encoding claims"))?;
+    let claims = serde_json::to_vec(claims).map_err(|_| JwtError::Crypto("encoding claims"))?;
 
     let mut token = URL_SAFE_NO_PAD.encode(header);
     token.push('.');

@@ -17,7 +17,8 @@
 //! there: reads are attested too.
 //!
 //! Static secrets are fetched from the server on first read (`FetchSecret`);
-//! JWT-SVIDs are minted then. Both are cached per process instance,
+//! JWT-SVIDs are minted then, and AWS STS and OAuth2 tokens exchanged by
+//! the agent (`exchange`). All are cached per process instance,
 //! refreshed on a read after their refresh time (half-life, with jitter;
 //! failures back off and keep the last good value until it expires), and
 //! dropped when the process exits (a [`ProcessObserver`]). X.509-SVIDs are
@@ -34,10 +35,13 @@ use fuser::{
     ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request,
 };
 use serde_json::json;
-use tether_manifest::{CredentialSourceSpec, FileFormat};
+use tether_manifest::{CredentialSourceSpec, FileFormat, OAuthGrant};
 use tether_proto::tether::FetchSecretRequest;
+use tether_proto::tether::node_client::NodeClient;
+use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
+use super::exchange::{self, ExchangeError, Upstream};
 use crate::audit::AuditLog;
 use crate::clock::unix_now;
 use crate::identity::ProcSvid;
@@ -87,9 +91,30 @@ struct Fetched {
     expires_at: Option<i64>,
     failures: u32,
     retry_at: i64,
+    /// Why the last fetch failed, if it did.
+    last_error: Option<String>,
 }
 
 impl Fetched {
+    /// Nothing held: a fetch failed before any value, or after the last
+    /// one expired or was refused.
+    fn failed() -> Self {
+        Fetched {
+            value: Zeroizing::new(Vec::new()),
+            at: 0,
+            refresh_at: 0,
+            expires_at: Some(0),
+            failures: 0,
+            retry_at: 0,
+            last_error: None,
+        }
+    }
+
+    /// Whether the value may be served at `now`.
+    fn live(&self, now: i64) -> bool {
+        self.expires_at.is_none_or(|e| now < e)
+    }
+
     fn value(&self) -> Value {
         Value {
             bytes: self.value.clone(),
@@ -133,8 +158,9 @@ impl Held {
                     "source": b.source,
                     "kind": b.source_spec.kind(),
                     "files": file_names(b),
-                    "fetched": fetched.map(|f| f.at),
+                    "fetched": fetched.filter(|f| f.at > 0).map(|f| f.at),
                     "expiresAt": expires,
+                    "lastError": fetched.and_then(|f| f.last_error.as_deref()),
                 }));
             }
             if !bindings.is_empty() {
@@ -253,6 +279,37 @@ impl FetchError {
     }
 }
 
+impl From<ExchangeError> for FetchError {
+    fn from(e: ExchangeError) -> Self {
+        FetchError {
+            refused: e.refused(),
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// A server answer: refusals (binding or entitlement gone) end the value.
+fn server_error(s: tonic::Status) -> FetchError {
+    FetchError {
+        refused: matches!(
+            s.code(),
+            tonic::Code::PermissionDenied | tonic::Code::NotFound | tonic::Code::FailedPrecondition
+        ),
+        msg: format!("server: {}", s.message()),
+    }
+}
+
+/// A value valid until `exp`, refreshed at half its life (with jitter, so a
+/// fleet's refreshes spread out).
+fn expiring(value: Zeroizing<Vec<u8>>, now: i64, exp: i64) -> Fresh {
+    let life = (exp - now).max(2);
+    Fresh {
+        value,
+        refresh_at: now + life / 2 - jitter(life / 10 + 1),
+        expires_at: Some(exp),
+    }
+}
+
 /// Where a fetched value is cached for a process: the binding and what it
 /// said when fetched, so a re-applied binding or source fetches anew.
 fn cache_key(b: &AgentBinding) -> String {
@@ -288,6 +345,9 @@ pub struct CredFs {
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     rt: tokio::runtime::Handle,
+    /// Token endpoints' client (None: no TLS configuration could be built;
+    /// every exchange then fails, audited).
+    upstream: Option<Upstream>,
     names: Mutex<(HashMap<String, u64>, Vec<String>)>,
     mounted: SystemTime,
     /// (second, refusals audited in it, refusals left out since the last
@@ -311,6 +371,9 @@ impl CredFs {
             audit,
             metrics,
             rt,
+            upstream: Upstream::new()
+                .map_err(|e| tracing::error!(error = %e, "no TLS client for token endpoints"))
+                .ok(),
             names: Mutex::new((HashMap::new(), Vec::new())),
             mounted: SystemTime::now(),
             deny_budget: Mutex::new((0, 0, 0)),
@@ -476,16 +539,13 @@ impl CredFs {
         let b = &reg.bindings[f.binding];
         match &b.source_spec {
             CredentialSourceSpec::X509Svid {} => Ok(x509_file(b, f, reg)),
-            CredentialSourceSpec::Static { .. } | CredentialSourceSpec::JwtSvid { .. } => {
+            // Rendered when fetched (the file is the whole credential).
+            CredentialSourceSpec::AwsSts { .. } => Ok(self.fetched(c, b, f)?.bytes),
+            CredentialSourceSpec::Static { .. }
+            | CredentialSourceSpec::JwtSvid { .. }
+            | CredentialSourceSpec::OAuth2 { .. } => {
                 let v = self.fetched(c, b, f)?;
                 Ok(secret_file(b, &v.bytes, v.expires_at))
-            }
-            CredentialSourceSpec::AwsSts { .. } | CredentialSourceSpec::OAuth2 { .. } => {
-                Err(format!(
-                    "source {:?} is {}: token exchange is not delivered by this agent yet",
-                    b.source,
-                    b.source_spec.kind()
-                ))
             }
         }
     }
@@ -500,16 +560,28 @@ impl CredFs {
                 .get(&c.pid)
                 .filter(|i| i.start_time == c.start_time)
                 .and_then(|i| i.by_binding.get(&cache_key(b)))
-                .filter(|h| h.expires_at.is_none_or(|e| now < e))
-                .filter(|h| now < h.refresh_at || now < h.retry_at)
-                .map(Fetched::value)
+                .and_then(|h| {
+                    if h.live(now) && (now < h.refresh_at || now < h.retry_at) {
+                        Some(Ok(h.value()))
+                    } else if !h.live(now) && now < h.retry_at {
+                        // Failing and nothing good left: no upstream call
+                        // before the backoff ends.
+                        Some(Err(format!(
+                            "no value: {} (next try in {} s)",
+                            h.last_error.as_deref().unwrap_or("the last fetch failed"),
+                            h.retry_at - now
+                        )))
+                    } else {
+                        None
+                    }
+                })
         };
         if let Some(v) = cached {
-            return Ok(v);
+            return v;
         }
         let kind = b.source_spec.kind();
         let started = Instant::now();
-        let result = self.fetch(b, f);
+        let result = self.fetch(c, b, f);
         self.metrics
             .credential_fetch_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -545,6 +617,7 @@ impl CredFs {
                             expires_at,
                             failures: 0,
                             retry_at: 0,
+                            last_error: None,
                         },
                     );
                 }
@@ -558,26 +631,39 @@ impl CredFs {
                 // A refusal by the server (binding or entitlement gone) ends
                 // the value now; an unreachable upstream keeps the last good
                 // one until it expires.
-                let inst = procs
-                    .get_mut(&c.pid)
-                    .filter(|i| i.start_time == c.start_time);
-                let last_good = match inst {
-                    Some(i) if e.refused => {
-                        i.by_binding.remove(&cache_key(b));
-                        None
+                // The entry stays (holding nothing once refused or
+                // expired) so the backoff applies to the next reads too.
+                let kept = if self
+                    .tracker
+                    .current(c.pid)
+                    .is_some_and(|n| n.start_time == c.start_time)
+                {
+                    let inst = procs.entry(c.pid).or_insert_with(|| Instance {
+                        start_time: c.start_time,
+                        by_binding: HashMap::new(),
+                    });
+                    if inst.start_time != c.start_time {
+                        inst.start_time = c.start_time;
+                        inst.by_binding.clear();
                     }
-                    Some(i) => i
+                    let h = inst
                         .by_binding
-                        .get_mut(&cache_key(b))
-                        .filter(|h| h.expires_at.is_none_or(|e| now < e)),
-                    None => None,
-                };
-                let kept = last_good.map(|h| {
+                        .entry(cache_key(b))
+                        .or_insert_with(Fetched::failed);
+                    if e.refused || !h.live(now) {
+                        *h = Fetched {
+                            failures: h.failures,
+                            ..Fetched::failed()
+                        };
+                    }
                     h.failures = h.failures.saturating_add(1);
                     let backoff = (1i64 << h.failures.min(5)).min(MAX_BACKOFF_SECS);
                     h.retry_at = now + backoff + jitter(backoff / 2 + 1);
-                    h.value()
-                });
+                    h.last_error = Some(e.msg.clone());
+                    h.live(now).then(|| h.value())
+                } else {
+                    None
+                };
                 self.audit.publish(json!({
                     "event": "credential",
                     "op": "fetch",
@@ -597,31 +683,12 @@ impl CredFs {
     }
 
     /// Fetches a source's value for a process now.
-    fn fetch(&self, b: &AgentBinding, f: &ViewFile) -> Result<Fresh, FetchError> {
+    fn fetch(&self, c: &Current, b: &AgentBinding, f: &ViewFile) -> Result<Fresh, FetchError> {
         let now = unix_now();
         match &b.source_spec {
             CredentialSourceSpec::Static { .. } => {
-                let mut client = self.node.client();
-                let req = FetchSecretRequest {
-                    identity: b.identity.clone(),
-                    source: b.source.clone(),
-                };
-                let r = self
-                    .rt
-                    .block_on(async move {
-                        tokio::time::timeout(FETCH_TIMEOUT, client.fetch_secret(req)).await
-                    })
-                    .map_err(|_| FetchError::upstream("the server did not answer in time"))?
-                    .map_err(|s| FetchError {
-                        refused: matches!(
-                            s.code(),
-                            tonic::Code::PermissionDenied
-                                | tonic::Code::NotFound
-                                | tonic::Code::FailedPrecondition
-                        ),
-                        msg: format!("server: {}", s.message()),
-                    })?;
-                let value = Zeroizing::new(r.into_inner().value);
+                let r = self.ask_server(b, |mut c, r| async move { c.fetch_secret(r).await })?;
+                let value = Zeroizing::new(r.value);
                 if value.len() > tether_manifest::MAX_STATIC_BYTES {
                     return Err(FetchError::upstream(format!(
                         "the server sent {} bytes for a static secret (at most {})",
@@ -636,30 +703,148 @@ impl CredFs {
                 })
             }
             CredentialSourceSpec::JwtSvid { audience } => {
-                let tracker = self.tracker.clone();
-                let (id, aud) = (f.svid.spiffe_id.clone(), audience.clone());
-                let token = self
-                    .rt
-                    .block_on(async move {
-                        tokio::time::timeout(FETCH_TIMEOUT, tracker.mint_jwt(&id, &aud)).await
-                    })
-                    .map_err(|_| FetchError::upstream("the server did not answer in time"))?
-                    .map_err(FetchError::upstream)?;
-                let exp = tether_spiffe::jwt::peek_expiry(&token)
-                    .map_err(|e| FetchError::upstream(format!("the server's JWT-SVID: {e}")))?;
-                let value = Zeroizing::new(token.into_bytes());
-                let life = (exp - now).max(2);
-                Ok(Fresh {
-                    value,
-                    refresh_at: now + life / 2 - jitter(life / 10 + 1),
-                    expires_at: Some(exp),
-                })
+                let (token, exp) = self.mint(f, audience)?;
+                Ok(expiring(Zeroizing::new(token.into_bytes()), now, exp))
             }
-            other => Err(FetchError::upstream(format!(
-                "{} sources are not fetched here",
-                other.kind()
-            ))),
+            CredentialSourceSpec::AwsSts {
+                role_arn,
+                audience,
+                duration_secs,
+                endpoint,
+                region,
+            } => {
+                // The JWT-SVID proves the identity to STS and stays here.
+                let (token, _) = self.mint(f, std::slice::from_ref(audience))?;
+                let session = exchange::session_name(&b.identity, c.pid);
+                let duration = duration_secs.to_string();
+                let form = exchange::sts_form(role_arn, &session, &token, &duration);
+                let (status, body) = self.post(endpoint, &form, "text/xml")?;
+                let creds = exchange::parse_sts(endpoint, status, &body)?;
+                // Never past what was asked for, whatever the answer says.
+                let exp = creds.expiration.min(now + duration_secs + 60);
+                if exp <= now + 1 {
+                    return Err(FetchError::upstream(format!(
+                        "{endpoint}: the credentials expired already (Expiration {})",
+                        creds.expiration
+                    )));
+                }
+                Ok(expiring(aws_file(b, &creds, region), now, exp))
+            }
+            CredentialSourceSpec::OAuth2 {
+                token_endpoint,
+                grant,
+                client_id,
+                audience,
+                scope,
+            } => {
+                let scope = scope.join(" ");
+                let mut form: Vec<(&str, &str)> = Vec::new();
+                let subject;
+                match grant {
+                    OAuthGrant::ClientCredentials => {
+                        form.push(("grant_type", "client_credentials"))
+                    }
+                    OAuthGrant::TokenExchange => {
+                        // The subject token's audience is the token endpoint
+                        // that consumes it.
+                        subject = self.mint(f, std::slice::from_ref(token_endpoint))?.0;
+                        form.extend([
+                            ("grant_type", exchange::GRANT_TOKEN_EXCHANGE),
+                            ("subject_token", subject.as_str()),
+                            ("subject_token_type", exchange::TOKEN_TYPE_JWT),
+                        ]);
+                        if !audience.is_empty() {
+                            form.push(("audience", audience));
+                        }
+                    }
+                }
+                // The client authenticates with an RFC 7523 assertion the
+                // server signs for this source's client only.
+                let assertion;
+                if !client_id.is_empty() {
+                    assertion = self.client_assertion(b)?;
+                    form.extend([
+                        ("client_id", client_id.as_str()),
+                        ("client_assertion_type", exchange::ASSERTION_TYPE_JWT_BEARER),
+                        ("client_assertion", assertion.as_str()),
+                    ]);
+                }
+                if !scope.is_empty() {
+                    form.push(("scope", &scope));
+                }
+                let (status, body) = self.post(token_endpoint, &form, "application/json")?;
+                let t = exchange::parse_token(token_endpoint, status, &body, now)?;
+                Ok(expiring(
+                    Zeroizing::new(t.access_token.as_bytes().to_vec()),
+                    now,
+                    t.expires_at,
+                ))
+            }
+            // The tracker's own, never fetched.
+            CredentialSourceSpec::X509Svid {} => Err(FetchError::upstream(
+                "x509Svid sources are not fetched".to_owned(),
+            )),
         }
+    }
+
+    /// A JWT-SVID of the file's SVID for `audience`, and its expiry.
+    fn mint(&self, f: &ViewFile, audience: &[String]) -> Result<(String, i64), FetchError> {
+        let tracker = self.tracker.clone();
+        let (id, aud) = (f.svid.spiffe_id.clone(), audience.to_vec());
+        let token = self
+            .rt
+            .block_on(async move {
+                tokio::time::timeout(FETCH_TIMEOUT, tracker.mint_jwt(&id, &aud)).await
+            })
+            .map_err(|_| FetchError::upstream("the server did not answer in time"))?
+            .map_err(FetchError::upstream)?;
+        let exp = tether_spiffe::jwt::peek_expiry(&token)
+            .map_err(|e| FetchError::upstream(format!("the server's JWT-SVID: {e}")))?;
+        Ok((token, exp))
+    }
+
+    /// A client assertion for an oauth2 source, signed by the server.
+    fn client_assertion(&self, b: &AgentBinding) -> Result<String, FetchError> {
+        let r = self.ask_server(
+            b,
+            |mut c, r| async move { c.mint_client_assertion(r).await },
+        )?;
+        Ok(r.token)
+    }
+
+    /// A node API call about a binding (its identity and source), within
+    /// [`FETCH_TIMEOUT`].
+    fn ask_server<T, Fut>(
+        &self,
+        b: &AgentBinding,
+        call: impl FnOnce(NodeClient<Channel>, FetchSecretRequest) -> Fut,
+    ) -> Result<T, FetchError>
+    where
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let req = FetchSecretRequest {
+            identity: b.identity.clone(),
+            source: b.source.clone(),
+        };
+        let fut = call(self.node.client(), req);
+        self.rt
+            .block_on(async move { tokio::time::timeout(FETCH_TIMEOUT, fut).await })
+            .map_err(|_| FetchError::upstream("the server did not answer in time"))?
+            .map(tonic::Response::into_inner)
+            .map_err(server_error)
+    }
+
+    /// POSTs a form to a token endpoint.
+    fn post(
+        &self,
+        endpoint: &str,
+        form: &[(&str, &str)],
+        accept: &'static str,
+    ) -> Result<(u16, hyper::body::Bytes), FetchError> {
+        let up = self.upstream.as_ref().ok_or_else(|| {
+            FetchError::upstream("the agent has no TLS client for token endpoints")
+        })?;
+        Ok(self.rt.block_on(up.post_form(endpoint, form, accept))?)
     }
 
     /// A file's attributes (size 0, see [`attr`]). The time is the cached
@@ -673,7 +858,8 @@ impl CredFs {
             .get(&c.pid)
             .filter(|i| i.start_time == c.start_time)
             .and_then(|i| i.by_binding.get(&cache_key(b)))
-            .map(|h| h.at);
+            .map(|h| h.at)
+            .filter(|at| *at > 0);
         let at = fetched_at.unwrap_or(f.svid.issued_at);
         let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0));
         attr(ino, FileType::RegularFile, b.file.mode, (c.uid, c.gid), t)
@@ -941,7 +1127,10 @@ fn secret_file(b: &AgentBinding, value: &[u8], expires_at: Option<i64>) -> Zeroi
         }
         FileFormat::Json => {
             let v = Zeroizing::new(text());
-            let key = if matches!(b.source_spec, CredentialSourceSpec::JwtSvid { .. }) {
+            let key = if matches!(
+                b.source_spec,
+                CredentialSourceSpec::JwtSvid { .. } | CredentialSourceSpec::OAuth2 { .. }
+            ) {
                 "token"
             } else {
                 "value"
@@ -954,6 +1143,49 @@ fn secret_file(b: &AgentBinding, value: &[u8], expires_at: Option<i64>) -> Zeroi
             s.push('\n');
             s.into_bytes()
         }
+    })
+}
+
+/// STS credentials as the binding's format asks: `json` is the
+/// `credential_process` document (Version 1), `env` the SDKs' variables,
+/// and `raw` (or `pem`) a shared credentials file (`[default]` profile),
+/// for `AWS_SHARED_CREDENTIALS_FILE`.
+fn aws_file(b: &AgentBinding, c: &exchange::AwsCredentials, region: &str) -> Zeroizing<Vec<u8>> {
+    let expiration = time::OffsetDateTime::from_unix_timestamp(c.expiration)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default();
+    Zeroizing::new(match b.file.format {
+        FileFormat::Json => {
+            let mut s = json!({
+                "Version": 1,
+                "AccessKeyId": c.access_key_id,
+                "SecretAccessKey": c.secret_access_key.as_str(),
+                "SessionToken": c.session_token.as_str(),
+                "Expiration": expiration,
+            })
+            .to_string();
+            s.push('\n');
+            s.into_bytes()
+        }
+        FileFormat::Env => format!(
+            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\nAWS_SESSION_TOKEN={}\nAWS_REGION={}\n",
+            env_value(&c.access_key_id),
+            env_value(&c.secret_access_key),
+            env_value(&c.session_token),
+            env_value(region),
+        )
+        .into_bytes(),
+        FileFormat::Raw | FileFormat::Pem => format!(
+            "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\naws_session_token = {}\n",
+            c.access_key_id,
+            c.secret_access_key.as_str(),
+            c.session_token.as_str(),
+        )
+        .into_bytes(),
     })
 }
 

@@ -4,6 +4,7 @@
 //! exchange belongs here.
 
 pub mod credfs;
+pub mod exchange;
 pub mod h2_authority;
 pub mod sender;
 pub mod workload_api;

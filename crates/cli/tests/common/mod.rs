@@ -30,6 +30,8 @@ pub struct Up {
     /// Where the server listens, and the network namespace to run in.
     listen: String,
     netns_fd: Option<i32>,
+    /// Extra environment of `tether up`.
+    env: Vec<(String, String)>,
 }
 
 pub use tether_test_support::{free_port, no_loader_env, wait_until};
@@ -77,16 +79,27 @@ impl Up {
     }
 
     pub fn start_with(extra: &[&str]) -> Up {
-        Self::start_in(None, "127.0.0.1:0", extra)
+        Self::start_in(None, "127.0.0.1:0", extra, &[])
+    }
+
+    /// With these environment variables set for `tether up` (say,
+    /// `SSL_CERT_FILE` for the roots it trusts at token endpoints).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Up {
+        Self::start_in(None, "127.0.0.1:0", extra, env)
     }
 
     /// `tether up` on a host of a [`netns::Lan`], its server listening on
     /// that host's address.
     pub fn start_on(lan: &netns::Lan, host: &str, extra: &[&str]) -> Up {
-        Self::start_in(Some(lan.fd(host)), &format!("{}:0", lan.addr(host)), extra)
+        Self::start_in(
+            Some(lan.fd(host)),
+            &format!("{}:0", lan.addr(host)),
+            extra,
+            &[],
+        )
     }
 
-    fn start_in(netns_fd: Option<i32>, listen: &str, extra: &[&str]) -> Up {
+    fn start_in(netns_fd: Option<i32>, listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Up {
         let dir = open_tempdir();
         let run = dir.path().join("run");
         let log = dir.path().join("tether.log");
@@ -110,6 +123,10 @@ impl Up {
             log,
             listen: listen.to_string(),
             netns_fd,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         up.spawn();
         up
@@ -154,6 +171,7 @@ impl Up {
             .args(&self.extra)
             .args(pin)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
@@ -320,6 +338,37 @@ impl Up {
     /// directory).
     pub fn credentials_dir(&self) -> PathBuf {
         self.run.join("credentials")
+    }
+
+    /// A bash (as `uid`) that lists the credential directory and reads
+    /// `file` itself: its own pid does the lookups (the redirect is opened
+    /// by the shell, not a child). Its pid, and what it printed: the
+    /// listing, then `READ:LINE` or `DENIED`.
+    pub fn shell_attempt(&self, uid: u32, file: &str, out: &Path) -> (u32, String) {
+        std::fs::create_dir_all(out).expect("mkdir");
+        std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .expect("chmod");
+        let dir = self.credentials_dir();
+        let script = format!(
+            "echo $$ > {out}/pid; ls -A {dir} 2>&1; if IFS= read -r l < {dir}/{file}; then echo \"READ:$l\"; else echo DENIED; fi",
+            out = out.display(),
+            dir = dir.display()
+        );
+        let mut c = Command::new("/bin/bash");
+        no_loader_env(&mut c).args(["-c", &script]);
+        if uid != 0 {
+            std::os::unix::process::CommandExt::uid(&mut c, uid);
+            std::os::unix::process::CommandExt::gid(&mut c, uid);
+        }
+        let o = c.output().expect("shell");
+        let text =
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        let pid = std::fs::read_to_string(out.join("pid"))
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .expect("shell pid");
+        (pid, text)
     }
 }
 
@@ -559,7 +608,9 @@ async fn follow(client: &spiffe::WorkloadApiClient, out: &Path) -> Result<(), St
 /// The "creds" workload: lists TETHER_TEST_CRED_DIR into `listing` and
 /// copies each file it can read into `files/NAME` (errors into
 /// `errors/NAME`); then, if asked, rereads TETHER_TEST_CRED_REREAD for
-/// TETHER_TEST_CRED_SECS seconds counting distinct contents (`distinct`),
+/// TETHER_TEST_CRED_SECS seconds counting distinct contents (`distinct`;
+/// with TETHER_TEST_CRED_LOG, each read's outcome into `timeline`: ms since
+/// the first reread, then `ok CONTENT` or `err ERROR`),
 /// waits to be killed (TETHER_TEST_CRED_HOLD, after writing `ready`), or
 /// execs `/bin/sh -c TETHER_TEST_CRED_EXEC` in place of itself.
 fn read_credentials(out: &Path) {
@@ -600,8 +651,20 @@ fn read_credentials(out: &Path) {
         let deadline = Instant::now() + Duration::from_secs(secs);
         let mut seen: Vec<Vec<u8>> = Vec::new();
         let mut failures = 0;
+        let started = Instant::now();
+        let mut timeline = String::new();
+        let log = var("TETHER_TEST_CRED_LOG").is_some();
         while Instant::now() < deadline {
-            match std::fs::read(dir.join(&f)) {
+            let r = std::fs::read(dir.join(&f));
+            if log {
+                let at = started.elapsed().as_millis();
+                timeline += &match &r {
+                    Ok(b) => format!("{at} ok {}\n", String::from_utf8_lossy(b).trim()),
+                    Err(e) => format!("{at} err {e}\n"),
+                };
+                let _ = std::fs::write(out.join("timeline"), &timeline);
+            }
+            match r {
                 Ok(b) if !seen.contains(&b) => seen.push(b),
                 Ok(_) => {}
                 Err(_) => failures += 1,

@@ -518,6 +518,34 @@ pub mod node_client {
                 .insert(GrpcMethod::new("tether.v1.Node", "FetchSecret"));
             self.inner.unary(req, path, codec).await
         }
+        /// An RFC 7523 client assertion for an oauth2 CredentialSource bound to
+        /// the identity on this node: iss and sub are the source's clientId, aud
+        /// its token endpoint, with a fresh jti; signed with the trust domain's
+        /// JWT key, so the OAuth server checks it against the JWKS.
+        pub async fn mint_client_assertion(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FetchSecretRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::MintJwtSvidResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tether.v1.Node/MintClientAssertion",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tether.v1.Node", "MintClientAssertion"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -579,6 +607,17 @@ pub mod node_server {
             request: tonic::Request<super::FetchSecretRequest>,
         ) -> std::result::Result<
             tonic::Response<super::FetchSecretResponse>,
+            tonic::Status,
+        >;
+        /// An RFC 7523 client assertion for an oauth2 CredentialSource bound to
+        /// the identity on this node: iss and sub are the source's clientId, aud
+        /// its token endpoint, with a fresh jti; signed with the trust domain's
+        /// JWT key, so the OAuth server checks it against the JWKS.
+        async fn mint_client_assertion(
+            &self,
+            request: tonic::Request<super::FetchSecretRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::MintJwtSvidResponse>,
             tonic::Status,
         >;
     }
@@ -906,6 +945,49 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = FetchSecretSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tether.v1.Node/MintClientAssertion" => {
+                    #[allow(non_camel_case_types)]
+                    struct MintClientAssertionSvc<T: Node>(pub Arc<T>);
+                    impl<T: Node> tonic::server::UnaryService<super::FetchSecretRequest>
+                    for MintClientAssertionSvc<T> {
+                        type Response = super::MintJwtSvidResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FetchSecretRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Node>::mint_client_assertion(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = MintClientAssertionSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
