@@ -120,11 +120,13 @@ enum exec_flag {
 	 * capability (and forge pids in SCM_CREDENTIALS, among other things). */
 	EXEC_USER_NS = 1u << 12,
 	/* Taints: the process's memory or image may no longer be what was
-	 * executed. Sticky until the next exec; the hooks refuse it. */
+	 * executed (or its memory was read by another: what it was given may
+	 * be known). Sticky until the next exec; the hooks refuse it. */
 	TAINT_TRACED_AT_EXEC = 1u << 16,
 	TAINT_PTRACE = 1u << 17,
 	TAINT_MEM_WRITE = 1u << 18,
 	TAINT_SET_MM = 1u << 19,
+	TAINT_MEM_READ = 1u << 20,
 	TAINTS = 0xffu << 16,
 };
 
@@ -161,7 +163,7 @@ enum reason_code {
 	REASON_EXE_CHANGED = 3, /* its exe is no longer the file it executed */
 	REASON_PTRACE = 4,      /* HOOK_TAINT: ptrace attach */
 	REASON_MEM_WRITE = 5,   /* HOOK_TAINT: process_vm_writev */
-	REASON_PROC_MEM = 6,    /* HOOK_TAINT: /proc/PID/mem opened to write */
+	REASON_PROC_MEM = 6,    /* HOOK_TAINT: /proc/PID/mem opened (read or write) */
 	REASON_SET_MM = 7,      /* HOOK_TAINT: prctl(PR_SET_MM) */
 	REASON_BORROWED = 8,    /* HOOK_SEND: a socket it did not connect */
 	REASON_RAW_SOCKET = 9,  /* HOOK_SOCKET: raw or packet socket */
@@ -170,6 +172,7 @@ enum reason_code {
 	REASON_COMPAT = 12,     /* HOOK_TAINT: a watched syscall made the 32-bit way */
 	REASON_GETFD = 13,      /* HOOK_TAINT: pidfd_getfd from another process */
 	REASON_UNGUARDED = 14,  /* no room to record who made the connection */
+	REASON_MEM_READ = 15,   /* HOOK_TAINT: process_vm_readv */
 };
 
 /* config[0]: where to hold connections of processes not attested yet. */
@@ -1720,7 +1723,17 @@ int tether_exit(struct bpf_raw_tracepoint_args *ctx)
  * authority until it execs a new image. A caller inside the workload that
  * writes another process's memory is also killed before it returns: the
  * SIGKILL is pending before process_vm_writev pins its first page, so the
- * write fails. Syscall numbers and registers are x86-64's; other
+ * write fails.
+ * Reading another process's memory (process_vm_readv, /proc/PID/mem opened
+ * to read) takes what it was delivered: its credential files' contents,
+ * tokens, keys. The same holds: from the workload, process_vm_readv is
+ * fatal before it copies a page, and an open of /proc/PID/mem is fatal
+ * before the call returns to the caller (another thread of the caller
+ * racing a read of the new descriptor in between gets at most what one
+ * read copies before the kill is pending, as the kernel stops remote
+ * access at the next page once it is). The target is marked as read: its
+ * memory may have been seen, so nothing more is delivered to it until it
+ * execs. Syscall numbers and registers are x86-64's; other
  * architectures build without these two programs' logic.
  */
 #if defined(__TARGET_ARCH_x86)
@@ -1738,6 +1751,7 @@ struct pt_regs {
 #define NR_ptrace 101
 #define NR_prctl 157
 #define NR_openat 257
+#define NR_process_vm_readv 310
 #define NR_process_vm_writev 311
 #define NR_openat2 437
 #define NR_pidfd_getfd 438
@@ -1891,8 +1905,8 @@ int tether_sysenter(struct bpf_raw_tracepoint_args *ctx)
 			return 0;
 		}
 	}
-	if (nr != NR_process_vm_writev && nr != NR_prctl && nr != NR_socket &&
-	    nr != NR_pidfd_getfd)
+	if (nr != NR_process_vm_writev && nr != NR_process_vm_readv && nr != NR_prctl &&
+	    nr != NR_socket && nr != NR_pidfd_getfd)
 		return 0;
 	struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
 	__u32 me = bpf_get_current_pid_tgid() >> 32;
@@ -1947,19 +1961,22 @@ int tether_sysenter(struct bpf_raw_tracepoint_args *ctx)
 	}
 	if (is_agent(me))
 		return 0;
-	/* process_vm_writev(pid, ...): pid is in the caller's pid namespace;
-	 * only the initial namespace's numbers are our keys. */
+	/* process_vm_{read,write}v(pid, ...): pid is in the caller's pid
+	 * namespace; only the initial namespace's numbers are our keys. */
 	__u32 target = (__u32)ARG0(regs);
 	struct task_struct *task = current_task();
 	bool global = BPF_CORE_READ(task, thread_pid, level) == 0;
+	bool reading = nr == NR_process_vm_readv;
+	__u32 bit = reading ? TAINT_MEM_READ : TAINT_MEM_WRITE;
+	__u8 reason = reading ? REASON_MEM_READ : REASON_MEM_WRITE;
 
 	if (global && target == me)
 		return 0; /* its own memory */
 	bool kill = in_workload();
 	if (global)
-		taint(target, TAINT_MEM_WRITE, REASON_MEM_WRITE, kill);
+		taint(target, bit, reason, kill);
 	else
-		taint(0, TAINT_MEM_WRITE, REASON_MEM_WRITE, kill);
+		taint(0, bit, reason, kill);
 	if (kill)
 		bpf_send_signal(SIGKILL);
 #endif
@@ -2011,10 +2028,10 @@ int tether_sysexit(struct bpf_raw_tracepoint_args *ctx)
 	if (!f)
 		return 0;
 
-	/* An open for writing that returned a /proc/<pid>/mem file (the
-	 * file's own mode: the call's flags could be changed under us). */
-	if (!(BPF_CORE_READ(f, f_mode) & FMODE_WRITE))
-		return 0;
+	/* An open that returned a /proc/<pid>/mem file: to write (a change),
+	 * or only to read (an exposure), by the file's own mode (the call's
+	 * flags could be changed under us). */
+	__u32 bit = (BPF_CORE_READ(f, f_mode) & FMODE_WRITE) ? TAINT_MEM_WRITE : TAINT_MEM_READ;
 	struct inode *inode = BPF_CORE_READ(f, f_inode);
 	if (BPF_CORE_READ(inode, i_sb, s_magic) != PROC_SUPER_MAGIC)
 		return 0;
@@ -2027,7 +2044,7 @@ int tether_sysexit(struct bpf_raw_tracepoint_args *ctx)
 	if (!target || BPF_CORE_READ(target, tgid) == me || is_agent(me))
 		return 0;
 	bool kill = in_workload();
-	taint_task(target, TAINT_MEM_WRITE, REASON_PROC_MEM, kill);
+	taint_task(target, bit, REASON_PROC_MEM, kill);
 	if (kill)
 		bpf_send_signal(SIGKILL);
 #endif

@@ -740,7 +740,8 @@ impl Enforcement {
         let how = match what {
             Some(Reason::Ptrace) => "ptrace attach",
             Some(Reason::MemWrite) => "process_vm_writev",
-            Some(Reason::ProcMem) => "/proc/PID/mem opened for writing",
+            Some(Reason::MemRead) => "process_vm_readv",
+            Some(Reason::ProcMem) => "/proc/PID/mem opened",
             Some(Reason::SetMm) => "prctl(PR_SET_MM)",
             Some(Reason::Compat) => "a watched system call made through the 32-bit entry",
             Some(Reason::Getfd) => "pidfd_getfd took a descriptor of another process",

@@ -762,6 +762,69 @@ fn a_socket_taken_with_pidfd_getfd_carries_nothing() {
 }
 
 #[test]
+fn the_memory_of_another_process_cannot_be_read_from_the_workload() {
+    let s = Stage::new("memread", &[], "");
+    let (mut victim, _) = s.idle_redis_cli();
+    let vpid = victim.id();
+    // Both ways to read another process's memory, at its first mapping.
+    let script = |how: &str| {
+        format!(
+            "import ctypes, os\n\
+             libc = ctypes.CDLL(None, use_errno=True)\n\
+             start = int(open('/proc/{vpid}/maps').readline().split('-')[0], 16)\n\
+             print('MAPPED', hex(start), flush=True)\n\
+             if '{how}' == 'readv':\n\
+             \x20   class iovec(ctypes.Structure):\n\
+             \x20       _fields_ = [('base', ctypes.c_void_p), ('len', ctypes.c_size_t)]\n\
+             \x20   buf = ctypes.create_string_buffer(64)\n\
+             \x20   local, remote = iovec(ctypes.addressof(buf), 64), iovec(start, 64)\n\
+             \x20   n = libc.syscall(310, {vpid}, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)\n\
+             \x20   print('READ', n, buf.raw[:4], flush=True)\n\
+             else:\n\
+             \x20   f = open('/proc/{vpid}/mem', 'rb', buffering=0)\n\
+             \x20   print('OPENED', flush=True)\n\
+             \x20   f.seek(start)\n\
+             \x20   print('READ', f.read(64)[:4], flush=True)\n"
+        )
+    };
+    for (how, named) in [
+        ("readv", "process_vm_readv"),
+        ("procmem", "/proc/PID/mem opened"),
+    ] {
+        let child = in_workload(&s.cg, python())
+            .args(["-c", &script(how)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let pid = child.id();
+        let o = child.wait_with_output().expect("wait");
+        let out = output_text(&o);
+        // It could see the victim's map, so the read itself was possible;
+        // it was fatal before any byte came back.
+        assert!(out.contains("MAPPED 0x"), "{how}: {out}");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&o.status),
+            Some(libc::SIGKILL),
+            "{how}: the reader lived: {out}"
+        );
+        assert!(
+            !out.contains("READ") && !out.contains("OPENED"),
+            "{how}: {out}"
+        );
+        s.up.audited(pid, &format!("the {how} attempt"), |e| {
+            e["event"] == "taint"
+                && e["killed"] == true
+                && e["target"]["pid"] == vpid
+                && e["reason"].as_str().is_some_and(|r| r.contains(named))
+        });
+    }
+    let _ = victim.kill();
+    let _ = victim.wait();
+}
+
+#[test]
 fn a_workload_api_connection_serves_only_the_process_and_image_that_made_it() {
     let s = Stage::new("wapi", &[], "");
     let forge = compile(s.tools.path(), "forge_exe", false);

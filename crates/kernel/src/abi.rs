@@ -334,6 +334,7 @@ impl ExecFlags {
     pub const PTRACE: u32 = 1 << 17;
     pub const MEM_WRITE: u32 = 1 << 18;
     pub const SET_MM: u32 = 1 << 19;
+    pub const MEM_READ: u32 = 1 << 20;
     pub const TAINTS: u32 = 0xff << 16;
     /// Every environment flag: what an unscanned environment counts as.
     pub const ENV: u32 = Self::LD_PRELOAD
@@ -355,7 +356,7 @@ impl ExecFlags {
 
     /// Human-readable names of the set flags (for audit and whoami).
     pub fn names(self) -> Vec<&'static str> {
-        const NAMES: [(u32, &str); 17] = [
+        const NAMES: [(u32, &str); 18] = [
             (ExecFlags::LD_PRELOAD, "LD_PRELOAD"),
             (ExecFlags::LD_AUDIT, "LD_AUDIT"),
             (ExecFlags::LD_LIBRARY_PATH, "LD_LIBRARY_PATH"),
@@ -373,6 +374,7 @@ impl ExecFlags {
             (ExecFlags::PTRACE, "ptrace attach"),
             (ExecFlags::MEM_WRITE, "memory written by another process"),
             (ExecFlags::SET_MM, "prctl(PR_SET_MM)"),
+            (ExecFlags::MEM_READ, "memory read by another process"),
         ];
         NAMES
             .iter()
@@ -587,7 +589,7 @@ pub enum Reason {
     Ptrace,
     /// [`Hook::Taint`]: process_vm_writev.
     MemWrite,
-    /// [`Hook::Taint`]: /proc/PID/mem opened for writing.
+    /// [`Hook::Taint`]: /proc/PID/mem opened (to read or write).
     ProcMem,
     /// [`Hook::Taint`]: prctl(PR_SET_MM).
     SetMm,
@@ -606,6 +608,8 @@ pub enum Reason {
     Getfd,
     /// No room to record who made the connection: not made.
     Unguarded,
+    /// [`Hook::Taint`]: process_vm_readv.
+    MemRead,
 }
 
 impl Reason {
@@ -628,6 +632,7 @@ impl Reason {
             12 => Self::Compat,
             13 => Self::Getfd,
             14 => Self::Unguarded,
+            15 => Self::MemRead,
             _ => return None,
         })
     }

@@ -565,6 +565,7 @@ fn constants(b: &Btf) {
             ("TAINT_PTRACE", ExecFlags::PTRACE.into()),
             ("TAINT_MEM_WRITE", ExecFlags::MEM_WRITE.into()),
             ("TAINT_SET_MM", ExecFlags::SET_MM.into()),
+            ("TAINT_MEM_READ", ExecFlags::MEM_READ.into()),
             ("TAINTS", ExecFlags::TAINTS.into()),
         ],
     );
