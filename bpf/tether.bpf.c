@@ -173,6 +173,7 @@ enum reason_code {
 	REASON_GETFD = 13,      /* HOOK_TAINT: pidfd_getfd from another process */
 	REASON_UNGUARDED = 14,  /* no room to record who made the connection */
 	REASON_MEM_READ = 15,   /* HOOK_TAINT: process_vm_readv */
+	REASON_PROC_ENVIRON = 16, /* HOOK_TAINT: /proc/PID/environ opened */
 };
 
 /* config[0]: where to hold connections of processes not attested yet. */
@@ -1725,8 +1726,10 @@ int tether_exit(struct bpf_raw_tracepoint_args *ctx)
  * SIGKILL is pending before process_vm_writev pins its first page, so the
  * write fails.
  * Reading another process's memory (process_vm_readv, /proc/PID/mem opened
- * to read) takes what it was delivered: its credential files' contents,
- * tokens, keys. The same holds: from the workload, process_vm_readv is
+ * to read, or /proc/PID/environ) takes what it was delivered: its
+ * credential files' contents, tokens, keys, and an env file it sourced.
+ * So does a ptrace attach, which from the workload is fatal at sys_enter
+ * (the tracer dies before it can make a request of its tracee). The same holds: from the workload, process_vm_readv is
  * fatal before it copies a page, and an open of /proc/PID/mem is fatal
  * before the call returns to the caller (another thread of the caller
  * racing a read of the new descriptor in between gets at most what one
@@ -1845,6 +1848,7 @@ static __always_inline struct file *file_of_fd(struct task_struct *task, long fd
 #define IA32_socketcall 102
 #define IA32_prctl 172
 #define IA32_openat 295
+#define IA32_process_vm_readv 347
 #define IA32_process_vm_writev 348
 #define IA32_socket 359
 #define IA32_setsockopt 366
@@ -1858,7 +1862,8 @@ static __always_inline struct file *file_of_fd(struct task_struct *task, long fd
 static __always_inline bool ia32_watched(long nr)
 {
 	return nr == IA32_open || nr == IA32_creat || nr == IA32_ptrace || nr == IA32_socketcall ||
-	       nr == IA32_prctl || nr == IA32_openat || nr == IA32_process_vm_writev ||
+	       nr == IA32_prctl || nr == IA32_openat || nr == IA32_process_vm_readv ||
+	       nr == IA32_process_vm_writev ||
 	       nr == IA32_socket || nr == IA32_setsockopt || nr == IA32_openat2 ||
 	       nr == IA32_pidfd_getfd;
 }
@@ -1906,10 +1911,32 @@ int tether_sysenter(struct bpf_raw_tracepoint_args *ctx)
 		}
 	}
 	if (nr != NR_process_vm_writev && nr != NR_process_vm_readv && nr != NR_prctl &&
-	    nr != NR_socket && nr != NR_pidfd_getfd)
+	    nr != NR_socket && nr != NR_pidfd_getfd && nr != NR_ptrace)
 		return 0;
 	struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
 	__u32 me = bpf_get_current_pid_tgid() >> 32;
+
+	if (nr == NR_ptrace) {
+		/* An attach from the workload is fatal: a tracer reads and
+		 * writes its tracee at will (PEEKDATA takes what the tracee was
+		 * delivered). The attach itself may still complete (it does not
+		 * wait on signals), but the SIGKILL is pending when it returns,
+		 * so the tracer thread makes no further call; only the tracer
+		 * may use a ptrace attachment, and it dies with it (a PTRACE_ATTACH
+		 * leaves the tracee stopped). Outside the workload the attach is
+		 * marked at sys_exit. The pid names a thread in the caller's
+		 * namespace: marked when it is a process of the initial one. */
+		long req = ARG0(regs);
+
+		if ((req != PTRACE_ATTACH && req != PTRACE_SEIZE) || !in_workload() || is_agent(me))
+			return 0;
+		bool global = BPF_CORE_READ(current_task(), thread_pid, level) == 0;
+		__u32 target = global ? (__u32)ARG1(regs) : 0;
+
+		taint(target, target ? TAINT_PTRACE : 0, REASON_PTRACE, true);
+		bpf_send_signal(SIGKILL);
+		return 0;
+	}
 
 	if (nr == NR_pidfd_getfd) {
 		/* A descriptor taken out of another process: from the workload,
@@ -2035,16 +2062,22 @@ int tether_sysexit(struct bpf_raw_tracepoint_args *ctx)
 	struct inode *inode = BPF_CORE_READ(f, f_inode);
 	if (BPF_CORE_READ(inode, i_sb, s_magic) != PROC_SUPER_MAGIC)
 		return 0;
-	char name[4] = {};
+	char name[8] = {};
 	bpf_probe_read_kernel_str(name, sizeof(name), BPF_CORE_READ(f, f_path.dentry, d_name.name));
-	if (name[0] != 'm' || name[1] != 'e' || name[2] != 'm' || name[3] != 0)
+	bool mem = name[0] == 'm' && name[1] == 'e' && name[2] == 'm' && name[3] == 0;
+	/* environ: what a process was started with, credentials sourced
+	 * from an env-format file among them. */
+	bool env_file = name[0] == 'e' && name[1] == 'n' && name[2] == 'v' && name[3] == 'i' &&
+		       name[4] == 'r' && name[5] == 'o' && name[6] == 'n' && name[7] == 0;
+	if (!mem && !env_file)
 		return 0;
 	struct proc_inode *pi = core_container_of(inode, struct proc_inode, vfs_inode);
 	struct task_struct *target = task_of_pid(BPF_CORE_READ(pi, pid));
 	if (!target || BPF_CORE_READ(target, tgid) == me || is_agent(me))
 		return 0;
 	bool kill = in_workload();
-	taint_task(target, bit, REASON_PROC_MEM, kill);
+	taint_task(target, env_file ? TAINT_MEM_READ : bit, env_file ? REASON_PROC_ENVIRON : REASON_PROC_MEM,
+		   kill);
 	if (kill)
 		bpf_send_signal(SIGKILL);
 #endif

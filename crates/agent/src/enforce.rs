@@ -742,6 +742,7 @@ impl Enforcement {
             Some(Reason::MemWrite) => "process_vm_writev",
             Some(Reason::MemRead) => "process_vm_readv",
             Some(Reason::ProcMem) => "/proc/PID/mem opened",
+            Some(Reason::ProcEnviron) => "/proc/PID/environ opened",
             Some(Reason::SetMm) => "prctl(PR_SET_MM)",
             Some(Reason::Compat) => "a watched system call made through the 32-bit entry",
             Some(Reason::Getfd) => "pidfd_getfd took a descriptor of another process",

@@ -663,9 +663,10 @@ fn a_debugger_attached_to_a_running_redis_cli_gets_nothing() {
         "-x",
         gdb_script.to_str().expect("utf8"),
     ]));
-    // gdb attaches, then opens /proc/PID/mem for writing to plant its
-    // calls: inside the workload that is fatal before the open returns.
-    // Had it gone on, the traced redis-cli would have been refused.
+    // gdb's attach is fatal inside the workload: it dies as the call
+    // returns, before any request of its tracee (as its next step, opening
+    // /proc/PID/mem to plant its calls, would be). Had it gone on, the
+    // traced redis-cli would have been refused.
     assert!(
         !out.contains("CONNECT 3") && !out.contains("WRITE 18"),
         "gdb made the traced redis-cli act: {out}"
@@ -680,7 +681,10 @@ fn a_debugger_attached_to_a_running_redis_cli_gets_nothing() {
         e["event"] == "taint" && e["executed"] == "gdb" && e["target"]["pid"] == vpid
     });
     // Whatever gdb managed before it died, redis-cli has no authority now:
-    // its own connection refuses its writes, naming the tracer.
+    // its own connection refuses its writes, naming the tracer. (The
+    // attach's SIGSTOP left it stopped: continue it.)
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(vpid as i32, libc::SIGCONT) };
     let mut stdin = victim.stdin.take().expect("stdin");
     writeln!(stdin, "SET after yes").expect("victim stdin");
     drop(stdin);
@@ -780,6 +784,10 @@ fn the_memory_of_another_process_cannot_be_read_from_the_workload() {
              \x20   local, remote = iovec(ctypes.addressof(buf), 64), iovec(start, 64)\n\
              \x20   n = libc.syscall(310, {vpid}, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)\n\
              \x20   print('READ', n, buf.raw[:4], flush=True)\n\
+             elif '{how}' == 'environ':\n\
+             \x20   f = open('/proc/{vpid}/environ', 'rb', buffering=0)\n\
+             \x20   print('OPENED', flush=True)\n\
+             \x20   print('READ', f.read(64)[:4], flush=True)\n\
              else:\n\
              \x20   f = open('/proc/{vpid}/mem', 'rb', buffering=0)\n\
              \x20   print('OPENED', flush=True)\n\
@@ -790,6 +798,7 @@ fn the_memory_of_another_process_cannot_be_read_from_the_workload() {
     for (how, named) in [
         ("readv", "process_vm_readv"),
         ("procmem", "/proc/PID/mem opened"),
+        ("environ", "/proc/PID/environ opened"),
     ] {
         let child = in_workload(&s.cg, python())
             .args(["-c", &script(how)])
@@ -820,6 +829,20 @@ fn the_memory_of_another_process_cannot_be_read_from_the_workload() {
                 && e["reason"].as_str().is_some_and(|r| r.contains(named))
         });
     }
+    // The same read through the 32-bit entry, whose numbers differ.
+    let compat = compile(s.tools.path(), "compat_readv", false);
+    let (pid, out) = run(in_workload(&s.cg, &compat).args([&vpid.to_string(), "10000"]));
+    assert!(
+        out.contains("CALLING") && !out.contains("RETURNED"),
+        "compat readv: {out}"
+    );
+    s.up.audited(pid, "the 32-bit process_vm_readv", |e| {
+        e["event"] == "taint"
+            && e["killed"] == true
+            && e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("32-bit entry"))
+    });
     let _ = victim.kill();
     let _ = victim.wait();
 }

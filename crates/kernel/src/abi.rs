@@ -610,6 +610,8 @@ pub enum Reason {
     Unguarded,
     /// [`Hook::Taint`]: process_vm_readv.
     MemRead,
+    /// [`Hook::Taint`]: /proc/PID/environ opened.
+    ProcEnviron,
 }
 
 impl Reason {
@@ -633,6 +635,7 @@ impl Reason {
             13 => Self::Getfd,
             14 => Self::Unguarded,
             15 => Self::MemRead,
+            16 => Self::ProcEnviron,
             _ => return None,
         })
     }

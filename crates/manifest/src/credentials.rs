@@ -230,6 +230,30 @@ pub(crate) struct RawFile {
 
 type FieldError = (String, String);
 
+/// Longest OAuth client id accepted.
+const MAX_CLIENT_ID: usize = 255;
+
+/// Whether Tether may sign client assertions as `client_id`. Never a
+/// SPIFFE ID: the assertion is signed with the trust domain's JWT-SVID key
+/// and its `sub` is the client id, so a SPIFFE ID there would make it a
+/// JWT-SVID of that identity. The server checks this again before signing.
+pub fn client_id_allowed(client_id: &str) -> Result<(), String> {
+    if client_id.len() > MAX_CLIENT_ID || client_id.chars().any(char::is_control) {
+        return Err(format!(
+            "at most {MAX_CLIENT_ID} bytes, no control characters"
+        ));
+    }
+    if client_id
+        .get(..9)
+        .is_some_and(|p| p.eq_ignore_ascii_case("spiffe://"))
+    {
+        return Err(format!(
+            "{client_id:?} is a SPIFFE ID; a client assertion for it would be a JWT-SVID of that identity"
+        ));
+    }
+    Ok(())
+}
+
 fn missing(field: &str) -> FieldError {
     (field.to_owned(), "missing".into())
 }
@@ -360,6 +384,7 @@ pub(crate) fn validate_source(raw: RawSource) -> Result<CredentialSourceSpec, Fi
         OAuthGrant::ClientCredentials => nonempty("spec.oauth2.clientId", o.client_id)?,
         OAuthGrant::TokenExchange => o.client_id.unwrap_or_default(),
     };
+    client_id_allowed(&client_id).map_err(|m| ("spec.oauth2.clientId".to_owned(), m))?;
     if let Some(i) = o.scope.iter().position(|s| s.is_empty() || s.contains(' ')) {
         return Err((
             format!("spec.oauth2.scope[{i}]"),
@@ -550,6 +575,10 @@ mod tests {
             (
                 "  oauth2: {tokenEndpoint: 'https://idp/token', grant: tokenExchange, scope: ['a b']}",
                 "spec.oauth2.scope[0]",
+            ),
+            (
+                "  oauth2: {tokenEndpoint: 'https://idp/token', grant: clientCredentials, clientId: 'SPIFFE://example.org/admin'}",
+                "spec.oauth2.clientId",
             ),
             ("  static: {value: x, extra: 1}", "spec"),
         ];

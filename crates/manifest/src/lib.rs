@@ -13,7 +13,7 @@ use std::fmt;
 
 pub use credentials::{
     CredentialBindingSpec, CredentialFile, CredentialSourceSpec, FileFormat, MAX_STATIC_BYTES,
-    OAuthGrant, REDACTED,
+    OAuthGrant, REDACTED, client_id_allowed,
 };
 
 use serde::{Deserialize, Serialize};

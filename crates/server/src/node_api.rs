@@ -498,6 +498,11 @@ impl Node for NodeApi {
                 r.source
             )));
         }
+        // Checked again here: a store written before the check existed, or
+        // by another writer, must not turn an assertion into a JWT-SVID.
+        tether_manifest::client_id_allowed(&client_id).map_err(|m| {
+            Status::failed_precondition(format!("source {:?}: clientId: {m}", r.source))
+        })?;
         let (token, expires_at) = self
             .state
             .mint_client_assertion(&client_id, &token_endpoint)?;

@@ -297,14 +297,21 @@ pub fn sign_as(
     if let (Some(iss), Some(obj)) = (issuer, claims.as_object_mut()) {
         obj.insert("iss".to_owned(), json!(iss));
     }
-    sign_claims(key, &claims)
+    sign_claims(key, &claims, "JWT")
 }
+
+/// The `typ` of client assertions (draft-ietf-oauth-rfc7523bis): never
+/// taken for a JWT-SVID.
+pub const CLIENT_ASSERTION_TYP: &str = "client-authentication+jwt";
 
 /// Signs an RFC 7523 client assertion: `iss` and `sub` are the OAuth
 /// client, `aud` the token endpoint, `jti` unique (servers refuse a
 /// replayed one). Signed with the same key as JWT-SVIDs, so an OAuth server
-/// configured with the trust domain's JWKS URL verifies it; its `sub` is
-/// not a SPIFFE ID, so no JWT-SVID validator accepts it as one.
+/// configured with the trust domain's JWKS URL verifies it. It is not a
+/// JWT-SVID: its `typ` is `client-authentication+jwt` (which [`validate`]
+/// refuses), and callers never sign one whose client id is a SPIFFE ID
+/// (`tether_manifest::client_id_allowed`), so validators that ignore `typ`
+/// find no SPIFFE ID in `sub` either.
 pub fn sign_client_assertion(
     key: &JwtKey,
     client_id: &str,
@@ -328,12 +335,12 @@ pub fn sign_client_assertion(
         "iss": client_id, "sub": client_id, "aud": audience,
         "jti": jti, "iat": iat, "exp": exp,
     });
-    sign_claims(key, &claims)
+    sign_claims(key, &claims, CLIENT_ASSERTION_TYP)
 }
 
-/// A compact JWS of `claims` signed by `key` (header: alg, kid, typ JWT).
-fn sign_claims(key: &JwtKey, claims: &Value) -> Result<String, JwtError> {
-    let header = json!({ "alg": key.curve.jws_alg(), "kid": key.kid, "typ": "JWT" });
+/// A compact JWS of `claims` signed by `key` (header: alg, kid, typ).
+fn sign_claims(key: &JwtKey, claims: &Value, typ: &str) -> Result<String, JwtError> {
+    let header = json!({ "alg": key.curve.jws_alg(), "kid": key.kid, "typ": typ });
     let header = serde_json::to_vec(&header).map_err(|_| JwtError::Crypto("encoding header"))?;
     let claims = serde_json::to_vec(claims).map_err(|_| JwtError::Crypto("encoding claims"))?;
 

@@ -57,6 +57,9 @@ const ROOT: INodeNo = INodeNo::ROOT;
 const NO_CACHE: Duration = Duration::ZERO;
 /// A server round trip (or attestation) longer than this fails the request.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole fetch (JWT-SVID, client assertion and token endpoint together)
+/// longer than this fails: it holds one of the FUSE workers.
+const FETCH_BUDGET: Duration = Duration::from_secs(8);
 /// A static secret is fetched again after this long, to follow re-applies.
 const STATIC_REFRESH_SECS: i64 = 60;
 /// Backoff after a failed refresh, doubling to this.
@@ -581,7 +584,14 @@ impl CredFs {
         }
         let kind = b.source_spec.kind();
         let started = Instant::now();
-        let result = self.fetch(c, b, f);
+        // Checked against the time after the fetch, which may have taken
+        // seconds: a value that expired meanwhile is not delivered.
+        let result = self.fetch(c, b, f).and_then(|v| match v.expires_at {
+            Some(e) if e <= unix_now() => Err(FetchError::upstream(
+                "the value expired before it could be delivered",
+            )),
+            _ => Ok(v),
+        });
         self.metrics
             .credential_fetch_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -685,9 +695,15 @@ impl CredFs {
     /// Fetches a source's value for a process now.
     fn fetch(&self, c: &Current, b: &AgentBinding, f: &ViewFile) -> Result<Fresh, FetchError> {
         let now = unix_now();
+        let deadline = tokio::time::Instant::now() + FETCH_BUDGET;
         match &b.source_spec {
             CredentialSourceSpec::Static { .. } => {
-                let r = self.ask_server(b, |mut c, r| async move { c.fetch_secret(r).await })?;
+                let r =
+                    self.ask_server(
+                        b,
+                        deadline,
+                        |mut c, r| async move { c.fetch_secret(r).await },
+                    )?;
                 let value = Zeroizing::new(r.value);
                 if value.len() > tether_manifest::MAX_STATIC_BYTES {
                     return Err(FetchError::upstream(format!(
@@ -703,7 +719,7 @@ impl CredFs {
                 })
             }
             CredentialSourceSpec::JwtSvid { audience } => {
-                let (token, exp) = self.mint(f, audience)?;
+                let (token, exp) = self.mint(f, audience, deadline)?;
                 Ok(expiring(Zeroizing::new(token.into_bytes()), now, exp))
             }
             CredentialSourceSpec::AwsSts {
@@ -714,11 +730,11 @@ impl CredFs {
                 region,
             } => {
                 // The JWT-SVID proves the identity to STS and stays here.
-                let (token, _) = self.mint(f, std::slice::from_ref(audience))?;
+                let (token, _) = self.mint(f, std::slice::from_ref(audience), deadline)?;
                 let session = exchange::session_name(&b.identity, c.pid);
                 let duration = duration_secs.to_string();
                 let form = exchange::sts_form(role_arn, &session, &token, &duration);
-                let (status, body) = self.post(endpoint, &form, "text/xml")?;
+                let (status, body) = self.post(endpoint, &form, "text/xml", deadline)?;
                 let creds = exchange::parse_sts(endpoint, status, &body)?;
                 // Never past what was asked for, whatever the answer says.
                 let exp = creds.expiration.min(now + duration_secs + 60);
@@ -728,7 +744,7 @@ impl CredFs {
                         creds.expiration
                     )));
                 }
-                Ok(expiring(aws_file(b, &creds, region), now, exp))
+                Ok(expiring(aws_file(b, &creds, exp, region), now, exp))
             }
             CredentialSourceSpec::OAuth2 {
                 token_endpoint,
@@ -747,7 +763,9 @@ impl CredFs {
                     OAuthGrant::TokenExchange => {
                         // The subject token's audience is the token endpoint
                         // that consumes it.
-                        subject = self.mint(f, std::slice::from_ref(token_endpoint))?.0;
+                        subject = self
+                            .mint(f, std::slice::from_ref(token_endpoint), deadline)?
+                            .0;
                         form.extend([
                             ("grant_type", exchange::GRANT_TOKEN_EXCHANGE),
                             ("subject_token", subject.as_str()),
@@ -762,7 +780,7 @@ impl CredFs {
                 // server signs for this source's client only.
                 let assertion;
                 if !client_id.is_empty() {
-                    assertion = self.client_assertion(b)?;
+                    assertion = self.client_assertion(b, deadline)?;
                     form.extend([
                         ("client_id", client_id.as_str()),
                         ("client_assertion_type", exchange::ASSERTION_TYPE_JWT_BEARER),
@@ -772,7 +790,8 @@ impl CredFs {
                 if !scope.is_empty() {
                     form.push(("scope", &scope));
                 }
-                let (status, body) = self.post(token_endpoint, &form, "application/json")?;
+                let (status, body) =
+                    self.post(token_endpoint, &form, "application/json", deadline)?;
                 let t = exchange::parse_token(token_endpoint, status, &body, now)?;
                 Ok(expiring(
                     Zeroizing::new(t.access_token.as_bytes().to_vec()),
@@ -788,13 +807,18 @@ impl CredFs {
     }
 
     /// A JWT-SVID of the file's SVID for `audience`, and its expiry.
-    fn mint(&self, f: &ViewFile, audience: &[String]) -> Result<(String, i64), FetchError> {
+    fn mint(
+        &self,
+        f: &ViewFile,
+        audience: &[String],
+        deadline: tokio::time::Instant,
+    ) -> Result<(String, i64), FetchError> {
         let tracker = self.tracker.clone();
         let (id, aud) = (f.svid.spiffe_id.clone(), audience.to_vec());
         let token = self
             .rt
             .block_on(async move {
-                tokio::time::timeout(FETCH_TIMEOUT, tracker.mint_jwt(&id, &aud)).await
+                tokio::time::timeout_at(deadline, tracker.mint_jwt(&id, &aud)).await
             })
             .map_err(|_| FetchError::upstream("the server did not answer in time"))?
             .map_err(FetchError::upstream)?;
@@ -804,19 +828,23 @@ impl CredFs {
     }
 
     /// A client assertion for an oauth2 source, signed by the server.
-    fn client_assertion(&self, b: &AgentBinding) -> Result<String, FetchError> {
-        let r = self.ask_server(
-            b,
-            |mut c, r| async move { c.mint_client_assertion(r).await },
-        )?;
+    fn client_assertion(
+        &self,
+        b: &AgentBinding,
+        deadline: tokio::time::Instant,
+    ) -> Result<String, FetchError> {
+        let r = self.ask_server(b, deadline, |mut c, r| async move {
+            c.mint_client_assertion(r).await
+        })?;
         Ok(r.token)
     }
 
-    /// A node API call about a binding (its identity and source), within
-    /// [`FETCH_TIMEOUT`].
+    /// A node API call about a binding (its identity and source), by the
+    /// fetch's deadline.
     fn ask_server<T, Fut>(
         &self,
         b: &AgentBinding,
+        deadline: tokio::time::Instant,
         call: impl FnOnce(NodeClient<Channel>, FetchSecretRequest) -> Fut,
     ) -> Result<T, FetchError>
     where
@@ -828,7 +856,7 @@ impl CredFs {
         };
         let fut = call(self.node.client(), req);
         self.rt
-            .block_on(async move { tokio::time::timeout(FETCH_TIMEOUT, fut).await })
+            .block_on(async move { tokio::time::timeout_at(deadline, fut).await })
             .map_err(|_| FetchError::upstream("the server did not answer in time"))?
             .map(tonic::Response::into_inner)
             .map_err(server_error)
@@ -840,11 +868,20 @@ impl CredFs {
         endpoint: &str,
         form: &[(&str, &str)],
         accept: &'static str,
+        deadline: tokio::time::Instant,
     ) -> Result<(u16, hyper::body::Bytes), FetchError> {
         let up = self.upstream.as_ref().ok_or_else(|| {
             FetchError::upstream("the agent has no TLS client for token endpoints")
         })?;
-        Ok(self.rt.block_on(up.post_form(endpoint, form, accept))?)
+        let answer = self.rt.block_on(async {
+            tokio::time::timeout_at(deadline, up.post_form(endpoint, form, accept)).await
+        });
+        match answer {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(FetchError::upstream(format!(
+                "{endpoint}: unreachable: no answer within the fetch's {FETCH_BUDGET:?}"
+            ))),
+        }
     }
 
     /// A file's attributes (size 0, see [`attr`]). The time is the cached
@@ -1150,8 +1187,15 @@ fn secret_file(b: &AgentBinding, value: &[u8], expires_at: Option<i64>) -> Zeroi
 /// `credential_process` document (Version 1), `env` the SDKs' variables,
 /// and `raw` (or `pem`) a shared credentials file (`[default]` profile),
 /// for `AWS_SHARED_CREDENTIALS_FILE`.
-fn aws_file(b: &AgentBinding, c: &exchange::AwsCredentials, region: &str) -> Zeroizing<Vec<u8>> {
-    let expiration = time::OffsetDateTime::from_unix_timestamp(c.expiration)
+fn aws_file(
+    b: &AgentBinding,
+    c: &exchange::AwsCredentials,
+    expires_at: i64,
+    region: &str,
+) -> Zeroizing<Vec<u8>> {
+    // When Tether stops serving it (capped at the duration asked for), not
+    // what the upstream said.
+    let expiration = time::OffsetDateTime::from_unix_timestamp(expires_at)
         .ok()
         .and_then(|t| {
             t.format(&time::format_description::well_known::Rfc3339)

@@ -43,14 +43,24 @@ pub const ASSERTION_TYPE_JWT_BEARER: &str =
     "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// Why an exchange failed. `Refused` is the upstream's considered no (an
-/// error document in a 4xx answer): the last value goes at once. The others
-/// keep the last good value until it expires.
+/// error document in a 4xx answer that is not about load or a passing
+/// failure): the last value goes at once. The others keep the last good
+/// value until it expires.
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
     #[error("{endpoint}: unreachable: {msg}")]
     Unreachable { endpoint: String, msg: String },
     #[error("{endpoint}: refused ({status}): {code}: {message}")]
     Refused {
+        endpoint: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// Throttled or passing trouble upstream, said in a 4xx (STS answers
+    /// `Throttling` with 400).
+    #[error("{endpoint}: unavailable for now ({status}): {code}: {message}")]
+    Transient {
         endpoint: String,
         status: u16,
         code: String,
@@ -310,12 +320,13 @@ pub fn parse_sts(
         let code = find("Code").and_then(|n| n.text()).map(str::trim);
         let message = find("Message").and_then(|n| n.text()).map(str::trim);
         return match code {
-            Some(code) if (400..500).contains(&status) => Err(ExchangeError::Refused {
-                endpoint: endpoint.to_owned(),
+            Some(code) if (400..500).contains(&status) => Err(client_error(
+                endpoint,
                 status,
-                code: clip(code),
-                message: clip(message.unwrap_or("")),
-            }),
+                code,
+                message.unwrap_or(""),
+                STS_TRANSIENT.contains(&code),
+            )),
             _ => Err(bad(format!(
                 "error {}: {}",
                 clip(code.unwrap_or("(no code)")),
@@ -392,12 +403,13 @@ pub fn parse_token(
         .map_err(|e| bad(format!("body is not a token response: {e}")))?;
     if status != 200 {
         return match r.error {
-            Some(code) if (400..500).contains(&status) => Err(ExchangeError::Refused {
-                endpoint: endpoint.to_owned(),
+            Some(code) if (400..500).contains(&status) => Err(client_error(
+                endpoint,
                 status,
-                code: clip(&code),
-                message: clip(r.error_description.as_deref().unwrap_or("")),
-            }),
+                &code,
+                r.error_description.as_deref().unwrap_or(""),
+                code == "temporarily_unavailable",
+            )),
             _ => Err(bad(format!(
                 "error {}",
                 clip(r.error.as_deref().unwrap_or("(none)"))
@@ -436,7 +448,8 @@ pub fn parse_token(
             .filter(|s| (1..=86_400 * 366).contains(s))
             .ok_or_else(|| {
                 bad(format!(
-                    "expires_in {v} is not a positive number of seconds"
+                    "expires_in {} is not a positive number of seconds",
+                    clip(&v.to_string())
                 ))
             })?,
     };
@@ -444,6 +457,43 @@ pub fn parse_token(
         access_token: token,
         expires_at: now + life,
     })
+}
+
+/// STS error codes that say "not now" rather than "no".
+const STS_TRANSIENT: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "IDPCommunicationError",
+    "ServiceUnavailable",
+    "InternalFailure",
+];
+
+/// A 4xx error answer: transient (408, 429, or a code that says so) or a
+/// refusal.
+fn client_error(
+    endpoint: &str,
+    status: u16,
+    code: &str,
+    message: &str,
+    transient: bool,
+) -> ExchangeError {
+    let (code, message) = (clip(code), clip(message));
+    if transient || status == 408 || status == 429 {
+        ExchangeError::Transient {
+            endpoint: endpoint.to_owned(),
+            status,
+            code,
+            message,
+        }
+    } else {
+        ExchangeError::Refused {
+            endpoint: endpoint.to_owned(),
+            status,
+            code,
+            message,
+        }
+    }
 }
 
 /// Upstream text quoted in errors and audit: short, one line.
@@ -485,6 +535,9 @@ mod tests {
         assert!(e.to_string().contains("InvalidIdentityToken"), "{e}");
         let e = parse_sts("e", 500, err.as_bytes()).unwrap_err();
         assert!(!e.refused());
+        let throttled = err.replace("InvalidIdentityToken", "Throttling");
+        let e = parse_sts("e", 400, throttled.as_bytes()).unwrap_err();
+        assert!(matches!(e, ExchangeError::Transient { .. }), "{e}");
         for body in [
             &b"\x00\xffjunk"[..],
             b"<a>",
@@ -520,6 +573,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.refused());
+        for (status, body) in [
+            (429, &br#"{"error":"slow_down"}"#[..]),
+            (400, br#"{"error":"temporarily_unavailable"}"#),
+        ] {
+            let e = parse_token("e", status, body, 0).unwrap_err();
+            assert!(matches!(e, ExchangeError::Transient { .. }), "{e}");
+        }
         for body in [
             &br#"{"token_type":"Bearer"}"#[..],
             br#"{"access_token":"a b","token_type":"Bearer"}"#,

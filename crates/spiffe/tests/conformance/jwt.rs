@@ -489,3 +489,25 @@ fn claims_serde_accepts_both_audience_forms() {
     let json = serde_json::to_value(&many).unwrap();
     assert_eq!(json["aud"], json!(["a", "b"]));
 }
+
+#[test]
+fn a_client_assertion_is_never_a_jwt_svid() {
+    // Even for a client id that is a SPIFFE ID of the trust domain and an
+    // audience a relying party expects, the typ alone refuses it.
+    let f = fixture();
+    let t = now();
+    let token = jwt::sign_client_assertion(
+        &f.key,
+        "spiffe://example.org/admin",
+        "svc",
+        "0123456789abcdef",
+        t,
+        t + 60,
+    )
+    .expect("sign");
+    let err = jwt::validate(&token, "svc", &f.bundle, t).unwrap_err();
+    assert!(matches!(err, JwtError::BadTyp(_)), "{err}");
+    for (client, jti) in [("", "j"), ("c", "")] {
+        assert!(jwt::sign_client_assertion(&f.key, client, "svc", jti, t, t + 60).is_err());
+    }
+}
