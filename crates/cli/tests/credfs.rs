@@ -1,5 +1,6 @@
 //! The credential filesystem against the real binary: the entitled process
-//! reads its static secret and its own SVID, key and bundle from its files;
+//! reads its static secret, its own SVID, key and bundle, and an AWS STS
+//! credential (moto, exchanged with its JWT-SVID) from its files;
 //! a same-uid shell, root, a copy of the binary at another path and the
 //! binary after exec'ing a shell each see an empty directory and ENOENT, and
 //! each attempt is audited; fetched credentials go when the process exits,
@@ -96,9 +97,27 @@ fn denied_for(up: &Up, pid: u32, who: &str) {
 
 #[test]
 fn each_process_sees_only_its_own_credentials() {
-    let up = Up::start();
+    // With OIDC discovery, so moto's STS can verify the reader's JWT-SVID.
+    let w = peers::world();
+    let up = &w.up;
+    let aws = peers::Aws::start(&w, "spiffe://example.org/reader");
     let exe = workload_binary(up.dir.path(), "cred-reader");
-    up.apply_ok(&manifests(&exe));
+    up.apply_ok(&format!(
+        "{}---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {{name: reports-aws}}
+spec:
+  awsSts: {{roleArn: 'arn:aws:iam::123456789012:role/reader', duration: 15m, endpoint: '{}', region: us-east-1}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {{name: reader-aws}}
+spec: {{identity: reader, source: reports-aws, file: {{name: aws, format: raw, mode: '0400'}}}}
+",
+        manifests(&exe),
+        aws.endpoint
+    ));
 
     // The entitled process: its files, by content.
     let out = up.dir.path().join("authorized");
@@ -109,7 +128,7 @@ fn each_process_sees_only_its_own_credentials() {
     let listing = read(&out.join("listing"));
     assert_eq!(
         listing,
-        "db-password\nsvid\nsvid.bundle\nsvid.key\ntoken",
+        "aws\ndb-password\nsvid\nsvid.bundle\nsvid.key\ntoken",
         "entitled listing; errors: {:?}\n{}",
         std::fs::read_dir(out.join("errors")).map(|d| d.count()),
         up.logs()
@@ -156,6 +175,31 @@ fn each_process_sees_only_its_own_credentials() {
     ]);
     let token = read(&files.join("token"));
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    // The STS credential: exchanged once with its JWT-SVID, and good for S3
+    // (moto checks the signature), read by boto3 from the file as written.
+    let creds = read(&files.join("aws"));
+    assert!(
+        creds.starts_with("[default]\naws_access_key_id = ") && creds.contains("aws_session_token"),
+        "{creds}"
+    );
+    assert_eq!(aws.counts()["sts_ok"], 1, "{}", aws.counts());
+    let o = no_loader_env(&mut Command::new(python()))
+        .args([
+            "-c",
+            "import boto3, sys; print(len(boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1').list_objects_v2(Bucket='tether-reports')['Contents']))",
+            &aws.endpoint,
+        ])
+        .env("AWS_SHARED_CREDENTIALS_FILE", files.join("aws"))
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .expect("boto3");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "1",
+        "the delivered STS credential does not list the bucket: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let pid: u32 = read(&out.join("pid")).trim().parse().expect("pid");
     up.audited(pid, "the entitled read", |e| {
         e["event"] == "credential"

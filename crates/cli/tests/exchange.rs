@@ -13,10 +13,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::peers::{self, Peer, World, world};
 use common::*;
 
 /// Entry point for workload child processes (see common::workload_command).
@@ -26,92 +27,6 @@ fn child_entry() {
 }
 
 const NOBODY: u32 = 65534;
-
-fn peers() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers")
-}
-
-/// A peer server, killed when dropped.
-struct Peer(Child, &'static str);
-
-impl Peer {
-    fn start(what: &'static str, mut cmd: Command, ready: &Path, log: &Path) -> Peer {
-        let logf = std::fs::File::create(log).expect("log");
-        let child = no_loader_env(&mut cmd)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().expect("log"))
-            .stderr(logf)
-            .spawn()
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let mut p = Peer(child, what);
-        assert!(
-            wait_until(Duration::from_secs(90), || ready.exists()
-                || matches!(p.0.try_wait(), Ok(Some(_)))),
-            "{what} did not start in 90 s:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        assert!(
-            ready.exists(),
-            "{what} exited:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        p.1 = what;
-        p
-    }
-
-    fn stop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// `tether up` with OIDC discovery at https://127.0.0.1:PORT, certificates
-/// from a test CA that the agent also trusts at token endpoints.
-struct World {
-    up: Up,
-    ca: pki::OpensslCa,
-    crt: PathBuf,
-    key: PathBuf,
-    issuer: String,
-    _dir: tempfile::TempDir,
-}
-
-fn world() -> World {
-    let dir = open_tempdir();
-    let ca = pki::OpensslCa::new(dir.path(), "web-ca", "/CN=web ca");
-    let (crt, key) = ca.leaf("loopback", "IP:127.0.0.1");
-    let port = free_port();
-    let issuer = format!("https://127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
-    let ca_file = ca.cert();
-    let up = Up::start_with_env(
-        &[
-            "--oidc-issuer",
-            &issuer,
-            "--oidc-listen",
-            &listen,
-            "--oidc-tls-cert",
-            crt.to_str().expect("utf-8"),
-            "--oidc-tls-key",
-            key.to_str().expect("utf-8"),
-        ],
-        &[("SSL_CERT_FILE", ca_file.to_str().expect("utf-8"))],
-    );
-    World {
-        up,
-        ca,
-        crt,
-        key,
-        issuer,
-        _dir: dir,
-    }
-}
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
@@ -181,23 +96,9 @@ fn sts_credentials_reach_boto3_in_the_bound_process_only() {
     let script = up.dir.path().join("s3_list.py");
     std::fs::write(&script, S3_LIST).expect("script");
 
-    let port = free_port();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let ready = up.dir.path().join("aws.ready");
-    let mut aws_cmd = Command::new(&python);
-    aws_cmd
-        .arg(peers().join("aws.py"))
-        .arg(port.to_string())
-        .arg(&w.issuer)
-        .arg(w.ca.cert())
-        .arg("spiffe://example.org/s3-reader")
-        .arg(&ready);
-    let _aws = Peer::start("moto", aws_cmd, &ready, &up.dir.path().join("aws.log"));
-    let counts = || -> serde_json::Value {
-        let r = http_get(&format!("127.0.0.1:{port}"), "/_tether/counts");
-        let body = r.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("moto counts: {e}: {r}"))
-    };
+    let aws = peers::Aws::start(&w, "spiffe://example.org/s3-reader");
+    let endpoint = aws.endpoint.clone();
+    let counts = || aws.counts();
 
     up.apply_ok(&format!(
         "apiVersion: tether.dev/v1alpha1
@@ -313,8 +214,8 @@ fn oauth_peer(w: &World, port: u16, ttl_secs: u32, name: &'static str) -> Peer {
     let _ = std::fs::remove_file(&ready);
     let node = servers::which("node");
     let mut cmd = Command::new(node);
-    cmd.current_dir(peers())
-        .arg(peers().join("oauth.mjs"))
+    cmd.current_dir(peers::dir())
+        .arg(peers::dir().join("oauth.mjs"))
         .arg(port.to_string())
         .arg(&w.issuer)
         .arg(&w.crt)

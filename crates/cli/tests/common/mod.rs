@@ -7,6 +7,7 @@
 
 pub mod kernel;
 pub mod netns;
+pub mod peers;
 pub mod pki;
 pub mod servers;
 
