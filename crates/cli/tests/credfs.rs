@@ -121,7 +121,7 @@ spec: {{identity: reader, source: reports-aws, file: {{name: aws, format: raw, m
 
     // The entitled process: its files, by content.
     let out = up.dir.path().join("authorized");
-    let o = creds_command(&up, &exe, NOBODY, &out, &[])
+    let o = creds_command(up, &exe, NOBODY, &out, &[])
         .output()
         .expect("run");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -225,7 +225,7 @@ spec: {{identity: reader, source: reports-aws, file: {{name: aws, format: raw, m
             text.contains("DENIED") && !text.contains("READ:") && !text.contains("db-password\n"),
             "{who} saw something: {text}"
         );
-        denied_for(&up, pid, who);
+        denied_for(up, pid, who);
     }
 
     // A copy of the binary at another path (same sha256).
@@ -239,7 +239,7 @@ spec: {{identity: reader, source: reports-aws, file: {{name: aws, format: raw, m
     let copy = copy_dir.join("cred-reader");
     std::fs::copy(&exe, &copy).expect("copy");
     let out = up.dir.path().join("copy");
-    let o = creds_command(&up, &copy, NOBODY, &out, &[])
+    let o = creds_command(up, &copy, NOBODY, &out, &[])
         .output()
         .expect("run copy");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -250,7 +250,7 @@ spec: {{identity: reader, source: reports-aws, file: {{name: aws, format: raw, m
         read(&out.join("errors/db-password"))
     );
     denied_for(
-        &up,
+        up,
         read(&out.join("pid")).trim().parse().expect("pid"),
         "the copy",
     );
@@ -263,7 +263,7 @@ spec: {{identity: reader, source: reports-aws, file: {{name: aws, format: raw, m
         out = out.display()
     );
     let o = creds_command(
-        &up,
+        up,
         &exe,
         NOBODY,
         &out,
@@ -283,7 +283,7 @@ spec: {{identity: reader, source: reports-aws, file: {{name: aws, format: raw, m
         "after exec: read"
     );
     denied_for(
-        &up,
+        up,
         read(&out.join("pid")).trim().parse().expect("pid"),
         "the exec'd shell",
     );

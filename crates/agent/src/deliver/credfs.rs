@@ -605,19 +605,7 @@ impl CredFs {
                 self.metrics.credential_fetch(kind, "ok");
                 // Kept only while the process is the one it was fetched for
                 // (an exit observed meanwhile already dropped its entry).
-                if self
-                    .tracker
-                    .current(c.pid)
-                    .is_some_and(|n| n.start_time == c.start_time)
-                {
-                    let inst = procs.entry(c.pid).or_insert_with(|| Instance {
-                        start_time: c.start_time,
-                        by_binding: HashMap::new(),
-                    });
-                    if inst.start_time != c.start_time {
-                        inst.start_time = c.start_time;
-                        inst.by_binding.clear();
-                    }
+                if let Some(inst) = self.instance(&mut procs, c) {
                     inst.by_binding.insert(
                         cache_key(b),
                         Fetched {
@@ -643,19 +631,7 @@ impl CredFs {
                 // one until it expires.
                 // The entry stays (holding nothing once refused or
                 // expired) so the backoff applies to the next reads too.
-                let kept = if self
-                    .tracker
-                    .current(c.pid)
-                    .is_some_and(|n| n.start_time == c.start_time)
-                {
-                    let inst = procs.entry(c.pid).or_insert_with(|| Instance {
-                        start_time: c.start_time,
-                        by_binding: HashMap::new(),
-                    });
-                    if inst.start_time != c.start_time {
-                        inst.start_time = c.start_time;
-                        inst.by_binding.clear();
-                    }
+                let kept = if let Some(inst) = self.instance(&mut procs, c) {
                     let h = inst
                         .by_binding
                         .entry(cache_key(b))
@@ -690,6 +666,32 @@ impl CredFs {
                 kept.ok_or(e.msg)
             }
         }
+    }
+
+    /// The cache of process instance `c`, while the tracker still holds
+    /// that instance (an exit observed meanwhile already dropped it; a
+    /// reused pid starts empty).
+    fn instance<'a>(
+        &self,
+        procs: &'a mut HashMap<i32, Instance>,
+        c: &Current,
+    ) -> Option<&'a mut Instance> {
+        if self
+            .tracker
+            .current(c.pid)
+            .is_none_or(|n| n.start_time != c.start_time)
+        {
+            return None;
+        }
+        let inst = procs.entry(c.pid).or_insert_with(|| Instance {
+            start_time: c.start_time,
+            by_binding: HashMap::new(),
+        });
+        if inst.start_time != c.start_time {
+            inst.start_time = c.start_time;
+            inst.by_binding.clear();
+        }
+        Some(inst)
     }
 
     /// Fetches a source's value for a process now.
