@@ -342,6 +342,13 @@ fn main() {
     let daemon = matches!(cli.cmd, Cmd::Up(_) | Cmd::Server(_) | Cmd::Agent(_));
     if daemon {
         init_logging(&cli.log_format);
+    } else {
+        // A command's output piped into `head` ends it quietly, as for any
+        // Unix tool (Rust ignores SIGPIPE, and print! would then panic on
+        // EPIPE). Daemons keep ignoring it: a peer closing a socket must
+        // not kill them.
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -133,3 +133,26 @@ fn sources_and_bindings_apply_with_checked_references_and_sealed_secrets() {
     up.ok(&["delete", "cb", "app-db"]);
     assert!(!up.ok(&["get", "cb"]).contains("app-db"));
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let up = Up::start();
+    // The reader is gone before the command writes (it connects first).
+    let mut child = std::process::Command::new(TETHER)
+        .args(["get", "bundle"])
+        .env("TETHER_ADMIN_SOCKET", up.admin_socket())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tether get");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        o.status.success() || o.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {err}",
+        o.status
+    );
+}

@@ -67,7 +67,13 @@ const MAX_BACKOFF_SECS: i64 = 30;
 /// Requests served at once (a slow fetch holds one).
 const FUSE_THREADS: usize = 4;
 /// Refusal records audited per second at most.
-const DENY_AUDITS_PER_SEC: u32 = 50;
+const DENY_AUDITS_PER_SEC: u32 = 200;
+/// Refusal records audited per second for one process (thread group), so
+/// one process probing in a loop cannot use up the budget of the others.
+const DENY_AUDITS_PER_PROC_SEC: u32 = 5;
+/// Processes whose refusals are counted in one second; past this, a
+/// process not yet counted is audited from the global budget alone.
+const DENY_TRACKED_PROCS: usize = 4096;
 /// File names ever given an inode (names are interned, never reused).
 const MAX_NAMES: usize = 65_536;
 
@@ -353,9 +359,42 @@ pub struct CredFs {
     upstream: Option<Upstream>,
     names: Mutex<(HashMap<String, u64>, Vec<String>)>,
     mounted: SystemTime,
-    /// (second, refusals audited in it, refusals left out since the last
-    /// audited one).
-    deny_budget: Mutex<(i64, u32, u64)>,
+    deny_budget: Mutex<DenyBudget>,
+}
+
+/// How many refusals were audited in the current second, in all and per
+/// process, and how many were left out since the last audited one.
+#[derive(Default)]
+struct DenyBudget {
+    second: i64,
+    total: u32,
+    per_proc: HashMap<i32, u32>,
+    left_out: u64,
+}
+
+impl DenyBudget {
+    /// Whether a refusal by `tgid` at `now` is audited: then the count left
+    /// out before it (to report with it).
+    fn admit(&mut self, tgid: i32, now: i64) -> Option<u64> {
+        if self.second != now {
+            self.second = now;
+            self.total = 0;
+            self.per_proc.clear();
+        }
+        let room = self.per_proc.len() < DENY_TRACKED_PROCS;
+        let mine = match self.per_proc.get_mut(&tgid) {
+            Some(n) => n,
+            None if room => self.per_proc.entry(tgid).or_insert(0),
+            None => &mut 0,
+        };
+        if *mine >= DENY_AUDITS_PER_PROC_SEC || self.total >= DENY_AUDITS_PER_SEC {
+            self.left_out += 1;
+            return None;
+        }
+        *mine += 1;
+        self.total += 1;
+        Some(std::mem::take(&mut self.left_out))
+    }
 }
 
 impl CredFs {
@@ -379,7 +418,7 @@ impl CredFs {
                 .ok(),
             names: Mutex::new((HashMap::new(), Vec::new())),
             mounted: SystemTime::now(),
-            deny_budget: Mutex::new((0, 0, 0)),
+            deny_budget: Mutex::new(DenyBudget::default()),
         }
     }
 
@@ -472,23 +511,22 @@ impl CredFs {
 
     fn deny(&self, op: &str, req: &Request, file: Option<&str>, why: &Refused) {
         self.metrics.credential_read("denied");
-        // Refusals are audited at most DENY_AUDITS_PER_SEC a second, so a
-        // process probing the directory in a loop cannot fill the disk or
-        // push other records out of the recent ring; the next record says
-        // how many were left out (the metric counts them all).
-        let left_out = {
-            let mut b = self.deny_budget.lock().unwrap_or_else(|p| p.into_inner());
-            let now = unix_now();
-            if b.0 != now {
-                b.0 = now;
-                b.1 = 0;
-            }
-            if b.1 >= DENY_AUDITS_PER_SEC {
-                b.2 += 1;
-                return;
-            }
-            b.1 += 1;
-            std::mem::take(&mut b.2)
+        // Refusals are audited at most DENY_AUDITS_PER_PROC_SEC a second
+        // per process and DENY_AUDITS_PER_SEC in all, so a process probing
+        // the directory in a loop can neither fill the disk, nor push other
+        // records out of the recent ring, nor hide another process's
+        // refusal; the next record says how many were left out (the metric
+        // counts them all).
+        let pid = why
+            .1
+            .unwrap_or_else(|| i32::try_from(req.pid()).unwrap_or(0));
+        let Some(left_out) = self
+            .deny_budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(pid, unix_now())
+        else {
+            return;
         };
         self.audit.publish(json!({
             "leftOut": (left_out > 0).then_some(left_out),
@@ -1319,6 +1357,22 @@ pub fn detach(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_noisy_process_does_not_hide_another_s_refusals() {
+        let mut b = DenyBudget::default();
+        let noisy = (0..1000).filter(|_| b.admit(7, 100).is_some()).count();
+        assert_eq!(noisy, DENY_AUDITS_PER_PROC_SEC as usize);
+        // Another process in the same second is still audited, and told
+        // how many were left out before it.
+        assert_eq!(b.admit(8, 100), Some(1000 - noisy as u64));
+        // Past the global budget nobody is, until the next second.
+        for p in 100..100 + DENY_AUDITS_PER_SEC as i32 {
+            b.admit(p, 100);
+        }
+        assert_eq!(b.admit(9, 100), None);
+        assert!(b.admit(7, 101).is_some());
+    }
 
     #[test]
     fn env_values_are_quoted_unless_plain() {
