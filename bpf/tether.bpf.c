@@ -1931,9 +1931,12 @@ int tether_sysenter(struct bpf_raw_tracepoint_args *ctx)
 		if ((req != PTRACE_ATTACH && req != PTRACE_SEIZE) || !in_workload() || is_agent(me))
 			return 0;
 		bool global = BPF_CORE_READ(current_task(), thread_pid, level) == 0;
-		__u32 target = global ? (__u32)ARG1(regs) : 0;
 
-		taint(target, target ? TAINT_PTRACE : 0, REASON_PTRACE, true);
+		/* Named, not marked: the kernel has not checked the caller may
+		 * attach (a mark here would let anyone strip any process of
+		 * its authority with a call that fails). An attach that does
+		 * complete marks its tracee at sys_exit. */
+		taint(global ? (__u32)ARG1(regs) : 0, 0, REASON_PTRACE, true);
 		bpf_send_signal(SIGKILL);
 		return 0;
 	}
@@ -2000,6 +2003,18 @@ int tether_sysenter(struct bpf_raw_tracepoint_args *ctx)
 	if (global && target == me)
 		return 0; /* its own memory */
 	bool kill = in_workload();
+	if (reading) {
+		/* A read changes nothing in the target: it is marked at
+		 * sys_exit, once the kernel allowed it and bytes came back
+		 * (marking here would let anyone strip any process of its
+		 * authority with a call that fails). From the workload it is
+		 * fatal before it copies a byte: named, not marked. */
+		if (kill) {
+			taint(global ? target : 0, 0, reason, true);
+			bpf_send_signal(SIGKILL);
+		}
+		return 0;
+	}
 	if (global)
 		taint(target, bit, reason, kill);
 	else
@@ -2022,10 +2037,21 @@ int tether_sysexit(struct bpf_raw_tracepoint_args *ctx)
 	long nr = SYSCALL_NR(regs);
 
 	if (nr != NR_ptrace && nr != NR_open && nr != NR_openat && nr != NR_openat2 &&
-	    nr != NR_creat)
+	    nr != NR_creat && nr != NR_process_vm_readv)
 		return 0;
 	struct task_struct *task = current_task();
 	__u32 me = bpf_get_current_pid_tgid() >> 32;
+
+	if (nr == NR_process_vm_readv) {
+		/* Bytes of another process were read (the kernel allowed it):
+		 * what it was delivered may be known. */
+		__u32 target = (__u32)ARG0(regs);
+
+		if (ret > 0 && target != me && !is_agent(me) &&
+		    BPF_CORE_READ(task, thread_pid, level) == 0)
+			taint(target, TAINT_MEM_READ, REASON_MEM_READ, false);
+		return 0;
+	}
 
 	if (nr == NR_ptrace) {
 		long req = ARG0(regs);

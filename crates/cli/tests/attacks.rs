@@ -771,7 +771,7 @@ fn the_memory_of_another_process_cannot_be_read_from_the_workload() {
     let (mut victim, _) = s.idle_redis_cli();
     let vpid = victim.id();
     // Both ways to read another process's memory, at its first mapping.
-    let script = |how: &str| {
+    let script = |how: &str, vpid: u32| {
         format!(
             "import ctypes, os\n\
              libc = ctypes.CDLL(None, use_errno=True)\n\
@@ -801,7 +801,7 @@ fn the_memory_of_another_process_cannot_be_read_from_the_workload() {
         ("environ", "/proc/PID/environ opened"),
     ] {
         let child = in_workload(&s.cg, python())
-            .args(["-c", &script(how)])
+            .args(["-c", &script(how, vpid)])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -845,6 +845,42 @@ fn the_memory_of_another_process_cannot_be_read_from_the_workload() {
     });
     let _ = victim.kill();
     let _ = victim.wait();
+
+    // Attempts that read nothing mark nothing (else anyone could strip any
+    // process of its authority with a call that fails): a fresh victim,
+    // after the workload's fatal process_vm_readv and another uid's, which
+    // the kernel refuses, keeps its authority.
+    let (mut victim, _) = s.idle_redis_cli();
+    let vpid = victim.id();
+    let o = in_workload(&s.cg, python())
+        .args(["-c", &script("readv", vpid)])
+        .output()
+        .expect("reader");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&o.status),
+        Some(libc::SIGKILL),
+        "{}",
+        output_text(&o)
+    );
+    let reader = compile(s.tools.path(), "vm_readv", false);
+    let mut c = Command::new(&reader);
+    no_loader_env(&mut c).args([&vpid.to_string(), "10000"]);
+    std::os::unix::process::CommandExt::uid(&mut c, 65534);
+    let (_, out) = run(&mut c);
+    assert!(
+        out.contains(&format!("RETURNED -1 {}", libc::EPERM)),
+        "another uid read the victim: {out}"
+    );
+    let mut stdin = victim.stdin.take().expect("stdin");
+    writeln!(stdin, "SET still yes").expect("victim stdin");
+    drop(stdin);
+    let o = victim.wait_with_output().expect("victim");
+    assert_eq!(
+        s.redis.admin(&["GET", "still"]),
+        "yes",
+        "the victim lost its authority to attempts that read nothing: {}",
+        output_text(&o)
+    );
 }
 
 #[test]
