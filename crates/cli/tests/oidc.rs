@@ -146,7 +146,24 @@ fn a_relying_party_discovers_the_issuer_and_validates_until_the_key_is_retired()
     // Past the token's expiry and the validators' clock-skew leeway, the
     // next key check (here forced by an operator's prepare) drops the key:
     // the same relying party cannot find it any more.
-    std::thread::sleep(Duration::from_secs(10 + 31));
+    // Meanwhile, a client that never starts its TLS handshake is dropped
+    // after 5 s, well before the 30 s a connection may last.
+    let mut silent = std::net::TcpStream::connect(&listen).expect("connect");
+    std::thread::sleep(Duration::from_secs(10));
+    silent
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    let closed = match std::io::Read::read(&mut silent, &mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(
+        closed,
+        "a silent client still holds its connection after 10 s"
+    );
+    std::thread::sleep(Duration::from_secs(31));
     up.ok(&["ca", "rotate", "prepare"]);
     let after = wait_until(Duration::from_secs(10), || {
         rp.run("check", &token)

@@ -34,6 +34,9 @@ use crate::State;
 const MAX_ISSUER_LEN: usize = 512;
 /// A client that has not sent its request by then is dropped.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client that has not finished its TLS handshake by then is dropped, so
+/// slow handshakes cannot hold the connection slots for long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most this many connections served at once.
 const MAX_CONNECTIONS: usize = 512;
 /// How often the certificate files are checked for a replacement.
@@ -250,7 +253,9 @@ pub async fn serve(
             tokio::spawn(async move {
                 let _permit = permit;
                 let serve = async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
+                    let Ok(Ok(tls)) =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                    else {
                         return;
                     };
                     let svc = hyper::service::service_fn(move |req| {
