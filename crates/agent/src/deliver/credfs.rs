@@ -64,8 +64,9 @@ const FETCH_BUDGET: Duration = Duration::from_secs(8);
 const STATIC_REFRESH_SECS: i64 = 60;
 /// Backoff after a failed refresh, doubling to this.
 const MAX_BACKOFF_SECS: i64 = 30;
-/// Requests served at once (a slow fetch holds one).
-const FUSE_THREADS: usize = 4;
+/// Requests served at once (a slow attestation or fetch holds one: up to
+/// 5 s, or 8 s for an exchange; moving those off the workers is to do).
+const FUSE_THREADS: usize = 16;
 /// Refusal records audited per second at most.
 const DENY_AUDITS_PER_SEC: u32 = 200;
 /// Refusal records audited per second for one process (thread group), so
