@@ -516,4 +516,34 @@ fn a_failing_endpoint_keeps_the_last_token_until_expiry_and_garbage_is_never_del
             f.path()
         );
     }
+
+    // A failing source backs off for every process, not only the one that
+    // saw it fail: of two fresh readers in a row, only the first reaches
+    // the endpoint.
+    let before = std::fs::read(&sent).expect("sent").len();
+    let mut pids = Vec::new();
+    for name in ["first", "second"] {
+        let out = up.dir.path().join(name);
+        let o = creds_command(up, &exe, &out, &[]).output().expect("run");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            read(&out.join("errors/junk-token")).contains("Input/output error"),
+            "{name}: {}",
+            read(&out.join("errors/junk-token"))
+        );
+        pids.push(read(&out.join("pid")).trim().parse::<u32>().expect("pid"));
+    }
+    assert_eq!(
+        std::fs::read(&sent).expect("sent").len() - before,
+        600,
+        "the endpoint was asked again within the backoff"
+    );
+    up.audited(pids[1], "the second reader's refusal during the backoff", |e| {
+        e["event"] == "credential"
+            && e["verdict"] == "error"
+            && e["file"] == "junk-token"
+            && e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("backing off"))
+    });
 }

@@ -64,6 +64,8 @@ const FETCH_BUDGET: Duration = Duration::from_secs(8);
 const STATIC_REFRESH_SECS: i64 = 60;
 /// Backoff after a failed refresh, doubling to this.
 const MAX_BACKOFF_SECS: i64 = 30;
+/// Failing sources remembered at once (one per binding in force).
+const MAX_FAILING_SOURCES: usize = 4096;
 /// Requests served at once (a slow attestation or fetch holds one: up to
 /// 5 s, or 8 s for an exchange; moving those off the workers is to do).
 const FUSE_THREADS: usize = 16;
@@ -361,6 +363,9 @@ pub struct CredFs {
     names: Mutex<(HashMap<String, u64>, Vec<String>)>,
     mounted: SystemTime,
     deny_budget: Mutex<DenyBudget>,
+    /// Sources that failed recently, by cache key: (retry at, failures in
+    /// a row, why), shared by every process bound to them.
+    failing: Mutex<HashMap<String, (i64, u32, String)>>,
 }
 
 /// How many refusals were audited in the current second, in all and per
@@ -420,6 +425,7 @@ impl CredFs {
             names: Mutex::new((HashMap::new(), Vec::new())),
             mounted: SystemTime::now(),
             deny_budget: Mutex::new(DenyBudget::default()),
+            failing: Mutex::new(HashMap::new()),
         }
     }
 
@@ -621,6 +627,20 @@ impl CredFs {
         if let Some(v) = cached {
             return v;
         }
+        // A source failing for one process is not asked again for another
+        // before its backoff ends: a fleet of fresh processes cannot
+        // hammer an upstream that is down. A value still good is served.
+        if let Some(why) = self.shared_backoff(b, now) {
+            let kept = self
+                .held
+                .lock()
+                .get(&c.pid)
+                .filter(|i| i.start_time == c.start_time)
+                .and_then(|i| i.by_binding.get(&cache_key(b)))
+                .filter(|h| h.live(now))
+                .map(Fetched::value);
+            return kept.ok_or(why);
+        }
         let kind = b.source_spec.kind();
         let started = Instant::now();
         // Checked against the time after the fetch, which may have taken
@@ -642,6 +662,7 @@ impl CredFs {
                 expires_at,
             }) => {
                 self.metrics.credential_fetch(kind, "ok");
+                self.failing_sources().remove(&cache_key(b));
                 // Kept only while the process is the one it was fetched for
                 // (an exit observed meanwhile already dropped its entry).
                 if let Some(inst) = self.instance(&mut procs, c) {
@@ -665,6 +686,17 @@ impl CredFs {
             }
             Err(e) => {
                 self.metrics.credential_fetch(kind, "error");
+                {
+                    let mut failing = self.failing_sources();
+                    if failing.len() >= MAX_FAILING_SOURCES {
+                        failing.clear();
+                    }
+                    let f = failing.entry(cache_key(b)).or_insert((0, 0, String::new()));
+                    f.1 = f.1.saturating_add(1);
+                    let backoff = (1i64 << f.1.min(5)).min(MAX_BACKOFF_SECS);
+                    f.0 = now + backoff + jitter(backoff / 2 + 1);
+                    f.2 = e.msg.clone();
+                }
                 // A refusal by the server (binding or entitlement gone) ends
                 // the value now; an unreachable upstream keeps the last good
                 // one until it expires.
@@ -705,6 +737,23 @@ impl CredFs {
                 kept.ok_or(e.msg)
             }
         }
+    }
+
+    fn failing_sources(&self) -> std::sync::MutexGuard<'_, HashMap<String, (i64, u32, String)>> {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why `b`'s source is not asked now, when it failed recently (for any
+    /// process) and its backoff has not ended.
+    fn shared_backoff(&self, b: &AgentBinding, now: i64) -> Option<String> {
+        let failing = self.failing_sources();
+        let (retry_at, _, why) = failing.get(&cache_key(b))?;
+        (now < *retry_at).then(|| {
+            format!(
+                "no value: {why} (the source is backing off; next try in {} s)",
+                retry_at - now
+            )
+        })
     }
 
     /// The cache of process instance `c`, while the tracker still holds
