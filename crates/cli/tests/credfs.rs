@@ -71,13 +71,10 @@ spec: {{identity: reader, source: api-token, file: {{name: token, format: raw}}}
     )
 }
 
+/// The creds workload, also trying db-password by its exact path.
 fn creds_command(up: &Up, exe: &Path, uid: u32, out: &Path, env: &[(&str, &str)]) -> Command {
-    let mut c = workload_command(exe, uid, &up.workload_socket(), out, "creds");
-    c.env("TETHER_TEST_CRED_DIR", up.credentials_dir())
-        .env("TETHER_TEST_CRED_TRY", "db-password");
-    for (k, v) in env {
-        c.env(k, v);
-    }
+    let mut c = up.creds_command(exe, uid, out, env);
+    c.env("TETHER_TEST_CRED_TRY", "db-password");
     c
 }
 

@@ -264,15 +264,6 @@ spec: {{identity: reader, source: {name}, file: {{name: {file}, format: {format}
     )
 }
 
-fn creds_command(up: &Up, exe: &Path, out: &Path, env: &[(&str, &str)]) -> Command {
-    let mut c = workload_command(exe, NOBODY, &up.workload_socket(), out, "creds");
-    c.env("TETHER_TEST_CRED_DIR", up.credentials_dir());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c
-}
-
 #[test]
 fn a_real_oauth_server_accepts_tethers_client_assertion_and_token_exchange() {
     let w = world();
@@ -307,7 +298,10 @@ fn a_real_oauth_server_accepts_tethers_client_assertion_and_token_exchange() {
     ));
 
     let out = up.dir.path().join("reader");
-    let o = creds_command(up, &exe, &out, &[]).output().expect("run");
+    let o = up
+        .creds_command(&exe, NOBODY, &out, &[])
+        .output()
+        .expect("run");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let files = out.join("files");
     let cc = read(&files.join("reports-token"));
@@ -415,18 +409,19 @@ fn a_failing_endpoint_keeps_the_last_token_until_expiry_and_garbage_is_never_del
     // A reader rereads its 8 s token for 14 s; the server goes away right
     // after the first read.
     let out = up.dir.path().join("reader");
-    let mut child = creds_command(
-        up,
-        &exe,
-        &out,
-        &[
-            ("TETHER_TEST_CRED_REREAD", "reports-token"),
-            ("TETHER_TEST_CRED_SECS", "14"),
-            ("TETHER_TEST_CRED_LOG", "1"),
-        ],
-    )
-    .spawn()
-    .expect("reader");
+    let mut child = up
+        .creds_command(
+            &exe,
+            NOBODY,
+            &out,
+            &[
+                ("TETHER_TEST_CRED_REREAD", "reports-token"),
+                ("TETHER_TEST_CRED_SECS", "14"),
+                ("TETHER_TEST_CRED_LOG", "1"),
+            ],
+        )
+        .spawn()
+        .expect("reader");
     assert!(
         wait_until(Duration::from_secs(30), || read(&out.join("timeline"))
             .lines()
@@ -524,7 +519,10 @@ fn a_failing_endpoint_keeps_the_last_token_until_expiry_and_garbage_is_never_del
     let mut pids = Vec::new();
     for name in ["first", "second"] {
         let out = up.dir.path().join(name);
-        let o = creds_command(up, &exe, &out, &[]).output().expect("run");
+        let o = up
+            .creds_command(&exe, NOBODY, &out, &[])
+            .output()
+            .expect("run");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(
             read(&out.join("errors/junk-token")).contains("Input/output error"),
@@ -538,12 +536,16 @@ fn a_failing_endpoint_keeps_the_last_token_until_expiry_and_garbage_is_never_del
         600,
         "the endpoint was asked again within the backoff"
     );
-    up.audited(pids[1], "the second reader's refusal during the backoff", |e| {
-        e["event"] == "credential"
-            && e["verdict"] == "error"
-            && e["file"] == "junk-token"
-            && e["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("backing off"))
-    });
+    up.audited(
+        pids[1],
+        "the second reader's refusal during the backoff",
+        |e| {
+            e["event"] == "credential"
+                && e["verdict"] == "error"
+                && e["file"] == "junk-token"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("backing off"))
+        },
+    );
 }

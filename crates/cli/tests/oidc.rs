@@ -85,22 +85,9 @@ fn line<'a>(text: &'a str, key: &str) -> &'a str {
 
 #[test]
 fn a_relying_party_discovers_the_issuer_and_validates_until_the_key_is_retired() {
-    let dir = open_tempdir();
-    let ca = pki::OpensslCa::new(dir.path(), "web-ca", "/CN=web ca");
-    let (crt, key) = ca.leaf("issuer", "IP:127.0.0.1");
-    let port = free_port();
-    let issuer = format!("https://127.0.0.1:{port}");
-    let listen = format!("127.0.0.1:{port}");
-    let up = Up::start_with(&[
-        "--oidc-issuer",
-        &issuer,
-        "--oidc-listen",
-        &listen,
-        "--oidc-tls-cert",
-        crt.to_str().expect("utf-8"),
-        "--oidc-tls-key",
-        key.to_str().expect("utf-8"),
-    ]);
+    let w = peers::world();
+    let (up, issuer, ca) = (&w.up, w.issuer.clone(), &w.ca);
+    let listen = issuer.trim_start_matches("https://").to_owned();
     let python = python();
     up.apply_ok(&format!(
         "apiVersion: tether.dev/v1alpha1\nkind: WorkloadIdentity\nmetadata: {{name: rp-client}}\nspec:\n  spiffeId: spiffe://example.org/rp-client\n  jwtTtl: 10s\n  selectors: [[\"process:path:{}\", \"unix:uid:0\"]]\n",

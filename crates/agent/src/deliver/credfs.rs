@@ -86,6 +86,17 @@ const MAX_NAMES: usize = 65_536;
 #[derive(Default)]
 pub struct Held {
     procs: Mutex<HashMap<i32, Instance>>,
+    /// Sources that failed recently, by cache key, shared by every process
+    /// bound to them (see [`Failing`]).
+    failing: Mutex<HashMap<String, Failing>>,
+}
+
+/// A source whose last fetch failed: not asked again, for any process,
+/// before `retry_at` (backoff doubling with each failure in a row).
+struct Failing {
+    retry_at: i64,
+    failures: u32,
+    why: String,
 }
 
 struct Instance {
@@ -101,27 +112,9 @@ struct Fetched {
     refresh_at: i64,
     /// Never served after this (None: does not expire).
     expires_at: Option<i64>,
-    failures: u32,
-    retry_at: i64,
-    /// Why the last fetch failed, if it did.
-    last_error: Option<String>,
 }
 
 impl Fetched {
-    /// Nothing held: a fetch failed before any value, or after the last
-    /// one expired or was refused.
-    fn failed() -> Self {
-        Fetched {
-            value: Zeroizing::new(Vec::new()),
-            at: 0,
-            refresh_at: 0,
-            expires_at: Some(0),
-            failures: 0,
-            retry_at: 0,
-            last_error: None,
-        }
-    }
-
     /// Whether the value may be served at `now`.
     fn live(&self, now: i64) -> bool {
         self.expires_at.is_none_or(|e| now < e)
@@ -140,10 +133,15 @@ impl Held {
         self.procs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn failing(&self) -> std::sync::MutexGuard<'_, HashMap<String, Failing>> {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// For `tether credentials`: each live process with bindings, what it
     /// holds and until when. Never a value.
     pub fn listing(&self, tracker: &Tracker) -> serde_json::Value {
         let reg = tracker.registry.borrow().clone();
+        let failing = self.failing();
         let procs = self.lock();
         let mut out = Vec::new();
         for (info, svids) in tracker.snapshot() {
@@ -153,10 +151,11 @@ impl Held {
                 .iter()
                 .filter(|b| svids.iter().any(|s| s.identity == b.identity))
             {
+                let key = cache_key(b);
                 let fetched = procs
                     .get(&info.pid)
                     .filter(|i| i.start_time == info.start_time)
-                    .and_then(|i| i.by_binding.get(&cache_key(b)));
+                    .and_then(|i| i.by_binding.get(&key));
                 let expires = match &b.source_spec {
                     CredentialSourceSpec::X509Svid {} => svids
                         .iter()
@@ -170,9 +169,9 @@ impl Held {
                     "source": b.source,
                     "kind": b.source_spec.kind(),
                     "files": file_names(b),
-                    "fetched": fetched.filter(|f| f.at > 0).map(|f| f.at),
+                    "fetched": fetched.map(|f| f.at),
                     "expiresAt": expires,
-                    "lastError": fetched.and_then(|f| f.last_error.as_deref()),
+                    "lastError": failing.get(&key).map(|f| f.why.as_str()),
                 }));
             }
             if !bindings.is_empty() {
@@ -195,6 +194,7 @@ impl ProcessObserver for Held {
 
     fn shutdown(&self) {
         self.lock().clear();
+        self.failing().clear();
     }
 }
 
@@ -363,9 +363,6 @@ pub struct CredFs {
     names: Mutex<(HashMap<String, u64>, Vec<String>)>,
     mounted: SystemTime,
     deny_budget: Mutex<DenyBudget>,
-    /// Sources that failed recently, by cache key: (retry at, failures in
-    /// a row, why), shared by every process bound to them.
-    failing: Mutex<HashMap<String, (i64, u32, String)>>,
 }
 
 /// How many refusals were audited in the current second, in all and per
@@ -425,7 +422,6 @@ impl CredFs {
             names: Mutex::new((HashMap::new(), Vec::new())),
             mounted: SystemTime::now(),
             deny_budget: Mutex::new(DenyBudget::default()),
-            failing: Mutex::new(HashMap::new()),
         }
     }
 
@@ -602,43 +598,26 @@ impl CredFs {
     /// fetched (or refreshed) now if due.
     fn fetched(&self, c: &Current, b: &AgentBinding, f: &ViewFile) -> Result<Value, String> {
         let now = unix_now();
-        let cached = {
-            let procs = self.held.lock();
-            procs
-                .get(&c.pid)
-                .filter(|i| i.start_time == c.start_time)
-                .and_then(|i| i.by_binding.get(&cache_key(b)))
-                .and_then(|h| {
-                    if h.live(now) && (now < h.refresh_at || now < h.retry_at) {
-                        Some(Ok(h.value()))
-                    } else if !h.live(now) && now < h.retry_at {
-                        // Failing and nothing good left: no upstream call
-                        // before the backoff ends.
-                        Some(Err(format!(
-                            "no value: {} (next try in {} s)",
-                            h.last_error.as_deref().unwrap_or("the last fetch failed"),
-                            h.retry_at - now
-                        )))
-                    } else {
-                        None
-                    }
-                })
+        let key = cache_key(b);
+        // The value held for this instance while still good, and whether a
+        // refresh is due.
+        let held = self
+            .held
+            .lock()
+            .get(&c.pid)
+            .filter(|i| i.start_time == c.start_time)
+            .and_then(|i| i.by_binding.get(&key))
+            .filter(|h| h.live(now))
+            .map(|h| (h.value(), now >= h.refresh_at));
+        let kept = match held {
+            Some((v, false)) => return Ok(v),
+            Some((v, true)) => Some(v),
+            None => None,
         };
-        if let Some(v) = cached {
-            return v;
-        }
-        // A source failing for one process is not asked again for another
-        // before its backoff ends: a fleet of fresh processes cannot
+        // A failing source is not asked again, for this process or any
+        // other, before its backoff ends: a fleet of fresh processes cannot
         // hammer an upstream that is down. A value still good is served.
-        if let Some(why) = self.shared_backoff(b, now) {
-            let kept = self
-                .held
-                .lock()
-                .get(&c.pid)
-                .filter(|i| i.start_time == c.start_time)
-                .and_then(|i| i.by_binding.get(&cache_key(b)))
-                .filter(|h| h.live(now))
-                .map(Fetched::value);
+        if let Some(why) = self.backing_off(&key, now) {
             return kept.ok_or(why);
         }
         let kind = b.source_spec.kind();
@@ -654,7 +633,6 @@ impl CredFs {
         self.metrics
             .credential_fetch_seconds
             .observe(started.elapsed().as_secs_f64());
-        let mut procs = self.held.lock();
         match result {
             Ok(Fresh {
                 value,
@@ -662,20 +640,17 @@ impl CredFs {
                 expires_at,
             }) => {
                 self.metrics.credential_fetch(kind, "ok");
-                self.failing_sources().remove(&cache_key(b));
+                self.held.failing().remove(&key);
                 // Kept only while the process is the one it was fetched for
                 // (an exit observed meanwhile already dropped its entry).
-                if let Some(inst) = self.instance(&mut procs, c) {
+                if let Some(inst) = self.instance(&mut self.held.lock(), c) {
                     inst.by_binding.insert(
-                        cache_key(b),
+                        key,
                         Fetched {
                             value: value.clone(),
                             at: now,
                             refresh_at,
                             expires_at,
-                            failures: 0,
-                            retry_at: 0,
-                            last_error: None,
                         },
                     );
                 }
@@ -686,41 +661,21 @@ impl CredFs {
             }
             Err(e) => {
                 self.metrics.credential_fetch(kind, "error");
+                self.note_failure(&key, now, &e.msg);
+                // A refusal by the server or upstream (binding, entitlement
+                // or grant gone) ends the value now; an unreachable or bad
+                // upstream keeps the last good one until it expires.
+                let kept =
+                    kept.filter(|v| !e.refused && v.expires_at.is_none_or(|x| unix_now() < x));
+                if kept.is_none()
+                    && let Some(i) = self
+                        .held
+                        .lock()
+                        .get_mut(&c.pid)
+                        .filter(|i| i.start_time == c.start_time)
                 {
-                    let mut failing = self.failing_sources();
-                    if failing.len() >= MAX_FAILING_SOURCES {
-                        failing.clear();
-                    }
-                    let f = failing.entry(cache_key(b)).or_insert((0, 0, String::new()));
-                    f.1 = f.1.saturating_add(1);
-                    let backoff = (1i64 << f.1.min(5)).min(MAX_BACKOFF_SECS);
-                    f.0 = now + backoff + jitter(backoff / 2 + 1);
-                    f.2 = e.msg.clone();
+                    i.by_binding.remove(&key);
                 }
-                // A refusal by the server (binding or entitlement gone) ends
-                // the value now; an unreachable upstream keeps the last good
-                // one until it expires.
-                // The entry stays (holding nothing once refused or
-                // expired) so the backoff applies to the next reads too.
-                let kept = if let Some(inst) = self.instance(&mut procs, c) {
-                    let h = inst
-                        .by_binding
-                        .entry(cache_key(b))
-                        .or_insert_with(Fetched::failed);
-                    if e.refused || !h.live(now) {
-                        *h = Fetched {
-                            failures: h.failures,
-                            ..Fetched::failed()
-                        };
-                    }
-                    h.failures = h.failures.saturating_add(1);
-                    let backoff = (1i64 << h.failures.min(5)).min(MAX_BACKOFF_SECS);
-                    h.retry_at = now + backoff + jitter(backoff / 2 + 1);
-                    h.last_error = Some(e.msg.clone());
-                    h.live(now).then(|| h.value())
-                } else {
-                    None
-                };
                 self.audit.publish(json!({
                     "event": "credential",
                     "op": "fetch",
@@ -739,21 +694,34 @@ impl CredFs {
         }
     }
 
-    fn failing_sources(&self) -> std::sync::MutexGuard<'_, HashMap<String, (i64, u32, String)>> {
-        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    /// Why the source of cache key `key` is not asked now: it failed
+    /// recently and its backoff has not ended.
+    fn backing_off(&self, key: &str, now: i64) -> Option<String> {
+        let failing = self.held.failing();
+        let f = failing.get(key).filter(|f| now < f.retry_at)?;
+        Some(format!(
+            "no value: {} (the source is backing off; next try in {} s)",
+            f.why,
+            f.retry_at - now
+        ))
     }
 
-    /// Why `b`'s source is not asked now, when it failed recently (for any
-    /// process) and its backoff has not ended.
-    fn shared_backoff(&self, b: &AgentBinding, now: i64) -> Option<String> {
-        let failing = self.failing_sources();
-        let (retry_at, _, why) = failing.get(&cache_key(b))?;
-        (now < *retry_at).then(|| {
-            format!(
-                "no value: {why} (the source is backing off; next try in {} s)",
-                retry_at - now
-            )
-        })
+    /// Records a failed fetch of the source of `key`: backoff doubling from
+    /// 2 s to [`MAX_BACKOFF_SECS`], jittered.
+    fn note_failure(&self, key: &str, now: i64, why: &str) {
+        let mut failing = self.held.failing();
+        if failing.len() >= MAX_FAILING_SOURCES && !failing.contains_key(key) {
+            failing.clear();
+        }
+        let f = failing.entry(key.to_owned()).or_insert(Failing {
+            retry_at: 0,
+            failures: 0,
+            why: String::new(),
+        });
+        f.failures = f.failures.saturating_add(1);
+        let backoff = (1i64 << f.failures.min(5)).min(MAX_BACKOFF_SECS);
+        f.retry_at = now + backoff + jitter(backoff / 2 + 1);
+        why.clone_into(&mut f.why);
     }
 
     /// The cache of process instance `c`, while the tracker still holds
@@ -985,8 +953,7 @@ impl CredFs {
             .get(&c.pid)
             .filter(|i| i.start_time == c.start_time)
             .and_then(|i| i.by_binding.get(&cache_key(b)))
-            .map(|h| h.at)
-            .filter(|at| *at > 0);
+            .map(|h| h.at);
         let at = fetched_at.unwrap_or(f.svid.issued_at);
         let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0));
         attr(ino, FileType::RegularFile, b.file.mode, (c.uid, c.gid), t)

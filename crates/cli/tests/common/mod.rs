@@ -341,6 +341,15 @@ impl Up {
         self.run.join("credentials")
     }
 
+    /// The "creds" workload (see `read_credentials`) run from `exe` as
+    /// `uid` against this instance's credential directory, with `env`.
+    pub fn creds_command(&self, exe: &Path, uid: u32, out: &Path, env: &[(&str, &str)]) -> Command {
+        let mut c = workload_command(exe, uid, &self.workload_socket(), out, "creds");
+        c.env("TETHER_TEST_CRED_DIR", self.credentials_dir());
+        c.envs(env.iter().copied());
+        c
+    }
+
     /// A bash (as `uid`) that lists the credential directory and reads
     /// `file` itself: its own pid does the lookups (the redirect is opened
     /// by the shell, not a child). Its pid, and what it printed: the
