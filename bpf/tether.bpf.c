@@ -1770,6 +1770,7 @@ struct pt_regs {
 #define PR_SET_MM 35
 #define O_ACCMODE 3
 #define PROC_SUPER_MAGIC 0x9fa0
+#define FMODE_READ 0x1
 #define FMODE_WRITE 0x2
 #define SOCK_PACKET 10
 #define SIGKILL 9
@@ -2084,7 +2085,12 @@ int tether_sysexit(struct bpf_raw_tracepoint_args *ctx)
 	/* An open that returned a /proc/<pid>/mem file: to write (a change),
 	 * or only to read (an exposure), by the file's own mode (the call's
 	 * flags could be changed under us). */
-	__u32 bit = (BPF_CORE_READ(f, f_mode) & FMODE_WRITE) ? TAINT_MEM_WRITE : TAINT_MEM_READ;
+	__u32 mode = BPF_CORE_READ(f, f_mode);
+	/* O_PATH: neither mode, no access check, nothing readable; anyone
+	 * may make one, so it must mark nothing. */
+	if (!(mode & (FMODE_READ | FMODE_WRITE)))
+		return 0;
+	__u32 bit = (mode & FMODE_WRITE) ? TAINT_MEM_WRITE : TAINT_MEM_READ;
 	struct inode *inode = BPF_CORE_READ(f, f_inode);
 	if (BPF_CORE_READ(inode, i_sb, s_magic) != PROC_SUPER_MAGIC)
 		return 0;

@@ -848,8 +848,9 @@ fn the_memory_of_another_process_cannot_be_read_from_the_workload() {
 
     // Attempts that read nothing mark nothing (else anyone could strip any
     // process of its authority with a call that fails): a fresh victim,
-    // after the workload's fatal process_vm_readv and another uid's, which
-    // the kernel refuses, keeps its authority.
+    // after the workload's fatal process_vm_readv, another uid's, which the
+    // kernel refuses, and that uid's O_PATH opens of its mem and environ,
+    // keeps its authority.
     let (mut victim, _) = s.idle_redis_cli();
     let vpid = victim.id();
     let o = in_workload(&s.cg, python())
@@ -870,6 +871,12 @@ fn the_memory_of_another_process_cannot_be_read_from_the_workload() {
     assert!(
         out.contains(&format!("RETURNED -1 {}", libc::EPERM)),
         "another uid read the victim: {out}"
+    );
+    // Nor does a descriptor of its memory that reads nothing (O_PATH, which
+    // any user may open).
+    assert!(
+        out.contains("OPATH mem 1") && out.contains("OPATH environ 1"),
+        "O_PATH opens of the victim's mem and environ: {out}"
     );
     let mut stdin = victim.stdin.take().expect("stdin");
     writeln!(stdin, "SET still yes").expect("victim stdin");
