@@ -136,12 +136,20 @@ struct policy_key {
 };
 
 struct verdict {
-	__u32 allow;
+	__u32 allow; /* VERDICT_F_*: 0 denies */
 	__u32 rule;
 	/* CLOCK_BOOTTIME ns after which this verdict no longer allows (0:
 	 * never). Set on verdicts that depend on a condition such as a time
 	 * window, so they lapse even if the agent stops refreshing them. */
 	__u64 expires_ns;
+};
+
+/* What a `policy` entry grants. */
+enum verdict_flag {
+	VERDICT_F_ALLOW = 1,
+	/* Allowed, and the agent adds a credential to the connection: it is
+	 * redirected to the agent, which injects it on the way out. */
+	VERDICT_F_INJECT = 2,
 };
 
 enum verdict_code {
@@ -153,6 +161,8 @@ enum verdict_code {
 	VERDICT_MESH_DOWN = 5,  /* allowed, but no agent to tunnel it: refused */
 	VERDICT_PLAINTEXT = 6,  /* permissive Service accepted plaintext (ingress) */
 	VERDICT_TAINT = 7,      /* a process was marked (event of HOOK_TAINT) */
+	VERDICT_INJECT = 8,     /* allowed, redirected to the agent, which injects */
+	VERDICT_INJECT_DOWN = 9, /* allowed with injection, but no agent: refused */
 };
 
 /* Why a decision went the way it did, beyond the verdict. */
@@ -224,6 +234,7 @@ struct redirect {
 enum redirect_kind {
 	REDIRECT_HELD = 0, /* unattested: the agent decides */
 	REDIRECT_MESH = 1, /* allowed: the agent tunnels */
+	REDIRECT_INJECT = 2, /* allowed: the agent adds the credential */
 };
 
 struct held_key {
@@ -245,6 +256,15 @@ struct guard {
 	__u32 service_id;
 	__u64 exec_id;
 	__u64 start_ns;
+	__u32 flags; /* GUARD_* */
+	__u32 pad;
+};
+
+enum guard_flag {
+	/* Only the maker may send: the agent may add a credential to what
+	 * reaches it (injected, or held and decided later), which nobody
+	 * else's verdict entitles them to. */
+	GUARD_MAKER_ONLY = 1,
 };
 
 enum hook_code {
@@ -270,6 +290,7 @@ enum stat_index {
 	STAT_SEND_DENIED = 8,     /* sends refused on guarded connections */
 	STAT_UNGUARDED = 9,       /* protected connections the guard map had no room for */
 	STAT_SOCKET_DENIED = 10,  /* raw/packet sockets refused */
+	STAT_INJECT = 11,         /* allowed connects redirected for injection */
 	STAT_MAX = 16, /* room to grow without changing the pinned map */
 };
 
@@ -318,6 +339,8 @@ struct tether_abi {
 	enum proc_flag proc_flag;
 	enum exec_flag exec_flag;
 	enum verdict_code verdict_code;
+	enum verdict_flag verdict_flag;
+	enum guard_flag guard_flag;
 	enum reason_code reason_code;
 	enum hold_flag hold_flag;
 	enum redirect_kind redirect_kind;
@@ -337,7 +360,7 @@ _Static_assert(sizeof(struct redirect) == 72, "redirect ABI");
 _Static_assert(__builtin_offsetof(struct redirect, exec_id) == 40, "redirect ABI");
 _Static_assert(sizeof(struct held_key) == 20, "held_key ABI");
 _Static_assert(sizeof(struct held) == 80, "held ABI");
-_Static_assert(sizeof(struct guard) == 24, "guard ABI");
+_Static_assert(sizeof(struct guard) == 32, "guard ABI");
 _Static_assert(__builtin_offsetof(struct event, verdict) == 44, "event ABI");
 _Static_assert(__builtin_offsetof(struct event, addr) == 48, "event ABI");
 _Static_assert(__builtin_offsetof(struct event, hook) == 64, "event ABI");
@@ -847,7 +870,7 @@ static __always_inline bool is_current(struct proc_state *ps, struct exec_rec *r
 
 /* The verdict `ps`'s subject has for a service, honouring expiry. */
 static __always_inline __u8 verdict_for(__u32 subject, __u32 service_id, __u32 *rule,
-					 __u8 *reason)
+					 __u8 *reason, bool *inject)
 {
 	struct policy_key pk = { .subject = subject, .service_id = service_id };
 	struct verdict *v = bpf_map_lookup_elem(&policy, &pk);
@@ -855,8 +878,9 @@ static __always_inline __u8 verdict_for(__u32 subject, __u32 service_id, __u32 *
 	if (!v)
 		return VERDICT_DENY; /* protected means deny by default */
 	*rule = v->rule;
-	if (!v->allow)
+	if (!(v->allow & VERDICT_F_ALLOW))
 		return VERDICT_DENY;
+	*inject = v->allow & VERDICT_F_INJECT;
 	if (v->expires_ns && bpf_ktime_get_boot_ns() > v->expires_ns) {
 		*reason = REASON_EXPIRED;
 		return VERDICT_DENY;
@@ -931,7 +955,7 @@ static __always_inline bool to_agent(struct bpf_sock_addr *ctx, __u8 hook, __u32
 /* Remembers who made a protected TCP connection; sock_ops puts the socket
  * in `guarded` once it is established. */
 static __always_inline bool guard_socket(struct bpf_sock_addr *ctx, __u32 tgid, __u32 service_id,
-					 struct exec_rec *rec)
+					 struct exec_rec *rec, __u32 flags)
 {
 	struct guard *g = bpf_sk_storage_get(&guards, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 
@@ -941,6 +965,8 @@ static __always_inline bool guard_socket(struct bpf_sock_addr *ctx, __u32 tgid, 
 	g->service_id = service_id;
 	g->exec_id = rec ? rec->exec_id : 0;
 	g->start_ns = rec ? rec->start_ns : 0;
+	g->flags = flags;
+	g->pad = 0;
 	return true;
 }
 
@@ -1036,12 +1062,23 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 				  ? VERDICT_HELD
 				  : VERDICT_UNATTESTED;
 	} else {
+		bool inject = false;
+
 		subject = ps->subject;
-		verdict = verdict_for(subject, service_id, &rule, &reason);
+		verdict = verdict_for(subject, service_id, &rule, &reason, &inject);
+		/* A connection that carries an injected credential goes through
+		 * the agent, or not at all: without the agent the service would
+		 * see the client unauthenticated, and the client may hold
+		 * nothing better than a placeholder. */
+		if (verdict == VERDICT_ALLOW && inject)
+			verdict = to_agent(ctx, hook, protocol, &key, mapped, tgid, (__u32)id,
+					   (__u32)ug, service_id, REDIRECT_INJECT, rec)
+					  ? VERDICT_INJECT
+					  : VERDICT_INJECT_DOWN;
 		/* A fronted Service is reached through the tunnel only; without
 		 * an agent to carry it the connect fails rather than go out in
 		 * plaintext (the far side would drop it anyway). */
-		if (verdict == VERDICT_ALLOW && (svc_flags & SVC_MESH))
+		else if (verdict == VERDICT_ALLOW && (svc_flags & SVC_MESH))
 			verdict = to_agent(ctx, hook, protocol, &key, mapped, tgid, (__u32)id,
 					   (__u32)ug, service_id, REDIRECT_MESH, rec)
 					  ? VERDICT_MESH
@@ -1053,11 +1090,15 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u8 hook, bool v6)
 	     : verdict == VERDICT_HELD	 ? STAT_HELD
 	     : verdict == VERDICT_MESH	 ? STAT_MESH
 	     : verdict == VERDICT_MESH_DOWN ? STAT_DENY
+	     : verdict == VERDICT_INJECT	 ? STAT_INJECT
+	     : verdict == VERDICT_INJECT_DOWN ? STAT_DENY
 					 : STAT_UNATTESTED);
 
-	bool pass = verdict == VERDICT_ALLOW || verdict == VERDICT_HELD || verdict == VERDICT_MESH;
+	bool pass = verdict == VERDICT_ALLOW || verdict == VERDICT_HELD || verdict == VERDICT_MESH ||
+		    verdict == VERDICT_INJECT;
+	__u32 gflags = verdict == VERDICT_INJECT || verdict == VERDICT_HELD ? GUARD_MAKER_ONLY : 0;
 	/* A connection that could not be guarded is not made (counted). */
-	if (pass && tcp_connect && !guard_socket(ctx, tgid, service_id, rec)) {
+	if (pass && tcp_connect && !guard_socket(ctx, tgid, service_id, rec, gflags)) {
 		bump(STAT_UNGUARDED);
 		pass = false;
 		verdict = VERDICT_DENY;
@@ -1297,9 +1338,12 @@ int tether_send(struct sk_msg_md *msg)
 		if (tgid == g->tgid && rec && rec->exec_id == g->exec_id &&
 		    rec->start_ns == g->start_ns)
 			return SK_PASS;
-		if (is_current(ps, rec)) {
+		bool inject = false;
+
+		if (is_current(ps, rec) && !(g->flags & GUARD_MAKER_ONLY)) {
 			subject = ps->subject;
-			if (verdict_for(subject, g->service_id, &rule, &reason) == VERDICT_ALLOW)
+			if (verdict_for(subject, g->service_id, &rule, &reason, &inject) ==
+			    VERDICT_ALLOW)
 				return SK_PASS;
 		}
 		if (!reason)

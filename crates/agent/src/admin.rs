@@ -19,10 +19,12 @@ pub struct AdminApi {
     pub tracker: Arc<Tracker>,
     pub enforcement: Option<Arc<crate::enforce::Enforcement>>,
     pub mesh: Option<Arc<crate::proxy::mesh::Mesh>>,
+    /// Live tunnels and injected connections.
+    pub tunnels: Arc<crate::proxy::mesh::Tunnels>,
     pub node: String,
     /// Every audit record of this agent (connections and credentials).
     pub audit: Arc<crate::audit::AuditLog>,
-    pub held: Arc<crate::deliver::credfs::Held>,
+    pub held: Arc<crate::deliver::fetch::Held>,
 }
 
 #[tonic::async_trait]
@@ -119,13 +121,14 @@ impl AgentAdmin for AdminApi {
         &self,
         _req: Request<ConnectionsRequest>,
     ) -> Result<Response<JsonResponse>, Status> {
-        let m = self.mesh.as_ref().ok_or_else(|| {
-            Status::failed_precondition(
-                "the mesh is not enabled on this agent (--enforce-cgroup and --mesh-port)",
-            )
-        })?;
+        if self.enforcement.is_none() {
+            return Err(Status::failed_precondition(
+                "this agent does not enforce (--enforce-cgroup): it carries no connections",
+            ));
+        }
         let out = serde_json::json!({
-            "node": self.node, "meshPort": m.port(), "connections": m.connections(),
+            "node": self.node, "meshPort": self.mesh.as_ref().map(|m| m.port()),
+            "connections": self.tunnels.list(),
         });
         Ok(Response::new(JsonResponse {
             json: serde_json::to_string_pretty(&out).unwrap_or_default(),

@@ -12,11 +12,11 @@ use anyhow::Context as _;
 
 use crate::audit::AuditLog;
 use crate::clock::{self, Clock};
-use crate::deliver::{credfs, workload_api};
+use crate::deliver::{credfs, fetch, workload_api};
 use crate::identity;
 use crate::identity::node::NodeConn;
 use crate::metrics::{self, Metrics};
-use crate::proxy::{hold, mesh};
+use crate::proxy::{hold, inject, mesh};
 use crate::state::registry::Registry;
 use crate::state::tracker::{self, Tracker};
 use crate::{admin, enforce, host_addrs};
@@ -283,7 +283,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
     }
     observers.push(tunnels.clone());
     // Fetched credentials go when their process does.
-    let held = Arc::new(credfs::Held::default());
+    let held = Arc::new(fetch::Held::default());
     observers.push(held.clone());
     let tracker = Tracker::new(
         reg_rx,
@@ -293,6 +293,14 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         cfg.hash_limits,
         observers,
     );
+    // One fetcher (and cache) for files and injected connections alike.
+    let fetcher = Arc::new(fetch::Fetcher::new(
+        tracker.clone(),
+        held.clone(),
+        node.clone(),
+        audit.clone(),
+        metrics.clone(),
+    ));
 
     let mut tasks = Vec::new();
     let mut mesh = None;
@@ -347,7 +355,14 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
             tracker: tracker.clone(),
             enf: e.clone(),
         });
-        tasks.extend(hold.serve(ports, mesh.clone(), metrics.clone()));
+        let injector = inject::Injector::new(
+            tracker.clone(),
+            fetcher.clone(),
+            audit.clone(),
+            metrics.clone(),
+            tunnels.clone(),
+        );
+        tasks.extend(hold.serve(ports, mesh.clone(), Some(injector), metrics.clone()));
     }
     tasks.push(tokio::spawn(watch_registry(
         node.clone(),
@@ -380,8 +395,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         Some(dir) => {
             let fs = credfs::CredFs::new(
                 tracker.clone(),
-                held.clone(),
-                node.clone(),
+                fetcher.clone(),
                 audit.clone(),
                 metrics.clone(),
                 tokio::runtime::Handle::current(),
@@ -406,6 +420,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
             tracker: tracker.clone(),
             enforcement: enforcement.clone(),
             mesh,
+            tunnels: tunnels.clone(),
             node: cfg.node_name.clone(),
             audit: audit.clone(),
             held: held.clone(),

@@ -59,6 +59,9 @@ pub struct Verdicts {
     /// Services allowed only by a policy with a condition: their kernel
     /// verdicts expire unless refreshed.
     pub conditional: BTreeSet<u32>,
+    /// Allowed Services a CredentialBinding of the process's identities
+    /// injects into: the kernel sends those connects to the agent.
+    pub inject: BTreeSet<u32>,
 }
 
 /// Why ingress was refused (the tunnel audits it and resets).
@@ -232,9 +235,19 @@ fn allowed_by(
         .filter(|id| !unconditional.contains(id))
         .copied()
         .collect();
+    // A binding gives a credential; only a policy gives access. A Service
+    // the identity may not reach is refused, credential or not.
+    let inject = reg
+        .bindings
+        .iter()
+        .filter(|b| identities.contains(&b.identity))
+        .filter_map(|b| names.services.get(&b.inject.as_ref()?.service).copied())
+        .filter(|id| allowed.contains_key(id))
+        .collect();
     Verdicts {
         allowed,
         conditional,
+        inject,
     }
 }
 

@@ -8,7 +8,7 @@
 //! connect; no entry means deny. Verdicts are written before the process's
 //! subject, so a process never runs with half its verdicts.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +38,8 @@ struct ProcEntry {
     /// service id -> rule id, as written to the kernel (those resting on a
     /// condition with an expiry, refreshed on every condition tick).
     allowed: BTreeMap<u32, u32>,
+    /// Allowed Services whose connections the agent injects into.
+    inject: BTreeSet<u32>,
 }
 
 /// The registry and what was compiled from it, under one lock so no reader
@@ -78,6 +80,9 @@ pub struct Enforcement {
 #[derive(Debug, Clone)]
 pub struct HeldDecision {
     pub allow: bool,
+    /// Allowed, and a CredentialBinding of the process's identities
+    /// injects into the Service: the agent carries it and adds it.
+    pub inject: bool,
     pub rule: String,
     /// Why, for denials that are not policy (attestation failed, ...).
     pub reason: Option<String>,
@@ -274,6 +279,7 @@ impl Enforcement {
         let decide::Verdicts {
             allowed,
             conditional,
+            inject,
         } = self.evaluate(Some(info), &identities, &spiffe_ids);
         let expires = tether_kernel::boottime_ns().saturating_add(CONDITIONAL_TTL_NS);
         let expiry = |svc: &u32| {
@@ -292,13 +298,22 @@ impl Enforcement {
                 && p.info.selectors() == info.selectors()
                 && p.info.exec == info.exec
         });
-        if same && let Some(p) = procs.get(&info.pid).filter(|p| p.allowed == allowed) {
+        if same
+            && let Some(p) = procs
+                .get(&info.pid)
+                .filter(|p| p.allowed == allowed && p.inject == inject)
+        {
             // Unchanged: only the conditional verdicts need a new expiry.
             for svc in &conditional {
                 if let Some(rule) = p.allowed.get(svc)
-                    && let Err(e) = self
-                        .kernel
-                        .set_verdict(p.subject, *svc, true, *rule, expires)
+                    && let Err(e) = self.kernel.set_verdict_with(
+                        p.subject,
+                        *svc,
+                        true,
+                        p.inject.contains(svc),
+                        *rule,
+                        expires,
+                    )
                 {
                     tracing::error!(error = %e, "refreshing a conditional verdict failed");
                 }
@@ -309,10 +324,14 @@ impl Enforcement {
         // never apply to the new one.
         let subject = self.next_subject.fetch_add(1, Ordering::Relaxed);
         for (svc, rule) in &allowed {
-            if let Err(e) = self
-                .kernel
-                .set_verdict(subject, *svc, true, *rule, expiry(svc))
-            {
+            if let Err(e) = self.kernel.set_verdict_with(
+                subject,
+                *svc,
+                true,
+                inject.contains(svc),
+                *rule,
+                expiry(svc),
+            ) {
                 tracing::error!(error = %e, "writing verdict failed");
             }
         }
@@ -333,6 +352,7 @@ impl Enforcement {
                 identities,
                 spiffe_ids,
                 allowed,
+                inject,
             },
         ) {
             for svc in old.allowed.keys() {
@@ -377,18 +397,21 @@ impl Enforcement {
             .get(&pid)
             .filter(|p| p.exec_id == exec_id && p.start_time == start_time)?;
         let rule = p.allowed.get(&service_id).copied();
+        let inject = p.inject.contains(&service_id);
         let proc = Some((p.info.clone(), p.spiffe_ids.clone()));
         drop(procs);
         let c = Self::lock(&self.compiled);
         Some(match rule {
             Some(r) => HeldDecision {
                 allow: true,
+                inject,
                 rule: c.names.rule_name(r),
                 reason: None,
                 proc,
             },
             None => HeldDecision {
                 allow: false,
+                inject: false,
                 rule: DEFAULT_DENY.to_string(),
                 // No identity because of the exec checks? Say so.
                 reason: proc.as_ref().and_then(|(info, ids)| {
@@ -634,7 +657,14 @@ impl Enforcement {
             (_, Reason::RawSocket) => "raw-socket".to_string(),
             (_, Reason::Expired) => "expired".to_string(),
             (_, Reason::Unguarded) => "unguarded".to_string(),
-            (Decision::Allow | Decision::Mesh | Decision::MeshDown, _) => {
+            (
+                Decision::Allow
+                | Decision::Mesh
+                | Decision::MeshDown
+                | Decision::Inject
+                | Decision::InjectDown,
+                _,
+            ) => {
                 c.names.rule_name(ev.rule)
             }
             (Decision::Unattested | Decision::Held, _) => "unattested".to_string(),
@@ -647,6 +677,9 @@ impl Enforcement {
             // The tunnel's own record follows, naming the peer.
             Decision::Mesh => "allow-mesh",
             Decision::MeshDown => "deny-mesh-unavailable",
+            // The injector's own record follows, naming the binding.
+            Decision::Inject => "allow-inject",
+            Decision::InjectDown => "deny-inject-unavailable",
             Decision::Deny | Decision::Taint => "deny",
             Decision::Unattested => "deny-unattested",
             // Only for a held connection the agent never received.

@@ -33,6 +33,12 @@ pub struct TunnelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InjectLabels {
+    protocol: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
     method: String,
     code: String,
@@ -56,6 +62,7 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     held: Family<OutcomeLabels, Counter>,
     tunnels: Family<TunnelLabels, Counter>,
+    injected: Family<InjectLabels, Counter>,
     credential_reads: Family<OutcomeLabels, Counter>,
     credential_fetches: Family<FetchLabels, Counter>,
     pub credential_fetch_seconds: Histogram,
@@ -75,6 +82,7 @@ impl Metrics {
             decisions: Family::default(),
             held: Family::default(),
             tunnels: Family::default(),
+            injected: Family::default(),
             credential_reads: Family::default(),
             credential_fetches: Family::default(),
             // 1 ms to about 8 s.
@@ -134,6 +142,11 @@ impl Metrics {
             m.tunnels.clone(),
         );
         registry.register(
+            "injected_connections",
+            "Connections the agent carried to add a credential, by protocol and outcome",
+            m.injected.clone(),
+        );
+        registry.register(
             "credential_reads",
             "Credential filesystem requests by outcome (allowed, denied, error)",
             m.credential_reads.clone(),
@@ -164,6 +177,15 @@ impl Metrics {
         self.tunnels
             .get_or_create(&TunnelLabels {
                 direction: direction.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn injected_connection(&self, protocol: &str, outcome: &str) {
+        self.injected
+            .get_or_create(&InjectLabels {
+                protocol: protocol.to_string(),
                 outcome: outcome.to_string(),
             })
             .inc();

@@ -402,6 +402,12 @@ pub(crate) struct HoldCfg {
 /// `redirect.kind`: an allowed connect to a meshed Service (the other
 /// kind, 0, is a connection held for attestation).
 pub(crate) const REDIRECT_MESH: u8 = 1;
+/// `redirect.kind`: an allowed connect whose credential the agent injects.
+pub(crate) const REDIRECT_INJECT: u8 = 2;
+
+/// `verdict.allow` bits (`enum verdict_flag`).
+pub(crate) const VERDICT_F_ALLOW: u32 = 1;
+pub(crate) const VERDICT_F_INJECT: u32 = 2;
 
 pub(crate) const HOLD_V4: u8 = 1;
 pub(crate) const HOLD_V6: u8 = 2;
@@ -442,6 +448,9 @@ pub struct HeldConnection {
     /// An allowed connect to a meshed Service (the agent tunnels it), not a
     /// process waiting to be attested.
     pub mesh: bool,
+    /// An allowed connect whose credential the agent injects (the kernel
+    /// found the inject flag on the process's verdict).
+    pub inject: bool,
     /// `execs[tgid]` at connect(): the image that made the connection.
     pub exec_id: u64,
     /// Process start time, CLOCK_BOOTTIME ns (what /proc/<pid>/stat's
@@ -463,6 +472,7 @@ impl HeldRaw {
             ),
             flow_v6: b[f::FLOW_V6] != 0,
             mesh: b[f::KIND] == REDIRECT_MESH,
+            inject: b[f::KIND] == REDIRECT_INJECT,
             tgid: u32_at(b, f::TGID),
             pid: u32_at(b, f::PID),
             uid: u32_at(b, f::UID),
@@ -507,6 +517,7 @@ pub(crate) const STAT_TAINTED: u32 = 7;
 pub(crate) const STAT_SEND_DENIED: u32 = 8;
 pub(crate) const STAT_UNGUARDED: u32 = 9;
 pub(crate) const STAT_SOCKET_DENIED: u32 = 10;
+pub(crate) const STAT_INJECT: u32 = 11;
 /// Entries of the `stats` array.
 pub(crate) const STAT_MAX: u32 = 16;
 
@@ -550,6 +561,10 @@ pub enum Decision {
     /// Allowed to a meshed Service, but no agent was there to tunnel it:
     /// refused rather than sent in plaintext.
     MeshDown,
+    /// Allowed, and the agent injects a credential: redirected to it.
+    Inject,
+    /// Allowed with injection, but no agent was there to inject: refused.
+    InjectDown,
     /// A permissive Service on this host accepted a plaintext connection
     /// from another host ([`Hook::Ingress`]; `addr`/`port` are the peer's).
     Plaintext,
@@ -569,6 +584,8 @@ impl Decision {
             5 => Self::MeshDown,
             6 => Self::Plaintext,
             7 => Self::Taint,
+            8 => Self::Inject,
+            9 => Self::InjectDown,
             _ => return None,
         })
     }

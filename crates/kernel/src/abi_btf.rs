@@ -481,12 +481,13 @@ fn every_shared_layout_is_checked() {
         "event",
     ];
     // Socket storage written and read by the programs only.
-    const KERNEL_ONLY: [&str; 1] = ["guard"];
-    const ENUMS: [&str; 9] = [
+    const KERNEL_ONLY: [&str; 2] = ["guard", "guard_flag"];
+    const ENUMS: [&str; 10] = [
         "svc_flag",
         "proc_flag",
         "exec_flag",
         "verdict_code",
+        "verdict_flag",
         "reason_code",
         "hold_flag",
         "redirect_kind",
@@ -542,6 +543,15 @@ fn constants(b: &Btf) {
         &[
             ("REDIRECT_HELD", 0),
             ("REDIRECT_MESH", abi::REDIRECT_MESH.into()),
+            ("REDIRECT_INJECT", abi::REDIRECT_INJECT.into()),
+        ],
+    );
+    check_enum(
+        b,
+        "verdict_flag",
+        &[
+            ("VERDICT_F_ALLOW", abi::VERDICT_F_ALLOW.into()),
+            ("VERDICT_F_INJECT", abi::VERDICT_F_INJECT.into()),
         ],
     );
     check_enum(
@@ -584,6 +594,7 @@ fn constants(b: &Btf) {
             ("STAT_SEND_DENIED", abi::STAT_SEND_DENIED.into()),
             ("STAT_UNGUARDED", abi::STAT_UNGUARDED.into()),
             ("STAT_SOCKET_DENIED", abi::STAT_SOCKET_DENIED.into()),
+            ("STAT_INJECT", abi::STAT_INJECT.into()),
             ("STAT_MAX", abi::STAT_MAX.into()),
         ],
     );

@@ -81,8 +81,8 @@ use crate::{
         DstKeyData, DstPrefix, ExecRaw, ExecRecord, HOLD_V4, HOLD_V6, HeldConnection, HeldKey,
         HeldRaw, HoldCfg, PROC_AGENT, PolicyKey, ProcState, Proto, STAT_ALLOW, STAT_DENY,
         STAT_DROPPED_EVENTS, STAT_HELD, STAT_INGRESS_DROPPED, STAT_MAX, STAT_MESH,
-        STAT_SEND_DENIED, STAT_SOCKET_DENIED, STAT_TAINTED, STAT_UNATTESTED, STAT_UNGUARDED,
-        ScopeValue, ServiceFlags, SvcValue, VerdictValue,
+        STAT_INJECT, STAT_SEND_DENIED, STAT_SOCKET_DENIED, STAT_TAINTED, STAT_UNATTESTED, STAT_UNGUARDED,
+        ScopeValue, ServiceFlags, SvcValue, VERDICT_F_ALLOW, VERDICT_F_INJECT, VerdictValue,
     },
     error::{chain, map_err, program_err},
     events::EventReader,
@@ -117,6 +117,8 @@ pub struct Stats {
     pub held: u64,
     /// Allowed connects redirected to the agent's mesh tunnel.
     pub meshed: u64,
+    /// Allowed connects redirected to the agent for credential injection.
+    pub injected: u64,
     /// Packets from other hosts dropped at a Service agents front.
     pub ingress_dropped: u64,
     /// Processes marked (ptrace, memory written, PR_SET_MM, traced at exec).
@@ -155,6 +157,8 @@ pub struct VerdictEntry {
     pub subject: u32,
     pub service_id: u32,
     pub allow: bool,
+    /// Allowed connects are redirected to the agent for injection.
+    pub inject: bool,
     pub rule: u32,
     /// CLOCK_BOOTTIME ns after which it no longer allows; 0: never.
     pub expires_ns: u64,
@@ -1301,12 +1305,31 @@ impl Enforcer {
         rule: u32,
         expires_ns: u64,
     ) -> Result<(), KernelError> {
+        self.set_verdict_with(subject, service_id, allow, false, rule, expires_ns)
+    }
+
+    /// As [`Enforcer::set_verdict`]; `inject`: an allowed connect is
+    /// redirected to the agent, which adds a credential to it.
+    pub fn set_verdict_with(
+        &self,
+        subject: u32,
+        service_id: u32,
+        allow: bool,
+        inject: bool,
+        rule: u32,
+        expires_ns: u64,
+    ) -> Result<(), KernelError> {
         let k = PolicyKey {
             subject,
             service_id,
         };
+        let flags = if allow {
+            VERDICT_F_ALLOW | if inject { VERDICT_F_INJECT } else { 0 }
+        } else {
+            0
+        };
         let v = VerdictValue {
-            allow: u32::from(allow),
+            allow: flags,
             rule,
             expires_ns,
         };
@@ -1336,7 +1359,8 @@ impl Enforcer {
             out.push(VerdictEntry {
                 subject: k.subject,
                 service_id: k.service_id,
-                allow: v.allow != 0,
+                allow: v.allow & VERDICT_F_ALLOW != 0,
+                inject: v.allow & VERDICT_F_INJECT != 0,
                 rule: v.rule,
                 expires_ns: v.expires_ns,
             });
@@ -1381,6 +1405,7 @@ impl Enforcer {
             unattested: get(STAT_UNATTESTED)?,
             held: get(STAT_HELD)?,
             meshed: get(STAT_MESH)?,
+            injected: get(STAT_INJECT)?,
             ingress_dropped: get(STAT_INGRESS_DROPPED)?,
             tainted: get(STAT_TAINTED)?,
             sends_denied: get(STAT_SEND_DENIED)?,

@@ -75,6 +75,7 @@ fn a_crashed_agent_stays_closed_and_the_next_one_adopts() {
             subject: 7,
             service_id: 1,
             allow: true,
+            inject: false,
             rule: 70,
             expires_ns: 0
         }]

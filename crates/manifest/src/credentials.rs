@@ -115,6 +115,22 @@ impl CredentialBindingSpec {
     /// The spec as a manifest writes it.
     pub fn manifest_value(&self) -> serde_json::Value {
         let mut v = serde_json::json!({ "identity": self.identity, "source": self.source });
+        if let Some(i) = &self.inject {
+            let proto = match &i.protocol {
+                InjectProtocol::Http { header, scheme } => {
+                    serde_json::json!({ "http": { "header": header, "scheme": scheme.as_str() } })
+                }
+                InjectProtocol::Redis { user } => match user {
+                    Some(u) => serde_json::json!({ "redis": { "user": u } }),
+                    None => serde_json::json!({ "redis": {} }),
+                },
+            };
+            let mut inject = serde_json::json!({ "service": i.service });
+            if let (Some(o), serde_json::Value::Object(p)) = (inject.as_object_mut(), proto) {
+                o.extend(p);
+            }
+            v["inject"] = inject;
+        }
         if let Some(f) = &self.file {
             v["file"] = serde_json::json!({
                 "name": f.name,
@@ -152,7 +168,8 @@ pub struct CredentialFile {
     pub mode: u32,
 }
 
-/// Which identity receives which source, and how.
+/// Which identity receives which source, and how: as a file, injected into
+/// its connections to a Service, or both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CredentialBindingSpec {
@@ -161,6 +178,62 @@ pub struct CredentialBindingSpec {
     /// A CredentialSource name.
     pub source: String,
     pub file: Option<CredentialFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inject: Option<Injection>,
+}
+
+/// Connections of the bound identity's processes to `service` are carried
+/// by the agent, which adds the credential on the way out: the process
+/// never holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Injection {
+    /// A Service name.
+    pub service: String,
+    pub protocol: InjectProtocol,
+}
+
+/// What the agent speaks to add the credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum InjectProtocol {
+    /// HTTP/1.1: `header` is set on every request (any value the client
+    /// sent in it is removed).
+    Http { header: String, scheme: HttpScheme },
+    /// Redis: AUTH (with `user`, an ACL user, when given) before any client
+    /// byte is relayed.
+    Redis { user: Option<String> },
+}
+
+impl InjectProtocol {
+    pub fn name(&self) -> &'static str {
+        match self {
+            InjectProtocol::Http { .. } => "http",
+            InjectProtocol::Redis { .. } => "redis",
+        }
+    }
+}
+
+/// How an HTTP header carries the credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HttpScheme {
+    /// `Bearer <value>`.
+    Bearer,
+    /// `Basic <base64(value)>`; the value is `user:password`.
+    Basic,
+    /// The value as it is.
+    Raw,
+}
+
+impl HttpScheme {
+    fn as_str(self) -> &'static str {
+        match self {
+            HttpScheme::Bearer => "bearer",
+            HttpScheme::Basic => "basic",
+            HttpScheme::Raw => "raw",
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -218,6 +291,28 @@ pub(crate) struct RawBinding {
     identity: Option<String>,
     source: Option<String>,
     file: Option<RawFile>,
+    inject: Option<RawInject>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawInject {
+    service: Option<String>,
+    http: Option<RawHttp>,
+    redis: Option<RawRedis>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHttp {
+    header: Option<String>,
+    scheme: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRedis {
+    user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -405,10 +500,101 @@ pub(crate) fn validate_binding(raw: RawBinding) -> Result<CredentialBindingSpec,
     validate_name(&identity).map_err(|m| ("spec.identity".to_owned(), m))?;
     let source = raw.source.ok_or_else(|| missing("spec.source"))?;
     validate_name(&source).map_err(|m| ("spec.source".to_owned(), m))?;
-    let Some(f) = raw.file else {
-        // Part 2 adds injection; today a file is the only delivery.
-        return Err(missing("spec.file"));
+    let inject = raw.inject.map(validate_inject).transpose()?;
+    let file = match raw.file {
+        Some(f) => Some(validate_file(f)?),
+        None if inject.is_some() => None,
+        None => {
+            return Err((
+                "spec".into(),
+                "a binding delivers by file, inject, or both: give at least one".into(),
+            ));
+        }
     };
+    Ok(CredentialBindingSpec {
+        identity,
+        source,
+        file,
+        inject,
+    })
+}
+
+/// Longest header name or ACL user name accepted.
+const MAX_TOKEN: usize = 128;
+
+fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
+    let service = raw.service.ok_or_else(|| missing("spec.inject.service"))?;
+    validate_name(&service).map_err(|m| ("spec.inject.service".to_owned(), m))?;
+    let protocol = match (raw.http, raw.redis) {
+        (Some(h), None) => {
+            let header = h.header.unwrap_or_else(|| "Authorization".into());
+            // An RFC 9110 token; never a header that frames the message or
+            // names the hop, which would let the credential rewrite them.
+            let token = !header.is_empty()
+                && header.len() <= MAX_TOKEN
+                && header
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            let framing = [
+                "content-length",
+                "transfer-encoding",
+                "host",
+                "connection",
+                "upgrade",
+                "te",
+                "trailer",
+                "expect",
+            ]
+            .contains(&header.to_ascii_lowercase().as_str());
+            if !token || framing {
+                return Err((
+                    "spec.inject.http.header".into(),
+                    format!("{header:?}: a header name (RFC 9110 token), not one that frames the message"),
+                ));
+            }
+            let scheme = match h.scheme.as_deref().unwrap_or("bearer") {
+                "bearer" => HttpScheme::Bearer,
+                "basic" => HttpScheme::Basic,
+                "raw" => HttpScheme::Raw,
+                other => {
+                    return Err((
+                        "spec.inject.http.scheme".into(),
+                        format!("{other:?}: use bearer, basic or raw"),
+                    ));
+                }
+            };
+            InjectProtocol::Http { header, scheme }
+        }
+        (None, Some(r)) => {
+            if let Some(u) = &r.user
+                && (u.is_empty()
+                    || u.len() > MAX_TOKEN
+                    || u.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()))
+            {
+                return Err((
+                    "spec.inject.redis.user".into(),
+                    format!("{u:?}: 1 to {MAX_TOKEN} bytes, no spaces or control characters"),
+                ));
+            }
+            InjectProtocol::Redis { user: r.user }
+        }
+        (None, None) => {
+            return Err((
+                "spec.inject".into(),
+                "name the protocol: http or redis".into(),
+            ));
+        }
+        _ => {
+            return Err((
+                "spec.inject".into(),
+                "exactly one protocol (http or redis)".into(),
+            ));
+        }
+    };
+    Ok(Injection { service, protocol })
+}
+
+fn validate_file(f: RawFile) -> Result<CredentialFile, FieldError> {
     let name = f.name.ok_or_else(|| missing("spec.file.name"))?;
     if name.is_empty()
         || name.len() > 255
@@ -453,11 +639,7 @@ pub(crate) fn validate_binding(raw: RawBinding) -> Result<CredentialBindingSpec,
             ),
         ));
     }
-    Ok(CredentialBindingSpec {
-        identity,
-        source,
-        file: Some(CredentialFile { name, format, mode }),
-    })
+    Ok(CredentialFile { name, format, mode })
 }
 
 #[cfg(test)]
@@ -599,6 +781,68 @@ mod tests {
     }
 
     #[test]
+    fn injection_bindings_parse_write_back_and_name_bad_fields() {
+        for (spec, want) in [
+            (
+                "  identity: app\n  source: tok\n  inject: {service: web, http: {}}",
+                InjectProtocol::Http {
+                    header: "Authorization".into(),
+                    scheme: HttpScheme::Bearer,
+                },
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: web, http: {header: X-Api-Key, scheme: raw}}",
+                InjectProtocol::Http {
+                    header: "X-Api-Key".into(),
+                    scheme: HttpScheme::Raw,
+                },
+            ),
+            (
+                "  identity: app\n  source: pw\n  inject: {service: cache, redis: {user: app}}",
+                InjectProtocol::Redis {
+                    user: Some("app".into()),
+                },
+            ),
+        ] {
+            let r = one("CredentialBinding", spec);
+            let Resource::CredentialBinding { spec: got, .. } = &r else {
+                panic!("{r:?}");
+            };
+            assert_eq!(got.inject.as_ref().map(|i| &i.protocol), Some(&want));
+            assert!(got.file.is_none());
+            // What `tether get -o yaml` prints applies again, unchanged.
+            let again = crate::parse("again", r.to_yaml().as_bytes()).expect("reparse");
+            assert_eq!(again, vec![r.clone()], "{}", r.to_yaml());
+        }
+        for (spec, want) in [
+            ("  identity: app\n  source: tok\n  inject: {http: {}}", "spec.inject.service"),
+            ("  identity: app\n  source: tok\n  inject: {service: web}", "spec.inject"),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: web, http: {}, redis: {}}",
+                "spec.inject",
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: web, http: {header: Content-Length}}",
+                "spec.inject.http.header",
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: web, http: {header: 'X Y'}}",
+                "spec.inject.http.header",
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: web, http: {scheme: digest}}",
+                "spec.inject.http.scheme",
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: web, redis: {user: 'a b'}}",
+                "spec.inject.redis.user",
+            ),
+        ] {
+            assert_eq!(field_of("CredentialBinding", spec), want, "{spec}");
+        }
+    }
+
+    #[test]
     fn bindings_validate_names_files_and_modes() {
         let r = one(
             "CredentialBinding",
@@ -630,7 +874,7 @@ mod tests {
                 "spec.identity",
             ),
             ("  identity: app\n  file: {name: pw}", "spec.source"),
-            ("  identity: app\n  source: db", "spec.file"),
+            ("  identity: app\n  source: db", "spec"),
             (
                 "  identity: app\n  source: db\n  file: {name: ../pw}",
                 "spec.file.name",

@@ -12,8 +12,8 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 pub use credentials::{
-    CredentialBindingSpec, CredentialFile, CredentialSourceSpec, FileFormat, MAX_STATIC_BYTES,
-    OAuthGrant, REDACTED, client_id_allowed,
+    CredentialBindingSpec, CredentialFile, CredentialSourceSpec, FileFormat, HttpScheme,
+    InjectProtocol, Injection, MAX_STATIC_BYTES, OAuthGrant, REDACTED, client_id_allowed,
 };
 
 use serde::{Deserialize, Serialize};

@@ -58,10 +58,15 @@ impl AdminApi {
             let Resource::CredentialBinding { name, spec } = res else {
                 continue;
             };
+            let service = spec.inject.as_ref().map(|i| i.service.clone());
             for (field, kind, target) in [
-                ("spec.identity", "WorkloadIdentity", &spec.identity),
-                ("spec.source", "CredentialSource", &spec.source),
-            ] {
+                ("spec.identity", "WorkloadIdentity", Some(&spec.identity)),
+                ("spec.source", "CredentialSource", Some(&spec.source)),
+                ("spec.inject.service", "Service", service.as_ref()),
+            ]
+            .into_iter()
+            .filter_map(|(f, k, t)| Some((f, k, t?)))
+            {
                 if !exists(kind, target)? {
                     return Err(Status::invalid_argument(format!(
                         "{source}: resource {} (CredentialBinding {name:?}): {field}: {kind} {target:?} does not exist",

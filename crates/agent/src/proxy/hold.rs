@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use crate::BoxFuture;
 use crate::enforce::{Enforcement, HeldDecision};
 use crate::metrics::Metrics;
+use crate::proxy::inject::Injector;
 use crate::proxy::mesh::Mesh;
 use crate::state::registry::AgentService;
 use crate::state::tracker::Tracker;
@@ -82,8 +83,8 @@ pub trait HoldPorts: Send + Sync + 'static {
     /// Attests and tracks the process; resolves once its verdicts are
     /// written, or with why it could not be attested.
     fn attest(&self, pid: i32) -> BoxFuture<Result<(), String>>;
-    /// The Service with this kernel id, if it is meshed.
-    fn meshed(&self, service_id: u32) -> Option<AgentService>;
+    /// The Service with this kernel id.
+    fn service(&self, service_id: u32) -> Option<AgentService>;
     /// Records the decision (paired with the kernel's own event).
     fn audit(&self, rec: &HeldConnection, d: &HeldDecision);
 }
@@ -124,10 +125,8 @@ impl HoldPorts for AgentPorts {
         })
     }
 
-    fn meshed(&self, service_id: u32) -> Option<AgentService> {
-        self.enf
-            .service_by_id(service_id)
-            .filter(|s| s.spec.mesh.is_some())
+    fn service(&self, service_id: u32) -> Option<AgentService> {
+        self.enf.service_by_id(service_id)
     }
 
     fn audit(&self, rec: &HeldConnection, d: &HeldDecision) {
@@ -141,6 +140,8 @@ struct Ctx {
     /// The mesh, when this agent runs one: allowed connects to meshed
     /// Services are tunnelled.
     mesh: Option<Arc<Mesh>>,
+    /// Adds credentials to the connections of bound processes.
+    inject: Option<Arc<Injector>>,
     metrics: Arc<Metrics>,
     /// Held connections being decided, per process.
     deciding: Arc<KeyedSlots<u32>>,
@@ -155,6 +156,12 @@ pub enum Plan {
     Direct(HeldConnection),
     /// Allowed to a meshed Service: the tunnel takes it.
     Mesh {
+        rec: HeldConnection,
+        decision: Box<HeldDecision>,
+        service: Box<AgentService>,
+    },
+    /// Allowed, and a binding injects a credential: the injector carries it.
+    Inject {
         rec: HeldConnection,
         decision: Box<HeldDecision>,
         service: Box<AgentService>,
@@ -217,6 +224,7 @@ impl HoldListeners {
         self,
         ports: Arc<dyn HoldPorts>,
         mesh: Option<Arc<Mesh>>,
+        inject: Option<Arc<Injector>>,
         metrics: Arc<Metrics>,
     ) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
@@ -224,6 +232,7 @@ impl HoldListeners {
         let ctx = Arc::new(Ctx {
             ports,
             mesh,
+            inject,
             metrics,
             deciding: KeyedSlots::new(MAX_DECIDING_PER_PROCESS, MAX_HELD),
             attest_timeout: ATTEST_TIMEOUT,
@@ -277,6 +286,7 @@ async fn handle(
         &*ctx.ports,
         peer,
         ctx.mesh.is_some(),
+        ctx.inject.is_some(),
         &ctx.deciding,
         ctx.attest_timeout,
     )
@@ -303,6 +313,26 @@ async fn handle(
             drop(slot);
             mesh.outbound(client, &rec, ticks, &service, &decision.rule, decision.proc)
                 .await;
+            return;
+        }
+        Plan::Inject {
+            rec,
+            decision,
+            service,
+        } => {
+            let Some(inject) = ctx.inject.clone() else {
+                // plan() never injects without an injector.
+                metrics.held_connection(HeldOutcome::Error.label());
+                return reset(client);
+            };
+            if !rec.inject {
+                metrics.held_connection(HeldOutcome::Allowed.label());
+            }
+            let ticks = start_ticks(&rec);
+            inject
+                .serve(client, rec, ticks, *service, *decision, ctx.ports.clone())
+                .await;
+            drop(slot);
             return;
         }
         Plan::Direct(rec) => rec,
@@ -337,6 +367,7 @@ pub async fn plan(
     ports: &dyn HoldPorts,
     peer: SocketAddr,
     has_mesh: bool,
+    has_injector: bool,
     deciding: &Arc<KeyedSlots<u32>>,
     attest_timeout: Duration,
 ) -> Plan {
@@ -363,28 +394,59 @@ pub async fn plan(
     };
     let mut decision = decide(ports, &rec, attest_timeout).await;
     drop(slot);
-    let meshed = ports.meshed(rec.service_id);
+    let service = ports.service(rec.service_id);
+    let meshed = service.clone().filter(|s| s.spec.mesh.is_some());
     if decision.allow && meshed.is_some() && !has_mesh {
         decision.allow = false;
         decision.reason =
             Some("the Service is meshed, but this agent runs without a mesh port".into());
     }
-    // A connect the kernel already allowed into the mesh has its record
-    // (allow-mesh) and the tunnel adds its own; anything else that differs
-    // from what the kernel recorded gets a record here.
-    if !rec.mesh || !decision.allow || meshed.is_none() {
+    // Fail closed: a credential the agent cannot add is not left out (the
+    // service would see the client unauthenticated, or with whatever
+    // placeholder it holds).
+    if decision.allow && decision.inject {
+        let why = if !has_injector {
+            Some("a binding injects into this Service, but this agent has no injector")
+        } else if meshed.is_some() {
+            Some("injection into a meshed Service is not supported")
+        } else if service.is_none() {
+            Some("the Service is gone")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            decision.allow = false;
+            decision.reason = Some(why.into());
+        }
+    }
+    // A connect the kernel already allowed into the mesh (allow-mesh) or
+    // to the injector (allow-inject) has its record, and the tunnel or
+    // injector adds its own; anything else that differs from what the
+    // kernel recorded gets a record here.
+    let recorded = decision.allow
+        && if decision.inject {
+            rec.inject
+        } else {
+            rec.mesh && meshed.is_some()
+        };
+    if !recorded {
         ports.audit(&rec, &decision);
     }
     if !decision.allow {
         return Plan::Reset(HeldOutcome::Denied);
     }
-    match meshed {
-        Some(service) => Plan::Mesh {
+    match (decision.inject, service, meshed) {
+        (true, Some(service), _) => Plan::Inject {
             rec,
             decision: Box::new(decision),
             service: Box::new(service),
         },
-        None => Plan::Direct(rec),
+        (_, _, Some(service)) => Plan::Mesh {
+            rec,
+            decision: Box::new(decision),
+            service: Box::new(service),
+        },
+        _ => Plan::Direct(rec),
     }
 }
 
@@ -401,6 +463,7 @@ async fn splice(mut a: TcpStream, mut b: TcpStream) {
 fn deny(reason: String) -> HeldDecision {
     HeldDecision {
         allow: false,
+        inject: false,
         rule: "unattested".to_string(),
         reason: Some(reason),
         proc: None,
@@ -530,6 +593,7 @@ mod tests {
     fn decision(allow: bool) -> HeldDecision {
         HeldDecision {
             allow,
+            inject: false,
             rule: if allow {
                 "p".into()
             } else {
@@ -576,7 +640,7 @@ mod tests {
             })
         }
 
-        fn meshed(&self, _service_id: u32) -> Option<AgentService> {
+        fn service(&self, _service_id: u32) -> Option<AgentService> {
             self.meshed.clone()
         }
 
@@ -595,6 +659,7 @@ mod tests {
             local_port: 40000,
             flow_v6: false,
             mesh,
+            inject: false,
             exec_id: 1,
             start_boottime_ns: 1_000_000_000,
             socket_cookie: 99,
@@ -626,6 +691,7 @@ mod tests {
             fake,
             PEER.parse().expect("peer"),
             has_mesh,
+            false,
             &slots(),
             timeout,
         )
@@ -721,7 +787,7 @@ mod tests {
         let fake = held(Attest::Grants(true), false);
         let deciding = KeyedSlots::new(1, MAX_HELD);
         let _busy = deciding.take(4242).expect("first slot");
-        let first = plan(&fake, PEER.parse().expect("peer"), false, &deciding, NEVER).await;
+        let first = plan(&fake, PEER.parse().expect("peer"), false, false, &deciding, NEVER).await;
         assert!(matches!(first, Plan::Reset(HeldOutcome::Overload)));
         assert!(fake.audited().is_empty(), "nothing was decided");
         // Another process still gets its slot.
@@ -729,7 +795,7 @@ mod tests {
         let mut rec = record(DST.parse().expect("dst"), false);
         rec.tgid = 4343;
         other.hold(PEER.parse().expect("peer"), rec);
-        let second = plan(&other, PEER.parse().expect("peer"), false, &deciding, NEVER).await;
+        let second = plan(&other, PEER.parse().expect("peer"), false, false, &deciding, NEVER).await;
         assert!(matches!(second, Plan::Direct(_)));
     }
 
@@ -806,6 +872,7 @@ mod tests {
         let ctx = Arc::new(Ctx {
             ports: Arc::new(fake),
             mesh: None,
+            inject: None,
             metrics: metrics.clone(),
             deciding: slots(),
             attest_timeout: NEVER,

@@ -96,10 +96,65 @@ pub struct Conn {
     sent: AtomicU64,
     received: AtomicU64,
     close: Notify,
+    /// For an injected connection: the binding, its source and protocol.
+    injected: Option<serde_json::Value>,
 }
 
 impl Conn {
+    /// An injected connection (direction `injected`): no tunnel, no peer
+    /// SPIFFE ID; closed like a tunnel when its process exits.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn injected(
+        id: u64,
+        pid: u32,
+        exe: String,
+        local_id: String,
+        destination: SocketAddr,
+        service: String,
+        tls: Option<(String, String)>,
+        injected: serde_json::Value,
+    ) -> Conn {
+        let (tls_version, cipher) = tls.unwrap_or_default();
+        Conn {
+            id,
+            direction: "injected",
+            pid: Some(pid),
+            exe,
+            local_id,
+            peer_id: String::new(),
+            peer_addr: destination,
+            destination,
+            service,
+            tls_version,
+            cipher,
+            since: unix_now(),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            close: Notify::new(),
+            injected: Some(injected),
+        }
+    }
+
+    /// Resolves when the connection must close (its process exited, or the
+    /// agent stops).
+    pub(crate) async fn closed(&self) {
+        self.close.notified().await
+    }
+
+    pub(crate) fn count(&self, sent: u64, received: u64) {
+        self.sent.fetch_add(sent, Ordering::Relaxed);
+        self.received.fetch_add(received, Ordering::Relaxed);
+    }
+
     fn json(&self) -> serde_json::Value {
+        let mut v = self.json_base();
+        if let Some(i) = &self.injected {
+            v["injected"] = i.clone();
+        }
+        v
+    }
+
+    fn json_base(&self) -> serde_json::Value {
         serde_json::json!({
             "id": self.id, "direction": self.direction, "pid": self.pid, "exe": self.exe,
             "localSpiffeId": self.local_id, "peerSpiffeId": self.peer_id,
@@ -138,7 +193,7 @@ impl Tunnels {
         v.iter().map(|c| c.json()).collect()
     }
 
-    fn register(&self, c: Conn) -> Arc<Conn> {
+    pub(crate) fn register(&self, c: Conn) -> Arc<Conn> {
         let c = Arc::new(c);
         let mut t = lock(&self.table);
         t.conns.insert(c.id, c.clone());
@@ -148,7 +203,7 @@ impl Tunnels {
         c
     }
 
-    fn unregister(&self, id: u64) {
+    pub(crate) fn unregister(&self, id: u64) {
         let mut t = lock(&self.table);
         let Some(c) = t.conns.remove(&id) else { return };
         if let Some(pid) = c.pid
@@ -317,10 +372,6 @@ impl Mesh {
     }
 
     /// Live tunnels, oldest first.
-    pub fn connections(&self) -> Vec<serde_json::Value> {
-        self.tunnels.list()
-    }
-
     fn register(&self, c: Conn) -> Arc<Conn> {
         self.tunnels.register(c)
     }
@@ -685,6 +736,7 @@ impl Mesh {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             close: Notify::new(),
+            injected: None,
         });
         // The peer's answer is read as the first byte of the return stream,
         // so the application's first bytes go out without waiting for it.
@@ -902,6 +954,7 @@ impl Mesh {
                 sent: AtomicU64::new(0),
                 received: AtomicU64::new(0),
                 close: Notify::new(),
+                injected: None,
             }),
         };
         let id = up.conn.id;

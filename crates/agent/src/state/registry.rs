@@ -52,7 +52,10 @@ pub struct AgentBinding {
     pub identity: String,
     pub source: String,
     pub source_spec: tether_manifest::CredentialSourceSpec,
-    pub file: tether_manifest::CredentialFile,
+    /// Delivered as this file in the credential filesystem.
+    pub file: Option<tether_manifest::CredentialFile>,
+    /// Injected into connections to a Service.
+    pub inject: Option<tether_manifest::Injection>,
 }
 
 #[derive(Debug, Clone)]
@@ -131,20 +134,25 @@ impl Registry {
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
         policies.sort_by(|a, b| a.name.cmp(&b.name));
-        // A binding without its source or file delivers nothing.
+        // A binding without its source, or with nothing to deliver,
+        // delivers nothing.
         let mut bindings: Vec<AgentBinding> = bindings
             .into_iter()
             .filter_map(|(name, b)| {
-                let (Some(source_spec), Some(file)) = (sources.get(&b.source), b.file) else {
-                    tracing::warn!(binding = %name, source = %b.source, "skipping binding: no source or file");
+                let Some(source_spec) = sources.get(&b.source) else {
+                    tracing::warn!(binding = %name, source = %b.source, "skipping binding: no source");
                     return None;
                 };
+                if b.file.is_none() && b.inject.is_none() {
+                    return None;
+                }
                 Some(AgentBinding {
                     name,
                     identity: b.identity,
                     source: b.source,
                     source_spec: source_spec.clone(),
-                    file,
+                    file: b.file,
+                    inject: b.inject,
                 })
             })
             .collect();

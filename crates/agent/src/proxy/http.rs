@@ -1,0 +1,453 @@
+//! HTTP/1.1 injection, sans-IO: frames every request the client sends on a
+//! connection (keep-alive and pipelined alike), removes the configured
+//! header wherever the client put it, and adds it with the credential.
+//! Responses are not touched (they are copied as they come).
+//!
+//! Framing follows RFC 9112 strictly, because a request the agent frames
+//! differently from the server is a request the credential could be
+//! smuggled into: a body is `Transfer-Encoding: chunked` (exactly that,
+//! last) or one `Content-Length`, never both, never anything else; no
+//! obsolete line folding; no protocol switch (`Upgrade`, `CONNECT`), after
+//! which the bytes would no longer be requests. Anything else is refused
+//! before a byte of that request is forwarded.
+
+use base64::Engine;
+use zeroize::Zeroizing;
+
+use tether_manifest::HttpScheme;
+
+/// Longest request head (request line and headers).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in one request.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line (size and extensions).
+const MAX_CHUNK_LINE: usize = 1024;
+/// Longest trailer section.
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// Why a request was refused; the connection is closed there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("not an HTTP/1.x request: {0}")]
+    Malformed(String),
+    #[error("request head longer than {MAX_HEAD} bytes")]
+    HeadTooLong,
+    #[error("both Content-Length and Transfer-Encoding (request smuggling)")]
+    Smuggling,
+    #[error("Content-Length: {0}")]
+    BadLength(String),
+    #[error("Transfer-Encoding other than chunked: {0:?}")]
+    BadEncoding(String),
+    #[error("a protocol switch ({0}) cannot be injected into")]
+    ProtocolSwitch(String),
+    #[error("chunked body: {0}")]
+    BadChunk(String),
+    #[error("the credential cannot be a header value (control characters)")]
+    BadCredential,
+}
+
+/// What is added to every request: the header's name and full value.
+pub struct Inject {
+    name: String,
+    lower: String,
+    value: Zeroizing<Vec<u8>>,
+}
+
+impl Inject {
+    /// The header `name` carrying `secret` as `scheme` says. Surrounding
+    /// whitespace (a file's final newline) is not part of a credential.
+    pub fn new(name: &str, scheme: HttpScheme, secret: &[u8]) -> Result<Self, Refusal> {
+        let secret = secret.trim_ascii();
+        let mut value = Zeroizing::new(Vec::with_capacity(secret.len() + 16));
+        match scheme {
+            HttpScheme::Bearer => {
+                value.extend_from_slice(b"Bearer ");
+                value.extend_from_slice(secret);
+            }
+            HttpScheme::Basic => {
+                value.extend_from_slice(b"Basic ");
+                let enc = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(secret));
+                value.extend_from_slice(enc.as_bytes());
+            }
+            HttpScheme::Raw => value.extend_from_slice(secret),
+        }
+        // A CR or LF would end the header and start another (or a request).
+        if secret.is_empty() || value.iter().any(|b| b.is_ascii_control() && *b != b'\t') {
+            return Err(Refusal::BadCredential);
+        }
+        Ok(Inject {
+            name: name.to_owned(),
+            lower: name.to_ascii_lowercase(),
+            value,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Waiting for a request head.
+    Head,
+    /// Copying this many bytes of a Content-Length body.
+    Body(u64),
+    ChunkSize,
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    Trailers,
+}
+
+/// The request stream of one connection.
+pub struct Rewriter {
+    inject: Inject,
+    state: State,
+    /// Requests whose head was rewritten.
+    pub requests: u64,
+}
+
+impl Rewriter {
+    pub fn new(inject: Inject) -> Self {
+        Rewriter {
+            inject,
+            state: State::Head,
+            requests: 0,
+        }
+    }
+
+    /// Between requests: nothing of a request is pending.
+    #[cfg(test)]
+    pub fn idle(&self) -> bool {
+        self.state == State::Head
+    }
+
+    /// Consumes what can be decided from `input`, appending what goes to the
+    /// server to `out`; returns how much was consumed. 0 with input left
+    /// means more bytes are needed (the caller bounds how many it buffers:
+    /// [`Rewriter::limit`]).
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, Refusal> {
+        let mut used = 0;
+        loop {
+            let rest = &input[used..];
+            if rest.is_empty() {
+                return Ok(used);
+            }
+            let n = match self.state {
+                State::Head => self.head(rest, out)?,
+                State::Body(left) => {
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(rest.len());
+                    out.extend_from_slice(&rest[..n]);
+                    let left = left - n as u64;
+                    self.state = if left == 0 { State::Head } else { State::Body(left) };
+                    n
+                }
+                State::ChunkSize => self.chunk_size(rest, out)?,
+                State::ChunkData(left) => {
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(rest.len());
+                    out.extend_from_slice(&rest[..n]);
+                    let left = left - n as u64;
+                    self.state = if left == 0 {
+                        State::ChunkEnd
+                    } else {
+                        State::ChunkData(left)
+                    };
+                    n
+                }
+                State::ChunkEnd => {
+                    if rest.len() < 2 {
+                        0
+                    } else if &rest[..2] == b"\r\n" {
+                        out.extend_from_slice(b"\r\n");
+                        self.state = State::ChunkSize;
+                        2
+                    } else {
+                        return Err(Refusal::BadChunk("no CRLF after chunk data".into()));
+                    }
+                }
+                State::Trailers => self.trailers(rest, out)?,
+            };
+            if n == 0 {
+                return Ok(used);
+            }
+            used += n;
+        }
+    }
+
+    /// How many unconsumed bytes may wait in the caller's buffer before the
+    /// request is refused as too long.
+    pub fn limit(&self) -> usize {
+        match self.state {
+            State::Head => MAX_HEAD,
+            State::ChunkSize => MAX_CHUNK_LINE,
+            State::Trailers => MAX_TRAILERS,
+            _ => 16,
+        }
+    }
+
+    /// A refusal for a buffer past [`Rewriter::limit`].
+    pub fn overflow(&self) -> Refusal {
+        match self.state {
+            State::Head => Refusal::HeadTooLong,
+            State::Trailers => Refusal::BadChunk(format!("trailers longer than {MAX_TRAILERS}")),
+            _ => Refusal::BadChunk(format!("chunk-size line longer than {MAX_CHUNK_LINE}")),
+        }
+    }
+
+    fn head(&mut self, rest: &[u8], out: &mut Vec<u8>) -> Result<usize, Refusal> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let len = match req.parse(rest) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(0),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Refusal::Malformed(format!(
+                    "more than {MAX_HEADERS} header fields"
+                )));
+            }
+            Err(e) => return Err(Refusal::Malformed(e.to_string())),
+        };
+        let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+            return Err(Refusal::Malformed("incomplete request line".into()));
+        };
+        if method.eq_ignore_ascii_case("CONNECT") {
+            return Err(Refusal::ProtocolSwitch("CONNECT".into()));
+        }
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        let mut encodings = 0;
+        for h in req.headers.iter() {
+            let name = h.name;
+            if name.eq_ignore_ascii_case("upgrade") {
+                return Err(Refusal::ProtocolSwitch("Upgrade".into()));
+            }
+            if name.eq_ignore_ascii_case("content-length") {
+                let v = std::str::from_utf8(h.value)
+                    .ok()
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        Refusal::BadLength(String::from_utf8_lossy(h.value).chars().take(40).collect())
+                    })?;
+                if length.is_some_and(|l| l != v) {
+                    return Err(Refusal::BadLength("two different values".into()));
+                }
+                length = Some(v);
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                encodings += 1;
+                let v = String::from_utf8_lossy(h.value);
+                if encodings > 1 || !v.trim().eq_ignore_ascii_case("chunked") {
+                    return Err(Refusal::BadEncoding(v.chars().take(40).collect()));
+                }
+                chunked = true;
+            }
+        }
+        if chunked && length.is_some() {
+            return Err(Refusal::Smuggling);
+        }
+        if chunked && version == 0 {
+            return Err(Refusal::BadEncoding("chunked in HTTP/1.0".into()));
+        }
+        out.extend_from_slice(method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(path.as_bytes());
+        out.extend_from_slice(if version == 0 {
+            b" HTTP/1.0\r\n"
+        } else {
+            b" HTTP/1.1\r\n"
+        });
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case(&self.inject.lower) {
+                continue; // the client's own value never reaches the server
+            }
+            out.extend_from_slice(h.name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(self.inject.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&self.inject.value);
+        out.extend_from_slice(b"\r\n\r\n");
+        self.requests += 1;
+        self.state = if chunked {
+            State::ChunkSize
+        } else {
+            match length {
+                Some(n) if n > 0 => State::Body(n),
+                _ => State::Head,
+            }
+        };
+        Ok(len)
+    }
+
+    fn chunk_size(&mut self, rest: &[u8], out: &mut Vec<u8>) -> Result<usize, Refusal> {
+        let Some(end) = rest.windows(2).position(|w| w == b"\r\n") else {
+            if rest.contains(&b'\n') {
+                return Err(Refusal::BadChunk("bare LF in chunk-size line".into()));
+            }
+            return Ok(0);
+        };
+        let line = &rest[..end];
+        // size [; ext]: the size alone decides the framing; extensions are
+        // passed on, but must be plain text.
+        let size_text = line.split(|b| *b == b';').next().unwrap_or_default();
+        let size_text = size_text.trim_ascii_end();
+        if size_text.is_empty()
+            || size_text.len() > 16
+            || !size_text.iter().all(u8::is_ascii_hexdigit)
+            || line.iter().any(|b| b.is_ascii_control() && *b != b'\t')
+        {
+            return Err(Refusal::BadChunk("bad chunk-size line".into()));
+        }
+        let size = std::str::from_utf8(size_text)
+            .ok()
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+            .ok_or_else(|| Refusal::BadChunk("bad chunk size".into()))?;
+        out.extend_from_slice(&rest[..end + 2]);
+        self.state = if size == 0 {
+            State::Trailers
+        } else {
+            State::ChunkData(size)
+        };
+        Ok(end + 2)
+    }
+
+    /// Trailer fields up to the empty line; one named like the injected
+    /// header is refused (a server merging trailers would take it as the
+    /// credential).
+    fn trailers(&mut self, rest: &[u8], out: &mut Vec<u8>) -> Result<usize, Refusal> {
+        if rest.starts_with(b"\r\n") {
+            out.extend_from_slice(b"\r\n");
+            self.state = State::Head;
+            return Ok(2);
+        }
+        let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return Ok(0);
+        };
+        let section = &rest[..end + 4];
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        match httparse::parse_headers(section, &mut headers) {
+            Ok(httparse::Status::Complete((n, hs))) if n == section.len() => {
+                if hs.iter().any(|h| {
+                    h.name.eq_ignore_ascii_case(&self.inject.lower)
+                        || h.name.eq_ignore_ascii_case("content-length")
+                        || h.name.eq_ignore_ascii_case("transfer-encoding")
+                }) {
+                    return Err(Refusal::BadChunk(
+                        "a trailer names a framing or the injected header".into(),
+                    ));
+                }
+            }
+            _ => return Err(Refusal::BadChunk("bad trailer section".into())),
+        }
+        out.extend_from_slice(section);
+        self.state = State::Head;
+        Ok(section.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rw() -> Rewriter {
+        Rewriter::new(Inject::new("Authorization", HttpScheme::Bearer, b"s3cret\n").expect("inject"))
+    }
+
+    /// Feeds `input` in pieces of `step` bytes, as a socket might deliver it.
+    fn run(r: &mut Rewriter, input: &[u8], step: usize) -> Result<Vec<u8>, Refusal> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        for piece in input.chunks(step.max(1)) {
+            buf.extend_from_slice(piece);
+            let n = r.feed(&buf, &mut out)?;
+            buf.drain(..n);
+            if buf.len() > r.limit() {
+                return Err(r.overflow());
+            }
+        }
+        assert!(buf.is_empty(), "left over: {:?}", String::from_utf8_lossy(&buf));
+        Ok(out)
+    }
+
+    #[test]
+    fn every_pipelined_request_gets_the_header_and_loses_the_clients() {
+        let input = b"GET /a HTTP/1.1\r\nHost: x\r\nauthorization: Bearer mine\r\n\r\n\
+POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+PUT /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nX-T: 1\r\n\r\n\
+GET /d HTTP/1.0\r\n\r\n";
+        for step in [1, 3, 7, input.len()] {
+            let mut r = rw();
+            let out = String::from_utf8(run(&mut r, input, step).expect("ok")).expect("utf8");
+            assert_eq!(r.requests, 4, "step {step}");
+            assert!(r.idle());
+            assert_eq!(out.matches("Authorization: Bearer s3cret\r\n").count(), 4);
+            assert!(!out.contains("mine"), "{out}");
+            assert!(out.contains("\r\n\r\nhello"), "{out}");
+            assert!(out.contains("3;x=y\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"), "{out}");
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_framed_one_way_is_refused() {
+        for (input, want) in [
+            (
+                &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+                Refusal::Smuggling,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                Refusal::BadLength("two different values".into()),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+                Refusal::BadLength("+3".into()),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Refusal::BadEncoding("gzip, chunked".into()),
+            ),
+            (
+                b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+                Refusal::ProtocolSwitch("Upgrade".into()),
+            ),
+            (
+                b"CONNECT a:443 HTTP/1.1\r\n\r\n",
+                Refusal::ProtocolSwitch("CONNECT".into()),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                Refusal::BadChunk("bad chunk-size line".into()),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nabc",
+                Refusal::BadChunk("no CRLF after chunk data".into()),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nAuthorization: x\r\n\r\n",
+                Refusal::BadChunk("a trailer names a framing or the injected header".into()),
+            ),
+        ] {
+            assert_eq!(run(&mut rw(), input, input.len()), Err(want), "{}", String::from_utf8_lossy(input));
+        }
+        assert!(matches!(
+            run(&mut rw(), b"\x16\x03\x01\x02\x00garbage\r\n\r\n", 64),
+            Err(Refusal::Malformed(_))
+        ));
+        assert!(matches!(
+            run(&mut rw(), b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n", 64),
+            Err(Refusal::Malformed(_))
+        ));
+        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        big.resize(MAX_HEAD + 10, b'a');
+        assert_eq!(run(&mut rw(), &big, 4096), Err(Refusal::HeadTooLong));
+    }
+
+    #[test]
+    fn credentials_that_would_split_a_header_are_refused() {
+        for bad in [&b"a\r\nX-Evil: 1"[..], b"", b"a\0b"] {
+            assert!(Inject::new("Authorization", HttpScheme::Raw, bad).is_err());
+        }
+        let basic = Inject::new("Authorization", HttpScheme::Basic, b"u:p").expect("basic");
+        assert_eq!(&basic.value[..], b"Basic dTpw");
+    }
+}
