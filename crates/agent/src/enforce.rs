@@ -664,9 +664,7 @@ impl Enforcement {
                 | Decision::Inject
                 | Decision::InjectDown,
                 _,
-            ) => {
-                c.names.rule_name(ev.rule)
-            }
+            ) => c.names.rule_name(ev.rule),
             (Decision::Unattested | Decision::Held, _) => "unattested".to_string(),
             (Decision::Deny | Decision::Taint, _) => DEFAULT_DENY.to_string(),
             (Decision::Plaintext, _) => "permissive".to_string(),

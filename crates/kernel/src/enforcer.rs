@@ -80,8 +80,8 @@ use crate::{
     abi::{
         DstKeyData, DstPrefix, ExecRaw, ExecRecord, HOLD_V4, HOLD_V6, HeldConnection, HeldKey,
         HeldRaw, HoldCfg, PROC_AGENT, PolicyKey, ProcState, Proto, STAT_ALLOW, STAT_DENY,
-        STAT_DROPPED_EVENTS, STAT_HELD, STAT_INGRESS_DROPPED, STAT_MAX, STAT_MESH,
-        STAT_INJECT, STAT_SEND_DENIED, STAT_SOCKET_DENIED, STAT_TAINTED, STAT_UNATTESTED, STAT_UNGUARDED,
+        STAT_DROPPED_EVENTS, STAT_HELD, STAT_INGRESS_DROPPED, STAT_INJECT, STAT_MAX, STAT_MESH,
+        STAT_SEND_DENIED, STAT_SOCKET_DENIED, STAT_TAINTED, STAT_UNATTESTED, STAT_UNGUARDED,
         ScopeValue, ServiceFlags, SvcValue, VERDICT_F_ALLOW, VERDICT_F_INJECT, VerdictValue,
     },
     error::{chain, map_err, program_err},

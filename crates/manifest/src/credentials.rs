@@ -549,7 +549,9 @@ fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
             if !token || framing {
                 return Err((
                     "spec.inject.http.header".into(),
-                    format!("{header:?}: a header name (RFC 9110 token), not one that frames the message"),
+                    format!(
+                        "{header:?}: a header name (RFC 9110 token), not one that frames the message"
+                    ),
                 ));
             }
             let scheme = match h.scheme.as_deref().unwrap_or("bearer") {
@@ -569,7 +571,8 @@ fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
             if let Some(u) = &r.user
                 && (u.is_empty()
                     || u.len() > MAX_TOKEN
-                    || u.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()))
+                    || u.bytes()
+                        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control()))
             {
                 return Err((
                     "spec.inject.redis.user".into(),
@@ -815,8 +818,14 @@ mod tests {
             assert_eq!(again, vec![r.clone()], "{}", r.to_yaml());
         }
         for (spec, want) in [
-            ("  identity: app\n  source: tok\n  inject: {http: {}}", "spec.inject.service"),
-            ("  identity: app\n  source: tok\n  inject: {service: web}", "spec.inject"),
+            (
+                "  identity: app\n  source: tok\n  inject: {http: {}}",
+                "spec.inject.service",
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: web}",
+                "spec.inject",
+            ),
             (
                 "  identity: app\n  source: tok\n  inject: {service: web, http: {}, redis: {}}",
                 "spec.inject",

@@ -307,12 +307,15 @@ impl Fetcher {
         let started = Instant::now();
         // Checked against the time after the fetch, which may have taken
         // seconds: a value that expired meanwhile is not delivered.
-        let result = self.fetch(c, b, svid, format).await.and_then(|v| match v.expires_at {
-            Some(e) if e <= unix_now() => Err(FetchError::upstream(
-                "the value expired before it could be delivered",
-            )),
-            _ => Ok(v),
-        });
+        let result = self
+            .fetch(c, b, svid, format)
+            .await
+            .and_then(|v| match v.expires_at {
+                Some(e) if e <= unix_now() => Err(FetchError::upstream(
+                    "the value expired before it could be delivered",
+                )),
+                _ => Ok(v),
+            });
         self.metrics
             .credential_fetch_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -445,8 +448,8 @@ impl Fetcher {
         let deadline = tokio::time::Instant::now() + FETCH_BUDGET;
         match &b.source_spec {
             CredentialSourceSpec::Static { .. } => {
-                let r =
-                    self.ask_server(
+                let r = self
+                    .ask_server(
                         b,
                         deadline,
                         |mut c, r| async move { c.fetch_secret(r).await },
@@ -565,13 +568,11 @@ impl Fetcher {
         audience: &[String],
         deadline: tokio::time::Instant,
     ) -> Result<(String, i64), FetchError> {
-        let token = tokio::time::timeout_at(
-            deadline,
-            self.tracker.mint_jwt(&svid.spiffe_id, audience),
-        )
-        .await
-        .map_err(|_| FetchError::upstream("the server did not answer in time"))?
-            .map_err(FetchError::upstream)?;
+        let token =
+            tokio::time::timeout_at(deadline, self.tracker.mint_jwt(&svid.spiffe_id, audience))
+                .await
+                .map_err(|_| FetchError::upstream("the server did not answer in time"))?
+                .map_err(FetchError::upstream)?;
         let exp = tether_spiffe::jwt::peek_expiry(&token)
             .map_err(|e| FetchError::upstream(format!("the server's JWT-SVID: {e}")))?;
         Ok((token, exp))
@@ -583,10 +584,11 @@ impl Fetcher {
         b: &AgentBinding,
         deadline: tokio::time::Instant,
     ) -> Result<String, FetchError> {
-        let r = self.ask_server(b, deadline, |mut c, r| async move {
-            c.mint_client_assertion(r).await
-        })
-        .await?;
+        let r = self
+            .ask_server(b, deadline, |mut c, r| async move {
+                c.mint_client_assertion(r).await
+            })
+            .await?;
         Ok(r.token)
     }
 
@@ -632,7 +634,6 @@ impl Fetcher {
             ))),
         }
     }
-
 }
 
 /// A random offset in [0, span) seconds, so refreshes of many processes do

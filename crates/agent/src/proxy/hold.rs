@@ -787,7 +787,15 @@ mod tests {
         let fake = held(Attest::Grants(true), false);
         let deciding = KeyedSlots::new(1, MAX_HELD);
         let _busy = deciding.take(4242).expect("first slot");
-        let first = plan(&fake, PEER.parse().expect("peer"), false, false, &deciding, NEVER).await;
+        let first = plan(
+            &fake,
+            PEER.parse().expect("peer"),
+            false,
+            false,
+            &deciding,
+            NEVER,
+        )
+        .await;
         assert!(matches!(first, Plan::Reset(HeldOutcome::Overload)));
         assert!(fake.audited().is_empty(), "nothing was decided");
         // Another process still gets its slot.
@@ -795,7 +803,15 @@ mod tests {
         let mut rec = record(DST.parse().expect("dst"), false);
         rec.tgid = 4343;
         other.hold(PEER.parse().expect("peer"), rec);
-        let second = plan(&other, PEER.parse().expect("peer"), false, false, &deciding, NEVER).await;
+        let second = plan(
+            &other,
+            PEER.parse().expect("peer"),
+            false,
+            false,
+            &deciding,
+            NEVER,
+        )
+        .await;
         assert!(matches!(second, Plan::Direct(_)));
     }
 

@@ -136,7 +136,11 @@ impl Rewriter {
                     let n = usize::try_from(left).unwrap_or(usize::MAX).min(rest.len());
                     out.extend_from_slice(&rest[..n]);
                     let left = left - n as u64;
-                    self.state = if left == 0 { State::Head } else { State::Body(left) };
+                    self.state = if left == 0 {
+                        State::Head
+                    } else {
+                        State::Body(left)
+                    };
                     n
                 }
                 State::ChunkSize => self.chunk_size(rest, out)?,
@@ -195,6 +199,8 @@ impl Rewriter {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         let len = match req.parse(rest) {
+            // However it arrived: the bound is the head's, not a read's.
+            Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => return Err(Refusal::HeadTooLong),
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(0),
             Err(httparse::Error::TooManyHeaders) => {
@@ -225,7 +231,9 @@ impl Rewriter {
                     .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
                     .and_then(|v| v.parse::<u64>().ok())
                     .ok_or_else(|| {
-                        Refusal::BadLength(String::from_utf8_lossy(h.value).chars().take(40).collect())
+                        Refusal::BadLength(
+                            String::from_utf8_lossy(h.value).chars().take(40).collect(),
+                        )
                     })?;
                 if length.is_some_and(|l| l != v) {
                     return Err(Refusal::BadLength("two different values".into()));
@@ -350,7 +358,9 @@ mod tests {
     use super::*;
 
     fn rw() -> Rewriter {
-        Rewriter::new(Inject::new("Authorization", HttpScheme::Bearer, b"s3cret\n").expect("inject"))
+        Rewriter::new(
+            Inject::new("Authorization", HttpScheme::Bearer, b"s3cret\n").expect("inject"),
+        )
     }
 
     /// Feeds `input` in pieces of `step` bytes, as a socket might deliver it.
@@ -365,7 +375,11 @@ mod tests {
                 return Err(r.overflow());
             }
         }
-        assert!(buf.is_empty(), "left over: {:?}", String::from_utf8_lossy(&buf));
+        assert!(
+            buf.is_empty(),
+            "left over: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         Ok(out)
     }
 
@@ -440,6 +454,9 @@ GET /d HTTP/1.0\r\n\r\n";
         let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
         big.resize(MAX_HEAD + 10, b'a');
         assert_eq!(run(&mut rw(), &big, 4096), Err(Refusal::HeadTooLong));
+        // Complete in one piece just past the limit: refused all the same.
+        big.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(run(&mut rw(), &big, big.len()), Err(Refusal::HeadTooLong));
     }
 
     #[test]

@@ -155,28 +155,33 @@ impl Injector {
                 return self.refuse(client, &facts, "deny", &format!("no credential: {why}"));
             }
         };
-        let mut upstream =
-            match tokio::time::timeout(UPSTREAM_TIMEOUT, TcpStream::connect(rec.original_dst))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    return self.refuse(
-                        client,
-                        &facts,
-                        "upstream-failed",
-                        &format!("connecting to {}: {e}", rec.original_dst),
-                    );
-                }
-                Err(_) => {
-                    return self.refuse(
-                        client,
-                        &facts,
-                        "upstream-failed",
-                        &format!("{} did not answer in {UPSTREAM_TIMEOUT:?}", rec.original_dst),
-                    );
-                }
-            };
+        let mut upstream = match tokio::time::timeout(
+            UPSTREAM_TIMEOUT,
+            TcpStream::connect(rec.original_dst),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return self.refuse(
+                    client,
+                    &facts,
+                    "upstream-failed",
+                    &format!("connecting to {}: {e}", rec.original_dst),
+                );
+            }
+            Err(_) => {
+                return self.refuse(
+                    client,
+                    &facts,
+                    "upstream-failed",
+                    &format!(
+                        "{} did not answer in {UPSTREAM_TIMEOUT:?}",
+                        rec.original_dst
+                    ),
+                );
+            }
+        };
         let _ = upstream.set_nodelay(true);
         // Protocol start: what must happen before the client's first byte.
         let http = match &protocol {
@@ -235,7 +240,8 @@ impl Injector {
                 let mut a = facts.record("refused-request");
                 a["reason"] = json!(r.to_string());
                 self.audit.publish(a);
-                self.metrics.injected_connection(protocol.name(), "refused_request");
+                self.metrics
+                    .injected_connection(protocol.name(), "refused_request");
                 reset(client);
                 reset(upstream);
             }
@@ -395,7 +401,11 @@ async fn relay_http(
 }
 
 /// Both ways as they come (the credential went first).
-async fn relay_raw(client: &mut TcpStream, upstream: &mut TcpStream, conn: &Conn) -> Result<u64, End> {
+async fn relay_raw(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    conn: &Conn,
+) -> Result<u64, End> {
     let (sent, received) = tokio::io::copy_bidirectional(client, upstream)
         .await
         .map_err(End::Io)?;

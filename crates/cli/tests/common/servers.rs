@@ -310,3 +310,74 @@ impl Drop for Postgres {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Debian's nginx on 127.0.0.1, with the `location /` given, an access log
+/// of `connection requests-on-it status uri` lines (never a header: no
+/// credential is logged), run from the test's own prefix and stopped on
+/// drop.
+pub struct Nginx {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    pub fn start(location: &str) -> Nginx {
+        let dir = open_tempdir();
+        let port = free_port();
+        let p = |n: &str| dir.path().join(n).display().to_string();
+        std::fs::create_dir_all(dir.path().join("logs")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("nginx.conf"),
+            format!(
+                "daemon off;\nmaster_process on;\nuser root;\nworker_processes 1;\npid {pid};\nerror_log {err} info;\nevents {{ worker_connections 256; }}\nhttp {{\n  log_format counts '$connection $connection_requests $status $request_uri';\n  access_log {access} counts;\n  keepalive_requests 100000;\n  client_body_temp_path {t}/body; proxy_temp_path {t}/proxy; fastcgi_temp_path {t}/fcgi; uwsgi_temp_path {t}/uwsgi; scgi_temp_path {t}/scgi;\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ {location} }}\n  }}\n}}\n",
+                pid = p("nginx.pid"),
+                err = p("logs/error.log"),
+                access = p("logs/access.log"),
+                t = p("logs"),
+            ),
+        )
+        .expect("nginx.conf");
+        let child = Command::new(which("nginx"))
+            .args(["-p", &p(""), "-c", &p("nginx.conf")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let n = Nginx { child, port, dir };
+        let up = wait_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "nginx did not come up: {}", n.error_log());
+        n
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs/error.log")).unwrap_or_default()
+    }
+
+    /// Every request nginx served so far: (connection, request on it,
+    /// status, uri).
+    pub fn requests(&self) -> Vec<(u64, u64, u16, String)> {
+        std::fs::read_to_string(self.dir.path().join("logs/access.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                Some((
+                    f.next()?.parse().ok()?,
+                    f.next()?.parse().ok()?,
+                    f.next()?.parse().ok()?,
+                    f.next()?.to_string(),
+                ))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,542 @@
+//! Credentials injected on the wire, against Debian's Redis and nginx with
+//! their unmodified clients: the bound client holds no password or token,
+//! the agent adds it to the connection the kernel redirected to it, and
+//! everything else in the same cgroup (a same-uid shell, a copy of the
+//! client holding the real password) is refused in the kernel, which the
+//! servers' own counters confirm. The secret never appears on the
+//! client-to-agent leg (tshark on loopback), in Tether's logs, audit or
+//! `tether get`; hostile requests from a bound process are refused and
+//! audited while the agent keeps serving; removing the binding ends open
+//! injected connections and stops injecting new ones.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::kernel::Cgroup;
+use common::servers::{Nginx, PASSWORD, Redis, which};
+use common::*;
+
+/// The ACL user's password: only the agent ever holds it.
+const ACL_PASSWORD: &str = "acl-pass-known-only-to-tether";
+/// nginx's bearer token: only the agent ever holds it.
+const TOKEN: &str = "tok-3f9a7c-injected-only";
+
+struct World {
+    up: Up,
+    cg: Cgroup,
+    hold_port: u16,
+    audit: PathBuf,
+}
+
+impl World {
+    fn new(tag: &str) -> World {
+        let cg = Cgroup::new(tag);
+        let hold_port = free_port();
+        let audit = std::env::temp_dir().join(format!("audit-inject-{tag}-{}.log", rand_suffix()));
+        let up = Up::start_with(&[
+            "--enforce-cgroup",
+            &cg.path.display().to_string(),
+            "--audit-log",
+            &audit.display().to_string(),
+            "--hold-port",
+            &hold_port.to_string(),
+        ]);
+        World {
+            up,
+            cg,
+            hold_port,
+            audit,
+        }
+    }
+
+    /// `program` in the enforced cgroup, with no credential of its own.
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new(program);
+        c.env_remove("REDISCLI_AUTH")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        self.cg.enter(&mut c);
+        c
+    }
+
+    fn run(&self, mut c: Command) -> (u32, Output) {
+        let child = c.spawn().expect("spawn");
+        let pid = child.id();
+        (pid, child.wait_with_output().expect("wait"))
+    }
+
+    /// Fails if a secret is anywhere Tether writes: its log, its audit
+    /// log, or what `tether get` prints.
+    fn assert_nothing_leaked(&self, secrets: &[&str]) {
+        let audit = std::fs::read_to_string(&self.audit).unwrap_or_default();
+        assert!(
+            !audit.is_empty(),
+            "no audit log at {}",
+            self.audit.display()
+        );
+        let get =
+            self.up.ok(&["get", "credentialsource"]) + &self.up.ok(&["get", "credentialbinding"]);
+        let events = self.up.ok(&["events"]);
+        for s in secrets {
+            for (what, text) in [
+                ("the log", self.up.logs()),
+                ("the audit log", audit.clone()),
+                ("tether events", events.clone()),
+                ("tether get", get.clone()),
+            ] {
+                assert!(!text.contains(s), "a secret is in {what}");
+            }
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.audit);
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn real(p: PathBuf) -> PathBuf {
+    std::fs::canonicalize(&p).expect("canonical path")
+}
+
+/// A copy of `src` at `dst` (same bytes, another path: another identity).
+fn copy_binary(src: &Path, dst: &Path) {
+    std::fs::copy(src, dst).expect("copy binary");
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// tshark on loopback, only the client-to-agent leg (the hold port).
+struct Capture {
+    child: Child,
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Capture {
+    fn start(port: u16) -> Capture {
+        let dir = open_tempdir();
+        let file = dir.path().join("leg.pcapng");
+        let err = dir.path().join("tshark.err");
+        let child = Command::new(which("tshark"))
+            .args(["-i", "lo", "-q", "-f", &format!("tcp port {port}"), "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).expect("err"))
+            .spawn()
+            .expect("tshark");
+        let ready = wait_until(Duration::from_secs(20), || {
+            std::fs::read_to_string(&err)
+                .unwrap_or_default()
+                .contains("Capturing on")
+        });
+        assert!(
+            ready,
+            "tshark did not start: {}",
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
+        Capture {
+            child,
+            file,
+            _dir: dir,
+        }
+    }
+
+    /// Stops the capture once it holds `last` (the last thing the test
+    /// sent: tshark writes packets a little after they pass); its raw bytes.
+    fn finish(&mut self, last: &str) -> Vec<u8> {
+        let seen = wait_until(Duration::from_secs(10), || {
+            contains(&std::fs::read(&self.file).unwrap_or_default(), last)
+        });
+        assert!(
+            seen,
+            "the capture never showed {last:?}: it missed the client's leg"
+        );
+        // SAFETY: kill(2) on our own child; SIGINT makes tshark finish the file.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        std::fs::read(&self.file).expect("capture file")
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn redis_cli_needs_no_password_and_nothing_else_gets_one() {
+    let w = World::new("inj-redis");
+    let redis = Redis::start();
+    let rp = redis.port;
+    assert_eq!(
+        redis.admin(&[
+            "ACL",
+            "SETUSER",
+            "app",
+            "on",
+            &format!(">{ACL_PASSWORD}"),
+            "~*",
+            "+@all"
+        ]),
+        "OK"
+    );
+    let redis_cli = real(which("redis-cli"));
+    let mut capture = Capture::start(w.hold_port);
+    w.up.apply_ok(&format!(
+        "{id}apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {{name: redis}}
+spec:
+  addresses:
+    - {{cidr: 127.0.0.1/32, ports: [{rp}]}}
+    - {{cidr: \"::1/128\", ports: [{rp}]}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: redis-clients}}
+spec: {{services: [redis], identities: [redis-cli]}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {{name: redis-password}}
+spec: {{static: {{value: \"{PASSWORD}\"}}}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {{name: redis-inject}}
+spec: {{identity: redis-cli, source: redis-password, inject: {{service: redis, redis: {{}}}}}}
+",
+        id = binary_identity("redis-cli", &redis_cli),
+    ));
+    let cli = |host: &str, args: &[&str]| {
+        let mut c = w.command(&redis_cli);
+        c.args(["-h", host, "-p", &rp.to_string()]).args(args);
+        c
+    };
+
+    // The bound client, no password anywhere: authenticated as the
+    // default user, over IPv4 and IPv6.
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(20), || {
+        last = text(&w.run(cli("127.0.0.1", &["PING"])).1);
+        last.trim() == "PONG"
+    });
+    assert!(ok, "bound redis-cli: {last}\n{}", w.up.logs());
+    let (pid, o) = w.run(cli("::1", &["ACL", "WHOAMI"]));
+    assert_eq!(text(&o).trim(), "default", "{}", w.up.logs());
+    w.up.audited(pid, "the injected connection", |e| {
+        e["event"] == "inject"
+            && e["verdict"] == "allow"
+            && e["binding"] == "redis-inject"
+            && e["protocol"] == "redis"
+            && e["spiffeId"] == "spiffe://example.org/redis-cli"
+    });
+
+    // `tether connections` marks a live injected connection; removing the
+    // binding closes it (audited) and new connections go without the
+    // password (the policy still allows them: Redis says NOAUTH).
+    let mut long = cli("127.0.0.1", &["-r", "400", "-i", "0.05", "PING"]);
+    long.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut long = long.spawn().expect("spawn");
+    let long_pid = long.id();
+    let listed = wait_until(Duration::from_secs(10), || {
+        let v: serde_json::Value =
+            serde_json::from_str(&w.up.ok(&["connections"])).unwrap_or_default();
+        v["connections"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["direction"] == "injected"
+                    && c["pid"] == long_pid
+                    && c["injected"]["binding"] == "redis-inject"
+            })
+        })
+    });
+    assert!(
+        listed,
+        "no injected connection listed: {}",
+        w.up.ok(&["connections"])
+    );
+    w.up.ok(&["delete", "credentialbinding", "redis-inject"]);
+    w.up.audited(long_pid, "the revoked connection", |e| {
+        e["event"] == "inject" && e["verdict"] == "revoked"
+    });
+    let _ = long.kill();
+    let _ = long.wait();
+    let mut last = String::new();
+    let plain = wait_until(Duration::from_secs(10), || {
+        last = text(&w.run(cli("127.0.0.1", &["PING"])).1);
+        last.contains("NOAUTH")
+    });
+    assert!(plain, "after the binding went: {last}");
+
+    // An ACL user: the binding names it, the source holds its password.
+    w.up.apply_ok(
+        "apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {name: redis-acl}
+spec: {static: {value: \"acl-pass-known-only-to-tether\"}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {name: redis-inject-acl}
+spec: {identity: redis-cli, source: redis-acl, inject: {service: redis, redis: {user: app}}}
+",
+    );
+    let as_app = wait_until(Duration::from_secs(10), || {
+        last = text(&w.run(cli("127.0.0.1", &["ACL", "WHOAMI"])).1);
+        last.trim() == "app"
+    });
+    assert!(as_app, "ACL user: {last}\n{}", w.up.logs());
+
+    // Nothing secret on the client's leg (which did carry the commands),
+    // nor in Tether's outputs.
+    let leg = capture.finish("WHOAMI");
+    assert!(
+        contains(&leg, "PONG"),
+        "the capture missed the client's leg"
+    );
+    for s in [PASSWORD, ACL_PASSWORD] {
+        assert!(!contains(&leg, s), "a password crossed the client's leg");
+    }
+    w.assert_nothing_leaked(&[PASSWORD, ACL_PASSWORD]);
+
+    // A copy of redis-cli (another path: no identity) holding the real
+    // password in its environment is refused in the kernel: Redis never
+    // sees the connection.
+    let copy = w.up.dir.path().join("redis-cli-copy");
+    copy_binary(&redis_cli, &copy);
+    let before = redis.connections_received();
+    let mut c2 = w.command(&copy);
+    c2.args(["-h", "127.0.0.1", "-p", &rp.to_string(), "PING"])
+        .env("REDISCLI_AUTH", PASSWORD);
+    let (copy_pid, o) = w.run(c2);
+    assert_ne!(text(&o).trim(), "PONG", "the unbound copy got through");
+    // The admin query that reads the counter is the only new connection.
+    assert_eq!(
+        redis.connections_received(),
+        before + 1,
+        "Redis saw the refused client"
+    );
+    w.up.audited(copy_pid, "the refused copy", |e| e["verdict"] == "deny");
+    // And a same-uid shell with the password, over bash's /dev/tcp.
+    let mut sh = w.command(Path::new("/bin/bash"));
+    sh.args([
+        "-c",
+        &format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{rp} && printf 'AUTH {PASSWORD}\\r\\nPING\\r\\n' >&3 && timeout 2 cat <&3"
+        ),
+    ]);
+    let (_, o) = w.run(sh);
+    assert!(
+        !text(&o).contains("PONG"),
+        "the shell reached Redis: {}",
+        text(&o)
+    );
+    assert_eq!(
+        redis.connections_received(),
+        before + 2,
+        "Redis saw the shell"
+    );
+}
+
+#[test]
+fn curl_gets_its_bearer_token_from_the_agent_on_every_request() {
+    let w = World::new("inj-http");
+    let nginx = Nginx::start(&format!(
+        "if ($http_authorization != \"Bearer {TOKEN}\") {{ return 401 \"no\\n\"; }} return 200 \"ok\\n\";"
+    ));
+    let np = nginx.port;
+    // The application: a copy of curl at its own path (the system curl a
+    // shell would run is not it).
+    let app = w.up.dir.path().join("app-curl");
+    copy_binary(&real(which("curl")), &app);
+    let mut capture = Capture::start(w.hold_port);
+    w.up.apply_ok(&format!(
+        "{id}apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {{name: web}}
+spec:
+  addresses:
+    - {{cidr: 127.0.0.1/32, ports: [{np}]}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: web-clients}}
+spec: {{services: [web], identities: [app]}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {{name: api-token}}
+spec: {{static: {{value: \"{TOKEN}\"}}}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {{name: web-token}}
+spec: {{identity: app, source: api-token, inject: {{service: web, http: {{scheme: bearer}}}}}}
+",
+        id = binary_identity("app", &app),
+    ));
+    let url = |p: &str| format!("http://127.0.0.1:{np}{p}");
+    let curl = |program: &Path, args: &[&str]| {
+        let mut c = w.command(program);
+        c.args([
+            "-s",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\\n",
+        ])
+        .args(args);
+        c
+    };
+
+    // No credential in the client: 200.
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(20), || {
+        last = text(&w.run(curl(&app, &[&url("/first")])).1);
+        last.trim() == "200"
+    });
+    assert!(
+        ok,
+        "bound curl: {last}\n{}\n{}",
+        w.up.logs(),
+        nginx.error_log()
+    );
+    // Its own Authorization header is replaced, not passed on.
+    let (_, o) = w.run(curl(
+        &app,
+        &["-H", "Authorization: Bearer stolen-or-wrong", &url("/own")],
+    ));
+    assert_eq!(
+        text(&o).trim(),
+        "200",
+        "the client's header was not replaced"
+    );
+
+    // 1,000 requests on one keep-alive connection: every one injected.
+    let urls: Vec<String> = (0..1000).map(|i| url(&format!("/k{i}"))).collect();
+    // The base command's `-o /dev/null` is the first URL's; each other
+    // URL gets its own.
+    let mut args: Vec<&str> = vec!["--keepalive-time", "60", urls[0].as_str()];
+    for u in &urls[1..] {
+        args.extend(["-o", "/dev/null", u.as_str()]);
+    }
+    let served_before = nginx.requests().len();
+    let (_, o) = w.run(curl(&app, &args));
+    let codes = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(codes.lines().count(), 1000, "{}", text(&o));
+    assert!(codes.lines().all(|l| l == "200"), "not all 200: {codes}");
+    let kept: Vec<_> = nginx.requests().split_off(served_before);
+    assert_eq!(kept.len(), 1000);
+    assert!(
+        kept.iter().all(|r| r.0 == kept[0].0),
+        "more than one connection"
+    );
+    assert!(kept.iter().all(|r| r.2 == 200));
+
+    // A same-uid shell running the system curl: refused in the kernel,
+    // nginx sees nothing.
+    let served = nginx.requests().len();
+    let mut sh = w.command(Path::new("/bin/sh"));
+    sh.args([
+        "-c",
+        &format!("curl -s --max-time 5 -w '%{{http_code}}' {}", url("/shell")),
+    ]);
+    let (_, o) = w.run(sh);
+    assert!(
+        !text(&o).contains("200") && !text(&o).contains(TOKEN),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        nginx.requests().len(),
+        served,
+        "nginx saw the shell's request"
+    );
+
+    // Hostile requests from the bound process itself: each refused and
+    // audited, none reaches nginx, and the agent keeps serving.
+    let big = format!("X-Big: {}", "a".repeat(70 * 1024));
+    let served = nginx.requests().len();
+    for (what, args, reason) in [
+        (
+            "smuggling",
+            vec![
+                "-H".to_string(),
+                "Content-Length: 5".to_string(),
+                "-H".to_string(),
+                "Transfer-Encoding: chunked".to_string(),
+                "--data".to_string(),
+                "hello".to_string(),
+                url("/smuggle"),
+            ],
+            "smuggling",
+        ),
+        (
+            "oversized head",
+            vec!["-H".to_string(), big.clone(), url("/big")],
+            "longer than",
+        ),
+        (
+            "a protocol switch",
+            vec!["-H".to_string(), "Upgrade: h2c".to_string(), url("/up")],
+            "protocol switch",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (pid, o) = w.run(curl(&app, &args));
+        assert_ne!(text(&o).trim(), "200", "{what} was served");
+        eprintln!("{what}: curl said {:?}", text(&o));
+        w.up.audited(pid, what, |e| {
+            e["event"] == "inject"
+                && e["verdict"] == "refused-request"
+                && e["reason"].as_str().is_some_and(|r| r.contains(reason))
+        });
+    }
+    // Garbage: raw bytes through curl's telnet client.
+    let garbage = w.up.dir.path().join("garbage");
+    std::fs::write(&garbage, b"\x16\x03\x01\x00\xffnot http at all\r\n\r\n").expect("write");
+    let mut g = w.command(&app);
+    g.args(["-s", "--max-time", "5", &format!("telnet://127.0.0.1:{np}")])
+        .stdin(std::fs::File::open(&garbage).expect("open"));
+    let (gpid, _) = w.run(g);
+    w.up.audited(gpid, "garbage", |e| {
+        e["event"] == "inject" && e["verdict"] == "refused-request"
+    });
+    assert_eq!(
+        nginx.requests().len(),
+        served,
+        "a hostile request reached nginx"
+    );
+    let (_, o) = w.run(curl(&app, &[&url("/after")]));
+    assert_eq!(text(&o).trim(), "200", "the agent stopped serving");
+
+    let leg = capture.finish("/after");
+    assert!(
+        contains(&leg, "/k999"),
+        "the capture missed the client's leg"
+    );
+    assert!(!contains(&leg, TOKEN), "the token crossed the client's leg");
+    w.assert_nothing_leaked(&[TOKEN]);
+}
