@@ -344,9 +344,36 @@ def token_response():
         b'{"access_token":"t","token_type":"N_A","expires_in":"60","issued_token_type":"urn:ietf:params:oauth:token-type:access_token"}')
 
 
+def http_requests():
+    # The first byte is the piece size the stream is fed in.
+    pipelined = (b"GET /a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer mine\r\n\r\n"
+                 b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+                 b"PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;e=1\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"
+                 b"GET /d HTTP/1.0\r\n\r\n")
+    put("http_requests", "pipelined_1", b"\x01" + pipelined)
+    put("http_requests", "pipelined_7", b"\x07" + pipelined)
+    put("http_requests", "pipelined_all", b"\xff" + pipelined)
+    put("http_requests", "smuggling", b"\x10POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    put("http_requests", "two_lengths", b"\x10POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd")
+    put("http_requests", "upgrade", b"\x10GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n")
+    put("http_requests", "trailer_auth", b"\x10POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nAuthorization: x\r\n\r\n")
+    put("http_requests", "folded", b"\x10GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n")
+    put("http_requests", "tls_hello", b"\x40\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    put("http_requests", "huge_chunk", b"\x10POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab")
+
+
+def redis_reply():
+    put("redis_reply", "ok", b"+OK\r\n")
+    put("redis_reply", "wrongpass", b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")
+    put("redis_reply", "trailing", b"+OK\r\n+PONG\r\n")
+    put("redis_reply", "partial", b"+O")
+    put("redis_reply", "integer", b":1\r\n")
+    put("redis_reply", "bare_lf", b"+OK\n")
+
+
 ALL = [spiffe_id, selector_parse, manifest_parse, csr_parse, bundle_json, jwt_validate,
        proc_events, kernel_records, tunnel_request, elf_interp, h2_authority, x509_svid,
-       token_response]
+       token_response, http_requests, redis_reply]
 
 if __name__ == "__main__":
     import sys

@@ -22,16 +22,56 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("csr_parse", csr_parse),
     ("elf_interp", elf_interp),
     ("h2_authority", h2_authority),
+    ("http_requests", http_requests),
     ("jwt_validate", jwt_validate),
     ("kernel_records", kernel_records),
     ("manifest_parse", manifest_parse),
     ("proc_events", proc_events),
+    ("redis_reply", redis_reply),
     ("selector_parse", selector_parse),
     ("spiffe_id", spiffe_id),
     ("token_response", token_response),
     ("tunnel_request", tunnel_request),
     ("x509_svid", x509_svid),
 ];
+
+/// A client's request stream through the HTTP injector, fed in pieces of
+/// every size the first byte picks: never a panic; what goes out carries
+/// the injected header once per request head.
+pub fn http_requests(data: &[u8]) {
+    use tether_agent::inject_http::{Inject, Rewriter};
+    use tether_manifest::HttpScheme;
+    let Some((&step, input)) = data.split_first() else {
+        return;
+    };
+    let inject = Inject::new("Authorization", HttpScheme::Bearer, b"INJECTED").expect("valid");
+    let mut rw = Rewriter::new(inject);
+    let (mut out, mut buf) = (Vec::new(), Vec::new());
+    for piece in input.chunks(usize::from(step).max(1)) {
+        buf.extend_from_slice(piece);
+        let Ok(n) = rw.feed(&buf, &mut out) else {
+            return;
+        };
+        assert!(n <= buf.len());
+        buf.drain(..n);
+        if buf.len() > rw.limit() {
+            return;
+        }
+    }
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    let injected = text.matches("authorization: bearer injected\r\n").count() as u64;
+    assert_eq!(injected, rw.requests, "one injected header per request");
+}
+
+/// A Redis server's answer to the injected AUTH: never a panic, and an
+/// accepted answer is a complete status line within the bound.
+pub fn redis_reply(data: &[u8]) {
+    use tether_agent::inject_redis::{MAX_REPLY, parse_auth_reply};
+    if let Ok(Some(n)) = parse_auth_reply(data) {
+        assert!(n <= MAX_REPLY && n <= data.len());
+        assert!(data[..n].starts_with(b"+") && data[..n].ends_with(b"\r\n"));
+    }
+}
 
 /// Token endpoints' answers (STS XML, OAuth2 JSON) under every status
 /// class: never a panic, and what is accepted is bounded and usable.
