@@ -17,8 +17,8 @@
 //! | `state` | registry, process table, exec checks |
 //! | `decide` | pure: registry to verdicts, ingress, explanations |
 //! | `enforce` | subjects and kernel maps from `decide`'s verdicts; kernel audit events |
-//! | `proxy` | hold path and mesh tunnels |
-//! | `deliver` | Workload API |
+//! | `deliver` | Workload API, credential filesystem, fetching credentials (not `decide`, `enforce`) |
+//! | `proxy` | hold path, mesh tunnels, credential injection (uses `deliver::fetch`) |
 //! | `admin` | read-only views over the above |
 //! | `app` | builds and wires everything; owns tasks and shutdown |
 

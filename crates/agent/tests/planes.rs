@@ -18,8 +18,9 @@ const ORDER: &[&str] = &[
     "state",
     "decide",
     "enforce",
-    "proxy",
+    // Below proxy: the injector obtains credentials through `deliver::fetch`.
     "deliver",
+    "proxy",
     "admin",
     "app",
 ];

@@ -928,8 +928,8 @@ mod tests {
     fn event_parse_rejects_garbage() {
         assert_eq!(Event::parse(&[0; 10]), Err(EventError::Short(10)));
         let mut b = [0u8; EVENT_LEN];
-        b[44] = 9;
-        assert_eq!(Event::parse(&b), Err(EventError::Verdict(9)));
+        b[44] = 200;
+        assert_eq!(Event::parse(&b), Err(EventError::Verdict(200)));
         b[44] = 1;
         b[45] = 17;
         b[46..48].copy_from_slice(&53u16.to_be_bytes());

@@ -400,7 +400,7 @@ const MAPS: [MapSpec; 15] = [
         name: "guards",
         kind: MapType::SkStorage,
         key: 4,
-        value: 24,
+        value: 32,
         max_entries: 0,
     },
     MapSpec {
