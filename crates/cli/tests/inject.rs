@@ -17,7 +17,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::kernel::Cgroup;
-use common::servers::{Nginx, PASSWORD, Redis, which};
+use common::servers::{Nginx, PASSWORD, Postgres, Redis, which};
 use common::*;
 
 /// The ACL user's password: only the agent ever holds it.
@@ -539,4 +539,153 @@ spec: {{identity: app, source: api-token, inject: {{service: web, http: {{scheme
     );
     assert!(!contains(&leg, TOKEN), "the token crossed the client's leg");
     w.assert_nothing_leaked(&[TOKEN]);
+}
+
+/// The PostgreSQL role's password: only the agent ever holds it.
+const PG_PASSWORD: &str = "pg-role-pass-only-tether-knows";
+
+#[test]
+fn psql_logs_in_with_scram_over_tls_holding_no_password() {
+    let w = World::new("inj-pg");
+    let pg = Postgres::start_tls();
+    pg.admin(&format!("CREATE ROLE app LOGIN PASSWORD '{PG_PASSWORD}'"));
+    let pp = pg.port;
+    let psql = real(pg.psql());
+    // A raw-bytes client (curl's telnet) bound the same way, for hostile
+    // startup packets from an entitled process.
+    let raw = w.up.dir.path().join("raw-curl");
+    copy_binary(&real(which("curl")), &raw);
+    let ca: String = pg
+        .cert()
+        .lines()
+        .map(|l| format!("        {l}\n"))
+        .collect();
+    let binding = |name: &str, identity: &str| {
+        format!(
+            "apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {{name: {name}}}
+spec:
+  identity: {identity}
+  source: pg-password
+  inject:
+    service: postgres
+    postgresql: {{user: app}}
+    tls:
+      serverName: postgres
+      ca: |
+{ca}---
+"
+        )
+    };
+    let mut capture = Capture::start(w.hold_port);
+    w.up.apply_ok(&format!(
+        "{}{}{}{}apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {{name: postgres}}
+spec:
+  addresses:
+    - {{cidr: 127.0.0.1/32, ports: [{pp}]}}
+    - {{cidr: \"::1/128\", ports: [{pp}]}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: db-clients}}
+spec: {{services: [postgres], identities: [psql, raw]}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {{name: pg-password}}
+spec: {{static: {{value: \"{PG_PASSWORD}\"}}}}
+",
+        binary_identity("psql", &psql),
+        binary_identity("raw", &raw),
+        binding("psql-db", "psql"),
+        binding("raw-db", "raw"),
+    ));
+    let empty_home = w.up.dir.path().join("home");
+    std::fs::create_dir_all(&empty_home).expect("mkdir");
+    let query = |program: &Path, host: &str, sql: &str| {
+        let mut c = w.command(program);
+        c.args([
+            "-w",
+            "-h",
+            host,
+            "-p",
+            &pp.to_string(),
+            "-U",
+            "root",
+            "-d",
+            "postgres",
+        ])
+        .args(["-Atc", sql])
+        .env_remove("PGPASSWORD")
+        .env("HOME", &empty_home)
+        .env("PGPASSFILE", empty_home.join("none"));
+        c
+    };
+    let who =
+        "select current_user || '|' || s.ssl from pg_stat_ssl s where s.pid = pg_backend_pid()";
+
+    // Bound psql, no password, no .pgpass: logged in as the configured
+    // user, and the server's side of the session is TLS.
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(20), || {
+        last = text(&w.run(query(&psql, "127.0.0.1", who)).1);
+        last.trim() == "app|true"
+    });
+    assert!(ok, "bound psql: {last}\n{}", w.up.logs());
+    let (pid, o) = w.run(query(
+        &psql,
+        "::1",
+        "select usename from pg_stat_activity where pid = pg_backend_pid()",
+    ));
+    assert_eq!(text(&o).trim(), "app", "pg_stat_activity");
+    w.up.audited(pid, "the injected session", |e| {
+        e["event"] == "inject"
+            && e["verdict"] == "allow"
+            && e["protocol"] == "postgresql"
+            && e["upstream"] == "tls"
+    });
+
+    // A startup packet with an absurd length from a bound process: refused,
+    // audited, and the agent goes on serving.
+    let absurd = w.up.dir.path().join("absurd");
+    std::fs::write(&absurd, [0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0]).expect("write");
+    let mut c = w.command(&raw);
+    c.args(["-s", "--max-time", "5", &format!("telnet://127.0.0.1:{pp}")])
+        .stdin(std::fs::File::open(&absurd).expect("open"));
+    let (rpid, _) = w.run(c);
+    w.up.audited(rpid, "the absurd startup packet", |e| {
+        e["event"] == "inject"
+            && e["verdict"] == "refused-request"
+            && e["reason"].as_str().is_some_and(|r| r.contains("length"))
+    });
+    let (_, o) = w.run(query(&psql, "127.0.0.1", "select 'after'"));
+    assert_eq!(text(&o).trim(), "after", "the agent stopped serving");
+
+    let leg = capture.finish("select 'after'");
+    assert!(
+        contains(&leg, "pg_stat_ssl"),
+        "the capture missed the client's leg"
+    );
+    assert!(
+        !contains(&leg, PG_PASSWORD),
+        "the password crossed the client's leg"
+    );
+    w.assert_nothing_leaked(&[PG_PASSWORD]);
+
+    // An unbound psql (a copy: another path) with the superuser's password
+    // in its environment is refused in the kernel.
+    let copy = w.up.dir.path().join("psql-copy");
+    copy_binary(&psql, &copy);
+    let mut c = query(&copy, "127.0.0.1", "select 1");
+    c.env("PGPASSWORD", PASSWORD).args(["-U", "postgres"]);
+    let (cpid, o) = w.run(c);
+    assert!(
+        !text(&o).trim().ends_with('1'),
+        "the unbound copy got in: {}",
+        text(&o)
+    );
+    w.up.audited(cpid, "the refused copy", |e| e["verdict"] == "deny");
 }

@@ -124,8 +124,14 @@ impl CredentialBindingSpec {
                     Some(u) => serde_json::json!({ "redis": { "user": u } }),
                     None => serde_json::json!({ "redis": {} }),
                 },
+                InjectProtocol::Postgresql { user } => {
+                    serde_json::json!({ "postgresql": { "user": user } })
+                }
             };
             let mut inject = serde_json::json!({ "service": i.service });
+            if let Some(t) = &i.tls {
+                inject["tls"] = serde_json::to_value(t).unwrap_or_default();
+            }
             if let (Some(o), serde_json::Value::Object(p)) = (inject.as_object_mut(), proto) {
                 o.extend(p);
             }
@@ -191,6 +197,23 @@ pub struct Injection {
     /// A Service name.
     pub service: String,
     pub protocol: InjectProtocol,
+    /// The agent originates TLS to the upstream (the client speaks
+    /// plaintext to the agent, on loopback). For PostgreSQL, negotiated with
+    /// SSLRequest; otherwise from the first byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How the agent verifies the upstream's certificate: against `ca` (PEM)
+/// when given, else the system roots; for `server_name` when given, else
+/// the destination's IP address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamTls {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 /// What the agent speaks to add the credential.
@@ -203,6 +226,10 @@ pub enum InjectProtocol {
     /// Redis: AUTH (with `user`, an ACL user, when given) before any client
     /// byte is relayed.
     Redis { user: Option<String> },
+    /// PostgreSQL: the agent answers the server's authentication exchange
+    /// (SCRAM-SHA-256, md5 or cleartext) as `user`, whatever user the
+    /// client named, then relays the session unchanged.
+    Postgresql { user: String },
 }
 
 impl InjectProtocol {
@@ -210,6 +237,7 @@ impl InjectProtocol {
         match self {
             InjectProtocol::Http { .. } => "http",
             InjectProtocol::Redis { .. } => "redis",
+            InjectProtocol::Postgresql { .. } => "postgresql",
         }
     }
 }
@@ -300,6 +328,21 @@ pub(crate) struct RawInject {
     service: Option<String>,
     http: Option<RawHttp>,
     redis: Option<RawRedis>,
+    postgresql: Option<RawPostgres>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPostgres {
+    user: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawTls {
+    server_name: Option<String>,
+    ca: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -525,6 +568,35 @@ const MAX_TOKEN: usize = 128;
 fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
     let service = raw.service.ok_or_else(|| missing("spec.inject.service"))?;
     validate_name(&service).map_err(|m| ("spec.inject.service".to_owned(), m))?;
+    let tls = raw.tls.map(validate_tls).transpose()?;
+    let given = [
+        raw.http.is_some(),
+        raw.redis.is_some(),
+        raw.postgresql.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() > 1 {
+        return Err((
+            "spec.inject".into(),
+            "exactly one protocol (http, redis or postgresql)".into(),
+        ));
+    }
+    if let Some(p) = raw.postgresql {
+        let user = p
+            .user
+            .ok_or_else(|| missing("spec.inject.postgresql.user"))?;
+        // NAMEDATALEN - 1; a NUL would end the startup packet's string.
+        if user.is_empty() || user.len() > 63 || user.contains('\0') {
+            return Err((
+                "spec.inject.postgresql.user".into(),
+                format!("{user:?}: 1 to 63 bytes, no NUL"),
+            ));
+        }
+        return Ok(Injection {
+            service,
+            protocol: InjectProtocol::Postgresql { user },
+            tls,
+        });
+    }
     let protocol = match (raw.http, raw.redis) {
         (Some(h), None) => {
             let header = h.header.unwrap_or_else(|| "Authorization".into());
@@ -584,17 +656,51 @@ fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
         (None, None) => {
             return Err((
                 "spec.inject".into(),
-                "name the protocol: http or redis".into(),
+                "name the protocol: http, redis or postgresql".into(),
             ));
         }
         _ => {
             return Err((
                 "spec.inject".into(),
-                "exactly one protocol (http or redis)".into(),
+                "exactly one protocol (http, redis or postgresql)".into(),
             ));
         }
     };
-    Ok(Injection { service, protocol })
+    Ok(Injection {
+        service,
+        protocol,
+        tls,
+    })
+}
+
+/// Longest CA bundle accepted in a binding.
+const MAX_CA_PEM: usize = 64 * 1024;
+
+fn validate_tls(raw: RawTls) -> Result<UpstreamTls, FieldError> {
+    if let Some(n) = &raw.server_name {
+        let ok = !n.is_empty()
+            && n.len() <= 253
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b));
+        if !ok {
+            return Err((
+                "spec.inject.tls.serverName".into(),
+                format!("{n:?}: a DNS name or an IP address"),
+            ));
+        }
+    }
+    if let Some(ca) = &raw.ca
+        && (ca.len() > MAX_CA_PEM || !ca.contains("-----BEGIN CERTIFICATE-----"))
+    {
+        return Err((
+            "spec.inject.tls.ca".into(),
+            format!("PEM certificates, at most {MAX_CA_PEM} bytes"),
+        ));
+    }
+    Ok(UpstreamTls {
+        server_name: raw.server_name,
+        ca: raw.ca,
+    })
 }
 
 fn validate_file(f: RawFile) -> Result<CredentialFile, FieldError> {
@@ -806,6 +912,10 @@ mod tests {
                     user: Some("app".into()),
                 },
             ),
+            (
+                "  identity: app\n  source: pw\n  inject: {service: db, postgresql: {user: app}, tls: {serverName: db.internal, ca: \"-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----\\n\"}}",
+                InjectProtocol::Postgresql { user: "app".into() },
+            ),
         ] {
             let r = one("CredentialBinding", spec);
             let Resource::CredentialBinding { spec: got, .. } = &r else {
@@ -845,6 +955,18 @@ mod tests {
             (
                 "  identity: app\n  source: tok\n  inject: {service: web, redis: {user: 'a b'}}",
                 "spec.inject.redis.user",
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: db, postgresql: {}}",
+                "spec.inject.postgresql.user",
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: db, postgresql: {user: a}, tls: {ca: nope}}",
+                "spec.inject.tls.ca",
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: db, postgresql: {user: a}, tls: {serverName: 'a b'}}",
+                "spec.inject.tls.serverName",
             ),
         ] {
             assert_eq!(field_of("CredentialBinding", spec), want, "{spec}");

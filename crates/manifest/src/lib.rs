@@ -13,7 +13,8 @@ use std::fmt;
 
 pub use credentials::{
     CredentialBindingSpec, CredentialFile, CredentialSourceSpec, FileFormat, HttpScheme,
-    InjectProtocol, Injection, MAX_STATIC_BYTES, OAuthGrant, REDACTED, client_id_allowed,
+    InjectProtocol, Injection, MAX_STATIC_BYTES, OAuthGrant, REDACTED, UpstreamTls,
+    client_id_allowed,
 };
 
 use serde::{Deserialize, Serialize};

@@ -5,7 +5,13 @@
 //! credential on the way out, so the process never holds it:
 //! - `http`: every request's configured header is replaced (`http.rs`);
 //! - `redis`: the upstream connection is authenticated before any client
-//!   byte is relayed (`redis.rs`).
+//!   byte is relayed (`redis.rs`);
+//! - `postgresql`: the agent answers the server's authentication exchange
+//!   as the configured user, then relays the session (`postgres.rs`).
+//!
+//! With `tls` in the binding the agent originates TLS to the upstream
+//! (PostgreSQL: after SSLRequest), verifying it against the binding's CA
+//! or the system roots: the client's leg is loopback plaintext.
 //!
 //! The credential is the binding's value for this exact process instance
 //! (`deliver::fetch`, shared with the credential filesystem). Each
@@ -14,19 +20,22 @@
 //! process exits) and ends within a verdict change when the process loses
 //! the inject verdict (policy or binding removed, process exec'd or gone).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
 use tether_kernel::HeldConnection;
-use tether_manifest::{FileFormat, InjectProtocol};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tether_manifest::{FileFormat, InjectProtocol, UpstreamTls};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use zeroize::Zeroizing;
 
 use super::hold::HoldPorts;
 use super::http::{Inject, Refusal, Rewriter};
 use super::mesh::{Conn, Tunnels};
+use super::postgres::{self, First, PgError, Scram};
 use super::redis;
 use crate::audit::AuditLog;
 use crate::deliver::fetch::Fetcher;
@@ -44,6 +53,24 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read size on the client's request stream.
 const READ_BUF: usize = 64 * 1024;
+/// How long a PostgreSQL client may take to send its startup packet.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The upstream side: plain TCP or the agent's own TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type Upstream = Box<dyn Io>;
+
+/// An upstream connection ready for the client's bytes, with its TLS
+/// version and cipher when the agent originated TLS; or a PostgreSQL
+/// cancel request, passed on and done.
+enum Opened {
+    Ready(Upstream, Option<(String, String)>),
+    Cancel,
+}
+
+/// A refusal while opening: the audit verdict and why.
+type OpenError = (&'static str, String);
 
 pub struct Injector {
     tracker: Arc<Tracker>,
@@ -52,6 +79,8 @@ pub struct Injector {
     metrics: Arc<Metrics>,
     tunnels: Arc<Tunnels>,
     next_id: AtomicU64,
+    /// TLS client configurations by CA bundle (None: the system roots).
+    tls: Mutex<HashMap<Option<String>, Arc<rustls::ClientConfig>>>,
 }
 
 /// Who the connection is for and what it carries, for its audit records.
@@ -108,6 +137,7 @@ impl Injector {
             metrics,
             tunnels,
             next_id: AtomicU64::new(1),
+            tls: Mutex::new(HashMap::new()),
         })
     }
 
@@ -155,34 +185,22 @@ impl Injector {
                 return self.refuse(client, &facts, "deny", &format!("no credential: {why}"));
             }
         };
-        let mut upstream = match tokio::time::timeout(
-            UPSTREAM_TIMEOUT,
-            TcpStream::connect(rec.original_dst),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return self.refuse(
-                    client,
-                    &facts,
-                    "upstream-failed",
-                    &format!("connecting to {}: {e}", rec.original_dst),
-                );
+        let tls = binding.inject.as_ref().and_then(|i| i.tls.clone());
+        let opened = match &protocol {
+            InjectProtocol::Postgresql { user } => {
+                self.open_postgres(&mut client, &rec, tls.as_ref(), user, &value.bytes)
+                    .await
             }
-            Err(_) => {
-                return self.refuse(
-                    client,
-                    &facts,
-                    "upstream-failed",
-                    &format!(
-                        "{} did not answer in {UPSTREAM_TIMEOUT:?}",
-                        rec.original_dst
-                    ),
-                );
-            }
+            _ => self.open(&rec, tls.as_ref()).await,
         };
-        let _ = upstream.set_nodelay(true);
+        let (mut upstream, tls_info) = match opened {
+            Ok(Opened::Ready(u, t)) => (u, t),
+            Ok(Opened::Cancel) => {
+                self.metrics.injected_connection(protocol.name(), "cancel");
+                return;
+            }
+            Err((verdict, why)) => return self.refuse(client, &facts, verdict, &why),
+        };
         // Protocol start: what must happen before the client's first byte.
         let http = match &protocol {
             InjectProtocol::Redis { user } => {
@@ -197,6 +215,7 @@ impl Injector {
                     Err(e) => return self.refuse(client, &facts, "deny", &e.to_string()),
                 }
             }
+            InjectProtocol::Postgresql { .. } => None,
         };
         drop(value);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -207,11 +226,11 @@ impl Injector {
             facts.spiffe_id.clone(),
             rec.original_dst,
             facts.service.clone(),
-            None,
+            tls_info,
             json!({ "binding": binding.name, "source": binding.source, "protocol": protocol.name() }),
         ));
         let mut started = facts.record("allow");
-        started["upstream"] = json!("connected");
+        started["upstream"] = json!(if tls.is_some() { "tls" } else { "connected" });
         self.audit.publish(started);
         self.metrics.injected_connection(protocol.name(), "allowed");
 
@@ -234,7 +253,7 @@ impl Injector {
             Err(End::Io(e)) => {
                 tracing::debug!(pid = rec.tgid, error = %e, "injected connection ended with an error");
                 reset(client);
-                reset(upstream);
+                drop(upstream);
             }
             Err(End::Refused(r)) => {
                 let mut a = facts.record("refused-request");
@@ -243,7 +262,7 @@ impl Injector {
                 self.metrics
                     .injected_connection(protocol.name(), "refused_request");
                 reset(client);
-                reset(upstream);
+                drop(upstream);
             }
             Err(End::Revoked(why)) => {
                 let mut a = facts.record("revoked");
@@ -251,7 +270,7 @@ impl Injector {
                 self.audit.publish(a);
                 self.metrics.injected_connection(protocol.name(), "revoked");
                 reset(client);
-                reset(upstream);
+                drop(upstream);
             }
         }
     }
@@ -296,6 +315,199 @@ impl Injector {
         }
     }
 
+    /// Connects to the original destination, with the agent's own TLS when
+    /// the binding asks for it.
+    async fn open(
+        &self,
+        rec: &HeldConnection,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<Opened, OpenError> {
+        let tcp = connect(rec).await?;
+        match tls {
+            None => Ok(Opened::Ready(Box::new(tcp), None)),
+            Some(t) => {
+                let (s, info) = self.handshake(tcp, rec, t).await?;
+                Ok(Opened::Ready(s, Some(info)))
+            }
+        }
+    }
+
+    /// TLS to the upstream, verified against the binding's CA (or the
+    /// system roots) for its server name (or the destination address).
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+        rec: &HeldConnection,
+        t: &UpstreamTls,
+    ) -> Result<(Upstream, (String, String)), OpenError> {
+        let cfg = self.tls_config(t.ca.as_deref()).map_err(|e| ("deny", e))?;
+        let name = match &t.server_name {
+            Some(n) => rustls::pki_types::ServerName::try_from(n.clone())
+                .map_err(|e| ("deny", format!("tls.serverName {n:?}: {e}")))?,
+            None => rustls::pki_types::ServerName::IpAddress(rec.original_dst.ip().into()),
+        };
+        let tls = tokio::time::timeout(
+            UPSTREAM_TIMEOUT,
+            tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| {
+            (
+                "upstream-failed",
+                format!(
+                    "TLS to {} took longer than {UPSTREAM_TIMEOUT:?}",
+                    rec.original_dst
+                ),
+            )
+        })?
+        .map_err(|e| {
+            (
+                "upstream-failed",
+                format!("TLS to {}: {e}", rec.original_dst),
+            )
+        })?;
+        let (_, conn) = tls.get_ref();
+        let info = (
+            conn.protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
+            conn.negotiated_cipher_suite()
+                .map(|c| format!("{:?}", c.suite()))
+                .unwrap_or_default(),
+        );
+        Ok((Box::new(tls), info))
+    }
+
+    fn tls_config(&self, ca: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String> {
+        let key = ca.map(str::to_owned);
+        if let Some(c) = self.tls.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(c.clone());
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        match ca {
+            Some(pem) => {
+                use rustls::pki_types::pem::PemObject as _;
+                for c in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                    let c = c.map_err(|e| format!("tls.ca: {e}"))?;
+                    roots.add(c).map_err(|e| format!("tls.ca: {e}"))?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+            }
+        }
+        if roots.is_empty() {
+            return Err("no CA certificate to verify the upstream with".into());
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(tether_tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let cfg = Arc::new(cfg);
+        self.tls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, cfg.clone());
+        Ok(cfg)
+    }
+
+    /// PostgreSQL: reads the client's startup (answering SSLRequest `N`:
+    /// its leg is loopback), opens the upstream (TLS through SSLRequest
+    /// when the binding asks), sends the startup as the configured user,
+    /// answers the authentication exchange, and hands the client the
+    /// server's AuthenticationOk and whatever followed it.
+    async fn open_postgres(
+        &self,
+        client: &mut TcpStream,
+        rec: &HeldConnection,
+        tls: Option<&UpstreamTls>,
+        user: &str,
+        password: &[u8],
+    ) -> Result<Opened, OpenError> {
+        let refused = |e: PgError| ("refused-request", e.to_string());
+        let (first, leftover) = tokio::time::timeout(STARTUP_TIMEOUT, read_startup(client))
+            .await
+            .map_err(|_| {
+                (
+                    "refused-request",
+                    format!("no startup packet within {STARTUP_TIMEOUT:?}"),
+                )
+            })?
+            .map_err(refused)?;
+        let tcp = connect(rec).await?;
+        let (mut up, info): (Upstream, _) = match tls {
+            None => (Box::new(tcp), None),
+            Some(t) => {
+                let mut tcp = tcp;
+                let answer = async {
+                    let mut req = 8u32.to_be_bytes().to_vec();
+                    req.extend_from_slice(&postgres::SSL_REQUEST.to_be_bytes());
+                    tcp.write_all(&req).await?;
+                    let mut b = [0u8; 1];
+                    tcp.read_exact(&mut b).await?;
+                    Ok::<u8, std::io::Error>(b[0])
+                };
+                match tokio::time::timeout(UPSTREAM_TIMEOUT, answer).await {
+                    Ok(Ok(b'S')) => {}
+                    Ok(Ok(_)) => {
+                        return Err(("upstream-failed", "the server does not offer TLS".into()));
+                    }
+                    Ok(Err(e)) => return Err(("upstream-failed", format!("SSLRequest: {e}"))),
+                    Err(_) => return Err(("upstream-failed", "no answer to SSLRequest".into())),
+                }
+                let (s, info) = self.handshake(tcp, rec, t).await?;
+                (s, Some(info))
+            }
+        };
+        let (version, params) = match first {
+            First::Cancel(bytes) => {
+                let _ = up.write_all(&bytes).await;
+                let _ = up.shutdown().await;
+                return Ok(Opened::Cancel);
+            }
+            First::Startup { version, params } => (version, params),
+            First::Encryption => {
+                return Err(refused(PgError::Startup(
+                    "a second encryption request".into(),
+                )));
+            }
+        };
+        let plaintext_remote = tls.is_none() && !rec.original_dst.ip().is_loopback();
+        let auth = tokio::time::timeout(
+            AUTH_TIMEOUT,
+            pg_authenticate(&mut up, version, &params, user, password, plaintext_remote),
+        )
+        .await
+        .map_err(|_| {
+            (
+                "upstream-refused",
+                format!("authentication took longer than {AUTH_TIMEOUT:?}"),
+            )
+        })?;
+        let rest = match auth {
+            Ok(rest) => rest,
+            Err((e, error_bytes)) => {
+                // The server's own ErrorResponse, so the client says why.
+                if let Some(b) = error_bytes {
+                    let _ = client.write_all(&b).await;
+                }
+                return Err(("upstream-refused", e.to_string()));
+            }
+        };
+        client
+            .write_all(&rest)
+            .await
+            .map_err(|e| ("upstream-failed", format!("client: {e}")))?;
+        if !leftover.is_empty() {
+            up.write_all(&leftover)
+                .await
+                .map_err(|e| ("upstream-failed", e.to_string()))?;
+        }
+        Ok(Opened::Ready(up, info))
+    }
+
     fn refuse(&self, client: TcpStream, facts: &Facts, verdict: &str, why: &str) {
         let mut a = facts.record(verdict);
         a["reason"] = json!(why);
@@ -307,6 +519,191 @@ impl Injector {
             .map_or("unknown", |i| i.protocol.name());
         self.metrics.injected_connection(proto, verdict);
         reset(client);
+    }
+}
+
+async fn connect(rec: &HeldConnection) -> Result<TcpStream, OpenError> {
+    match tokio::time::timeout(UPSTREAM_TIMEOUT, TcpStream::connect(rec.original_dst)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err((
+            "upstream-failed",
+            format!("connecting to {}: {e}", rec.original_dst),
+        )),
+        Err(_) => Err((
+            "upstream-failed",
+            format!(
+                "{} did not answer in {UPSTREAM_TIMEOUT:?}",
+                rec.original_dst
+            ),
+        )),
+    }
+}
+
+/// The client's startup packet (after answering `N` to encryption
+/// requests, at most two), and any bytes that came after it.
+async fn read_startup(client: &mut TcpStream) -> Result<(First, Vec<u8>), PgError> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 4096];
+    let mut encryption_requests = 0;
+    loop {
+        if let Some((first, n)) = postgres::first_packet(&buf)? {
+            buf.drain(..n);
+            if first == First::Encryption {
+                encryption_requests += 1;
+                if encryption_requests > 2 || !buf.is_empty() {
+                    return Err(PgError::Startup(
+                        "unexpected bytes after an encryption request".into(),
+                    ));
+                }
+                client
+                    .write_all(b"N")
+                    .await
+                    .map_err(|e| PgError::Startup(e.to_string()))?;
+                continue;
+            }
+            return Ok((first, buf));
+        }
+        let n = client
+            .read(&mut chunk)
+            .await
+            .map_err(|e| PgError::Startup(e.to_string()))?;
+        if n == 0 {
+            return Err(PgError::Startup(
+                "the client closed before its startup packet".into(),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Answers the server's authentication requests. Ok: the bytes from
+/// AuthenticationOk on (for the client). Err: why, and the server's
+/// ErrorResponse when it sent one.
+async fn pg_authenticate(
+    up: &mut Upstream,
+    version: u32,
+    params: &[(String, String)],
+    user: &str,
+    password: &[u8],
+    plaintext_remote: bool,
+) -> Result<Vec<u8>, (PgError, Option<Vec<u8>>)> {
+    let io = |e: std::io::Error| (PgError::Server(e.to_string()), None);
+    let password = Zeroizing::new(password.trim_ascii().to_vec());
+    up.write_all(&postgres::startup_for(version, params, user))
+        .await
+        .map_err(io)?;
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let mut before_ok: Vec<u8> = Vec::new();
+    let mut scram: Option<Scram> = None;
+    loop {
+        let Some((ty, payload, n)) = postgres::message(&buf).map_err(|e| (e, None))? else {
+            let got = up.read(&mut chunk).await.map_err(io)?;
+            if got == 0 {
+                return Err((PgError::Server("closed during authentication".into()), None));
+            }
+            buf.extend_from_slice(&chunk[..got]);
+            continue;
+        };
+        let payload = payload.to_vec();
+        let whole = buf[..n].to_vec();
+        buf.drain(..n);
+        match ty {
+            b'E' => {
+                return Err((
+                    PgError::Refused(postgres::error_message(&payload)),
+                    Some(whole),
+                ));
+            }
+            // NegotiateProtocolVersion: the client learns it before AuthOk.
+            b'v' => before_ok.extend_from_slice(&whole),
+            b'R' if payload.len() >= 4 => {
+                let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                let data = &payload[4..];
+                let answer = match code {
+                    0 => {
+                        // A SCRAM exchange ends with the server's proof.
+                        if scram.as_ref().is_some_and(|s| !s.verified()) {
+                            return Err((
+                                PgError::Server(
+                                    "AuthenticationOk without the SCRAM server proof".into(),
+                                ),
+                                None,
+                            ));
+                        }
+                        before_ok.extend_from_slice(&whole);
+                        before_ok.extend_from_slice(&buf);
+                        return Ok(before_ok);
+                    }
+                    3 if plaintext_remote => {
+                        return Err((
+                            PgError::Unsupported(
+                                "a cleartext password over plaintext to another host".into(),
+                            ),
+                            None,
+                        ));
+                    }
+                    3 => postgres::cleartext(&password),
+                    5 if data.len() == 4 => {
+                        let salt = [data[0], data[1], data[2], data[3]];
+                        postgres::md5_password(&password, user, &salt)
+                    }
+                    10 => {
+                        if !postgres::mechanisms(data)
+                            .iter()
+                            .any(|m| m == postgres::SCRAM)
+                        {
+                            return Err((
+                                PgError::Unsupported(format!(
+                                    "SASL {:?}",
+                                    postgres::mechanisms(data)
+                                )),
+                                None,
+                            ));
+                        }
+                        let s = Scram::new(&password).map_err(|e| (e, None))?;
+                        let first = s.initial();
+                        scram = Some(s);
+                        first
+                    }
+                    11 => scram
+                        .as_mut()
+                        .ok_or_else(|| (PgError::Server("SASLContinue before SASL".into()), None))?
+                        .respond(data)
+                        .map_err(|e| (e, None))?,
+                    12 => {
+                        scram
+                            .as_ref()
+                            .ok_or_else(|| (PgError::Server("SASLFinal before SASL".into()), None))?
+                            .verify(data)
+                            .map_err(|e| (e, None))?;
+                        if let Some(s) = scram.as_mut() {
+                            s.mark_verified();
+                        }
+                        continue;
+                    }
+                    other => {
+                        return Err((
+                            PgError::Unsupported(format!("authentication method {other}")),
+                            None,
+                        ));
+                    }
+                };
+                up.write_all(&answer).await.map_err(io)?;
+            }
+            other => {
+                return Err((
+                    PgError::Server(format!(
+                        "message {:?} during authentication",
+                        char::from(other)
+                    )),
+                    None,
+                ));
+            }
+        }
     }
 }
 
@@ -330,7 +727,7 @@ async fn revoked(ports: &dyn HoldPorts, rec: &HeldConnection, start_ticks: u64) 
 
 /// AUTH on the upstream connection; the server's answer is consumed here,
 /// so the client never sees it.
-async fn redis_auth(up: &mut TcpStream, user: Option<&str>, password: &[u8]) -> Result<(), String> {
+async fn redis_auth(up: &mut Upstream, user: Option<&str>, password: &[u8]) -> Result<(), String> {
     let cmd = redis::auth_command(user, password.trim_ascii());
     let exchange = async {
         up.write_all(&cmd).await.map_err(|e| e.to_string())?;
@@ -359,12 +756,12 @@ async fn redis_auth(up: &mut TcpStream, user: Option<&str>, password: &[u8]) -> 
 /// Client to server through the rewriter; server to client as it comes.
 async fn relay_http(
     client: &mut TcpStream,
-    upstream: &mut TcpStream,
+    upstream: &mut Upstream,
     mut rw: Rewriter,
     conn: &Conn,
 ) -> Result<u64, End> {
     let (mut cr, mut cw) = client.split();
-    let (mut ur, mut uw) = upstream.split();
+    let (mut ur, mut uw) = tokio::io::split(upstream);
     let up = async {
         let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
         let mut out: Vec<u8> = Vec::with_capacity(READ_BUF);
@@ -403,7 +800,7 @@ async fn relay_http(
 /// Both ways as they come (the credential went first).
 async fn relay_raw(
     client: &mut TcpStream,
-    upstream: &mut TcpStream,
+    upstream: &mut Upstream,
     conn: &Conn,
 ) -> Result<u64, End> {
     let (sent, received) = tokio::io::copy_bidirectional(client, upstream)

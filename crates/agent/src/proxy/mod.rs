@@ -9,4 +9,5 @@ pub mod hold;
 pub mod http;
 pub mod inject;
 pub mod mesh;
+pub mod postgres;
 pub mod redis;

@@ -244,6 +244,14 @@ impl Postgres {
                     "ec_paramgen_curve:P-256",
                 ])
                 .args(["-nodes", "-days", "1", "-subj", "/CN=postgres"])
+                // A leaf clients can verify by name (webpki wants a SAN and
+                // no CA flag on the server's own certificate).
+                .args([
+                    "-addext",
+                    "basicConstraints=critical,CA:FALSE",
+                    "-addext",
+                    "subjectAltName=DNS:postgres,IP:127.0.0.1",
+                ])
                 .arg("-keyout")
                 .arg(&key)
                 .arg("-out")
@@ -289,8 +297,42 @@ impl Postgres {
         pg
     }
 
+    /// On 127.0.0.1 and ::1 with TLS available ([`Postgres::cert`]).
+    pub fn start_tls() -> Postgres {
+        Self::start_in(None, None, "127.0.0.1,::1", true)
+    }
+
     pub fn psql(&self) -> PathBuf {
         self.bin.join("psql")
+    }
+
+    /// The server's self-signed certificate (PEM), with TLS on.
+    pub fn cert(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.crt")).expect("server.crt")
+    }
+
+    /// SQL as the postgres superuser, from the test process; its output
+    /// (unaligned, tuples only).
+    pub fn admin(&self, sql: &str) -> String {
+        let o = Command::new(self.psql())
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-d", "postgres", "-Atc", sql])
+            .env("PGPASSWORD", PASSWORD)
+            .output()
+            .expect("psql");
+        assert!(
+            o.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
     }
 }
 
