@@ -362,6 +362,30 @@ def http_requests():
     put("http_requests", "huge_chunk", b"\x10POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab")
 
 
+def postgres_messages():
+    def startup(params):
+        body = struct.pack(">I", 196608) + b"".join(k + b"\0" + v + b"\0" for k, v in params) + b"\0"
+        return struct.pack(">I", len(body) + 4) + body
+
+    def msg(t, payload):
+        return t + struct.pack(">I", len(payload) + 4) + payload
+    put("postgres_messages", "startup", startup([(b"user", b"root"), (b"database", b"postgres"), (b"application_name", b"psql")]))
+    put("postgres_messages", "startup_no_db", startup([(b"user", b"root")]))
+    put("postgres_messages", "ssl_request", struct.pack(">II", 8, 80877103))
+    put("postgres_messages", "cancel", struct.pack(">IIII", 16, 80877102, 1234, 5678))
+    put("postgres_messages", "absurd_length", struct.pack(">II", 0x7fffffff, 196608))
+    put("postgres_messages", "protocol_2", struct.pack(">II", 8, 0x20000))
+    put("postgres_messages", "sasl", msg(b"R", struct.pack(">I", 10) + b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"))
+    put("postgres_messages", "sasl_continue",
+        msg(b"R", struct.pack(">I", 11) + b"r=abc,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"))
+    put("postgres_messages", "sasl_final", msg(b"R", struct.pack(">I", 12) + b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="))
+    put("postgres_messages", "md5", msg(b"R", struct.pack(">I", 5) + b"\x01\x02\x03\x04"))
+    put("postgres_messages", "error",
+        msg(b"E", b"SFATAL\0C28P01\0Mpassword authentication failed for user \"app\"\0\0"))
+    put("postgres_messages", "ok_then_ready",
+        msg(b"R", struct.pack(">I", 0)) + msg(b"S", b"server_version\x0017\0") + msg(b"Z", b"I"))
+
+
 def redis_reply():
     put("redis_reply", "ok", b"+OK\r\n")
     put("redis_reply", "wrongpass", b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")
@@ -373,7 +397,7 @@ def redis_reply():
 
 ALL = [spiffe_id, selector_parse, manifest_parse, csr_parse, bundle_json, jwt_validate,
        proc_events, kernel_records, tunnel_request, elf_interp, h2_authority, x509_svid,
-       token_response, http_requests, redis_reply]
+       token_response, http_requests, redis_reply, postgres_messages]
 
 if __name__ == "__main__":
     import sys

@@ -46,7 +46,7 @@ pub use identity::live_keys;
 pub use identity::node::{NodeConn, NodeIdentity, channel as server_channel};
 pub use metrics::Metrics;
 pub use proxy::mesh::DEFAULT_PORT as DEFAULT_MESH_PORT;
-pub use proxy::{http as inject_http, redis as inject_redis};
+pub use proxy::{http as inject_http, postgres as inject_postgres, redis as inject_redis};
 pub use state::registry::Registry;
 pub use state::tracker::Tracker;
 

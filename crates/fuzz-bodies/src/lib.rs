@@ -26,6 +26,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("jwt_validate", jwt_validate),
     ("kernel_records", kernel_records),
     ("manifest_parse", manifest_parse),
+    ("postgres_messages", postgres_messages),
     ("proc_events", proc_events),
     ("redis_reply", redis_reply),
     ("selector_parse", selector_parse),
@@ -61,6 +62,45 @@ pub fn http_requests(data: &[u8]) {
     let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
     let injected = text.matches("authorization: bearer injected\r\n").count() as u64;
     assert_eq!(injected, rw.requests, "one injected header per request");
+}
+
+/// PostgreSQL bytes the injector parses: a client's first packet (bounded,
+/// and a startup re-written for the configured user parses back with that
+/// user), and server messages during authentication with the SCRAM client
+/// answering whatever SASLContinue data they carry. Never a panic.
+pub fn postgres_messages(data: &[u8]) {
+    use tether_agent::inject_postgres::{
+        First, MAX_AUTH_MESSAGE, MAX_STARTUP, Scram, error_message, first_packet, mechanisms,
+        message, startup_for,
+    };
+    if let Ok(Some((first, n))) = first_packet(data) {
+        assert!(n <= MAX_STARTUP && n <= data.len());
+        if let First::Startup { version, params } = first {
+            let out = startup_for(version, &params, "app");
+            match first_packet(&out) {
+                Ok(Some((First::Startup { params: again, .. }, m))) => {
+                    assert_eq!(m, out.len());
+                    assert_eq!(again[0], ("user".to_string(), "app".to_string()));
+                }
+                // Re-written parameters can outgrow the bound.
+                Err(_) if out.len() > MAX_STARTUP => {}
+                other => panic!("re-written startup does not parse: {other:?}"),
+            }
+        }
+    }
+    let mut rest = data;
+    while let Ok(Some((ty, payload, n))) = message(rest) {
+        assert!(n <= MAX_AUTH_MESSAGE + 1 && n <= rest.len() && n >= 5);
+        let _ = error_message(payload);
+        let _ = mechanisms(payload);
+        if ty == b'R'
+            && let Ok(mut s) = Scram::new(b"pw")
+        {
+            let _ = s.respond(payload);
+            let _ = s.verify(payload);
+        }
+        rest = &rest[n..];
+    }
 }
 
 /// A Redis server's answer to the injected AUTH: never a panic, and an
