@@ -24,6 +24,7 @@ cleanup() {
   "$TETHER" detach --pin-dir "$PIN" ${CG:+--cgroup "$CG"} >/dev/null 2>&1 || true
   [ -n "${HOLD_PID:-}" ] && kill "$HOLD_PID" 2>/dev/null || true
   [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
+  [ -n "${REDIS2_PID:-}" ] && kill "$REDIS2_PID" 2>/dev/null || true
   if [ -n "$CG" ] && [ -d "$CG" ]; then
     for p in $(cat "$CG/cgroup.procs" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
     sleep 0.2; rmdir "$CG" 2>/dev/null || true
@@ -156,7 +157,59 @@ for l in sys.stdin:
     if e.get("event") == "credential" and e.get("file") == "db-password":
         print("    {:5} {:7} pid {:<7} {}".format(e["verdict"], e["op"], e["pid"], e.get("exe") or e.get("reason", "")))'
 
-step "11. Every decision is audited (held ones too); policy check names the rule"
+step "11. No password anywhere in the workload: the agent injects it on the wire"
+# A second Redis whose password exists only in the manifest below (and so in
+# the control plane): no environment, no file the workload can read.
+INJ_PW=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
+redis-server --port 7380 --bind "127.0.0.1 ::1" --requirepass "$INJ_PW" \
+  --save "" --appendonly no --dir "$DEMO" >"$DEMO/redis2.log" 2>&1 &
+REDIS2_PID=$!
+for _ in $(seq 50); do REDISCLI_AUTH=$INJ_PW redis-cli -p 7380 PING 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+cat >"$DEMO/inject.yaml" <<EOF
+apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {name: cache}
+spec:
+  addresses: [{cidr: 127.0.0.1/32, ports: [7380]}, {cidr: "::1/128", ports: [7380]}]
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: cache-clients}
+spec: {services: [cache], identities: [redis-cli]}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {name: cache-password}
+spec: {static: {value: "$INJ_PW"}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {name: cache-inject}
+spec: {identity: redis-cli, source: cache-password, inject: {service: cache, redis: {}}}
+EOF
+sed "s/$INJ_PW/<the password>/; s/^/    /" "$DEMO/inject.yaml"
+show "$TETHER" apply -f "$DEMO/inject.yaml"
+rm -f "$DEMO/inject.yaml"
+sleep 0.5
+echo "redis-cli with no password (REDISCLI_AUTH unset): the agent authenticates its connection:"
+echo "\$ env -u REDISCLI_AUTH redis-cli -p 7380 SET greeting hello; ... GET greeting; ... ACL WHOAMI"
+in_cg env -u REDISCLI_AUTH "$RC" -p 7380 SET greeting hello | sed 's/^/    /'
+in_cg env -u REDISCLI_AUTH "$RC" -h ::1 -p 7380 GET greeting | sed 's/^/    /'
+in_cg env -u REDISCLI_AUTH "$RC" -p 7380 ACL WHOAMI | sed 's/^/    /'
+echo "The same command from a shell (no identity) is refused at connect(); and there"
+echo "is no password to steal: it is in no environment and no file of the workload."
+echo "\$ bash -c 'exec 3<>/dev/tcp/127.0.0.1/7380; echo PING >&3; head -1 <&3'"
+in_cg env -u REDISCLI_AUTH /bin/bash -c 'sleep 0.2; exec 3<>/dev/tcp/127.0.0.1/7380 && echo PING >&3 && head -1 <&3' 2>&1 | sed 's/^/    /' || true
+echo "\$ env | grep -c <the password>     # in the client's environment"
+in_cg env -u REDISCLI_AUTH /bin/sh -c "env | grep -c '$INJ_PW' || true" | sed 's/^/    /'
+echo "Each injected connection is audited (binding, protocol, upstream; never the value):"
+"$TETHER" events | python3 -c 'import json,sys
+for l in sys.stdin:
+    e = json.loads(l)
+    if e.get("event") == "inject":
+        print("    {:6} pid {:<7} {:30} binding={} protocol={} upstream={}".format(e["verdict"], e["pid"], e.get("spiffeId", ""), e.get("binding"), e.get("protocol"), e.get("upstream", e.get("reason", ""))))'
+
+step "12. Every decision is audited (held ones too); policy check names the rule"
 sleep 0.3
 echo "\$ tether events"
 "$TETHER" events | python3 -c 'import json,sys

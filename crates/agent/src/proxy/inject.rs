@@ -117,8 +117,9 @@ impl Facts {
 enum End {
     /// The client sent something that cannot be framed one way only.
     Refused(Refusal),
-    /// The process lost the inject verdict, or exited.
-    Revoked(String),
+    /// The process lost the inject verdict (audited `revoked`), or is gone
+    /// or no longer the one that connected (`closed`).
+    Revoked(&'static str, String),
     Io(std::io::Error),
 }
 
@@ -242,8 +243,8 @@ impl Injector {
         };
         let end = tokio::select! {
             r = relay => r,
-            why = revoked(&*ports, &rec, start_ticks) => Err(End::Revoked(why)),
-            _ = conn.closed() => Err(End::Revoked("the process exited".into())),
+            (verdict, why) = revoked(&*ports, &rec, start_ticks) => Err(End::Revoked(verdict, why)),
+            _ = conn.closed() => Err(End::Revoked("closed", "the process exited".into())),
         };
         self.tunnels.unregister(id);
         match end {
@@ -264,11 +265,11 @@ impl Injector {
                 reset(client);
                 drop(upstream);
             }
-            Err(End::Revoked(why)) => {
-                let mut a = facts.record("revoked");
+            Err(End::Revoked(verdict, why)) => {
+                let mut a = facts.record(verdict);
                 a["reason"] = json!(why);
                 self.audit.publish(a);
-                self.metrics.injected_connection(protocol.name(), "revoked");
+                self.metrics.injected_connection(protocol.name(), verdict);
                 reset(client);
                 drop(upstream);
             }
@@ -710,17 +711,36 @@ async fn pg_authenticate(
 /// Resolves (with why) once the process no longer has the inject verdict
 /// for the connection's Service: policy or binding removed, or the process
 /// exec'd, was marked or exited (its verdicts go with it).
-async fn revoked(ports: &dyn HoldPorts, rec: &HeldConnection, start_ticks: u64) -> String {
+async fn revoked(
+    ports: &dyn HoldPorts,
+    rec: &HeldConnection,
+    start_ticks: u64,
+) -> (&'static str, String) {
     let mut changes = ports.verdict_changes();
     loop {
         match ports.verdict(rec, start_ticks) {
             Some(d) if d.allow && d.inject => {}
-            Some(d) if d.allow => return "the binding no longer injects into this Service".into(),
-            Some(_) => return "the process may no longer reach this Service".into(),
-            None => return "the process is gone, or no longer the one that connected".into(),
+            Some(d) if d.allow => {
+                return (
+                    "revoked",
+                    "the binding no longer injects into this Service".into(),
+                );
+            }
+            Some(_) => {
+                return (
+                    "revoked",
+                    "the process may no longer reach this Service".into(),
+                );
+            }
+            None => {
+                return (
+                    "closed",
+                    "the process exited, exec'd or was marked: it is no longer the one that connected".into(),
+                );
+            }
         }
         if changes.changed().await.is_err() {
-            return "agent shutting down".into();
+            return ("closed", "agent shutting down".into());
         }
     }
 }
