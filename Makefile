@@ -4,8 +4,9 @@ APT_PACKAGES := build-essential pkg-config protobuf-compiler openssl curl util-l
 # Real servers and clients the integration tests start (loopback only).
 TEST_APT_PACKAGES := redis-server redis-tools postgresql postgresql-client iproute2 tshark gdb nginx
 # The mesh benchmark compares against iperf3 and stunnel4 on the same namespace
-# topology; the credential file benchmark against bindfs (the FUSE floor).
-BENCH_APT_PACKAGES := iperf3 stunnel4 bindfs
+# topology; the credential file benchmark against bindfs (the FUSE floor); the
+# injection benchmark uses nginx and Redis.
+BENCH_APT_PACKAGES := iperf3 stunnel4 bindfs nginx redis-server
 PY_SPIFFE := spiffe==0.3.2
 # AWS for the exchange tests: moto's server, and boto3 as the unmodified client.
 PY_AWS := moto[server]==5.2.1 boto3

@@ -109,6 +109,21 @@ credfs_doc() {
   echo "  baseline and credential file alternating; medians, ratio ranges."
   echo "- \`tether-bench credfs\` runs this section alone."
 }
+inject_doc() {
+  echo "- One host. \`tether up\` enforces a cgroup of the bench's own; the client is"
+  echo "  the bench binary re-executed in it (\`--http-keepalive ADDR N\` or"
+  echo "  \`--redis-ping ADDR N\`), registered by sha256 and path, with one"
+  echo "  CredentialBinding per protocol injecting into a Service."
+  echo "- *HTTP*: Debian's nginx, one port behind injection (\`if\` on the bearer"
+  echo "  token, 401 otherwise) and one no Service covers (direct). One connection,"
+  echo "  \`GET /\` and its whole response, one request in flight; the kernel"
+  echo "  redirects the connect to the agent, which frames each request, replaces"
+  echo "  \`Authorization\`, and relays the response."
+  echo "- *Redis*: a redis-server with \`requirepass\` behind injection (the agent sends"
+  echo "  AUTH before relaying) and one without a password on a port no Service covers."
+  echo "- Both sides of each pair alternate in every round; the ratio and the added"
+  echo "  p50 are paired per round. \`tether-bench inject\` runs this section alone."
+}
 out=$(mktemp)
 ./target/release/tether-bench | tee "$out"
 {
@@ -129,6 +144,7 @@ out=$(mktemp)
       "## First connects"*) echo; held_doc ;;
       "## Mesh between two hosts"*) echo; mesh_doc ;;
       "## Credential filesystem"*) echo; credfs_doc ;;
+      "## Credential injection"*) echo; inject_doc ;;
     esac
   done < "$out"
   echo

@@ -7,6 +7,7 @@
 mod connect;
 mod credfs;
 mod held;
+mod inject;
 mod mesh;
 
 use std::process::Command;
@@ -62,6 +63,12 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some(held::CHILD_ARG) {
         return held::child_main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some(inject::HTTP_ARG) {
+        return inject::http_main(&args[2..]);
+    }
+    if args.get(1).map(String::as_str) == Some(inject::REDIS_ARG) {
+        return inject::redis_main(&args[2..]);
+    }
     if args.get(1).map(String::as_str) == Some(mesh::ECHO_ARG) {
         return mesh::echo_main(&args[2..]);
     }
@@ -72,6 +79,11 @@ fn main() -> anyhow::Result<()> {
     // and agents as separate processes).
     if args.get(1).map(String::as_str) == Some("mesh") {
         print!("{}", mesh::run()?);
+        return Ok(());
+    }
+    // `tether-bench inject`: only the credential injection section.
+    if args.get(1).map(String::as_str) == Some("inject") {
+        print!("{}", inject::run()?);
         return Ok(());
     }
     // `tether-bench credfs`: only the credential filesystem section.
@@ -95,6 +107,7 @@ fn main() -> anyhow::Result<()> {
         .block_on(issuance(false))?;
     print!("{connect_section}");
     print!("{}", mesh::run()?);
+    print!("{}", inject::run()?);
     Ok(())
 }
 

@@ -184,8 +184,17 @@ fn place(cmd: &mut Command, ns: &std::fs::File, cgroup: Option<&Path>) {
     }
 }
 
+/// Runs `cmd` in `cgroup` (this host's network namespace).
+pub(crate) fn place_cgroup(cmd: &mut Command, cgroup: &Path) {
+    let procs = cgroup.join("cgroup.procs");
+    // SAFETY: a file write in a freshly forked child.
+    unsafe {
+        cmd.pre_exec(move || std::fs::write(&procs, "0"));
+    }
+}
+
 /// Children killed on drop.
-struct Procs(Vec<Child>);
+pub(crate) struct Procs(pub(crate) Vec<Child>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
@@ -201,7 +210,7 @@ impl Drop for Procs {
     }
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+pub(crate) fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
     let t0 = Instant::now();
     while t0.elapsed() < timeout {
         if f() {
@@ -212,11 +221,11 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyho
     bail!("{what} did not happen within {timeout:?}")
 }
 
-fn sha256_file(p: &Path) -> anyhow::Result<String> {
+pub(crate) fn sha256_file(p: &Path) -> anyhow::Result<String> {
     Ok(crate::sha256_hex(&std::fs::read(p)?))
 }
 
-fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
+pub(crate) fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
     let o = cmd.output().with_context(|| format!("{cmd:?}"))?;
     ensure!(
         o.status.success(),
