@@ -386,6 +386,18 @@ def postgres_messages():
         msg(b"R", struct.pack(">I", 0)) + msg(b"S", b"server_version\x0017\0") + msg(b"Z", b"I"))
 
 
+def redis_commands():
+    def cmd(*args):
+        return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+    put("redis_commands", "ping_set_get", b"\x03" + cmd(b"PING") + cmd(b"SET", b"k", b"v" * 300) + cmd(b"GET", b"k"))
+    put("redis_commands", "inline", b"\x01PING\r\nGET k\r\n")
+    put("redis_commands", "config_get", b"\x05" + cmd(b"PING") + cmd(b"CONFIG", b"GET", b"requirepass"))
+    put("redis_commands", "hello_auth", b"\x40" + cmd(b"HELLO", b"3", b"AUTH", b"u", b"p"))
+    put("redis_commands", "inline_quoted", b"\x40\"CONFIG\" GET x\r\n")
+    put("redis_commands", "bad_bulk", b"\x40*1\r\n$-5\r\n")
+    put("redis_commands", "huge_array", b"\x40*99999999999\r\n")
+
+
 def redis_reply():
     put("redis_reply", "ok", b"+OK\r\n")
     put("redis_reply", "wrongpass", b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")
@@ -397,7 +409,7 @@ def redis_reply():
 
 ALL = [spiffe_id, selector_parse, manifest_parse, csr_parse, bundle_json, jwt_validate,
        proc_events, kernel_records, tunnel_request, elf_interp, h2_authority, x509_svid,
-       token_response, http_requests, redis_reply, postgres_messages]
+       token_response, http_requests, redis_reply, postgres_messages, redis_commands]
 
 if __name__ == "__main__":
     import sys

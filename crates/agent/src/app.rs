@@ -293,6 +293,9 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         cfg.hash_limits,
         observers,
     );
+    // The node's intercepting CA (HTTPS injection): its bundle is a file of
+    // bound processes, its leaves what the injector presents to them.
+    let interceptor = identity::intercept::Interceptor::new(&cfg.node_name);
     // One fetcher (and cache) for files and injected connections alike.
     let fetcher = Arc::new(fetch::Fetcher::new(
         tracker.clone(),
@@ -361,6 +364,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
             audit.clone(),
             metrics.clone(),
             tunnels.clone(),
+            interceptor.clone(),
         );
         tasks.extend(hold.serve(ports, mesh.clone(), Some(injector), metrics.clone()));
     }
@@ -396,6 +400,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
             let fs = credfs::CredFs::new(
                 tracker.clone(),
                 fetcher.clone(),
+                interceptor.clone(),
                 audit.clone(),
                 metrics.clone(),
                 tokio::runtime::Handle::current(),

@@ -97,7 +97,9 @@ pub fn redis_main(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn samples(bench: &Path, cg: &Path, arg: &str, port: u16) -> anyhow::Result<Vec<Duration>> {
@@ -211,7 +213,14 @@ pub fn run() -> anyhow::Result<String> {
     // tether up enforcing the bench's cgroup.
     let mut up = Command::new(&tether);
     up.args(["--log-format", "json", "up", "--listen", "127.0.0.1:0"])
-        .args(["--metrics", "off", "--bpf-pin-dir", "none", "--mesh-port", "0"])
+        .args([
+            "--metrics",
+            "off",
+            "--bpf-pin-dir",
+            "none",
+            "--mesh-port",
+            "0",
+        ])
         .arg("--data-dir")
         .arg(d.join("data"))
         .arg("--run-dir")
@@ -297,7 +306,10 @@ spec: {{identity: client, source: redis-password, inject: {{service: cache, redi
         let b = samples(&bench, &cg.path, HTTP_ARG, web_inj)?;
         h_direct.add(&a);
         h_inj.add(&b);
-        let (ra, rb) = (h_direct.rps[h_direct.rps.len() - 1], h_inj.rps[h_inj.rps.len() - 1]);
+        let (ra, rb) = (
+            h_direct.rps[h_direct.rps.len() - 1],
+            h_inj.rps[h_inj.rps.len() - 1],
+        );
         h_ratio.push(rb / ra);
         h_added.push(us(pct(&b, 0.5)) - us(pct(&a, 0.5)));
         let a = samples(&bench, &cg.path, REDIS_ARG, redis_direct)?;
@@ -306,14 +318,24 @@ spec: {{identity: client, source: redis-password, inject: {{service: cache, redi
         r_inj.add(&b);
         r_added.push(us(pct(&b, 0.5)) - us(pct(&a, 0.5)));
     }
-    let med_us = |v: &[Duration]| us(Duration::from_nanos(median(v.iter().map(|d| d.as_nanos() as f64).collect()) as u64));
+    let med_us = |v: &[Duration]| {
+        us(Duration::from_nanos(
+            median(v.iter().map(|d| d.as_nanos() as f64).collect()) as u64,
+        ))
+    };
     let mut out = String::new();
-    writeln!(out, "## Credential injection (HTTP/1.1 keep-alive, Redis PING)\n")?;
+    writeln!(
+        out,
+        "## Credential injection (HTTP/1.1 keep-alive, Redis PING)\n"
+    )?;
     writeln!(
         out,
         "One client connection, one request in flight, {REQUESTS} timed requests per run (after 100 untimed), {ROUNDS} rounds, direct and injected interleaved. Median over rounds; spread is the range of the per-round values.\n"
     )?;
-    writeln!(out, "| path | requests/s (median, spread) | p50 µs | p99 µs |")?;
+    writeln!(
+        out,
+        "| path | requests/s (median, spread) | p50 µs | p99 µs |"
+    )?;
     writeln!(out, "|---|---|---|---|")?;
     for (name, s) in [
         ("HTTP direct (nginx, no Service)", &h_direct),

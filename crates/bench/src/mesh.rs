@@ -210,7 +210,11 @@ impl Drop for Procs {
     }
 }
 
-pub(crate) fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+pub(crate) fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     let t0 = Instant::now();
     while t0.elapsed() < timeout {
         if f() {

@@ -181,7 +181,7 @@ pub fn new_intermediate_ca(
     })
 }
 
-fn random_serial() -> SerialNumber {
+pub(crate) fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
     // Positive INTEGER, no leading zero issue: clear the top bit, set a low one.
     bytes[0] &= 0x7f;

@@ -9,12 +9,14 @@
 
 mod authority;
 mod csr;
+mod intercept;
 mod key;
 
 pub use authority::{
     CaMaterial, SignedCert, Signer, SvidExtras, Upstream, new_intermediate_ca, new_self_signed_ca,
 };
 pub use csr::{CsrInfo, build_csr, parse_csr};
+pub use intercept::{InterceptCa, new_intercept_ca, sign_intercept_leaf};
 pub use key::{PrivateKey, pem_encode};
 
 /// Everything that can go wrong while handling keys, CSRs and certificates.

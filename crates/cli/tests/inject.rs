@@ -243,7 +243,16 @@ spec: {{identity: redis-cli, source: redis-password, inject: {{service: redis, r
     });
     assert!(ok, "bound redis-cli: {last}\n{}", w.up.logs());
     let (pid, o) = w.run(cli("::1", &["ACL", "WHOAMI"]));
-    assert_eq!(text(&o).trim(), "default", "{}", w.up.logs());
+    assert!(
+        !text(&o).contains("default"),
+        "ACL is refused on an injected connection: {}",
+        text(&o)
+    );
+    w.up.audited(pid, "ACL refused", |e| {
+        e["event"] == "inject" && e["verdict"] == "refused-request"
+    });
+    let (pid, o) = w.run(cli("::1", &["CLIENT", "INFO"]));
+    assert!(text(&o).contains("user=default"), "{}", text(&o));
     w.up.audited(pid, "the injected connection", |e| {
         e["event"] == "inject"
             && e["verdict"] == "allow"
@@ -251,6 +260,31 @@ spec: {{identity: redis-cli, source: redis-password, inject: {{service: redis, r
             && e["protocol"] == "redis"
             && e["spiffeId"] == "spiffe://example.org/redis-cli"
     });
+
+    // The bound process cannot read the password back, replace it, or
+    // point the server's replication (and its AUTH) elsewhere.
+    for args in [
+        &["CONFIG", "GET", "requirepass"][..],
+        &["CONFIG", "SET", "requirepass", "mine"],
+        &["ACL", "SETUSER", "mine", "on", ">pw", "+@all"],
+        &["REPLICAOF", "127.0.0.1", "1"],
+    ] {
+        let (pid, o) = w.run(cli("127.0.0.1", args));
+        assert!(!text(&o).contains(PASSWORD), "{args:?} read the password");
+        w.up.audited(pid, &format!("{args:?} refused"), |e| {
+            e["event"] == "inject"
+                && e["verdict"] == "refused-request"
+                && e["reason"].as_str().is_some_and(|r| r.contains(args[0]))
+        });
+    }
+    assert_eq!(
+        redis
+            .admin(&["CONFIG", "GET", "requirepass"])
+            .lines()
+            .nth(1),
+        Some(PASSWORD)
+    );
+    assert_eq!(redis.admin(&["ROLE"]).lines().next(), Some("master"));
 
     // `tether connections` marks a live injected connection; removing the
     // binding closes it (audited) and new connections go without the
@@ -302,14 +336,14 @@ spec: {identity: redis-cli, source: redis-acl, inject: {service: redis, redis: {
 ",
     );
     let as_app = wait_until(Duration::from_secs(10), || {
-        last = text(&w.run(cli("127.0.0.1", &["ACL", "WHOAMI"])).1);
-        last.trim() == "app"
+        last = text(&w.run(cli("127.0.0.1", &["CLIENT", "INFO"])).1);
+        last.contains("user=app")
     });
     assert!(as_app, "ACL user: {last}\n{}", w.up.logs());
 
     // Nothing secret on the client's leg (which did carry the commands),
     // nor in Tether's outputs.
-    let leg = capture.finish("WHOAMI");
+    let leg = capture.finish("INFO");
     assert!(
         contains(&leg, "PONG"),
         "the capture missed the client's leg"
@@ -503,6 +537,11 @@ spec: {{identity: app, source: api-token, inject: {{service: web, http: {{scheme
             vec!["-H".to_string(), "Upgrade: h2c".to_string(), url("/up")],
             "protocol switch",
         ),
+        (
+            "TRACE (would echo the header)",
+            vec!["-X".to_string(), "TRACE".to_string(), url("/trace")],
+            "reflect",
+        ),
     ] {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (pid, o) = w.run(curl(&app, &args));
@@ -688,4 +727,136 @@ spec: {{static: {{value: \"{PG_PASSWORD}\"}}}}
         text(&o)
     );
     w.up.audited(cpid, "the refused copy", |e| e["verdict"] == "deny");
+}
+
+/// HTTPS the application insists on: the bound process trusts the node's
+/// intercepting CA (a file only it sees) and gets its header injected; an
+/// unbound process reaching the same host with the real CA (as from a
+/// system trust store) sees the real server certificate, uninjected.
+#[test]
+fn https_is_intercepted_for_the_bound_process_only() {
+    let w = World::new("inj-https");
+    let pki_dir = w.up.dir.path().join("pki");
+    std::fs::create_dir_all(&pki_dir).expect("mkdir");
+    let web_ca = pki::OpensslCa::new(&pki_dir, "webca", "/O=Upstream Web CA/CN=Upstream Web CA");
+    let (cert, key) = web_ca.leaf("web", "DNS:localhost");
+    let nginx = Nginx::start_tls(
+        &format!(
+            "if ($http_authorization != \"Bearer {TOKEN}\") {{ return 401 \"no\\n\"; }} return 200 \"ok\\n\";"
+        ),
+        &cert,
+        &key,
+    );
+    let np = nginx.port;
+    let app = w.up.dir.path().join("app-curl");
+    let other = w.up.dir.path().join("other-curl");
+    copy_binary(&real(which("curl")), &app);
+    copy_binary(&real(which("curl")), &other);
+    let ca_pem: String = std::fs::read_to_string(web_ca.cert())
+        .expect("ca")
+        .lines()
+        .map(|l| format!("        {l}\n"))
+        .collect();
+    w.up.apply_ok(&format!(
+        "{}{}apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {{name: web}}
+spec:
+  addresses: [{{cidr: 127.0.0.1/32, ports: [{np}]}}]
+  hostnames: [localhost]
+  hostPorts: [{np}]
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: web-clients}}
+spec: {{services: [web], identities: [app, other]}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {{name: api-token}}
+spec: {{static: {{value: \"{TOKEN}\"}}}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {{name: web-token}}
+spec:
+  identity: app
+  source: api-token
+  inject:
+    service: web
+    http: {{}}
+    intercept: {{caFile: web-ca}}
+    tls:
+      ca: |
+{ca_pem}",
+        binary_identity("app", &app),
+        binary_identity("other", &other),
+    ));
+    let creds = w.up.credentials_dir();
+    let url = format!("https://localhost:{np}/");
+    let resolve = format!("localhost:{np}:127.0.0.1");
+    let get = |program: &Path, cacert: &Path| {
+        let mut c = w.command(program);
+        c.args(["-sS", "--max-time", "10", "--resolve", &resolve, "--cacert"])
+            .arg(cacert)
+            .args(["-o", "/dev/null", "-w", "%{http_code} %{certs}", &url]);
+        c
+    };
+
+    // The bound process: its TLS ends at the agent, with a leaf of the
+    // node's intercepting CA for localhost, which it trusts through its
+    // file; nginx sees the token.
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(20), || {
+        last = text(&w.run(get(&app, &creds.join("web-ca"))).1);
+        last.starts_with("200")
+    });
+    assert!(
+        ok,
+        "bound curl over intercepted TLS: {last}\n{}",
+        w.up.events()
+            .iter()
+            .filter(|e| e["event"] == "inject")
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        last.contains("Tether intercepting CA"),
+        "not the intercepting leaf: {last}"
+    );
+    let (pid, _) = w.run(get(&app, &creds.join("web-ca")));
+    w.up.audited(pid, "the intercepted connection", |e| {
+        e["event"] == "inject" && e["verdict"] == "allow" && e["upstream"] == "tls"
+    });
+    let bundle = std::fs::read_to_string(creds.join("web-ca")).unwrap_or_default();
+    assert!(
+        bundle.is_empty(),
+        "the test process read the intercepting CA"
+    );
+
+    // An unbound process with the upstream's real CA: not intercepted (the
+    // real certificate), not injected (401).
+    let (_, o) = w.run(get(&other, &web_ca.cert()));
+    let out = text(&o);
+    assert!(out.starts_with("401"), "unbound: {out}");
+    assert!(
+        out.contains("Upstream Web CA") && !out.contains("Tether intercepting CA"),
+        "{out}"
+    );
+    // And it cannot see the intercepting CA at all.
+    let mut c = w.command(&other);
+    c.args(["-sS", "file://"]).arg(creds.join("web-ca"));
+    let (_, o) = w.run(c);
+    assert!(
+        !o.status.success(),
+        "the unbound process read the CA: {}",
+        text(&o)
+    );
+    // nginx saw the bound request with the token and the other without.
+    let statuses: Vec<u16> = nginx.requests().iter().map(|r| r.2).collect();
+    assert!(
+        statuses.contains(&200) && statuses.contains(&401),
+        "{statuses:?}"
+    );
 }

@@ -28,6 +28,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("manifest_parse", manifest_parse),
     ("postgres_messages", postgres_messages),
     ("proc_events", proc_events),
+    ("redis_commands", redis_commands),
     ("redis_reply", redis_reply),
     ("selector_parse", selector_parse),
     ("spiffe_id", spiffe_id),
@@ -101,6 +102,33 @@ pub fn postgres_messages(data: &[u8]) {
         }
         rest = &rest[n..];
     }
+}
+
+/// A client's Redis command stream through the injector's filter, in
+/// pieces the first byte picks: never a panic, the buffer stays within the
+/// filter's bound, and what is relayed is a prefix of the input, unchanged.
+pub fn redis_commands(data: &[u8]) {
+    use tether_agent::inject_redis::CommandFilter;
+    let Some((&step, input)) = data.split_first() else {
+        return;
+    };
+    let mut f = CommandFilter::default();
+    let (mut out, mut buf) = (Vec::new(), Vec::new());
+    for piece in input.chunks(usize::from(step).max(1)) {
+        buf.extend_from_slice(piece);
+        let Ok(n) = f.feed(&buf, &mut out) else {
+            break;
+        };
+        assert!(n <= buf.len());
+        buf.drain(..n);
+        if buf.len() > f.limit() {
+            break;
+        }
+    }
+    assert!(
+        input.starts_with(&out),
+        "the filter changed what it relayed"
+    );
 }
 
 /// A Redis server's answer to the injected AUTH: never a panic, and an

@@ -132,6 +132,9 @@ impl CredentialBindingSpec {
             if let Some(t) = &i.tls {
                 inject["tls"] = serde_json::to_value(t).unwrap_or_default();
             }
+            if let Some(x) = &i.intercept {
+                inject["intercept"] = serde_json::json!({ "caFile": x.ca_file });
+            }
             if let (Some(o), serde_json::Value::Object(p)) = (inject.as_object_mut(), proto) {
                 o.extend(p);
             }
@@ -202,6 +205,19 @@ pub struct Injection {
     /// SSLRequest; otherwise from the first byte.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// HTTPS from the client: the agent terminates it with a leaf from the
+    /// node's intercepting CA (name-constrained to the Service's
+    /// hostnames), delivered to bound processes only as this file in the
+    /// credential filesystem; then TLS again to the upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intercept: Option<Intercept>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Intercept {
+    /// The CA bundle's file name in the credential filesystem.
+    pub ca_file: String,
 }
 
 /// How the agent verifies the upstream's certificate: against `ca` (PEM)
@@ -330,6 +346,13 @@ pub(crate) struct RawInject {
     redis: Option<RawRedis>,
     postgresql: Option<RawPostgres>,
     tls: Option<RawTls>,
+    intercept: Option<RawIntercept>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawIntercept {
+    ca_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -569,6 +592,22 @@ fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
     let service = raw.service.ok_or_else(|| missing("spec.inject.service"))?;
     validate_name(&service).map_err(|m| ("spec.inject.service".to_owned(), m))?;
     let tls = raw.tls.map(validate_tls).transpose()?;
+    let intercept = match raw.intercept {
+        None => None,
+        Some(_) if raw.http.is_none() => {
+            return Err((
+                "spec.inject.intercept".into(),
+                "only HTTP is intercepted (with http)".into(),
+            ));
+        }
+        Some(x) => {
+            let name = x
+                .ca_file
+                .ok_or_else(|| missing("spec.inject.intercept.caFile"))?;
+            file_name("spec.inject.intercept.caFile", &name)?;
+            Some(Intercept { ca_file: name })
+        }
+    };
     let given = [
         raw.http.is_some(),
         raw.redis.is_some(),
@@ -595,6 +634,7 @@ fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
             service,
             protocol: InjectProtocol::Postgresql { user },
             tls,
+            intercept,
         });
     }
     let protocol = match (raw.http, raw.redis) {
@@ -670,6 +710,7 @@ fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
         service,
         protocol,
         tls,
+        intercept,
     })
 }
 
@@ -703,8 +744,8 @@ fn validate_tls(raw: RawTls) -> Result<UpstreamTls, FieldError> {
     })
 }
 
-fn validate_file(f: RawFile) -> Result<CredentialFile, FieldError> {
-    let name = f.name.ok_or_else(|| missing("spec.file.name"))?;
+/// A name in the credential filesystem's one directory.
+fn file_name(field: &str, name: &str) -> Result<(), FieldError> {
     if name.is_empty()
         || name.len() > 255
         || name == "."
@@ -712,10 +753,16 @@ fn validate_file(f: RawFile) -> Result<CredentialFile, FieldError> {
         || name.contains(['/', '\0'])
     {
         return Err((
-            "spec.file.name".into(),
+            field.into(),
             format!("{name:?}: a file name of 1 to 255 bytes, without '/'"),
         ));
     }
+    Ok(())
+}
+
+fn validate_file(f: RawFile) -> Result<CredentialFile, FieldError> {
+    let name = f.name.ok_or_else(|| missing("spec.file.name"))?;
+    file_name("spec.file.name", &name)?;
     let format = match f.format.as_deref().unwrap_or("raw") {
         "raw" => FileFormat::Raw,
         "pem" => FileFormat::Pem,
@@ -900,6 +947,13 @@ mod tests {
                 },
             ),
             (
+                "  identity: app\n  source: tok\n  inject: {service: web, http: {}, intercept: {caFile: web-ca}}",
+                InjectProtocol::Http {
+                    header: "Authorization".into(),
+                    scheme: HttpScheme::Bearer,
+                },
+            ),
+            (
                 "  identity: app\n  source: tok\n  inject: {service: web, http: {header: X-Api-Key, scheme: raw}}",
                 InjectProtocol::Http {
                     header: "X-Api-Key".into(),
@@ -959,6 +1013,14 @@ mod tests {
             (
                 "  identity: app\n  source: tok\n  inject: {service: db, postgresql: {}}",
                 "spec.inject.postgresql.user",
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: db, redis: {}, intercept: {caFile: ca}}",
+                "spec.inject.intercept",
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: web, http: {}, intercept: {caFile: ../ca}}",
+                "spec.inject.intercept.caFile",
             ),
             (
                 "  identity: app\n  source: tok\n  inject: {service: db, postgresql: {user: a}, tls: {ca: nope}}",

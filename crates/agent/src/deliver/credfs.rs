@@ -42,6 +42,7 @@ use super::fetch::{Fetcher, env_name, env_value};
 use crate::audit::AuditLog;
 use crate::clock::unix_now;
 use crate::identity::ProcSvid;
+use crate::identity::intercept::Interceptor;
 use crate::metrics::Metrics;
 use crate::state::registry::{AgentBinding, Registry};
 use crate::state::tracker::{Current, Tracker};
@@ -73,6 +74,8 @@ enum Part {
     Main,
     Key,
     Bundle,
+    /// The node's intercepting CA bundle (an `inject.intercept` binding).
+    InterceptCa,
 }
 
 fn parts(b: &AgentBinding, file: &CredentialFile) -> &'static [(Part, &'static str)] {
@@ -116,6 +119,23 @@ fn view(reg: &Registry, c: &Current) -> Vec<ViewFile> {
         let Some(svid) = c.svids.iter().find(|s| s.identity == b.identity) else {
             continue;
         };
+        // The intercepting CA's bundle, for the processes whose HTTPS to
+        // the Service the agent intercepts (and no one else).
+        if let Some(x) = b.inject.as_ref().and_then(|i| i.intercept.as_ref())
+            && !out.iter().any(|f| f.name == x.ca_file)
+        {
+            out.push(ViewFile {
+                name: x.ca_file.clone(),
+                binding: i,
+                file: CredentialFile {
+                    name: x.ca_file.clone(),
+                    format: FileFormat::Pem,
+                    mode: 0o444,
+                },
+                part: Part::InterceptCa,
+                svid: svid.clone(),
+            });
+        }
         // Injected only: no file.
         let Some(file) = &b.file else {
             continue;
@@ -162,6 +182,7 @@ struct Refused(String, Option<i32>);
 pub struct CredFs {
     tracker: Arc<Tracker>,
     fetcher: Arc<Fetcher>,
+    interceptor: Arc<Interceptor>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     rt: tokio::runtime::Handle,
@@ -209,6 +230,7 @@ impl CredFs {
     pub fn new(
         tracker: Arc<Tracker>,
         fetcher: Arc<Fetcher>,
+        interceptor: Arc<Interceptor>,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
         rt: tokio::runtime::Handle,
@@ -216,6 +238,7 @@ impl CredFs {
         CredFs {
             tracker,
             fetcher,
+            interceptor,
             audit,
             metrics,
             rt,
@@ -386,6 +409,12 @@ impl CredFs {
             self.rt
                 .block_on(self.fetcher.fetched(c, b, &f.svid, file.format))
         };
+        if f.part == Part::InterceptCa {
+            return self
+                .interceptor
+                .bundle_pem(&reg.intercepted_hostnames())
+                .map(|p| Zeroizing::new(p.into_bytes()));
+        }
         match &b.source_spec {
             CredentialSourceSpec::X509Svid {} => Ok(x509_file(file, f, reg)),
             // Rendered when fetched (the file is the whole credential).
@@ -693,7 +722,8 @@ fn x509_file(file: &CredentialFile, f: &ViewFile, reg: &Registry) -> Zeroizing<V
         }
         (_, Part::Main) => chain().into_bytes(),
         (_, Part::Key) => f.svid.key.to_pem().as_bytes().to_vec(),
-        (_, Part::Bundle) => bundle().into_bytes(),
+        // Never an x509Svid file (answered by `content` before this).
+        (_, Part::Bundle | Part::InterceptCa) => bundle().into_bytes(),
     })
 }
 

@@ -7,6 +7,7 @@
 //! process gets, rotates or loses its SVIDs; this module decides nothing
 //! about processes.
 
+pub mod intercept;
 pub mod node;
 
 use std::sync::Arc;

@@ -329,10 +329,11 @@ async fn handle(
                 metrics.held_connection(HeldOutcome::Allowed.label());
             }
             let ticks = start_ticks(&rec);
+            // The injector has its own pool: the hold slot is for deciding.
+            drop(slot);
             inject
                 .serve(client, rec, ticks, *service, *decision, ctx.ports.clone())
                 .await;
-            drop(slot);
             return;
         }
         Plan::Direct(rec) => rec,

@@ -44,6 +44,8 @@ pub enum Refusal {
     BadChunk(String),
     #[error("the credential cannot be a header value (control characters)")]
     BadCredential,
+    #[error("{0} would reflect the credential back to the client")]
+    Reflecting(String),
 }
 
 /// What is added to every request: the header's name and full value.
@@ -83,6 +85,20 @@ impl Inject {
     }
 }
 
+/// A field value without the optional whitespace RFC 9110 allows around
+/// it (spaces and tabs, nothing else).
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v
+        .iter()
+        .position(|b| *b != b' ' && *b != b'\t')
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| *b != b' ' && *b != b'\t')
+        .map_or(start, |e| e + 1);
+    &v[start..end.max(start)]
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Waiting for a request head.
@@ -100,6 +116,10 @@ enum State {
 pub struct Rewriter {
     inject: Inject,
     state: State,
+    /// Bytes of the pending head or trailer section already searched for
+    /// its end: a head arriving a byte at a time is parsed once, not once
+    /// per byte.
+    scanned: usize,
     /// Requests whose head was rewritten.
     pub requests: u64,
 }
@@ -109,6 +129,7 @@ impl Rewriter {
         Rewriter {
             inject,
             state: State::Head,
+            scanned: 0,
             requests: 0,
         }
     }
@@ -195,7 +216,29 @@ impl Rewriter {
         }
     }
 
+    /// Whether `rest` (the pending section, from its start) holds its end:
+    /// CRLF CRLF, or LF LF (which the parser then judges); only bytes not
+    /// searched before are searched.
+    fn section_ended(&mut self, rest: &[u8]) -> bool {
+        let tail = &rest[self.scanned.saturating_sub(3)..];
+        let ended =
+            tail.windows(4).any(|w| w == b"\r\n\r\n") || tail.windows(2).any(|w| w == b"\n\n");
+        self.scanned = if ended { 0 } else { rest.len() };
+        ended
+    }
+
     fn head(&mut self, rest: &[u8], out: &mut Vec<u8>) -> Result<usize, Refusal> {
+        if !self.section_ended(rest) {
+            // Still refuse garbage early: a head must start with a token.
+            if rest.len() >= 16
+                && httparse::Request::new(&mut [])
+                    .parse(&rest[..16])
+                    .is_err_and(|e| e != httparse::Error::TooManyHeaders)
+            {
+                return Err(Refusal::Malformed("not a request line".into()));
+            }
+            return Ok(0);
+        }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         let len = match req.parse(rest) {
@@ -216,6 +259,18 @@ impl Rewriter {
         if method.eq_ignore_ascii_case("CONNECT") {
             return Err(Refusal::ProtocolSwitch("CONNECT".into()));
         }
+        // A server that answers TRACE echoes the request, credential
+        // included, back to the client.
+        if method.eq_ignore_ascii_case("TRACE") || method.eq_ignore_ascii_case("TRACK") {
+            return Err(Refusal::Reflecting(method.to_ascii_uppercase()));
+        }
+        // Origin-form only (or `*`): an absolute-form target would let the
+        // client pick another virtual host than the one the binding is for.
+        if !(path.starts_with('/') || path == "*") {
+            return Err(Refusal::Malformed(
+                "request target is not origin-form (absolute-form is refused)".into(),
+            ));
+        }
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut encodings = 0;
@@ -225,10 +280,13 @@ impl Rewriter {
                 return Err(Refusal::ProtocolSwitch("Upgrade".into()));
             }
             if name.eq_ignore_ascii_case("content-length") {
-                let v = std::str::from_utf8(h.value)
+                // Only ASCII spaces and tabs are optional whitespace: a
+                // Unicode space another parser ignores is not ours to skip.
+                let v = std::str::from_utf8(trim_ows(h.value))
                     .ok()
-                    .map(str::trim)
-                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .filter(|v| {
+                        !v.is_empty() && v.len() <= 19 && v.bytes().all(|b| b.is_ascii_digit())
+                    })
                     .and_then(|v| v.parse::<u64>().ok())
                     .ok_or_else(|| {
                         Refusal::BadLength(
@@ -241,8 +299,8 @@ impl Rewriter {
                 length = Some(v);
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 encodings += 1;
-                let v = String::from_utf8_lossy(h.value);
-                if encodings > 1 || !v.trim().eq_ignore_ascii_case("chunked") {
+                if encodings > 1 || !trim_ows(h.value).eq_ignore_ascii_case(b"chunked") {
+                    let v = String::from_utf8_lossy(h.value);
                     return Err(Refusal::BadEncoding(v.chars().take(40).collect()));
                 }
                 chunked = true;
@@ -328,8 +386,13 @@ impl Rewriter {
             self.state = State::Head;
             return Ok(2);
         }
-        let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") else {
+        if !self.section_ended(rest) {
             return Ok(0);
+        }
+        let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return Err(Refusal::BadChunk(
+                "trailer section not ended by CRLF CRLF".into(),
+            ));
         };
         let section = &rest[..end + 4];
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -427,6 +490,22 @@ GET /d HTTP/1.0\r\n\r\n";
             (
                 b"CONNECT a:443 HTTP/1.1\r\n\r\n",
                 Refusal::ProtocolSwitch("CONNECT".into()),
+            ),
+            (
+                b"TRACE / HTTP/1.1\r\nHost: x\r\n\r\n",
+                Refusal::Reflecting("TRACE".into()),
+            ),
+            (
+                b"GET http://other/ HTTP/1.1\r\nHost: x\r\n\r\n",
+                Refusal::Malformed("request target is not origin-form (absolute-form is refused)".into()),
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\u{a0}\r\n\r\n".as_bytes(),
+                Refusal::BadEncoding("chunked\u{a0}".into()),
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5\u{a0}\r\n\r\n".as_bytes(),
+                Refusal::BadLength("5\u{a0}".into()),
             ),
             (
                 b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",

@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use zeroize::Zeroizing;
 
 use super::hold::HoldPorts;
-use super::http::{Inject, Refusal, Rewriter};
+use super::http::{Inject, Rewriter};
 use super::mesh::{Conn, Tunnels};
 use super::postgres::{self, First, PgError, Scram};
 use super::redis;
@@ -41,6 +41,7 @@ use crate::audit::AuditLog;
 use crate::deliver::fetch::Fetcher;
 use crate::enforce::HeldDecision;
 use crate::identity::ProcSvid;
+use crate::identity::intercept::Interceptor;
 use crate::metrics::Metrics;
 use crate::state::registry::{AgentBinding, AgentService};
 use crate::state::tracker::{Current, Tracker};
@@ -53,6 +54,11 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read size on the client's request stream.
 const READ_BUF: usize = 64 * 1024;
+/// Injected connections at once, in all and per process: their own pool
+/// (not the hold path's), so long-lived pooled connections cannot starve
+/// the decisions of other processes.
+const MAX_INJECTED: usize = 4096;
+const MAX_INJECTED_PER_PROCESS: usize = 256;
 /// How long a PostgreSQL client may take to send its startup packet.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -60,6 +66,104 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 type Upstream = Box<dyn Io>;
+
+/// The client's side: its TCP connection, or TLS the agent terminated
+/// with a leaf of the intercepting CA.
+enum Client {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Client {
+    fn tcp(&mut self) -> &mut TcpStream {
+        match self {
+            Client::Plain(s) => s,
+            Client::Tls(t) => t.get_mut().0,
+        }
+    }
+
+    fn into_tcp(self) -> TcpStream {
+        match self {
+            Client::Plain(s) => s,
+            Client::Tls(t) => t.into_inner().0,
+        }
+    }
+}
+
+impl AsyncRead for Client {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Client::Tls(t) => std::pin::Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Client {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Client::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Client::Tls(t) => std::pin::Pin::new(t.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Client::Tls(t) => std::pin::Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Client::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Client::Tls(t) => std::pin::Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Serves the intercepting CA's leaf for the client's SNI, only for a
+/// hostname of the Service the connection is to.
+struct InterceptResolver {
+    interceptor: Arc<Interceptor>,
+    /// Every intercepted hostname (the CA's constraint).
+    all: Vec<String>,
+    /// This Service's hostnames.
+    mine: Vec<String>,
+}
+
+impl std::fmt::Debug for InterceptResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InterceptResolver")
+    }
+}
+
+impl rustls::server::ResolvesServerCert for InterceptResolver {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let sni = hello.server_name()?.to_ascii_lowercase();
+        if !self.mine.contains(&sni) {
+            return None;
+        }
+        self.interceptor.leaf(&self.all, &sni).ok()
+    }
+}
 
 /// An upstream connection ready for the client's bytes, with its TLS
 /// version and cipher when the agent originated TLS; or a PostgreSQL
@@ -81,6 +185,8 @@ pub struct Injector {
     next_id: AtomicU64,
     /// TLS client configurations by CA bundle (None: the system roots).
     tls: Mutex<HashMap<Option<String>, Arc<rustls::ClientConfig>>>,
+    interceptor: Arc<Interceptor>,
+    slots: Arc<tether_attest::KeyedSlots<u32>>,
 }
 
 /// Who the connection is for and what it carries, for its audit records.
@@ -116,7 +222,7 @@ impl Facts {
 /// How an injected connection ended, when it did not end normally.
 enum End {
     /// The client sent something that cannot be framed one way only.
-    Refused(Refusal),
+    Refused(String),
     /// The process lost the inject verdict (audited `revoked`), or is gone
     /// or no longer the one that connected (`closed`).
     Revoked(&'static str, String),
@@ -130,6 +236,7 @@ impl Injector {
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
         tunnels: Arc<Tunnels>,
+        interceptor: Arc<Interceptor>,
     ) -> Arc<Self> {
         Arc::new(Injector {
             tracker,
@@ -139,13 +246,15 @@ impl Injector {
             tunnels,
             next_id: AtomicU64::new(1),
             tls: Mutex::new(HashMap::new()),
+            interceptor,
+            slots: tether_attest::KeyedSlots::new(MAX_INJECTED_PER_PROCESS, MAX_INJECTED),
         })
     }
 
     /// Carries one connection the hold path allowed with injection.
     pub async fn serve(
         &self,
-        mut client: TcpStream,
+        client: TcpStream,
         rec: HeldConnection,
         start_ticks: u64,
         service: AgentService,
@@ -165,6 +274,24 @@ impl Injector {
             binding: None,
             spiffe_id: String::new(),
         };
+        let mut client = Client::Plain(client);
+        let Some(_slot) = self.slots.take(rec.tgid) else {
+            let why = format!(
+                "too many injected connections (at most {MAX_INJECTED_PER_PROCESS} per process, {MAX_INJECTED} in all)"
+            );
+            return self.refuse(client, &facts, "deny", &why);
+        };
+        // A credential goes only to an address the operator named: the
+        // kernel also routes other local addresses at the Service's port
+        // here (another loopback address or family), where any local
+        // process may be listening.
+        if !declared(&service, rec.original_dst) {
+            let why = format!(
+                "{} is not one of the Service's declared addresses (injection goes only to those)",
+                rec.original_dst
+            );
+            return self.refuse(client, &facts, "deny", &why);
+        }
         let (current, binding, svid) = match self.bound(&rec, start_ticks, &service.name).await {
             Ok(found) => found,
             Err(why) => return self.refuse(client, &facts, "deny", &why),
@@ -186,10 +313,30 @@ impl Injector {
                 return self.refuse(client, &facts, "deny", &format!("no credential: {why}"));
             }
         };
-        let tls = binding.inject.as_ref().and_then(|i| i.tls.clone());
+        let mut tls = binding.inject.as_ref().and_then(|i| i.tls.clone());
+        // HTTPS from the client: terminated here with a leaf for its SNI,
+        // and TLS again to the upstream for that name.
+        if binding
+            .inject
+            .as_ref()
+            .is_some_and(|i| i.intercept.is_some())
+        {
+            match self.terminate(client.into_tcp(), &service).await {
+                Ok((t, sni)) => {
+                    client = Client::Tls(t);
+                    let mut up = tls.unwrap_or(UpstreamTls {
+                        server_name: None,
+                        ca: None,
+                    });
+                    up.server_name.get_or_insert(sni);
+                    tls = Some(up);
+                }
+                Err(why) => return self.audit_refusal(&facts, "refused-request", &why),
+            }
+        }
         let opened = match &protocol {
             InjectProtocol::Postgresql { user } => {
-                self.open_postgres(&mut client, &rec, tls.as_ref(), user, &value.bytes)
+                self.open_postgres(client.tcp(), &rec, tls.as_ref(), user, &value.bytes)
                     .await
             }
             _ => self.open(&rec, tls.as_ref()).await,
@@ -202,17 +349,18 @@ impl Injector {
             }
             Err((verdict, why)) => return self.refuse(client, &facts, verdict, &why),
         };
-        // Protocol start: what must happen before the client's first byte.
-        let http = match &protocol {
+        // Protocol start: what must happen before the client's first
+        // byte, and what judges the client's stream from then on.
+        let filter: Option<Box<dyn Filter>> = match &protocol {
             InjectProtocol::Redis { user } => {
                 if let Err(why) = redis_auth(&mut upstream, user.as_deref(), &value.bytes).await {
                     return self.refuse(client, &facts, "upstream-refused", &why);
                 }
-                None
+                Some(Box::new(redis::CommandFilter::default()))
             }
             InjectProtocol::Http { header, scheme } => {
                 match Inject::new(header, *scheme, &value.bytes) {
-                    Ok(i) => Some(Rewriter::new(i)),
+                    Ok(i) => Some(Box::new(Rewriter::new(i))),
                     Err(e) => return self.refuse(client, &facts, "deny", &e.to_string()),
                 }
             }
@@ -236,8 +384,8 @@ impl Injector {
         self.metrics.injected_connection(protocol.name(), "allowed");
 
         let relay = async {
-            match http {
-                Some(rw) => relay_http(&mut client, &mut upstream, rw, &conn).await,
+            match filter {
+                Some(f) => relay_filtered(&mut client, &mut upstream, f, &conn).await,
                 None => relay_raw(&mut client, &mut upstream, &conn).await,
             }
         };
@@ -253,16 +401,16 @@ impl Injector {
             }
             Err(End::Io(e)) => {
                 tracing::debug!(pid = rec.tgid, error = %e, "injected connection ended with an error");
-                reset(client);
+                reset(client.into_tcp());
                 drop(upstream);
             }
             Err(End::Refused(r)) => {
                 let mut a = facts.record("refused-request");
-                a["reason"] = json!(r.to_string());
+                a["reason"] = json!(r);
                 self.audit.publish(a);
                 self.metrics
                     .injected_connection(protocol.name(), "refused_request");
-                reset(client);
+                reset(client.into_tcp());
                 drop(upstream);
             }
             Err(End::Revoked(verdict, why)) => {
@@ -270,7 +418,7 @@ impl Injector {
                 a["reason"] = json!(why);
                 self.audit.publish(a);
                 self.metrics.injected_connection(protocol.name(), verdict);
-                reset(client);
+                reset(client.into_tcp());
                 drop(upstream);
             }
         }
@@ -290,10 +438,15 @@ impl Injector {
         let deadline = tokio::time::Instant::now() + SVID_TIMEOUT;
         loop {
             let reg = self.tracker.registry.borrow().clone();
+            // The image that connected, not one exec'd since.
+            let same_image = self
+                .tracker
+                .exec_record(pid)
+                .is_some_and(|r| r.exec_id == rec.exec_id);
             if let Some(c) = self
                 .tracker
                 .current(pid)
-                .filter(|c| c.start_time == start_ticks)
+                .filter(|c| c.start_time == start_ticks && same_image)
             {
                 let found = reg.bindings.iter().find_map(|b| {
                     b.inject.as_ref().filter(|i| i.service == service)?;
@@ -509,7 +662,59 @@ impl Injector {
         Ok(Opened::Ready(up, info))
     }
 
-    fn refuse(&self, client: TcpStream, facts: &Facts, verdict: &str, why: &str) {
+    /// TLS from the client, with the intercepting CA's leaf for its SNI (a
+    /// hostname of `service`); the stream and that name.
+    async fn terminate(
+        &self,
+        tcp: TcpStream,
+        service: &AgentService,
+    ) -> Result<(Box<tokio_rustls::server::TlsStream<TcpStream>>, String), String> {
+        let all = self.tracker.registry.borrow().intercepted_hostnames();
+        let mine: Vec<String> = service
+            .spec
+            .hostnames
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .filter(|h| all.contains(h))
+            .collect();
+        if mine.is_empty() {
+            return Err(format!(
+                "Service {} has no hostnames to intercept for",
+                service.name
+            ));
+        }
+        let resolver = Arc::new(InterceptResolver {
+            interceptor: self.interceptor.clone(),
+            all,
+            mine,
+        });
+        let mut cfg = match rustls::ServerConfig::builder_with_provider(tether_tls::provider())
+            .with_safe_default_protocol_versions()
+        {
+            Ok(b) => b.with_no_client_auth().with_cert_resolver(resolver),
+            Err(e) => return Err(e.to_string()),
+        };
+        // The rewriter speaks HTTP/1.1 only.
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let accepted = tokio::time::timeout(UPSTREAM_TIMEOUT, acceptor.accept(tcp)).await;
+        match accepted {
+            Ok(Ok(t)) => {
+                let sni = t.get_ref().1.server_name().unwrap_or_default().to_owned();
+                Ok((Box::new(t), sni))
+            }
+            // The TCP stream went with the failed handshake (closed).
+            Ok(Err(e)) => Err(format!("TLS from the client: {e}")),
+            Err(_) => Err("TLS from the client took too long".into()),
+        }
+    }
+
+    fn refuse(&self, client: Client, facts: &Facts, verdict: &str, why: &str) {
+        self.audit_refusal(facts, verdict, why);
+        reset(client.into_tcp());
+    }
+
+    fn audit_refusal(&self, facts: &Facts, verdict: &str, why: &str) {
         let mut a = facts.record(verdict);
         a["reason"] = json!(why);
         self.audit.publish(a);
@@ -519,7 +724,40 @@ impl Injector {
             .and_then(|b| b.inject.as_ref())
             .map_or("unknown", |i| i.protocol.name());
         self.metrics.injected_connection(proto, verdict);
-        reset(client);
+    }
+}
+
+/// Whether `dst` is inside one of the Service's `cidr` entries for TCP,
+/// with its port listed (or every port). `local: true` entries and
+/// addresses resolved from hostnames do not count.
+fn declared(service: &AgentService, dst: std::net::SocketAddr) -> bool {
+    use tether_manifest::Protocol;
+    let ip = dst.ip().to_canonical();
+    service.spec.addresses.iter().any(|a| {
+        let tcp = matches!(a.protocol, Protocol::Tcp | Protocol::Both);
+        let port = a.ports.is_empty() || a.ports.contains(&dst.port());
+        tcp && port
+            && a.network()
+                .is_some_and(|(net, len)| in_network(ip, net.to_canonical(), len))
+    })
+}
+
+fn in_network(ip: std::net::IpAddr, net: std::net::IpAddr, len: u8) -> bool {
+    use std::net::IpAddr;
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
     }
 }
 
@@ -624,6 +862,14 @@ async fn pg_authenticate(
             b'R' if payload.len() >= 4 => {
                 let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
                 let data = &payload[4..];
+                // Once SASL is under way, the server may not switch to a
+                // weaker method (md5, cleartext) mid-exchange.
+                if scram.is_some() && !matches!(code, 0 | 11 | 12) {
+                    return Err((
+                        PgError::Server(format!("method {code} after SCRAM began")),
+                        None,
+                    ));
+                }
                 let answer = match code {
                     0 => {
                         // A SCRAM exchange ends with the server's proof.
@@ -670,11 +916,22 @@ async fn pg_authenticate(
                         scram = Some(s);
                         first
                     }
-                    11 => scram
-                        .as_mut()
-                        .ok_or_else(|| (PgError::Server("SASLContinue before SASL".into()), None))?
-                        .respond(data)
-                        .map_err(|e| (e, None))?,
+                    11 => {
+                        let mut s = scram.take().ok_or_else(|| {
+                            (PgError::Server("SASLContinue before SASL".into()), None)
+                        })?;
+                        // PBKDF2 with the server's iteration count: off the
+                        // runtime's workers, which decide held connections.
+                        let data = data.to_vec();
+                        let (s, answer) = tokio::task::spawn_blocking(move || {
+                            let a = s.respond(&data);
+                            (s, a)
+                        })
+                        .await
+                        .map_err(|e| (PgError::Server(e.to_string()), None))?;
+                        scram = Some(s);
+                        answer.map_err(|e| (e, None))?
+                    }
                     12 => {
                         scram
                             .as_ref()
@@ -774,13 +1031,53 @@ async fn redis_auth(up: &mut Upstream, user: Option<&str>, password: &[u8]) -> R
 }
 
 /// Client to server through the rewriter; server to client as it comes.
-async fn relay_http(
-    client: &mut TcpStream,
+/// What judges (and, for HTTP, rewrites) the client's stream.
+trait Filter: Send {
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, String>;
+    /// Unconsumed bytes allowed to wait; past it, [`Filter::overflow`].
+    fn limit(&self) -> usize;
+    fn overflow(&self) -> String;
+    /// Requests (or commands) passed so far, for the log.
+    fn count(&self) -> u64;
+}
+
+impl Filter for Rewriter {
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, String> {
+        Rewriter::feed(self, input, out).map_err(|e| e.to_string())
+    }
+    fn limit(&self) -> usize {
+        Rewriter::limit(self)
+    }
+    fn overflow(&self) -> String {
+        Rewriter::overflow(self).to_string()
+    }
+    fn count(&self) -> u64 {
+        self.requests
+    }
+}
+
+impl Filter for redis::CommandFilter {
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, String> {
+        redis::CommandFilter::feed(self, input, out).map_err(|e| e.to_string())
+    }
+    fn limit(&self) -> usize {
+        redis::CommandFilter::limit(self)
+    }
+    fn overflow(&self) -> String {
+        "a command line longer than Redis accepts".into()
+    }
+    fn count(&self) -> u64 {
+        0
+    }
+}
+
+async fn relay_filtered<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
     upstream: &mut Upstream,
-    mut rw: Rewriter,
+    mut rw: Box<dyn Filter>,
     conn: &Conn,
 ) -> Result<u64, End> {
-    let (mut cr, mut cw) = client.split();
+    let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let up = async {
         let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
@@ -792,7 +1089,7 @@ async fn relay_http(
                 // A request cut short stays cut short: the server sees the
                 // client's half-close.
                 uw.shutdown().await.map_err(End::Io)?;
-                return Ok(rw.requests);
+                return Ok(rw.count());
             }
             buf.extend_from_slice(&chunk[..n]);
             let used = rw.feed(&buf, &mut out).map_err(End::Refused)?;
@@ -818,8 +1115,8 @@ async fn relay_http(
 }
 
 /// Both ways as they come (the credential went first).
-async fn relay_raw(
-    client: &mut TcpStream,
+async fn relay_raw<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
     upstream: &mut Upstream,
     conn: &Conn,
 ) -> Result<u64, End> {

@@ -159,9 +159,12 @@ pub fn startup_for(version: u32, params: &[(String, String)], user: &str) -> Vec
     out
 }
 
+/// A message's type, payload and whole length.
+pub type Message<'a> = (u8, &'a [u8], usize);
+
 /// One server message: its type and payload (`Ok(None)` until complete),
 /// and its full length.
-pub fn message(buf: &[u8]) -> Result<Option<(u8, &[u8], usize)>, PgError> {
+pub fn message(buf: &[u8]) -> Result<Option<Message<'_>>, PgError> {
     if buf.len() < 5 {
         return Ok(None);
     }
@@ -276,8 +279,19 @@ impl Scram {
         use aws_lc_rs::{digest, hmac, pbkdf2};
         let text = std::str::from_utf8(server_first)
             .map_err(|_| PgError::Server("SCRAM message is not UTF-8".into()))?;
+        // RFC 5802: r= first; a mandatory extension (m=) is refused.
+        if !text.starts_with("r=") {
+            return Err(PgError::Server(
+                "SCRAM server-first-message: not r= first".into(),
+            ));
+        }
         let (mut nonce, mut salt, mut iter) = (None, None, None);
         for attr in text.split(',') {
+            if attr.starts_with("m=") {
+                return Err(PgError::Server(
+                    "SCRAM: unsupported mandatory extension".into(),
+                ));
+            }
             match attr.split_once('=') {
                 Some(("r", v)) => nonce = Some(v),
                 Some(("s", v)) => salt = B64.decode(v).ok(),

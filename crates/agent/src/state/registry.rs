@@ -167,6 +167,22 @@ impl Registry {
         })
     }
 
+    /// The hostnames of Services some binding intercepts HTTPS for
+    /// (lowercase, sorted, once each): the node's intercepting CA is
+    /// constrained to exactly these.
+    pub fn intercepted_hostnames(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .bindings
+            .iter()
+            .filter_map(|b| b.inject.as_ref().filter(|i| i.intercept.is_some()))
+            .filter_map(|i| self.services.iter().find(|s| s.name == i.service))
+            .flat_map(|s| s.spec.hostnames.iter().map(|h| h.to_ascii_lowercase()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     pub fn matching(&self, p: &ProcessInfo) -> Vec<&AgentIdentity> {
         self.identities.iter().filter(|i| i.matches(p)).collect()
     }

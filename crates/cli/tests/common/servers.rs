@@ -365,6 +365,23 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(location: &str) -> Nginx {
+        Self::start_with(location, None)
+    }
+
+    /// HTTPS with this certificate and key.
+    pub fn start_tls(location: &str, cert: &std::path::Path, key: &std::path::Path) -> Nginx {
+        Self::start_with(location, Some((cert, key)))
+    }
+
+    fn start_with(location: &str, tls: Option<(&std::path::Path, &std::path::Path)>) -> Nginx {
+        let listen = match tls {
+            Some((c, k)) => format!(
+                "listen 127.0.0.1:{{port}} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};",
+                c.display(),
+                k.display()
+            ),
+            None => "listen 127.0.0.1:{port};".to_string(),
+        };
         let dir = open_tempdir();
         let port = free_port();
         let p = |n: &str| dir.path().join(n).display().to_string();
@@ -372,11 +389,12 @@ impl Nginx {
         std::fs::write(
             dir.path().join("nginx.conf"),
             format!(
-                "daemon off;\nmaster_process on;\nuser root;\nworker_processes 1;\npid {pid};\nerror_log {err} info;\nevents {{ worker_connections 256; }}\nhttp {{\n  log_format counts '$connection $connection_requests $status $request_uri';\n  access_log {access} counts;\n  keepalive_requests 100000;\n  client_body_temp_path {t}/body; proxy_temp_path {t}/proxy; fastcgi_temp_path {t}/fcgi; uwsgi_temp_path {t}/uwsgi; scgi_temp_path {t}/scgi;\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ {location} }}\n  }}\n}}\n",
+                "daemon off;\nmaster_process on;\nuser root;\nworker_processes 1;\npid {pid};\nerror_log {err} info;\nevents {{ worker_connections 256; }}\nhttp {{\n  log_format counts '$connection $connection_requests $status $request_uri';\n  access_log {access} counts;\n  keepalive_requests 100000;\n  client_body_temp_path {t}/body; proxy_temp_path {t}/proxy; fastcgi_temp_path {t}/fcgi; uwsgi_temp_path {t}/uwsgi; scgi_temp_path {t}/scgi;\n  server {{\n    {listen}\n    location / {{ {location} }}\n  }}\n}}\n",
                 pid = p("nginx.pid"),
                 err = p("logs/error.log"),
                 access = p("logs/access.log"),
                 t = p("logs"),
+                listen = listen.replace("{port}", &port.to_string()),
             ),
         )
         .expect("nginx.conf");
