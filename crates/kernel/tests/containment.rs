@@ -196,7 +196,7 @@ fn a_traced_process_loses_its_authority_until_it_execs() {
     let events = drain(&e);
     let mark = events
         .iter()
-        .find(|ev| ev.hook == Hook::Taint)
+        .find(|ev| ev.hook == Hook::Taint && ev.tgid == me)
         .expect("a taint event");
     assert_eq!(
         (mark.tgid, mark.aux, mark.reason, mark.decision),
@@ -303,7 +303,7 @@ fn writing_another_process_memory_from_the_workload_is_fatal_and_marks_the_targe
         );
         let mark = drain(&e)
             .into_iter()
-            .find(|ev| ev.hook == Hook::Taint)
+            .find(|ev| ev.hook == Hook::Taint && ev.tgid == attacker.pid)
             .expect("taint event");
         assert_eq!(
             (mark.tgid, mark.aux, mark.reason),
@@ -354,7 +354,7 @@ fn re_pointing_the_exe_link_marks_the_process() {
     );
     let ev = drain(&e)
         .into_iter()
-        .find(|ev| ev.hook == Hook::Taint)
+        .find(|ev| ev.hook == Hook::Taint && ev.tgid == pid)
         .expect("taint event");
     assert_eq!((ev.tgid, ev.aux, ev.reason), (pid, pid, Reason::SetMm));
     drop(child.stdin.take());
@@ -541,7 +541,7 @@ fn the_old_ways_to_the_same_calls_are_fatal_in_the_workload() {
     assert_eq!(c.exit_signal(), Some(libc::SIGKILL));
     let ev = drain(&e)
         .into_iter()
-        .find(|ev| ev.hook == Hook::Taint)
+        .find(|ev| ev.hook == Hook::Taint && ev.tgid == c.pid)
         .expect("taint event");
     assert_eq!((ev.tgid, ev.reason, ev.aux2), (c.pid, Reason::Killed, 12));
     // socket(AF_INET, SOCK_PACKET) is a packet socket too.
