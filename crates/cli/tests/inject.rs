@@ -309,6 +309,12 @@ spec: {{identity: redis-cli, source: redis-password, inject: {{service: redis, r
         "no injected connection listed: {}",
         w.up.ok(&["connections"])
     );
+    // The live client's own environment holds no password.
+    let environ = std::fs::read(format!("/proc/{long_pid}/environ")).expect("environ");
+    assert!(
+        !contains(&environ, PASSWORD),
+        "the password is in the client's environment"
+    );
     w.up.ok(&["delete", "credentialbinding", "redis-inject"]);
     w.up.audited(long_pid, "the revoked connection", |e| {
         e["event"] == "inject" && e["verdict"] == "revoked"
