@@ -13,9 +13,10 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::capture::Capture;
 use common::kernel::Cgroup;
 use common::servers::{Nginx, PASSWORD, Postgres, Redis, which};
 use common::*;
@@ -120,63 +121,22 @@ fn copy_binary(src: &Path, dst: &Path) {
 }
 
 /// tshark on loopback, only the client-to-agent leg (the hold port).
-struct Capture {
-    child: Child,
-    file: PathBuf,
-    _dir: tempfile::TempDir,
+fn capture_leg(port: u16) -> Capture {
+    Capture::start("lo", &format!("tcp port {port}"), |_| {})
 }
 
-impl Capture {
-    fn start(port: u16) -> Capture {
-        let dir = open_tempdir();
-        let file = dir.path().join("leg.pcapng");
-        let err = dir.path().join("tshark.err");
-        let child = Command::new(which("tshark"))
-            .args(["-i", "lo", "-q", "-f", &format!("tcp port {port}"), "-w"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&err).expect("err"))
-            .spawn()
-            .expect("tshark");
-        let ready = wait_until(Duration::from_secs(20), || {
-            std::fs::read_to_string(&err)
-                .unwrap_or_default()
-                .contains("Capturing on")
-        });
-        assert!(
-            ready,
-            "tshark did not start: {}",
-            std::fs::read_to_string(&err).unwrap_or_default()
-        );
-        Capture {
-            child,
-            file,
-            _dir: dir,
-        }
-    }
-
-    /// Stops the capture once it holds `last` (the last thing the test
-    /// sent: tshark writes packets a little after they pass); its raw bytes.
-    fn finish(&mut self, last: &str) -> Vec<u8> {
-        let seen = wait_until(Duration::from_secs(10), || {
-            contains(&std::fs::read(&self.file).unwrap_or_default(), last)
-        });
-        assert!(
-            seen,
-            "the capture never showed {last:?}: it missed the client's leg"
-        );
-        // SAFETY: kill(2) on our own child; SIGINT makes tshark finish the file.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let _ = self.child.wait();
-        std::fs::read(&self.file).expect("capture file")
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Stops `cap` once it holds `last` (the last thing the test sent: tshark
+/// writes packets a little after they pass); its raw bytes.
+fn finish(cap: &mut Capture, last: &str) -> Vec<u8> {
+    let seen = wait_until(Duration::from_secs(10), || {
+        contains(&std::fs::read(&cap.file).unwrap_or_default(), last)
+    });
+    assert!(
+        seen,
+        "the capture never showed {last:?}: it missed the client's leg"
+    );
+    cap.stop();
+    std::fs::read(&cap.file).expect("capture file")
 }
 
 fn contains(hay: &[u8], needle: &str) -> bool {
@@ -201,7 +161,7 @@ fn redis_cli_needs_no_password_and_nothing_else_gets_one() {
         "OK"
     );
     let redis_cli = real(which("redis-cli"));
-    let mut capture = Capture::start(w.hold_port);
+    let mut capture = capture_leg(w.hold_port);
     w.up.apply_ok(&format!(
         "{id}apiVersion: tether.dev/v1alpha1
 kind: Service
@@ -349,7 +309,7 @@ spec: {identity: redis-cli, source: redis-acl, inject: {service: redis, redis: {
 
     // Nothing secret on the client's leg (which did carry the commands),
     // nor in Tether's outputs.
-    let leg = capture.finish("INFO");
+    let leg = finish(&mut capture, "INFO");
     assert!(
         contains(&leg, "PONG"),
         "the capture missed the client's leg"
@@ -409,7 +369,7 @@ fn curl_gets_its_bearer_token_from_the_agent_on_every_request() {
     // shell would run is not it).
     let app = w.up.dir.path().join("app-curl");
     copy_binary(&real(which("curl")), &app);
-    let mut capture = Capture::start(w.hold_port);
+    let mut capture = capture_leg(w.hold_port);
     w.up.apply_ok(&format!(
         "{id}apiVersion: tether.dev/v1alpha1
 kind: Service
@@ -577,7 +537,7 @@ spec: {{identity: app, source: api-token, inject: {{service: web, http: {{scheme
     let (_, o) = w.run(curl(&app, &[&url("/after")]));
     assert_eq!(text(&o).trim(), "200", "the agent stopped serving");
 
-    let leg = capture.finish("/after");
+    let leg = finish(&mut capture, "/after");
     assert!(
         contains(&leg, "/k999"),
         "the capture missed the client's leg"
@@ -623,7 +583,7 @@ spec:
 "
         )
     };
-    let mut capture = Capture::start(w.hold_port);
+    let mut capture = capture_leg(w.hold_port);
     w.up.apply_ok(&format!(
         "{}{}{}{}apiVersion: tether.dev/v1alpha1
 kind: Service
@@ -709,7 +669,7 @@ spec: {{static: {{value: \"{PG_PASSWORD}\"}}}}
     let (_, o) = w.run(query(&psql, "127.0.0.1", "select 'after'"));
     assert_eq!(text(&o).trim(), "after", "the agent stopped serving");
 
-    let leg = capture.finish("select 'after'");
+    let leg = finish(&mut capture, "select 'after'");
     assert!(
         contains(&leg, "pg_stat_ssl"),
         "the capture missed the client's leg"

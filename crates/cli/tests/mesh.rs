@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use common::capture::Capture;
 use common::kernel::Cgroup;
 use common::netns::{IFACE, Lan};
 use common::servers::{PASSWORD, Postgres, Redis, which};
@@ -297,79 +298,6 @@ spec:
     }
 }
 
-/// tshark on host A's link, writing a capture file until stopped.
-struct Capture {
-    child: Child,
-    file: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Capture {
-    fn start(lan: &Lan, host: &str) -> Capture {
-        let dir = open_tempdir();
-        let file = dir.path().join("link.pcapng");
-        let err = dir.path().join("tshark.err");
-        let child = lan
-            .command(host, which("tshark"))
-            .args(["-i", IFACE, "-q", "-w"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&err).expect("err"))
-            .spawn()
-            .expect("tshark");
-        let ready = wait_until(Duration::from_secs(20), || {
-            std::fs::read_to_string(&err)
-                .unwrap_or_default()
-                .contains("Capturing on")
-        });
-        assert!(
-            ready,
-            "tshark did not start: {}",
-            std::fs::read_to_string(&err).unwrap_or_default()
-        );
-        Capture {
-            child,
-            file,
-            _dir: dir,
-        }
-    }
-
-    fn stop(&mut self) {
-        // SAFETY: kill(2) on our own child; SIGINT makes tshark finish the file.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let _ = self.child.wait();
-    }
-
-    /// `tshark -r` with both TLS ports decoded as TLS; one line per match.
-    fn fields(&self, ports: &[u16], filter: &str, field: &str) -> Vec<String> {
-        let mut c = Command::new(which("tshark"));
-        c.arg("-r").arg(&self.file);
-        for p in ports {
-            c.args(["-d", &format!("tcp.port=={p},tls")]);
-        }
-        let o = c
-            .args(["-Y", filter, "-T", "fields", "-e", field])
-            .output()
-            .expect("tshark -r");
-        assert!(
-            o.status.success(),
-            "tshark -r: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A certificate authority and an X.509-SVID of another trust domain.
 fn foreign_svid(dir: &Path) -> (PathBuf, PathBuf) {
     pki::OpensslCa::new(dir, "ca", "/O=other.org").leaf("svid", "URI:spiffe://other.org/redis-cli")
@@ -436,7 +364,7 @@ spec:
     let c_ip = w.lan.addr("c");
 
     // --- the authorized client, through the mesh, on a captured link ---
-    let mut cap = Capture::start(&w.lan, "a");
+    let mut cap = Capture::start(IFACE, "", |c| w.lan.enter("a", c));
     let before = w.redis.connections_received();
     assert_eq!(w.redis_cli_on_a(&["PING"]), "PONG", "{}", w.a.logs());
     assert_eq!(
