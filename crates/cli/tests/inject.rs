@@ -391,7 +391,7 @@ spec: {{static: {{value: \"{TOKEN}\"}}}}
 apiVersion: tether.dev/v1alpha1
 kind: CredentialBinding
 metadata: {{name: web-token}}
-spec: {{identity: app, source: api-token, inject: {{service: web, http: {{scheme: bearer}}}}}}
+spec: {{identity: app, source: api-token, inject: {{service: web, http: {{scheme: bearer, authority: '127.0.0.1:{np}'}}}}}}
 ",
         id = binary_identity("app", &app),
     ));
@@ -507,6 +507,15 @@ spec: {{identity: app, source: api-token, inject: {{service: web, http: {{scheme
             "TRACE (would echo the header)",
             vec!["-X".to_string(), "TRACE".to_string(), url("/trace")],
             "reflect",
+        ),
+        (
+            "another virtual host",
+            vec![
+                "-H".to_string(),
+                "Host: evil.example".to_string(),
+                url("/vhost"),
+            ],
+            "Host",
         ),
     ] {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -117,8 +117,16 @@ impl CredentialBindingSpec {
         let mut v = serde_json::json!({ "identity": self.identity, "source": self.source });
         if let Some(i) = &self.inject {
             let proto = match &i.protocol {
-                InjectProtocol::Http { header, scheme } => {
-                    serde_json::json!({ "http": { "header": header, "scheme": scheme.as_str() } })
+                InjectProtocol::Http {
+                    header,
+                    scheme,
+                    authority,
+                } => {
+                    let mut h = serde_json::json!({ "header": header, "scheme": scheme.as_str() });
+                    if let Some(a) = authority {
+                        h["authority"] = serde_json::json!(a);
+                    }
+                    serde_json::json!({ "http": h })
                 }
                 InjectProtocol::Redis { user } => match user {
                     Some(u) => serde_json::json!({ "redis": { "user": u } }),
@@ -237,8 +245,15 @@ pub struct UpstreamTls {
 #[serde(rename_all = "camelCase")]
 pub enum InjectProtocol {
     /// HTTP/1.1: `header` is set on every request (any value the client
-    /// sent in it is removed).
-    Http { header: String, scheme: HttpScheme },
+    /// sent in it is removed). With `authority`, a request whose `Host` is
+    /// not exactly it is refused: on a shared front end the client cannot
+    /// pick the virtual host the credential goes to.
+    Http {
+        header: String,
+        scheme: HttpScheme,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        authority: Option<String>,
+    },
     /// Redis: AUTH (with `user`, an ACL user, when given) before any client
     /// byte is relayed.
     Redis { user: Option<String> },
@@ -373,6 +388,7 @@ pub(crate) struct RawTls {
 pub(crate) struct RawHttp {
     header: Option<String>,
     scheme: Option<String>,
+    authority: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -677,7 +693,23 @@ fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
                     ));
                 }
             };
-            InjectProtocol::Http { header, scheme }
+            if let Some(a) = &h.authority
+                && (a.is_empty()
+                    || a.len() > 261
+                    || !a
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)))
+            {
+                return Err((
+                    "spec.inject.http.authority".into(),
+                    format!("{a:?}: host[:port], as the Host header carries it"),
+                ));
+            }
+            InjectProtocol::Http {
+                header,
+                scheme,
+                authority: h.authority,
+            }
         }
         (None, Some(r)) => {
             if let Some(u) = &r.user
@@ -944,6 +976,7 @@ mod tests {
                 InjectProtocol::Http {
                     header: "Authorization".into(),
                     scheme: HttpScheme::Bearer,
+                    authority: None,
                 },
             ),
             (
@@ -951,13 +984,15 @@ mod tests {
                 InjectProtocol::Http {
                     header: "Authorization".into(),
                     scheme: HttpScheme::Bearer,
+                    authority: None,
                 },
             ),
             (
-                "  identity: app\n  source: tok\n  inject: {service: web, http: {header: X-Api-Key, scheme: raw}}",
+                "  identity: app\n  source: tok\n  inject: {service: web, http: {header: X-Api-Key, scheme: raw, authority: 'api.example:8443'}}",
                 InjectProtocol::Http {
                     header: "X-Api-Key".into(),
                     scheme: HttpScheme::Raw,
+                    authority: Some("api.example:8443".into()),
                 },
             ),
             (
@@ -1005,6 +1040,10 @@ mod tests {
             (
                 "  identity: app\n  source: tok\n  inject: {service: web, http: {scheme: digest}}",
                 "spec.inject.http.scheme",
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: web, http: {authority: 'a b'}}",
+                "spec.inject.http.authority",
             ),
             (
                 "  identity: app\n  source: tok\n  inject: {service: web, redis: {user: 'a b'}}",

@@ -46,6 +46,8 @@ pub enum Refusal {
     BadCredential,
     #[error("{0} would reflect the credential back to the client")]
     Reflecting(String),
+    #[error("the request's Host is not {0} (exactly one, naming the binding's authority)")]
+    WrongAuthority(String),
 }
 
 /// What is added to every request: the header's name and full value.
@@ -53,6 +55,8 @@ pub struct Inject {
     name: String,
     lower: String,
     value: Zeroizing<Vec<u8>>,
+    /// When set, every request's one `Host` must be exactly this.
+    authority: Option<String>,
 }
 
 impl Inject {
@@ -81,7 +85,14 @@ impl Inject {
             name: name.to_owned(),
             lower: name.to_ascii_lowercase(),
             value,
+            authority: None,
         })
+    }
+
+    /// Requests must name `authority` in `Host` (ASCII case-insensitive).
+    pub fn with_authority(mut self, authority: Option<String>) -> Self {
+        self.authority = authority;
+        self
     }
 }
 
@@ -308,6 +319,19 @@ impl Rewriter {
         }
         if chunked && length.is_some() {
             return Err(Refusal::Smuggling);
+        }
+        if let Some(want) = &self.inject.authority {
+            let mut hosts = req
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("host"));
+            let ok = match (hosts.next(), hosts.next()) {
+                (Some(h), None) => trim_ows(h.value).eq_ignore_ascii_case(want.as_bytes()),
+                _ => false,
+            };
+            if !ok {
+                return Err(Refusal::WrongAuthority(want.clone()));
+            }
         }
         if chunked && version == 0 {
             return Err(Refusal::BadEncoding("chunked in HTTP/1.0".into()));
@@ -536,6 +560,27 @@ GET /d HTTP/1.0\r\n\r\n";
         // Complete in one piece just past the limit: refused all the same.
         big.extend_from_slice(b"\r\n\r\n");
         assert_eq!(run(&mut rw(), &big, big.len()), Err(Refusal::HeadTooLong));
+    }
+
+    #[test]
+    fn with_an_authority_only_that_host_gets_the_credential() {
+        let inject = || {
+            Inject::new("Authorization", HttpScheme::Bearer, b"t")
+                .expect("inject")
+                .with_authority(Some("api.example:8443".into()))
+        };
+        let ok = b"GET / HTTP/1.1\r\nHost: API.example:8443\r\n\r\n";
+        assert!(run(&mut Rewriter::new(inject()), ok, 64).is_ok());
+        for bad in [
+            &b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: api.example:8443\r\nHost: other\r\n\r\n",
+        ] {
+            assert_eq!(
+                run(&mut Rewriter::new(inject()), bad, 64),
+                Err(Refusal::WrongAuthority("api.example:8443".into()))
+            );
+        }
     }
 
     #[test]

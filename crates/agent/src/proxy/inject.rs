@@ -358,12 +358,14 @@ impl Injector {
                 }
                 Some(Box::new(redis::CommandFilter::default()))
             }
-            InjectProtocol::Http { header, scheme } => {
-                match Inject::new(header, *scheme, &value.bytes) {
-                    Ok(i) => Some(Box::new(Rewriter::new(i))),
-                    Err(e) => return self.refuse(client, &facts, "deny", &e.to_string()),
-                }
-            }
+            InjectProtocol::Http {
+                header,
+                scheme,
+                authority,
+            } => match Inject::new(header, *scheme, &value.bytes) {
+                Ok(i) => Some(Box::new(Rewriter::new(i.with_authority(authority.clone())))),
+                Err(e) => return self.refuse(client, &facts, "deny", &e.to_string()),
+            },
             InjectProtocol::Postgresql { .. } => None,
         };
         drop(value);
