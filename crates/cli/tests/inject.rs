@@ -835,3 +835,146 @@ spec:
         "{statuses:?}"
     );
 }
+
+/// boto3 with placeholder keys, as the application is configured: each
+/// request reaches moto signed again by the agent with STS credentials
+/// exchanged for the process's JWT-SVID.
+const S3_UPLOAD: &str = r#"
+import sys
+import boto3
+from boto3.s3.transfer import TransferConfig
+endpoint = sys.argv[1]
+s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+    aws_access_key_id="PLACEHOLDER", aws_secret_access_key="placeholder-secret")
+try:
+    s3.put_object(Bucket="tether-reports", Key="small.txt", Body=b"hello from the bound process")
+    print("put ok")
+    big = b"x" * (6 * 1024 * 1024) + b"tail"
+    with open(sys.argv[2], "wb") as f:
+        f.write(big)
+    s3.upload_file(sys.argv[2], "tether-reports", "big.bin",
+        Config=TransferConfig(multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024))
+    print("multipart ok")
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="tether-reports").get("Contents", []))
+    print("listed", ",".join(keys))
+    body = s3.get_object(Bucket="tether-reports", Key="big.bin")["Body"].read()
+    print("roundtrip", body == big)
+except Exception as e:
+    code = e.response["Error"]["Code"] if hasattr(e, "response") else type(e).__name__
+    print("failed", code, e.response.get("Error") if hasattr(e, "response") else e)
+"#;
+
+#[test]
+fn boto3_with_placeholder_keys_is_signed_by_the_agent() {
+    let cg = Cgroup::new("inj-sigv4");
+    let hold = free_port().to_string();
+    let w = peers::world_with(&[
+        "--enforce-cgroup",
+        &cg.path.display().to_string(),
+        "--hold-port",
+        &hold,
+    ]);
+    let up = &w.up;
+    let aws = peers::Aws::start(&w, "spiffe://example.org/s3-app");
+    let port = aws.endpoint.rsplit(':').next().expect("port").to_string();
+    let python = python();
+    let script = up.dir.path().join("s3_upload.py");
+    let other = up.dir.path().join("other").join("s3_upload.py");
+    std::fs::create_dir_all(other.parent().expect("dir")).expect("mkdir");
+    for p in [&script, &other] {
+        std::fs::write(p, S3_UPLOAD).expect("script");
+    }
+    let identity = |name: &str, script: &Path| {
+        format!(
+            "apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {{name: {name}}}
+spec:
+  spiffeId: spiffe://example.org/{name}
+  selectors: [[\"process:path:{py}\", \"process:cmdline-prefix:{py} {script}\", \"unix:uid:0\"]]
+---
+",
+            py = python.display(),
+            script = script.display()
+        )
+    };
+    up.apply_ok(&format!(
+        "{}{}apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {{name: s3}}
+spec: {{addresses: [{{cidr: 127.0.0.1/32, ports: [{port}]}}]}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: s3-clients}}
+spec: {{services: [s3], identities: [s3-app, s3-other]}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialSource
+metadata: {{name: reports-aws}}
+spec:
+  awsSts: {{roleArn: 'arn:aws:iam::123456789012:role/reader', duration: 15m, endpoint: '{endpoint}', region: us-east-1}}
+---
+apiVersion: tether.dev/v1alpha1
+kind: CredentialBinding
+metadata: {{name: s3-app-sign}}
+spec: {{identity: s3-app, source: reports-aws, inject: {{service: s3, awsSigV4: {{region: us-east-1, service: s3}}}}}}
+",
+        identity("s3-app", &script),
+        identity("s3-other", &other),
+        endpoint = aws.endpoint,
+    ));
+    let run = |script: &Path| -> (u32, String) {
+        let mut c = Command::new(&python);
+        c.arg(script)
+            .arg(&aws.endpoint)
+            .arg(up.dir.path().join(format!("big-{}", rand_suffix())))
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cg.enter(&mut c);
+        let child = c.spawn().expect("python");
+        let pid = child.id();
+        (pid, text(&child.wait_with_output().expect("python")))
+    };
+
+    // The bound process: a one-part upload (signed payload), a multipart
+    // upload, a listing and a download, all accepted by moto with request
+    // authentication on.
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(30), || {
+        last = run(&script).1;
+        last.contains("roundtrip True")
+    });
+    assert!(
+        ok,
+        "bound boto3:\n{last}\n{}",
+        up.events()
+            .iter()
+            .filter(|e| e["event"] == "inject")
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        last.contains("put ok") && last.contains("multipart ok"),
+        "{last}"
+    );
+    assert!(last.contains("listed big.bin,q3.csv,small.txt"), "{last}");
+    let before = aws.counts();
+    // The same script, unbound (another path): allowed to connect, not
+    // signed for, so moto refuses its placeholder keys.
+    let (_, out) = run(&other);
+    assert!(
+        out.contains("failed"),
+        "the unbound script got through: {out}"
+    );
+    let after = aws.counts();
+    assert_eq!(after["s3_ok"], before["s3_ok"], "{after}");
+    assert!(
+        after["s3_refused"].as_u64() > before["s3_refused"].as_u64(),
+        "{after}"
+    );
+}

@@ -135,6 +135,9 @@ impl CredentialBindingSpec {
                 InjectProtocol::Postgresql { user } => {
                     serde_json::json!({ "postgresql": { "user": user } })
                 }
+                InjectProtocol::AwsSigV4 { region, service } => {
+                    serde_json::json!({ "awsSigV4": { "region": region, "service": service } })
+                }
             };
             let mut inject = serde_json::json!({ "service": i.service });
             if let Some(t) = &i.tls {
@@ -257,6 +260,11 @@ pub enum InjectProtocol {
     /// Redis: AUTH (with `user`, an ACL user, when given) before any client
     /// byte is relayed.
     Redis { user: Option<String> },
+    /// AWS SigV4: every request is signed again with the source's AWS
+    /// credentials (an `awsSts` source, or a static one holding the
+    /// `credential_process` JSON); the client signs with placeholder keys.
+    #[serde(rename = "awsSigV4")]
+    AwsSigV4 { region: String, service: String },
     /// PostgreSQL: the agent answers the server's authentication exchange
     /// (SCRAM-SHA-256, md5 or cleartext) as `user`, whatever user the
     /// client named, then relays the session unchanged.
@@ -269,6 +277,7 @@ impl InjectProtocol {
             InjectProtocol::Http { .. } => "http",
             InjectProtocol::Redis { .. } => "redis",
             InjectProtocol::Postgresql { .. } => "postgresql",
+            InjectProtocol::AwsSigV4 { .. } => "awsSigV4",
         }
     }
 }
@@ -360,6 +369,8 @@ pub(crate) struct RawInject {
     http: Option<RawHttp>,
     redis: Option<RawRedis>,
     postgresql: Option<RawPostgres>,
+    #[serde(rename = "awsSigV4")]
+    aws_sig_v4: Option<RawSigV4>,
     tls: Option<RawTls>,
     intercept: Option<RawIntercept>,
 }
@@ -368,6 +379,13 @@ pub(crate) struct RawInject {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct RawIntercept {
     ca_file: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSigV4 {
+    region: Option<String>,
+    service: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -628,12 +646,41 @@ fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
         raw.http.is_some(),
         raw.redis.is_some(),
         raw.postgresql.is_some(),
+        raw.aws_sig_v4.is_some(),
     ];
     if given.iter().filter(|g| **g).count() > 1 {
         return Err((
             "spec.inject".into(),
-            "exactly one protocol (http, redis or postgresql)".into(),
+            "exactly one protocol (http, redis, postgresql or awsSigV4)".into(),
         ));
+    }
+    if let Some(a) = raw.aws_sig_v4 {
+        let word = |field: &str, v: Option<String>| -> Result<String, FieldError> {
+            let v = v.ok_or_else(|| missing(field))?;
+            if v.is_empty()
+                || v.len() > 64
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err((
+                    field.into(),
+                    format!("{v:?}: lowercase letters, digits and '-'"),
+                ));
+            }
+            Ok(v)
+        };
+        let region = word("spec.inject.awsSigV4.region", a.region)?;
+        let svc = word("spec.inject.awsSigV4.service", a.service)?;
+        return Ok(Injection {
+            service,
+            protocol: InjectProtocol::AwsSigV4 {
+                region,
+                service: svc,
+            },
+            tls,
+            intercept,
+        });
     }
     if let Some(p) = raw.postgresql {
         let user = p
@@ -996,6 +1043,13 @@ mod tests {
                 },
             ),
             (
+                "  identity: app\n  source: aws\n  inject: {service: s3, awsSigV4: {region: us-east-1, service: s3}}",
+                InjectProtocol::AwsSigV4 {
+                    region: "us-east-1".into(),
+                    service: "s3".into(),
+                },
+            ),
+            (
                 "  identity: app\n  source: pw\n  inject: {service: cache, redis: {user: app}}",
                 InjectProtocol::Redis {
                     user: Some("app".into()),
@@ -1052,6 +1106,10 @@ mod tests {
             (
                 "  identity: app\n  source: tok\n  inject: {service: db, postgresql: {}}",
                 "spec.inject.postgresql.user",
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: s3, awsSigV4: {region: us-east-1}}",
+                "spec.inject.awsSigV4.service",
             ),
             (
                 "  identity: app\n  source: tok\n  inject: {service: db, redis: {}, intercept: {caFile: ca}}",

@@ -48,13 +48,17 @@ pub enum Refusal {
     Reflecting(String),
     #[error("the request's Host is not {0} (exactly one, naming the binding's authority)")]
     WrongAuthority(String),
+    #[error("cannot be signed again: {0}")]
+    Unsignable(String),
 }
 
-/// What is added to every request: the header's name and full value.
+/// What is added to every request: a header's name and full value, or an
+/// AWS SigV4 signature made with the source's credentials.
 pub struct Inject {
     name: String,
     lower: String,
     value: Zeroizing<Vec<u8>>,
+    sigv4: Option<SigV4>,
     /// When set, every request's one `Host` must be exactly this.
     authority: Option<String>,
 }
@@ -85,8 +89,41 @@ impl Inject {
             name: name.to_owned(),
             lower: name.to_ascii_lowercase(),
             value,
+            sigv4: None,
             authority: None,
         })
+    }
+
+    /// Every request signed again (SigV4, headers) with these credentials
+    /// for `region` and `service`: the client's own `Authorization`,
+    /// `X-Amz-Date` and `X-Amz-Security-Token` are removed, its
+    /// `X-Amz-Content-Sha256` (the payload's hash, which no key enters)
+    /// is kept and signed.
+    pub fn sigv4(
+        access_key: &str,
+        secret_key: &str,
+        session_token: Option<&str>,
+        region: &str,
+        service: &str,
+    ) -> Self {
+        let creds = aws_credential_types::Credentials::new(
+            access_key,
+            secret_key,
+            session_token.map(str::to_owned),
+            None,
+            "tether",
+        );
+        Inject {
+            name: "Authorization".into(),
+            lower: "authorization".into(),
+            value: Zeroizing::new(Vec::new()),
+            sigv4: Some(SigV4 {
+                identity: creds.into(),
+                region: region.to_owned(),
+                service: service.to_owned(),
+            }),
+            authority: None,
+        }
     }
 
     /// Requests must name `authority` in `Host` (ASCII case-insensitive).
@@ -108,6 +145,92 @@ fn trim_ows(v: &[u8]) -> &[u8] {
         .rposition(|b| *b != b' ' && *b != b'\t')
         .map_or(start, |e| e + 1);
     &v[start..end.max(start)]
+}
+
+/// SigV4 re-signing: the credentials (as the signer's identity) and scope.
+struct SigV4 {
+    identity: aws_smithy_runtime_api::client::identity::Identity,
+    region: String,
+    service: String,
+}
+
+/// Headers the client signed with its placeholder keys: replaced.
+const SIGV4_OWN: [&str; 3] = ["authorization", "x-amz-date", "x-amz-security-token"];
+
+impl SigV4 {
+    /// The signing headers for a request (`headers` are the ones it keeps).
+    fn sign(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Vec<(String, String)>, Refusal> {
+        use aws_sigv4::http_request::{
+            PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest,
+            SigningSettings, UriPathNormalizationMode, sign,
+        };
+        let hash = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("x-amz-content-sha256"))
+            .map(|(_, v)| v.trim());
+        let body = match hash {
+            Some("UNSIGNED-PAYLOAD") => SignableBody::UnsignedPayload,
+            Some("STREAMING-UNSIGNED-PAYLOAD-TRAILER") => {
+                SignableBody::StreamingUnsignedPayloadTrailer
+            }
+            // Chunk signatures chain from the request's signature and the
+            // key: the agent would have to re-sign every chunk.
+            Some(h) if h.starts_with("STREAMING-") => {
+                return Err(Refusal::Unsignable(format!(
+                    "x-amz-content-sha256 {h} (signed chunks) is not re-signed; use unsigned or trailer checksums"
+                )));
+            }
+            Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                SignableBody::Precomputed(h.to_ascii_lowercase())
+            }
+            Some(h) => {
+                return Err(Refusal::Unsignable(format!(
+                    "x-amz-content-sha256 {:?}",
+                    h.chars().take(80).collect::<String>()
+                )));
+            }
+            None => {
+                return Err(Refusal::Unsignable(
+                    "no x-amz-content-sha256: the payload's hash is needed to sign".into(),
+                ));
+            }
+        };
+        let mut settings = SigningSettings::default();
+        settings.payload_checksum_kind = PayloadChecksumKind::NoHeader;
+        // Hop-by-hop in practice: servers and proxies answer or drop
+        // `Expect` before the request is verified (the SDKs leave it out too).
+        if let Some(x) = settings.excluded_headers.as_mut() {
+            x.push(std::borrow::Cow::Borrowed("expect"));
+        }
+        if self.service == "s3" {
+            // S3 signs the path as sent: no second encoding, no normalizing.
+            settings.percent_encoding_mode = PercentEncodingMode::Single;
+            settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+        }
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&self.identity)
+            .region(&self.region)
+            .name(&self.service)
+            .time(std::time::SystemTime::now())
+            .settings(settings)
+            .build()
+            .map_err(|e| Refusal::Unsignable(e.to_string()))?
+            .into();
+        let request = SignableRequest::new(method, target, headers.iter().copied(), body)
+            .map_err(|e| Refusal::Unsignable(format!("request: {e}")))?;
+        let (instructions, _) = sign(request, &params)
+            .map_err(|e| Refusal::Unsignable(e.to_string()))?
+            .into_parts();
+        Ok(instructions
+            .headers()
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .collect())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -344,19 +467,53 @@ impl Rewriter {
         } else {
             b" HTTP/1.1\r\n"
         });
-        for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case(&self.inject.lower) {
-                continue; // the client's own value never reaches the server
+        let start = out.len();
+        let added = match &self.inject.sigv4 {
+            Some(v4) => {
+                let kept: Vec<(&str, &str)> = req
+                    .headers
+                    .iter()
+                    .filter(|h| !SIGV4_OWN.iter().any(|o| h.name.eq_ignore_ascii_case(o)))
+                    .map(|h| std::str::from_utf8(h.value).map(|v| (h.name, v)))
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| Refusal::Unsignable("a header value is not UTF-8".into()))?;
+                let signing = v4
+                    .sign(method, path, &kept)
+                    .inspect_err(|_| out.truncate(start))?;
+                Some((kept, signing))
             }
-            out.extend_from_slice(h.name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(h.value);
-            out.extend_from_slice(b"\r\n");
+            None => None,
+        };
+        match added {
+            Some((kept, signing)) => {
+                for (n, v) in kept
+                    .iter()
+                    .copied()
+                    .chain(signing.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+                {
+                    out.extend_from_slice(n.as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(v.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"\r\n");
+            }
+            None => {
+                for h in req.headers.iter() {
+                    if h.name.eq_ignore_ascii_case(&self.inject.lower) {
+                        continue; // the client's own value never reaches the server
+                    }
+                    out.extend_from_slice(h.name.as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(h.value);
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(self.inject.name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(&self.inject.value);
+                out.extend_from_slice(b"\r\n\r\n");
+            }
         }
-        out.extend_from_slice(self.inject.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(&self.inject.value);
-        out.extend_from_slice(b"\r\n\r\n");
         self.requests += 1;
         self.state = if chunked {
             State::ChunkSize
@@ -580,6 +737,33 @@ GET /d HTTP/1.0\r\n\r\n";
                 run(&mut Rewriter::new(inject()), bad, 64),
                 Err(Refusal::WrongAuthority("api.example:8443".into()))
             );
+        }
+    }
+
+    #[test]
+    fn sigv4_re_signs_and_refuses_what_it_cannot() {
+        let inject = || Inject::sigv4("AKIDEXAMPLE", "secret", Some("tok"), "us-east-1", "s3");
+        let req = b"GET /b/k?list-type=2 HTTP/1.1\r\nHost: s3.local\r\nX-Amz-Date: 20200101T000000Z\r\nX-Amz-Content-Sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\r\nAuthorization: AWS4-HMAC-SHA256 Credential=PLACEHOLDER/x, SignedHeaders=host, Signature=00\r\n\r\n";
+        let out = String::from_utf8(run(&mut Rewriter::new(inject()), req, 7).expect("signed"))
+            .expect("utf8");
+        assert!(
+            !out.contains("PLACEHOLDER") && !out.contains("20200101T000000Z"),
+            "{out}"
+        );
+        assert!(
+            out.contains("authorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/"),
+            "{out}"
+        );
+        assert!(out.contains("x-amz-security-token: tok\r\n"), "{out}");
+        assert!(out.contains("X-Amz-Content-Sha256: e3b0c442"), "{out}");
+        for bad in [
+            &b"PUT /b/k HTTP/1.1\r\nHost: s3.local\r\nX-Amz-Content-Sha256: STREAMING-AWS4-HMAC-SHA256-PAYLOAD\r\nContent-Length: 0\r\n\r\n"[..],
+            b"GET /b/k HTTP/1.1\r\nHost: s3.local\r\n\r\n",
+        ] {
+            assert!(matches!(
+                run(&mut Rewriter::new(inject()), bad, 64),
+                Err(Refusal::Unsignable(_))
+            ));
         }
     }
 

@@ -366,6 +366,16 @@ impl Injector {
                 Ok(i) => Some(Box::new(Rewriter::new(i.with_authority(authority.clone())))),
                 Err(e) => return self.refuse(client, &facts, "deny", &e.to_string()),
             },
+            InjectProtocol::AwsSigV4 { region, service } => match aws_keys(&value.bytes) {
+                Ok((ak, sk, token)) => Some(Box::new(Rewriter::new(Inject::sigv4(
+                    &ak,
+                    &sk,
+                    token.as_ref().map(|t| t.as_str()),
+                    region,
+                    service,
+                )))),
+                Err(why) => return self.refuse(client, &facts, "deny", &why),
+            },
             InjectProtocol::Postgresql { .. } => None,
         };
         drop(value);
@@ -727,6 +737,32 @@ impl Injector {
             .map_or("unknown", |i| i.protocol.name());
         self.metrics.injected_connection(proto, verdict);
     }
+}
+
+/// Access key id, secret key and session token.
+type AwsKeys = (String, Zeroizing<String>, Option<Zeroizing<String>>);
+
+/// AWS keys from a source's value: the `credential_process` JSON an
+/// `awsSts` source is fetched as (or a static source holding the same).
+fn aws_keys(
+    value: &[u8],
+) -> Result<AwsKeys, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Keys {
+        access_key_id: String,
+        secret_access_key: String,
+        session_token: Option<String>,
+    }
+    let k: Keys = serde_json::from_slice(value).map_err(|_| {
+        "the source's value is not AWS credentials (AccessKeyId, SecretAccessKey[, SessionToken] as JSON)"
+            .to_string()
+    })?;
+    Ok((
+        k.access_key_id,
+        Zeroizing::new(k.secret_access_key),
+        k.session_token.map(Zeroizing::new),
+    ))
 }
 
 /// Whether `dst` is inside one of the Service's `cidr` entries for TCP,

@@ -65,6 +65,11 @@ pub struct World {
 }
 
 pub fn world() -> World {
+    world_with(&[])
+}
+
+/// [`world`], with more `tether up` arguments (enforcement, say).
+pub fn world_with(extra: &[&str]) -> World {
     let dir = open_tempdir();
     let ca = pki::OpensslCa::new(dir.path(), "web-ca", "/CN=web ca");
     let (crt, key) = ca.leaf("loopback", "IP:127.0.0.1");
@@ -72,17 +77,19 @@ pub fn world() -> World {
     let issuer = format!("https://127.0.0.1:{port}");
     let listen = format!("127.0.0.1:{port}");
     let ca_file = ca.cert();
+    let mut args = vec![
+        "--oidc-issuer",
+        &issuer,
+        "--oidc-listen",
+        &listen,
+        "--oidc-tls-cert",
+        crt.to_str().expect("utf-8"),
+        "--oidc-tls-key",
+        key.to_str().expect("utf-8"),
+    ];
+    args.extend_from_slice(extra);
     let up = Up::start_with_env(
-        &[
-            "--oidc-issuer",
-            &issuer,
-            "--oidc-listen",
-            &listen,
-            "--oidc-tls-cert",
-            crt.to_str().expect("utf-8"),
-            "--oidc-tls-key",
-            key.to_str().expect("utf-8"),
-        ],
+        &args,
         &[("SSL_CERT_FILE", ca_file.to_str().expect("utf-8"))],
     );
     World {

@@ -126,7 +126,13 @@ iam.put_role_policy(
         {
             "Version": "2012-10-17",
             "Statement": [
-                {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": "arn:aws:s3:::%s" % BUCKET}
+                {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": "arn:aws:s3:::%s" % BUCKET},
+                # The injection test uploads (one part and multipart).
+                {
+                    "Effect": "Allow",
+                    "Action": ["s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload"],
+                    "Resource": "arn:aws:s3:::%s/*" % BUCKET,
+                },
             ],
         }
     ),
