@@ -855,6 +855,12 @@ try:
     s3.upload_file(sys.argv[2], "tether-reports", "big.bin",
         Config=TransferConfig(multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024))
     print("multipart ok")
+    # An unsigned payload (what SDKs send over HTTPS): the signer is told
+    # not to hash the body, so the request says UNSIGNED-PAYLOAD.
+    from botocore.auth import S3SigV4Auth
+    S3SigV4Auth._should_sha256_sign_payload = lambda self, request: False
+    s3.put_object(Bucket="tether-reports", Key="unsigned.txt", Body=b"not hashed by the client")
+    print("unsigned ok")
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="tether-reports").get("Contents", []))
     print("listed", ",".join(keys))
     body = s3.get_object(Bucket="tether-reports", Key="big.bin")["Body"].read()
@@ -959,10 +965,13 @@ spec: {{identity: s3-app, source: reports-aws, inject: {{service: s3, awsSigV4: 
             .join("\n")
     );
     assert!(
-        last.contains("put ok") && last.contains("multipart ok"),
+        last.contains("put ok") && last.contains("multipart ok") && last.contains("unsigned ok"),
         "{last}"
     );
-    assert!(last.contains("listed big.bin,q3.csv,small.txt"), "{last}");
+    assert!(
+        last.contains("listed big.bin,q3.csv,small.txt,unsigned.txt"),
+        "{last}"
+    );
     let before = aws.counts();
     // The same script, unbound (another path): allowed to connect, not
     // signed for, so moto refuses its placeholder keys.

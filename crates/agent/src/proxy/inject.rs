@@ -744,9 +744,7 @@ type AwsKeys = (String, Zeroizing<String>, Option<Zeroizing<String>>);
 
 /// AWS keys from a source's value: the `credential_process` JSON an
 /// `awsSts` source is fetched as (or a static source holding the same).
-fn aws_keys(
-    value: &[u8],
-) -> Result<AwsKeys, String> {
+fn aws_keys(value: &[u8]) -> Result<AwsKeys, String> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "PascalCase")]
     struct Keys {
