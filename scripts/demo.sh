@@ -192,10 +192,13 @@ show "$TETHER" apply -f "$DEMO/inject.yaml"
 rm -f "$DEMO/inject.yaml"
 sleep 0.5
 echo "redis-cli with no password (REDISCLI_AUTH unset): the agent authenticates its connection:"
-echo "\$ env -u REDISCLI_AUTH redis-cli -p 7380 SET greeting hello; ... GET greeting; ... ACL WHOAMI"
+echo "\$ env -u REDISCLI_AUTH redis-cli -p 7380 SET greeting hello; ... GET greeting; ... CLIENT INFO"
 in_cg env -u REDISCLI_AUTH "$RC" -p 7380 SET greeting hello | sed 's/^/    /'
 in_cg env -u REDISCLI_AUTH "$RC" -h ::1 -p 7380 GET greeting | sed 's/^/    /'
-in_cg env -u REDISCLI_AUTH "$RC" -p 7380 ACL WHOAMI | sed 's/^/    /'
+in_cg env -u REDISCLI_AUTH "$RC" -p 7380 CLIENT INFO | grep -o 'user=[^ ]*' | sed 's/^/    /'
+echo "Commands that would read the password back or replace it are not relayed:"
+echo "\$ env -u REDISCLI_AUTH redis-cli -p 7380 CONFIG GET requirepass"
+in_cg env -u REDISCLI_AUTH "$RC" -p 7380 CONFIG GET requirepass 2>&1 | sed 's/^/    /' || true
 echo "The same command from a shell (no identity) is refused at connect(); and there"
 echo "is no password to steal: it is in no environment and no file of the workload."
 echo "\$ bash -c 'exec 3<>/dev/tcp/127.0.0.1/7380; echo PING >&3; head -1 <&3'"

@@ -53,7 +53,12 @@ pub fn new_intercept_ca(
             .iter()
             .map(|n| GeneralSubtree::DnsName(n.clone()))
             .collect(),
-        excluded_subtrees: Vec::new(),
+        // DNS names only: every IP address is excluded (RFC 5280 leaves
+        // other name forms unconstrained otherwise).
+        excluded_subtrees: vec![
+            GeneralSubtree::IpAddress(rcgen::CidrSubnet::V4([0; 4], [0; 4])),
+            GeneralSubtree::IpAddress(rcgen::CidrSubnet::V6([0; 16], [0; 16])),
+        ],
     });
     params.not_before = unix_to_time(now - BACKDATE_SECS)?;
     params.not_after = unix_to_time(now + ttl_secs)?;

@@ -269,16 +269,17 @@ spec: {{identity: redis-cli, source: redis-password, inject: {{service: redis, r
         "no injected connection listed: {}",
         w.up.ok(&["connections"])
     );
-    // The live client's own environment holds no password.
+    w.up.ok(&["delete", "credentialbinding", "redis-inject"]);
+    w.up.audited(long_pid, "the revoked connection", |e| {
+        e["event"] == "inject" && e["verdict"] == "revoked"
+    });
+    // The live client's own environment holds no password (read last:
+    // reading /proc/PID/environ marks the process, as containment does).
     let environ = std::fs::read(format!("/proc/{long_pid}/environ")).expect("environ");
     assert!(
         !contains(&environ, PASSWORD),
         "the password is in the client's environment"
     );
-    w.up.ok(&["delete", "credentialbinding", "redis-inject"]);
-    w.up.audited(long_pid, "the revoked connection", |e| {
-        e["event"] == "inject" && e["verdict"] == "revoked"
-    });
     let _ = long.kill();
     let _ = long.wait();
     let mut last = String::new();

@@ -672,6 +672,24 @@ fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
         };
         let region = word("spec.inject.awsSigV4.region", a.region)?;
         let svc = word("spec.inject.awsSigV4.service", a.service)?;
+        // Services whose answers are credentials: a bound process could
+        // have the agent sign a request that mints keys it then reads.
+        if [
+            "sts",
+            "iam",
+            "sso",
+            "sso-oauth",
+            "s3express",
+            "signin",
+            "cognito-identity",
+        ]
+        .contains(&svc.as_str())
+        {
+            return Err((
+                "spec.inject.awsSigV4.service".into(),
+                format!("{svc:?} answers with credentials; it is not signed for a workload"),
+            ));
+        }
         return Ok(Injection {
             service,
             protocol: InjectProtocol::AwsSigV4 {
@@ -1109,6 +1127,10 @@ mod tests {
             ),
             (
                 "  identity: app\n  source: tok\n  inject: {service: s3, awsSigV4: {region: us-east-1}}",
+                "spec.inject.awsSigV4.service",
+            ),
+            (
+                "  identity: app\n  source: tok\n  inject: {service: s3, awsSigV4: {region: us-east-1, service: sts}}",
                 "spec.inject.awsSigV4.service",
             ),
             (

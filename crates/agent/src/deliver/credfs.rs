@@ -410,9 +410,10 @@ impl CredFs {
                 .block_on(self.fetcher.fetched(c, b, &f.svid, file.format))
         };
         if f.part == Part::InterceptCa {
+            let service = b.inject.as_ref().map_or("", |i| i.service.as_str());
             return self
                 .interceptor
-                .bundle_pem(&reg.intercepted_hostnames())
+                .bundle_pem(&reg.service_hostnames(service))
                 .map(|p| Zeroizing::new(p.into_bytes()));
         }
         match &b.source_spec {

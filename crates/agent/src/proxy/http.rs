@@ -59,8 +59,8 @@ pub struct Inject {
     lower: String,
     value: Zeroizing<Vec<u8>>,
     sigv4: Option<SigV4>,
-    /// When set, every request's one `Host` must be exactly this.
-    authority: Option<String>,
+    /// When not empty, every request's one `Host` must be one of these.
+    authorities: Vec<String>,
 }
 
 impl Inject {
@@ -90,7 +90,7 @@ impl Inject {
             lower: name.to_ascii_lowercase(),
             value,
             sigv4: None,
-            authority: None,
+            authorities: Vec::new(),
         })
     }
 
@@ -122,13 +122,22 @@ impl Inject {
                 region: region.to_owned(),
                 service: service.to_owned(),
             }),
-            authority: None,
+            authorities: Vec::new(),
         }
     }
 
     /// Requests must name `authority` in `Host` (ASCII case-insensitive).
     pub fn with_authority(mut self, authority: Option<String>) -> Self {
-        self.authority = authority;
+        self.authorities.extend(authority);
+        self
+    }
+
+    /// Requests must name one of these in `Host`, unless an authority was
+    /// already configured (that one is exact).
+    pub fn or_authorities(mut self, allowed: Vec<String>) -> Self {
+        if self.authorities.is_empty() {
+            self.authorities = allowed;
+        }
         self
     }
 }
@@ -185,8 +194,13 @@ impl SigV4 {
                     "x-amz-content-sha256 {h} (signed chunks) is not re-signed; use unsigned or trailer checksums"
                 )));
             }
-            Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
-                SignableBody::Precomputed(h.to_ascii_lowercase())
+            // Lowercase only: what is signed is exactly what is forwarded.
+            Some(h)
+                if h.len() == 64
+                    && h.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+            {
+                SignableBody::Precomputed(h.to_owned())
             }
             Some(h) => {
                 return Err(Refusal::Unsignable(format!(
@@ -200,6 +214,20 @@ impl SigV4 {
                 ));
             }
         };
+        // The target is forwarded as sent, so it must canonicalize one way
+        // only: unreserved characters, `/ ? = &`, and uppercase `%XX`
+        // escapes (what the SDKs send). Anything else could be read
+        // differently by the server, whose `SignatureDoesNotMatch` answer
+        // would show the client the signed request, session token included.
+        canonical_target(target)?;
+        let mut names: Vec<String> = headers
+            .iter()
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .collect();
+        names.sort();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err(Refusal::Unsignable("a header appears twice".into()));
+        }
         let mut settings = SigningSettings::default();
         settings.payload_checksum_kind = PayloadChecksumKind::NoHeader;
         // Hop-by-hop in practice: servers and proxies answer or drop
@@ -231,6 +259,46 @@ impl SigV4 {
             .map(|(n, v)| (n.to_owned(), v.to_owned()))
             .collect())
     }
+}
+
+/// Refuses a request target a server might canonicalize differently from
+/// the signer, or one carrying query-string authentication of its own.
+fn canonical_target(target: &str) -> Result<(), Refusal> {
+    let b = target.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let ok = b.get(i + 1..i + 3).is_some_and(|h| {
+                    h.iter()
+                        .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c))
+                });
+                if !ok {
+                    return Err(Refusal::Unsignable(
+                        "a percent escape that is not %XX in uppercase".into(),
+                    ));
+                }
+                i += 3;
+            }
+            c if c.is_ascii_alphanumeric() || b"-._~/?=&".contains(&c) => i += 1,
+            c => {
+                return Err(Refusal::Unsignable(format!(
+                    "the request target has {:?}, which servers canonicalize differently",
+                    char::from(c)
+                )));
+            }
+        }
+    }
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    if query
+        .split('&')
+        .any(|p| p.to_ascii_lowercase().starts_with("x-amz-"))
+    {
+        return Err(Refusal::Unsignable(
+            "query-string authentication (X-Amz-*) in the request".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -443,17 +511,23 @@ impl Rewriter {
         if chunked && length.is_some() {
             return Err(Refusal::Smuggling);
         }
-        if let Some(want) = &self.inject.authority {
+        if !self.inject.authorities.is_empty() {
             let mut hosts = req
                 .headers
                 .iter()
                 .filter(|h| h.name.eq_ignore_ascii_case("host"));
             let ok = match (hosts.next(), hosts.next()) {
-                (Some(h), None) => trim_ows(h.value).eq_ignore_ascii_case(want.as_bytes()),
+                (Some(h), None) => self
+                    .inject
+                    .authorities
+                    .iter()
+                    .any(|a| trim_ows(h.value).eq_ignore_ascii_case(a.as_bytes())),
                 _ => false,
             };
             if !ok {
-                return Err(Refusal::WrongAuthority(want.clone()));
+                return Err(Refusal::WrongAuthority(
+                    self.inject.authorities.join(" or "),
+                ));
             }
         }
         if chunked && version == 0 {
@@ -756,10 +830,18 @@ GET /d HTTP/1.0\r\n\r\n";
         );
         assert!(out.contains("x-amz-security-token: tok\r\n"), "{out}");
         assert!(out.contains("X-Amz-Content-Sha256: e3b0c442"), "{out}");
+        let hash = "X-Amz-Content-Sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let upper = "X-Amz-Content-Sha256: E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855";
         for bad in [
-            &b"PUT /b/k HTTP/1.1\r\nHost: s3.local\r\nX-Amz-Content-Sha256: STREAMING-AWS4-HMAC-SHA256-PAYLOAD\r\nContent-Length: 0\r\n\r\n"[..],
-            b"GET /b/k HTTP/1.1\r\nHost: s3.local\r\n\r\n",
+            "PUT /b/k HTTP/1.1\r\nHost: s3.local\r\nX-Amz-Content-Sha256: STREAMING-AWS4-HMAC-SHA256-PAYLOAD\r\nContent-Length: 0\r\n\r\n".to_string(),
+            "GET /b/k HTTP/1.1\r\nHost: s3.local\r\n\r\n".to_string(),
+            format!("GET /b/k HTTP/1.1\r\nHost: s3.local\r\n{upper}\r\n\r\n"),
+            format!("GET /b/a+b HTTP/1.1\r\nHost: s3.local\r\n{hash}\r\n\r\n"),
+            format!("GET /b/k?x=%2f HTTP/1.1\r\nHost: s3.local\r\n{hash}\r\n\r\n"),
+            format!("GET /b/k?X-Amz-Signature=1 HTTP/1.1\r\nHost: s3.local\r\n{hash}\r\n\r\n"),
+            format!("GET /b/k HTTP/1.1\r\nHost: s3.local\r\n{hash}\r\nX-A: 1\r\nx-a: 2\r\n\r\n"),
         ] {
+            let bad = bad.as_bytes();
             assert!(matches!(
                 run(&mut Rewriter::new(inject()), bad, 64),
                 Err(Refusal::Unsignable(_))

@@ -140,9 +140,7 @@ impl AsyncWrite for Client {
 /// hostname of the Service the connection is to.
 struct InterceptResolver {
     interceptor: Arc<Interceptor>,
-    /// Every intercepted hostname (the CA's constraint).
-    all: Vec<String>,
-    /// This Service's hostnames.
+    /// This Service's hostnames (its CA's constraint).
     mine: Vec<String>,
 }
 
@@ -161,7 +159,7 @@ impl rustls::server::ResolvesServerCert for InterceptResolver {
         if !self.mine.contains(&sni) {
             return None;
         }
-        self.interceptor.leaf(&self.all, &sni).ok()
+        self.interceptor.leaf(&self.mine, &sni).ok()
     }
 }
 
@@ -314,6 +312,9 @@ impl Injector {
             }
         };
         let mut tls = binding.inject.as_ref().and_then(|i| i.tls.clone());
+        // With interception, the Host a request may name: the SNI its TLS
+        // was verified for (so a front end cannot route it elsewhere).
+        let mut sni_hosts: Vec<String> = Vec::new();
         // HTTPS from the client: terminated here with a leaf for its SNI,
         // and TLS again to the upstream for that name.
         if binding
@@ -324,6 +325,7 @@ impl Injector {
             match self.terminate(client.into_tcp(), &service).await {
                 Ok((t, sni)) => {
                     client = Client::Tls(t);
+                    sni_hosts = vec![sni.clone(), format!("{sni}:{}", rec.original_dst.port())];
                     let mut up = tls.unwrap_or(UpstreamTls {
                         server_name: None,
                         ca: None,
@@ -363,7 +365,10 @@ impl Injector {
                 scheme,
                 authority,
             } => match Inject::new(header, *scheme, &value.bytes) {
-                Ok(i) => Some(Box::new(Rewriter::new(i.with_authority(authority.clone())))),
+                Ok(i) => Some(Box::new(Rewriter::new(
+                    i.with_authority(authority.clone())
+                        .or_authorities(sni_hosts.clone()),
+                ))),
                 Err(e) => return self.refuse(client, &facts, "deny", &e.to_string()),
             },
             InjectProtocol::AwsSigV4 { region, service } => match aws_keys(&value.bytes) {
@@ -681,14 +686,11 @@ impl Injector {
         tcp: TcpStream,
         service: &AgentService,
     ) -> Result<(Box<tokio_rustls::server::TlsStream<TcpStream>>, String), String> {
-        let all = self.tracker.registry.borrow().intercepted_hostnames();
-        let mine: Vec<String> = service
-            .spec
-            .hostnames
-            .iter()
-            .map(|h| h.to_ascii_lowercase())
-            .filter(|h| all.contains(h))
-            .collect();
+        let mine = self
+            .tracker
+            .registry
+            .borrow()
+            .service_hostnames(&service.name);
         if mine.is_empty() {
             return Err(format!(
                 "Service {} has no hostnames to intercept for",
@@ -697,7 +699,6 @@ impl Injector {
         }
         let resolver = Arc::new(InterceptResolver {
             interceptor: self.interceptor.clone(),
-            all,
             mine,
         });
         let mut cfg = match rustls::ServerConfig::builder_with_provider(tether_tls::provider())

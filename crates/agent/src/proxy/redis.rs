@@ -117,12 +117,17 @@ mod tests {
 const REFUSED: &[&str] = &[
     "ACL",
     "AUTH",
+    // CLUSTER MEET/REPLICATE make the node replicate from a host the client
+    // names (authenticating there with masterauth); SENTINEL SET changes
+    // the credentials a sentinel uses.
+    "CLUSTER",
     "CONFIG",
     "DEBUG",
     "FAILOVER",
     "MODULE",
     "PSYNC",
     "REPLICAOF",
+    "SENTINEL",
     "SLAVEOF",
     "SYNC",
 ];
@@ -263,14 +268,24 @@ impl CommandFilter {
                 let Some(n) = line(rest, MAX_INLINE)? else {
                     return Ok(0);
                 };
-                let words: Vec<&[u8]> = rest[..n]
-                    .split(|b| b.is_ascii_whitespace())
+                let text = &rest[..n];
+                let text = text.strip_suffix(b"\n").unwrap_or(text);
+                let text = text.strip_suffix(b"\r").unwrap_or(text);
+                // Quotes, and any control byte but a tab, would need Redis's
+                // own splitter to read the same way (it skips more kinds of
+                // space than ours would): refused.
+                if text
+                    .iter()
+                    .any(|b| *b == b'"' || *b == b'\'' || (*b < 0x20 && *b != b'\t') || *b == 0x7f)
+                {
+                    return Err(CommandRefused::Malformed(
+                        "inline command with quotes or control bytes",
+                    ));
+                }
+                let words: Vec<&[u8]> = text
+                    .split(|b| *b == b' ' || *b == b'\t')
                     .filter(|w| !w.is_empty())
                     .collect();
-                // Quotes would need Redis's own splitter to read: refused.
-                if rest[..n].iter().any(|b| *b == b'"' || *b == b'\'') {
-                    return Err(CommandRefused::Malformed("quoted inline command"));
-                }
                 for (i, w) in words.iter().enumerate() {
                     self.judge(w, i as u64)?;
                     if !self.hello {
@@ -395,6 +410,7 @@ mod filter_tests {
             (cmd(&["AUTH", "other", "pw"]), "AUTH"),
             (cmd(&["HELLO", "3", "AUTH", "u", "p"]), "HELLO with AUTH"),
             (cmd(&["REPLICAOF", "10.0.0.1", "6379"]), "REPLICAOF"),
+            (cmd(&["CLUSTER", "MEET", "10.0.0.1", "6379"]), "CLUSTER"),
             (b"CONFIG GET requirepass\r\n".to_vec(), "CONFIG"),
             (b"hello 3 auth u p\r\n".to_vec(), "HELLO with AUTH"),
         ] {
@@ -408,6 +424,9 @@ mod filter_tests {
             );
         }
         assert!(run(b"\"CONFIG\" GET x\r\n", 64).is_err());
+        assert!(run(b"\x0bCONFIG GET requirepass\r\n", 64).is_err());
+        assert!(run(b"HELLO 3 \x0bAUTH u p\r\n", 64).is_err());
+        assert!(run(b"CONFIG\x0cGET x\r\n", 64).is_err());
         assert!(run(b"*1\r\n:5\r\n", 64).is_err());
         assert!(run(b"*1\r\n$-5\r\n", 64).is_err());
         assert!(run(b"*1\r\n$4\r\nPINGxx", 64).is_err());

@@ -167,15 +167,13 @@ impl Registry {
         })
     }
 
-    /// The hostnames of Services some binding intercepts HTTPS for
-    /// (lowercase, sorted, once each): the node's intercepting CA is
-    /// constrained to exactly these.
-    pub fn intercepted_hostnames(&self) -> Vec<String> {
+    /// The hostnames of Service `name` (lowercase, sorted, once each):
+    /// what its intercepting CA is constrained to.
+    pub fn service_hostnames(&self, name: &str) -> Vec<String> {
         let mut out: Vec<String> = self
-            .bindings
+            .services
             .iter()
-            .filter_map(|b| b.inject.as_ref().filter(|i| i.intercept.is_some()))
-            .filter_map(|i| self.services.iter().find(|s| s.name == i.service))
+            .filter(|s| s.name == name)
             .flat_map(|s| s.spec.hostnames.iter().map(|h| h.to_ascii_lowercase()))
             .collect();
         out.sort();

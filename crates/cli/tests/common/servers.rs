@@ -226,7 +226,8 @@ impl Postgres {
                 "fsync=off",
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            // Its own log, shown if it does not come up.
+            .stderr(std::fs::File::create(dir.join("postgres.log")).expect("postgres.log"));
         if tls {
             // Tunnelled clients arrive from the host's own address.
             let hba = dir.join("data/pg_hba.conf");
@@ -285,7 +286,9 @@ impl Postgres {
             bin,
             dir,
         };
-        let ready = wait_until(Duration::from_secs(30), || {
+        // Generous: initdb and the first start compete with the other
+        // tests' servers for two cores.
+        let ready = wait_until(Duration::from_secs(60), || {
             let mut c = Command::new(pg.bin.join("pg_isready"));
             place(&mut c, netns_fd, None);
             c.args(["-h", "127.0.0.1", "-p", &port.to_string()])
@@ -293,7 +296,11 @@ impl Postgres {
                 .status()
                 .is_ok_and(|s| s.success())
         });
-        assert!(ready, "postgres did not come up on port {port}");
+        assert!(
+            ready,
+            "postgres did not come up on port {port}: {}",
+            std::fs::read_to_string(pg.dir.join("postgres.log")).unwrap_or_default()
+        );
         pg
     }
 
