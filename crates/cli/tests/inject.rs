@@ -273,15 +273,26 @@ spec: {{identity: redis-cli, source: redis-password, inject: {{service: redis, r
     w.up.audited(long_pid, "the revoked connection", |e| {
         e["event"] == "inject" && e["verdict"] == "revoked"
     });
-    // The live client's own environment holds no password (read last:
-    // reading /proc/PID/environ marks the process, as containment does).
-    let environ = std::fs::read(format!("/proc/{long_pid}/environ")).expect("environ");
+    let _ = long.kill();
+    let _ = long.wait();
+    // A live bound client's own environment holds no password (a witness
+    // of its own: reading /proc/PID/environ marks the process it reads).
+    let mut witness = cli("127.0.0.1", &["-r", "100", "-i", "0.1", "PING"]);
+    witness.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut witness = witness.spawn().expect("spawn");
+    let exec = format!("/proc/{}/exe", witness.id());
+    let execd = wait_until(Duration::from_secs(5), || {
+        std::fs::read_link(&exec).is_ok_and(|p| p == redis_cli)
+    });
+    assert!(execd, "the witness never ran redis-cli");
+    let environ = std::fs::read(format!("/proc/{}/environ", witness.id())).expect("environ");
+    let _ = witness.kill();
+    let _ = witness.wait();
+    assert!(!environ.is_empty(), "no environment read");
     assert!(
         !contains(&environ, PASSWORD),
         "the password is in the client's environment"
     );
-    let _ = long.kill();
-    let _ = long.wait();
     let mut last = String::new();
     let plain = wait_until(Duration::from_secs(10), || {
         last = text(&w.run(cli("127.0.0.1", &["PING"])).1);
