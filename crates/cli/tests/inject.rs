@@ -459,6 +459,16 @@ spec: {{identity: app, source: api-token, inject: {{service: web, http: {{scheme
     let codes = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(codes.lines().count(), 1000, "{}", text(&o));
     assert!(codes.lines().all(|l| l == "200"), "not all 200: {codes}");
+    // nginx logs a request just after answering it: the last line may
+    // land after curl is done.
+    let logged = wait_until(Duration::from_secs(10), || {
+        nginx.requests().len() >= served_before + 1000
+    });
+    assert!(
+        logged,
+        "nginx logged {} requests",
+        nginx.requests().len() - served_before
+    );
     let kept: Vec<_> = nginx.requests().split_off(served_before);
     assert_eq!(kept.len(), 1000);
     assert!(
@@ -841,11 +851,11 @@ spec:
         text(&o)
     );
     // nginx saw the bound request with the token and the other without.
-    let statuses: Vec<u16> = nginx.requests().iter().map(|r| r.2).collect();
-    assert!(
-        statuses.contains(&200) && statuses.contains(&401),
-        "{statuses:?}"
-    );
+    let both = wait_until(Duration::from_secs(10), || {
+        let statuses: Vec<u16> = nginx.requests().iter().map(|r| r.2).collect();
+        statuses.contains(&200) && statuses.contains(&401)
+    });
+    assert!(both, "nginx log: {:?}", nginx.requests());
 }
 
 /// boto3 with placeholder keys, as the application is configured: each
