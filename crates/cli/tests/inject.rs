@@ -946,7 +946,7 @@ spec:
 apiVersion: tether.dev/v1alpha1
 kind: CredentialBinding
 metadata: {{name: s3-app-sign}}
-spec: {{identity: s3-app, source: reports-aws, inject: {{service: s3, awsSigV4: {{region: us-east-1, service: s3}}}}}}
+spec: {{identity: s3-app, source: reports-aws, inject: {{service: s3, awsSigV4: {{region: us-east-1, service: s3, authority: '127.0.0.1:{port}'}}}}}}
 ",
         identity("s3-app", &script),
         identity("s3-other", &other),

@@ -135,8 +135,16 @@ impl CredentialBindingSpec {
                 InjectProtocol::Postgresql { user } => {
                     serde_json::json!({ "postgresql": { "user": user } })
                 }
-                InjectProtocol::AwsSigV4 { region, service } => {
-                    serde_json::json!({ "awsSigV4": { "region": region, "service": service } })
+                InjectProtocol::AwsSigV4 {
+                    region,
+                    service,
+                    authority,
+                } => {
+                    let mut a = serde_json::json!({ "region": region, "service": service });
+                    if let Some(x) = authority {
+                        a["authority"] = serde_json::json!(x);
+                    }
+                    serde_json::json!({ "awsSigV4": a })
                 }
             };
             let mut inject = serde_json::json!({ "service": i.service });
@@ -264,7 +272,13 @@ pub enum InjectProtocol {
     /// credentials (an `awsSts` source, or a static one holding the
     /// `credential_process` JSON); the client signs with placeholder keys.
     #[serde(rename = "awsSigV4")]
-    AwsSigV4 { region: String, service: String },
+    AwsSigV4 {
+        region: String,
+        service: String,
+        /// As for `http`: only requests whose `Host` is this are signed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        authority: Option<String>,
+    },
     /// PostgreSQL: the agent answers the server's authentication exchange
     /// (SCRAM-SHA-256, md5 or cleartext) as `user`, whatever user the
     /// client named, then relays the session unchanged.
@@ -386,6 +400,7 @@ pub(crate) struct RawIntercept {
 pub(crate) struct RawSigV4 {
     region: Option<String>,
     service: Option<String>,
+    authority: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -695,6 +710,7 @@ fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
             protocol: InjectProtocol::AwsSigV4 {
                 region,
                 service: svc,
+                authority: checked_authority("spec.inject.awsSigV4.authority", a.authority)?,
             },
             tls,
             intercept,
@@ -758,22 +774,10 @@ fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
                     ));
                 }
             };
-            if let Some(a) = &h.authority
-                && (a.is_empty()
-                    || a.len() > 261
-                    || !a
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)))
-            {
-                return Err((
-                    "spec.inject.http.authority".into(),
-                    format!("{a:?}: host[:port], as the Host header carries it"),
-                ));
-            }
             InjectProtocol::Http {
                 header,
                 scheme,
-                authority: h.authority,
+                authority: checked_authority("spec.inject.http.authority", h.authority)?,
             }
         }
         (None, Some(r)) => {
@@ -809,6 +813,23 @@ fn validate_inject(raw: RawInject) -> Result<Injection, FieldError> {
         tls,
         intercept,
     })
+}
+
+/// A `Host` value (host[:port]) requests must carry.
+fn checked_authority(field: &str, a: Option<String>) -> Result<Option<String>, FieldError> {
+    if let Some(v) = &a
+        && (v.is_empty()
+            || v.len() > 261
+            || !v
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)))
+    {
+        return Err((
+            field.into(),
+            format!("{v:?}: host[:port], as the Host header carries it"),
+        ));
+    }
+    Ok(a)
 }
 
 /// Longest CA bundle accepted in a binding.
@@ -1061,10 +1082,11 @@ mod tests {
                 },
             ),
             (
-                "  identity: app\n  source: aws\n  inject: {service: s3, awsSigV4: {region: us-east-1, service: s3}}",
+                "  identity: app\n  source: aws\n  inject: {service: s3, awsSigV4: {region: us-east-1, service: s3, authority: 's3.internal:9000'}}",
                 InjectProtocol::AwsSigV4 {
                     region: "us-east-1".into(),
                     service: "s3".into(),
+                    authority: Some("s3.internal:9000".into()),
                 },
             ),
             (

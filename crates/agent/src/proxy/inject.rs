@@ -371,14 +371,21 @@ impl Injector {
                 ))),
                 Err(e) => return self.refuse(client, &facts, "deny", &e.to_string()),
             },
-            InjectProtocol::AwsSigV4 { region, service } => match aws_keys(&value.bytes) {
-                Ok((ak, sk, token)) => Some(Box::new(Rewriter::new(Inject::sigv4(
-                    &ak,
-                    &sk,
-                    token.as_ref().map(|t| t.as_str()),
-                    region,
-                    service,
-                )))),
+            InjectProtocol::AwsSigV4 {
+                region,
+                service,
+                authority,
+            } => match aws_keys(&value.bytes) {
+                Ok((ak, sk, token)) => Some(Box::new(Rewriter::new(
+                    Inject::sigv4(
+                        &ak,
+                        &sk,
+                        token.as_ref().map(|t| t.as_str()),
+                        region,
+                        service,
+                    )
+                    .with_authority(authority.clone()),
+                ))),
                 Err(why) => return self.refuse(client, &facts, "deny", &why),
             },
             InjectProtocol::Postgresql { .. } => None,
