@@ -392,6 +392,22 @@ pub fn covers_local(ip: IpAddr, prefix_len: u8, host: &[IpAddr]) -> bool {
         || host.iter().any(|h| contains(*h))
 }
 
+/// Whether `dst` is inside one of the Service's `cidr` entries for TCP,
+/// with its port listed (or every port): an address the operator named.
+/// `local: true` entries and addresses resolved from hostnames do not
+/// count (the injector sends credentials only to named addresses).
+pub fn declared_tcp_address(
+    spec: &tether_manifest::ServiceSpec,
+    dst: std::net::SocketAddr,
+) -> bool {
+    spec.addresses.iter().any(|a| {
+        matches!(a.protocol, Protocol::Tcp | Protocol::Both)
+            && (a.ports.is_empty() || a.ports.contains(&dst.port()))
+            && a.network()
+                .is_some_and(|(net, len)| in_prefix(net, len, dst.ip()))
+    })
+}
+
 /// `a` lies in `net/len` (IPv4-mapped compared as IPv4).
 fn in_prefix(net: IpAddr, len: u8, a: IpAddr) -> bool {
     match (net.to_canonical(), a.to_canonical()) {
@@ -610,6 +626,30 @@ mod tests {
         format!(
             "apiVersion: tether.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: {name}}}\nspec:\n  services: [{services}]\n  identities: [{identities}]\n{when}---\n"
         )
+    }
+
+    #[test]
+    fn only_named_tcp_addresses_are_declared() {
+        let (reg, _) = registry(
+            &[],
+            &service(
+                "db",
+                "    - {cidr: 127.0.0.1/32, ports: [5432]}\n    - {cidr: 10.1.0.0/16, protocol: udp}\n    - {local: true, ports: [6379]}",
+            ),
+        );
+        let spec = &reg.services[0].spec;
+        let yes = |a: &str| declared_tcp_address(spec, a.parse().expect("addr"));
+        assert!(yes("127.0.0.1:5432"));
+        assert!(yes("[::ffff:127.0.0.1]:5432"));
+        for no in [
+            "127.0.0.2:5432",
+            "[::1]:5432",
+            "127.0.0.1:5433",
+            "10.1.2.3:53",
+            "127.0.0.1:6379",
+        ] {
+            assert!(!yes(no), "{no}");
+        }
     }
 
     fn ids(v: &[&str]) -> Vec<String> {

@@ -80,6 +80,20 @@ impl ExchangeError {
     }
 }
 
+/// The system's CA certificates (`SSL_CERT_FILE` and `SSL_CERT_DIR` are
+/// honoured). With none usable, every handshake fails with a clear error:
+/// nothing is trusted by default.
+pub fn system_roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!(error = %e, "loading system CA certificates");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(found.certs);
+    tracing::debug!(added, ignored, "system CA certificates");
+    roots
+}
+
 /// An HTTP/1.1 client for token endpoints: one request per connection (a
 /// refresh is rare), https with the system's roots (`SSL_CERT_FILE` and
 /// `SSL_CERT_DIR` are honoured), or http to loopback, which manifest
@@ -90,15 +104,7 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new() -> Result<Self, rustls::Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        let found = rustls_native_certs::load_native_certs();
-        for e in &found.errors {
-            tracing::warn!(error = %e, "loading system CA certificates");
-        }
-        // With no usable roots, every https endpoint fails its handshake
-        // with a clear error; nothing is trusted by default.
-        let (added, ignored) = roots.add_parsable_certificates(found.certs);
-        tracing::debug!(added, ignored, "system CA certificates for token endpoints");
+        let roots = system_roots();
         let cfg = rustls::ClientConfig::builder_with_provider(tether_tls::provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)

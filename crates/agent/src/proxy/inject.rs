@@ -283,7 +283,7 @@ impl Injector {
         // kernel also routes other local addresses at the Service's port
         // here (another loopback address or family), where any local
         // process may be listening.
-        if !declared(&service, rec.original_dst) {
+        if !crate::decide::declared_tcp_address(&service.spec, rec.original_dst) {
             let why = format!(
                 "{} is not one of the Service's declared addresses (injection goes only to those)",
                 rec.original_dst
@@ -561,20 +561,18 @@ impl Injector {
         if let Some(c) = self.tls.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(c.clone());
         }
-        let mut roots = rustls::RootCertStore::empty();
-        match ca {
+        let roots = match ca {
             Some(pem) => {
                 use rustls::pki_types::pem::PemObject as _;
+                let mut roots = rustls::RootCertStore::empty();
                 for c in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
                     let c = c.map_err(|e| format!("tls.ca: {e}"))?;
                     roots.add(c).map_err(|e| format!("tls.ca: {e}"))?;
                 }
+                roots
             }
-            None => {
-                let found = rustls_native_certs::load_native_certs();
-                roots.add_parsable_certificates(found.certs);
-            }
-        }
+            None => crate::deliver::exchange::system_roots(),
+        };
         if roots.is_empty() {
             return Err("no CA certificate to verify the upstream with".into());
         }
@@ -769,40 +767,6 @@ fn aws_keys(value: &[u8]) -> Result<AwsKeys, String> {
         Zeroizing::new(k.secret_access_key),
         k.session_token.map(Zeroizing::new),
     ))
-}
-
-/// Whether `dst` is inside one of the Service's `cidr` entries for TCP,
-/// with its port listed (or every port). `local: true` entries and
-/// addresses resolved from hostnames do not count.
-fn declared(service: &AgentService, dst: std::net::SocketAddr) -> bool {
-    use tether_manifest::Protocol;
-    let ip = dst.ip().to_canonical();
-    service.spec.addresses.iter().any(|a| {
-        let tcp = matches!(a.protocol, Protocol::Tcp | Protocol::Both);
-        let port = a.ports.is_empty() || a.ports.contains(&dst.port());
-        tcp && port
-            && a.network()
-                .is_some_and(|(net, len)| in_network(ip, net.to_canonical(), len))
-    })
-}
-
-fn in_network(ip: std::net::IpAddr, net: std::net::IpAddr, len: u8) -> bool {
-    use std::net::IpAddr;
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(len.min(32)))
-                .unwrap_or(0);
-            u32::from(a) & mask == u32::from(n) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(len.min(128)))
-                .unwrap_or(0);
-            u128::from(a) & mask == u128::from(n) & mask
-        }
-        _ => false,
-    }
 }
 
 async fn connect(rec: &HeldConnection) -> Result<TcpStream, OpenError> {
