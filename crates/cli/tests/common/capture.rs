@@ -73,8 +73,20 @@ impl Capture {
             .collect()
     }
 
-    /// Stops the capture (SIGINT makes tshark finish the file).
+    /// Stops the capture (SIGINT makes tshark finish the file), once the
+    /// file has stopped growing: tshark writes packets a little after they
+    /// pass, and a stop before that loses the last ones.
     pub fn stop(&mut self) {
+        let size = || std::fs::metadata(&self.file).map_or(0, |m| m.len());
+        let mut last = size();
+        let mut still = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while still < 3 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = size();
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+        }
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
