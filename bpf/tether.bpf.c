@@ -222,10 +222,27 @@ struct redirect {
 	__u32 uid;
 	__u32 service_id;
 	__u16 local_port; /* host order, set by sock_ops */
-	__u16 pad2;
+	__be16 hold_port; /* the agent's listener it was sent to */
 	__u64 exec_id;
 	__u64 start_ns; /* process start, CLOCK_BOOTTIME ns (as /proc stat) */
 	__u8 local_addr[16]; /* client address, IPv4-mapped for IPv4; sock_ops */
+	__u64 netns;  /* the connecting socket's network namespace cookie */
+	__u32 flags;  /* REDIRECT_F_* */
+	__u32 pad3;
+};
+
+enum redirect_flag {
+	/* The agent had no listener in the socket's network namespace yet:
+	 * its packets are dropped (TCP retries the SYN) until it has one. */
+	REDIRECT_F_PENDING = 1,
+};
+
+/* Where the agent listens in one network namespace (hold_ns). */
+struct hold_ns {
+	__be16 port; /* 0: the agent cannot serve this namespace: refuse */
+	__u8 flags;  /* HOLD_V4 | HOLD_V6 */
+	__u8 pad;
+	__u32 pad2;
 };
 
 /* The client's full address, not just its port: a process binding another
@@ -242,6 +259,8 @@ struct held_key {
 	__u16 port;    /* host order */
 	__u8 v6;
 	__u8 pad;
+	__u32 pad2;
+	__u64 netns;   /* the same address means another socket elsewhere */
 };
 
 struct held {
@@ -276,6 +295,8 @@ enum hook_code {
 	HOOK_TAINT = 5,   /* a process was marked: tgid = who did it, aux = whom */
 	HOOK_SEND = 6,    /* a send on a guarded connection (sk_msg) */
 	HOOK_SOCKET = 7,  /* socket creation (raw, packet) or setsockopt */
+	HOOK_NETNS = 8,   /* a connection waits for an agent listener in its
+			   * network namespace: cookie = that namespace */
 };
 
 enum stat_index {
@@ -333,6 +354,8 @@ struct tether_abi {
 	struct redirect redirect;
 	struct held_key held_key;
 	struct held held;
+	struct hold_ns hold_ns;
+	enum redirect_flag redirect_flag;
 	struct guard guard;
 	struct event event;
 	enum svc_flag svc_flag;
@@ -356,10 +379,10 @@ _Static_assert(sizeof(struct verdict) == 16, "verdict ABI");
 _Static_assert(sizeof(struct event) == 112, "event ABI");
 _Static_assert(sizeof(struct hold_cfg) == 16, "hold_cfg ABI");
 _Static_assert(sizeof(struct scope) == 16, "scope ABI");
-_Static_assert(sizeof(struct redirect) == 72, "redirect ABI");
+_Static_assert(sizeof(struct redirect) == 88, "redirect ABI");
+_Static_assert(sizeof(struct held_key) == 32, "held_key ABI");
 _Static_assert(__builtin_offsetof(struct redirect, exec_id) == 40, "redirect ABI");
-_Static_assert(sizeof(struct held_key) == 20, "held_key ABI");
-_Static_assert(sizeof(struct held) == 80, "held ABI");
+_Static_assert(sizeof(struct held) == 96, "held ABI");
 _Static_assert(sizeof(struct guard) == 32, "guard ABI");
 _Static_assert(__builtin_offsetof(struct event, verdict) == 44, "event ABI");
 _Static_assert(__builtin_offsetof(struct event, addr) == 48, "event ABI");
@@ -448,6 +471,17 @@ struct {
 	__type(key, __u64); /* socket cookie */
 	__type(value, __u64);
 } guarded SEC(".maps");
+
+/* Network namespace cookie -> the agent's listener there. The agent adds
+ * its own at start and any other as soon as it sees a process there; a
+ * connection from a namespace it has not reached yet waits (see
+ * tether_egress). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct hold_ns);
+} hold_ns SEC(".maps");
 
 /* Held connections by client address and port, waiting for the agent's accept. LRU: a
  * connection the agent never sees cannot fill it. */
@@ -891,8 +925,11 @@ static __always_inline __u8 verdict_for(__u32 subject, __u32 service_id, __u32 *
 /* Redirects a TCP connect to the agent's listener on loopback and records
  * where it was going: unattested processes (held: the agent decides) and
  * allowed connects to meshed Services (the agent tunnels). Only when an
- * agent is alive to answer, in the agent's network namespace (a loopback
- * port elsewhere could be anyone's). */
+ * agent is alive to answer. Every network namespace has its own loopback,
+ * so the agent keeps a listener in each one it serves (hold_ns); in one it
+ * has not reached yet the connection is sent where that listener will be
+ * and its packets wait (tether_egress), never to whatever else listens
+ * there. A namespace the agent gave up on is refused. */
 static __always_inline bool to_agent(struct bpf_sock_addr *ctx, __u8 hook, __u32 protocol,
 				     const struct dst_key *key, bool mapped, __u32 tgid,
 				     __u32 pid, __u32 uid, __u32 service_id, __u8 kind,
@@ -909,10 +946,20 @@ static __always_inline bool to_agent(struct bpf_sock_addr *ctx, __u8 hook, __u32
 	struct proc_state *agent = bpf_map_lookup_elem(&procs, &agent_tgid);
 	if (!agent || !(agent->flags & PROC_AGENT) || agent->exec_id != exec_id_of(agent_tgid))
 		return false;
-	if (bpf_get_netns_cookie(ctx) != cfg->netns)
-		return false;
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct hold_ns *ns = bpf_map_lookup_elem(&hold_ns, &netns);
+	__be16 port = cfg->port;
+	__u8 flags = HOLD_V4 | HOLD_V6;
+	__u32 rflags = REDIRECT_F_PENDING;
+	if (ns) {
+		if (!ns->port)
+			return false;
+		port = ns->port;
+		flags = ns->flags;
+		rflags = 0;
+	}
 	bool flow_v6 = hook == HOOK_CONNECT6 && !mapped;
-	if (!(cfg->flags & (flow_v6 ? HOLD_V6 : HOLD_V4)))
+	if (!(flags & (flow_v6 ? HOLD_V6 : HOLD_V4)))
 		return false;
 
 	struct redirect *r = bpf_sk_storage_get(&redirects, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -929,12 +976,18 @@ static __always_inline bool to_agent(struct bpf_sock_addr *ctx, __u8 hook, __u32
 	r->uid = uid;
 	r->service_id = service_id;
 	r->local_port = 0;
-	r->pad2 = 0;
+	r->hold_port = port;
 	r->exec_id = rec ? rec->exec_id : 0;
 	r->start_ns = BPF_CORE_READ(task, group_leader, start_boottime);
 	__builtin_memset(r->local_addr, 0, 16);
+	r->netns = netns;
+	r->flags = rflags;
+	r->pad3 = 0;
+	/* Ask the agent for a listener here (cookie = the namespace). */
+	if (rflags & REDIRECT_F_PENDING)
+		emit_full(netns, ((__u64)tgid << 32) | pid, uid, 0, service_id, 0, VERDICT_HELD,
+			  IPPROTO_TCP, key->port, key->addr, HOOK_NETNS, REASON_NONE, 0, 0, 0);
 
-	__u32 port = cfg->port;
 	if (hook == HOOK_CONNECT4) {
 		ctx->user_ip4 = bpf_htonl(0x7f000001);
 	} else if (mapped) {
@@ -1271,7 +1324,7 @@ int tether_sockops(struct bpf_sock_ops *skops)
 	struct redirect *r = bpf_sk_storage_get(&redirects, sk, 0, 0);
 	if (!r)
 		return 1;
-	struct held_key k = { .v6 = r->flow_v6 };
+	struct held_key k = { .v6 = r->flow_v6, .netns = r->netns };
 	__u64 cookie = bpf_get_socket_cookie(skops);
 
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
@@ -1399,6 +1452,34 @@ static __always_inline int socket_refused(__u32 family, __u32 type, __u32 protoc
 	emit_full(0, id, bpf_get_current_uid_gid(), 0, 0, 0, VERDICT_DENY, (__u8)protocol, 0, 0,
 		  HOOK_SOCKET, REASON_RAW_SOCKET, 0, rec ? rec->flags : 0, (family << 16) | type);
 	return 0;
+}
+
+/* A connection sent to the agent in a network namespace where it has no
+ * listener yet: its packets are dropped until it has. A dropped SYN is not
+ * an error to TCP (only ECONNREFUSED is): connect() keeps waiting and the
+ * SYN is sent again after the retransmission timeout, by which time the
+ * agent has a listener there. Nothing reaches whatever else may listen on
+ * that port meanwhile; if the agent's listener took another port, the
+ * connection never completes. */
+SEC("cgroup_skb/egress")
+int tether_egress(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || sk->protocol != IPPROTO_TCP || sk->state != BPF_TCP_SYN_SENT)
+		return 1;
+	struct redirect *r = bpf_sk_storage_get(&redirects, sk, 0, 0);
+	if (!r || !(r->flags & REDIRECT_F_PENDING))
+		return 1;
+	struct hold_ns *ns = bpf_map_lookup_elem(&hold_ns, &r->netns);
+	if (!ns || !ns->port || ns->port != r->hold_port ||
+	    !(ns->flags & (r->flow_v6 ? HOLD_V6 : HOLD_V4)))
+		return 0;
+	r->flags &= ~REDIRECT_F_PENDING;
+	return 1;
 }
 
 SEC("cgroup/sock_create")

@@ -207,12 +207,13 @@ def proc_events():
 def kernel_records():
     # First byte: 0 held, 1 exec, 2 event (see tether_fuzz_bodies).
     v4 = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 7])
+    # struct redirect (88 bytes: ..., local_addr, netns, flags, pad) + cookie.
     held = (v4 + struct.pack(">H", 6379) + bytes([0, 1]) + struct.pack("=IIIIHxxQQ", 4242, 4243, 1000, 7, 40000, 9, 10**9)
-            + bytes(16) + struct.pack("=Q", 99))
-    assert len(held) == 80
+            + bytes(16) + struct.pack("=QII", 4026531840, 0, 0) + struct.pack("=Q", 99))
+    assert len(held) == 96
     put("kernel_records", "held-v4", b"\x00" + held)
     put("kernel_records", "held-v6", b"\x00" + bytes(15) + b"\x01" + held[16:])
-    put("kernel_records", "held-short", b"\x00" + held[:79])
+    put("kernel_records", "held-short", b"\x00" + held[:95])
     name = b"redis-cli".ljust(32, b"\x00")
     ex = struct.pack("=QQQQIIII", 9, 10**9, 0, 1234, 2049, 0, 0, 4026531840) + name
     assert len(ex) == 80

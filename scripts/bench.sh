@@ -109,6 +109,21 @@ credfs_doc() {
   echo "  baseline and credential file alternating; medians, ratio ranges."
   echo "- \`tether-bench credfs\` runs this section alone."
 }
+containers_doc() {
+  echo "- One \`tether up\` enforcing a cgroup of the bench's own; a greeter (one byte"
+  echo "  per connection) on the host end of a veth pair is a Service. The client is"
+  echo "  the bench binary (\`--timed-connect\`): it times one connect() up to the"
+  echo "  greeting, so container start-up is not counted."
+  echo "- *host process*: a fresh process in the enforced cgroup (held, or decided in"
+  echo "  the kernel if the agent attested it first). *container, namespace already"
+  echo "  served*: a fresh podman container (runc, an image assembled by the bench,"
+  echo "  the host's /usr read-only) in a network namespace the agent already listens"
+  echo "  in. *container, new network namespace*: a fresh container in a namespace"
+  echo "  made just before it; its first connect may come before the agent's listener"
+  echo "  there, and then waits for the SYN to be sent again (1 s). Identities:"
+  echo "  \`process:sha256\` plus \`process:path\` (host) or \`container:image\`."
+  echo "  The three alternate within each round. \`tether-bench containers\` runs it alone."
+}
 inject_doc() {
   echo "- One host. \`tether up\` enforces a cgroup of the bench's own; the client is"
   echo "  the bench binary re-executed in it (\`--http-keepalive ADDR N\` or"
@@ -145,6 +160,7 @@ out=$(mktemp)
       "## Mesh between two hosts"*) echo; mesh_doc ;;
       "## Credential filesystem"*) echo; credfs_doc ;;
       "## Credential injection"*) echo; inject_doc ;;
+      "## First connection of a fresh container"*) echo; containers_doc ;;
     esac
   done < "$out"
   echo

@@ -16,7 +16,7 @@ use crate::deliver::{credfs, fetch, workload_api};
 use crate::identity;
 use crate::identity::node::NodeConn;
 use crate::metrics::{self, Metrics};
-use crate::proxy::{hold, inject, mesh};
+use crate::proxy::{hold, inject, mesh, netns};
 use crate::state::registry::Registry;
 use crate::state::tracker::{self, Tracker};
 use crate::{admin, enforce, host_addrs};
@@ -285,6 +285,26 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
     // Fetched credentials go when their process does.
     let held = Arc::new(fetch::Held::default());
     observers.push(held.clone());
+    // Hold listeners in the network namespaces of workload processes.
+    let namespaces = match (&cfg.enforce, &enforcement) {
+        (Some(ec), Some(e)) => {
+            let ns = netns::Namespaces::new(ec.hold_port)?;
+            let asked = ns.clone();
+            e.on_netns_request(move |pid| asked.request(pid));
+            let scope = tether_kernel::cgroup2_mount().and_then(|m| {
+                ec.cgroup
+                    .strip_prefix(&m)
+                    .ok()
+                    .map(|rel| format!("/{}", rel.display()).replace("//", "/"))
+            });
+            observers.push(Arc::new(netns::NetnsObserver {
+                namespaces: ns.clone(),
+                scope,
+            }));
+            Some(ns)
+        }
+        _ => None,
+    };
     let tracker = Tracker::new(
         reg_rx,
         Arc::new(identity::NodeSigner(node.clone())),
@@ -358,6 +378,9 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
             tracker: tracker.clone(),
             enf: e.clone(),
         });
+        let Some(namespaces) = namespaces.clone() else {
+            anyhow::bail!("enforcement without its namespace table");
+        };
         let injector = inject::Injector::new(
             tracker.clone(),
             fetcher.clone(),
@@ -365,8 +388,19 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
             metrics.clone(),
             tunnels.clone(),
             interceptor.clone(),
+            namespaces.clone(),
         );
-        tasks.extend(hold.serve(ports, mesh.clone(), Some(injector), metrics.clone()));
+        let hold_port = hold.port;
+        let (hold_tasks, server) = hold.serve(
+            ports,
+            mesh.clone(),
+            Some(injector),
+            metrics.clone(),
+            namespaces.clone(),
+        );
+        tasks.extend(hold_tasks);
+        let kernel_side: Arc<dyn netns::NetnsKernel> = e.clone();
+        tasks.extend(namespaces.run(hold_port, kernel_side, server));
     }
     tasks.push(tokio::spawn(watch_registry(
         node.clone(),

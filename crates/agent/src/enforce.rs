@@ -74,6 +74,9 @@ pub struct Enforcement {
     /// has not been read yet. Pairs them so each held connection is one
     /// audit record, and none goes unrecorded.
     holds: Mutex<HashMap<u64, (std::time::Instant, Option<tether_kernel::Event>)>>,
+    /// Where requests for a listener in another network namespace go (the
+    /// proxy plane's namespace table, by the pid that asked).
+    netns_requests: std::sync::OnceLock<Box<dyn Fn(i32) + Send + Sync>>,
 }
 
 /// What the hold listener decided for a held connection.
@@ -148,9 +151,16 @@ impl Enforcement {
             metrics,
             verdicts_changed: watch::channel(0).0,
             holds: Mutex::new(HashMap::new()),
+            netns_requests: std::sync::OnceLock::new(),
         });
         e.sync_registry(registry);
         Ok(e)
+    }
+
+    /// Kernel requests for a listener in another network namespace go to
+    /// `request` from now on.
+    pub fn on_netns_request(&self, request: impl Fn(i32) + Send + Sync + 'static) {
+        let _ = self.netns_requests.set(Box::new(request));
     }
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -600,7 +610,13 @@ impl Enforcement {
                     match batch {
                         Ok(b) => {
                             for ev in b {
-                                if ev.decision == Decision::Held {
+                                if ev.hook == tether_kernel::Hook::Netns {
+                                    // Not a decision: a connection waits
+                                    // for a listener in its namespace.
+                                    if let Some(request) = me.netns_requests.get() {
+                                        request(ev.tgid as i32);
+                                    }
+                                } else if ev.decision == Decision::Held {
                                     me.kernel_held(ev);
                                 } else {
                                     me.audit_event(&ev);
@@ -937,6 +953,17 @@ impl Enforcement {
         });
         if a.held {
             rec["held"] = serde_json::json!(true);
+        }
+        // Which container, as its runtime recorded it (or only the id the
+        // cgroup names, when the runtime does not vouch for the process).
+        if let Some((i, _)) = &a.proc {
+            if let Some(c) = &i.container {
+                rec["container"] = serde_json::json!({
+                    "id": c.id, "name": c.name, "image": c.image, "runtime": c.runtime,
+                });
+            } else if let Some(id) = &i.container_id {
+                rec["container"] = serde_json::json!({ "id": id });
+            }
         }
         if let Some(r) = &a.reason {
             rec["reason"] = serde_json::json!(r);

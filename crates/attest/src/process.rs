@@ -167,6 +167,10 @@ pub struct ProcessInfo {
     /// Cgroup v2 path ("0::" line), relative to the reader's cgroup namespace.
     pub cgroup: String,
     pub container_id: Option<String>,
+    /// What the container runtime's own state says of that container (see
+    /// [`crate::container`]); None when it does not vouch for this process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::container::ContainerInfo>,
     pub systemd_unit: Option<String>,
 }
 
@@ -199,6 +203,14 @@ impl ProcessInfo {
         }
         if self.exe_path_host {
             all.push(Selector::Path(self.exe_path.clone()));
+        }
+        if let Some(c) = &self.container {
+            all.push(Selector::ContainerName(c.name.clone()));
+            all.push(Selector::ContainerImage(c.image.clone()));
+            all.push(Selector::ContainerRuntime(c.runtime.clone()));
+            if let Some(p) = &c.path {
+                all.push(Selector::ContainerPath(p.clone()));
+            }
         }
         // Keep only what a manifest could actually contain, so every listed
         // string parses back to a selector that matches this process.
@@ -387,6 +399,10 @@ pub fn container_id_from_cgroup(path: &str) -> Option<String> {
             if let Some(id) = id.filter(|id| is_hex64(id)) {
                 return Some(id.to_owned());
             }
+        }
+        // podman with the cgroupfs manager: `<parent>/libpod-<id>`.
+        if let Some(id) = seg.strip_prefix("libpod-").filter(|id| is_hex64(id)) {
+            return Some(id.to_owned());
         }
         let under_docker = prev == Some("docker");
         let under_pod = kubepods && prev.is_some_and(|p| p.starts_with("pod"));
@@ -638,6 +654,8 @@ pub struct Attestor {
     /// uid, so one user's processes cannot take every slot.
     gate: Arc<crate::slots::KeyedSlots<u32>>,
     limits: HashLimits,
+    runtimes: crate::container::Runtimes,
+    store: crate::container::Store,
 }
 
 impl Default for Attestor {
@@ -672,7 +690,15 @@ impl Attestor {
             groups: IdNames::new("/etc/group"),
             gate: crate::slots::KeyedSlots::new(limits.per_uid, limits.parallel),
             limits,
+            runtimes: crate::container::Runtimes::default(),
+            store: crate::container::Store::default(),
         }
+    }
+
+    /// Reads container runtimes' state from these places instead.
+    pub fn with_runtimes(mut self, runtimes: crate::container::Runtimes) -> Attestor {
+        self.runtimes = runtimes;
+        self
     }
 
     /// Attests the process behind `pidfd`. Returns [`AttestError::Exited`]
@@ -797,6 +823,13 @@ impl Attestor {
         info.group = self.groups.name_of(gid);
         info.parent_path = parent_path;
         info.container_id = container_id_from_cgroup(&info.cgroup);
+        if let Some(id) = &info.container_id {
+            let exe =
+                (!info.exe_deleted && info.exe_ino != 0).then_some((info.exe_dev, info.exe_ino));
+            info.container = self
+                .runtimes
+                .lookup(&self.store, id, pid, exe, &info.exe_path);
+        }
         info.systemd_unit = systemd_unit_from_cgroup(&info.cgroup);
         Ok(info)
     }
@@ -1086,6 +1119,7 @@ mod tests {
             ),
             format!("/kubepods.slice/x/crio-{id}.scope"),
             format!("/machine.slice/libpod-{id}.scope/container"),
+            format!("/libpod_parent/libpod-{id}"),
             format!("/docker/{id}"),
             format!("/docker/{id}/docker/{}", "f".repeat(64)),
             format!("/kubepods/burstable/pod1234-5678/{id}"),

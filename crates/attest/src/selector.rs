@@ -41,6 +41,14 @@ pub enum Selector {
     CgroupPath(String),
     /// `container:id` — full 64-hex container id.
     ContainerId(String),
+    /// `container:name` — the name the runtime recorded for the container.
+    ContainerName(String),
+    /// `container:image` — the image ID (64 hex) the runtime recorded.
+    ContainerImage(String),
+    /// `container:runtime` — the OCI runtime that started it (`runc`, `crun`).
+    ContainerRuntime(String),
+    /// `container:path` — executable path as the container itself sees it.
+    ContainerPath(String),
     /// `systemd:unit` — e.g. `nginx.service`.
     SystemdUnit(String),
 }
@@ -59,11 +67,15 @@ enum Kind {
     ParentPath,
     CgroupPath,
     ContainerId,
+    ContainerName,
+    ContainerImage,
+    ContainerRuntime,
+    ContainerPath,
     SystemdUnit,
 }
 
 /// Type prefixes in display order (for error messages).
-const TYPES: [(&str, Kind); 13] = [
+const TYPES: [(&str, Kind); 17] = [
     ("unix:uid", Kind::Uid),
     ("unix:gid", Kind::Gid),
     ("unix:user", Kind::User),
@@ -76,6 +88,10 @@ const TYPES: [(&str, Kind); 13] = [
     ("process:parent:path", Kind::ParentPath),
     ("cgroup:path", Kind::CgroupPath),
     ("container:id", Kind::ContainerId),
+    ("container:name", Kind::ContainerName),
+    ("container:image", Kind::ContainerImage),
+    ("container:runtime", Kind::ContainerRuntime),
+    ("container:path", Kind::ContainerPath),
     ("systemd:unit", Kind::SystemdUnit),
 ];
 
@@ -198,6 +214,26 @@ impl Selector {
                 )
                 .map_err(invalid)?,
             ),
+            Kind::ContainerImage => Selector::ContainerImage(
+                parse_hex64(
+                    value.strip_prefix("sha256:").unwrap_or(value),
+                    "image ID (64 hex digits, as `podman images --no-trunc` shows)",
+                )
+                .map_err(invalid)?,
+            ),
+            Kind::ContainerName | Kind::ContainerRuntime => {
+                if value.contains(['/', '\n']) || value.chars().any(char::is_whitespace) {
+                    return Err(invalid(
+                        "names cannot contain '/', whitespace or newlines".into(),
+                    ));
+                }
+                if kind == Kind::ContainerName {
+                    Selector::ContainerName(value.to_owned())
+                } else {
+                    Selector::ContainerRuntime(value.to_owned())
+                }
+            }
+            Kind::ContainerPath => Selector::ContainerPath(absolute(value).map_err(invalid)?),
             Kind::Name => Selector::Name(value.to_owned()),
             Kind::Cmdline => Selector::Cmdline(value.to_owned()),
             Kind::CmdlinePrefix => Selector::CmdlinePrefix(value.to_owned()),
@@ -232,6 +268,10 @@ impl Selector {
             Selector::ParentPath(_) => "process:parent:path",
             Selector::CgroupPath(_) => "cgroup:path",
             Selector::ContainerId(_) => "container:id",
+            Selector::ContainerName(_) => "container:name",
+            Selector::ContainerImage(_) => "container:image",
+            Selector::ContainerRuntime(_) => "container:runtime",
+            Selector::ContainerPath(_) => "container:path",
             Selector::SystemdUnit(_) => "systemd:unit",
         }
     }
@@ -262,6 +302,19 @@ impl Selector {
             Selector::ParentPath(v) => opt_eq(&p.parent_path, v),
             Selector::CgroupPath(v) => p.cgroup == *v,
             Selector::ContainerId(v) => opt_eq(&p.container_id, v),
+            // Only what the runtime's own state says, tied to the process
+            // (see crate::container): never a cgroup name alone.
+            Selector::ContainerName(v) => opt_eq(&p.container.as_ref().map(|c| c.name.clone()), v),
+            Selector::ContainerImage(v) => {
+                opt_eq(&p.container.as_ref().map(|c| c.image.clone()), v)
+            }
+            Selector::ContainerRuntime(v) => {
+                opt_eq(&p.container.as_ref().map(|c| c.runtime.clone()), v)
+            }
+            Selector::ContainerPath(v) => p
+                .container
+                .as_ref()
+                .is_some_and(|c| c.path.as_deref() == Some(v.as_str())),
             Selector::SystemdUnit(v) => opt_eq(&p.systemd_unit, v),
         }
     }
@@ -282,6 +335,10 @@ impl fmt::Display for Selector {
             | Selector::ParentPath(v)
             | Selector::CgroupPath(v)
             | Selector::ContainerId(v)
+            | Selector::ContainerName(v)
+            | Selector::ContainerImage(v)
+            | Selector::ContainerRuntime(v)
+            | Selector::ContainerPath(v)
             | Selector::SystemdUnit(v) => write!(f, "{t}:{v}"),
         }
     }

@@ -5,6 +5,7 @@
 //! loads BPF programs into a cgroup of its own).
 
 mod connect;
+mod containers;
 mod credfs;
 mod held;
 mod inject;
@@ -69,6 +70,9 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some(inject::REDIS_ARG) {
         return inject::redis_main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some(containers::CHILD_ARG) {
+        return containers::child_main(&args[2..]);
+    }
     if args.get(1).map(String::as_str) == Some(mesh::ECHO_ARG) {
         return mesh::echo_main(&args[2..]);
     }
@@ -84,6 +88,11 @@ fn main() -> anyhow::Result<()> {
     // `tether-bench inject`: only the credential injection section.
     if args.get(1).map(String::as_str) == Some("inject") {
         print!("{}", inject::run()?);
+        return Ok(());
+    }
+    // `tether-bench containers`: only the container first-connection section.
+    if args.get(1).map(String::as_str) == Some("containers") {
+        print!("{}", containers::run()?);
         return Ok(());
     }
     // `tether-bench credfs`: only the credential filesystem section.
@@ -108,6 +117,7 @@ fn main() -> anyhow::Result<()> {
     print!("{connect_section}");
     print!("{}", mesh::run()?);
     print!("{}", inject::run()?);
+    print!("{}", containers::run()?);
     Ok(())
 }
 

@@ -1260,3 +1260,112 @@ fn permissive_mode_accepts_plaintext_from_hosts_without_an_agent_and_audits_it()
         "no rate limit: {n} records, {omitted} omitted"
     );
 }
+
+/// A container on host A, in a network namespace of its own, reaches Redis
+/// on host B through the mesh: the agent listens in the container's
+/// namespace, and the tunnel leaves from host A. Only TLS 1.3 on the link.
+#[test]
+fn a_container_on_a_reaches_redis_on_b_through_the_mesh() {
+    use common::containers::{CtNet, Image, Scope, podman, run, run_args};
+    let w = World::new("mc");
+    let image = Image::build("mesh");
+    let scope = Scope::at(&w.cg_a.path);
+    let net = CtNet::on(&w.lan, "a");
+    w.apply(&format!(
+        "---
+apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {{name: ct-redis-cli}}
+spec:
+  spiffeId: spiffe://example.org/ct-redis-cli
+  selectors: [[\"container:image:{img}\", \"process:sha256:{sha}\"]]
+  allowExec: [mount-namespace]
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: ct-redis-clients}}
+spec:
+  services: [redis]
+  identities: [ct-redis-cli]
+",
+        img = image.id,
+        sha = sha256_file(&real(&which("redis-cli"))),
+    ));
+    let mut cap = Capture::start(IFACE, "", |c| w.lan.enter("a", c));
+    let before = w.redis.connections_received();
+    let name = format!("tether-mesh-{}", rand_suffix());
+    let mut args = run_args(&scope, &net, &name, &["--rm"]);
+    args.push(image.reference.clone());
+    for a in [
+        "/usr/bin/redis-cli",
+        "-h",
+        &w.b(),
+        "-p",
+        &w.redis.port.to_string(),
+        "-a",
+        PASSWORD,
+        "--no-auth-warning",
+        "PING",
+    ] {
+        args.push(a.to_string());
+    }
+    let o = run(podman().args(&args));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "PONG",
+        "the container's connection through the mesh: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        w.a.logs()
+    );
+    assert_eq!(
+        w.redis.connections_received(),
+        before + 2,
+        "one connection arrived"
+    );
+    // The tunnel is recorded by A's agent with the container named.
+    let ok = wait_until(Duration::from_secs(10), || {
+        w.a.audit().iter().any(|e| {
+            e["service"] == "redis"
+                && e["verdict"]
+                    .as_str()
+                    .is_some_and(|v| v.starts_with("allow"))
+                && e["container"]["name"] == name.as_str()
+        })
+    });
+    assert!(
+        ok,
+        "no allow record naming the container: {:#?}",
+        w.a.audit()
+    );
+    let tunnels = |cap: &Capture| {
+        let mut t = cap.fields(
+            &[MESH_PORT],
+            &format!("tcp.dstport=={MESH_PORT}"),
+            "tcp.stream",
+        );
+        t.sort();
+        t.dedup();
+        t.len()
+    };
+    wait_until(Duration::from_secs(10), || tunnels(&cap) >= 1);
+    cap.stop();
+    let raw = std::fs::read(&cap.file).expect("capture");
+    for secret in [PASSWORD.as_bytes(), b"PING", b"PONG", b"spiffe://"] {
+        assert!(
+            !raw.windows(secret.len()).any(|win| win == secret),
+            "{:?} appears on the wire",
+            String::from_utf8_lossy(secret)
+        );
+    }
+    assert!(tunnels(&cap) >= 1, "no tunnel on the link");
+    for hello in [1, 2] {
+        let v = cap.fields(
+            &[MESH_PORT],
+            &format!("tls.handshake.type=={hello}"),
+            "tls.handshake.extensions.supported_version",
+        );
+        assert!(!v.is_empty(), "no handshake type {hello} seen");
+        assert!(v.iter().all(|s| s == "0x0304"), "versions: {v:?}");
+    }
+    drop(net);
+}

@@ -185,7 +185,7 @@ pub fn kernel_records(data: &[u8]) {
     match which % 3 {
         0 => {
             if let Some(h) = tether_kernel::decode::held(rec) {
-                assert_eq!(rec.len(), 80);
+                assert_eq!(rec.len(), 96);
                 // IPv4 comes back as IPv4, never as a mapped IPv6 address.
                 assert_eq!(h.original_dst.ip(), h.original_dst.ip().to_canonical());
             }

@@ -102,8 +102,8 @@ fn the_well_formed_seeds_are_accepted() {
     let held = tether_kernel::decode::held(&seed("kernel_records", "held-v4")[1..]).expect("held");
     assert_eq!(held.original_dst, "10.0.0.7:6379".parse().expect("addr"));
     assert_eq!(
-        (held.tgid, held.service_id, held.socket_cookie),
-        (4242, 7, 99)
+        (held.tgid, held.service_id, held.socket_cookie, held.netns),
+        (4242, 7, 99, 4026531840)
     );
     assert!(tether_kernel::decode::held(&seed("kernel_records", "held-short")[1..]).is_none());
     let exec = tether_kernel::decode::exec(&seed("kernel_records", "exec")[1..]).expect("exec");

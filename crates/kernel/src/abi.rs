@@ -77,10 +77,11 @@ pub(crate) mod at {
         pub(crate) const LOCAL_PORT: usize = 36;
         pub(crate) const EXEC_ID: usize = 40;
         pub(crate) const START_NS: usize = 48;
+        pub(crate) const NETNS: usize = 72;
     }
     /// `struct held`.
     pub(crate) mod held {
-        pub(crate) const COOKIE: usize = 72;
+        pub(crate) const COOKIE: usize = 88;
     }
     /// `struct event`.
     pub(crate) mod event {
@@ -421,13 +422,27 @@ pub(crate) struct HeldKey {
     pub(crate) port: u16,
     pub(crate) v6: u8,
     pub(crate) pad: u8,
+    pub(crate) pad2: u32,
+    /// The client socket's network namespace cookie.
+    pub(crate) netns: u64,
+}
+
+/// `struct hold_ns`: the agent's listener in one network namespace.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HoldNs {
+    /// Network byte order; 0: the agent cannot serve the namespace.
+    pub(crate) port: u16,
+    pub(crate) flags: u8,
+    pub(crate) pad: u8,
+    pub(crate) pad2: u32,
 }
 
 /// `struct held` (a `struct redirect` plus the socket cookie), as bytes:
 /// parsed field by field so no layout assumption hides in a transmute.
 #[repr(C, align(8))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct HeldRaw(pub(crate) [u8; 80]);
+pub(crate) struct HeldRaw(pub(crate) [u8; 96]);
 
 /// A connection the kernel redirected to the agent's hold listener because
 /// its process was not attested yet, as published by sock_ops under the
@@ -457,6 +472,9 @@ pub struct HeldConnection {
     /// starttime counts in clock ticks).
     pub start_boottime_ns: u64,
     pub socket_cookie: u64,
+    /// The network namespace (cookie) the connection was made in: its
+    /// destination means what it means there.
+    pub netns: u64,
 }
 
 impl HeldRaw {
@@ -481,6 +499,7 @@ impl HeldRaw {
             exec_id: u64_at(b, f::EXEC_ID),
             start_boottime_ns: u64_at(b, f::START_NS),
             socket_cookie: u64_at(b, at::held::COOKIE),
+            netns: u64_at(b, f::NETNS),
         }
     }
 }
@@ -494,8 +513,10 @@ unsafe impl aya::Pod for ScopeValue {}
 unsafe impl aya::Pod for ExecRaw {}
 // SAFETY: as above (4 + 2 + 1 + 1 + 8 = 16 bytes, no padding).
 unsafe impl aya::Pod for HoldCfg {}
-// SAFETY: as above (16 + 2 + 1 + 1 bytes).
+// SAFETY: as above (16 + 2 + 1 + 1 + 4 + 8 bytes, no padding).
 unsafe impl aya::Pod for HeldKey {}
+// SAFETY: as above (2 + 1 + 1 + 4 bytes).
+unsafe impl aya::Pod for HoldNs {}
 // SAFETY: a byte array.
 unsafe impl aya::Pod for HeldRaw {}
 // SAFETY: as above.
@@ -673,6 +694,9 @@ pub enum Hook {
     Send,
     /// Socket creation or a socket option (raw and packet sockets).
     Socket,
+    /// A connection waits for the agent to listen in its network
+    /// namespace; the event's socket cookie is that namespace's cookie.
+    Netns,
 }
 
 impl Hook {
@@ -687,6 +711,7 @@ impl Hook {
             5 => Self::Taint,
             6 => Self::Send,
             7 => Self::Socket,
+            8 => Self::Netns,
             _ => return None,
         })
     }
@@ -833,8 +858,9 @@ mod tests {
         assert_eq!(size_of::<ScopeValue>(), 16);
         assert_eq!(size_of::<ExecRaw>(), 80);
         assert_eq!(size_of::<HoldCfg>(), 16);
-        assert_eq!(size_of::<HeldKey>(), 20);
-        assert_eq!(size_of::<HeldRaw>(), 80);
+        assert_eq!(size_of::<HeldKey>(), 32);
+        assert_eq!(size_of::<HeldRaw>(), 96);
+        assert_eq!(size_of::<HoldNs>(), 8);
         assert_eq!(size_of::<aya::maps::lpm_trie::Key<DstKeyData>>(), 24);
     }
 
@@ -882,7 +908,7 @@ mod tests {
 
     #[test]
     fn held_record_fields() {
-        let mut b = [0u8; 80];
+        let mut b = [0u8; 96];
         b[0..16].copy_from_slice(&Ipv4Addr::new(10, 0, 0, 7).to_ipv6_mapped().octets());
         b[16..18].copy_from_slice(&6379u16.to_be_bytes());
         b[18] = 0;
@@ -893,8 +919,10 @@ mod tests {
         b[24..28].copy_from_slice(&1235u32.to_ne_bytes());
         b[28..32].copy_from_slice(&1000u32.to_ne_bytes());
         b[48..56].copy_from_slice(&42u64.to_ne_bytes());
-        b[72..80].copy_from_slice(&5u64.to_ne_bytes());
+        b[72..80].copy_from_slice(&4026532000u64.to_ne_bytes());
+        b[88..96].copy_from_slice(&5u64.to_ne_bytes());
         let h = HeldRaw(b).parse();
+        assert_eq!(h.netns, 4026532000);
         assert_eq!(h.original_dst, "10.0.0.7:6379".parse().unwrap());
         assert_eq!((h.tgid, h.service_id, h.local_port), (1234, 9, 40000));
         assert_eq!((h.exec_id, h.socket_cookie, h.flow_v6), (77, 5, false));

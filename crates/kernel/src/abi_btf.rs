@@ -289,7 +289,7 @@ fn constants_match_the_object() {
 }
 
 fn map_layouts(b: &Btf) {
-    use abi::{HeldKey, HoldCfg, PolicyKey, ProcState, ScopeValue, SvcValue, VerdictValue};
+    use abi::{HeldKey, HoldCfg, HoldNs, PolicyKey, ProcState, ScopeValue, SvcValue, VerdictValue};
     check_struct(
         b,
         "svc",
@@ -359,7 +359,20 @@ fn map_layouts(b: &Btf) {
             addr: 16,
             port: 2,
             v6: 1,
-            pad: 1
+            pad: 1,
+            pad2: 4,
+            netns: 8
+        }),
+    );
+    check_struct(
+        b,
+        "hold_ns",
+        size_of::<HoldNs>(),
+        fields!(HoldNs {
+            port: 2,
+            flags: 1,
+            pad: 1,
+            pad2: 4
         }),
     );
     // The LPM key: aya's Key<T> is (prefix length, data), data laid out as
@@ -415,11 +428,15 @@ fn records(b: &Btf) {
                 ("uid", f::UID, 4),
                 ("service_id", f::SERVICE_ID, 4),
                 ("local_port", f::LOCAL_PORT, 2),
-                ("pad2", 38, 2),
+                // Compared in the kernel only.
+                ("hold_port", 38, 2),
                 ("exec_id", f::EXEC_ID, 8),
                 ("start_ns", f::START_NS, 8),
                 // Written and read by sock_ops only.
                 ("local_addr", 56, 16),
+                ("netns", f::NETNS, 8),
+                ("flags", 80, 4),
+                ("pad3", 84, 4),
             ],
         );
         check_struct(
@@ -466,7 +483,7 @@ fn records(b: &Btf) {
 /// named here as the kernel's alone.
 #[test]
 fn every_shared_layout_is_checked() {
-    const CHECKED: [&str; 12] = [
+    const CHECKED: [&str; 13] = [
         "dst_key",
         "svc",
         "proc_state",
@@ -478,10 +495,11 @@ fn every_shared_layout_is_checked() {
         "redirect",
         "held_key",
         "held",
+        "hold_ns",
         "event",
     ];
     // Socket storage written and read by the programs only.
-    const KERNEL_ONLY: [&str; 2] = ["guard", "guard_flag"];
+    const KERNEL_ONLY: [&str; 3] = ["guard", "guard_flag", "redirect_flag"];
     const ENUMS: [&str; 10] = [
         "svc_flag",
         "proc_flag",

@@ -8,8 +8,8 @@
 //!
 //! ```text
 //! <pin_dir>/maps/{services,procs,execs,policy,events,stats,config,scope,redirects,guards,
-//!                 guarded,held,local_ports,local_addrs,scratch}
-//! <pin_dir>/links/{connect4,connect6,sendmsg4,sendmsg6,peer4,peer6,sockops,ingress,socket,
+//!                 guarded,held,hold_ns,local_ports,local_addrs,scratch}
+//! <pin_dir>/links/{connect4,connect6,sendmsg4,sendmsg6,peer4,peer6,sockops,ingress,egress,socket,
 //!                  sockopt,exec,fork,exit,sysenter,sysexit}
 //! ```
 //!
@@ -79,7 +79,7 @@ use crate::{
     KernelError,
     abi::{
         DstKeyData, DstPrefix, ExecRaw, ExecRecord, HOLD_V4, HOLD_V6, HeldConnection, HeldKey,
-        HeldRaw, HoldCfg, PROC_AGENT, PolicyKey, ProcState, Proto, STAT_ALLOW, STAT_DENY,
+        HeldRaw, HoldCfg, HoldNs, PROC_AGENT, PolicyKey, ProcState, Proto, STAT_ALLOW, STAT_DENY,
         STAT_DROPPED_EVENTS, STAT_HELD, STAT_INGRESS_DROPPED, STAT_INJECT, STAT_MAX, STAT_MESH,
         STAT_SEND_DENIED, STAT_SOCKET_DENIED, STAT_TAINTED, STAT_UNATTESTED, STAT_UNGUARDED,
         ScopeValue, ServiceFlags, SvcValue, VERDICT_F_ALLOW, VERDICT_F_INJECT, VerdictValue,
@@ -227,7 +227,7 @@ const fn sock_addr(attach_type: u32) -> Attach {
 /// attached would not get it), then sock_ops: once connect4/6 start holding
 /// connections, the port record each held connection needs must already be
 /// published.
-const PROGRAMS: [ProgSpec; 16] = [
+const PROGRAMS: [ProgSpec; 17] = [
     ProgSpec {
         func: "tether_send",
         link: "send",
@@ -246,6 +246,14 @@ const PROGRAMS: [ProgSpec; 16] = [
         link: "ingress",
         hook: Attach::Cgroup {
             attach_type: 0, // BPF_CGROUP_INET_INGRESS
+            kind: CgroupProg::Skb,
+        },
+    },
+    ProgSpec {
+        func: "tether_egress",
+        link: "egress",
+        hook: Attach::Cgroup {
+            attach_type: 1, // BPF_CGROUP_INET_EGRESS
             kind: CgroupProg::Skb,
         },
     },
@@ -332,7 +340,7 @@ struct MapSpec {
 
 /// Must match the definitions in bpf/tether.bpf.c; checked against pinned
 /// maps before adopting them.
-const MAPS: [MapSpec; 15] = [
+const MAPS: [MapSpec; 16] = [
     MapSpec {
         name: "services",
         kind: MapType::LpmTrie,
@@ -393,7 +401,7 @@ const MAPS: [MapSpec; 15] = [
         name: "redirects",
         kind: MapType::SkStorage,
         key: 4,
-        value: 72,
+        value: 88,
         max_entries: 0,
     },
     MapSpec {
@@ -413,9 +421,16 @@ const MAPS: [MapSpec; 15] = [
     MapSpec {
         name: "held",
         kind: MapType::LruHash,
-        key: 20,
-        value: 80,
+        key: 32,
+        value: 96,
         max_entries: 16384,
+    },
+    MapSpec {
+        name: "hold_ns",
+        kind: MapType::Hash,
+        key: 8,
+        value: 8,
+        max_entries: 4096,
     },
     MapSpec {
         name: "local_ports",
@@ -458,6 +473,7 @@ pub struct Enforcer {
     config: Mutex<Array<MapData, HoldCfg>>,
     scope: Mutex<Array<MapData, ScopeValue>>,
     held: Mutex<HashMap<MapData, HeldKey, HeldRaw>>,
+    hold_ns: Mutex<HashMap<MapData, u64, HoldNs>>,
     local_ports: Mutex<HashMap<MapData, u32, SvcValue>>,
     local_addrs: Mutex<HashMap<MapData, [u8; 16], u32>>,
     cgroup_id: u64,
@@ -926,6 +942,7 @@ impl Enforcer {
             config: Mutex::new(take_map(&mut bpf, "config")?),
             scope: Mutex::new(take_map(&mut bpf, "scope")?),
             held: Mutex::new(take_map(&mut bpf, "held")?),
+            hold_ns: Mutex::new(take_map(&mut bpf, "hold_ns")?),
             local_ports: Mutex::new(take_map(&mut bpf, "local_ports")?),
             local_addrs: Mutex::new(take_map(&mut bpf, "local_addrs")?),
             cgroup_id: cgroup.as_ref().map_or(0, |(_, id)| *id),
@@ -1238,6 +1255,7 @@ impl Enforcer {
             op: "read the network namespace cookie",
             source,
         })?;
+        self.serve_netns(netns, cfg)?;
         let v = HoldCfg {
             agent_tgid,
             port: cfg.port.to_be(),
@@ -1248,6 +1266,54 @@ impl Enforcer {
         lock(&self.config)
             .set(0, v, 0)
             .map_err(|e| map_err("config", "update", &e))
+    }
+
+    /// The agent listens at `cfg` in the network namespace with this
+    /// cookie: connections held there go to it (and those already waiting
+    /// for it go on).
+    pub fn serve_netns(&self, netns: u64, cfg: HoldConfig) -> Result<(), KernelError> {
+        let v = HoldNs {
+            port: cfg.port.to_be(),
+            flags: if cfg.v4 { HOLD_V4 } else { 0 } | if cfg.v6 { HOLD_V6 } else { 0 },
+            pad: 0,
+            pad2: 0,
+        };
+        lock(&self.hold_ns)
+            .insert(netns, v, 0)
+            .map_err(|e| map_err("hold_ns", "update", &e))
+    }
+
+    /// The agent cannot serve this network namespace: connections there
+    /// that it would have held, tunnelled or injected are refused.
+    pub fn refuse_netns(&self, netns: u64) -> Result<(), KernelError> {
+        let v = HoldNs {
+            port: 0,
+            flags: 0,
+            pad: 0,
+            pad2: 0,
+        };
+        lock(&self.hold_ns)
+            .insert(netns, v, 0)
+            .map_err(|e| map_err("hold_ns", "update", &e))
+    }
+
+    /// Forgets a network namespace (gone, or no longer served): the next
+    /// connection there waits for a listener again.
+    pub fn forget_netns(&self, netns: u64) -> Result<(), KernelError> {
+        match lock(&self.hold_ns).remove(&netns) {
+            Err(e) if !is_not_found(&e) => Err(map_err("hold_ns", "remove", &e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The network namespaces the kernel knows a listener for, with their
+    /// ports (0: refused), for adoption after a restart.
+    pub fn netns_listeners(&self) -> Vec<(u64, u16)> {
+        lock(&self.hold_ns)
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, u16::from_be(v.port)))
+            .collect()
     }
 
     /// Stops holding: unattested processes are refused (EPERM) again.
@@ -1266,9 +1332,14 @@ impl Enforcer {
 
     /// Claims the held connection whose client is `peer` (the peer address
     /// of a connection accepted on the hold listener: an IPv6 peer means
-    /// the [::1] listener). Each record can be claimed once; a connection
+    /// the [::1] listener) in the network namespace `netns` (the
+    /// listener's). Each record can be claimed once; a connection
     /// to the hold port that the kernel did not redirect has none.
-    pub fn take_held(&self, peer: SocketAddr) -> Result<Option<HeldConnection>, KernelError> {
+    pub fn take_held(
+        &self,
+        peer: SocketAddr,
+        netns: u64,
+    ) -> Result<Option<HeldConnection>, KernelError> {
         let (addr, v6) = match peer.ip() {
             IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), 0),
             IpAddr::V6(a) => (a.octets(), 1),
@@ -1278,6 +1349,8 @@ impl Enforcer {
             port: peer.port(),
             v6,
             pad: 0,
+            pad2: 0,
+            netns,
         };
         let mut map = lock(&self.held);
         let raw = match map.get(&key, 0) {

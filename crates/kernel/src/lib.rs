@@ -41,6 +41,7 @@ pub use enforcer::{
 };
 pub use error::KernelError;
 pub use events::EventReader;
+pub use sys::{netns_cookie, socket_netns_cookie};
 
 /// CLOCK_BOOTTIME in nanoseconds: the clock of exec ids, process starts,
 /// event times and verdict expiry.

@@ -10,7 +10,7 @@ use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
@@ -133,7 +133,7 @@ pub(crate) fn raw_tracepoint_open(name: &str, prog: BorrowedFd<'_>) -> io::Resul
 
 /// The cookie of the calling thread's network namespace, as
 /// `bpf_get_netns_cookie` reports it to programs (SO_NETNS_COOKIE, 5.14+).
-pub(crate) fn netns_cookie() -> io::Result<u64> {
+pub fn netns_cookie() -> io::Result<u64> {
     // SAFETY: plain socket(2); the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -141,6 +141,12 @@ pub(crate) fn netns_cookie() -> io::Result<u64> {
     }
     // SAFETY: the fd was just created and nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    socket_netns_cookie(fd.as_fd())
+}
+
+/// The cookie of the network namespace a socket belongs to (the one it was
+/// created in).
+pub fn socket_netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut cookie = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: `cookie` is a writable u64 and `len` says so.

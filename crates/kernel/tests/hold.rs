@@ -57,13 +57,16 @@ fn serve_one(e: &Enforcer, l: &TcpListener) -> (Option<HeldConnection>, SocketAd
         let (_s2, spoof_peer) = l.accept().expect("accept the spoofing connection");
         assert_eq!(spoof_peer.port(), peer.port());
         assert_eq!(
-            e.take_held(spoof_peer).expect("take_held"),
+            e.take_held(spoof_peer, tether_kernel::netns_cookie().unwrap())
+                .expect("take_held"),
             None,
             "claimed by address and port"
         );
         drop(spoof);
     }
-    let rec = e.take_held(peer).expect("take_held");
+    let rec = e
+        .take_held(peer, tether_kernel::netns_cookie().unwrap())
+        .expect("take_held");
     let mut line = String::new();
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
@@ -178,7 +181,11 @@ fn unattested_tcp_is_held_for_the_agent() {
         assert_eq!(rec.local_port, peer.port());
         assert!(!rec.flow_v6);
         // Claimed once only.
-        assert_eq!(e.take_held(peer).expect("take_held"), None);
+        assert_eq!(
+            e.take_held(peer, tether_kernel::netns_cookie().unwrap())
+                .expect("take_held"),
+            None
+        );
 
         // IPv6: held on the [::1] listener.
         let t = s.spawn(|| serve_one(&e, &h6));
@@ -251,7 +258,11 @@ fn a_connection_the_kernel_did_not_redirect_has_no_record() {
     // And one from outside it.
     let _out = TcpStream::connect((LO4, hold_port)).expect("connect");
     let (_s, peer) = h4.accept().expect("accept");
-    assert_eq!(e.take_held(peer).expect("take_held"), None);
+    assert_eq!(
+        e.take_held(peer, tether_kernel::netns_cookie().unwrap())
+            .expect("take_held"),
+        None
+    );
 }
 
 #[test]

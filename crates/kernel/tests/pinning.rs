@@ -114,14 +114,14 @@ fn a_crashed_agent_stays_closed_and_the_next_one_adopts() {
 
     // The documented removal command: nothing attached, nothing pinned.
     let report = Enforcer::detach_all(&fs.pin_dir(), Some(&cg.path)).expect("detach_all");
-    // The ten socket hooks (connect, sendmsg, getpeername, sock_ops,
-    // ingress, socket creation, setsockopt) are forced off. Tracepoint links
+    // The eleven socket hooks (connect, sendmsg, getpeername, sock_ops,
+    // ingress, egress, socket creation, setsockopt) are forced off. Tracepoint links
     // cannot be (BPF_LINK_DETACH is unsupported for them); unpinned, they go
     // away with the last fd, here `third`'s. The sk_msg program goes with
     // its map.
-    assert_eq!(report.links_detached, 10, "{report:?}");
-    // 15 links and 15 maps.
-    assert_eq!(report.pins_removed, 30, "{report:?}");
+    assert_eq!(report.links_detached, 11, "{report:?}");
+    // 16 links and 16 maps.
+    assert_eq!(report.pins_removed, 32, "{report:?}");
     assert!(!fs.pin_dir().exists());
     assert_eq!(old.run(&connect), "OK", "no longer enforced");
     drop(third);
@@ -145,8 +145,8 @@ fn detach_all_removes_a_live_agents_unpinned_links() {
     let nowhere = std::env::temp_dir().join(format!("tether-no-pins-{}", std::process::id()));
     let report = Enforcer::detach_all(&nowhere, Some(&cg.path)).expect("detach_all");
     assert_eq!(
-        report.links_detached, 10,
-        "the ten socket hooks on this cgroup: {report:?}"
+        report.links_detached, 11,
+        "the eleven socket hooks on this cgroup: {report:?}"
     );
     assert_eq!(report.pins_removed, 0);
     assert_eq!(c.run(&connect), "OK");

@@ -25,6 +25,7 @@ use crate::enforce::{Enforcement, HeldDecision};
 use crate::metrics::Metrics;
 use crate::proxy::inject::Injector;
 use crate::proxy::mesh::Mesh;
+use crate::proxy::netns::{Acceptor, Namespaces};
 use crate::state::registry::AgentService;
 use crate::state::tracker::Tracker;
 
@@ -74,7 +75,7 @@ impl HeldOutcome {
 pub trait HoldPorts: Send + Sync + 'static {
     /// Claims the kernel's record for a connection from `peer` (single
     /// use: the record is gone afterwards).
-    fn take_held(&self, peer: SocketAddr) -> Result<Option<HeldConnection>, String>;
+    fn take_held(&self, peer: SocketAddr, netns: u64) -> Result<Option<HeldConnection>, String>;
     /// The verdict for the record's exact process instance and image, once
     /// the agent has attested it.
     fn verdict(&self, rec: &HeldConnection, start_ticks: u64) -> Option<HeldDecision>;
@@ -96,8 +97,11 @@ pub struct AgentPorts {
 }
 
 impl HoldPorts for AgentPorts {
-    fn take_held(&self, peer: SocketAddr) -> Result<Option<HeldConnection>, String> {
-        self.enf.kernel().take_held(peer).map_err(|e| e.to_string())
+    fn take_held(&self, peer: SocketAddr, netns: u64) -> Result<Option<HeldConnection>, String> {
+        self.enf
+            .kernel()
+            .take_held(peer, netns)
+            .map_err(|e| e.to_string())
     }
 
     fn verdict(&self, rec: &HeldConnection, start_ticks: u64) -> Option<HeldDecision> {
@@ -146,6 +150,41 @@ struct Ctx {
     /// Held connections being decided, per process.
     deciding: Arc<KeyedSlots<u32>>,
     attest_timeout: Duration,
+    /// Where upstream sockets are made: in the client's own namespace.
+    namespaces: Arc<Namespaces>,
+}
+
+/// Accepts held connections on listeners in any network namespace.
+pub struct HoldServer {
+    ctx: Arc<Ctx>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Acceptor for HoldServer {
+    fn accept_on(&self, l: TcpListener, netns: u64) -> JoinHandle<()> {
+        let (ctx, slots) = (self.ctx.clone(), self.slots.clone());
+        let m = ctx.metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                match l.accept().await {
+                    Ok((s, peer)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            tracing::warn!(%peer, "too many held connections; reset");
+                            m.held_connection(HeldOutcome::Overload.label());
+                            reset(s);
+                            continue;
+                        };
+                        tokio::spawn(handle(s, peer, netns, ctx.clone(), slot));
+                    }
+                    Err(err) => {
+                        // EMFILE and friends: back off rather than spin.
+                        tracing::warn!(error = %err, "hold listener accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        })
+    }
 }
 
 /// What to do with a held connection, decided before any byte moves.
@@ -219,49 +258,34 @@ impl HoldListeners {
     }
 
     /// Accepts on both listeners; one task per held connection (each gets
-    /// the shared [`Ctx`]).
+    /// the shared [`Ctx`]). The returned server accepts on the listeners
+    /// of other network namespaces too.
     pub fn serve(
         self,
         ports: Arc<dyn HoldPorts>,
         mesh: Option<Arc<Mesh>>,
         inject: Option<Arc<Injector>>,
         metrics: Arc<Metrics>,
-    ) -> Vec<JoinHandle<()>> {
-        let mut tasks = Vec::new();
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HELD));
-        let ctx = Arc::new(Ctx {
-            ports,
-            mesh,
-            inject,
-            metrics,
-            deciding: KeyedSlots::new(MAX_DECIDING_PER_PROCESS, MAX_HELD),
-            attest_timeout: ATTEST_TIMEOUT,
+        namespaces: Arc<Namespaces>,
+    ) -> (Vec<JoinHandle<()>>, Arc<HoldServer>) {
+        let home = namespaces.home();
+        let server = Arc::new(HoldServer {
+            ctx: Arc::new(Ctx {
+                ports,
+                mesh,
+                inject,
+                metrics,
+                deciding: KeyedSlots::new(MAX_DECIDING_PER_PROCESS, MAX_HELD),
+                attest_timeout: ATTEST_TIMEOUT,
+                namespaces,
+            }),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)),
         });
-        for l in std::iter::once(self.v4).chain(self.v6) {
-            let (ctx, slots) = (ctx.clone(), slots.clone());
-            let m = ctx.metrics.clone();
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    match l.accept().await {
-                        Ok((s, peer)) => {
-                            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                                tracing::warn!(%peer, "too many held connections; reset");
-                                m.held_connection(HeldOutcome::Overload.label());
-                                reset(s);
-                                continue;
-                            };
-                            tokio::spawn(handle(s, peer, ctx.clone(), slot));
-                        }
-                        Err(err) => {
-                            // EMFILE and friends: back off rather than spin.
-                            tracing::warn!(error = %err, "hold listener accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-            }));
-        }
-        tasks
+        let tasks = std::iter::once(self.v4)
+            .chain(self.v6)
+            .map(|l| server.accept_on(l, home))
+            .collect();
+        (tasks, server)
     }
 }
 
@@ -277,6 +301,7 @@ fn reset(s: TcpStream) {
 async fn handle(
     client: TcpStream,
     peer: SocketAddr,
+    netns: u64,
     ctx: Arc<Ctx>,
     slot: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -285,6 +310,7 @@ async fn handle(
     let plan = plan(
         &*ctx.ports,
         peer,
+        netns,
         ctx.mesh.is_some(),
         ctx.inject.is_some(),
         &ctx.deciding,
@@ -340,7 +366,7 @@ async fn handle(
     };
     let upstream = match tokio::time::timeout(
         UPSTREAM_TIMEOUT,
-        TcpStream::connect(rec.original_dst),
+        ctx.namespaces.connect(rec.netns, rec.original_dst),
     )
     .await
     {
@@ -367,6 +393,7 @@ async fn handle(
 pub async fn plan(
     ports: &dyn HoldPorts,
     peer: SocketAddr,
+    netns: u64,
     has_mesh: bool,
     has_injector: bool,
     deciding: &Arc<KeyedSlots<u32>>,
@@ -375,7 +402,7 @@ pub async fn plan(
     // Only the kernel's record (keyed by the full client address) makes a
     // connection here legitimate; a client bound to a non-loopback source
     // still has one.
-    let rec = match ports.take_held(peer) {
+    let rec = match ports.take_held(peer, netns) {
         Ok(Some(r)) => r,
         Ok(None) => {
             tracing::warn!(%peer, "connection to the hold port that the kernel did not redirect; reset");
@@ -606,7 +633,11 @@ mod tests {
     }
 
     impl HoldPorts for Fake {
-        fn take_held(&self, peer: SocketAddr) -> Result<Option<HeldConnection>, String> {
+        fn take_held(
+            &self,
+            peer: SocketAddr,
+            _netns: u64,
+        ) -> Result<Option<HeldConnection>, String> {
             if self.map_broken {
                 return Err("held: lookup failed: EIO".into());
             }
@@ -664,6 +695,7 @@ mod tests {
             exec_id: 1,
             start_boottime_ns: 1_000_000_000,
             socket_cookie: 99,
+            netns: tether_kernel::netns_cookie().expect("netns cookie"),
         }
     }
 
@@ -691,6 +723,7 @@ mod tests {
         plan(
             fake,
             PEER.parse().expect("peer"),
+            0,
             has_mesh,
             false,
             &slots(),
@@ -791,6 +824,7 @@ mod tests {
         let first = plan(
             &fake,
             PEER.parse().expect("peer"),
+            0,
             false,
             false,
             &deciding,
@@ -807,6 +841,7 @@ mod tests {
         let second = plan(
             &other,
             PEER.parse().expect("peer"),
+            0,
             false,
             false,
             &deciding,
@@ -893,11 +928,12 @@ mod tests {
             metrics: metrics.clone(),
             deciding: slots(),
             attest_timeout: NEVER,
+            namespaces: crate::proxy::netns::Namespaces::new(0).expect("namespaces"),
         });
         let slot = Arc::new(tokio::sync::Semaphore::new(1))
             .try_acquire_owned()
             .expect("slot");
-        tokio::spawn(handle(server_side, peer, ctx, slot));
+        tokio::spawn(handle(server_side, peer, 0, ctx, slot));
         let mut client = client;
         let result = async {
             client.write_all(b"ping").await?;

@@ -185,6 +185,8 @@ pub struct Injector {
     tls: Mutex<HashMap<Option<String>, Arc<rustls::ClientConfig>>>,
     interceptor: Arc<Interceptor>,
     slots: Arc<tether_attest::KeyedSlots<u32>>,
+    /// Upstream sockets are made in the client's network namespace.
+    namespaces: Arc<crate::proxy::netns::Namespaces>,
 }
 
 /// Who the connection is for and what it carries, for its audit records.
@@ -235,6 +237,7 @@ impl Injector {
         metrics: Arc<Metrics>,
         tunnels: Arc<Tunnels>,
         interceptor: Arc<Interceptor>,
+        namespaces: Arc<crate::proxy::netns::Namespaces>,
     ) -> Arc<Self> {
         Arc::new(Injector {
             tracker,
@@ -246,6 +249,7 @@ impl Injector {
             tls: Mutex::new(HashMap::new()),
             interceptor,
             slots: tether_attest::KeyedSlots::new(MAX_INJECTED_PER_PROCESS, MAX_INJECTED),
+            namespaces,
         })
     }
 
@@ -500,7 +504,7 @@ impl Injector {
         rec: &HeldConnection,
         tls: Option<&UpstreamTls>,
     ) -> Result<Opened, OpenError> {
-        let tcp = connect(rec).await?;
+        let tcp = connect(&self.namespaces, rec).await?;
         match tls {
             None => Ok(Opened::Ready(Box::new(tcp), None)),
             Some(t) => {
@@ -612,7 +616,7 @@ impl Injector {
                 )
             })?
             .map_err(refused)?;
-        let tcp = connect(rec).await?;
+        let tcp = connect(&self.namespaces, rec).await?;
         let (mut up, info): (Upstream, _) = match tls {
             None => (Box::new(tcp), None),
             Some(t) => {
@@ -769,8 +773,12 @@ fn aws_keys(value: &[u8]) -> Result<AwsKeys, String> {
     ))
 }
 
-async fn connect(rec: &HeldConnection) -> Result<TcpStream, OpenError> {
-    match tokio::time::timeout(UPSTREAM_TIMEOUT, TcpStream::connect(rec.original_dst)).await {
+async fn connect(
+    namespaces: &crate::proxy::netns::Namespaces,
+    rec: &HeldConnection,
+) -> Result<TcpStream, OpenError> {
+    let upstream = namespaces.connect(rec.netns, rec.original_dst);
+    match tokio::time::timeout(UPSTREAM_TIMEOUT, upstream).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)

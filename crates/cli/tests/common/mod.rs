@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod capture;
+pub mod containers;
 pub mod kernel;
 pub mod netns;
 pub mod peers;

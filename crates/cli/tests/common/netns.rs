@@ -76,6 +76,11 @@ impl Lan {
         format!("{}{}", self.prefix, host)
     }
 
+    /// The name of `host`'s namespace (as `ip netns` knows it).
+    pub fn ns_name(&self, host: &str) -> String {
+        self.ns(host)
+    }
+
     /// The host's address.
     pub fn addr(&self, host: &str) -> String {
         let i = self
