@@ -2,7 +2,7 @@
 CARGO ?= cargo
 APT_PACKAGES := build-essential pkg-config protobuf-compiler openssl curl util-linux python3-pip clang libbpf-dev
 # Real servers and clients the integration tests start (loopback only).
-TEST_APT_PACKAGES := redis-server redis-tools postgresql postgresql-client iproute2 tshark gdb nginx podman runc
+TEST_APT_PACKAGES := redis-server redis-tools postgresql postgresql-client iproute2 tshark gdb nginx podman runc systemd
 # The mesh benchmark compares against iperf3 and stunnel4 on the same namespace
 # topology; the credential file benchmark against bindfs (the FUSE floor); the
 # injection benchmark uses nginx and Redis.

@@ -297,6 +297,14 @@ enum hook_code {
 	HOOK_SOCKET = 7,  /* socket creation (raw, packet) or setsockopt */
 	HOOK_NETNS = 8,   /* a connection waits for an agent listener in its
 			   * network namespace: cookie = that namespace */
+	HOOK_PROC = 9,    /* a workload process event: aux = PROC_EV_*,
+			   * tgid = the process, aux2 = the parent of a fork */
+};
+
+enum proc_event {
+	PROC_EV_EXEC = 1,
+	PROC_EV_FORK = 2,
+	PROC_EV_EXIT = 3,
 };
 
 enum stat_index {
@@ -356,6 +364,7 @@ struct tether_abi {
 	struct held held;
 	struct hold_ns hold_ns;
 	enum redirect_flag redirect_flag;
+	enum proc_event proc_event;
 	struct guard guard;
 	struct event event;
 	enum svc_flag svc_flag;
@@ -1701,6 +1710,41 @@ static __always_inline bool rooted_at_namespace(struct task_struct *task, struct
 	return false;
 }
 
+/* Whether the caller is inside the enforced cgroup (the workload). */
+static __always_inline bool in_workload(void)
+{
+	__u32 zero = 0;
+	struct scope *sc = bpf_map_lookup_elem(&scope, &zero);
+
+	return sc && sc->cgroup_id && bpf_get_current_ancestor_cgroup_id(sc->level) == sc->cgroup_id;
+}
+
+/* Exec, fork and exit of workload processes, for the agent's process
+ * table: from the tracepoints, so they arrive whatever network namespace
+ * the agent or the process is in (the proc connector answers only in the
+ * initial one). An exec or fork wakes the reader at once: the agent
+ * attests the new process while it starts. */
+static __always_inline void emit_proc(__u32 tgid, __u32 kind, __u32 parent)
+{
+	if (!in_workload())
+		return;
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e) {
+		bump(STAT_DROPPED_EVENTS);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = bpf_ktime_get_boot_ns();
+	e->tgid = tgid;
+	e->pid = tgid;
+	e->verdict = VERDICT_ALLOW;
+	e->hook = HOOK_PROC;
+	e->aux = kind;
+	e->aux2 = parent;
+	bpf_ringbuf_submit(e, kind == PROC_EV_EXIT ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP);
+}
+
 SEC("raw_tp/sched_process_exec")
 int tether_exec(struct bpf_raw_tracepoint_args *ctx)
 {
@@ -1768,6 +1812,7 @@ int tether_exec(struct bpf_raw_tracepoint_args *ctx)
 	/* If execs is full there is no record: the process gets no identity
 	 * (the procs delete above already removed the old verdicts). */
 	bpf_map_update_elem(&execs, &tgid, &rec, BPF_ANY);
+	emit_proc(tgid, PROC_EV_EXEC, 0);
 	if (rec.flags & TAINTS) {
 		bump(STAT_TAINTED);
 		emit_full(0, (__u64)rec.tracer << 32, 0, 0, 0, 0, VERDICT_TAINT, 0, 0, 0,
@@ -1812,6 +1857,7 @@ int tether_fork(struct bpf_raw_tracepoint_args *ctx)
 	} else {
 		bpf_map_delete_elem(&procs, &child_tgid);
 	}
+	emit_proc(child_tgid, PROC_EV_FORK, parent);
 	return 0;
 }
 
@@ -1834,6 +1880,7 @@ int tether_exit(struct bpf_raw_tracepoint_args *ctx)
 	if (group_dead) {
 		bpf_map_delete_elem(&procs, &tgid);
 		bpf_map_delete_elem(&execs, &tgid);
+		emit_proc(tgid, PROC_EV_EXIT, 0);
 	}
 	return 0;
 }
@@ -1899,15 +1946,6 @@ struct pt_regs {
 #define FMODE_WRITE 0x2
 #define SOCK_PACKET 10
 #define SIGKILL 9
-
-/* Whether the caller is inside the enforced cgroup (the workload). */
-static __always_inline bool in_workload(void)
-{
-	__u32 zero = 0;
-	struct scope *sc = bpf_map_lookup_elem(&scope, &zero);
-
-	return sc && sc->cgroup_id && bpf_get_current_ancestor_cgroup_id(sc->level) == sc->cgroup_id;
-}
 
 /* Marks `target` (a tgid) so it has no authority until its next exec. */
 static __always_inline void taint(__u32 target, __u32 bit, __u8 reason, bool killed)

@@ -47,6 +47,9 @@ pub struct AgentConfig {
     pub bpf_pin_dir: Option<PathBuf>,
     /// Bounds on hashing executables.
     pub hash_limits: tether_attest::HashLimits,
+    /// A process in the host's mount namespace whose root is the host's
+    /// view, when the agent runs in a container (None: the agent's own).
+    pub host_pid: Option<i32>,
     /// Time source for policy conditions (injectable for tests).
     pub clock: Clock,
     /// Audit log file (JSON lines): connection decisions and credential
@@ -89,6 +92,7 @@ impl AgentConfig {
             enforce: None,
             bpf_pin_dir: Some(PathBuf::from(DEFAULT_PIN_DIR)),
             hash_limits: tether_attest::HashLimits::default(),
+            host_pid: None,
             clock: clock::system(),
             audit_log: None,
             credentials_dir: Some(PathBuf::from(credfs::DEFAULT_DIR)),
@@ -311,6 +315,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         metrics.clone(),
         Some(kernel.clone()),
         cfg.hash_limits,
+        cfg.host_pid,
         observers,
     );
     // The node's intercepting CA (HTTPS injection): its bundle is a file of
@@ -411,6 +416,17 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
     tasks.push(tokio::spawn(renew_node_svid(node.clone())));
 
     let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(4096);
+    // With enforcement, the kernel's tracepoints report workload
+    // processes in every namespace too (the proc connector answers only in
+    // the initial network namespace); duplicates only re-check.
+    if let Some(e) = &enforcement {
+        let tx = ev_tx.clone();
+        e.on_proc_event(move |ev| {
+            if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = tx.try_send(ev) {
+                let _ = tx.try_send(tether_attest::ProcEvent::Overrun);
+            }
+        });
+    }
     tracker::spawn_event_reader(ev_tx)?;
     tracker.rescan().await;
     if let Some(e) = &enforcement

@@ -77,6 +77,8 @@ pub struct Enforcement {
     /// Where requests for a listener in another network namespace go (the
     /// proxy plane's namespace table, by the pid that asked).
     netns_requests: std::sync::OnceLock<Box<dyn Fn(i32) + Send + Sync>>,
+    /// Where the kernel's process events go (the tracker's event queue).
+    proc_events: std::sync::OnceLock<Box<dyn Fn(tether_attest::ProcEvent) + Send + Sync>>,
 }
 
 /// What the hold listener decided for a held connection.
@@ -152,6 +154,7 @@ impl Enforcement {
             verdicts_changed: watch::channel(0).0,
             holds: Mutex::new(HashMap::new()),
             netns_requests: std::sync::OnceLock::new(),
+            proc_events: std::sync::OnceLock::new(),
         });
         e.sync_registry(registry);
         Ok(e)
@@ -161,6 +164,12 @@ impl Enforcement {
     /// `request` from now on.
     pub fn on_netns_request(&self, request: impl Fn(i32) + Send + Sync + 'static) {
         let _ = self.netns_requests.set(Box::new(request));
+    }
+
+    /// The kernel's exec, fork and exit events of workload processes go to
+    /// `sink` from now on.
+    pub fn on_proc_event(&self, sink: impl Fn(tether_attest::ProcEvent) + Send + Sync + 'static) {
+        let _ = self.proc_events.set(Box::new(sink));
     }
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -610,7 +619,11 @@ impl Enforcement {
                     match batch {
                         Ok(b) => {
                             for ev in b {
-                                if ev.hook == tether_kernel::Hook::Netns {
+                                if ev.hook == tether_kernel::Hook::Proc {
+                                    if let Some(sink) = me.proc_events.get() {
+                                        sink(proc_event(&ev));
+                                    }
+                                } else if ev.hook == tether_kernel::Hook::Netns {
                                     // Not a decision: a connection waits
                                     // for a listener in its namespace.
                                     if let Some(request) = me.netns_requests.get() {
@@ -1061,5 +1074,20 @@ fn resolve_host(h: &str) -> Vec<IpAddr> {
             tracing::warn!(hostname = %h, error = %e, "cannot resolve Service hostname; retrying later");
             Vec::new()
         }
+    }
+}
+
+/// A [`tether_kernel::Hook::Proc`] event as the tracker's process event.
+fn proc_event(ev: &tether_kernel::Event) -> tether_attest::ProcEvent {
+    use tether_attest::ProcEvent;
+    let pid = ev.tgid as i32;
+    match ev.aux {
+        tether_kernel::PROC_EV_FORK => ProcEvent::Fork {
+            parent: ev.aux2 as i32,
+            child: pid,
+        },
+        tether_kernel::PROC_EV_EXIT => ProcEvent::Exit { pid },
+        // Exec, and anything newer than this agent: attest it again.
+        _ => ProcEvent::Exec { pid },
     }
 }

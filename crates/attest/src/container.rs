@@ -178,7 +178,9 @@ impl Runtimes {
             return None;
         }
         let (name, image, image_name) = store.find(&self.storage, id)?;
-        let path = exe.and_then(|(dev, ino)| path_inside(pid, exe_path, dev, ino));
+        let path = exe
+            .filter(|&(dev, ino)| names_in_root(pid, exe_path, dev, ino))
+            .map(|_| exe_path.to_owned());
         Some(ContainerInfo {
             id: id.to_owned(),
             name,
@@ -215,8 +217,12 @@ impl Runtimes {
     }
 }
 
-/// `exe_path` resolved inside the process's root, without leaving it: the
-/// path if it names the file (dev, ino) there.
+/// Whether `path`, resolved inside `pid`'s root without leaving it (its
+/// symlinks too), names the file (dev, ino).
+pub fn names_in_root(pid: i32, path: &str, dev: u64, ino: u64) -> bool {
+    path_inside(pid, path, dev, ino).is_some()
+}
+
 fn path_inside(pid: i32, exe_path: &str, dev: u64, ino: u64) -> Option<String> {
     if !exe_path.starts_with('/') || exe_path.contains('\0') {
         return None;

@@ -656,6 +656,9 @@ pub struct Attestor {
     limits: HashLimits,
     runtimes: crate::container::Runtimes,
     store: crate::container::Store,
+    /// Paths are the host's as this process's root shows them (None: as
+    /// the attestor's own root does).
+    host_pid: Option<i32>,
 }
 
 impl Default for Attestor {
@@ -692,7 +695,15 @@ impl Attestor {
             limits,
             runtimes: crate::container::Runtimes::default(),
             store: crate::container::Store::default(),
+            host_pid: None,
         }
+    }
+
+    /// Takes the host's view of paths from `pid`'s root (an attestor in a
+    /// container with the host's pid namespace).
+    pub fn with_host_pid(mut self, pid: Option<i32>) -> Attestor {
+        self.host_pid = pid;
+        self
     }
 
     /// Reads container runtimes' state from these places instead.
@@ -765,8 +776,13 @@ impl Attestor {
                 // The same file at the same path from where we stand: the
                 // path means what the host means by it.
                 info.exe_path_host = !exe_deleted
-                    && std::fs::metadata(&exe_path)
-                        .is_ok_and(|h| (h.dev(), h.ino()) == (md.dev(), md.ino()));
+                    && match self.host_pid {
+                        None => std::fs::metadata(&exe_path)
+                            .is_ok_and(|h| (h.dev(), h.ino()) == (md.dev(), md.ino())),
+                        Some(host) => {
+                            crate::container::names_in_root(host, &exe_path, md.dev(), md.ino())
+                        }
+                    };
                 info.exe_path = exe_path;
                 info.exe_deleted = exe_deleted;
                 match self.hash_exe(&dir, &exe, uid) {

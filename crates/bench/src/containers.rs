@@ -300,6 +300,7 @@ spec: {{services: [greeter], identities: [host-client, container-client]}}
     // The served namespace is known to the agent after its first container.
     container(&served.name, 0)?;
     let (mut h, mut s, mut f) = (Vec::new(), Vec::new(), Vec::new());
+    let mut all: [Vec<Duration>; 3] = Default::default();
     let mut n = 1;
     for round in 0..ROUNDS {
         let (mut hr, mut sr, mut fr) = (Vec::new(), Vec::new(), Vec::new());
@@ -327,6 +328,9 @@ spec: {{services: [greeter], identities: [host-client, container-client]}}
         h.push(pct(&hr, 0.5));
         s.push(pct(&sr, 0.5));
         f.push(pct(&fr, 0.5));
+        all[0].extend(&hr);
+        all[1].extend(&sr);
+        all[2].extend(&fr);
     }
     stop.store(true, Ordering::Relaxed);
     let _ = TcpStream::connect((host_addr.as_str(), port));
@@ -339,13 +343,14 @@ spec: {{services: [greeter], identities: [host-client, container-client]}}
             let _ = std::fs::remove_dir(&p);
         }
     }
-    let line = |label: &str, v: &[Duration], base: f64| {
+    let line = |label: &str, v: &[Duration], every: &[Duration], base: f64| {
         let vs: Vec<f64> = v.iter().map(|d| ms(*d)).collect();
         let lo = vs.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = vs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let m = median(vs);
+        let worst = every.iter().map(|d| ms(*d)).fold(0.0, f64::max);
         format!(
-            "| {label} | {m:.2} ms | {lo:.2}–{hi:.2} ms | {:.2} |\n",
+            "| {label} | {m:.2} ms | {lo:.2}–{hi:.2} ms | {worst:.2} ms | {:.2} |\n",
             m / base
         )
     };
@@ -354,11 +359,24 @@ spec: {{services: [greeter], identities: [host-client, container-client]}}
     out.push_str("## First connection of a fresh container process\n\n");
     let _ = writeln!(
         out,
-        "| fresh process, first connect to a protected Service (p50 per round of {PER_ROUND}, median of {ROUNDS} rounds) | p50 connect to greeting | spread of round p50s | ratio |\n|---|---|---|---|"
+        "| fresh process, first connect to a protected Service (p50 per round of {PER_ROUND}, median of {ROUNDS} rounds) | p50 connect to greeting | spread of round p50s | slowest | ratio |\n|---|---|---|---|---|"
     );
-    out.push_str(&line("host process (held or decided)", &h, base));
-    out.push_str(&line("container, namespace already served", &s, base));
-    out.push_str(&line("container, new network namespace", &f, base));
-    out.push('\n');
+    out.push_str(&line("host process (held or decided)", &h, &all[0], base));
+    out.push_str(&line(
+        "container, namespace already served",
+        &s,
+        &all[1],
+        base,
+    ));
+    out.push_str(&line("container, new network namespace", &f, &all[2], base));
+    let waited = all[2]
+        .iter()
+        .filter(|d| **d >= Duration::from_millis(900))
+        .count();
+    let _ = writeln!(
+        out,
+        "\n{waited} of {} first connects in a new namespace came before the agent listened there and waited for the SYN to be sent again; every connection reached the greeter.\n",
+        all[2].len()
+    );
     Ok(out)
 }

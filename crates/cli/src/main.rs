@@ -290,6 +290,13 @@ struct AgentOpts {
     /// to other nodes go. 0 disables the mesh.
     #[arg(long, default_value_t = tether_agent::DEFAULT_MESH_PORT, requires = "enforce_cgroup")]
     mesh_port: u16,
+    /// When the agent runs in a container (with the host's pid
+    /// namespace): a process in the host's mount namespace, 1 on a real
+    /// host. Its root is the host's view of paths (`process:path`) and its
+    /// mount namespace the host's own (the `mount-namespace` exec check).
+    /// Default: the agent itself.
+    #[arg(long)]
+    host_pid: Option<i32>,
     /// Testing only: read the current Unix time for policy conditions from
     /// this file.
     #[arg(long, hide = true)]
@@ -462,6 +469,10 @@ fn agent_config(
         });
     }
     cfg.audit_log = o.audit_log.clone();
+    if let Some(pid) = o.host_pid {
+        anyhow::ensure!(pid > 0, "--host-pid must be a process id");
+        cfg.host_pid = Some(pid);
+    }
     match o.credentials_dir.as_deref() {
         Some("none") => cfg.credentials_dir = None,
         Some(d) => cfg.credentials_dir = Some(PathBuf::from(d)),

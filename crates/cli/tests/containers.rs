@@ -474,3 +474,226 @@ fn an_agent_restart_keeps_containers_closed_and_adopts_them() {
         up.logs()
     );
 }
+
+#[test]
+fn process_events_come_from_the_kernel_in_every_namespace() {
+    // No proc connector and rescans ten minutes apart: only the kernel's
+    // tracepoints can tell the agent a container process started.
+    let scope = Scope::new("ctev");
+    let net = CtNet::new();
+    let image = Image::build("ev");
+    let up = Up::start_with_env(
+        &[
+            "--enforce-cgroup",
+            &scope.path().display().to_string(),
+            "--rescan",
+            "10m",
+        ],
+        &[("TETHER_PROC_CONNECTOR", "off")],
+    );
+    assert!(up.logs().contains("proc connector off"), "{}", up.logs());
+    up.apply_ok(&format!(
+        "apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {{name: sleeper}}
+spec:
+  spiffeId: spiffe://example.org/sleeper
+  selectors: [[\"container:image:{img}\", \"process:sha256:{sha}\"]]
+  allowExec: [mount-namespace]
+",
+        img = image.id,
+        sha = sha256_file(Path::new("/usr/bin/sleep")),
+    ));
+    // Let the agent's one start-up rescan pass before the container exists.
+    std::thread::sleep(Duration::from_millis(500));
+    let c = start(&scope, &net, &image, &unique("ev"));
+    let has_svid = || {
+        up.try_ok(&["svids"])
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| {
+                v.as_array().map(|a| {
+                    a.iter().any(|r| {
+                        r["pid"] == c.pid && r["spiffeId"] == "spiffe://example.org/sleeper"
+                    })
+                })
+            })
+            .unwrap_or(false)
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), has_svid),
+        "the container's process (pid {}) got no SVID without a rescan:\n{}",
+        c.pid,
+        up.logs()
+    );
+}
+
+/// A directory mounted at the same path inside a container.
+fn same_path(p: &Path, mode: &str) -> String {
+    format!("{0}:{0}:{mode}", p.display())
+}
+
+#[test]
+fn the_agent_runs_as_a_privileged_container() {
+    // `tether up` (server and agent) in a privileged container with the
+    // host's pid, network and cgroup namespaces, enforcing a cgroup of
+    // this test's on the host. `--host-pid` names a process in the host's
+    // mount namespace (this test; 1 on a real host).
+    let scope = Scope::new("ctagent");
+    let image = Image::build("agent");
+    let dir = open_tempdir();
+    let redis = Redis::start();
+    let tether = Path::new(TETHER);
+    let bin_dir = tether.parent().expect("bin dir");
+    let name = unique("agent");
+    let log = dir.path().join("agent.log");
+    let mut cmd = podman();
+    cmd.args(["run", "-d", "--name", &name, "--runtime", "runc"])
+        .args([
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+        ])
+        .args([
+            "--privileged",
+            "--pid=host",
+            "--network=host",
+            "--cgroupns=host",
+        ])
+        .args(["-v", "/usr:/usr:ro", "-v", "/sys/fs/cgroup:/sys/fs/cgroup"])
+        .args([
+            "-v",
+            &same_path(bin_dir, "ro"),
+            "-v",
+            &same_path(dir.path(), "rw"),
+        ])
+        .args(["-v", "/run/runc:/run/runc:ro"])
+        .args([
+            "-v",
+            "/var/lib/containers/storage:/var/lib/containers/storage:ro",
+        ])
+        .arg(&image.reference)
+        .args(["/bin/sh", "-c"])
+        .arg(format!(
+            "exec {tether} --log-format json up --listen 127.0.0.1:0 --data-dir {d}/data \
+             --run-dir {d}/run --enforce-cgroup {cg} --bpf-pin-dir none \
+             --credentials-dir none --mesh-port 0 --metrics off --host-pid {host} 2> {log}",
+            tether = tether.display(),
+            d = dir.path().display(),
+            cg = scope.path().display(),
+            host = std::process::id(),
+            log = log.display(),
+        ));
+    let _agent = Container {
+        name: name.clone(),
+        pid: 0,
+        id: run_ok(&mut cmd),
+    };
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(60), || read_log()
+            .contains("tether is up")),
+        "the contained agent did not start:\n{}",
+        read_log()
+    );
+    assert!(
+        read_log().contains("kernel enforcement active"),
+        "{}",
+        read_log()
+    );
+    let admin = dir.path().join("run/admin.sock");
+    let agent_sock = dir.path().join("run/agent.sock");
+    let cli = |args: &[&str]| {
+        let o = run(Command::new(TETHER)
+            .args(args)
+            .env("TETHER_ADMIN_SOCKET", &admin)
+            .env("TETHER_AGENT_SOCKET", &agent_sock));
+        assert!(
+            o.status.success(),
+            "tether {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    // redis-cli on the host, by its host path: only the host's view of
+    // paths (through --host-pid) can match, and only the host's mount
+    // namespace passes the exec checks without allowExec.
+    let redis_cli = std::fs::canonicalize(which("redis-cli")).expect("redis-cli");
+    let manifest = dir.path().join("m.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: tether.dev/v1alpha1
+kind: WorkloadIdentity
+metadata: {{name: redis-cli}}
+spec:
+  spiffeId: spiffe://example.org/redis-cli
+  selectors: [[\"process:sha256:{sha}\", \"process:path:{path}\", \"unix:uid:0\"]]
+---
+apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {{name: redis}}
+spec:
+  addresses: [{{cidr: 127.0.0.1/32, ports: [{port}]}}]
+---
+apiVersion: tether.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: redis-clients}}
+spec: {{services: [redis], identities: [redis-cli]}}
+",
+            sha = sha256_file(&redis_cli),
+            path = redis_cli.display(),
+            port = redis.port
+        ),
+    )
+    .expect("manifest");
+    cli(&["apply", "-f", &manifest.display().to_string()]);
+    let to = format!("127.0.0.1:{}", redis.port);
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            run(Command::new(TETHER)
+                .args(["policy", "check", "--identity", "redis-cli", "--to", &to])
+                .env("TETHER_AGENT_SOCKET", &agent_sock))
+            .stdout
+            .windows(13)
+            .any(|w| w == b"redis-clients")
+        }),
+        "policies never reached the contained agent:\n{}",
+        read_log()
+    );
+    let in_scope = |program: &Path, args: &[&str]| -> Output {
+        let mut c = Command::new(program);
+        c.args(args).env("REDISCLI_AUTH", PASSWORD);
+        common::kernel::enter_cgroup(scope.path(), &mut c);
+        run(&mut c)
+    };
+    let port = redis.port.to_string();
+    let o = in_scope(&redis_cli, &["-h", "127.0.0.1", "-p", &port, "PING"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "PONG",
+        "redis-cli under the contained agent: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        read_log()
+    );
+    let before = redis.connections_received();
+    let o = in_scope(
+        Path::new("/usr/bin/bash"),
+        &[
+            "-c",
+            &format!(
+                "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'PING\\r\\n' >&3 && timeout 5 head -c 64 <&3"
+            ),
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !out.contains("NOAUTH") && !out.contains("PONG"),
+        "bash reached Redis: {out}"
+    );
+    assert_eq!(
+        redis.connections_received(),
+        before + 1,
+        "a refused client reached Redis"
+    );
+}

@@ -697,7 +697,16 @@ pub enum Hook {
     /// A connection waits for the agent to listen in its network
     /// namespace; the event's socket cookie is that namespace's cookie.
     Netns,
+    /// A workload process exec'd, forked or exited: `aux` is one of
+    /// [`PROC_EV_EXEC`], [`PROC_EV_FORK`], [`PROC_EV_EXIT`], `tgid` the
+    /// process, `aux2` a fork's parent.
+    Proc,
 }
+
+/// `enum proc_event`: what a [`Hook::Proc`] event reports.
+pub const PROC_EV_EXEC: u32 = 1;
+pub const PROC_EV_FORK: u32 = 2;
+pub const PROC_EV_EXIT: u32 = 3;
 
 impl Hook {
     /// The hook with this number in the kernel's events (`HOOK_*`).
@@ -712,13 +721,14 @@ impl Hook {
             6 => Self::Send,
             7 => Self::Socket,
             8 => Self::Netns,
+            9 => Self::Proc,
             _ => return None,
         })
     }
 
     /// Hooks whose events carry no transport (or a raw protocol number).
     fn without_transport(self) -> bool {
-        matches!(self, Self::Taint | Self::Send | Self::Socket)
+        matches!(self, Self::Taint | Self::Send | Self::Socket | Self::Proc)
     }
 }
 

@@ -500,7 +500,7 @@ fn every_shared_layout_is_checked() {
     ];
     // Socket storage written and read by the programs only.
     const KERNEL_ONLY: [&str; 3] = ["guard", "guard_flag", "redirect_flag"];
-    const ENUMS: [&str; 10] = [
+    const ENUMS: [&str; 11] = [
         "svc_flag",
         "proc_flag",
         "exec_flag",
@@ -511,6 +511,7 @@ fn every_shared_layout_is_checked() {
         "redirect_kind",
         "hook_code",
         "stat_index",
+        "proc_event",
     ];
     let b = btf();
     let Ty::Struct { members, .. } = b.named("tether_abi") else {
@@ -547,6 +548,15 @@ fn constants(b: &Btf) {
         ],
     );
     check_enum(b, "proc_flag", &[("PROC_AGENT", abi::PROC_AGENT.into())]);
+    check_enum(
+        b,
+        "proc_event",
+        &[
+            ("PROC_EV_EXEC", abi::PROC_EV_EXEC.into()),
+            ("PROC_EV_FORK", abi::PROC_EV_FORK.into()),
+            ("PROC_EV_EXIT", abi::PROC_EV_EXIT.into()),
+        ],
+    );
     check_enum(
         b,
         "hold_flag",

@@ -32,8 +32,8 @@ mod sys;
 use std::path::PathBuf;
 
 pub use abi::{
-    Decision, DstPrefix, Event, EventError, ExecFlags, ExecRecord, HeldConnection, Hook, Proto,
-    Reason, ServiceFlags, decode,
+    Decision, DstPrefix, Event, EventError, ExecFlags, ExecRecord, HeldConnection, Hook,
+    PROC_EV_EXEC, PROC_EV_EXIT, PROC_EV_FORK, Proto, Reason, ServiceFlags, decode,
 };
 pub use enforcer::{
     DetachReport, Enforcer, EnforcerConfig, ExecId, HoldConfig, ProcessEntry, Stats, VerdictEntry,

@@ -417,7 +417,7 @@ fn every_decision_is_one_event() {
         "OK"
     );
 
-    let evs = reader.drain().expect("drain");
+    let evs = common::decisions(reader.drain().expect("drain"));
     assert_eq!(
         evs.len(),
         3,

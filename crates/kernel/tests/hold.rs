@@ -312,3 +312,140 @@ fn without_a_live_agent_unattested_connections_are_refused() {
         "{evs:?}"
     );
 }
+
+/// A network namespace of the test's own, removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Netns {
+        let name = format!("tether-kt-{}", std::process::id());
+        let ok = |args: &[&str]| {
+            let o = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip");
+            assert!(
+                o.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        ok(&["netns", "add", &name]);
+        let ns = Netns(name);
+        ok(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+
+    /// A listener on 127.0.0.1:`port` inside it, and the namespace cookie.
+    fn listen(&self, port: u16) -> (TcpListener, u64) {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).expect("netns");
+            // SAFETY: setns for this short-lived thread only.
+            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("bind in the namespace");
+            let cookie =
+                tether_kernel::socket_netns_cookie(std::os::fd::AsFd::as_fd(&l)).expect("cookie");
+            (l, cookie)
+        })
+        .join()
+        .expect("listener thread")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn a_connection_from_a_namespace_without_a_listener_waits_for_one() {
+    if !can_run() {
+        return;
+    }
+    let cg = TestCgroup::new("kernel");
+    let e = Enforcer::load(&cg.config(None)).expect("load");
+    let port = 6390;
+    e.set_service(DstPrefix::host(LO4, port, Proto::Tcp), 5)
+        .expect("service");
+    let (_h4, _h6, hold_port) = hold_listeners();
+    register_agent(&e, hold_port);
+    let ns = Netns::new();
+    // Something else listens at the hold port in that namespace first: it
+    // must never get the connection.
+    let (squatter, cookie) = ns.listen(hold_port);
+    squatter.set_nonblocking(true).expect("nonblocking");
+    assert_ne!(cookie, tether_kernel::netns_cookie().expect("own cookie"));
+
+    let mut c = Client::spawn(&cg);
+    assert_eq!(c.run(&format!("setns {}", ns.path())), "OK");
+    let _ = drain(&e);
+    std::thread::scope(|s| {
+        let t = s.spawn(|| c.run(&format!("peer 4 127.0.0.1 {port}")));
+        // The kernel asks for a listener in that namespace...
+        let mut reader = e.events().expect("events");
+        let mut asked = None;
+        for _ in 0..50 {
+            if let Ok(Some(ev)) = reader.next_timeout(Duration::from_millis(100)) {
+                if ev.hook == tether_kernel::Hook::Netns {
+                    asked = Some(ev);
+                    break;
+                }
+            }
+        }
+        let asked = asked.expect("a HOOK_NETNS event");
+        assert_eq!(asked.socket_cookie, cookie, "the namespace asked for");
+        // ...and meanwhile nothing reaches the port there: SYNs are dropped
+        // (1.5 s covers the first retransmission).
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            matches!(squatter.accept(), Err(ref err) if err.kind() == std::io::ErrorKind::WouldBlock),
+            "the connection reached a listener the agent does not own"
+        );
+        // The agent's listener takes the port (the squatter leaves) and the
+        // kernel learns it: the next SYN goes through.
+        drop(squatter);
+        let (agent, cookie2) = ns.listen(hold_port);
+        assert_eq!(cookie2, cookie);
+        e.serve_netns(
+            cookie,
+            HoldConfig {
+                port: hold_port,
+                v4: true,
+                v6: false,
+            },
+        )
+        .expect("serve_netns");
+        let (sock, peer) = agent.accept().expect("the held connection arrives");
+        // Claimed in its own namespace only.
+        assert_eq!(
+            e.take_held(peer, tether_kernel::netns_cookie().expect("own"))
+                .expect("take_held"),
+            None
+        );
+        let rec = e
+            .take_held(peer, cookie)
+            .expect("take_held")
+            .expect("record");
+        assert_eq!(rec.netns, cookie);
+        assert_eq!(rec.original_dst, SocketAddr::new(LO4, port));
+        let mut line = String::new();
+        BufReader::new(&sock).read_line(&mut line).expect("hello");
+        (&sock).write_all(b"held\n").expect("answer");
+        assert_eq!(
+            t.join().expect("client"),
+            format!("OK 127.0.0.1 {port} held")
+        );
+    });
+    // A namespace the agent cannot serve: refused at connect.
+    e.refuse_netns(cookie).expect("refuse");
+    assert_eq!(c.run(&format!("peer 4 127.0.0.1 {port}")), EPERM);
+}

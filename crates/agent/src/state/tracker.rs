@@ -108,12 +108,16 @@ impl Tracker {
         metrics: Arc<Metrics>,
         kernel: Option<Arc<tether_kernel::Enforcer>>,
         hash_limits: tether_attest::HashLimits,
+        host_pid: Option<i32>,
         observers: Vec<Arc<dyn ProcessObserver>>,
     ) -> Arc<Self> {
+        // The host's mount namespace: the agent's own, or that of the
+        // process named to stand for the host when the agent is contained.
+        let host = host_pid.map_or_else(|| "self".to_string(), |p| p.to_string());
         Arc::new(Tracker {
-            attestor: Attestor::with_limits(hash_limits),
+            attestor: Attestor::with_limits(hash_limits).with_host_pid(host_pid),
             kernel,
-            host_mnt_ns: std::fs::metadata("/proc/self/ns/mnt")
+            host_mnt_ns: std::fs::metadata(format!("/proc/{host}/ns/mnt"))
                 .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
                 .unwrap_or(0),
             procs: Mutex::new(HashMap::new()),
@@ -661,6 +665,12 @@ pub enum EnsureError {
 /// it the agent still works, on rescans and on-demand attestation (the
 /// kernel holds connections of processes it has not seen yet).
 pub fn spawn_event_reader(tx: mpsc::Sender<ProcEvent>) -> anyhow::Result<()> {
+    // TETHER_PROC_CONNECTOR=off: the kernel's tracepoints only (what an
+    // agent gets where the proc connector is unreachable); tests use it.
+    if std::env::var_os("TETHER_PROC_CONNECTOR").is_some_and(|v| v == "off") {
+        tracing::info!("proc connector off: process events from the kernel's tracepoints only");
+        return Ok(());
+    }
     let opened = tether_attest::ProcConnector::open().or_else(|first| {
         open_in_initial_netns().map_err(|e| {
             anyhow::anyhow!("opening the kernel proc connector (needs CAP_NET_ADMIN): {first}; from the initial network namespace: {e}")

@@ -155,6 +155,12 @@ impl Up {
         } else {
             &["--bpf-pin-dir", "none"]
         };
+        // Rescans every 5 s unless the test says otherwise.
+        let rescan: &[&str] = if self.extra.iter().any(|a| a == "--rescan") {
+            &[]
+        } else {
+            &["--rescan", "5s"]
+        };
         let child = cmd
             .args([
                 "up",
@@ -164,9 +170,8 @@ impl Up {
                 &self.listen,
                 "--metrics",
                 "127.0.0.1:0",
-                "--rescan",
-                "5s",
             ])
+            .args(rescan)
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .arg("--run-dir")

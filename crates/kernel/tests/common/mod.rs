@@ -185,6 +185,16 @@ def hold(v, host, port):
 def holdsend(i, data):
     HELD[int(i)].sendall(data.encode() + b"\n")
 
+def setns_net(path):
+    # This (single-threaded) client's sockets are made there from now on.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc().setns(fd, 0x40000000) != 0:
+            import ctypes
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    finally:
+        os.close(fd)
 LIBC = None
 def libc():
     global LIBC
@@ -307,6 +317,8 @@ for line in sys.stdin:
         out = attempt(lambda: hold(*args))
     elif cmd == "holdsend":
         out = attempt(lambda: holdsend(*args))
+    elif cmd == "setns":
+        out = attempt(lambda: setns_net(*args))
     elif cmd == "raw":
         out = attempt(lambda: raw(*args))
     elif cmd == "hdrincl":
@@ -483,5 +495,13 @@ pub fn attest(e: &Enforcer, pid: u32, subject: u32) {
 
 /// Events currently in the ring buffer.
 pub fn drain(e: &Enforcer) -> Vec<Event> {
-    e.events().expect("events").drain().expect("drain")
+    decisions(e.events().expect("events").drain().expect("drain"))
+}
+
+/// The decisions among `evs`: without the process events (exec, fork and
+/// exit of the test's clients) that share the ring buffer.
+pub fn decisions(evs: Vec<Event>) -> Vec<Event> {
+    evs.into_iter()
+        .filter(|ev| ev.hook != tether_kernel::Hook::Proc)
+        .collect()
 }
