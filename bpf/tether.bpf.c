@@ -608,8 +608,13 @@ struct mnt_namespace {
 	struct user_namespace *user_ns;
 } __attribute__((preserve_access_index));
 
+struct net {
+	struct user_namespace *user_ns;
+} __attribute__((preserve_access_index));
+
 struct nsproxy {
 	struct mnt_namespace *mnt_ns;
+	struct net *net_ns;
 } __attribute__((preserve_access_index));
 
 struct fs_struct {
@@ -966,6 +971,14 @@ static __always_inline bool to_agent(struct bpf_sock_addr *ctx, __u8 hook, __u32
 		port = ns->port;
 		flags = ns->flags;
 		rflags = 0;
+	} else {
+		/* A namespace made in a user namespace of the caller's own is
+		 * theirs to rewire: the agent never serves it, so refuse now
+		 * rather than keep the connection waiting. */
+		struct net *net = BPF_CORE_READ(current_task(), nsproxy, net_ns);
+
+		if (!net || BPF_CORE_READ(net, user_ns, level) > 0)
+			return false;
 	}
 	bool flow_v6 = hook == HOOK_CONNECT6 && !mapped;
 	if (!(flags & (flow_v6 ? HOLD_V6 : HOLD_V4)))

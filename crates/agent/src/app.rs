@@ -294,7 +294,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         (Some(ec), Some(e)) => {
             let ns = netns::Namespaces::new(ec.hold_port)?;
             let asked = ns.clone();
-            e.on_netns_request(move |pid| asked.request(pid));
+            e.on_netns_request(move |pid, netns| asked.request(pid, Some(netns)));
             let scope = tether_kernel::cgroup2_mount().and_then(|m| {
                 ec.cgroup
                     .strip_prefix(&m)

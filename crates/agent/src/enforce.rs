@@ -76,7 +76,7 @@ pub struct Enforcement {
     holds: Mutex<HashMap<u64, (std::time::Instant, Option<tether_kernel::Event>)>>,
     /// Where requests for a listener in another network namespace go (the
     /// proxy plane's namespace table, by the pid that asked).
-    netns_requests: std::sync::OnceLock<Box<dyn Fn(i32) + Send + Sync>>,
+    netns_requests: std::sync::OnceLock<Box<dyn Fn(i32, u64) + Send + Sync>>,
     /// Where the kernel's process events go (the tracker's event queue).
     proc_events: std::sync::OnceLock<Box<dyn Fn(tether_attest::ProcEvent) + Send + Sync>>,
 }
@@ -162,7 +162,7 @@ impl Enforcement {
 
     /// Kernel requests for a listener in another network namespace go to
     /// `request` from now on.
-    pub fn on_netns_request(&self, request: impl Fn(i32) + Send + Sync + 'static) {
+    pub fn on_netns_request(&self, request: impl Fn(i32, u64) + Send + Sync + 'static) {
         let _ = self.netns_requests.set(Box::new(request));
     }
 
@@ -627,7 +627,7 @@ impl Enforcement {
                                     // Not a decision: a connection waits
                                     // for a listener in its namespace.
                                     if let Some(request) = me.netns_requests.get() {
-                                        request(ev.tgid as i32);
+                                        request(ev.tgid as i32, ev.socket_cookie);
                                     }
                                 } else if ev.decision == Decision::Held {
                                     me.kernel_held(ev);

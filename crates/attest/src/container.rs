@@ -152,10 +152,27 @@ fn stat_starttime(pid: i32) -> Option<u64> {
         .map(|s| s.start_time)
 }
 
-fn pidns(pid: i32) -> Option<u64> {
-    std::fs::metadata(format!("/proc/{pid}/ns/pid"))
+fn ns_inode(pid: i32, kind: &str) -> Option<u64> {
+    std::fs::metadata(format!("/proc/{pid}/ns/{kind}"))
         .ok()
         .map(|m| m.ino())
+}
+
+fn pidns(pid: i32) -> Option<u64> {
+    ns_inode(pid, "pid")
+}
+
+/// Whether `pid` is the first process of its own pid namespace (the last
+/// NSpid is 1): what a container's init is.
+fn is_ns_init(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|v| v.split_whitespace().last().map(|x| x == "1"))
+        })
+        .unwrap_or(false)
 }
 
 impl Runtimes {
@@ -178,8 +195,12 @@ impl Runtimes {
             return None;
         }
         let (name, image, image_name) = store.find(&self.storage, id)?;
+        // The path as the container sees it: in the init's root, and only
+        // for a process that shares the init's mount namespace (one with
+        // mounts of its own could show any file at any path).
+        let same_mounts = ns_inode(pid, "mnt").is_some_and(|m| ns_inode(init, "mnt") == Some(m));
         let path = exe
-            .filter(|&(dev, ino)| names_in_root(pid, exe_path, dev, ino))
+            .filter(|&(dev, ino)| same_mounts && names_in_root(init, exe_path, dev, ino))
             .map(|_| exe_path.to_owned());
         Some(ContainerInfo {
             id: id.to_owned(),
@@ -207,7 +228,9 @@ impl Runtimes {
             }
             if let Some(b) = read_bounded(&dir.join("status"), STATE_LIMIT) {
                 let st: CrunStatus = serde_json::from_slice(&b).ok()?;
-                if st.pid <= 0 {
+                // crun records no start time: a reused pid must at least be
+                // the init of a pid namespace of its own.
+                if st.pid <= 0 || !is_ns_init(st.pid) {
                     return None;
                 }
                 return Some((runtime.clone(), st.pid));
@@ -220,14 +243,18 @@ impl Runtimes {
 /// Whether `path`, resolved inside `pid`'s root without leaving it (its
 /// symlinks too), names the file (dev, ino).
 pub fn names_in_root(pid: i32, path: &str, dev: u64, ino: u64) -> bool {
-    path_inside(pid, path, dev, ino).is_some()
+    File::open(format!("/proc/{pid}/root")).is_ok_and(|root| names_in(&root, path, dev, ino))
 }
 
-fn path_inside(pid: i32, exe_path: &str, dev: u64, ino: u64) -> Option<String> {
+/// As [`names_in_root`], in a root directory held open.
+pub fn names_in(root: &File, exe_path: &str, dev: u64, ino: u64) -> bool {
+    path_inside(root, exe_path, dev, ino).is_some()
+}
+
+fn path_inside(root: &File, exe_path: &str, dev: u64, ino: u64) -> Option<String> {
     if !exe_path.starts_with('/') || exe_path.contains('\0') {
         return None;
     }
-    let root = File::open(format!("/proc/{pid}/root")).ok()?;
     let rel = std::ffi::CString::new(exe_path.trim_start_matches('/')).ok()?;
     #[repr(C)]
     struct OpenHow {

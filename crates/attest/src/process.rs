@@ -656,9 +656,11 @@ pub struct Attestor {
     limits: HashLimits,
     runtimes: crate::container::Runtimes,
     store: crate::container::Store,
-    /// Paths are the host's as this process's root shows them (None: as
-    /// the attestor's own root does).
-    host_pid: Option<i32>,
+    /// Paths are the host's as this root shows them, opened once (the
+    /// process named for it may exit, and its pid be reused). Outer None:
+    /// the attestor's own root; inner None: it could not be opened, and no
+    /// path is the host's.
+    host_root: Option<Option<std::fs::File>>,
 }
 
 impl Default for Attestor {
@@ -695,14 +697,14 @@ impl Attestor {
             limits,
             runtimes: crate::container::Runtimes::default(),
             store: crate::container::Store::default(),
-            host_pid: None,
+            host_root: None,
         }
     }
 
     /// Takes the host's view of paths from `pid`'s root (an attestor in a
     /// container with the host's pid namespace).
     pub fn with_host_pid(mut self, pid: Option<i32>) -> Attestor {
-        self.host_pid = pid;
+        self.host_root = pid.map(|p| std::fs::File::open(format!("/proc/{p}/root")).ok());
         self
     }
 
@@ -776,12 +778,13 @@ impl Attestor {
                 // The same file at the same path from where we stand: the
                 // path means what the host means by it.
                 info.exe_path_host = !exe_deleted
-                    && match self.host_pid {
+                    && match &self.host_root {
                         None => std::fs::metadata(&exe_path)
                             .is_ok_and(|h| (h.dev(), h.ino()) == (md.dev(), md.ino())),
-                        Some(host) => {
-                            crate::container::names_in_root(host, &exe_path, md.dev(), md.ino())
+                        Some(Some(root)) => {
+                            crate::container::names_in(root, &exe_path, md.dev(), md.ino())
                         }
+                        Some(None) => false,
                     };
                 info.exe_path = exe_path;
                 info.exe_deleted = exe_deleted;

@@ -286,27 +286,6 @@ spec:
     }
 }
 
-/// Starts a long-running container with extra `podman run` flags.
-fn start_with(scope: &Scope, net: &CtNet, image: &Image, name: &str, flags: &[&str]) -> Container {
-    let mut args = run_args(scope, net, name, &["-d"]);
-    args.extend(flags.iter().map(|s| s.to_string()));
-    args.extend([
-        image.reference.clone(),
-        "/usr/bin/sleep".into(),
-        "600".into(),
-    ]);
-    let id = run_ok(podman().args(&args));
-    let mut c = Container {
-        name: name.to_string(),
-        pid: 0,
-        id,
-    };
-    c.pid = run_ok(podman().args(["inspect", "-f", "{{.State.Pid}}", name]))
-        .parse()
-        .expect("pid");
-    c
-}
-
 #[test]
 fn identity_and_credentials_inside_a_container() {
     const SECRET: &str = "container-secret-5e1d";
@@ -695,5 +674,51 @@ spec: {{services: [redis], identities: [redis-cli]}}
         redis.connections_received(),
         before + 1,
         "a refused client reached Redis"
+    );
+}
+
+#[test]
+fn a_network_namespace_of_a_users_own_is_refused_at_once() {
+    // A process in the enforced cgroup makes a user and network namespace
+    // of its own and connects to a protected address at once: the agent
+    // never works in such a namespace, so the connect fails at once
+    // (EPERM), not after a wait.
+    let scope = Scope::new("ctuserns");
+    let up = enforced_agent(&scope);
+    let port = free_port();
+    up.apply_ok(&format!(
+        "apiVersion: tether.dev/v1alpha1
+kind: Service
+metadata: {{name: db}}
+spec:
+  addresses: [{{cidr: 127.0.0.1/32, ports: [{port}]}}]
+"
+    ));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let me = std::process::id().to_string();
+            up.try_ok(&[
+                "policy",
+                "check",
+                "--pid",
+                &me,
+                "--to",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .is_some_and(|o| o.contains("db"))
+        }),
+        "the Service never reached the agent"
+    );
+    let mut c = Command::new("unshare");
+    c.args(["-Urn", "/usr/bin/bash", "-c"]).arg(format!(
+        "ip link set lo up; timeout 20 bash -c 'echo > /dev/tcp/127.0.0.1/{port}' 2>&1; echo rc=$?"
+    ));
+    common::kernel::enter_cgroup(scope.path(), &mut c);
+    let o = run(&mut c);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("Operation not permitted") && out.contains("rc=1"),
+        "a connect from a user's own network namespace: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
     );
 }

@@ -570,17 +570,21 @@ spec:
         1,
         "only the counter query reached Redis"
     );
-    let denied_a: Vec<_> =
+    // The kernel's refusals reach the audit log on the agent's next drain
+    // (every 20 ms), not before the refused process exits.
+    let denied_a = || -> Vec<serde_json::Value> {
         w.a.audit()
             .into_iter()
             .filter(|r| {
                 r["destination"] == format!("{b_ip}:{}", w.redis.port)
                     && r["verdict"].as_str().is_some_and(|v| v.starts_with("deny"))
             })
-            .collect();
+            .collect()
+    };
     assert!(
-        denied_a.len() >= 2,
-        "A's audit lacks the refusals: {denied_a:?}"
+        wait_until(Duration::from_secs(10), || denied_a().len() >= 2),
+        "A's audit lacks the refusals: {:?}\npython: {o:?}",
+        denied_a()
     );
 
     // An unauthorized process on B itself cannot go around the agent

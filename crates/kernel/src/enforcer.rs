@@ -1255,6 +1255,18 @@ impl Enforcer {
             op: "read the network namespace cookie",
             source,
         })?;
+        // An earlier agent's listeners died with it: forget every namespace
+        // but this one before connections are redirected again, so none is
+        // sent to a port someone else may hold by now (they wait for this
+        // agent's listeners instead).
+        let stale: Vec<u64> = lock(&self.hold_ns)
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| *k != netns)
+            .collect();
+        for k in stale {
+            self.forget_netns(k)?;
+        }
         self.serve_netns(netns, cfg)?;
         let v = HoldCfg {
             agent_tgid,

@@ -777,7 +777,12 @@ async fn connect(
     namespaces: &crate::proxy::netns::Namespaces,
     rec: &HeldConnection,
 ) -> Result<TcpStream, OpenError> {
-    let upstream = namespaces.connect(rec.netns, rec.original_dst);
+    // From the agent's own network namespace, whatever the client's: the
+    // credential must not cross routes or netfilter rules that whoever is
+    // root in the client's namespace may have set (a DNAT to a listener of
+    // theirs). The destination is a declared address of the Service
+    // (checked before), which is what the node reaches it at.
+    let upstream = namespaces.connect(namespaces.home(), rec.original_dst);
     match tokio::time::timeout(UPSTREAM_TIMEOUT, upstream).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);

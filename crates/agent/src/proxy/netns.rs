@@ -76,8 +76,10 @@ struct State {
     served: HashMap<u64, Served>,
     /// Namespace inode -> cookie, for socket creation by cookie.
     by_cookie: HashMap<u64, u64>,
-    /// Inodes that could not be served, and when.
-    refused: HashMap<u64, Instant>,
+    /// Inodes that could not be served: when, and the cookie the kernel
+    /// has a refusal under (None: the kernel refuses them by itself, a
+    /// namespace of another user namespace), to forget once they are gone.
+    refused: HashMap<u64, (Instant, Option<u64>)>,
 }
 
 /// A request to create a socket inside a namespace.
@@ -95,8 +97,8 @@ pub struct Namespaces {
     port: std::sync::atomic::AtomicU16,
     state: Mutex<State>,
     worker: std::sync::mpsc::SyncSender<Job>,
-    requests: mpsc::Sender<i32>,
-    rx: Mutex<Option<mpsc::Receiver<i32>>>,
+    requests: mpsc::Sender<(i32, Option<u64>)>,
+    rx: Mutex<Option<mpsc::Receiver<(i32, Option<u64>)>>>,
 }
 
 /// What the kernel side needs: record a listener, a refusal, a removal.
@@ -104,7 +106,6 @@ pub trait NetnsKernel: Send + Sync {
     fn serve(&self, netns: u64, port: u16, v6: bool) -> Result<(), String>;
     fn refuse(&self, netns: u64) -> Result<(), String>;
     fn forget(&self, netns: u64) -> Result<(), String>;
-    fn known(&self) -> Vec<u64>;
 }
 
 impl Namespaces {
@@ -140,9 +141,11 @@ impl Namespaces {
     }
 
     /// Asks for a listener in `pid`'s namespace (non-blocking; a full queue
-    /// drops the request, and the kernel asks again).
-    pub fn request(&self, pid: i32) {
-        let _ = self.requests.try_send(pid);
+    /// drops the request, and the kernel asks again). With `netns`, only if
+    /// that is still the namespace `pid` is in (the kernel's request names
+    /// the socket's namespace; the pid may have moved or been reused).
+    pub fn request(&self, pid: i32, netns: Option<u64>) {
+        let _ = self.requests.try_send((pid, netns));
     }
 
     /// A TCP socket in the namespace with this cookie, connected to `dst`:
@@ -197,20 +200,14 @@ impl Namespaces {
     ) -> Option<JoinHandle<()>> {
         let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take()?;
         self.port.store(port, std::sync::atomic::Ordering::Relaxed);
-        // Listeners of an earlier agent died with it: let their namespaces
-        // wait for ours instead of resetting.
-        for ns in kernel.known() {
-            if ns != self.home {
-                let _ = kernel.forget(ns);
-            }
-        }
+        // (An earlier agent's namespaces were forgotten by set_hold.)
         let me = self.clone();
         Some(tokio::spawn(async move {
             let mut sweep = tokio::time::interval(SWEEP_EVERY);
             loop {
                 tokio::select! {
-                    pid = rx.recv() => match pid {
-                        Some(pid) => me.provision(pid, &*kernel, &*acceptor).await,
+                    req = rx.recv() => match req {
+                        Some((pid, netns)) => me.provision(pid, netns, &*kernel, &*acceptor).await,
                         None => return,
                     },
                     _ = sweep.tick() => {
@@ -224,7 +221,13 @@ impl Namespaces {
         }))
     }
 
-    async fn provision(&self, pid: i32, kernel: &dyn NetnsKernel, acceptor: &dyn Acceptor) {
+    async fn provision(
+        &self,
+        pid: i32,
+        expect: Option<u64>,
+        kernel: &dyn NetnsKernel,
+        acceptor: &dyn Acceptor,
+    ) {
         let path = format!("/proc/{pid}/ns/net");
         let Ok(file) = std::fs::File::open(&path) else {
             return; // gone: nothing to serve
@@ -240,15 +243,34 @@ impl Namespaces {
             if st
                 .refused
                 .get(&ino)
-                .is_some_and(|t| t.elapsed() < RETRY_AFTER)
+                .is_some_and(|(t, _)| t.elapsed() < RETRY_AFTER)
             {
                 return;
             }
         }
         let ns = Arc::new(OwnedFd::from(file));
+        // A namespace some user made in a user namespace of their own is
+        // theirs to rewire (routes, netfilter): the agent does not work
+        // there, and connections from it that need the agent are refused.
+        // Containers of a root engine have namespaces the host's user
+        // namespace owns.
+        if !owned_by_host_userns(&ns) {
+            tracing::warn!(
+                pid,
+                "a network namespace owned by another user namespace; connections there that need the agent are refused"
+            );
+            // The kernel refuses these itself (to_agent): no map entry, so
+            // they cannot fill it.
+            self.state().refused.insert(ino, (Instant::now(), None));
+            return;
+        }
         match self.listen_in(ns.clone()).await {
             Ok((cookie, v4, v6)) => {
                 if cookie == self.home {
+                    return;
+                }
+                if expect.is_some_and(|c| c != cookie) {
+                    tracing::debug!(pid, "the process is no longer in the namespace that asked");
                     return;
                 }
                 let full = self.state().served.len() >= MAX_NAMESPACES;
@@ -304,7 +326,9 @@ impl Namespaces {
     }
 
     fn refused(&self, ino: u64, cookie: u64, kernel: &dyn NetnsKernel) {
-        self.state().refused.insert(ino, Instant::now());
+        self.state()
+            .refused
+            .insert(ino, (Instant::now(), Some(cookie)));
         if let Err(e) = kernel.refuse(cookie) {
             tracing::error!(netns = cookie, error = %e, "cannot record the refusal");
         }
@@ -354,6 +378,7 @@ impl Namespaces {
     /// Drops namespaces none of `live` (inodes of namespaces with
     /// processes) names any more: their listeners would keep them alive.
     pub fn sweep(&self, live: &HashSet<u64>, kernel: &dyn NetnsKernel) {
+        let mut forget_refused = Vec::new();
         let gone: Vec<Served> = {
             let mut st = self.state();
             let dead: Vec<u64> = st
@@ -369,15 +394,44 @@ impl Namespaces {
                     out.push(s);
                 }
             }
-            st.refused
-                .retain(|ino, t| live.contains(ino) || t.elapsed() < RETRY_AFTER);
+            // Refusals of namespaces that are gone: their kernel entries
+            // too (cookies are never reused, so each would stay forever).
+            st.refused.retain(|ino, (t, cookie)| {
+                let keep = live.contains(ino) || t.elapsed() < RETRY_AFTER;
+                if !keep {
+                    forget_refused.extend(cookie.take());
+                }
+                keep
+            });
             out
         };
+        for cookie in forget_refused {
+            let _ = kernel.forget(cookie);
+        }
         for s in gone {
             let _ = kernel.forget(s.cookie);
             tracing::debug!(netns = s.cookie, "no longer serving a network namespace");
         }
     }
+}
+
+/// Whether the namespace's owning user namespace is the agent's own (the
+/// host's), by NS_GET_USERNS.
+fn owned_by_host_userns(ns: &OwnedFd) -> bool {
+    const NS_GET_USERNS: libc::c_ulong = 0xb701;
+    let Ok(mine) = std::fs::metadata("/proc/self/ns/user") else {
+        return false;
+    };
+    // SAFETY: ioctl(2) on a namespace fd we hold; it returns a new fd.
+    let fd = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_USERNS) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a new fd nobody else owns.
+    let owner = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    owner
+        .metadata()
+        .is_ok_and(|m| (m.dev(), m.ino()) == (mine.dev(), mine.ino()))
 }
 
 /// Inodes of the network namespaces of every process on the host.
@@ -468,10 +522,10 @@ impl crate::state::tracker::ProcessObserver for NetnsObserver {
                 || st
                     .refused
                     .get(&ino)
-                    .is_some_and(|t| t.elapsed() < RETRY_AFTER)
+                    .is_some_and(|(t, _)| t.elapsed() < RETRY_AFTER)
         };
         if !known {
-            ns.request(info.pid);
+            ns.request(info.pid, None);
         }
     }
 }
@@ -488,12 +542,5 @@ impl NetnsKernel for crate::enforce::Enforcement {
     }
     fn forget(&self, netns: u64) -> Result<(), String> {
         self.kernel().forget_netns(netns).map_err(|e| e.to_string())
-    }
-    fn known(&self) -> Vec<u64> {
-        self.kernel()
-            .netns_listeners()
-            .into_iter()
-            .map(|(ns, _)| ns)
-            .collect()
     }
 }

@@ -296,7 +296,19 @@ pub fn run_args(scope: &Scope, net: &CtNet, name: &str, extra: &[&str]) -> Vec<S
 }
 
 pub fn start(scope: &Scope, net: &CtNet, image: &Image, name: &str) -> Container {
+    start_with(scope, net, image, name, &[])
+}
+
+/// A long-running container (`sleep 600`) with extra `podman run` flags.
+pub fn start_with(
+    scope: &Scope,
+    net: &CtNet,
+    image: &Image,
+    name: &str,
+    flags: &[&str],
+) -> Container {
     let mut args = run_args(scope, net, name, &["-d"]);
+    args.extend(flags.iter().map(|s| s.to_string()));
     args.extend([
         image.reference.clone(),
         "/usr/bin/sleep".into(),
@@ -308,7 +320,8 @@ pub fn start(scope: &Scope, net: &CtNet, image: &Image, name: &str) -> Container
         pid: 0,
         id,
     };
-    let pid = run_ok(podman().args(["inspect", "-f", "{{.State.Pid}}", name]));
-    c.pid = pid.parse().expect("pid");
+    c.pid = run_ok(podman().args(["inspect", "-f", "{{.State.Pid}}", name]))
+        .parse()
+        .expect("pid");
     c
 }
