@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 
 use crate::connect::BenchCgroup;
-use crate::mesh::{Procs, place_cgroup, run_ok, sha256_file, wait_for};
+use crate::mesh::{Procs, place_cgroup, run_ok, sha256_file, start_up};
 use crate::{median, pct};
 
 pub const CHILD_ARG: &str = "--timed-connect";
@@ -184,7 +184,6 @@ pub fn run() -> anyhow::Result<String> {
     );
     let tmp = tempfile::tempdir()?;
     let d = tmp.path();
-    let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
     let cg = BenchCgroup::new("containers")?;
     let mnt = tether_kernel::cgroup2_mount().context("cgroup2")?;
     let rel = format!("/{}", cg.path.strip_prefix(&mnt)?.display());
@@ -195,32 +194,13 @@ pub fn run() -> anyhow::Result<String> {
     let (port, stop) = greeter(&host_addr)?;
     let target = format!("{host_addr}:{port}");
     let mut procs = Procs(Vec::new());
-    let mut up = Command::new(&tether);
-    up.args(["--log-format", "json", "up", "--listen", "127.0.0.1:0"])
-        .args([
-            "--metrics",
-            "off",
-            "--bpf-pin-dir",
-            "none",
-            "--mesh-port",
-            "0",
-        ])
-        .args(["--credentials-dir", "none"])
-        .arg("--data-dir")
-        .arg(d.join("data"))
-        .arg("--run-dir")
-        .arg(d.join("run"))
-        .arg("--enforce-cgroup")
-        .arg(&cg.path)
-        .env("RUST_LOG", "warn,tether=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(d.join("up.log"))?);
-    procs.0.push(up.spawn()?);
-    wait_for("tether up", Duration::from_secs(60), || {
-        read("up.log").contains("tether is up")
-    })
-    .with_context(|| read("up.log"))?;
+    start_up(
+        &tether,
+        d,
+        &cg.path,
+        &["--credentials-dir", "none"],
+        &mut procs,
+    )?;
     let sha = sha256_file(&bench)?;
     std::fs::write(
         d.join("bench.yaml"),

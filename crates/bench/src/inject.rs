@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 
 use crate::connect::BenchCgroup;
-use crate::mesh::{Procs, place_cgroup, run_ok, sha256_file, wait_for};
+use crate::mesh::{Procs, place_cgroup, run_ok, sha256_file, start_up, wait_for};
 use crate::{median, pct};
 
 pub const HTTP_ARG: &str = "--http-keepalive";
@@ -167,7 +167,6 @@ pub fn run() -> anyhow::Result<String> {
     let d = dir.path();
     let cg = BenchCgroup::new("inject")?;
     let mut procs = Procs(Vec::new());
-    let read = |name: &str| std::fs::read_to_string(d.join(name)).unwrap_or_default();
 
     // nginx: one port behind injection (checks the token), one direct.
     let (web_inj, web_direct) = (free_port()?, free_port()?);
@@ -211,31 +210,7 @@ pub fn run() -> anyhow::Result<String> {
     }
 
     // tether up enforcing the bench's cgroup.
-    let mut up = Command::new(&tether);
-    up.args(["--log-format", "json", "up", "--listen", "127.0.0.1:0"])
-        .args([
-            "--metrics",
-            "off",
-            "--bpf-pin-dir",
-            "none",
-            "--mesh-port",
-            "0",
-        ])
-        .arg("--data-dir")
-        .arg(d.join("data"))
-        .arg("--run-dir")
-        .arg(d.join("run"))
-        .arg("--enforce-cgroup")
-        .arg(&cg.path)
-        .env("RUST_LOG", "warn,tether=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(d.join("up.log"))?);
-    procs.0.push(up.spawn()?);
-    wait_for("tether up", Duration::from_secs(60), || {
-        read("up.log").contains("tether is up")
-    })
-    .with_context(|| read("up.log"))?;
+    start_up(&tether, d, &cg.path, &[], &mut procs)?;
     let manifest = format!(
         "apiVersion: tether.dev/v1alpha1
 kind: WorkloadIdentity

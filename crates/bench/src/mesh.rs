@@ -210,6 +210,45 @@ impl Drop for Procs {
     }
 }
 
+/// Starts `tether up` for a bench in `dir` (its data, run dir and up.log),
+/// enforcing `cgroup`, with `extra` flags; returns once it is up.
+pub(crate) fn start_up(
+    tether: &Path,
+    dir: &Path,
+    cgroup: &Path,
+    extra: &[&str],
+    procs: &mut Procs,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut up = Command::new(tether);
+    up.args(["--log-format", "json", "up", "--listen", "127.0.0.1:0"])
+        .args([
+            "--metrics",
+            "off",
+            "--bpf-pin-dir",
+            "none",
+            "--mesh-port",
+            "0",
+        ])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .arg("--enforce-cgroup")
+        .arg(cgroup)
+        .env("RUST_LOG", "warn,tether=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("up.log"))?);
+    procs.0.push(up.spawn()?);
+    let log = || std::fs::read_to_string(dir.join("up.log")).unwrap_or_default();
+    wait_for("tether up", Duration::from_secs(60), || {
+        log().contains("tether is up")
+    })
+    .with_context(log)
+}
+
 pub(crate) fn wait_for(
     what: &str,
     timeout: Duration,

@@ -222,6 +222,25 @@ struct ServerOpts {
     /// Key (PEM) of --upstream-ca-cert.
     #[arg(long, requires = "upstream_ca_cert")]
     upstream_ca_key: Option<PathBuf>,
+    /// The database: a PostgreSQL URL (postgres://user@host:port/db, with
+    /// libpq's keywords such as sslmode) that several servers share. Without
+    /// it, SQLite in the data directory. The environment keeps a password
+    /// out of the process list.
+    #[arg(long, env = "TETHER_DATABASE", hide_env_values = true)]
+    database: Option<String>,
+    /// CA certificates (PEM) that verify the database server's TLS
+    /// certificate (default: the system's roots).
+    #[arg(long, requires = "database")]
+    database_ca: Option<PathBuf>,
+    /// The key-encryption key (32 bytes, mode 0600, the same file on every
+    /// server) that seals CA keys and static secrets in a PostgreSQL
+    /// database. Required with --database.
+    #[arg(long, requires = "database")]
+    kek_file: Option<PathBuf>,
+    /// How often due key rotation steps, and keys another server sharing
+    /// the database prepared or activated, are checked.
+    #[arg(long, default_value = "30s")]
+    key_check: String,
     /// Lifetime of each signing CA, e.g. 7d.
     #[arg(long, default_value = "7d")]
     ca_ttl: String,
@@ -402,7 +421,21 @@ fn server_config(
     cfg.listen = o.listen;
     cfg.admin_socket = admin_socket;
     cfg.upstream = o.upstream_ca_cert.clone().zip(o.upstream_ca_key.clone());
+    if let Some(url) = &o.database {
+        if !tether_server::is_postgres_url(url) {
+            bail!("--database: not a postgres:// URL (SQLite, the default, needs no flag)");
+        }
+        let kek = o.kek_file.clone().ok_or_else(|| {
+            anyhow!("--database needs --kek-file: secrets are never stored in clear")
+        })?;
+        cfg.database = tether_server::Database::Postgres {
+            url: url.clone(),
+            ca: o.database_ca.clone(),
+            kek,
+        };
+    }
     cfg.ca_ttl_secs = duration("--ca-ttl", &o.ca_ttl)?;
+    cfg.rotation_check = Duration::from_secs(duration("--key-check", &o.key_check)?.max(1) as u64);
     cfg.node_svid_ttl_secs = duration("--node-svid-ttl", &o.node_svid_ttl)?;
     if let (Some(issuer), Some(listen), Some(cert), Some(key)) = (
         &o.oidc_issuer,

@@ -12,7 +12,6 @@ use tether_ca::{CaMaterial, PrivateKey, Signer, Upstream};
 use tether_spiffe::jwt::JwtKey;
 use tether_spiffe::{Bundle, SpiffeId, TrustDomain};
 use tether_store::{CaRow, JwtKeyRow, KeyState, Store};
-use zeroize::Zeroizing;
 
 use crate::ServerError;
 
@@ -87,6 +86,12 @@ pub struct KeyManager {
     pub td: TrustDomain,
     pub ttl_secs: i64,
     pub upstream: Option<Upstream>,
+    /// Private keys are sealed before they reach the database.
+    pub sealer: std::sync::Arc<crate::secrets::Sealer>,
+}
+
+fn sealing(e: crate::secrets::SealError) -> ServerError {
+    ServerError::Internal(format!("a signing key in the database: {e}"))
 }
 
 fn lifetime_fraction_passed(created: i64, not_after: i64, now: i64, num: i64, den: i64) -> bool {
@@ -112,7 +117,7 @@ impl KeyManager {
         Ok(store.insert_ca(&CaRow {
             id: 0,
             cert_der: m.cert_der.clone(),
-            key_pkcs8: m.key_pkcs8.to_vec(),
+            key_pkcs8: self.sealer.seal_key(&m.key_pkcs8).map_err(sealing)?,
             chain_der: m.chain.clone(),
             anchors_der: m.anchors.clone(),
             state,
@@ -127,7 +132,7 @@ impl KeyManager {
             JwtKey::generate(&kid).map_err(|e| ServerError::Internal(format!("JWT key: {e}")))?;
         store.insert_jwt_key(&JwtKeyRow {
             kid,
-            key_pkcs8: key.pkcs8_der().to_vec(),
+            key_pkcs8: self.sealer.seal_key(key.pkcs8_der()).map_err(sealing)?,
             state,
             not_after: now + self.ttl_secs,
             created_at: now,
@@ -240,7 +245,7 @@ impl KeyManager {
             .ok_or_else(|| ServerError::Internal("no active CA after reconcile".into()))?;
         let signer = Signer::new(&CaMaterial {
             cert_der: ca.cert_der.clone(),
-            key_pkcs8: Zeroizing::new(ca.key_pkcs8.clone()),
+            key_pkcs8: self.sealer.open_key(&ca.key_pkcs8).map_err(sealing)?,
             chain: ca.chain_der.clone(),
             anchors: ca.anchors_der.clone(),
             not_after: ca.not_after,
@@ -250,7 +255,8 @@ impl KeyManager {
             .iter()
             .find(|k| k.state == KeyState::Active)
             .ok_or_else(|| ServerError::Internal("no active JWT key after reconcile".into()))?;
-        let jwt = JwtKey::from_pkcs8(&jk.kid, &jk.key_pkcs8)
+        let der = self.sealer.open_key(&jk.key_pkcs8).map_err(sealing)?;
+        let jwt = JwtKey::from_pkcs8(&jk.kid, &der)
             .map_err(|e| ServerError::Internal(format!("JWT key: {e}")))?;
         Ok((
             ActiveKeys {
@@ -282,7 +288,8 @@ impl KeyManager {
         }
         let mut jwt = Vec::new();
         for k in store.jwt_keys()?.iter().filter(|k| k.not_after > now) {
-            let key = JwtKey::from_pkcs8(&k.kid, &k.key_pkcs8)
+            let der = self.sealer.open_key(&k.key_pkcs8).map_err(sealing)?;
+            let key = JwtKey::from_pkcs8(&k.kid, &der)
                 .map_err(|e| ServerError::Internal(format!("JWT key: {e}")))?;
             jwt.push(key.authority());
         }

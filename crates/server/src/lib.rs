@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use tether_ca::Upstream;
 use tether_spiffe::{Bundle, SpiffeId, TrustDomain};
-use tether_store::Store;
+pub use tether_store::is_postgres_url;
+use tether_store::{Lock, Store};
 use tether_tls::{SharedBundle, SwappableCert};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -79,10 +80,28 @@ pub fn system_clock() -> Clock {
     })
 }
 
+/// Where the server keeps its state.
+#[derive(Clone)]
+pub enum Database {
+    /// `server.db` in the data directory, sealed with `secrets.key` beside
+    /// it (made on first start): one server.
+    Sqlite,
+    /// A PostgreSQL database any number of servers share. Secrets are
+    /// sealed with the operator's key-encryption key, the same file on
+    /// every server; `ca` verifies the database's certificate (the system's
+    /// roots otherwise) when the URL's sslmode asks for TLS.
+    Postgres {
+        url: String,
+        ca: Option<PathBuf>,
+        kek: PathBuf,
+    },
+}
+
 pub struct ServerConfig {
     pub trust_domain: TrustDomain,
     /// Holds the SQLite database (which contains CA keys: owner-only).
     pub data_dir: PathBuf,
+    pub database: Database,
     /// Node API listen address (TLS).
     pub listen: SocketAddr,
     pub admin_socket: PathBuf,
@@ -103,6 +122,7 @@ impl ServerConfig {
         ServerConfig {
             trust_domain,
             data_dir,
+            database: Database::Sqlite,
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_socket: PathBuf::from("/run/tether/admin.sock"),
             upstream: None,
@@ -129,7 +149,7 @@ pub struct State {
     pub node_svid_ttl_secs: i64,
     pub clock: Clock,
     /// Seals static secrets before they are stored.
-    pub sealer: secrets::Sealer,
+    pub sealer: Arc<secrets::Sealer>,
     /// The OIDC issuer URL JWT-SVIDs carry as `iss`, when discovery is on.
     pub issuer: Option<String>,
     /// Held while a JWT-SVID is signed and while keys rotate, so a key is
@@ -163,9 +183,12 @@ impl State {
         let now = self.now();
         let mut issued = self.jwt_issued.lock().unwrap_or_else(|p| p.into_inner());
         let retire_until = issued.retire_until(self.keys().jwt.kid(), now);
-        let (keys, changed) = self
-            .key_manager
-            .reconcile(&self.store, now, force, retire_until)?;
+        // One server at a time decides on keys; the others read what it
+        // decided.
+        let (keys, changed) = self.store.exclusive(Lock::Keys, || {
+            self.key_manager
+                .reconcile(&self.store, now, force, retire_until)
+        })??;
         issued.activated(keys.jwt.kid(), now);
         let signer_changed = self.keys().signer_id != keys.signer_id;
         *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = keys.bundle.clone();
@@ -315,8 +338,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     restrict_dir(&cfg.data_dir);
-    let db = cfg.data_dir.join("server.db");
-    let store = Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
+    let (store, sealer) = open_store(&cfg)?;
     let upstream = match &cfg.upstream {
         Some((cert, key)) => {
             let c = std::fs::read_to_string(cert)
@@ -331,6 +353,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         td: cfg.trust_domain.clone(),
         ttl_secs: cfg.ca_ttl_secs,
         upstream,
+        sealer: sealer.clone(),
     };
     let now = (cfg.clock)();
     // A key found active may have signed anything up to the longest TTL
@@ -342,8 +365,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         .map(|k| k.kid)
         .unwrap_or_default();
     let mut issued = JwtIssued::unknown(&active_before);
-    let (keys, _) = km
-        .reconcile(&store, now, None, issued.retire_until(&active_before, now))
+    let (keys, _) = store
+        .exclusive(Lock::Keys, || {
+            km.reconcile(&store, now, None, issued.retire_until(&active_before, now))
+        })?
         .context("initialising CA and JWT keys")?;
     issued.activated(keys.jwt.kid(), now);
     let jwt_issued = Mutex::new(issued);
@@ -362,7 +387,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         updates,
         node_svid_ttl_secs: cfg.node_svid_ttl_secs,
         clock: cfg.clock.clone(),
-        sealer: secrets::Sealer::load_or_create(&cfg.data_dir.join("secrets.key"))?,
+        sealer,
         issuer: cfg.oidc.as_ref().map(|o| o.issuer.as_str().to_owned()),
         jwt_issued,
     });
@@ -399,6 +424,50 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         node_addr,
         oidc_addr,
         tasks,
+    })
+}
+
+/// The store and the sealer of its secrets, as `cfg.database` says.
+fn open_store(cfg: &ServerConfig) -> anyhow::Result<(Store, Arc<secrets::Sealer>)> {
+    use anyhow::Context as _;
+    Ok(match &cfg.database {
+        Database::Sqlite => {
+            let db = cfg.data_dir.join("server.db");
+            let store = Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
+            let sealer = secrets::Sealer::load_or_create(&cfg.data_dir.join("secrets.key"))?;
+            (store, Arc::new(sealer))
+        }
+        Database::Postgres { url, ca, kek } => {
+            let sealer = secrets::Sealer::load(kek).context("--kek-file")?;
+            let roots = match ca {
+                Some(p) => {
+                    let pem = std::fs::read(p)
+                        .with_context(|| format!("reading --database-ca {}", p.display()))?;
+                    let mut roots = rustls::RootCertStore::empty();
+                    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
+                        let c: rustls_pki_types::CertificateDer<'static> =
+                            c.with_context(|| format!("--database-ca {}", p.display()))?;
+                        roots
+                            .add(c)
+                            .with_context(|| format!("--database-ca {}", p.display()))?;
+                    }
+                    anyhow::ensure!(
+                        !roots.is_empty(),
+                        "--database-ca {}: no certificate in it",
+                        p.display()
+                    );
+                    roots
+                }
+                None => tether_tls::system_roots(),
+            };
+            let tls = rustls::ClientConfig::builder_with_provider(tether_tls::provider())
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let store = Store::open_postgres(url, Some(Arc::new(tls)))
+                .context("opening the PostgreSQL database")?;
+            (store, Arc::new(sealer))
+        }
     })
 }
 

@@ -39,6 +39,19 @@ pub struct Sealer {
 }
 
 impl Sealer {
+    /// Loads the operator's key-encryption key from `path`, which must
+    /// exist (a shared database needs the same key on every server, so
+    /// none is made up here). Same checks as [`Sealer::load_or_create`].
+    pub fn load(path: &Path) -> Result<Sealer, SealError> {
+        if !path.exists() {
+            return Err(SealError::Key {
+                path: path.display().to_string(),
+                msg: "does not exist; create it once (32 random bytes, mode 0600: `head -c 32 /dev/urandom > FILE`) and give every server the same file".into(),
+            });
+        }
+        Self::load_or_create(path)
+    }
+
     /// Loads `path`, or creates it (32 random bytes, mode 0600) if it does
     /// not exist. A key file others can read is refused.
     pub fn load_or_create(path: &Path) -> Result<Sealer, SealError> {
@@ -128,6 +141,27 @@ impl Sealer {
         let mut blob = nonce.to_vec();
         blob.extend_from_slice(&data);
         Ok(format!("{PREFIX}{}:{tag}", STANDARD.encode(blob)))
+    }
+
+    /// Seals a private key (DER) for the database.
+    pub fn seal_key(&self, der: &[u8]) -> Result<Vec<u8>, SealError> {
+        let b64 = zeroize::Zeroizing::new(STANDARD.encode(der));
+        Ok(self.seal(&b64, None)?.into_bytes())
+    }
+
+    /// Opens a private key stored by [`seal_key`](Self::seal_key). A key
+    /// stored in clear by a version before sealing (DER, which starts with
+    /// a SEQUENCE tag) is still read.
+    pub fn open_key(&self, stored: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, SealError> {
+        if stored.first() == Some(&0x30) {
+            return Ok(zeroize::Zeroizing::new(stored.to_vec()));
+        }
+        let s = std::str::from_utf8(stored).map_err(|_| SealError::Open)?;
+        let b64 = zeroize::Zeroizing::new(self.open(s)?);
+        STANDARD
+            .decode(b64.as_bytes())
+            .map(zeroize::Zeroizing::new)
+            .map_err(|_| SealError::Open)
     }
 
     /// Opens a value made by [`seal`](Self::seal).

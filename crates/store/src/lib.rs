@@ -1,20 +1,38 @@
 //! Tether's control-plane state.
 //!
-//! SQLite is the embedded default. The SQL is kept to the portable subset
-//! (no SQLite-only functions, explicit keys, integers for time) and every
-//! access goes through [`Store`], so a PostgreSQL backend is another
-//! implementation of the same methods rather than a redesign. Schema changes
-//! are numbered migrations applied in one transaction at open.
+//! SQLite is the embedded default; PostgreSQL serves several servers that
+//! share one trust domain. Every method is written once against the
+//! [`sql::Tx`] seam, in the portable subset of SQL (explicit keys, integers
+//! for time, `RETURNING`), and [`sql::Dialect`] names the few differences
+//! (column types, row locks). Schema changes are numbered migrations applied
+//! in one transaction at open; on PostgreSQL an advisory lock makes servers
+//! that start together apply them once.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, TransactionBehavior};
+
+mod pg;
+mod pg_tls;
+pub mod sql;
+
+use sql::{Dialect, P, Row, SqliteTx, Tx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("database: {0}")]
+    Postgres(String),
+    /// The database cannot be reached or did not answer in time; the
+    /// caller may retry.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database configuration: {0}")]
+    Config(String),
+    #[error("database returned something unexpected: {0}")]
+    Decode(String),
     #[error(
         "database schema version {found} is newer than this binary understands ({known}); upgrade tether"
     )]
@@ -25,7 +43,8 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// Ordered schema migrations; index + 1 is the version.
+/// Ordered schema migrations; index + 1 is the version. `{blob}` and `{id}`
+/// are the dialect's byte-string and generated-key column types.
 const MIGRATIONS: &[&str] = &[
     // 1: registry resources, nodes, join tokens, CA and JWT keys.
     "CREATE TABLE resources (
@@ -55,9 +74,9 @@ const MIGRATIONS: &[&str] = &[
         last_seen BIGINT NOT NULL
      );
      CREATE TABLE x509_cas (
-        id INTEGER PRIMARY KEY,
-        cert_der BLOB NOT NULL,
-        key_pkcs8 BLOB NOT NULL,
+        id {id},
+        cert_der {blob} NOT NULL,
+        key_pkcs8 {blob} NOT NULL,
         chain_der TEXT NOT NULL,
         anchors_der TEXT NOT NULL,
         state TEXT NOT NULL,
@@ -66,7 +85,7 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE TABLE jwt_keys (
         kid TEXT PRIMARY KEY,
-        key_pkcs8 BLOB NOT NULL,
+        key_pkcs8 {blob} NOT NULL,
         state TEXT NOT NULL,
         not_after BIGINT NOT NULL,
         created_at BIGINT NOT NULL
@@ -75,6 +94,9 @@ const MIGRATIONS: &[&str] = &[
     // two nodes can never both be vouched for at one address.
     "ALTER TABLE nodes ADD COLUMN addresses TEXT NOT NULL DEFAULT ''",
 ];
+
+/// An arbitrary constant: the advisory lock migrations run under.
+const MIGRATION_LOCK: i64 = 0x7465_7468_6572;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResourceRow {
@@ -168,8 +190,22 @@ pub struct JwtKeyRow {
     pub created_at: i64,
 }
 
+enum Backend {
+    Sqlite(Mutex<Connection>),
+    Postgres(pg::Pg),
+}
+
 pub struct Store {
-    conn: Mutex<Connection>,
+    backend: Backend,
+    /// [`Store::exclusive`] on SQLite, whose database one server owns.
+    local_lock: Mutex<()>,
+}
+
+/// Locks of [`Store::exclusive`].
+#[derive(Debug, Clone, Copy)]
+pub enum Lock {
+    /// Creating, rotating and pruning signing keys.
+    Keys = 1,
 }
 
 fn hexes(v: &[Vec<u8>]) -> String {
@@ -191,6 +227,11 @@ fn unhexes(s: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Whether `url` names a PostgreSQL database (rather than a SQLite file).
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
 impl Store {
     /// Opens (creating if needed) the database file with owner-only
     /// permissions, since it holds CA keys.
@@ -209,165 +250,217 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Self::init(conn)
+        Self::init(Backend::Sqlite(Mutex::new(conn)))
     }
 
     pub fn open_in_memory() -> Result<Store> {
-        Self::init(Connection::open_in_memory()?)
+        Self::init(Backend::Sqlite(Mutex::new(Connection::open_in_memory()?)))
     }
 
-    fn init(mut conn: Connection) -> Result<Store> {
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)",
-        )?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let current: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-            [],
-            |r| r.get(0),
-        )?;
-        let known = MIGRATIONS.len() as i64;
-        if current > known {
-            return Err(StoreError::TooNew {
-                found: current,
-                known,
-            });
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-            tx.execute_batch(sql)?;
-            tx.execute(
-                "INSERT INTO schema_migrations (version) VALUES (?1)",
-                params![i as i64 + 1],
-            )?;
-        }
-        tx.commit()?;
-        Ok(Store {
-            conn: Mutex::new(conn),
-        })
+    /// Connects to PostgreSQL at `url` (`postgres://user:pass@host:port/db`,
+    /// libpq's keywords, `sslmode` among them). `tls` verifies the server
+    /// when the URL's sslmode asks for TLS.
+    pub fn open_postgres(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Store> {
+        Self::init(Backend::Postgres(pg::Pg::connect(url, tls)?))
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite half-written
-        // (transactions roll back), so a poisoned lock is still usable.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn init(backend: Backend) -> Result<Store> {
+        let store = Store {
+            backend,
+            local_lock: Mutex::new(()),
+        };
+        store.write(|tx| {
+            if tx.dialect() == Dialect::Postgres {
+                tx.exec("SELECT pg_advisory_xact_lock($1)", &[P::I(MIGRATION_LOCK)])
+                    .map(|_| ())?;
+            }
+            tx.batch("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)")?;
+            let current = tx
+                .one(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                    &[],
+                )?
+                .int(0)?;
+            let known = MIGRATIONS.len() as i64;
+            if current > known {
+                return Err(StoreError::TooNew {
+                    found: current,
+                    known,
+                });
+            }
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+                tx.batch(&tx.dialect().ddl(sql))?;
+                tx.exec(
+                    "INSERT INTO schema_migrations (version) VALUES ($1)",
+                    &[P::I(i as i64 + 1)],
+                )?;
+            }
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// Which database this is.
+    pub fn dialect(&self) -> Dialect {
+        match self.backend {
+            Backend::Sqlite(_) => Dialect::Sqlite,
+            Backend::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// Runs `f` while no other server on this database runs it under the
+    /// same lock: one server decides (say, which key to prepare or
+    /// activate) and the others see the outcome.
+    pub fn exclusive<R>(&self, lock: Lock, f: impl FnOnce() -> R) -> Result<R> {
+        match &self.backend {
+            Backend::Sqlite(_) => {
+                let _g = self.local_lock.lock().unwrap_or_else(|p| p.into_inner());
+                Ok(f())
+            }
+            Backend::Postgres(pg) => pg.locked(MIGRATION_LOCK + lock as i64, f),
+        }
+    }
+
+    /// Runs `f` in a write transaction: all of it lands or none does.
+    fn write<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                // A panic while holding the lock cannot leave SQLite
+                // half-written (transactions roll back), so a poisoned lock
+                // is still usable.
+                let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let mut t = SqliteTx(tx);
+                let r = f(&mut t)?;
+                t.0.commit()?;
+                Ok(r)
+            }
+            Backend::Postgres(pg) => pg.tx(f),
+        }
+    }
+
+    /// Runs `f` for reading (one consistent view on SQLite; statement by
+    /// statement on PostgreSQL, which is all single reads need).
+    fn read<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+                let mut t = SqliteTx(tx);
+                let r = f(&mut t)?;
+                t.0.commit()?;
+                Ok(r)
+            }
+            Backend::Postgres(pg) => pg.tx(f),
+        }
     }
 
     pub fn schema_version(&self) -> Result<i64> {
-        Ok(self
-            .conn()
-            .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
-                r.get(0)
-            })?)
+        self.read(|tx| {
+            tx.one("SELECT MAX(version) FROM schema_migrations", &[])?
+                .int(0)
+        })
     }
 
     /// The registry revision: bumped by every apply that changes something.
     pub fn revision(&self) -> Result<i64> {
-        Ok(self
-            .conn()
-            .query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| {
-                r.get(0)
-            })?)
+        self.read(|tx| {
+            tx.one("SELECT value FROM meta WHERE key = 'revision'", &[])?
+                .int(0)
+        })
     }
 
     /// Applies all changes in one transaction: either every change lands or
     /// none does.
     pub fn apply(&self, changes: &[Change], now: i64) -> Result<Vec<ChangeOutcome>> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let rev: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| {
-            r.get(0)
-        })?;
-        let next = rev + 1;
-        let mut outcomes = Vec::with_capacity(changes.len());
-        for c in changes {
-            let outcome = match c {
-                Change::Upsert { kind, name, spec } => {
-                    let old: Option<String> = tx
-                        .query_row(
-                            "SELECT spec FROM resources WHERE kind = ?1 AND name = ?2",
-                            params![kind, name],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
-                    match old {
-                        Some(o) if &o == spec => ChangeOutcome::Unchanged,
-                        Some(_) => {
-                            tx.execute(
-                                "UPDATE resources SET spec = ?3, revision = ?4, updated_at = ?5 WHERE kind = ?1 AND name = ?2",
-                                params![kind, name, spec, next, now],
-                            )?;
-                            ChangeOutcome::Configured
-                        }
-                        None => {
-                            tx.execute(
-                                "INSERT INTO resources (kind, name, spec, revision, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                                params![kind, name, spec, next, now],
-                            )?;
-                            ChangeOutcome::Created
+        self.write(|tx| {
+            // Locked: concurrent applies (other servers) queue here, so
+            // revisions are handed out one at a time.
+            let rev = tx
+                .one(
+                    &format!(
+                        "SELECT value FROM meta WHERE key = 'revision'{}",
+                        tx.dialect().for_update()
+                    ),
+                    &[],
+                )?
+                .int(0)?;
+            let next = rev + 1;
+            let mut outcomes = Vec::with_capacity(changes.len());
+            for c in changes {
+                let outcome = match c {
+                    Change::Upsert { kind, name, spec } => {
+                        let old = tx.row(
+                            "SELECT spec FROM resources WHERE kind = $1 AND name = $2",
+                            &[P::T(kind), P::T(name)],
+                        )?;
+                        match old {
+                            Some(o) if &o.text(0)? == spec => ChangeOutcome::Unchanged,
+                            Some(_) => {
+                                tx.exec(
+                                    "UPDATE resources SET spec = $3, revision = $4, updated_at = $5 WHERE kind = $1 AND name = $2",
+                                    &[P::T(kind), P::T(name), P::T(spec), P::I(next), P::I(now)],
+                                )?;
+                                ChangeOutcome::Configured
+                            }
+                            None => {
+                                tx.exec(
+                                    "INSERT INTO resources (kind, name, spec, revision, updated_at) VALUES ($1, $2, $3, $4, $5)",
+                                    &[P::T(kind), P::T(name), P::T(spec), P::I(next), P::I(now)],
+                                )?;
+                                ChangeOutcome::Created
+                            }
                         }
                     }
-                }
-                Change::Delete { kind, name } => {
-                    let n = tx.execute(
-                        "DELETE FROM resources WHERE kind = ?1 AND name = ?2",
-                        params![kind, name],
-                    )?;
-                    if n > 0 {
-                        ChangeOutcome::Deleted
-                    } else {
-                        ChangeOutcome::NotFound
+                    Change::Delete { kind, name } => {
+                        let n = tx.exec(
+                            "DELETE FROM resources WHERE kind = $1 AND name = $2",
+                            &[P::T(kind), P::T(name)],
+                        )?;
+                        if n > 0 {
+                            ChangeOutcome::Deleted
+                        } else {
+                            ChangeOutcome::NotFound
+                        }
                     }
-                }
-            };
-            outcomes.push(outcome);
-        }
-        if outcomes
-            .iter()
-            .any(|o| !matches!(o, ChangeOutcome::Unchanged | ChangeOutcome::NotFound))
-        {
-            tx.execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'revision'",
-                params![next],
-            )?;
-        }
-        tx.commit()?;
-        Ok(outcomes)
+                };
+                outcomes.push(outcome);
+            }
+            if outcomes
+                .iter()
+                .any(|o| !matches!(o, ChangeOutcome::Unchanged | ChangeOutcome::NotFound))
+            {
+                tx.exec(
+                    "UPDATE meta SET value = $1 WHERE key = 'revision'",
+                    &[P::I(next)],
+                )?;
+            }
+            Ok(outcomes)
+        })
     }
 
     pub fn list(&self, kind: &str) -> Result<Vec<ResourceRow>> {
-        let conn = self.conn();
-        let mut st = conn.prepare(
-            "SELECT kind, name, spec, revision FROM resources WHERE kind = ?1 ORDER BY name",
-        )?;
-        let rows = st
-            .query_map(params![kind], |r| {
-                Ok(ResourceRow {
-                    kind: r.get(0)?,
-                    name: r.get(1)?,
-                    spec: r.get(2)?,
-                    revision: r.get(3)?,
-                })
-            })?
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(rows)
+        self.read(|tx| {
+            tx.rows(
+                "SELECT kind, name, spec, revision FROM resources WHERE kind = $1 ORDER BY name",
+                &[P::T(kind)],
+            )?
+            .iter()
+            .map(resource_row)
+            .collect()
+        })
     }
 
     pub fn get(&self, kind: &str, name: &str) -> Result<Option<ResourceRow>> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT kind, name, spec, revision FROM resources WHERE kind = ?1 AND name = ?2",
-                params![kind, name],
-                |r| {
-                    Ok(ResourceRow {
-                        kind: r.get(0)?,
-                        name: r.get(1)?,
-                        spec: r.get(2)?,
-                        revision: r.get(3)?,
-                    })
-                },
-            )
-            .optional()?)
+        self.read(|tx| {
+            tx.row(
+                "SELECT kind, name, spec, revision FROM resources WHERE kind = $1 AND name = $2",
+                &[P::T(kind), P::T(name)],
+            )?
+            .as_ref()
+            .map(resource_row)
+            .transpose()
+        })
     }
 
     // ---- join tokens -------------------------------------------------------
@@ -381,219 +474,248 @@ impl Store {
         expires_at: i64,
         bound_node: Option<&str>,
     ) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO join_tokens (token_hash, created_at, expires_at, bound_node) VALUES (?1, ?2, ?3, ?4)",
-            params![token_hash, now, expires_at, bound_node],
-        )?;
-        Ok(())
+        self.write(|tx| {
+            tx.exec(
+                "INSERT INTO join_tokens (token_hash, created_at, expires_at, bound_node) VALUES ($1, $2, $3, $4)",
+                &[P::T(token_hash), P::I(now), P::I(expires_at), P::opt_t(bound_node)],
+            )
+            .map(|_| ())
+        })
     }
 
     /// Reads a counter from `meta` (0 when absent).
     pub fn counter(&self, key: &str) -> Result<i64> {
-        Ok(self
-            .conn()
-            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
-                r.get(0)
-            })
-            .optional()?
-            .unwrap_or(0))
+        self.read(|tx| {
+            tx.row("SELECT value FROM meta WHERE key = $1", &[P::T(key)])?
+                .map_or(Ok(0), |r| r.int(0))
+        })
     }
 
     /// Increments a counter in `meta` and returns the new value.
     pub fn bump_counter(&self, key: &str) -> Result<i64> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "INSERT INTO meta (key, value) VALUES (?1, 1) ON CONFLICT (key) DO UPDATE SET value = meta.value + 1",
-            params![key],
-        )?;
-        let v = tx.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
-            r.get(0)
-        })?;
-        tx.commit()?;
-        Ok(v)
+        self.write(|tx| {
+            tx.one(
+                "INSERT INTO meta (key, value) VALUES ($1, 1) ON CONFLICT (key) DO UPDATE SET value = meta.value + 1 RETURNING value",
+                &[P::T(key)],
+            )?
+            .int(0)
+        })
     }
 
     pub fn delete_node(&self, name: &str) -> Result<bool> {
-        Ok(self
-            .conn()
-            .execute("DELETE FROM nodes WHERE name = ?1", params![name])?
-            > 0)
+        self.write(|tx| Ok(tx.exec("DELETE FROM nodes WHERE name = $1", &[P::T(name)])? > 0))
     }
 
-    /// Marks a token used, atomically: of two concurrent attempts exactly one
-    /// succeeds. Returns why it failed otherwise.
+    /// Marks a token used, atomically: of two concurrent attempts (on any
+    /// server) exactly one succeeds. Returns why it failed otherwise.
     pub fn consume_join_token(
         &self,
         token_hash: &str,
         node: &str,
         now: i64,
     ) -> Result<std::result::Result<(), &'static str>> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let row: Option<(i64, Option<i64>, Option<String>)> = tx
-            .query_row(
-                "SELECT expires_at, used_at, bound_node FROM join_tokens WHERE token_hash = ?1",
-                params![token_hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        let existing: Option<String> = tx
-            .query_row(
-                "SELECT name FROM nodes WHERE name = ?1",
-                params![node],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let verdict = match row {
-            None => Err("unknown join token"),
-            Some((_, Some(_), _)) => Err("join token already used"),
-            Some((exp, None, _)) if exp <= now => Err("join token expired"),
-            Some((_, None, Some(b))) if b != node => {
-                Err("join token is bound to another node name")
-            }
-            // An unbound token may not take over a name an attested node holds.
-            Some((_, None, None)) if existing.is_some() => {
-                Err("a node with this name is already attested")
-            }
-            Some(_) => {
-                tx.execute(
-                    "UPDATE join_tokens SET used_at = ?2, used_by = ?3 WHERE token_hash = ?1 AND used_at IS NULL",
-                    params![token_hash, now, node],
-                )?;
-                Ok(())
-            }
-        };
-        tx.commit()?;
-        Ok(verdict)
+        self.write(|tx| {
+            let row = tx.row(
+                &format!(
+                    "SELECT expires_at, used_at, bound_node FROM join_tokens WHERE token_hash = $1{}",
+                    tx.dialect().for_update()
+                ),
+                &[P::T(token_hash)],
+            )?;
+            let row = match row {
+                Some(r) => Some((r.int(0)?, r.opt_int(1)?, r.opt_text(2)?)),
+                None => None,
+            };
+            let existing = tx
+                .row("SELECT name FROM nodes WHERE name = $1", &[P::T(node)])?
+                .is_some();
+            Ok(match row {
+                None => Err("unknown join token"),
+                Some((_, Some(_), _)) => Err("join token already used"),
+                Some((exp, None, _)) if exp <= now => Err("join token expired"),
+                Some((_, None, Some(b))) if b != node => {
+                    Err("join token is bound to another node name")
+                }
+                // An unbound token may not take over a name an attested node holds.
+                Some((_, None, None)) if existing => {
+                    Err("a node with this name is already attested")
+                }
+                Some(_) => {
+                    let n = tx.exec(
+                        "UPDATE join_tokens SET used_at = $2, used_by = $3 WHERE token_hash = $1 AND used_at IS NULL",
+                        &[P::T(token_hash), P::I(now), P::T(node)],
+                    )?;
+                    if n == 1 {
+                        Ok(())
+                    } else {
+                        Err("join token already used")
+                    }
+                }
+            })
+        })
     }
 
     // ---- nodes -------------------------------------------------------------
 
     pub fn upsert_node(&self, n: &NodeRow) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO nodes (name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (name) DO UPDATE SET spiffe_id = excluded.spiffe_id, attested_at = excluded.attested_at,
-               svid_serial = excluded.svid_serial, svid_expires_at = excluded.svid_expires_at, last_seen = excluded.last_seen,
-               addresses = excluded.addresses",
-            params![n.name, n.spiffe_id, n.attested_at, n.svid_serial, n.svid_expires_at, n.last_seen, n.addresses],
-        )?;
-        Ok(())
+        self.write(|tx| {
+            tx.exec(
+                "INSERT INTO nodes (name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (name) DO UPDATE SET spiffe_id = excluded.spiffe_id, attested_at = excluded.attested_at,
+                   svid_serial = excluded.svid_serial, svid_expires_at = excluded.svid_expires_at, last_seen = excluded.last_seen,
+                   addresses = excluded.addresses",
+                &[
+                    P::T(&n.name),
+                    P::T(&n.spiffe_id),
+                    P::I(n.attested_at),
+                    P::T(&n.svid_serial),
+                    P::I(n.svid_expires_at),
+                    P::I(n.last_seen),
+                    P::T(&n.addresses),
+                ],
+            )
+            .map(|_| ())
+        })
     }
 
     pub fn node(&self, name: &str) -> Result<Option<NodeRow>> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses FROM nodes WHERE name = ?1",
-                params![name],
-                node_row,
-            )
-            .optional()?)
+        self.read(|tx| {
+            tx.row(
+                "SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses FROM nodes WHERE name = $1",
+                &[P::T(name)],
+            )?
+            .as_ref()
+            .map(node_row)
+            .transpose()
+        })
     }
 
     pub fn nodes(&self) -> Result<Vec<NodeRow>> {
-        let conn = self.conn();
-        let mut st =
-            conn.prepare("SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses FROM nodes ORDER BY name")?;
-        let rows = st
-            .query_map([], node_row)?
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(rows)
+        self.read(|tx| {
+            tx.rows(
+                "SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses FROM nodes ORDER BY name",
+                &[],
+            )?
+            .iter()
+            .map(node_row)
+            .collect()
+        })
     }
 
     // ---- signing keys ------------------------------------------------------
 
     pub fn insert_ca(&self, c: &CaRow) -> Result<i64> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO x509_cas (cert_der, key_pkcs8, chain_der, anchors_der, state, not_after, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![c.cert_der, c.key_pkcs8, hexes(&c.chain_der), hexes(&c.anchors_der), c.state.as_str(), c.not_after, c.created_at],
-        )?;
-        Ok(conn.last_insert_rowid())
+        let (chain, anchors) = (hexes(&c.chain_der), hexes(&c.anchors_der));
+        self.write(|tx| {
+            tx.one(
+                "INSERT INTO x509_cas (cert_der, key_pkcs8, chain_der, anchors_der, state, not_after, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                &[
+                    P::B(&c.cert_der),
+                    P::B(&c.key_pkcs8),
+                    P::T(&chain),
+                    P::T(&anchors),
+                    P::T(c.state.as_str()),
+                    P::I(c.not_after),
+                    P::I(c.created_at),
+                ],
+            )?
+            .int(0)
+        })
     }
 
     pub fn cas(&self) -> Result<Vec<CaRow>> {
-        let conn = self.conn();
-        let mut st = conn.prepare(
-            "SELECT id, cert_der, key_pkcs8, chain_der, anchors_der, state, not_after, created_at FROM x509_cas ORDER BY id",
-        )?;
-        let rows = st
-            .query_map([], |r| {
+        self.read(|tx| {
+            tx.rows(
+                "SELECT id, cert_der, key_pkcs8, chain_der, anchors_der, state, not_after, created_at FROM x509_cas ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
                 Ok(CaRow {
-                    id: r.get(0)?,
-                    cert_der: r.get(1)?,
-                    key_pkcs8: r.get(2)?,
-                    chain_der: unhexes(&r.get::<_, String>(3)?),
-                    anchors_der: unhexes(&r.get::<_, String>(4)?),
-                    state: KeyState::parse(&r.get::<_, String>(5)?),
-                    not_after: r.get(6)?,
-                    created_at: r.get(7)?,
+                    id: r.int(0)?,
+                    cert_der: r.blob(1)?,
+                    key_pkcs8: r.blob(2)?,
+                    chain_der: unhexes(&r.text(3)?),
+                    anchors_der: unhexes(&r.text(4)?),
+                    state: KeyState::parse(&r.text(5)?),
+                    not_after: r.int(6)?,
+                    created_at: r.int(7)?,
                 })
-            })?
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(rows)
+            })
+            .collect()
+        })
     }
 
     /// Makes `id` the only active CA; the previous active one is retired.
     pub fn activate_ca(&self, id: i64) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "UPDATE x509_cas SET state = 'retired' WHERE state = 'active'",
-            [],
-        )?;
-        let n = tx.execute(
-            "UPDATE x509_cas SET state = 'active' WHERE id = ?1",
-            params![id],
-        )?;
-        if n != 1 {
-            return Err(StoreError::Conflict(format!("CA {id} does not exist")));
-        }
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| {
+            tx.exec(
+                "UPDATE x509_cas SET state = 'retired' WHERE state = 'active'",
+                &[],
+            )?;
+            let n = tx.exec(
+                "UPDATE x509_cas SET state = 'active' WHERE id = $1",
+                &[P::I(id)],
+            )?;
+            if n != 1 {
+                return Err(StoreError::Conflict(format!("CA {id} does not exist")));
+            }
+            Ok(())
+        })
     }
 
     /// Deletes keys that expired before `now`: they can no longer verify
     /// anything.
     pub fn prune_expired_keys(&self, now: i64) -> Result<usize> {
-        let conn = self.conn();
-        let a = conn.execute(
-            "DELETE FROM x509_cas WHERE not_after <= ?1 AND state != 'active'",
-            params![now],
-        )?;
-        let b = conn.execute(
-            "DELETE FROM jwt_keys WHERE not_after <= ?1 AND state != 'active'",
-            params![now],
-        )?;
-        Ok(a + b)
+        self.write(|tx| {
+            let a = tx.exec(
+                "DELETE FROM x509_cas WHERE not_after <= $1 AND state != 'active'",
+                &[P::I(now)],
+            )?;
+            let b = tx.exec(
+                "DELETE FROM jwt_keys WHERE not_after <= $1 AND state != 'active'",
+                &[P::I(now)],
+            )?;
+            Ok((a + b) as usize)
+        })
     }
 
     pub fn insert_jwt_key(&self, k: &JwtKeyRow) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO jwt_keys (kid, key_pkcs8, state, not_after, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![k.kid, k.key_pkcs8, k.state.as_str(), k.not_after, k.created_at],
-        )?;
-        Ok(())
+        self.write(|tx| {
+            tx.exec(
+                "INSERT INTO jwt_keys (kid, key_pkcs8, state, not_after, created_at) VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    P::T(&k.kid),
+                    P::B(&k.key_pkcs8),
+                    P::T(k.state.as_str()),
+                    P::I(k.not_after),
+                    P::I(k.created_at),
+                ],
+            )
+            .map(|_| ())
+        })
     }
 
     pub fn jwt_keys(&self) -> Result<Vec<JwtKeyRow>> {
-        let conn = self.conn();
-        let mut st = conn.prepare("SELECT kid, key_pkcs8, state, not_after, created_at FROM jwt_keys ORDER BY created_at, kid")?;
-        let rows = st
-            .query_map([], |r| {
+        self.read(|tx| {
+            tx.rows(
+                "SELECT kid, key_pkcs8, state, not_after, created_at FROM jwt_keys ORDER BY created_at, kid",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
                 Ok(JwtKeyRow {
-                    kid: r.get(0)?,
-                    key_pkcs8: r.get(1)?,
-                    state: KeyState::parse(&r.get::<_, String>(2)?),
-                    not_after: r.get(3)?,
-                    created_at: r.get(4)?,
+                    kid: r.text(0)?,
+                    key_pkcs8: r.blob(1)?,
+                    state: KeyState::parse(&r.text(2)?),
+                    not_after: r.int(3)?,
+                    created_at: r.int(4)?,
                 })
-            })?
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(rows)
+            })
+            .collect()
+        })
     }
 
     /// Makes `kid` the signing key and retires the active one. A retired
@@ -601,41 +723,65 @@ impl Store {
     /// is useless to relying parties: `retire_until`, when known, shortens
     /// its life (and so its stay in the bundle and the OIDC JWKS) to then.
     pub fn activate_jwt_key(&self, kid: &str, retire_until: Option<i64>) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "UPDATE jwt_keys SET state = 'retired', not_after = MIN(not_after, COALESCE(?1, not_after)) WHERE state = 'active'",
-            params![retire_until],
-        )?;
-        let n = tx.execute(
-            "UPDATE jwt_keys SET state = 'active' WHERE kid = ?1",
-            params![kid],
-        )?;
-        if n != 1 {
-            return Err(StoreError::Conflict(format!(
-                "JWT key {kid} does not exist"
-            )));
-        }
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| {
+            if let Some(t) = retire_until {
+                tx.exec(
+                    "UPDATE jwt_keys SET not_after = $1 WHERE state = 'active' AND not_after > $1",
+                    &[P::I(t)],
+                )?;
+            }
+            tx.exec(
+                "UPDATE jwt_keys SET state = 'retired' WHERE state = 'active'",
+                &[],
+            )?;
+            let n = tx.exec(
+                "UPDATE jwt_keys SET state = 'active' WHERE kid = $1",
+                &[P::T(kid)],
+            )?;
+            if n != 1 {
+                return Err(StoreError::Conflict(format!(
+                    "JWT key {kid} does not exist"
+                )));
+            }
+            Ok(())
+        })
     }
 }
 
-fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
+fn resource_row(r: &Row) -> Result<ResourceRow> {
+    Ok(ResourceRow {
+        kind: r.text(0)?,
+        name: r.text(1)?,
+        spec: r.text(2)?,
+        revision: r.int(3)?,
+    })
+}
+
+fn node_row(r: &Row) -> Result<NodeRow> {
     Ok(NodeRow {
-        name: r.get(0)?,
-        spiffe_id: r.get(1)?,
-        attested_at: r.get(2)?,
-        svid_serial: r.get(3)?,
-        svid_expires_at: r.get(4)?,
-        last_seen: r.get(5)?,
-        addresses: r.get(6)?,
+        name: r.text(0)?,
+        spiffe_id: r.text(1)?,
+        attested_at: r.int(2)?,
+        svid_serial: r.text(3)?,
+        svid_expires_at: r.int(4)?,
+        last_seen: r.int(5)?,
+        addresses: r.text(6)?,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tether_test_support::pg::Cluster;
+
+    /// A fresh store on each backend: SQLite in memory and a new database
+    /// on the tests' PostgreSQL.
+    fn stores() -> Vec<Store> {
+        let pg = Store::open_postgres(&Cluster::shared().database(), None)
+            .expect("open the PostgreSQL store");
+        assert_eq!(pg.dialect(), Dialect::Postgres);
+        vec![Store::open_in_memory().unwrap(), pg]
+    }
 
     fn up(name: &str, spec: &str) -> Change {
         Change::Upsert {
@@ -647,58 +793,60 @@ mod tests {
 
     #[test]
     fn apply_is_idempotent_and_bumps_revision_only_on_change() {
-        let s = Store::open_in_memory().unwrap();
-        assert_eq!(s.revision().unwrap(), 0);
-        let o = s.apply(&[up("a", "{}"), up("b", "{}")], 1).unwrap();
-        assert_eq!(o, vec![ChangeOutcome::Created, ChangeOutcome::Created]);
-        assert_eq!(s.revision().unwrap(), 1);
-        let o = s.apply(&[up("a", "{}"), up("b", "{}")], 2).unwrap();
-        assert_eq!(o, vec![ChangeOutcome::Unchanged, ChangeOutcome::Unchanged]);
-        assert_eq!(s.revision().unwrap(), 1);
-        let o = s.apply(&[up("a", "{\"x\":1}")], 3).unwrap();
-        assert_eq!(o, vec![ChangeOutcome::Configured]);
-        assert_eq!(s.revision().unwrap(), 2);
-        assert_eq!(s.list("WorkloadIdentity").unwrap().len(), 2);
-        let o = s
-            .apply(
-                &[Change::Delete {
-                    kind: "WorkloadIdentity".into(),
-                    name: "b".into(),
-                }],
-                4,
-            )
-            .unwrap();
-        assert_eq!(o, vec![ChangeOutcome::Deleted]);
-        assert!(s.get("WorkloadIdentity", "b").unwrap().is_none());
+        for s in stores() {
+            assert_eq!(s.revision().unwrap(), 0);
+            let o = s.apply(&[up("a", "{}"), up("b", "{}")], 1).unwrap();
+            assert_eq!(o, vec![ChangeOutcome::Created, ChangeOutcome::Created]);
+            assert_eq!(s.revision().unwrap(), 1);
+            let o = s.apply(&[up("a", "{}"), up("b", "{}")], 2).unwrap();
+            assert_eq!(o, vec![ChangeOutcome::Unchanged, ChangeOutcome::Unchanged]);
+            assert_eq!(s.revision().unwrap(), 1);
+            let o = s.apply(&[up("a", "{\"x\":1}")], 3).unwrap();
+            assert_eq!(o, vec![ChangeOutcome::Configured]);
+            assert_eq!(s.revision().unwrap(), 2);
+            assert_eq!(s.list("WorkloadIdentity").unwrap().len(), 2);
+            let o = s
+                .apply(
+                    &[Change::Delete {
+                        kind: "WorkloadIdentity".into(),
+                        name: "b".into(),
+                    }],
+                    4,
+                )
+                .unwrap();
+            assert_eq!(o, vec![ChangeOutcome::Deleted]);
+            assert!(s.get("WorkloadIdentity", "b").unwrap().is_none());
+        }
     }
 
     #[test]
     fn join_tokens_are_single_use_and_expire() {
-        let s = Store::open_in_memory().unwrap();
-        s.create_join_token("h1", 0, 100, None).unwrap();
-        s.create_join_token("h2", 0, 100, None).unwrap();
-        s.create_join_token("h3", 0, 100, Some("n3")).unwrap();
-        assert_eq!(
-            s.consume_join_token("h3", "n4", 1).unwrap(),
-            Err("join token is bound to another node name")
-        );
-        assert_eq!(s.consume_join_token("h3", "n3", 1).unwrap(), Ok(()));
-        assert_eq!(s.bump_counter("c").unwrap(), 1);
-        assert_eq!(s.bump_counter("c").unwrap(), 2);
-        assert_eq!(s.counter("c").unwrap(), 2);
-        assert_eq!(s.consume_join_token("h1", "n1", 10).unwrap(), Ok(()));
-        assert_eq!(
-            s.consume_join_token("h1", "n2", 11).unwrap(),
-            Err("join token already used")
-        );
-        assert_eq!(
-            s.consume_join_token("h2", "n2", 100).unwrap(),
-            Err("join token expired")
-        );
-        assert_eq!(
-            s.consume_join_token("nope", "n2", 1).unwrap(),
-            Err("unknown join token")
-        );
+        for s in stores() {
+            s.create_join_token("h1", 0, 100, None).unwrap();
+            s.create_join_token("h2", 0, 100, None).unwrap();
+            s.create_join_token("h3", 0, 100, Some("n3")).unwrap();
+            assert_eq!(
+                s.consume_join_token("h3", "n4", 1).unwrap(),
+                Err("join token is bound to another node name")
+            );
+            assert_eq!(s.consume_join_token("h3", "n3", 1).unwrap(), Ok(()));
+            assert_eq!(s.bump_counter("c").unwrap(), 1);
+            assert_eq!(s.bump_counter("c").unwrap(), 2);
+            assert_eq!(s.counter("c").unwrap(), 2);
+            assert_eq!(s.consume_join_token("h1", "n1", 10).unwrap(), Ok(()));
+            assert_eq!(
+                s.consume_join_token("h1", "n2", 11).unwrap(),
+                Err("join token already used")
+            );
+            assert_eq!(
+                s.consume_join_token("h2", "n2", 100).unwrap(),
+                Err("join token expired")
+            );
+            assert_eq!(
+                s.consume_join_token("nope", "n2", 1).unwrap(),
+                Err("unknown join token")
+            );
+        }
     }
 
     #[test]
@@ -722,30 +870,129 @@ mod tests {
 
     #[test]
     fn ca_rotation_states() {
-        let s = Store::open_in_memory().unwrap();
-        let row = |state| CaRow {
-            id: 0,
-            cert_der: vec![1, 2],
-            key_pkcs8: vec![3],
-            chain_der: vec![vec![0xab, 0xcd], vec![0x01]],
-            anchors_der: vec![vec![9]],
-            state,
-            not_after: 100,
-            created_at: 0,
-        };
-        let a = s.insert_ca(&row(KeyState::Active)).unwrap();
-        let b = s.insert_ca(&row(KeyState::Prepared)).unwrap();
-        s.activate_ca(b).unwrap();
-        let cas = s.cas().unwrap();
-        assert_eq!(
-            cas.iter().find(|c| c.id == a).unwrap().state,
-            KeyState::Retired
+        for s in stores() {
+            let row = |state| CaRow {
+                id: 0,
+                cert_der: vec![1, 2],
+                key_pkcs8: vec![3],
+                chain_der: vec![vec![0xab, 0xcd], vec![0x01]],
+                anchors_der: vec![vec![9]],
+                state,
+                not_after: 100,
+                created_at: 0,
+            };
+            let a = s.insert_ca(&row(KeyState::Active)).unwrap();
+            let b = s.insert_ca(&row(KeyState::Prepared)).unwrap();
+            s.activate_ca(b).unwrap();
+            let cas = s.cas().unwrap();
+            assert_eq!(
+                cas.iter().find(|c| c.id == a).unwrap().state,
+                KeyState::Retired
+            );
+            assert_eq!(
+                cas.iter().find(|c| c.id == b).unwrap().state,
+                KeyState::Active
+            );
+            assert_eq!(cas[0].chain_der, vec![vec![0xab, 0xcd], vec![0x01]]);
+            assert_eq!(s.prune_expired_keys(100).unwrap(), 1);
+        }
+    }
+
+    /// Two servers on one database: of many concurrent attempts to use one
+    /// token, exactly one succeeds; concurrent applies each get their own
+    /// revision.
+    #[test]
+    fn postgres_join_tokens_and_revisions_hold_across_servers() {
+        let url = Cluster::shared().database();
+        let a = Arc::new(Store::open_postgres(&url, None).unwrap());
+        let b = Arc::new(Store::open_postgres(&url, None).unwrap());
+        for round in 0..5 {
+            let h = format!("h{round}");
+            a.create_join_token(&h, 0, 100, None).unwrap();
+            let wins: usize = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..6)
+                    .map(|i| {
+                        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+                        let h = h.clone();
+                        sc.spawn(move || {
+                            s.consume_join_token(&h, &format!("n{round}-{i}"), 1)
+                                .unwrap()
+                                .is_ok() as usize
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            assert_eq!(wins, 1, "round {round}: one token, {wins} nodes");
+        }
+        let revs: Vec<i64> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..8)
+                .map(|i| {
+                    let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+                    sc.spawn(move || {
+                        s.apply(&[up(&format!("w{i}"), "{}")], 1).unwrap();
+                        s.get("WorkloadIdentity", &format!("w{i}"))
+                            .unwrap()
+                            .unwrap()
+                            .revision
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut sorted = revs.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 8, "revisions were shared: {revs:?}");
+        assert_eq!(a.revision().unwrap(), 8);
+        assert_eq!(b.schema_version().unwrap(), MIGRATIONS.len() as i64);
+    }
+
+    /// A database that goes away is a clear, retryable error, and the
+    /// store works again once it is back, without reopening.
+    #[test]
+    fn postgres_outage_is_unavailable_then_recovers() {
+        let url = Cluster::shared().database();
+        let s = Store::open_postgres(&url, None).unwrap();
+        s.apply(&[up("a", "{}")], 1).unwrap();
+        // Every connection of this store's database cut, as a restart would.
+        let db = url
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .split('?')
+            .next()
+            .unwrap()
+            .to_owned();
+        Cluster::shared().sql(
+            "postgres",
+            &format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
+            ),
         );
-        assert_eq!(
-            cas.iter().find(|c| c.id == b).unwrap().state,
-            KeyState::Active
-        );
-        assert_eq!(cas[0].chain_der, vec![vec![0xab, 0xcd], vec![0x01]]);
-        assert_eq!(s.prune_expired_keys(100).unwrap(), 1);
+        // The first use of a cut connection fails as unavailable; the next
+        // opens a new one.
+        let mut ok = false;
+        for _ in 0..3 {
+            match s.list("WorkloadIdentity") {
+                Ok(rows) => {
+                    assert_eq!(rows.len(), 1);
+                    ok = true;
+                    break;
+                }
+                Err(e) => assert!(
+                    matches!(e, StoreError::Unavailable(_) | StoreError::Postgres(_)),
+                    "{e:?}"
+                ),
+            }
+        }
+        assert!(ok, "the store did not reconnect");
+        let e = Store::open_postgres(
+            &url.replace(tether_test_support::pg::PASSWORD, "wrong"),
+            None,
+        )
+        .err()
+        .expect("a wrong password is refused");
+        assert!(e.to_string().contains("password"), "{e}");
     }
 }

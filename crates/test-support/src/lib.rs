@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 pub use tether_kernel::cgroup2_mount;
 
+pub mod pg;
+
 const CGROUP_PREFIX: &str = "tether-test-";
 const BPFFS_PREFIX: &str = "tether-bpffs-";
 static SEQ: AtomicU32 = AtomicU32::new(0);

@@ -305,3 +305,18 @@ impl rustls::server::ResolvesServerCert for SwappableCert {
         Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
 }
+
+/// The system's CA certificates (`SSL_CERT_FILE` and `SSL_CERT_DIR` are
+/// honoured), for clients of the web PKI (token endpoints, injection
+/// upstreams, the database). With none usable, every handshake fails with
+/// a clear error: nothing is trusted by default.
+pub fn system_roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!(error = %e, "loading system CA certificates");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(found.certs);
+    tracing::debug!(added, ignored, "system CA certificates");
+    roots
+}

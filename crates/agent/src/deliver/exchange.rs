@@ -80,19 +80,7 @@ impl ExchangeError {
     }
 }
 
-/// The system's CA certificates (`SSL_CERT_FILE` and `SSL_CERT_DIR` are
-/// honoured). With none usable, every handshake fails with a clear error:
-/// nothing is trusted by default.
-pub fn system_roots() -> rustls::RootCertStore {
-    let mut roots = rustls::RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    for e in &found.errors {
-        tracing::warn!(error = %e, "loading system CA certificates");
-    }
-    let (added, ignored) = roots.add_parsable_certificates(found.certs);
-    tracing::debug!(added, ignored, "system CA certificates");
-    roots
-}
+pub use tether_tls::system_roots;
 
 /// An HTTP/1.1 client for token endpoints: one request per connection (a
 /// refresh is rare), https with the system's roots (`SSL_CERT_FILE` and

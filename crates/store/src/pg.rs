@@ -1,0 +1,339 @@
+//! The PostgreSQL backend: a small pool of tokio-postgres connections whose
+//! connection tasks run on a runtime thread of their own, driven from the
+//! store's synchronous methods with a deadline. The store's callers are
+//! async handlers and the key manager under a lock; a dedicated runtime
+//! keeps the database's I/O off theirs, and the deadline keeps a stalled
+//! database from holding a caller forever (its connection is then dropped).
+
+use std::future::Future;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Config};
+
+use crate::sql::{Dialect, P, Row, Tx, Val};
+use crate::{Result, StoreError};
+
+/// How long one statement (or connecting) may take.
+const DEADLINE: Duration = Duration::from_secs(15);
+/// Connections per store: the server's handlers are short, and PostgreSQL
+/// pays a process per connection.
+const POOL: usize = 4;
+
+pub(crate) struct Pg {
+    rt: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    cfg: Config,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    pool: Mutex<PoolState>,
+    freed: Condvar,
+}
+
+struct PoolState {
+    idle: Vec<Client>,
+    open: usize,
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Polls `f` on this thread until it is ready or the deadline passes. The
+/// futures of tokio-postgres's client only wait on channels to their
+/// connection task, which runs on the store's own runtime.
+fn block_on<F: Future>(f: F) -> Result<F::Output> {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return Ok(v);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(StoreError::Unavailable(format!(
+                "the database did not answer within {}s",
+                DEADLINE.as_secs()
+            )));
+        }
+        std::thread::park_timeout(left);
+    }
+}
+
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    // Name the server's own message (and its SQLSTATE) when it sent one.
+    match e.as_db_error() {
+        Some(db) => StoreError::Postgres(format!("{} ({})", db.message(), db.code().code())),
+        None if e.is_closed() => StoreError::Unavailable(format!("the database connection: {e}")),
+        None => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+impl Pg {
+    /// Connects once (so a wrong URL or password fails at start, clearly).
+    pub(crate) fn connect(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Pg> {
+        let mut cfg: Config = url
+            .parse()
+            .map_err(|e| StoreError::Config(format!("database URL: {e}")))?;
+        cfg.connect_timeout(Duration::from_secs(5))
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .application_name("tether-server");
+        if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require && tls.is_none() {
+            return Err(StoreError::Config(
+                "database URL asks for sslmode=require, and no TLS roots were given".into(),
+            ));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (htx, hrx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("tether-pg".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = htx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = htx.send(Ok(rt.handle().clone()));
+                rt.block_on(async move {
+                    let _ = rx.await;
+                });
+            })
+            .map_err(|e| StoreError::Unavailable(format!("database thread: {e}")))?;
+        let rt = hrx
+            .recv()
+            .map_err(|_| StoreError::Unavailable("database thread died".into()))?
+            .map_err(|e| StoreError::Unavailable(format!("database runtime: {e}")))?;
+        let pg = Pg {
+            rt,
+            stop: Some(tx),
+            cfg,
+            tls,
+            pool: Mutex::new(PoolState {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            freed: Condvar::new(),
+        };
+        let c = pg.open()?;
+        pg.give_back(c, true);
+        Ok(pg)
+    }
+
+    fn open(&self) -> Result<Client> {
+        let cfg = self.cfg.clone();
+        let tls = self.tls.clone();
+        let task = self.rt.spawn(async move {
+            match tls {
+                Some(t) => {
+                    let (client, conn) = cfg.connect(crate::pg_tls::Rustls(t)).await?;
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing_warn(&e);
+                        }
+                    });
+                    Ok::<_, tokio_postgres::Error>(client)
+                }
+                None => {
+                    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing_warn(&e);
+                        }
+                    });
+                    Ok(client)
+                }
+            }
+        });
+        let client = block_on(task)?
+            .map_err(|e| StoreError::Unavailable(format!("database task: {e}")))?
+            .map_err(pg_err)?;
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).open += 1;
+        Ok(client)
+    }
+
+    /// An idle connection, a new one while under the cap, or the next one
+    /// given back.
+    fn take(&self) -> Result<Client> {
+        let mut st = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            while let Some(c) = st.idle.pop() {
+                if !c.is_closed() {
+                    return Ok(c);
+                }
+                st.open -= 1;
+            }
+            if st.open < POOL {
+                drop(st);
+                return self.open();
+            }
+            let (g, timeout) = self
+                .freed
+                .wait_timeout(st, DEADLINE)
+                .unwrap_or_else(|p| p.into_inner());
+            st = g;
+            if timeout.timed_out() && st.idle.is_empty() {
+                return Err(StoreError::Unavailable(
+                    "every database connection stayed busy".into(),
+                ));
+            }
+        }
+    }
+
+    /// Returns a connection to the pool, or drops it when its last use
+    /// failed midway (its state is then unknown).
+    fn give_back(&self, c: Client, healthy: bool) {
+        let mut st = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if healthy && !c.is_closed() {
+            st.idle.push(c);
+        } else {
+            st.open -= 1;
+        }
+        drop(st);
+        self.freed.notify_one();
+    }
+
+    /// Runs `f` holding the session advisory lock `key`: every server on
+    /// this database waits for it. If this connection dies meanwhile the
+    /// database releases the lock (a dead server never blocks the others).
+    pub(crate) fn locked<R>(&self, key: i64, f: impl FnOnce() -> R) -> Result<R> {
+        let client = self.take()?;
+        let got = block_on(client.execute("SELECT pg_advisory_lock($1)", &[&key]))
+            .and_then(|r| r.map_err(pg_err));
+        if let Err(e) = got {
+            self.give_back(client, false);
+            return Err(e);
+        }
+        let r = f();
+        let freed = block_on(client.execute("SELECT pg_advisory_unlock($1)", &[&key]))
+            .and_then(|r| r.map_err(pg_err));
+        // A lock not surely released goes with its connection.
+        self.give_back(client, freed.is_ok());
+        Ok(r)
+    }
+
+    /// Runs `f` in a transaction; commits if it returns Ok.
+    pub(crate) fn tx<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
+        let mut client = self.take()?;
+        let out = (|| {
+            let tx = block_on(client.transaction())?.map_err(pg_err)?;
+            let mut t = PgTx { tx: Some(tx) };
+            let r = f(&mut t)?;
+            let tx =
+                t.tx.take()
+                    .ok_or_else(|| StoreError::Decode("no transaction".into()))?;
+            block_on(tx.commit())?.map_err(pg_err)?;
+            Ok(r)
+        })();
+        // A transaction that failed on the server (not a verdict of the
+        // caller's) leaves the connection usable after its rollback; one
+        // cut off by the deadline does not.
+        let healthy = !matches!(out, Err(StoreError::Unavailable(_)));
+        self.give_back(client, healthy);
+        out
+    }
+}
+
+fn tracing_warn(e: &tokio_postgres::Error) {
+    tracing::warn!(error = %e, "a database connection ended");
+}
+
+struct PgTx<'c> {
+    tx: Option<tokio_postgres::Transaction<'c>>,
+}
+
+fn pg_params<'a>(p: &'a [P<'a>]) -> Vec<Box<dyn ToSql + Sync + 'a>> {
+    p.iter()
+        .map(|v| -> Box<dyn ToSql + Sync + 'a> {
+            match *v {
+                P::I(i) => Box::new(i),
+                P::T(s) => Box::new(s),
+                P::B(b) => Box::new(b),
+                P::NullI => Box::new(None::<i64>),
+                P::NullT => Box::new(None::<&str>),
+            }
+        })
+        .collect()
+}
+
+fn pg_val(row: &tokio_postgres::Row, i: usize) -> Result<Val> {
+    let ty = row.columns()[i].type_().clone();
+    let bad = |e: tokio_postgres::Error| StoreError::Decode(format!("column {i}: {e}"));
+    Ok(if ty == Type::INT8 {
+        row.try_get::<_, Option<i64>>(i)
+            .map_err(bad)?
+            .map_or(Val::Null, Val::Int)
+    } else if ty == Type::INT4 {
+        row.try_get::<_, Option<i32>>(i)
+            .map_err(bad)?
+            .map_or(Val::Null, |v| Val::Int(v.into()))
+    } else if ty == Type::BOOL {
+        row.try_get::<_, Option<bool>>(i)
+            .map_err(bad)?
+            .map_or(Val::Null, |v| Val::Int(v.into()))
+    } else if ty == Type::BYTEA {
+        row.try_get::<_, Option<Vec<u8>>>(i)
+            .map_err(bad)?
+            .map_or(Val::Null, Val::Blob)
+    } else {
+        row.try_get::<_, Option<String>>(i)
+            .map_err(bad)?
+            .map_or(Val::Null, Val::Text)
+    })
+}
+
+impl<'c> PgTx<'c> {
+    fn t(&mut self) -> Result<&mut tokio_postgres::Transaction<'c>> {
+        // Never None while the caller runs: it is taken only to commit.
+        self.tx
+            .as_mut()
+            .ok_or_else(|| StoreError::Decode("transaction already ended".into()))
+    }
+}
+
+impl Tx for PgTx<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+    fn exec(&mut self, sql: &str, params: &[P<'_>]) -> Result<u64> {
+        let p = pg_params(params);
+        let refs: Vec<&(dyn ToSql + Sync)> = p.iter().map(|b| &**b as _).collect();
+        let tx = self.t()?;
+        block_on(tx.execute(sql, &refs))?.map_err(pg_err)
+    }
+    fn rows(&mut self, sql: &str, params: &[P<'_>]) -> Result<Vec<Row>> {
+        let p = pg_params(params);
+        let refs: Vec<&(dyn ToSql + Sync)> = p.iter().map(|b| &**b as _).collect();
+        let tx = self.t()?;
+        let rows = block_on(tx.query(sql, &refs))?.map_err(pg_err)?;
+        rows.iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| pg_val(r, i))
+                    .collect::<Result<Vec<_>>>()
+                    .map(Row)
+            })
+            .collect()
+    }
+    fn batch(&mut self, sql: &str) -> Result<()> {
+        let tx = self.t()?;
+        block_on(tx.batch_execute(sql))?.map_err(pg_err)
+    }
+}
