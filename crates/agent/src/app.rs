@@ -32,6 +32,9 @@ pub struct AgentConfig {
     /// Trust for the first connection to the server (before attestation).
     pub bootstrap_bundle: Option<Bundle>,
     pub join_token: Option<String>,
+    /// x509pop instead of a join token: the node's certificate chain (PEM,
+    /// from the operator's node CA) and its key (PEM, ECDSA P-256).
+    pub x509pop: Option<(PathBuf, PathBuf)>,
     pub node_name: String,
     pub data_dir: PathBuf,
     pub workload_socket: PathBuf,
@@ -83,6 +86,7 @@ impl AgentConfig {
             trust_domain,
             bootstrap_bundle: None,
             join_token: None,
+            x509pop: None,
             node_name,
             data_dir,
             workload_socket: PathBuf::from("/run/tether/workload.sock"),
@@ -212,11 +216,18 @@ pub fn harden_process() {
 /// Attests the node (or reuses its persisted SVID), waits for the first
 /// registry snapshot, and starts every agent service.
 pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
+    let servers = crate::identity::node::Servers::parse(&cfg.server)
+        .map_err(|e| anyhow::anyhow!("--server: {e}"))?;
+    let pop = match &cfg.x509pop {
+        Some((cert, key)) => Some(crate::identity::node::X509Pop::load(cert, key)?),
+        None => None,
+    };
     let node = NodeConn::establish(
-        &cfg.server,
+        &servers,
         &cfg.trust_domain,
         cfg.bootstrap_bundle.clone(),
         cfg.join_token.as_deref(),
+        pop.as_ref(),
         &cfg.node_name,
         &cfg.data_dir,
     )
@@ -227,7 +238,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
     // judged against the real registry rather than an empty one.
     let mut stream = node
         .client()
-        .watch(WatchRequest {})
+        .watch(WatchRequest::default())
         .await
         .map_err(|s| anyhow::anyhow!("watching the registry: {}", s.message()))?
         .into_inner();
@@ -412,6 +423,7 @@ pub async fn start(cfg: AgentConfig) -> anyhow::Result<RunningAgent> {
         cfg.trust_domain.clone(),
         reg_tx,
         Some(stream),
+        metrics.clone(),
     )));
     tasks.push(tokio::spawn(renew_node_svid(node.clone())));
 
@@ -516,12 +528,23 @@ async fn watch_registry(
     td: TrustDomain,
     tx: watch::Sender<Arc<Registry>>,
     mut stream: Option<tonic::Streaming<tether_proto::tether::NodeState>>,
+    metrics: Arc<Metrics>,
 ) {
     let mut backoff = Duration::from_millis(200);
+    // Set when the stream breaks; sent with every watch until a server
+    // answers, so the outage is recorded where operators look.
+    let mut unreachable_since: Option<i64> = None;
+    metrics.server_connected.set(1);
     loop {
         let mut s = match stream.take() {
             Some(s) => s,
-            None => match node.client().watch(WatchRequest {}).await {
+            None => match node
+                .client()
+                .watch(WatchRequest {
+                    unreachable_since: unreachable_since.unwrap_or(0),
+                })
+                .await
+            {
                 Ok(r) => r.into_inner(),
                 Err(e) => {
                     tracing::warn!(error = %e.message(), "registry watch failed; retrying");
@@ -535,6 +558,15 @@ async fn watch_registry(
             match s.message().await {
                 Ok(Some(state)) => {
                     backoff = Duration::from_millis(200);
+                    if let Some(t) = unreachable_since.take() {
+                        tracing::info!(
+                            server = node.servers.current(),
+                            offline_secs = clock::unix_now() - t,
+                            "a server answers again"
+                        );
+                    }
+                    metrics.server_connected.set(1);
+                    metrics.server_unreachable_since.set(0);
                     match Registry::from_state(&td, &state) {
                         Ok(reg) => {
                             let bundle_changed = tx.borrow().bundle != reg.bundle;
@@ -559,6 +591,15 @@ async fn watch_registry(
                     break;
                 }
             }
+        }
+        if unreachable_since.is_none() {
+            let now = clock::unix_now();
+            unreachable_since = Some(now);
+            metrics.server_connected.set(0);
+            metrics.server_unreachable_since.set(now);
+            tracing::warn!(
+                "lost the server; enforcing with the last registry and keeping SVIDs until they expire"
+            );
         }
         tokio::time::sleep(backoff).await;
     }

@@ -43,7 +43,7 @@ pub use app::{AgentConfig, DEFAULT_PIN_DIR, EnforceConfig, RunningAgent, harden_
 pub use clock::{Clock, file as file_clock, system as system_clock};
 pub use deliver::{exchange, h2_authority};
 pub use identity::live_keys;
-pub use identity::node::{NodeConn, NodeIdentity, channel as server_channel};
+pub use identity::node::{NodeConn, NodeIdentity, Servers, channel as server_channel};
 pub use metrics::Metrics;
 pub use proxy::mesh::DEFAULT_PORT as DEFAULT_MESH_PORT;
 pub use proxy::{http as inject_http, postgres as inject_postgres, redis as inject_redis};

@@ -66,6 +66,10 @@ pub struct Metrics {
     credential_reads: Family<OutcomeLabels, Counter>,
     credential_fetches: Family<FetchLabels, Counter>,
     pub credential_fetch_seconds: Histogram,
+    /// 1 while the registry watch is connected to a server, else 0.
+    pub server_connected: Gauge,
+    /// When the agent lost its server (Unix seconds), 0 while connected.
+    pub server_unreachable_since: Gauge,
 }
 
 impl Metrics {
@@ -89,8 +93,20 @@ impl Metrics {
             credential_fetch_seconds: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 14),
             ),
+            server_connected: Gauge::default(),
+            server_unreachable_since: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "server_connected",
+            "1 while a server streams this node's registry; 0 while none answers (enforcement and held SVIDs go on)",
+            m.server_connected.clone(),
+        );
+        registry.register(
+            "server_unreachable_since_seconds",
+            "Unix time the agent lost every server, 0 while connected",
+            m.server_unreachable_since.clone(),
+        );
         registry.register(
             "tracked_processes",
             "Live processes the agent has attested",

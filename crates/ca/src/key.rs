@@ -60,6 +60,14 @@ impl PrivateKey {
         }
     }
 
+    /// An ECDSA P-256 SHA-256 signature (ASN.1 DER) over `msg`.
+    pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, CaError> {
+        self.pair
+            .sign(&SystemRandom::new(), msg)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| CaError::InvalidKey("signing failed".into()))
+    }
+
     pub fn pkcs8_der(&self) -> &[u8] {
         &self.pkcs8
     }

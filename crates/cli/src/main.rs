@@ -237,6 +237,14 @@ struct ServerOpts {
     /// database. Required with --database.
     #[arg(long, requires = "database")]
     kek_file: Option<PathBuf>,
+    /// CA certificates (PEM) of the operator's node PKI: an agent holding a
+    /// certificate they issued attests by x509pop, without a join token.
+    #[arg(long)]
+    node_ca: Option<PathBuf>,
+    /// This server's name in `tether get nodes` (default: host name and
+    /// node API port).
+    #[arg(long)]
+    server_name: Option<String>,
     /// How often due key rotation steps, and keys another server sharing
     /// the database prepared or activated, are checked.
     #[arg(long, default_value = "30s")]
@@ -326,7 +334,10 @@ struct AgentOpts {
 struct AgentArgs {
     #[command(flatten)]
     opts: AgentOpts,
-    /// Server node API, host:port.
+    /// Server node API, host:port; several, comma-separated (or a name with
+    /// several addresses), for a control plane of several servers: the
+    /// agent stays with the one that answers and moves to the next when it
+    /// does not.
     #[arg(long)]
     server: String,
     #[arg(long, default_value = "example.org")]
@@ -337,6 +348,14 @@ struct AgentArgs {
     /// Join token (only needed for the first attestation).
     #[arg(long, env = "TETHER_JOIN_TOKEN")]
     join_token: Option<String>,
+    /// Attest with this node certificate (PEM chain, leaf first, from the
+    /// operator's node CA; its subject CN must be the node name) instead of
+    /// a join token.
+    #[arg(long, requires = "x509pop_key")]
+    x509pop_cert: Option<PathBuf>,
+    /// Key (PEM, ECDSA P-256) of --x509pop-cert.
+    #[arg(long, requires = "x509pop_cert")]
+    x509pop_key: Option<PathBuf>,
     #[arg(long, default_value = "/var/lib/tether/agent")]
     data_dir: PathBuf,
     #[arg(
@@ -434,6 +453,8 @@ fn server_config(
             kek,
         };
     }
+    cfg.name = o.server_name.clone();
+    cfg.node_ca = o.node_ca.clone();
     cfg.ca_ttl_secs = duration("--ca-ttl", &o.ca_ttl)?;
     cfg.rotation_check = Duration::from_secs(duration("--key-check", &o.key_check)?.max(1) as u64);
     cfg.node_svid_ttl_secs = duration("--node-svid-ttl", &o.node_svid_ttl)?;
@@ -580,6 +601,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 );
             }
             cfg.join_token = a.join_token;
+            cfg.x509pop = a.x509pop_cert.zip(a.x509pop_key);
             cfg.workload_socket = a.workload_socket;
             cfg.admin_socket = a.admin_socket;
             let _agent = tether_agent::start(cfg).await?;

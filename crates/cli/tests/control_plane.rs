@@ -28,7 +28,21 @@ impl Drop for Server {
 }
 
 fn spawn_server(dir: &Path, name: &str, url: &str, kek: &Path) -> Server {
-    let port = free_port();
+    spawn_server_with(dir, name, url, kek, &[])
+}
+
+fn spawn_server_with(dir: &Path, name: &str, url: &str, kek: &Path, extra: &[&str]) -> Server {
+    spawn_server_at(dir, name, url, kek, free_port(), extra)
+}
+
+fn spawn_server_at(
+    dir: &Path,
+    name: &str,
+    url: &str,
+    kek: &Path,
+    port: u16,
+    extra: &[&str],
+) -> Server {
     let admin = dir.join(format!("{name}-admin.sock"));
     let log = dir.join(format!("{name}.log"));
     let child = Command::new(TETHER)
@@ -39,12 +53,11 @@ fn spawn_server(dir: &Path, name: &str, url: &str, kek: &Path) -> Server {
             "--trust-domain",
             "example.org",
         ])
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--key-check",
-            "1s",
-        ])
+        // Key checks an hour apart: what one server changes reaches the
+        // others through the database's change feed, not by polling.
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--key-check", "1h"])
+        .args(extra)
         .arg("--data-dir")
         .arg(dir.join(name))
         .arg("--admin-socket")
@@ -55,7 +68,13 @@ fn spawn_server(dir: &Path, name: &str, url: &str, kek: &Path) -> Server {
         .env("TETHER_DATABASE", url)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .expect("log"),
+        )
         .spawn()
         .expect("tether server");
     Server {
@@ -132,52 +151,277 @@ fn make_kek(dir: &Path) -> PathBuf {
     p
 }
 
-/// An agent process that only attests (no enforcement): its exit status
-/// and log, or None while it runs.
-fn attest(dir: &Path, name: &str, server: &Server, bundle: &Path, token: &str) -> (bool, String) {
-    let log = dir.join(format!("agent-{name}.log"));
-    let mut child = Command::new(TETHER)
-        .args(["--log-format", "text", "agent", "--server", &server.addr])
-        .args(["--trust-domain", "example.org", "--node-name", name])
-        .arg("--trust-bundle")
-        .arg(bundle)
-        .args([
-            "--metrics",
-            "off",
-            "--bpf-pin-dir",
-            "none",
-            "--credentials-dir",
-            "none",
-        ])
-        .arg("--data-dir")
-        .arg(dir.join(format!("agent-{name}")))
-        .arg("--workload-socket")
-        .arg(dir.join(format!("{name}-workload.sock")))
-        .arg("--admin-socket")
-        .arg(dir.join(format!("{name}-agent.sock")))
-        .env("TETHER_JOIN_TOKEN", token)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("tether agent");
-    let read = || std::fs::read_to_string(&log).unwrap_or_default();
-    let mut exited = None;
-    let settled = wait_until(Duration::from_secs(30), || {
-        if let Ok(Some(st)) = child.try_wait() {
-            exited = Some(st);
-            return true;
+/// An agent process that does not enforce: it attests, serves the
+/// Workload API and follows the registry.
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    metrics: String,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    /// With `token` empty, none is given (`extra` says how it attests).
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        servers: &str,
+        bundle: &Path,
+        token: &str,
+        extra: &[&str],
+    ) -> Agent {
+        let log = dir.join(format!("agent-{name}.log"));
+        let socket = dir.join(format!("{name}-workload.sock"));
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(TETHER);
+        if !token.is_empty() {
+            cmd.env("TETHER_JOIN_TOKEN", token);
         }
-        dir.join(format!("{name}-workload.sock")).exists()
+        let child = cmd
+            .args(["--log-format", "text", "agent", "--server", servers])
+            .args(extra)
+            .args(["--trust-domain", "example.org", "--node-name", name])
+            .arg("--trust-bundle")
+            .arg(bundle)
+            .args(["--metrics", &metrics])
+            .args(["--bpf-pin-dir", "none"])
+            .args(["--credentials-dir", "none"])
+            .arg("--data-dir")
+            .arg(dir.join(format!("agent-{name}")))
+            .arg("--workload-socket")
+            .arg(&socket)
+            .arg("--admin-socket")
+            .arg(dir.join(format!("{name}-agent.sock")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("tether agent");
+        Agent {
+            child,
+            socket,
+            log,
+            metrics,
+        }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The value of metric `name` (no labels).
+    fn metric(&self, name: &str) -> Option<f64> {
+        std::net::TcpStream::connect(&self.metrics).ok()?;
+        http_get(&self.metrics, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+    }
+
+    /// Waits until it serves the Workload API (true) or exits (false).
+    fn settle(&mut self) -> bool {
+        let mut exited = false;
+        let settled = wait_until(Duration::from_secs(30), || {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                exited = true;
+                return true;
+            }
+            self.socket.exists()
+        });
+        assert!(
+            settled,
+            "the agent neither attested nor failed:\n{}",
+            self.logs()
+        );
+        !exited
+    }
+}
+
+/// Attests a node through `server` with `token`: whether it did, and the
+/// agent's log.
+fn attest(dir: &Path, name: &str, server: &Server, bundle: &Path, token: &str) -> (bool, String) {
+    let mut agent = Agent::spawn(dir, name, &server.addr, bundle, token, &[]);
+    let ok = agent.settle();
+    (ok, agent.logs())
+}
+
+/// The `server` field `tether get node NAME` shows.
+fn node_server(s: &Server, name: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&["get", "node", name])).expect("node JSON");
+    v[0]["server"].as_str().unwrap_or_default().to_owned()
+}
+
+/// The server's name as nodes see it (host name and node API port).
+fn server_name(s: &Server) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let port = s.addr.rsplit(':').next().unwrap_or_default();
+    format!("{}:{port}", host.trim())
+}
+
+/// A fresh workload process, which must get `want` from `socket`.
+fn fetch_ok(dir: &Path, exe: &Path, socket: &Path, out: &str, want: &str, agent: &Agent) {
+    let ok = wait_until(Duration::from_secs(30), || {
+        let r = run_workload(exe, 0, socket, &dir.join(out), "fetch");
+        r.output.status.success() && r.spiffe_id() == want
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    let r = run_workload(exe, 0, socket, &dir.join(out), "fetch");
     assert!(
-        settled,
-        "the agent neither attested nor failed:\n{}",
-        read()
+        ok,
+        "no {want} for a new process: {}\nagent:\n{}",
+        r.describe(),
+        agent.logs()
     );
-    (exited.is_none(), read())
+}
+
+/// Entry point for workload child processes (see common::workload_command).
+#[test]
+fn child_entry() {
+    if let (Ok(mode), Ok(out)) = (
+        std::env::var("TETHER_TEST_CHILD"),
+        std::env::var("TETHER_TEST_OUT"),
+    ) {
+        child_main(&mode, Path::new(&out));
+    }
+}
+
+/// An agent that knows two servers moves to the second when the first is
+/// killed: what is applied through the second reaches it, a new process
+/// gets its SVID, and `tether get node` names the server it talks to.
+#[test]
+fn an_agent_moves_to_another_server_when_its_own_dies() {
+    let url = Cluster::shared().database();
+    let dir = open_tempdir();
+    let kek = make_kek(dir.path());
+    let a = spawn_server(dir.path(), "a", &url, &kek);
+    a.wait_ready();
+    let b = spawn_server(dir.path(), "b", &url, &kek);
+    b.wait_ready();
+    let bundle = dir.path().join("bundle.json");
+    std::fs::write(&bundle, a.ok(&["get", "bundle"])).expect("bundle");
+    let token = a.ok(&["token", "create", "--ttl", "5m"]);
+    let exe1 = workload_binary(dir.path(), "fo-one");
+    let m = dir.path().join("one.yaml");
+    std::fs::write(&m, binary_identity("fo-one", &exe1)).expect("manifest");
+    a.ok(&["apply", "-f", m.to_str().expect("path")]);
+
+    let mut agent = Agent::spawn(
+        dir.path(),
+        "fo",
+        &format!("{},{}", a.addr, b.addr),
+        &bundle,
+        token.trim(),
+        &[],
+    );
+    assert!(agent.settle(), "the agent attests:\n{}", agent.logs());
+    fetch_ok(
+        dir.path(),
+        &exe1,
+        &agent.socket,
+        "o1",
+        "spiffe://example.org/fo-one",
+        &agent,
+    );
+    assert_eq!(
+        node_server(&b, "fo"),
+        server_name(&a),
+        "the node talks to a first"
+    );
+
+    // Applied through b, followed by a's watch (the change feed).
+    let exe0 = workload_binary(dir.path(), "fo-zero");
+    let m = dir.path().join("zero.yaml");
+    std::fs::write(&m, binary_identity("fo-zero", &exe0)).expect("manifest");
+    b.ok(&["apply", "-f", m.to_str().expect("path")]);
+    fetch_ok(
+        dir.path(),
+        &exe0,
+        &agent.socket,
+        "o0",
+        "spiffe://example.org/fo-zero",
+        &agent,
+    );
+
+    drop(a); // SIGKILL
+    let exe2 = workload_binary(dir.path(), "fo-two");
+    let m = dir.path().join("two.yaml");
+    std::fs::write(&m, binary_identity("fo-two", &exe2)).expect("manifest");
+    b.ok(&["apply", "-f", m.to_str().expect("path")]);
+    fetch_ok(
+        dir.path(),
+        &exe2,
+        &agent.socket,
+        "o2",
+        "spiffe://example.org/fo-two",
+        &agent,
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || node_server(&b, "fo")
+            == server_name(&b)),
+        "the node now talks to b: {}",
+        b.ok(&["get", "node", "fo"])
+    );
+    assert!(
+        agent.logs().contains("moved to the next"),
+        "the agent says it moved:\n{}",
+        agent.logs()
+    );
+    assert_eq!(
+        agent.metric("tether_agent_server_connected"),
+        Some(1.0),
+        "{}",
+        http_get(&agent.metrics, "/metrics")
+    );
+
+    // Every server down: the agent says so and keeps what it has.
+    let port: u16 = b
+        .addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    drop(b);
+    assert!(
+        wait_until(Duration::from_secs(30), || agent
+            .metric("tether_agent_server_connected")
+            == Some(0.0)),
+        "the metric shows no server:\n{}",
+        agent.logs()
+    );
+    assert!(
+        agent
+            .metric("tether_agent_server_unreachable_since_seconds")
+            .unwrap_or(0.0)
+            > 0.0
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    // Back: a new process gets its SVID, and the node's outage is on record.
+    let b = spawn_server_at(dir.path(), "b", &url, &kek, port, &[]);
+    b.wait_ready();
+    fetch_ok(
+        dir.path(),
+        &exe2,
+        &agent.socket,
+        "o3",
+        "spiffe://example.org/fo-two",
+        &agent,
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || agent
+            .metric("tether_agent_server_connected")
+            == Some(1.0)),
+        "the metric shows the server back"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&b.ok(&["get", "node", "fo"])).expect("node JSON");
+    let secs = v[0]["lastOffline"]["seconds"].as_i64().unwrap_or(-1);
+    assert!(secs >= 2, "the outage is recorded: {v}");
 }
 
 #[test]
@@ -277,4 +521,162 @@ fn two_servers_share_one_postgres_database() {
     for s in [&a, &b, &c] {
         assert!(!s.logs().contains(tether_test_support::pg::PASSWORD));
     }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// An operator CA `name` (P-256, self-signed) in `dir`: name.crt, name.key.
+fn operator_ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+        ],
+    );
+}
+
+/// A node certificate with subject CN `cn`, issued by CA `ca`:
+/// `file`.crt and `file`.key.
+fn node_cert(dir: &Path, ca: &str, cn: &str, file: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &format!("{file}.key"),
+            "-out",
+            &format!("{file}.csr"),
+        ],
+    );
+    std::fs::write(
+        dir.join(format!("{file}.ext")),
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )
+    .expect("ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{file}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &format!("{file}.ext"),
+            "-out",
+            &format!("{file}.crt"),
+        ],
+    );
+}
+
+/// x509pop: a node attests with a certificate from the operator's node CA
+/// and no join token; one from another CA, or naming another node, is
+/// refused with a clear error.
+#[test]
+fn a_node_attests_with_an_operator_certificate_and_no_token() {
+    let url = Cluster::shared().database();
+    let dir = open_tempdir();
+    let d = dir.path();
+    operator_ca(d, "node-ca");
+    operator_ca(d, "other-ca");
+    node_cert(d, "node-ca", "pop-node", "good");
+    node_cert(d, "other-ca", "pop-node", "foreign");
+    let kek = make_kek(d);
+    let ca = d.join("node-ca.crt");
+    let s = spawn_server_with(
+        d,
+        "s",
+        &url,
+        &kek,
+        &["--node-ca", ca.to_str().expect("path")],
+    );
+    s.wait_ready();
+    let bundle = d.join("bundle.json");
+    std::fs::write(&bundle, s.ok(&["get", "bundle"])).expect("bundle");
+    let pop = |cert: &str| {
+        [
+            "--x509pop-cert".to_owned(),
+            d.join(format!("{cert}.crt")).display().to_string(),
+            "--x509pop-key".to_owned(),
+            d.join(format!("{cert}.key")).display().to_string(),
+        ]
+    };
+    let run = |node: &str, cert: &str| {
+        let a = pop(cert);
+        let extra: Vec<&str> = a.iter().map(String::as_str).collect();
+        let mut agent = Agent::spawn(d, node, &s.addr, &bundle, "", &extra);
+        let ok = agent.settle();
+        (ok, agent.logs())
+    };
+
+    let (ok, log) = run("pop-node", "foreign");
+    assert!(!ok, "a certificate of another CA attested:\n{log}");
+    assert!(
+        log.contains("not issued by the operator's node CA"),
+        "{log}"
+    );
+    let (ok, log) = run("someone-else", "good");
+    assert!(!ok, "a certificate attested another node's name:\n{log}");
+    assert!(log.contains("names node \"pop-node\""), "{log}");
+    assert!(
+        !s.ok(&["get", "node"]).contains("pop-node"),
+        "nothing was attested yet"
+    );
+
+    let (ok, log) = run("pop-node", "good");
+    assert!(ok, "the operator's certificate attests:\n{log}");
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&["get", "node", "pop-node"])).expect("node JSON");
+    assert_eq!(
+        v[0]["spiffeId"], "spiffe://example.org/tether/node/pop-node",
+        "{v}"
+    );
+    assert!(
+        s.logs().contains("method=\"x509pop\"") || s.logs().contains("method=x509pop"),
+        "{}",
+        s.logs()
+    );
 }

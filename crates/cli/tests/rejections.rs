@@ -227,8 +227,15 @@ async fn node_api_refuses_bad_csrs_and_entitlement_overreach() {
     let bundle = Arc::new(RwLock::new(server.state.current_bundle()));
 
     // Attestation with a malformed CSR is refused and does not burn the token.
-    let anon =
-        NodeClient::new(tether_agent::server_channel(&addr, &td, &bundle, None).expect("channel"));
+    let anon = NodeClient::new(
+        tether_agent::server_channel(
+            &tether_agent::Servers::parse(&addr).expect("addr"),
+            &td,
+            &bundle,
+            None,
+        )
+        .expect("channel"),
+    );
     let err = anon
         .clone()
         .attest(AttestRequest {
@@ -236,6 +243,7 @@ async fn node_api_refuses_bad_csrs_and_entitlement_overreach() {
             csr: b"not a csr".to_vec(),
             node_name: "n1".into(),
             addresses: vec![],
+            ..Default::default()
         })
         .await
         .expect_err("malformed CSR accepted");
@@ -251,10 +259,11 @@ async fn node_api_refuses_bad_csrs_and_entitlement_overreach() {
 
     let data = dir.path().join("agent");
     let conn = tether_agent::NodeConn::establish(
-        &addr,
+        &tether_agent::Servers::parse(&addr).expect("addr"),
         &td,
         Some(server.state.current_bundle()),
         Some(&token),
+        None,
         "n1",
         &data,
     )
@@ -410,8 +419,13 @@ async fn node_api_refuses_bad_csrs_and_entitlement_overreach() {
     // After a renewal the old node SVID (say, a copy someone kept) opens
     // nothing: only the node's current serial is accepted.
     let old = NodeClient::new(
-        tether_agent::server_channel(&addr, &td, &conn.bundle, Some(&conn.identity()))
-            .expect("channel"),
+        tether_agent::server_channel(
+            &tether_agent::Servers::parse(&addr).expect("addr"),
+            &td,
+            &conn.bundle,
+            Some(&conn.identity()),
+        )
+        .expect("channel"),
     );
     old.clone()
         .sign_x509_svids(SignX509SvidsRequest { csrs: vec![] })

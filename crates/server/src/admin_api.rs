@@ -201,6 +201,11 @@ impl Admin for AdminApi {
                         serde_json::json!({
                             "name": n.name, "spiffeId": n.spiffe_id, "attestedAt": n.attested_at,
                             "svidSerial": n.svid_serial, "svidExpiresAt": n.svid_expires_at, "lastSeen": n.last_seen,
+                            "server": n.server,
+                            "lastOffline": (n.offline.0 > 0).then(|| serde_json::json!({
+                                "from": n.offline.0, "until": n.offline.1,
+                                "seconds": n.offline.1 - n.offline.0,
+                            })),
                         })
                     })
                     .collect();

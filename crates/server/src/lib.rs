@@ -20,7 +20,7 @@ use std::time::Duration;
 use tether_ca::Upstream;
 use tether_spiffe::{Bundle, SpiffeId, TrustDomain};
 pub use tether_store::is_postgres_url;
-use tether_store::{Lock, Store};
+use tether_store::{Lock, Store, Topic};
 use tether_tls::{SharedBundle, SwappableCert};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -98,6 +98,9 @@ pub enum Database {
 }
 
 pub struct ServerConfig {
+    /// How this server names itself to operators (`tether get nodes`
+    /// shows each node's); default `<host name>:<node API port>`.
+    pub name: Option<String>,
     pub trust_domain: TrustDomain,
     /// Holds the SQLite database (which contains CA keys: owner-only).
     pub data_dir: PathBuf,
@@ -105,6 +108,9 @@ pub struct ServerConfig {
     /// Node API listen address (TLS).
     pub listen: SocketAddr,
     pub admin_socket: PathBuf,
+    /// Operator CA certificates (PEM) whose node certificates attest by
+    /// x509pop, without a join token.
+    pub node_ca: Option<PathBuf>,
     /// Operator CA (certificate PEM, key PEM) to chain Tether's CAs to.
     pub upstream: Option<(PathBuf, PathBuf)>,
     pub ca_ttl_secs: i64,
@@ -120,9 +126,11 @@ pub struct ServerConfig {
 impl ServerConfig {
     pub fn new(trust_domain: TrustDomain, data_dir: PathBuf) -> Self {
         ServerConfig {
+            name: None,
             trust_domain,
             data_dir,
             database: Database::Sqlite,
+            node_ca: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_socket: PathBuf::from("/run/tether/admin.sock"),
             upstream: None,
@@ -137,6 +145,11 @@ impl ServerConfig {
 
 /// Shared server state used by every API.
 pub struct State {
+    /// The operator's node CA (DER) for x509pop attestation, if any.
+    pub node_ca: Option<Vec<Vec<u8>>>,
+    /// This server's name among those sharing the database (set once its
+    /// node API is bound).
+    name: std::sync::OnceLock<String>,
     pub td: TrustDomain,
     pub store: Store,
     keys: RwLock<Arc<ActiveKeys>>,
@@ -158,6 +171,11 @@ pub struct State {
 }
 
 impl State {
+    /// This server's name among those sharing the database.
+    pub fn name(&self) -> &str {
+        self.name.get().map_or("", String::as_str)
+    }
+
     pub fn now(&self) -> i64 {
         (self.clock)()
     }
@@ -210,6 +228,13 @@ impl State {
                 "trust bundle changed"
             );
             self.notify();
+        }
+        if changed || signer_changed {
+            // Other servers on the database follow now rather than at their
+            // next key check (they find nothing to decide, so this ends).
+            if let Err(e) = self.store.publish(Topic::Keys) {
+                tracing::warn!(error = %e, "could not tell the other servers about a key change");
+            }
         }
         Ok(())
     }
@@ -376,7 +401,13 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let ck = tether_tls::certified_key(&chain, key.pkcs8_der())
         .map_err(|e| anyhow::anyhow!("server SVID: {e}"))?;
     let (updates, _) = watch::channel(0u64);
+    let node_ca = match &cfg.node_ca {
+        Some(p) => Some(read_certs(p).with_context(|| format!("--node-ca {}", p.display()))?),
+        None => None,
+    };
     let state = Arc::new(State {
+        node_ca,
+        name: std::sync::OnceLock::new(),
         td: cfg.trust_domain.clone(),
         store,
         bundle: Arc::new(RwLock::new(keys.bundle.clone())),
@@ -396,6 +427,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let (node_addr, t) =
         listen::serve_node_api(state.clone(), cfg.listen, state.server_cert.clone()).await?;
     tasks.push(t);
+    let _ = state.name.set(cfg.name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}:{}", host.trim(), node_addr.port())
+    }));
     tasks.push(listen::serve_admin_api(state.clone(), &cfg.admin_socket)?);
     let oidc_addr = match &cfg.oidc {
         Some(o) => {
@@ -406,15 +441,25 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         }
         None => None,
     };
+    tasks.push(follow_feed(state.clone()));
     let st = state.clone();
     let every = cfg.rotation_check;
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;
+        let mut seen = st.store.revision().ok();
         loop {
             tick.tick().await;
             if let Err(e) = st.reconcile_keys(None) {
                 tracing::error!(error = %e, "key rotation check failed; will retry");
+            }
+            // A change another server made while the feed was down reaches
+            // the agents here at the latest.
+            if let Ok(r) = st.store.revision()
+                && seen != Some(r)
+            {
+                seen = Some(r);
+                st.notify();
             }
         }
     }));
@@ -424,6 +469,31 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         node_addr,
         oidc_addr,
         tasks,
+    })
+}
+
+/// Follows the changes every server on the database publishes: registry
+/// changes wake this server's watch streams, key changes (and a reconnected
+/// feed, which may have missed some) make it read the keys again.
+fn follow_feed(state: Arc<State>) -> JoinHandle<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    state.store.subscribe(move |t| {
+        let _ = tx.send(t);
+    });
+    tokio::spawn(async move {
+        while let Some(t) = rx.recv().await {
+            if matches!(t, Topic::Keys | Topic::Resync) {
+                let st = state.clone();
+                match tokio::task::spawn_blocking(move || st.reconcile_keys(None)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "following a key change failed; the next key check retries")
+                    }
+                    Err(e) => tracing::error!(error = %e, "following a key change panicked"),
+                }
+            }
+            state.notify();
+        }
     })
 }
 
@@ -441,21 +511,14 @@ fn open_store(cfg: &ServerConfig) -> anyhow::Result<(Store, Arc<secrets::Sealer>
             let sealer = secrets::Sealer::load(kek).context("--kek-file")?;
             let roots = match ca {
                 Some(p) => {
-                    let pem = std::fs::read(p)
-                        .with_context(|| format!("reading --database-ca {}", p.display()))?;
                     let mut roots = rustls::RootCertStore::empty();
-                    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
-                        let c: rustls_pki_types::CertificateDer<'static> =
-                            c.with_context(|| format!("--database-ca {}", p.display()))?;
+                    for c in
+                        read_certs(p).with_context(|| format!("--database-ca {}", p.display()))?
+                    {
                         roots
-                            .add(c)
+                            .add(c.into())
                             .with_context(|| format!("--database-ca {}", p.display()))?;
                     }
-                    anyhow::ensure!(
-                        !roots.is_empty(),
-                        "--database-ca {}: no certificate in it",
-                        p.display()
-                    );
                     roots
                 }
                 None => tether_tls::system_roots(),
@@ -469,6 +532,19 @@ fn open_store(cfg: &ServerConfig) -> anyhow::Result<(Store, Arc<secrets::Sealer>
             (store, Arc::new(sealer))
         }
     })
+}
+
+/// The certificates (DER) of a PEM file; at least one.
+fn read_certs(p: &std::path::Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    use anyhow::Context as _;
+    use rustls_pki_types::pem::PemObject as _;
+    let pem = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("not PEM certificates")?;
+    anyhow::ensure!(!certs.is_empty(), "no certificate in it");
+    Ok(certs)
 }
 
 fn restrict_dir(p: &std::path::Path) {

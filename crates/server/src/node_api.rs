@@ -115,6 +115,41 @@ impl NodeApi {
         }
     }
 
+    /// Attestation by the node's operator-issued certificate: its chain
+    /// verifies against `--node-ca`, its subject CN is the node name, and its
+    /// key signed this request (see `tether_spiffe::x509pop`).
+    fn attest_x509pop(&self, r: AttestRequest, peer: &str) -> Result<Response<NodeSvid>, Status> {
+        let st = &self.state;
+        let Some(anchors) = st.node_ca.as_ref() else {
+            return Err(Status::failed_precondition(
+                "node attestation refused: x509pop: this server trusts no node CA (--node-ca)",
+            ));
+        };
+        if r.x509pop_chain.iter().any(|c| c.len() > 16 * 1024) || r.x509pop_signature.len() > 1024 {
+            return Err(Status::invalid_argument(
+                "x509pop: a certificate over 16 KiB or a signature over 1 KiB",
+            ));
+        }
+        tether_ca::parse_csr(&r.csr).map_err(ServerError::from)?;
+        let now = st.now();
+        if let Err(e) = tether_spiffe::x509pop::verify(
+            &r.x509pop_chain,
+            anchors,
+            &r.node_name,
+            &r.csr,
+            &r.x509pop_signature,
+            now,
+        ) {
+            tracing::warn!(node = %r.node_name, %peer, reason = %e, "node attestation refused (x509pop)");
+            return Err(Status::permission_denied(format!(
+                "node attestation refused: x509pop: {e}"
+            )));
+        }
+        let svid = self.sign_node_svid(&r.node_name, &r.csr, Some(now), &r.addresses)?;
+        tracing::info!(node = %r.node_name, %peer, method = "x509pop", "node attested");
+        Ok(Response::new(svid))
+    }
+
     fn sign_node_svid(
         &self,
         name: &str,
@@ -164,7 +199,9 @@ impl NodeApi {
             .upsert_node(&NodeRow {
                 name: name.to_string(),
                 spiffe_id: id.to_string(),
-                attested_at: attested_at.or(prev.map(|p| p.attested_at)).unwrap_or(now),
+                attested_at: attested_at
+                    .or(prev.as_ref().map(|p| p.attested_at))
+                    .unwrap_or(now),
                 svid_serial: cert.serial_hex.clone(),
                 svid_expires_at: cert.not_after,
                 last_seen: now,
@@ -173,6 +210,8 @@ impl NodeApi {
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(","),
+                server: st.name().to_owned(),
+                offline: prev.as_ref().map_or((0, 0), |p| p.offline),
             })
             .map_err(ServerError::from)?;
         Ok(NodeSvid {
@@ -322,6 +361,9 @@ impl Node for NodeApi {
         let r = req.into_inner();
         tether_manifest::validate_name(&r.node_name)
             .map_err(|m| Status::invalid_argument(format!("node_name: {m}")))?;
+        if !r.x509pop_chain.is_empty() {
+            return self.attest_x509pop(r, &peer);
+        }
         if r.join_token.is_empty() || r.join_token.len() > 256 {
             return Err(Status::invalid_argument("join_token: missing or too long"));
         }
@@ -519,6 +561,16 @@ impl Node for NodeApi {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let node = self.node(&req)?;
         let state = self.state.clone();
+        let now = state.now();
+        // An outage the agent reports, bounded to the past.
+        let offline = Some(req.get_ref().unreachable_since).filter(|t| (1..=now).contains(t));
+        if let Some(t) = offline {
+            tracing::warn!(%node, offline_secs = now - t, "node was without any server");
+        }
+        state
+            .store
+            .node_seen(&node, state.name(), now, offline)
+            .map_err(ServerError::from)?;
         let mut updates = state.updates.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {

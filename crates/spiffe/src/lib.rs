@@ -16,6 +16,7 @@ pub mod id;
 mod json;
 pub mod jwt;
 pub mod x509;
+pub mod x509pop;
 
 pub use bundle::Bundle;
 pub use id::{IdError, SpiffeId, TrustDomain};

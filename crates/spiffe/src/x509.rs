@@ -29,7 +29,7 @@ use crate::id::{IdError, SpiffeId};
 pub const MAX_CHAIN_LEN: usize = 8;
 
 /// Signature algorithms accepted in certificate chains, all from aws-lc-rs.
-static SUPPORTED_SIG_ALGS: &[&dyn SignatureVerificationAlgorithm] = &[
+pub(crate) static SUPPORTED_SIG_ALGS: &[&dyn SignatureVerificationAlgorithm] = &[
     webpki::aws_lc_rs::ECDSA_P256_SHA256,
     webpki::aws_lc_rs::ECDSA_P256_SHA384,
     webpki::aws_lc_rs::ECDSA_P384_SHA256,

@@ -93,6 +93,11 @@ const MIGRATIONS: &[&str] = &[
     // 2: the addresses each node's SVID vouches for (comma-separated), so
     // two nodes can never both be vouched for at one address.
     "ALTER TABLE nodes ADD COLUMN addresses TEXT NOT NULL DEFAULT ''",
+    // 3: the server each node last talked to (several share a database),
+    // and the node's last time without any server.
+    "ALTER TABLE nodes ADD COLUMN server TEXT NOT NULL DEFAULT '';
+     ALTER TABLE nodes ADD COLUMN offline_from BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE nodes ADD COLUMN offline_until BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// An arbitrary constant: the advisory lock migrations run under.
@@ -140,6 +145,10 @@ pub struct NodeRow {
     pub last_seen: i64,
     /// Addresses in its current SVID (IP SANs), comma-separated.
     pub addresses: String,
+    /// The server it last attested, renewed or watched through.
+    pub server: String,
+    /// Its last time without any server (Unix seconds; 0, 0 if none known).
+    pub offline: (i64, i64),
 }
 
 /// Lifecycle of a signing key (X.509 CA or JWT key).
@@ -199,6 +208,27 @@ pub struct Store {
     backend: Backend,
     /// [`Store::exclusive`] on SQLite, whose database one server owns.
     local_lock: Mutex<()>,
+}
+
+/// What servers sharing a database tell each other (PostgreSQL NOTIFY).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// The registry changed (an apply or delete committed).
+    Registry,
+    /// Signing keys or the bundle changed (a rotation step).
+    Keys,
+    /// The feed (re)connected: anything may have been missed; read again.
+    Resync,
+}
+
+impl Topic {
+    fn channel(self) -> &'static str {
+        match self {
+            Topic::Registry => "tether_registry",
+            Topic::Keys => "tether_keys",
+            Topic::Resync => "",
+        }
+    }
 }
 
 /// Locks of [`Store::exclusive`].
@@ -306,6 +336,36 @@ impl Store {
             Backend::Sqlite(_) => Dialect::Sqlite,
             Backend::Postgres(_) => Dialect::Postgres,
         }
+    }
+
+    /// Calls `on` for every change published by any server on this
+    /// database, and with [`Topic::Resync`] whenever the feed (re)connects.
+    /// `on` runs on the store's own thread: it must only hand the topic on
+    /// (send on a channel), never use the store. On SQLite, which one
+    /// server owns, nothing is ever published by others and `on` is never
+    /// called.
+    pub fn subscribe(&self, on: impl Fn(Topic) + Send + Sync + 'static) {
+        if let Backend::Postgres(pg) = &self.backend {
+            pg.listen(
+                &["tether_registry", "tether_keys"],
+                Box::new(move |ch| {
+                    on(match ch {
+                        Some("tether_registry") => Topic::Registry,
+                        Some("tether_keys") => Topic::Keys,
+                        _ => Topic::Resync,
+                    })
+                }),
+            );
+        }
+    }
+
+    /// Tells every server on this database (itself included) about a
+    /// change; nothing on SQLite.
+    pub fn publish(&self, topic: Topic) -> Result<()> {
+        if topic == Topic::Resync || self.dialect() == Dialect::Sqlite {
+            return Ok(());
+        }
+        self.write(|tx| notify(tx, topic, ""))
     }
 
     /// Runs `f` while no other server on this database runs it under the
@@ -434,6 +494,8 @@ impl Store {
                     "UPDATE meta SET value = $1 WHERE key = 'revision'",
                     &[P::I(next)],
                 )?;
+                // Delivered at commit, to every server's feed.
+                notify(tx, Topic::Registry, &next.to_string())?;
             }
             Ok(outcomes)
         })
@@ -560,11 +622,11 @@ impl Store {
     pub fn upsert_node(&self, n: &NodeRow) -> Result<()> {
         self.write(|tx| {
             tx.exec(
-                "INSERT INTO nodes (name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                "INSERT INTO nodes (name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses, server)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (name) DO UPDATE SET spiffe_id = excluded.spiffe_id, attested_at = excluded.attested_at,
                    svid_serial = excluded.svid_serial, svid_expires_at = excluded.svid_expires_at, last_seen = excluded.last_seen,
-                   addresses = excluded.addresses",
+                   addresses = excluded.addresses, server = excluded.server",
                 &[
                     P::T(&n.name),
                     P::T(&n.spiffe_id),
@@ -573,16 +635,41 @@ impl Store {
                     P::I(n.svid_expires_at),
                     P::I(n.last_seen),
                     P::T(&n.addresses),
+                    P::T(&n.server),
                 ],
             )
             .map(|_| ())
         })
     }
 
+    /// Notes that `name` is talking to `server` now, after being without
+    /// any server since `offline_from` if that is given.
+    pub fn node_seen(
+        &self,
+        name: &str,
+        server: &str,
+        now: i64,
+        offline_from: Option<i64>,
+    ) -> Result<()> {
+        self.write(|tx| {
+            tx.exec(
+                "UPDATE nodes SET server = $2, last_seen = $3 WHERE name = $1",
+                &[P::T(name), P::T(server), P::I(now)],
+            )?;
+            if let Some(from) = offline_from {
+                tx.exec(
+                    "UPDATE nodes SET offline_from = $2, offline_until = $3 WHERE name = $1",
+                    &[P::T(name), P::I(from), P::I(now)],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
     pub fn node(&self, name: &str) -> Result<Option<NodeRow>> {
         self.read(|tx| {
             tx.row(
-                "SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses FROM nodes WHERE name = $1",
+                "SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses, server, offline_from, offline_until FROM nodes WHERE name = $1",
                 &[P::T(name)],
             )?
             .as_ref()
@@ -594,7 +681,7 @@ impl Store {
     pub fn nodes(&self) -> Result<Vec<NodeRow>> {
         self.read(|tx| {
             tx.rows(
-                "SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses FROM nodes ORDER BY name",
+                "SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses, server, offline_from, offline_until FROM nodes ORDER BY name",
                 &[],
             )?
             .iter()
@@ -748,6 +835,17 @@ impl Store {
     }
 }
 
+fn notify(tx: &mut dyn Tx, topic: Topic, payload: &str) -> Result<()> {
+    if tx.dialect() == Dialect::Postgres {
+        // exec, not rows: the result is a void column.
+        tx.exec(
+            "SELECT pg_notify($1, $2)",
+            &[P::T(topic.channel()), P::T(payload)],
+        )?;
+    }
+    Ok(())
+}
+
 fn resource_row(r: &Row) -> Result<ResourceRow> {
     Ok(ResourceRow {
         kind: r.text(0)?,
@@ -766,6 +864,8 @@ fn node_row(r: &Row) -> Result<NodeRow> {
         svid_expires_at: r.int(4)?,
         last_seen: r.int(5)?,
         addresses: r.text(6)?,
+        server: r.text(7)?,
+        offline: (r.int(8)?, r.int(9)?),
     })
 }
 

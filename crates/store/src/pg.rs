@@ -9,8 +9,9 @@ use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Config};
+use tokio_postgres::{Client, Config, Socket};
 
 use crate::sql::{Dialect, P, Row, Tx, Val};
 use crate::{Result, StoreError};
@@ -139,34 +140,42 @@ impl Pg {
 
     fn open(&self) -> Result<Client> {
         let cfg = self.cfg.clone();
-        let tls = self.tls.clone();
-        let task = self.rt.spawn(async move {
-            match tls {
-                Some(t) => {
-                    let (client, conn) = cfg.connect(crate::pg_tls::Rustls(t)).await?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing_warn(&e);
-                        }
-                    });
-                    Ok::<_, tokio_postgres::Error>(client)
-                }
-                None => {
-                    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing_warn(&e);
-                        }
-                    });
-                    Ok(client)
-                }
-            }
-        });
+        let task = match self.tls.clone() {
+            Some(t) => self.rt.spawn(connect(cfg, crate::pg_tls::Rustls(t))),
+            None => self.rt.spawn(connect(cfg, tokio_postgres::NoTls)),
+        };
         let client = block_on(task)?
             .map_err(|e| StoreError::Unavailable(format!("database task: {e}")))?
             .map_err(pg_err)?;
         self.pool.lock().unwrap_or_else(|p| p.into_inner()).open += 1;
         Ok(client)
+    }
+
+    /// Follows `channels` (LISTEN) on a connection of its own, for as long
+    /// as the store lives, reconnecting after a second when it drops.
+    /// `on(None)` after every (re)connection: notifications may have been
+    /// missed, so the caller catches up by reading; `on(Some(channel))` for
+    /// each notification.
+    pub(crate) fn listen(
+        &self,
+        channels: &'static [&'static str],
+        on: Box<dyn Fn(Option<&str>) + Send + Sync>,
+    ) {
+        let cfg = self.cfg.clone();
+        let tls = self.tls.clone();
+        let on: Arc<dyn Fn(Option<&str>) + Send + Sync> = on.into();
+        self.rt.spawn(async move {
+            loop {
+                let r = match tls.clone() {
+                    Some(t) => listen_once(&cfg, crate::pg_tls::Rustls(t), channels, &on).await,
+                    None => listen_once(&cfg, tokio_postgres::NoTls, channels, &on).await,
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "following the database's change feed; reconnecting");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
     }
 
     /// An idle connection, a new one while under the cap, or the next one
@@ -251,8 +260,60 @@ impl Pg {
     }
 }
 
-fn tracing_warn(e: &tokio_postgres::Error) {
-    tracing::warn!(error = %e, "a database connection ended");
+/// Connects and drives the connection on this runtime.
+async fn connect<T>(cfg: Config, tls: T) -> std::result::Result<Client, tokio_postgres::Error>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, conn) = cfg.connect(tls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "a database connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// One LISTEN session: returns when its connection ends.
+async fn listen_once<T>(
+    cfg: &Config,
+    tls: T,
+    channels: &[&str],
+    on: &Arc<dyn Fn(Option<&str>) + Send + Sync>,
+) -> std::result::Result<(), tokio_postgres::Error>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, mut conn) = cfg.connect(tls).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // The connection yields notifications only to whoever polls it.
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if tx.send(n.channel().to_owned()).is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            }
+        }
+    });
+    let listen: String = channels.iter().map(|c| format!("LISTEN {c};")).collect();
+    client.batch_execute(&listen).await?;
+    on(None);
+    while let Some(ch) = rx.recv().await {
+        on(Some(&ch));
+    }
+    drop(client);
+    match driver.await {
+        Ok(r) => r,
+        Err(_) => Ok(()),
+    }
 }
 
 struct PgTx<'c> {

@@ -42,9 +42,108 @@ pub struct NodeIdentity {
     pub expires_at: i64,
 }
 
+/// The servers an agent may talk to (any of them serves the whole trust
+/// domain): a list given as `a:8081,b:8081`, each entry possibly a name
+/// with several addresses. Connections go to the one that answered last
+/// and move on, in order, when it does not.
+pub struct Servers {
+    list: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+/// How long one server may take to accept a connection before the next is
+/// tried.
+const CONNECT_EACH: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl Servers {
+    pub fn parse(s: &str) -> anyhow::Result<Arc<Servers>> {
+        let list: Vec<String> = s
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if list.is_empty() {
+            anyhow::bail!("no server address given");
+        }
+        for e in &list {
+            Endpoint::from_shared(format!("http://{e}"))
+                .map_err(|err| anyhow!("server address {e:?}: {err}"))?;
+        }
+        Ok(Arc::new(Servers {
+            list,
+            current: Default::default(),
+        }))
+    }
+
+    /// The server connections go to now.
+    pub fn current(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.list.get(i).map_or("", String::as_str)
+    }
+
+    pub fn all(&self) -> String {
+        self.list.join(",")
+    }
+
+    /// A TCP connection to the current server, or to the next that takes
+    /// one, which becomes current.
+    async fn connect(&self) -> std::io::Result<tokio::net::TcpStream> {
+        let n = self.list.len();
+        let start = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        let mut last = std::io::Error::other("no server");
+        for k in 0..n {
+            let i = (start + k) % n;
+            let addr = &self.list[i];
+            match tokio::time::timeout(CONNECT_EACH, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => {
+                    if i != start {
+                        tracing::warn!(from = %self.list[start % n], to = %addr, "server unreachable; moved to the next");
+                    }
+                    self.current.store(i, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(tcp);
+                }
+                Ok(Err(e)) => last = std::io::Error::new(e.kind(), format!("{addr}: {e}")),
+                Err(_) => {
+                    last = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("{addr}: no answer in {}s", CONNECT_EACH.as_secs()),
+                    )
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+/// The node's operator-issued certificate and key, for x509pop attestation.
+pub struct X509Pop {
+    chain: Vec<Vec<u8>>,
+    key: PrivateKey,
+}
+
+impl X509Pop {
+    pub fn load(cert: &Path, key: &Path) -> anyhow::Result<X509Pop> {
+        use rustls_pki_types::pem::PemObject as _;
+        let pem = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+        let chain = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+            .map(|c| c.map(|c| c.to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("{}: not PEM certificates", cert.display()))?;
+        if chain.is_empty() {
+            anyhow::bail!("{}: no certificate in it", cert.display());
+        }
+        let k = Zeroizing::new(
+            std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?,
+        );
+        let key = PrivateKey::from_pem(&k).with_context(|| format!("{}", key.display()))?;
+        Ok(X509Pop { chain, key })
+    }
+}
+
 /// Connection to the server, rebuilt whenever the node SVID changes.
 pub struct NodeConn {
-    pub server: String,
+    pub servers: Arc<Servers>,
     pub td: TrustDomain,
     pub bundle: SharedBundle,
     identity: RwLock<Arc<NodeIdentity>>,
@@ -60,10 +159,10 @@ fn server_policy(td: &TrustDomain) -> tether_tls::IdPolicy {
     Arc::new(move |id: &SpiffeId| id.trust_domain() == &td && id.path() == "/tether/server")
 }
 
-/// A lazily connecting gRPC channel over TLS 1.3 to `server`, verifying the
-/// server's SVID and presenting `client` if given.
+/// A lazily connecting gRPC channel over TLS 1.3 to one of `servers`,
+/// verifying the server's SVID and presenting `client` if given.
 pub fn channel(
-    server: &str,
+    servers: &Arc<Servers>,
     td: &TrustDomain,
     bundle: &SharedBundle,
     client: Option<&NodeIdentity>,
@@ -78,18 +177,22 @@ pub fn channel(
     let verifier = tether_tls::SpiffeServerVerifier::new(bundle.clone(), server_policy(td));
     let cfg = Arc::new(tether_tls::client_config(verifier, ck, &[b"h2"])?);
     let connector = tokio_rustls::TlsConnector::from(cfg);
-    let addr = server.to_string();
-    let endpoint = Endpoint::from_shared(format!("http://{server}"))
-        .map_err(|e| anyhow!("server address {server:?}: {e}"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
+    let servers = servers.clone();
+    let first = servers.list.first().cloned().unwrap_or_default();
+    // The URI is only a label: the connector picks the server.
+    let endpoint = Endpoint::from_shared(format!("http://{first}"))
+        .map_err(|e| anyhow!("server address {first:?}: {e}"))?
+        .connect_timeout(
+            CONNECT_EACH * (servers.list.len() as u32) + std::time::Duration::from_secs(2),
+        )
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))
         .keep_alive_while_idle(true);
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
             let connector = connector.clone();
-            let addr = addr.clone();
+            let servers = servers.clone();
             async move {
-                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                let tcp = servers.connect().await?;
                 let _ = tcp.set_nodelay(true);
                 // The name is only for SNI; the verifier checks the SPIFFE ID.
                 let name = rustls_pki_types::ServerName::try_from("tether-server")
@@ -118,10 +221,11 @@ impl NodeConn {
     /// Reuses a persisted node SVID if it is still valid, else attests with
     /// `join_token`.
     pub async fn establish(
-        server: &str,
+        servers: &Arc<Servers>,
         td: &TrustDomain,
         bootstrap: Option<Bundle>,
         join_token: Option<&str>,
+        pop: Option<&X509Pop>,
         node_name: &str,
         data_dir: &Path,
     ) -> anyhow::Result<Arc<NodeConn>> {
@@ -135,7 +239,7 @@ impl NodeConn {
             let (ident, bundle) = p;
             tracing::info!(node = %ident.name, "reusing persisted node SVID");
             let bundle: SharedBundle = Arc::new(RwLock::new(bundle));
-            let ch = channel(server, td, &bundle, Some(&ident))?;
+            let ch = channel(servers, td, &bundle, Some(&ident))?;
             // What it vouches for is what was asked last time, as far as
             // we know; a difference shows up on the first address check.
             let asked = ident
@@ -147,7 +251,7 @@ impl NodeConn {
                 .map(ToString::to_string)
                 .collect();
             return Ok(Arc::new(NodeConn {
-                server: server.into(),
+                servers: servers.clone(),
                 td: td.clone(),
                 bundle,
                 identity: RwLock::new(Arc::new(ident)),
@@ -156,9 +260,12 @@ impl NodeConn {
                 asked: std::sync::Mutex::new(asked),
             }));
         }
-        let token = join_token.ok_or_else(|| {
-            anyhow!("no valid node SVID in {} and no join token given; create one with `tether token create`", state_file.display())
-        })?;
+        if join_token.is_none() && pop.is_none() {
+            anyhow::bail!(
+                "no valid node SVID in {} and no join token or x509pop certificate given; create a token with `tether token create`",
+                state_file.display()
+            );
+        }
         let bundle = bootstrap.ok_or_else(|| anyhow!("a trust bundle is needed to verify the server on first attestation (--trust-bundle)"))?;
         let bundle: SharedBundle = Arc::new(RwLock::new(bundle));
         let key = PrivateKey::generate()?;
@@ -166,17 +273,33 @@ impl NodeConn {
         let placeholder = SpiffeId::new(td, &format!("/tether/node/{node_name}"))
             .map_err(|e| anyhow!("node name: {e}"))?;
         let csr = tether_ca::build_csr(&key, &placeholder)?;
-        let ch = channel(server, td, &bundle, None)?;
+        let ch = channel(servers, td, &bundle, None)?;
         let addresses = crate::host_addrs::own();
+        let (x509pop_chain, x509pop_signature) = match (join_token, pop) {
+            (None, Some(p)) => (
+                p.chain.clone(),
+                p.key
+                    .sign(&tether_spiffe::x509pop::message(node_name, &csr))?,
+            ),
+            _ => (Vec::new(), Vec::new()),
+        };
         let svid = NodeClient::new(ch)
             .attest(AttestRequest {
-                join_token: token.to_string(),
+                join_token: join_token.unwrap_or_default().to_string(),
                 csr,
                 node_name: node_name.to_string(),
                 addresses: addresses.clone(),
+                x509pop_chain,
+                x509pop_signature,
             })
             .await
-            .map_err(|s| anyhow!("node attestation with {server} failed: {}", s.message()))?
+            .map_err(|s| {
+                anyhow!(
+                    "node attestation with {} failed: {}",
+                    servers.current(),
+                    s.message()
+                )
+            })?
             .into_inner();
         let new_bundle = Bundle::from_json(td.clone(), svid.bundle_json.as_bytes())
             .context("bundle from server")?;
@@ -184,10 +307,10 @@ impl NodeConn {
         let ident = identity_from(&svid, key)?;
         tracing::info!(node = %ident.name, id = %ident.id, "node attested");
         let conn = Arc::new(NodeConn {
-            server: server.into(),
+            servers: servers.clone(),
             td: td.clone(),
             bundle: bundle.clone(),
-            channel: RwLock::new(channel(server, td, &bundle, Some(&ident))?),
+            channel: RwLock::new(channel(servers, td, &bundle, Some(&ident))?),
             identity: RwLock::new(Arc::new(ident)),
             state_file,
             asked: std::sync::Mutex::new(addresses),
@@ -246,7 +369,7 @@ impl NodeConn {
             .map_err(|s| anyhow!("node SVID renewal failed: {}", s.message()))?
             .into_inner();
         let ident = identity_from(&svid, key)?;
-        let ch = channel(&self.server, &self.td, &self.bundle, Some(&ident))?;
+        let ch = channel(&self.servers, &self.td, &self.bundle, Some(&ident))?;
         *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ident);
         *self.channel.write().unwrap_or_else(|p| p.into_inner()) = ch;
         self.persist()?;
@@ -261,7 +384,7 @@ impl NodeConn {
         let ident = self.identity();
         let p = Persisted {
             node_name: ident.name.clone(),
-            server: self.server.clone(),
+            server: self.servers.all(),
             chain: ident.chain.iter().map(|c| B64.encode(c)).collect(),
             key_pkcs8: B64.encode(ident.key.pkcs8_der()),
             expires_at: ident.expires_at,

@@ -31,6 +31,14 @@ pub struct AttestRequest {
     /// SVID names the destination address.
     #[prost(string, repeated, tag = "4")]
     pub addresses: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// x509pop, instead of a join token: the node's certificate chain from the
+    /// operator's node CA (leaf first, DER; its subject CN is the node name)
+    /// and the leaf key's signature over the request
+    /// (tether_spiffe::x509pop::message: node name and the CSR's SHA-256).
+    #[prost(bytes = "vec", repeated, tag = "5")]
+    pub x509pop_chain: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    #[prost(bytes = "vec", tag = "6")]
+    pub x509pop_signature: ::prost::alloc::vec::Vec<u8>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -116,7 +124,12 @@ pub struct MintJwtSvidResponse {
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct WatchRequest {}
+pub struct WatchRequest {
+    /// When the agent last lost every server (Unix seconds), if it has not
+    /// reported that since: the server records the outage for operators.
+    #[prost(int64, tag = "1")]
+    pub unreachable_since: i64,
+}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SelectorSet {
