@@ -151,6 +151,55 @@ fn make_kek(dir: &Path) -> PathBuf {
     p
 }
 
+/// The hex key identifier `ext` (subjectKeyIdentifier or
+/// authorityKeyIdentifier) of a certificate given as base64 DER.
+fn key_id(dir: &Path, b64_der: &str, ext: &str) -> String {
+    use base64::Engine as _;
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64_der)
+        .expect("base64 certificate");
+    let f = dir.join(format!("cert-{}.der", rand_suffix()));
+    std::fs::write(&f, der).expect("write cert");
+    let o = Command::new("openssl")
+        .args(["x509", "-inform", "DER", "-noout", "-ext", ext, "-in"])
+        .arg(&f)
+        .output()
+        .expect("openssl x509");
+    let text = String::from_utf8_lossy(&o.stdout);
+    // The last line holds the identifier (AKI may prefix it with keyid:).
+    text.lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .trim_start_matches("keyid:")
+        .to_owned()
+}
+
+/// The key identifier of the CA that signed the certificate server `s`
+/// presents on its node API now (openssl s_client).
+fn signer_of(dir: &Path, s: &Server) -> String {
+    let o = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &s.addr,
+            "-servername",
+            "tether-server",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let pem: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
+        .take_while(|l| !l.starts_with("-----END CERTIFICATE-----"))
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    assert!(!pem.is_empty(), "no certificate from {}: {text}", s.addr);
+    key_id(dir, &pem, "authorityKeyIdentifier")
+}
+
 /// An agent process that does not enforce: it attests, serves the
 /// Workload API and follows the registry.
 struct Agent {
@@ -180,6 +229,8 @@ impl Agent {
         let log = dir.join(format!("agent-{name}.log"));
         let socket = dir.join(format!("{name}-workload.sock"));
         let metrics = format!("127.0.0.1:{}", free_port());
+        // A socket an earlier agent of this name left would read as "up".
+        let _ = std::fs::remove_file(&socket);
         let mut cmd = Command::new(TETHER);
         if !token.is_empty() {
             cmd.env("TETHER_JOIN_TOKEN", token);
@@ -489,6 +540,7 @@ fn two_servers_share_one_postgres_database() {
 
     // A rotation step on a is followed by b: the prepared CA appears in
     // both bundles, once.
+    let (before, _, _) = a.bundle();
     a.ok(&["ca", "rotate", "prepare"]);
     let followed = wait_until(Duration::from_secs(20), || {
         let (x, _, _) = b.bundle();
@@ -502,6 +554,26 @@ fn two_servers_share_one_postgres_database() {
         b.logs()
     );
     assert_eq!(xa, xb);
+    let old_ca = key_id(dir.path(), &before[0], "subjectKeyIdentifier");
+    let new_ca = xa
+        .iter()
+        .find(|c| !before.contains(c))
+        .map(|c| key_id(dir.path(), c, "subjectKeyIdentifier"))
+        .expect("the prepared CA");
+    assert_eq!(
+        signer_of(dir.path(), &b),
+        old_ca,
+        "b signs with the old CA before activation"
+    );
+    // Activated on a: both sign with the new CA, b without being asked.
+    a.ok(&["ca", "rotate", "activate"]);
+    assert_eq!(signer_of(dir.path(), &a), new_ca, "a signs with the new CA");
+    assert!(
+        wait_until(Duration::from_secs(20), || signer_of(dir.path(), &b)
+            == new_ca),
+        "b did not switch to the new CA:\n{}",
+        b.logs()
+    );
     assert_eq!(pg.sql(&db, "SELECT count(*) FROM x509_cas"), "2");
 
     // A server without the right key-encryption key cannot use the keys,
@@ -679,4 +751,22 @@ fn a_node_attests_with_an_operator_certificate_and_no_token() {
         "{}",
         s.logs()
     );
+
+    // Deleting the node revokes its certificate: a host still holding it
+    // cannot attest again.
+    s.ok(&["delete", "node", "pop-node"]);
+    std::fs::remove_dir_all(d.join("agent-pop-node")).expect("forget the node SVID");
+    let (ok, log) = run("pop-node", "good");
+    assert!(!ok, "a deleted node's certificate attested again:\n{log}");
+    assert!(log.contains("node was deleted"), "{log}");
+
+    // A name a join token attested is not taken over by a certificate.
+    node_cert(d, "node-ca", "tok-node", "tok");
+    let token = s.ok(&["token", "create", "--ttl", "5m"]);
+    let (ok, log) = attest(d, "tok-node", &s, &bundle, token.trim());
+    assert!(ok, "{log}");
+    std::fs::remove_dir_all(d.join("agent-tok-node")).expect("forget the node SVID");
+    let (ok, log) = run("tok-node", "tok");
+    assert!(!ok, "a certificate took over a token-attested node:\n{log}");
+    assert!(log.contains("attested with a join token"), "{log}");
 }

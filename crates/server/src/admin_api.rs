@@ -251,7 +251,7 @@ impl Admin for AdminApi {
             "Node" => self
                 .state
                 .store
-                .delete_node(&r.name)
+                .delete_node(&r.name, self.state.now())
                 .map_err(ServerError::from)?,
             "Bundle" => return Err(Status::invalid_argument("the bundle cannot be deleted")),
             _ => {

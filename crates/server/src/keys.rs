@@ -88,6 +88,8 @@ pub struct KeyManager {
     pub upstream: Option<Upstream>,
     /// Private keys are sealed before they reach the database.
     pub sealer: std::sync::Arc<crate::secrets::Sealer>,
+    /// Whether a key stored in clear (before sealing existed) is read.
+    pub clear_keys_allowed: bool,
 }
 
 fn sealing(e: crate::secrets::SealError) -> ServerError {
@@ -245,7 +247,10 @@ impl KeyManager {
             .ok_or_else(|| ServerError::Internal("no active CA after reconcile".into()))?;
         let signer = Signer::new(&CaMaterial {
             cert_der: ca.cert_der.clone(),
-            key_pkcs8: self.sealer.open_key(&ca.key_pkcs8).map_err(sealing)?,
+            key_pkcs8: self
+                .sealer
+                .open_key(&ca.key_pkcs8, self.clear_keys_allowed)
+                .map_err(sealing)?,
             chain: ca.chain_der.clone(),
             anchors: ca.anchors_der.clone(),
             not_after: ca.not_after,
@@ -255,7 +260,10 @@ impl KeyManager {
             .iter()
             .find(|k| k.state == KeyState::Active)
             .ok_or_else(|| ServerError::Internal("no active JWT key after reconcile".into()))?;
-        let der = self.sealer.open_key(&jk.key_pkcs8).map_err(sealing)?;
+        let der = self
+            .sealer
+            .open_key(&jk.key_pkcs8, self.clear_keys_allowed)
+            .map_err(sealing)?;
         let jwt = JwtKey::from_pkcs8(&jk.kid, &der)
             .map_err(|e| ServerError::Internal(format!("JWT key: {e}")))?;
         Ok((
@@ -288,7 +296,10 @@ impl KeyManager {
         }
         let mut jwt = Vec::new();
         for k in store.jwt_keys()?.iter().filter(|k| k.not_after > now) {
-            let der = self.sealer.open_key(&k.key_pkcs8).map_err(sealing)?;
+            let der = self
+                .sealer
+                .open_key(&k.key_pkcs8, self.clear_keys_allowed)
+                .map_err(sealing)?;
             let key = JwtKey::from_pkcs8(&k.kid, &der)
                 .map_err(|e| ServerError::Internal(format!("JWT key: {e}")))?;
             jwt.push(key.authority());

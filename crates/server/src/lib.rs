@@ -198,23 +198,33 @@ impl State {
     /// Runs key reconciliation (creation, due rotation steps, or a forced
     /// step) and publishes the result.
     pub fn reconcile_keys(&self, force: Option<&str>) -> Result<(), ServerError> {
-        let now = self.now();
-        let mut issued = self.jwt_issued.lock().unwrap_or_else(|p| p.into_inner());
-        let retire_until = issued.retire_until(self.keys().jwt.kid(), now);
         // One server at a time decides on keys; the others read what it
-        // decided.
-        let (keys, changed) = self.store.exclusive(Lock::Keys, || {
-            self.key_manager
-                .reconcile(&self.store, now, force, retire_until)
-        })??;
-        issued.activated(keys.jwt.kid(), now);
-        let signer_changed = self.keys().signer_id != keys.signer_id;
-        *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = keys.bundle.clone();
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
-        // Held until the new key is in place: a JWT minted meanwhile (under
-        // this lock) is signed by the key whose expiry it notes, never by
-        // a retired one whose publication was just cut short.
-        drop(issued);
+        // decided. The database lock is taken before the JWT bookkeeping,
+        // so minting JWTs here never waits on another server.
+        let (changed, signer_changed, bundle_moved, now) =
+            self.store
+                .exclusive(Lock::Keys, || -> Result<_, ServerError> {
+                    let now = self.now();
+                    let mut issued = self.jwt_issued.lock().unwrap_or_else(|p| p.into_inner());
+                    let retire_until = issued.retire_until(self.keys().jwt.kid(), now);
+                    let (keys, changed) =
+                        self.key_manager
+                            .reconcile(&self.store, now, force, retire_until)?;
+                    issued.activated(keys.jwt.kid(), now);
+                    let signer_changed = self.keys().signer_id != keys.signer_id;
+                    // Another server's decision changes this server's bundle
+                    // without changing the database now: its agents still need
+                    // the new bundle.
+                    let bundle_moved = self.current_bundle() != keys.bundle;
+                    *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = keys.bundle.clone();
+                    *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+                    // Held until the new key is in place: a JWT minted meanwhile
+                    // (under this lock) is signed by the key whose expiry it
+                    // notes, never by a retired one whose publication was just
+                    // cut short.
+                    drop(issued);
+                    Ok((changed, signer_changed, bundle_moved, now))
+                })??;
         let (issued, expiry) = *self
             .server_cert_expiry
             .read()
@@ -222,7 +232,7 @@ impl State {
         if signer_changed || now >= issued + (expiry - issued) / 2 {
             self.renew_server_svid(now)?;
         }
-        if changed {
+        if changed || bundle_moved {
             tracing::info!(
                 sequence = self.current_bundle().sequence,
                 "trust bundle changed"
@@ -379,6 +389,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         ttl_secs: cfg.ca_ttl_secs,
         upstream,
         sealer: sealer.clone(),
+        // Only SQLite databases written before keys were sealed hold clear
+        // ones; in PostgreSQL a clear key can only have been planted.
+        clear_keys_allowed: store.dialect() == tether_store::sql::Dialect::Sqlite,
     };
     let now = (cfg.clock)();
     // A key found active may have signed anything up to the longest TTL
@@ -450,8 +463,12 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         let mut seen = st.store.revision().ok();
         loop {
             tick.tick().await;
-            if let Err(e) = st.reconcile_keys(None) {
-                tracing::error!(error = %e, "key rotation check failed; will retry");
+            // Off the runtime's workers: it may wait on the database.
+            let s = st.clone();
+            match tokio::task::spawn_blocking(move || s.reconcile_keys(None)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "key rotation check failed; will retry"),
+                Err(e) => tracing::error!(error = %e, "key rotation check panicked; will retry"),
             }
             // A change another server made while the feed was down reaches
             // the agents here at the latest.

@@ -113,10 +113,7 @@ pub async fn serve_node_api(
             });
         }
     });
-    let svc = NodeServer::new(NodeApi {
-        state,
-        node_signing: std::sync::Mutex::new(()),
-    });
+    let svc = NodeServer::new(NodeApi { state });
     let serve = tokio::spawn(async move {
         let res = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

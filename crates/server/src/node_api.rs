@@ -25,9 +25,6 @@ const MAX_AUDIENCE_LEN: usize = 256;
 
 pub struct NodeApi {
     pub state: Arc<State>,
-    /// Node SVIDs are signed one at a time, so two nodes can never both be
-    /// vouched for at one address.
-    pub node_signing: std::sync::Mutex<()>,
 }
 
 /// The addresses a node SVID may vouch for: parsed, and none that many
@@ -145,20 +142,68 @@ impl NodeApi {
                 "node attestation refused: x509pop: {e}"
             )));
         }
-        let svid = self.sign_node_svid(&r.node_name, &r.csr, Some(now), &r.addresses)?;
+        let fingerprint = r
+            .x509pop_chain
+            .first()
+            .map(|leaf| hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf)))
+            .unwrap_or_default();
+        let svid = self.nodes_locked(|| {
+            let refuse = |why: String| {
+                tracing::warn!(node = %r.node_name, %peer, reason = %why, "node attestation refused (x509pop)");
+                Err(Status::permission_denied(format!(
+                    "node attestation refused: x509pop: {why}"
+                )))
+            };
+            if st
+                .store
+                .node_cert_revoked(&fingerprint)
+                .map_err(ServerError::from)?
+            {
+                return refuse(
+                    "this certificate's node was deleted; the operator must issue a new certificate".into(),
+                );
+            }
+            if let Some(prev) = st.store.node(&r.node_name).map_err(ServerError::from)?
+                && !prev.attested_by.starts_with("x509pop:")
+            {
+                return refuse(format!(
+                    "node {:?} attested with a join token; delete it before it attests by certificate",
+                    r.node_name
+                ));
+            }
+            self.sign_node_svid_locked(
+                &r.node_name,
+                &r.csr,
+                Some((now, format!("x509pop:{fingerprint}"))),
+                &r.addresses,
+            )
+        })?;
         tracing::info!(node = %r.node_name, %peer, method = "x509pop", "node attested");
         Ok(Response::new(svid))
     }
 
-    fn sign_node_svid(
+    /// Signs a node SVID, one at a time across every server on the
+    /// database: which addresses it vouches for depends on the others'.
+    /// Runs `f` while no other node SVID is signed on any server of the
+    /// database: which addresses one vouches for depends on the others',
+    /// and which node holds a name on who attested it first.
+    fn nodes_locked<R>(&self, f: impl FnOnce() -> Result<R, Status>) -> Result<R, Status> {
+        self.state
+            .store
+            .exclusive(tether_store::Lock::Nodes, f)
+            .map_err(ServerError::from)?
+    }
+
+    /// Signs a node SVID (under [`Self::nodes_locked`]). `attested`: when
+    /// and how, for an attestation; None for a renewal.
+    fn sign_node_svid_locked(
         &self,
         name: &str,
         csr: &[u8],
-        attested_at: Option<i64>,
+        attested: Option<(i64, String)>,
         addresses: &[String],
     ) -> Result<NodeSvid, Status> {
         let st = &self.state;
-        let _one_at_a_time = self.node_signing.lock().unwrap_or_else(|p| p.into_inner());
         let now = st.now();
         let id = st.node_id(name)?;
         let mut ips = vouchable(addresses)?;
@@ -199,7 +244,9 @@ impl NodeApi {
             .upsert_node(&NodeRow {
                 name: name.to_string(),
                 spiffe_id: id.to_string(),
-                attested_at: attested_at
+                attested_at: attested
+                    .as_ref()
+                    .map(|a| a.0)
                     .or(prev.as_ref().map(|p| p.attested_at))
                     .unwrap_or(now),
                 svid_serial: cert.serial_hex.clone(),
@@ -212,6 +259,10 @@ impl NodeApi {
                     .join(","),
                 server: st.name().to_owned(),
                 offline: prev.as_ref().map_or((0, 0), |p| p.offline),
+                attested_by: attested
+                    .map(|a| a.1)
+                    .or(prev.map(|p| p.attested_by))
+                    .unwrap_or_default(),
             })
             .map_err(ServerError::from)?;
         Ok(NodeSvid {
@@ -371,18 +422,28 @@ impl Node for NodeApi {
         // cost the operator a token.
         tether_ca::parse_csr(&r.csr).map_err(ServerError::from)?;
         let now = self.state.now();
-        if let Err(why) = self
-            .state
-            .store
-            .consume_join_token(&token_hash(&r.join_token), &r.node_name, now)
-            .map_err(ServerError::from)?
-        {
-            tracing::warn!(node = %r.node_name, %peer, reason = why, "node attestation refused");
-            return Err(Status::permission_denied(format!(
-                "node attestation refused: {why}"
-            )));
-        }
-        let svid = self.sign_node_svid(&r.node_name, &r.csr, Some(now), &r.addresses)?;
+        // Consumed and signed under one lock: "a node already holds this
+        // name" stays true between the check and the signature on every
+        // server.
+        let svid = self.nodes_locked(|| {
+            if let Err(why) = self
+                .state
+                .store
+                .consume_join_token(&token_hash(&r.join_token), &r.node_name, now)
+                .map_err(ServerError::from)?
+            {
+                tracing::warn!(node = %r.node_name, %peer, reason = why, "node attestation refused");
+                return Err(Status::permission_denied(format!(
+                    "node attestation refused: {why}"
+                )));
+            }
+            self.sign_node_svid_locked(
+                &r.node_name,
+                &r.csr,
+                Some((now, "join-token".into())),
+                &r.addresses,
+            )
+        })?;
         tracing::info!(node = %r.node_name, %peer, "node attested");
         Ok(Response::new(svid))
     }
@@ -393,7 +454,8 @@ impl Node for NodeApi {
     ) -> Result<Response<NodeSvid>, Status> {
         let node = self.node(&req)?;
         let r = req.into_inner();
-        let svid = self.sign_node_svid(&node, &r.csr, None, &r.addresses)?;
+        let svid =
+            self.nodes_locked(|| self.sign_node_svid_locked(&node, &r.csr, None, &r.addresses))?;
         tracing::info!(%node, "node SVID renewed");
         Ok(Response::new(svid))
     }

@@ -149,11 +149,15 @@ impl Sealer {
         Ok(self.seal(&b64, None)?.into_bytes())
     }
 
-    /// Opens a private key stored by [`seal_key`](Self::seal_key). A key
-    /// stored in clear by a version before sealing (DER, which starts with
-    /// a SEQUENCE tag) is still read.
-    pub fn open_key(&self, stored: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, SealError> {
-        if stored.first() == Some(&0x30) {
+    /// Opens a private key stored by [`seal_key`](Self::seal_key). With
+    /// `allow_clear`, a key stored in clear by a version before sealing
+    /// (DER, which starts with a SEQUENCE tag) is still read.
+    pub fn open_key(
+        &self,
+        stored: &[u8],
+        allow_clear: bool,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, SealError> {
+        if allow_clear && stored.first() == Some(&0x30) {
             return Ok(zeroize::Zeroizing::new(stored.to_vec()));
         }
         let s = std::str::from_utf8(stored).map_err(|_| SealError::Open)?;

@@ -97,7 +97,9 @@ const MIGRATIONS: &[&str] = &[
     // and the node's last time without any server.
     "ALTER TABLE nodes ADD COLUMN server TEXT NOT NULL DEFAULT '';
      ALTER TABLE nodes ADD COLUMN offline_from BIGINT NOT NULL DEFAULT 0;
-     ALTER TABLE nodes ADD COLUMN offline_until BIGINT NOT NULL DEFAULT 0;",
+     ALTER TABLE nodes ADD COLUMN offline_until BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE nodes ADD COLUMN attested_by TEXT NOT NULL DEFAULT '';
+     CREATE TABLE revoked_node_certs (fingerprint TEXT PRIMARY KEY, node TEXT NOT NULL, revoked_at BIGINT NOT NULL);",
 ];
 
 /// An arbitrary constant: the advisory lock migrations run under.
@@ -149,6 +151,9 @@ pub struct NodeRow {
     pub server: String,
     /// Its last time without any server (Unix seconds; 0, 0 if none known).
     pub offline: (i64, i64),
+    /// How it attested: `join-token`, or `x509pop:<SHA-256 of its
+    /// certificate>` (which deleting the node revokes).
+    pub attested_by: String,
 }
 
 /// Lifecycle of a signing key (X.509 CA or JWT key).
@@ -206,8 +211,11 @@ enum Backend {
 
 pub struct Store {
     backend: Backend,
-    /// [`Store::exclusive`] on SQLite, whose database one server owns.
-    local_lock: Mutex<()>,
+    /// [`Store::exclusive`] within this process, one per [`Lock`]: all of
+    /// it on SQLite (one server owns the database); on PostgreSQL taken
+    /// before the advisory lock, so at most one pooled connection per lock
+    /// waits in the database and the others stay free for the holder.
+    local_locks: [Mutex<()>; 2],
 }
 
 /// What servers sharing a database tell each other (PostgreSQL NOTIFY).
@@ -236,6 +244,8 @@ impl Topic {
 pub enum Lock {
     /// Creating, rotating and pruning signing keys.
     Keys = 1,
+    /// Signing node SVIDs (which addresses each vouches for).
+    Nodes = 2,
 }
 
 fn hexes(v: &[Vec<u8>]) -> String {
@@ -297,7 +307,7 @@ impl Store {
     fn init(backend: Backend) -> Result<Store> {
         let store = Store {
             backend,
-            local_lock: Mutex::new(()),
+            local_locks: [Mutex::new(()), Mutex::new(())],
         };
         store.write(|tx| {
             if tx.dialect() == Dialect::Postgres {
@@ -372,11 +382,10 @@ impl Store {
     /// same lock: one server decides (say, which key to prepare or
     /// activate) and the others see the outcome.
     pub fn exclusive<R>(&self, lock: Lock, f: impl FnOnce() -> R) -> Result<R> {
+        let local = &self.local_locks[lock as usize - 1];
+        let _g = local.lock().unwrap_or_else(|p| p.into_inner());
         match &self.backend {
-            Backend::Sqlite(_) => {
-                let _g = self.local_lock.lock().unwrap_or_else(|p| p.into_inner());
-                Ok(f())
-            }
+            Backend::Sqlite(_) => Ok(f()),
             Backend::Postgres(pg) => pg.locked(MIGRATION_LOCK + lock as i64, f),
         }
     }
@@ -564,8 +573,36 @@ impl Store {
         })
     }
 
-    pub fn delete_node(&self, name: &str) -> Result<bool> {
-        self.write(|tx| Ok(tx.exec("DELETE FROM nodes WHERE name = $1", &[P::T(name)])? > 0))
+    /// Removes a node. One that attested with a certificate cannot attest
+    /// with it again: the certificate is revoked here (a deleted node's
+    /// host may still hold it).
+    pub fn delete_node(&self, name: &str, now: i64) -> Result<bool> {
+        self.write(|tx| {
+            let by = tx
+                .row("SELECT attested_by FROM nodes WHERE name = $1", &[P::T(name)])?
+                .map(|r| r.text(0))
+                .transpose()?;
+            if let Some(fp) = by.as_deref().and_then(|b| b.strip_prefix("x509pop:")) {
+                tx.exec(
+                    "INSERT INTO revoked_node_certs (fingerprint, node, revoked_at) VALUES ($1, $2, $3) ON CONFLICT (fingerprint) DO NOTHING",
+                    &[P::T(fp), P::T(name), P::I(now)],
+                )?;
+            }
+            Ok(tx.exec("DELETE FROM nodes WHERE name = $1", &[P::T(name)])? > 0)
+        })
+    }
+
+    /// Whether a node certificate (by SHA-256) was revoked by deleting its
+    /// node.
+    pub fn node_cert_revoked(&self, fingerprint: &str) -> Result<bool> {
+        self.read(|tx| {
+            Ok(tx
+                .row(
+                    "SELECT 1 FROM revoked_node_certs WHERE fingerprint = $1",
+                    &[P::T(fingerprint)],
+                )?
+                .is_some())
+        })
     }
 
     /// Marks a token used, atomically: of two concurrent attempts (on any
@@ -622,11 +659,11 @@ impl Store {
     pub fn upsert_node(&self, n: &NodeRow) -> Result<()> {
         self.write(|tx| {
             tx.exec(
-                "INSERT INTO nodes (name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses, server)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                "INSERT INTO nodes (name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses, server, attested_by)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT (name) DO UPDATE SET spiffe_id = excluded.spiffe_id, attested_at = excluded.attested_at,
                    svid_serial = excluded.svid_serial, svid_expires_at = excluded.svid_expires_at, last_seen = excluded.last_seen,
-                   addresses = excluded.addresses, server = excluded.server",
+                   addresses = excluded.addresses, server = excluded.server, attested_by = excluded.attested_by",
                 &[
                     P::T(&n.name),
                     P::T(&n.spiffe_id),
@@ -636,6 +673,7 @@ impl Store {
                     P::I(n.last_seen),
                     P::T(&n.addresses),
                     P::T(&n.server),
+                    P::T(&n.attested_by),
                 ],
             )
             .map(|_| ())
@@ -669,7 +707,7 @@ impl Store {
     pub fn node(&self, name: &str) -> Result<Option<NodeRow>> {
         self.read(|tx| {
             tx.row(
-                "SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses, server, offline_from, offline_until FROM nodes WHERE name = $1",
+                "SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses, server, offline_from, offline_until, attested_by FROM nodes WHERE name = $1",
                 &[P::T(name)],
             )?
             .as_ref()
@@ -681,7 +719,7 @@ impl Store {
     pub fn nodes(&self) -> Result<Vec<NodeRow>> {
         self.read(|tx| {
             tx.rows(
-                "SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses, server, offline_from, offline_until FROM nodes ORDER BY name",
+                "SELECT name, spiffe_id, attested_at, svid_serial, svid_expires_at, last_seen, addresses, server, offline_from, offline_until, attested_by FROM nodes ORDER BY name",
                 &[],
             )?
             .iter()
@@ -866,6 +904,7 @@ fn node_row(r: &Row) -> Result<NodeRow> {
         addresses: r.text(6)?,
         server: r.text(7)?,
         offline: (r.int(8)?, r.int(9)?),
+        attested_by: r.text(10)?,
     })
 }
 
@@ -1046,6 +1085,87 @@ mod tests {
         assert_eq!(sorted.len(), 8, "revisions were shared: {revs:?}");
         assert_eq!(a.revision().unwrap(), 8);
         assert_eq!(b.schema_version().unwrap(), MIGRATIONS.len() as i64);
+    }
+
+    /// Over TCP the store insists on TLS and verifies the server: with no
+    /// sslmode it requires TLS (never falling back to plaintext), a server
+    /// certificate it does not trust is refused, and `prefer` is refused.
+    #[test]
+    fn postgres_requires_and_verifies_tls() {
+        let c = Cluster::shared();
+        let url = c.database();
+        let bare = url.replace("?sslmode=disable", "");
+        let config = |pem: &[u8]| {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(pem) {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::aws_lc_rs::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+            )
+        };
+        let s =
+            Store::open_postgres(&bare, Some(config(&c.cert()))).expect("TLS with the right root");
+        s.apply(&[up("tls", "{}")], 1).unwrap();
+        let tls_sessions = c.sql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE ssl AND application_name = 'tether-server'",
+        );
+        assert_ne!(tls_sessions, "0", "the store's sessions use TLS");
+        // Another root: refused, not downgraded.
+        let other = {
+            let k = rcgen_free_self_signed();
+            config(&k)
+        };
+        let e = Store::open_postgres(&bare, Some(other))
+            .err()
+            .expect("an untrusted server is refused");
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+        let e = Store::open_postgres(&bare, None)
+            .err()
+            .expect("no roots, no TLS, no store");
+        assert!(e.to_string().contains("needs TLS"), "{e}");
+        let e = Store::open_postgres(&format!("{bare}?sslmode=prefer"), Some(config(&c.cert())))
+            .err()
+            .expect("prefer is refused");
+        assert!(e.to_string().contains("plaintext"), "{e}");
+    }
+
+    /// A self-signed certificate (PEM) nobody uses, from openssl.
+    fn rcgen_free_self_signed() -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let o = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args([
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=other",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(dir.path().join("k"))
+            .arg("-out")
+            .arg(dir.path().join("c"))
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        std::fs::read(dir.path().join("c")).unwrap()
     }
 
     /// A database that goes away is a clear, retryable error, and the

@@ -92,9 +92,23 @@ impl Pg {
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(10))
             .application_name("tether-server");
-        if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require && tls.is_none() {
+        use tokio_postgres::config::{Host, SslMode};
+        // `prefer` (libpq's default, and tokio-postgres's) falls back to
+        // plaintext when the server says no, so anyone on the path can take
+        // the password or relay the login: over TCP, TLS is required unless
+        // the URL turns it off outright.
+        if url.contains("sslmode=prefer") {
             return Err(StoreError::Config(
-                "database URL asks for sslmode=require, and no TLS roots were given".into(),
+                "database URL: sslmode=prefer falls back to plaintext; use require (or disable on a link you trust)".into(),
+            ));
+        }
+        let tcp = cfg.get_hosts().iter().all(|h| matches!(h, Host::Tcp(_)));
+        if tcp && cfg.get_ssl_mode() == SslMode::Prefer {
+            cfg.ssl_mode(SslMode::Require);
+        }
+        if cfg.get_ssl_mode() == SslMode::Require && tls.is_none() {
+            return Err(StoreError::Config(
+                "database URL needs TLS (sslmode=require, the default over TCP), and no TLS roots were given".into(),
             ));
         }
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

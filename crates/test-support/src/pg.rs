@@ -123,6 +123,39 @@ impl Cluster {
             "initdb failed: {}",
             String::from_utf8_lossy(&o.stderr)
         );
+        // A certificate for 127.0.0.1, so clients can require TLS and verify
+        // it ([`Cluster::cert`]).
+        let o = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=postgres"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(dir.join("server.key"))
+            .arg("-out")
+            .arg(dir.join("server.crt"))
+            .output()
+            .expect("openssl");
+        assert!(
+            o.status.success(),
+            "openssl req: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        for f in ["server.key", "server.crt"] {
+            std::os::unix::fs::chown(dir.join(f), Some(uid), Some(gid)).expect("chown");
+        }
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod");
         let c = Cluster {
             port: free_port(),
             dir,
@@ -143,7 +176,17 @@ impl Cluster {
             .args(["-p", &self.port.to_string(), "-k"])
             .arg(&self.dir)
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
-            .args(["-c", "max_connections=200"])
+            .args(["-c", "max_connections=200", "-c", "ssl=on"])
+            .arg("-c")
+            .arg(format!(
+                "ssl_cert_file={}",
+                self.dir.join("server.crt").display()
+            ))
+            .arg("-c")
+            .arg(format!(
+                "ssl_key_file={}",
+                self.dir.join("server.key").display()
+            ))
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -210,7 +253,12 @@ impl Cluster {
         String::from_utf8_lossy(&o.stdout).trim().to_owned()
     }
 
-    /// A new, empty database; its URL.
+    /// The server's certificate (PEM), self-signed for 127.0.0.1.
+    pub fn cert(&self) -> Vec<u8> {
+        std::fs::read(self.dir.join("server.crt")).expect("server.crt")
+    }
+
+    /// A new, empty database; its URL (TLS off: see [`Cluster::url`]).
     pub fn database(&self) -> String {
         let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("t{}_{n}", std::process::id());
@@ -218,6 +266,8 @@ impl Cluster {
         self.url(&name)
     }
 
+    /// The URL of `db` with TLS off (loopback); drop the `sslmode` for a
+    /// client that must use TLS.
     pub fn url(&self, db: &str) -> String {
         format!(
             "postgres://postgres:{PASSWORD}@127.0.0.1:{}/{db}?sslmode=disable",

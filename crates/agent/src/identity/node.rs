@@ -86,28 +86,41 @@ impl Servers {
         self.list.join(",")
     }
 
-    /// A TCP connection to the current server, or to the next that takes
-    /// one, which becomes current.
-    async fn connect(&self) -> std::io::Result<tokio::net::TcpStream> {
+    /// A TLS connection to the current server, or to the next that
+    /// completes a handshake (one refusing connections, slow, or failing
+    /// TLS, say with a certificate this node does not trust, is passed
+    /// over), which becomes current.
+    async fn connect(
+        &self,
+        tls: &tokio_rustls::TlsConnector,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let n = self.list.len();
         let start = self.current.load(std::sync::atomic::Ordering::Relaxed);
         let mut last = std::io::Error::other("no server");
         for k in 0..n {
             let i = (start + k) % n;
             let addr = &self.list[i];
-            match tokio::time::timeout(CONNECT_EACH, tokio::net::TcpStream::connect(addr)).await {
-                Ok(Ok(tcp)) => {
+            let attempt = async {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let _ = tcp.set_nodelay(true);
+                // The name is only for SNI; the verifier checks the SPIFFE ID.
+                let name = rustls_pki_types::ServerName::try_from("tether-server")
+                    .map_err(std::io::Error::other)?;
+                tls.connect(name, tcp).await
+            };
+            match tokio::time::timeout(CONNECT_EACH, attempt).await {
+                Ok(Ok(stream)) => {
                     if i != start {
                         tracing::warn!(from = %self.list[start % n], to = %addr, "server unreachable; moved to the next");
                     }
                     self.current.store(i, std::sync::atomic::Ordering::Relaxed);
-                    return Ok(tcp);
+                    return Ok(stream);
                 }
                 Ok(Err(e)) => last = std::io::Error::new(e.kind(), format!("{addr}: {e}")),
                 Err(_) => {
                     last = std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        format!("{addr}: no answer in {}s", CONNECT_EACH.as_secs()),
+                        format!("{addr}: no TLS connection in {}s", CONNECT_EACH.as_secs()),
                     )
                 }
             }
@@ -192,12 +205,7 @@ pub fn channel(
             let connector = connector.clone();
             let servers = servers.clone();
             async move {
-                let tcp = servers.connect().await?;
-                let _ = tcp.set_nodelay(true);
-                // The name is only for SNI; the verifier checks the SPIFFE ID.
-                let name = rustls_pki_types::ServerName::try_from("tether-server")
-                    .map_err(std::io::Error::other)?;
-                let tls = connector.connect(name, tcp).await?;
+                let tls = servers.connect(&connector).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
             }
         })),

@@ -5,3 +5,4 @@ mod id;
 mod jwt;
 mod support;
 mod x509;
+mod x509pop;
