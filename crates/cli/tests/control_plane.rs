@@ -595,95 +595,6 @@ fn two_servers_share_one_postgres_database() {
     }
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// An operator CA `name` (P-256, self-signed) in `dir`: name.crt, name.key.
-fn operator_ca(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-        ],
-    );
-}
-
-/// A node certificate with subject CN `cn`, issued by CA `ca`:
-/// `file`.crt and `file`.key.
-fn node_cert(dir: &Path, ca: &str, cn: &str, file: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            &format!("/CN={cn}"),
-            "-keyout",
-            &format!("{file}.key"),
-            "-out",
-            &format!("{file}.csr"),
-        ],
-    );
-    std::fs::write(
-        dir.join(format!("{file}.ext")),
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
-    )
-    .expect("ext");
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{file}.csr"),
-            "-CA",
-            &format!("{ca}.crt"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            &format!("{file}.ext"),
-            "-out",
-            &format!("{file}.crt"),
-        ],
-    );
-}
-
 /// x509pop: a node attests with a certificate from the operator's node CA
 /// and no join token; one from another CA, or naming another node, is
 /// refused with a clear error.
@@ -692,10 +603,10 @@ fn a_node_attests_with_an_operator_certificate_and_no_token() {
     let url = Cluster::shared().database();
     let dir = open_tempdir();
     let d = dir.path();
-    operator_ca(d, "node-ca");
-    operator_ca(d, "other-ca");
-    node_cert(d, "node-ca", "pop-node", "good");
-    node_cert(d, "other-ca", "pop-node", "foreign");
+    let node_ca = pki::OpensslCa::new(d, "node-ca", "/CN=node-ca");
+    let other_ca = pki::OpensslCa::new(d, "other-ca", "/CN=other-ca");
+    node_ca.leaf_with_cn("good", "pop-node", "DNS:pop-node");
+    other_ca.leaf_with_cn("foreign", "pop-node", "DNS:pop-node");
     let kek = make_kek(d);
     let ca = d.join("node-ca.crt");
     let s = spawn_server_with(
@@ -761,7 +672,7 @@ fn a_node_attests_with_an_operator_certificate_and_no_token() {
     assert!(log.contains("node was deleted"), "{log}");
 
     // A name a join token attested is not taken over by a certificate.
-    node_cert(d, "node-ca", "tok-node", "tok");
+    node_ca.leaf_with_cn("tok", "tok-node", "DNS:tok-node");
     let token = s.ok(&["token", "create", "--ttl", "5m"]);
     let (ok, log) = attest(d, "tok-node", &s, &bundle, token.trim());
     assert!(ok, "{log}");

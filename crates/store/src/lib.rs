@@ -1120,7 +1120,7 @@ mod tests {
         assert_ne!(tls_sessions, "0", "the store's sessions use TLS");
         // Another root: refused, not downgraded.
         let other = {
-            let k = rcgen_free_self_signed();
+            let k = unrelated_self_signed();
             config(&k)
         };
         let e = Store::open_postgres(&bare, Some(other))
@@ -1137,35 +1137,11 @@ mod tests {
         assert!(e.to_string().contains("plaintext"), "{e}");
     }
 
-    /// A self-signed certificate (PEM) nobody uses, from openssl.
-    fn rcgen_free_self_signed() -> Vec<u8> {
+    /// A self-signed certificate (PEM) for 127.0.0.1 nobody uses.
+    fn unrelated_self_signed() -> Vec<u8> {
         let dir = tempfile::tempdir().unwrap();
-        let o = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args([
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=other",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-            ])
-            .arg("-keyout")
-            .arg(dir.path().join("k"))
-            .arg("-out")
-            .arg(dir.path().join("c"))
-            .output()
-            .unwrap();
-        assert!(o.status.success());
-        std::fs::read(dir.path().join("c")).unwrap()
+        let (crt, _) = tether_test_support::pg::server_cert(dir.path(), "IP:127.0.0.1", 0, 0);
+        std::fs::read(crt).unwrap()
     }
 
     /// A database that goes away is a clear, retryable error, and the

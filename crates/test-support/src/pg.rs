@@ -36,6 +36,42 @@ pub fn bindir() -> PathBuf {
     })
 }
 
+/// A self-signed P-256 certificate in `dir` (server.crt, and server.key
+/// owned by `uid`:`gid`, mode 0600, as PostgreSQL insists) for `san`: a
+/// leaf clients can verify by name (webpki wants a SAN and no CA flag).
+pub fn server_cert(dir: &Path, san: &str, uid: u32, gid: u32) -> (PathBuf, PathBuf) {
+    let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
+    let o = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=postgres"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-addext")
+        .arg(format!("subjectAltName={san}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .expect("openssl");
+    assert!(
+        o.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for p in [&crt, &key] {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
+    }
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    (crt, key)
+}
+
 /// The uid and gid of the `postgres` user (PostgreSQL refuses root).
 pub fn postgres_ids() -> (u32, u32) {
     let id = |flag: &str| -> u32 {
@@ -125,37 +161,7 @@ impl Cluster {
         );
         // A certificate for 127.0.0.1, so clients can require TLS and verify
         // it ([`Cluster::cert`]).
-        let o = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-days", "1", "-subj", "/CN=postgres"])
-            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-            .arg("-keyout")
-            .arg(dir.join("server.key"))
-            .arg("-out")
-            .arg(dir.join("server.crt"))
-            .output()
-            .expect("openssl");
-        assert!(
-            o.status.success(),
-            "openssl req: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        for f in ["server.key", "server.crt"] {
-            std::os::unix::fs::chown(dir.join(f), Some(uid), Some(gid)).expect("chown");
-        }
-        std::fs::set_permissions(
-            dir.join("server.key"),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .expect("chmod");
+        server_cert(&dir, "DNS:postgres,IP:127.0.0.1", uid, gid);
         let c = Cluster {
             port: free_port(),
             dir,

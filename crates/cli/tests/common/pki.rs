@@ -63,6 +63,11 @@ impl OpensslCa {
     /// `URI:spiffe://...`, `IP:127.0.0.1`), usable for client and server
     /// authentication.
     pub fn leaf(&self, name: &str, subject_alt_name: &str) -> (PathBuf, PathBuf) {
+        self.leaf_with_cn(name, name, subject_alt_name)
+    }
+
+    /// As [`OpensslCa::leaf`], with subject CN `cn` (files `NAME.*`).
+    pub fn leaf_with_cn(&self, name: &str, cn: &str, subject_alt_name: &str) -> (PathBuf, PathBuf) {
         let (crt, key, csr, ext) = (
             format!("{name}.crt"),
             format!("{name}.key"),
@@ -74,14 +79,7 @@ impl OpensslCa {
             &[
                 &["req"][..],
                 &EC_KEY,
-                &[
-                    "-keyout",
-                    &key,
-                    "-out",
-                    &csr,
-                    "-subj",
-                    &format!("/CN={name}"),
-                ],
+                &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={cn}")],
             ]
             .concat(),
         );

@@ -127,34 +127,6 @@ pub struct Postgres {
     dir: PathBuf,
 }
 
-fn postgres_bindir() -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.flatten().map(|e| e.path().join("bin")).collect())
-        .unwrap_or_default();
-    dirs.retain(|d| d.join("postgres").is_file() && d.join("psql").is_file());
-    dirs.sort_by_key(|d| {
-        d.parent()
-            .and_then(|v| v.file_name())
-            .and_then(|v| v.to_str())
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(0)
-    });
-    dirs.pop().unwrap_or_else(|| {
-        panic!("no PostgreSQL server under /usr/lib/postgresql: `make test-deps` installs it")
-    })
-}
-
-fn user_ids(name: &str) -> (u32, u32) {
-    let id = |flag: &str| -> u32 {
-        let o = Command::new("id").args([flag, name]).output().expect("id");
-        String::from_utf8_lossy(&o.stdout)
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("no user {name}: `make test-deps` installs PostgreSQL"))
-    };
-    (id("-u"), id("-g"))
-}
-
 impl Postgres {
     pub fn start() -> Postgres {
         Self::start_in(None, None, "127.0.0.1,::1", false)
@@ -174,8 +146,8 @@ impl Postgres {
         tls: bool,
     ) -> Postgres {
         use std::os::unix::process::CommandExt as _;
-        let bin = postgres_bindir();
-        let (uid, gid) = user_ids("postgres");
+        let bin = tether_test_support::pg::bindir();
+        let (uid, gid) = tether_test_support::pg::postgres_ids();
         let dir = std::env::temp_dir().join(format!(
             "tether-pg-{}-{}",
             std::process::id(),
@@ -234,40 +206,8 @@ impl Postgres {
             let mut conf = std::fs::read_to_string(&hba).expect("pg_hba.conf");
             conf.push_str("host all all 0.0.0.0/0 scram-sha-256\n");
             std::fs::write(&hba, conf).expect("pg_hba.conf");
-            let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
-            let o = Command::new("openssl")
-                .args([
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                ])
-                .args(["-nodes", "-days", "1", "-subj", "/CN=postgres"])
-                // A leaf clients can verify by name (webpki wants a SAN and
-                // no CA flag on the server's own certificate).
-                .args([
-                    "-addext",
-                    "basicConstraints=critical,CA:FALSE",
-                    "-addext",
-                    "subjectAltName=DNS:postgres,IP:127.0.0.1",
-                ])
-                .arg("-keyout")
-                .arg(&key)
-                .arg("-out")
-                .arg(&crt)
-                .output()
-                .expect("openssl");
-            assert!(
-                o.status.success(),
-                "openssl req: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            for p in [&crt, &key] {
-                std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
-            }
-            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            let (crt, key) =
+                tether_test_support::pg::server_cert(&dir, "DNS:postgres,IP:127.0.0.1", uid, gid);
             server
                 .args(["-c", "ssl=on", "-c"])
                 .arg(format!("ssl_cert_file={}", crt.display()));
