@@ -72,6 +72,41 @@ pub fn server_cert(dir: &Path, san: &str, uid: u32, gid: u32) -> (PathBuf, PathB
     (crt, key)
 }
 
+/// Makes `dir` (owned by the postgres user, 0700) and a cluster in
+/// `dir/data` whose superuser `postgres` logs in with `password` (scram).
+pub fn initdb(bin: &Path, dir: &Path, password: &str) {
+    let (uid, gid) = postgres_ids();
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let pwfile = dir.join("pw");
+    std::fs::write(&pwfile, password).expect("pwfile");
+    for p in [dir, pwfile.as_path()] {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let o = Command::new(bin.join("initdb"))
+        .arg("-D")
+        .arg(dir.join("data"))
+        .args([
+            "-U",
+            "postgres",
+            "--auth=scram-sha-256",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ])
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .uid(uid)
+        .gid(gid)
+        .current_dir(&dir)
+        .output()
+        .expect("initdb");
+    assert!(
+        o.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// The uid and gid of the `postgres` user (PostgreSQL refuses root).
 pub fn postgres_ids() -> (u32, u32) {
     let id = |flag: &str| -> u32 {
@@ -130,35 +165,7 @@ impl Cluster {
             std::process::id(),
             free_port()
         ));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let pwfile = dir.join("pw");
-        std::fs::write(&pwfile, PASSWORD).expect("pwfile");
-        for p in [&dir, &pwfile] {
-            std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
-        }
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        let o = Command::new(bin.join("initdb"))
-            .arg("-D")
-            .arg(dir.join("data"))
-            .args([
-                "-U",
-                "postgres",
-                "--auth=scram-sha-256",
-                "--no-sync",
-                "-E",
-                "UTF8",
-            ])
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .uid(uid)
-            .gid(gid)
-            .current_dir(&dir)
-            .output()
-            .expect("initdb");
-        assert!(
-            o.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        initdb(&bin, &dir, PASSWORD);
         // A certificate for 127.0.0.1, so clients can require TLS and verify
         // it ([`Cluster::cert`]).
         server_cert(&dir, "DNS:postgres,IP:127.0.0.1", uid, gid);

@@ -2,7 +2,6 @@
 //! (on loopback, or on a host of a `netns::Lan`) and stopped on drop, also
 //! when the test fails.
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -145,7 +144,6 @@ impl Postgres {
         listen: &str,
         tls: bool,
     ) -> Postgres {
-        use std::os::unix::process::CommandExt as _;
         let bin = tether_test_support::pg::bindir();
         let (uid, gid) = tether_test_support::pg::postgres_ids();
         let dir = std::env::temp_dir().join(format!(
@@ -153,36 +151,7 @@ impl Postgres {
             std::process::id(),
             rand_suffix()
         ));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let pwfile = dir.join("pw");
-        std::fs::write(&pwfile, PASSWORD).expect("pwfile");
-        for p in [&dir, &pwfile] {
-            std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
-        }
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        let as_pg = |cmd: &mut Command| {
-            cmd.uid(uid).gid(gid).current_dir(&dir);
-        };
-        let mut initdb = Command::new(bin.join("initdb"));
-        initdb
-            .arg("-D")
-            .arg(dir.join("data"))
-            .args([
-                "-U",
-                "postgres",
-                "--auth=scram-sha-256",
-                "--no-sync",
-                "-E",
-                "UTF8",
-            ])
-            .arg(format!("--pwfile={}", pwfile.display()));
-        as_pg(&mut initdb);
-        let o = initdb.output().expect("initdb");
-        assert!(
-            o.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        tether_test_support::pg::initdb(&bin, &dir, PASSWORD);
         let port = free_port();
         let mut server = Command::new(bin.join("postgres"));
         place(&mut server, netns_fd, cgroup);
