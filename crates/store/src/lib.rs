@@ -1144,6 +1144,57 @@ mod tests {
         std::fs::read(crt).unwrap()
     }
 
+    /// Many callers at once share at most four connections, and a panic in
+    /// the middle of a transaction frees its connection.
+    #[test]
+    fn postgres_pool_stays_within_its_cap() {
+        let c = Cluster::shared();
+        let url = c.database();
+        let db = url
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .split('?')
+            .next()
+            .unwrap()
+            .to_owned();
+        let s = Store::open_postgres(&url, None).unwrap();
+        let peak = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|sc| {
+            for i in 0..16 {
+                let (s, peak, c, db) = (&s, &peak, &c, &db);
+                sc.spawn(move || {
+                    for j in 0..5 {
+                        s.apply(&[up(&format!("p{i}-{j}"), "{}")], 1).unwrap();
+                        if j == 2 {
+                            let n: usize = c
+                                .sql(
+                                    "postgres",
+                                    &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}'"),
+                                )
+                                .parse()
+                                .unwrap();
+                            peak.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let peak = peak.into_inner();
+        assert!((1..=4).contains(&peak), "{peak} connections");
+        for _ in 0..6 {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _ = s.write(|_tx| -> Result<()> { panic!("a bug midway") });
+            }));
+            assert!(r.is_err());
+        }
+        assert_eq!(
+            s.list("WorkloadIdentity").unwrap().len(),
+            80,
+            "the pool still serves"
+        );
+    }
+
     /// A database that goes away is a clear, retryable error, and the
     /// store works again once it is back, without reopening.
     #[test]

@@ -147,22 +147,21 @@ impl Pg {
             }),
             freed: Condvar::new(),
         };
-        let c = pg.open()?;
-        pg.give_back(c, true);
+        // Connect once now, so a wrong URL or password fails at start.
+        pg.take()?.healthy = true;
         Ok(pg)
     }
 
+    /// A new connection (its pool slot already counted by the caller).
     fn open(&self) -> Result<Client> {
         let cfg = self.cfg.clone();
         let task = match self.tls.clone() {
             Some(t) => self.rt.spawn(connect(cfg, crate::pg_tls::Rustls(t))),
             None => self.rt.spawn(connect(cfg, tokio_postgres::NoTls)),
         };
-        let client = block_on(task)?
+        block_on(task)?
             .map_err(|e| StoreError::Unavailable(format!("database task: {e}")))?
-            .map_err(pg_err)?;
-        self.pool.lock().unwrap_or_else(|p| p.into_inner()).open += 1;
-        Ok(client)
+            .map_err(pg_err)
     }
 
     /// Follows `channels` (LISTEN) on a connection of its own, for as long
@@ -193,26 +192,34 @@ impl Pg {
     }
 
     /// An idle connection, a new one while under the cap, or the next one
-    /// given back.
-    fn take(&self) -> Result<Client> {
+    /// given back. The slot is counted before connecting, so the pool
+    /// never exceeds its cap.
+    fn take(&self) -> Result<Lease<'_>> {
         let mut st = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             while let Some(c) = st.idle.pop() {
                 if !c.is_closed() {
-                    return Ok(c);
+                    return Ok(Lease::new(self, c));
                 }
                 st.open -= 1;
             }
             if st.open < POOL {
+                st.open += 1;
                 drop(st);
-                return self.open();
+                return match self.open() {
+                    Ok(c) => Ok(Lease::new(self, c)),
+                    Err(e) => {
+                        self.release_slot();
+                        Err(e)
+                    }
+                };
             }
             let (g, timeout) = self
                 .freed
                 .wait_timeout(st, DEADLINE)
                 .unwrap_or_else(|p| p.into_inner());
             st = g;
-            if timeout.timed_out() && st.idle.is_empty() {
+            if timeout.timed_out() && st.idle.is_empty() && st.open >= POOL {
                 return Err(StoreError::Unavailable(
                     "every database connection stayed busy".into(),
                 ));
@@ -220,16 +227,8 @@ impl Pg {
         }
     }
 
-    /// Returns a connection to the pool, or drops it when its last use
-    /// failed midway (its state is then unknown).
-    fn give_back(&self, c: Client, healthy: bool) {
-        let mut st = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if healthy && !c.is_closed() {
-            st.idle.push(c);
-        } else {
-            st.open -= 1;
-        }
-        drop(st);
+    fn release_slot(&self) {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).open -= 1;
         self.freed.notify_one();
     }
 
@@ -237,26 +236,32 @@ impl Pg {
     /// this database waits for it. If this connection dies meanwhile the
     /// database releases the lock (a dead server never blocks the others).
     pub(crate) fn locked<R>(&self, key: i64, f: impl FnOnce() -> R) -> Result<R> {
-        let client = self.take()?;
-        let got = block_on(client.execute("SELECT pg_advisory_lock($1)", &[&key]))
-            .and_then(|r| r.map_err(pg_err));
-        if let Err(e) = got {
-            self.give_back(client, false);
-            return Err(e);
-        }
+        let mut lease = self.take()?;
+        block_on(
+            lease
+                .client()
+                .execute("SELECT pg_advisory_lock($1)", &[&key]),
+        )?
+        .map_err(pg_err)?;
+        // Should `f` panic, the lease drops the connection, and with it
+        // the lock.
         let r = f();
-        let freed = block_on(client.execute("SELECT pg_advisory_unlock($1)", &[&key]))
-            .and_then(|r| r.map_err(pg_err));
+        let freed = block_on(
+            lease
+                .client()
+                .execute("SELECT pg_advisory_unlock($1)", &[&key]),
+        )
+        .and_then(|r| r.map_err(pg_err));
         // A lock not surely released goes with its connection.
-        self.give_back(client, freed.is_ok());
+        lease.healthy = freed.is_ok();
         Ok(r)
     }
 
     /// Runs `f` in a transaction; commits if it returns Ok.
     pub(crate) fn tx<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
-        let mut client = self.take()?;
+        let mut lease = self.take()?;
         let out = (|| {
-            let tx = block_on(client.transaction())?.map_err(pg_err)?;
+            let tx = block_on(lease.client().transaction())?.map_err(pg_err)?;
             let mut t = PgTx { tx: Some(tx) };
             let r = f(&mut t)?;
             let tx =
@@ -268,9 +273,48 @@ impl Pg {
         // A transaction that failed on the server (not a verdict of the
         // caller's) leaves the connection usable after its rollback; one
         // cut off by the deadline does not.
-        let healthy = !matches!(out, Err(StoreError::Unavailable(_)));
-        self.give_back(client, healthy);
+        lease.healthy = !matches!(out, Err(StoreError::Unavailable(_)));
         out
+    }
+}
+
+/// A pooled connection on loan. Dropped, it goes back to the pool if the
+/// borrower marked it healthy, and is closed otherwise (a panic midway
+/// included), freeing its slot either way.
+struct Lease<'p> {
+    pg: &'p Pg,
+    client: Option<Client>,
+    healthy: bool,
+}
+
+impl<'p> Lease<'p> {
+    fn new(pg: &'p Pg, c: Client) -> Self {
+        Lease {
+            pg,
+            client: Some(c),
+            healthy: false,
+        }
+    }
+
+    fn client(&mut self) -> &mut Client {
+        // Some from new() until drop.
+        self.client
+            .as_mut()
+            .expect("a lease holds its client until dropped")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let Some(c) = self.client.take() else { return };
+        let mut st = self.pg.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if self.healthy && !c.is_closed() {
+            st.idle.push(c);
+        } else {
+            st.open -= 1;
+        }
+        drop(st);
+        self.pg.freed.notify_one();
     }
 }
 
