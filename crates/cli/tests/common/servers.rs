@@ -53,35 +53,49 @@ impl Redis {
 
     /// In a host's network namespace and/or a cgroup, listening on `bind`.
     pub fn start_in(netns_fd: Option<i32>, cgroup: Option<&PathBuf>, bind: &str) -> Redis {
-        let dir = open_tempdir();
-        let port = free_port();
-        let mut cmd = Command::new(which("redis-server"));
-        place(&mut cmd, netns_fd, cgroup);
-        let child = cmd
-            .args(["--port", &port.to_string(), "--bind", bind])
-            .args([
-                "--requirepass",
-                PASSWORD,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let r = Redis {
-            child,
-            port,
-            _dir: dir,
-            netns_fd,
-        };
-        let up = wait_until(Duration::from_secs(20), || r.admin(&["PING"]) == "PONG");
-        assert!(up, "redis-server did not come up on port {port}");
-        r
+        // A free port can be taken by another test's server before this one
+        // binds it: then the PONG comes from that server. Only a server that
+        // answers with this child's pid counts; otherwise try another port.
+        for _ in 0..5 {
+            let dir = open_tempdir();
+            let port = free_port();
+            let mut cmd = Command::new(which("redis-server"));
+            place(&mut cmd, netns_fd, cgroup);
+            let child = cmd
+                .args(["--port", &port.to_string(), "--bind", bind])
+                .args([
+                    "--requirepass",
+                    PASSWORD,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server");
+            let mut r = Redis {
+                child,
+                port,
+                _dir: dir,
+                netns_fd,
+            };
+            let pid = format!("process_id:{}", r.child.id());
+            // Ends early when the server exits (it could not bind).
+            let up = wait_until(Duration::from_secs(20), || {
+                matches!(r.child.try_wait(), Ok(Some(_)))
+                    || r.admin(&["INFO", "server"])
+                        .lines()
+                        .any(|l| l.trim() == pid)
+            });
+            if up && matches!(r.child.try_wait(), Ok(None)) {
+                return r;
+            }
+        }
+        panic!("redis-server did not come up on a port of its own in five tries");
     }
 
     /// A command from the test process (outside the enforced cgroup).
