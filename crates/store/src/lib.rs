@@ -392,35 +392,35 @@ impl Store {
 
     /// Runs `f` in a write transaction: all of it lands or none does.
     fn write<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
+        self.run(true, f)
+    }
+
+    /// Runs `f` for reading: one consistent view on SQLite; statement by
+    /// statement on PostgreSQL, which is all the single-statement reads
+    /// here need (and saves the transaction's round trips).
+    fn read<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
+        self.run(false, f)
+    }
+
+    fn run<R>(&self, write: bool, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
         match &self.backend {
             Backend::Sqlite(conn) => {
                 // A panic while holding the lock cannot leave SQLite
                 // half-written (transactions roll back), so a poisoned lock
                 // is still usable.
                 let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let mut t = SqliteTx(tx);
+                let behavior = if write {
+                    TransactionBehavior::Immediate
+                } else {
+                    TransactionBehavior::Deferred
+                };
+                let mut t = SqliteTx(conn.transaction_with_behavior(behavior)?);
                 let r = f(&mut t)?;
                 t.0.commit()?;
                 Ok(r)
             }
-            Backend::Postgres(pg) => pg.tx(f),
-        }
-    }
-
-    /// Runs `f` for reading (one consistent view on SQLite; statement by
-    /// statement on PostgreSQL, which is all single reads need).
-    fn read<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
-        match &self.backend {
-            Backend::Sqlite(conn) => {
-                let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
-                let mut t = SqliteTx(tx);
-                let r = f(&mut t)?;
-                t.0.commit()?;
-                Ok(r)
-            }
-            Backend::Postgres(pg) => pg.tx(f),
+            Backend::Postgres(pg) if write => pg.tx(f),
+            Backend::Postgres(pg) => pg.read(f),
         }
     }
 

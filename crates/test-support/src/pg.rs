@@ -107,6 +107,24 @@ pub fn initdb(bin: &Path, dir: &Path, password: &str) {
     );
 }
 
+/// Runs `sql` with psql from `bin` as the superuser (`password`) in `db`
+/// on 127.0.0.1:`port`; its output (unaligned, tuples only). Fails the
+/// test on an error.
+pub fn psql(bin: &Path, port: u16, password: &str, db: &str, sql: &str) -> String {
+    let o = Command::new(bin.join("psql"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(["-d", db, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+        .env("PGPASSWORD", password)
+        .output()
+        .expect("psql");
+    assert!(
+        o.status.success(),
+        "psql {sql:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
 /// The uid and gid of the `postgres` user (PostgreSQL refuses root).
 pub fn postgres_ids() -> (u32, u32) {
     let id = |flag: &str| -> u32 {
@@ -245,25 +263,7 @@ impl Cluster {
 
     /// Runs SQL as the superuser in `db`; its output (unaligned, tuples only).
     pub fn sql(&self, db: &str, sql: &str) -> String {
-        let o = Command::new(self.bin.join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .args(["-d", db, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
-            .env("PGPASSWORD", PASSWORD)
-            .output()
-            .expect("psql");
-        assert!(
-            o.status.success(),
-            "psql {sql:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+        psql(&self.bin, self.port, PASSWORD, db, sql)
     }
 
     /// The server's certificate (PEM), self-signed for 127.0.0.1.

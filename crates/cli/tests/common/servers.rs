@@ -244,25 +244,7 @@ impl Postgres {
     /// SQL as the postgres superuser, from the test process; its output
     /// (unaligned, tuples only).
     pub fn admin(&self, sql: &str) -> String {
-        let o = Command::new(self.psql())
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .args(["-d", "postgres", "-Atc", sql])
-            .env("PGPASSWORD", PASSWORD)
-            .output()
-            .expect("psql");
-        assert!(
-            o.status.success(),
-            "psql {sql}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
+        tether_test_support::pg::psql(&self.bin, self.port, PASSWORD, "postgres", sql)
     }
 }
 
