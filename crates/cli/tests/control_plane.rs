@@ -606,6 +606,7 @@ fn a_node_attests_with_an_operator_certificate_and_no_token() {
     let node_ca = pki::OpensslCa::new(d, "node-ca", "/CN=node-ca");
     let other_ca = pki::OpensslCa::new(d, "other-ca", "/CN=other-ca");
     node_ca.leaf_with_cn("good", "pop-node", "DNS:pop-node");
+    node_ca.leaf_with_cn("also-good", "pop-node", "DNS:pop-node");
     other_ca.leaf_with_cn("foreign", "pop-node", "DNS:pop-node");
     let kek = make_kek(d);
     let ca = d.join("node-ca.crt");
@@ -670,6 +671,19 @@ fn a_node_attests_with_an_operator_certificate_and_no_token() {
     let (ok, log) = run("pop-node", "good");
     assert!(!ok, "a deleted node's certificate attested again:\n{log}");
     assert!(log.contains("node was deleted"), "{log}");
+    // Nor with another certificate issued before the deletion.
+    let (ok, log) = run("pop-node", "also-good");
+    assert!(!ok, "an older certificate attested a deleted node:\n{log}");
+    assert!(log.contains("node was deleted"), "{log}");
+    // A certificate the operator issues afterwards brings it back.
+    std::thread::sleep(Duration::from_millis(1100));
+    node_ca.leaf_with_cn("renewed", "pop-node", "DNS:pop-node");
+    std::fs::remove_dir_all(d.join("agent-pop-node")).ok();
+    let (ok, log) = run("pop-node", "renewed");
+    assert!(
+        ok,
+        "a certificate issued after the deletion attests:\n{log}"
+    );
 
     // A name a join token attested is not taken over by a certificate.
     node_ca.leaf_with_cn("tok", "tok-node", "DNS:tok-node");

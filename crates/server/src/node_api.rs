@@ -154,13 +154,14 @@ impl NodeApi {
                     "node attestation refused: x509pop: {why}"
                 )))
             };
-            if st
-                .store
-                .node_cert_revoked(&fingerprint)
-                .map_err(ServerError::from)?
+            // Deleting the node cut off every certificate issued until
+            // then, whatever its bytes (the leaf was verified above).
+            if let Some(cutoff) = st.store.x509pop_cutoff(&r.node_name).map_err(ServerError::from)?
+                && not_before(r.x509pop_chain.first().map(Vec::as_slice).unwrap_or_default())
+                    .is_none_or(|nb| nb <= cutoff)
             {
                 return refuse(
-                    "this certificate's node was deleted; the operator must issue a new certificate".into(),
+                    "this node was deleted; the operator must issue it a new certificate".into(),
                 );
             }
             if let Some(prev) = st.store.node(&r.node_name).map_err(ServerError::from)?
@@ -182,8 +183,6 @@ impl NodeApi {
         Ok(Response::new(svid))
     }
 
-    /// Signs a node SVID, one at a time across every server on the
-    /// database: which addresses it vouches for depends on the others'.
     /// Runs `f` while no other node SVID is signed on any server of the
     /// database: which addresses one vouches for depends on the others',
     /// and which node holds a name on who attested it first.
@@ -673,4 +672,11 @@ impl Node for NodeApi {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+}
+
+/// A certificate's notBefore (Unix seconds).
+fn not_before(der: &[u8]) -> Option<i64> {
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .map(|(_, c)| c.validity().not_before.timestamp())
 }

@@ -99,7 +99,7 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE nodes ADD COLUMN offline_from BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE nodes ADD COLUMN offline_until BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE nodes ADD COLUMN attested_by TEXT NOT NULL DEFAULT '';
-     CREATE TABLE revoked_node_certs (fingerprint TEXT PRIMARY KEY, node TEXT NOT NULL, revoked_at BIGINT NOT NULL);",
+     CREATE TABLE x509pop_cutoffs (node TEXT PRIMARY KEY, revoked_at BIGINT NOT NULL);",
 ];
 
 /// An arbitrary constant: the advisory lock migrations run under.
@@ -574,34 +574,35 @@ impl Store {
     }
 
     /// Removes a node. One that attested with a certificate cannot attest
-    /// with it again: the certificate is revoked here (a deleted node's
-    /// host may still hold it).
+    /// again with any certificate issued before now (its host may still hold
+    /// it, or an older one, or a re-encoding of it): the cutoff is recorded
+    /// per node name.
     pub fn delete_node(&self, name: &str, now: i64) -> Result<bool> {
         self.write(|tx| {
             let by = tx
                 .row("SELECT attested_by FROM nodes WHERE name = $1", &[P::T(name)])?
                 .map(|r| r.text(0))
                 .transpose()?;
-            if let Some(fp) = by.as_deref().and_then(|b| b.strip_prefix("x509pop:")) {
+            if by.as_deref().is_some_and(|b| b.starts_with("x509pop:")) {
                 tx.exec(
-                    "INSERT INTO revoked_node_certs (fingerprint, node, revoked_at) VALUES ($1, $2, $3) ON CONFLICT (fingerprint) DO NOTHING",
-                    &[P::T(fp), P::T(name), P::I(now)],
+                    "INSERT INTO x509pop_cutoffs (node, revoked_at) VALUES ($1, $2) ON CONFLICT (node) DO UPDATE SET revoked_at = excluded.revoked_at",
+                    &[P::T(name), P::I(now)],
                 )?;
             }
             Ok(tx.exec("DELETE FROM nodes WHERE name = $1", &[P::T(name)])? > 0)
         })
     }
 
-    /// Whether a node certificate (by SHA-256) was revoked by deleting its
-    /// node.
-    pub fn node_cert_revoked(&self, fingerprint: &str) -> Result<bool> {
+    /// When node `name` was last deleted after attesting by certificate:
+    /// certificates issued (notBefore) up to then no longer attest it.
+    pub fn x509pop_cutoff(&self, name: &str) -> Result<Option<i64>> {
         self.read(|tx| {
-            Ok(tx
-                .row(
-                    "SELECT 1 FROM revoked_node_certs WHERE fingerprint = $1",
-                    &[P::T(fingerprint)],
-                )?
-                .is_some())
+            tx.row(
+                "SELECT revoked_at FROM x509pop_cutoffs WHERE node = $1",
+                &[P::T(name)],
+            )?
+            .map(|r| r.int(0))
+            .transpose()
         })
     }
 
